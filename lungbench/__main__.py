@@ -1,0 +1,5 @@
+import sys
+
+from lungbench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,62 @@
+"""The `lungbench` command line: argument parsing and error reporting only.
+
+Each command lives in `lungbench/commands/<name>.py` and exposes `register(subparsers)`,
+which adds its parser and sets `func(args) -> int`. The work itself is done by the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lungbench import __version__
+from lungbench.errors import LungbenchError
+
+# Order is the order shown by `lungbench --help`.
+COMMAND_MODULES = [
+    "lungbench.commands.bench",
+    "lungbench.commands.train",
+    "lungbench.commands.data",
+    "lungbench.commands.env",
+]
+
+EPILOG = """\
+examples:
+  lungbench bench                         CPU, generated data, batch 2,4,8 x filters 8,16
+  lungbench bench --device cuda --filters 8 16 --batch 2
+  lungbench data synth --kind lidc --n 754 --out results/data/lidc-synth.h5
+  lungbench env                           print the environment record
+Run `lungbench COMMAND --help` for each command's options."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lungbench",
+        description="Benchmark and profile deep learning on 3D lung CT: how fast a 3D CNN "
+        "trains on CPU, one GPU or many, where the time goes, and what accuracy it reaches.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"lungbench {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LungbenchError as exc:
+        print(f"lungbench {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"lungbench {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

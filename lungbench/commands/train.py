@@ -1,0 +1,28 @@
+"""`lungbench train EXPERIMENT`: the training recipes that reproduce the seeds.
+
+Each experiment module in EXPERIMENT_MODULES exposes NAME, HELP, DESCRIPTION,
+`add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+EXPERIMENT_MODULES: list[str] = [
+]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="full training runs: the experiments of the seeds (AUC tables, confusion matrices)",
+        description="Train and evaluate models; every experiment runs on generated data by "
+        "default (say so in any result) and on real stores when given.",
+    )
+    sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    for name in EXPERIMENT_MODULES:
+        module = importlib.import_module(name)
+        p = sub.add_parser(module.NAME, help=module.HELP, description=module.DESCRIPTION)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)

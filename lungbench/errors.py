@@ -1,0 +1,50 @@
+"""Error types that the CLI turns into one-line messages.
+
+`UsageError` means the user asked for something invalid (exit code 2); `DataError`
+means an input file is missing or malformed (exit code 2 too: it is the user's input).
+Everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class LungbenchError(Exception):
+    """Base class for errors reported to the user as one line."""
+
+    exit_code = 1
+
+
+class UsageError(LungbenchError):
+    """An invalid option, name or value given by the user."""
+
+    exit_code = 2
+
+
+class DataError(LungbenchError):
+    """A missing, unreadable or malformed input file (the message names the file)."""
+
+    exit_code = 2
+
+
+def look_up_option(name: str, choices: Iterable[str], what: str = "option") -> str:
+    """Return `name` if it is one of `choices`, else raise UsageError with a suggestion.
+
+    Modelled on MONAI's `look_up_option`: the error lists the valid choices and,
+    when one is close, asks "did you mean ...?".
+    """
+    choices = list(choices)
+    if name in choices:
+        return name
+    close = difflib.get_close_matches(str(name), choices, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UsageError(f"unknown {what} {name!r}{hint}; choose from: {', '.join(choices)}")
+
+
+def positive_int(value: int, what: str) -> int:
+    """Validate an integer option that must be >= 1."""
+    if int(value) < 1:
+        raise UsageError(f"{what} must be >= 1, got {value}")
+    return int(value)

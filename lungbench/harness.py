@@ -1,0 +1,255 @@
+"""The benchmark sweep: configurations x devices -> self-describing measurement records.
+
+For each configuration (model, filters, batch size, device, threads, ...):
+  1. compute-only: a training step on tensors already resident on the device, timed by the
+     protocol in lungbench.timing (warm-up off the clock, then repeats; forward, backward,
+     optimizer and the whole step), FLOPs per step, achieved FLOP/s, peak memory;
+  2. end to end ("Exec. time", the thesis's column): one epoch of the store's training split
+     through a DataLoader, with the time spent waiting for data measured separately.
+
+Each record is appended to records.jsonl as soon as it is measured, so a killed sweep keeps
+everything that finished. Runs: see `lungbench bench --help`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from lungbench.data.store import StoreDataset, StoreInfo
+from lungbench.errors import UsageError
+from lungbench.models import create_model
+from lungbench.stats import summarize
+from lungbench.timing import (
+    STEP,
+    PhaseTimer,
+    peak_memory_bytes,
+    reset_peak_memory,
+    run_protocol,
+    set_threads,
+    training_step,
+    training_step_flops,
+)
+
+# The thesis's LIDC-IDRI set has 754 nodules; its 80/20 split trains on 603 per epoch.
+THESIS_N_NODULES = 754
+TRAIN_FRACTION = 0.8
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One measured configuration. Every field is recorded with the result."""
+
+    model: str = "dualpath3d"
+    preset: str = "default"
+    filters: int = 8
+    batch_size: int = 2
+    device: str = "cpu"
+    threads: int | None = None  # CPU intra-op threads; None = torch's default
+    dtype: str = "fp32"
+    memory_format: str = "contiguous"
+    compile: str = "off"
+    warmup: int = 3
+    repeats: int = 10
+    epoch: bool = True  # also time one end-to-end epoch through the DataLoader
+    epoch_samples: int | None = None  # None = the store's training split
+    num_workers: int = 0
+    seed: int = 0
+
+    def key(self) -> str:
+        """Identifies the configuration (for resuming and comparing runs)."""
+        return (f"{self.model}|{self.preset}|f{self.filters}|b{self.batch_size}|{self.device}"
+                f"|t{self.threads}|{self.dtype}|{self.memory_format}|{self.compile}")
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"preset": self.preset, "filters": self.filters}
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A sweep: the cross product of filters x batch sizes x devices x threads."""
+
+    base: BenchConfig = field(default_factory=BenchConfig)
+    filters: tuple[int, ...] = (8, 16)
+    batch_sizes: tuple[int, ...] = (2, 4, 8)
+    devices: tuple[str, ...] = ("cpu",)
+    threads: tuple[int | None, ...] = (None,)
+
+    def expand(self) -> list[BenchConfig]:
+        """Configurations in run order: device, threads, filters, then batch size."""
+        return [
+            replace(self.base, device=d, threads=t, filters=f, batch_size=b)
+            for d, t, f, b in itertools.product(self.devices, self.threads, self.filters,
+                                                self.batch_sizes)
+        ]
+
+
+def parse_device(text: str) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N', checked against this machine (UsageError otherwise)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"--device {text!r}: not a device; choose from: cpu, cuda, cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {text!r}: unsupported; choose from: cpu, cuda, cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {text}: no CUDA device on this machine "
+                             f"(torch {torch.__version__}); choose from: cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {text}: only {count} CUDA device(s); choose from: "
+                             + ", ".join(f"cuda:{i}" for i in range(count)))
+    return device
+
+
+def train_split(info: StoreInfo, labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Indices of a stratified 80% training split (the thesis: 603 of 754 nodules)."""
+    rng = np.random.default_rng(seed)
+    labels = labels if labels.ndim == 1 else labels.argmax(axis=1)
+    chosen = []
+    for value in np.unique(labels):
+        members = np.flatnonzero(labels == value)
+        rng.shuffle(members)
+        chosen.append(members[: int(round(TRAIN_FRACTION * len(members)))])
+    return np.sort(np.concatenate(chosen))
+
+
+def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy on logits (B, 1) against targets (B,)."""
+    return F.binary_cross_entropy_with_logits(logits.reshape(target.shape), target)
+
+
+def synthetic_batch(info: StoreInfo, batch: int, device: torch.device,
+                    seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Random inputs with the store's shapes and random 0/1 targets, resident on `device`."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = [torch.rand((batch, *shape), generator=g).to(device) for shape in info.inputs.values()]
+    target = torch.randint(0, 2, (batch,), generator=g).float().to(device)
+    return inputs, target
+
+
+def measure_compute(cfg: BenchConfig, info: StoreInfo, device: torch.device) -> dict[str, Any]:
+    """Time the training step on resident tensors; FLOPs, FLOP/s and peak memory."""
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, **cfg.model_kwargs()).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    inputs, target = synthetic_batch(info, cfg.batch_size, device, cfg.seed)
+    flops = training_step_flops(model, bce_loss, inputs, target)
+    reset_peak_memory(device)
+    timer = PhaseTimer(device)
+    samples = run_protocol(
+        lambda t: training_step(t, model, optimizer, bce_loss, inputs, target),
+        timer, warmup=cfg.warmup, repeats=cfg.repeats,
+    )
+    peak, peak_kind = peak_memory_bytes(device)
+    step = summarize(samples[STEP])
+    record: dict[str, Any] = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "flops_per_step": flops,
+        "achieved_flops": flops / step.median,
+        "samples_per_s": cfg.batch_size / step.median,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+        "noisy": step.noisy,
+        "samples_s": samples,
+    }
+    for phase, values in samples.items():
+        record.update(summarize(values).as_dict(prefix=f"{phase}_s_"))
+    return record
+
+
+def measure_epoch(cfg: BenchConfig, dataset: StoreDataset, indices: np.ndarray,
+                  device: torch.device) -> dict[str, Any]:
+    """Wall time of one training epoch through the DataLoader, data waits measured apart."""
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, **cfg.model_kwargs()).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if cfg.epoch_samples is not None:
+        indices = indices[: cfg.epoch_samples]
+    loader = DataLoader(
+        Subset(dataset, indices.tolist()), batch_size=cfg.batch_size, shuffle=True,
+        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    data_wait = 0.0
+    _sync(device)
+    start = time.perf_counter()
+    fetch = time.perf_counter()
+    for inputs, target in loader:
+        inputs = [x.to(device, non_blocking=True) for x in inputs]
+        target = target.to(device, non_blocking=True)
+        data_wait += time.perf_counter() - fetch
+        loss = bce_loss(model(*inputs), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        fetch = time.perf_counter()
+    _sync(device)  # note: CPU-GPU sync point; the epoch ends when the last kernel does
+    elapsed = time.perf_counter() - start
+    return {
+        "epoch_s": elapsed,
+        "epoch_samples": len(indices),
+        "epoch_data_wait_s": data_wait,
+        "epoch_samples_per_s": len(indices) / elapsed,
+    }
+
+
+def measure(cfg: BenchConfig, info: StoreInfo, dataset: StoreDataset,
+            indices: np.ndarray) -> dict[str, Any]:
+    """One configuration's record; failures become a record with status oom / error."""
+    device = parse_device(cfg.device)
+    threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
+    record: dict[str, Any] = {"key": cfg.key(), **asdict(cfg), "threads_used": threads,
+                              "status": "ok", "error": None}
+    try:
+        record.update(measure_compute(cfg, info, device))
+        if cfg.epoch:
+            record.update(measure_epoch(cfg, dataset, indices, device))
+    except torch.cuda.OutOfMemoryError as exc:
+        record.update(status="oom", error=str(exc).splitlines()[0])
+    except RuntimeError as exc:
+        status = "oom" if "out of memory" in str(exc).lower() else "error"
+        record.update(status=status, error=str(exc).splitlines()[0])
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return record
+
+
+def run_sweep(
+    configs: Sequence[BenchConfig],
+    info: StoreInfo,
+    on_record: Callable[[dict[str, Any]], None],
+    progress: Callable[[BenchConfig], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Measure each configuration in order, handing each record to `on_record` at once."""
+    dataset = StoreDataset(info.path)
+    indices = train_split(info, dataset.labels, seed=configs[0].seed if configs else 0)
+    records = []
+    for cfg in configs:
+        if progress is not None:
+            progress(cfg)
+        record = measure(cfg, info, dataset, indices)
+        on_record(record)
+        records.append(record)
+    return records
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def default_store_path(root: Path, kind: str, n: int, preset: str, seed: int) -> Path:
+    """Where the generated default data set is cached between runs."""
+    return root / "data" / f"synth-{kind}-n{n}-{preset}-seed{seed}.h5"

@@ -1,0 +1,13 @@
+"""Model architectures and their registry. Importing this package registers them all."""
+
+from lungbench.models.registry import (
+    create_model,
+    example_input_shapes,
+    list_models,
+    register_model,
+)
+
+# One architecture per module; importing registers its builders.
+from lungbench.models import dualpath3d  # noqa: E402,F401  isort: skip
+
+__all__ = ["create_model", "example_input_shapes", "list_models", "register_model"]

@@ -1,0 +1,36 @@
+"""The device's measured peak: what a large matrix product reaches on this machine.
+
+Every measurement's achieved FLOP/s is reported as a fraction of this number, measured on
+the same device and dtype, not taken from a data sheet.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def matmul_peak_flops(device: torch.device, dtype: str = "fp32", size: int | None = None,
+                      repeats: int = 5) -> float:
+    """Best FLOP/s of `size` x `size` matrix products (2 n^3 FLOPs each) on `device`."""
+    if size is None:
+        size = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
+    b = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
+    best = float("inf")
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)  # note: CPU-GPU sync point, so the clock sees the whole product
+        if i:  # the first product is a warm-up
+            best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

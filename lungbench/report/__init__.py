@@ -1,0 +1,1 @@
+"""Tables (the seeds' layouts), plots, the HTML report and run comparison."""

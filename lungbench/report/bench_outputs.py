@@ -1,0 +1,43 @@
+"""Write a benchmark run's tables and plots from its records (rebuildable at any time)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lungbench.report import plots
+from lungbench.report.bench_tables import (
+    flatten_columns,
+    format_speedup_markdown,
+    records_frame,
+    speedup_table,
+    summary_table,
+)
+from lungbench.results import save_figure, write_table
+
+
+def write_bench_outputs(run_dir: Path, records: Sequence[dict[str, Any]]) -> str:
+    """Write measurements.csv, summary.csv, speedup_b*.csv/.md and plots; return the text
+    to print (the speed-up tables in Markdown)."""
+    if not records:
+        return "no configuration was measured"
+    write_table(run_dir, "measurements", records_frame(records), index=False)
+    summary = summary_table(records)
+    write_table(run_dir, "summary", summary, index=False)
+    printed = []
+    epoch_measured = "epoch_s" in summary and summary["epoch_s"].notna().any()
+    time_column = "epoch_s" if epoch_measured else "step_s_median"
+    for batch in sorted(summary["batch_size"].unique()):
+        table = speedup_table(records, int(batch), time_column=time_column)
+        name = f"speedup_b{batch}"
+        write_table(run_dir, name, flatten_columns(table))
+        text = format_speedup_markdown(table)
+        (run_dir / "tables" / f"{name}.md").write_text(text + "\n")
+        printed.append(text)
+        save_figure(run_dir, name, plots.speedup_plot(table))
+    if (summary["status"] == "ok").any():
+        save_figure(run_dir, "step_time", plots.step_time_plot(summary))
+        save_figure(run_dir, "throughput", plots.throughput_plot(summary))
+    what = "one training epoch" if epoch_measured else "one training step (compute only)"
+    return f"Exec. time = wall time of {what}.\n\n" + "\n\n".join(printed)

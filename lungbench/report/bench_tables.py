@@ -1,0 +1,92 @@
+"""Benchmark tables: the long-form summary and the thesis's speed-up table.
+
+The speed-up table of seed 000 (one per batch size):
+
+                      Filters = 8                 Filters = 16
+                      Exec. time (s)  Speed-up    Exec. time (s)  Speed-up
+    cpu (2 threads)   12.3            1.0         15.1            1.0
+    cuda:0 H100       0.41            30.0        0.52            29.0
+
+Rows are platforms (device and threads, or world size for DDP), the first row is the
+baseline, and "Exec. time" is the wall time of one training epoch through the DataLoader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+SUMMARY_COLUMNS = [
+    "model", "preset", "filters", "batch_size", "device", "platform", "threads_used", "dtype",
+    "status", "step_s_median", "step_s_iqr", "step_s_p95", "forward_s_median",
+    "backward_s_median", "optimizer_s_median", "samples_per_s", "epoch_s", "epoch_samples",
+    "epoch_data_wait_s", "flops_per_step", "achieved_flops", "peak_fraction",
+    "peak_memory_bytes", "parameters", "noisy", "error",
+]
+
+
+def records_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Long-form table of records without the raw samples (one row per configuration)."""
+    rows = [{k: v for k, v in r.items() if k != "samples_s"} for r in records]
+    return pd.DataFrame(rows)
+
+
+def summary_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """The columns most people want, in a stable order (missing ones are left out)."""
+    frame = records_frame(records)
+    return frame[[c for c in SUMMARY_COLUMNS if c in frame.columns]]
+
+
+def speedup_table(records: Sequence[dict[str, Any]], batch_size: int,
+                  time_column: str = "epoch_s") -> pd.DataFrame:
+    """The thesis layout for one batch size: platforms x (filters x [time, speed-up]).
+
+    Speed-up is the baseline row's time divided by each row's (so the baseline is 1.0);
+    the baseline is the first platform measured. Failed configurations are NaN.
+    """
+    frame = records_frame(records)
+    frame = frame[(frame["batch_size"] == batch_size)]
+    if frame.empty:
+        raise ValueError(f"no records for batch size {batch_size}")
+    ok = frame[frame["status"] == "ok"]
+    platforms = list(dict.fromkeys(frame["platform"]))
+    filters = sorted(frame["filters"].unique())
+    times = ok.pivot_table(index="platform", columns="filters", values=time_column,
+                           aggfunc="median").reindex(index=platforms, columns=filters)
+    baseline = times.iloc[0]
+    columns = {}
+    for f in filters:
+        columns[(f"Filters = {f}", "Exec. time (s)")] = times[f]
+        columns[(f"Filters = {f}", "Speed-up")] = baseline[f] / times[f]
+    table = pd.DataFrame(columns)
+    table.columns = pd.MultiIndex.from_tuples(table.columns)
+    table.index.name = f"Batch size = {batch_size}"
+    return table
+
+
+def flatten_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """'Filters = 8 | Exec. time (s)' style single-level columns (for Markdown and CSV)."""
+    flat = table.copy()
+    if isinstance(flat.columns, pd.MultiIndex):
+        flat.columns = [" | ".join(map(str, c)) for c in flat.columns]
+    return flat
+
+
+def format_speedup_markdown(table: pd.DataFrame) -> str:
+    """The speed-up table as Markdown with the thesis's notation (x224, '-' for baseline)."""
+    header_groups = list(dict.fromkeys(c[0] for c in table.columns))
+    lines = [
+        "| " + table.index.name + " | "
+        + " | ".join(f"{g}: Exec. time | {g}: Speed-up" for g in header_groups) + " |",
+        "|---|" + "---|---|" * len(header_groups),
+    ]
+    for i, (platform, row) in enumerate(table.iterrows()):
+        cells = []
+        for g in header_groups:
+            t, s = row[(g, "Exec. time (s)")], row[(g, "Speed-up")]
+            cells.append("n/a" if pd.isna(t) else f"{t:.2f}s")
+            cells.append("-" if i == 0 else ("n/a" if pd.isna(s) else f"x{s:.2f}"))
+        lines.append(f"| {platform} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

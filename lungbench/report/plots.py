@@ -1,0 +1,70 @@
+"""Benchmark plots (PNG): step time vs batch size, throughput, and speed-up bars."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless clusters and CI: never need a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def step_time_plot(summary: pd.DataFrame):
+    """Median step time (with IQR bars) vs batch size, one line per platform and filters."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ok = summary[summary["status"] == "ok"]
+    for (platform, filters), group in ok.groupby(["platform", "filters"], sort=False):
+        group = group.sort_values("batch_size")
+        ax.errorbar(group["batch_size"], group["step_s_median"] * 1e3,
+                    yerr=group["step_s_iqr"] * 1e3 / 2, marker="o", capsize=3,
+                    label=f"{platform}, filters {filters}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("training step, median (ms)")
+    ax.set_title("Training step time (compute only, resident tensors)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def throughput_plot(summary: pd.DataFrame):
+    """Samples/s vs batch size (compute-only and end-to-end epoch)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ok = summary[summary["status"] == "ok"]
+    for (platform, filters), group in ok.groupby(["platform", "filters"], sort=False):
+        group = group.sort_values("batch_size")
+        line = ax.plot(group["batch_size"], group["samples_per_s"], marker="o",
+                       label=f"{platform}, f{filters} compute")[0]
+        if "epoch_s" in group and group["epoch_s"].notna().any():
+            ax.plot(group["batch_size"], group["epoch_samples"] / group["epoch_s"], marker="s",
+                    linestyle="--", color=line.get_color(), label=f"{platform}, f{filters} epoch")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("samples / s")
+    ax.set_title("Throughput")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def speedup_plot(table: pd.DataFrame):
+    """Grouped bars of epoch time per platform and filter count (log scale), speed-up labels."""
+    groups = list(dict.fromkeys(c[0] for c in table.columns))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    width = 0.8 / max(1, len(table.index))
+    for i, platform in enumerate(table.index):
+        times = [table.loc[platform, (g, "Exec. time (s)")] for g in groups]
+        ups = [table.loc[platform, (g, "Speed-up")] for g in groups]
+        xs = [j + i * width for j in range(len(groups))]
+        bars = ax.bar(xs, times, width, label=platform)
+        for bar, up in zip(bars, ups, strict=True):
+            if pd.notna(up):
+                ax.annotate(f"x{up:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=8)
+    ax.set_xticks([j + width * (len(table.index) - 1) / 2 for j in range(len(groups))], groups)
+    ax.set_yscale("log")
+    ax.set_ylabel("epoch time (s)")
+    ax.set_title(f"Exec. time per epoch, {table.index.name.lower()}")
+    ax.legend(fontsize=8)
+    return fig
