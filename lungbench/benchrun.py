@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from lungbench.data.store import StoreInfo, read_info
 from lungbench.env import describe_device, environment_record
-from lungbench.errors import UsageError, look_up_option
+from lungbench.errors import DataError, UsageError, look_up_option
 from lungbench.harness import (
     BenchConfig,
     SweepSpec,
@@ -24,7 +24,7 @@ from lungbench.harness import (
     parse_device,
     run_sweep,
 )
-from lungbench.models import list_models
+from lungbench.models import create_model, list_models
 from lungbench.models.dualpath3d import GEOMETRY_PRESETS, geometry
 from lungbench.peak import matmul_peak_flops
 from lungbench.report.bench_outputs import write_bench_outputs
@@ -77,7 +77,21 @@ def validate(request: BenchRequest) -> None:
     if request.out.exists() and not request.out.is_dir():
         raise UsageError(f"--out {request.out}: exists and is not a directory")
     if request.store is not None:
-        read_info(request.store)  # DataError naming the file if missing or malformed
+        check_store_fits_model(request, read_info(request.store))
+
+
+def check_store_fits_model(request: BenchRequest, info: StoreInfo) -> None:
+    """DataError unless the model takes one sample of each store input (a dry forward)."""
+    model = create_model(request.model, preset=request.preset, filters=min(request.filters))
+    inputs = [torch.zeros((1, *shape)) for shape in info.inputs.values()]
+    try:
+        with torch.no_grad():
+            model.eval()(*inputs)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        shapes = ", ".join(f"dataset '{k}' has shape {(info.n, *v)}" for k, v in info.inputs.items())
+        reason = str(exc).splitlines()[0][:160]
+        raise DataError(f"{info.path}: {shapes}; model {request.model!r} (preset "
+                        f"{request.preset!r}) cannot take it: {reason}") from None
 
 
 def prepare_store(request: BenchRequest, log: Callable[[str], None]) -> StoreInfo:

@@ -25,6 +25,9 @@ def write_bench_outputs(run_dir: Path, records: Sequence[dict[str, Any]]) -> str
     write_table(run_dir, "measurements", records_frame(records), index=False)
     summary = summary_table(records)
     write_table(run_dir, "summary", summary, index=False)
+    if not (summary["status"] == "ok").any():
+        errors = sorted({str(r.get("error")) for r in records})
+        return "every configuration failed: " + "; ".join(errors)
     printed = []
     epoch_measured = "epoch_s" in summary and summary["epoch_s"].notna().any()
     time_column = "epoch_s" if epoch_measured else "step_s_median"
@@ -36,8 +39,7 @@ def write_bench_outputs(run_dir: Path, records: Sequence[dict[str, Any]]) -> str
         (run_dir / "tables" / f"{name}.md").write_text(text + "\n")
         printed.append(text)
         save_figure(run_dir, name, plots.speedup_plot(table))
-    if (summary["status"] == "ok").any():
-        save_figure(run_dir, "step_time", plots.step_time_plot(summary))
-        save_figure(run_dir, "throughput", plots.throughput_plot(summary))
+    save_figure(run_dir, "step_time", plots.step_time_plot(summary))
+    save_figure(run_dir, "throughput", plots.throughput_plot(summary))
     what = "one training epoch" if epoch_measured else "one training step (compute only)"
     return f"Exec. time = wall time of {what}.\n\n" + "\n\n".join(printed)

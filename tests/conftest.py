@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny generated stores, made once per test session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lungbench.data.synth import write_synthetic_store
+from lungbench.models.dualpath3d import geometry
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    # Keep tests predictable on shared 2-core CI machines.
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """24 generated LIDC-like nodules on the dey2018 grid (5x50x50), written once."""
+    path = tmp_path_factory.mktemp("stores") / "tiny.h5"
+    write_synthetic_store(path, "lidc", 24, geometry("dey2018"), seed=3, workers=1)
+    return path

@@ -1,0 +1,146 @@
+"""`lungbench bench` end to end on a tiny sweep, and every bad input from issue 2."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import pandas as pd
+import pytest
+
+from lungbench.cli import main
+from lungbench.results import read_json, read_records
+
+TINY = ["--preset", "dey2018", "--batch", "2", "4", "--filters", "2", "4", "--repeats", "2",
+        "--warmup", "1", "--epoch-samples", "8"]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_tiny_sweep_writes_every_file(tmp_path, capsys, tiny_store):
+    code, out, err = run_cli(capsys, "bench", *TINY, "--store", str(tiny_store),
+                             "--out", str(tmp_path), "--run-id", "tiny")
+    assert code == 0, err
+    run = tmp_path / "tiny"
+    assert read_json(run / "run.json")["status"] == "complete"
+    config = read_json(run / "config.json")
+    assert config["request"]["filters"] == [2, 4] and config["configs"] == 4
+    env = read_json(run / "environment.json")
+    assert env["torch"]["version"] and env["peak_flops_fp32"]["cpu"] > 0
+    records = read_records(run)
+    assert len(records) == 4 and {r["status"] for r in records} == {"ok"}
+    for r in records:
+        assert r["epoch_samples"] == 8 and r["epoch_s"] > 0
+        assert len(r["samples_s"]["step"]) == 2
+        assert r["step_s_median"] > 0 and r["flops_per_step"] > 0
+        assert 0 < r["peak_fraction"] < 5
+        assert r["threads_used"] >= 1 and r["platform"].startswith("cpu (")
+    for name in ("summary", "measurements", "speedup_b2", "speedup_b4"):
+        assert (run / "tables" / f"{name}.csv").exists()
+        assert (run / "tables" / f"{name}.md").exists()
+    for name in ("step_time", "throughput", "speedup_b2"):
+        assert (run / "plots" / f"{name}.png").stat().st_size > 1000
+    table = pd.read_csv(run / "tables" / "speedup_b2.csv", index_col=0)
+    assert list(table.columns) == [
+        "Filters = 2 | Exec. time (s)", "Filters = 2 | Speed-up",
+        "Filters = 4 | Exec. time (s)", "Filters = 4 | Speed-up",
+    ]
+    assert table.iloc[0]["Filters = 2 | Speed-up"] == pytest.approx(1.0)
+    summary = pd.read_csv(run / "tables" / "summary.csv")
+    assert len(summary) == 4 and {"step_s_median", "step_s_p95", "samples_per_s"} <= set(summary)
+    assert "| Batch size = 2 | Filters = 2: Exec. time | Filters = 2: Speed-up |" in out
+    assert json.loads(out.strip().splitlines()[-1]) == {"configs": 4, "failed": 0}
+
+
+def test_no_epoch_uses_step_time(tmp_path, capsys, tiny_store):
+    code, out, _ = run_cli(capsys, "bench", "--preset", "dey2018", "--batch", "2", "--filters",
+                           "2", "--repeats", "2", "--no-epoch", "--store", str(tiny_store),
+                           "--out", str(tmp_path), "--run-id", "ne")
+    assert code == 0
+    assert "one training step (compute only)" in out
+    assert "epoch_s" not in read_records(tmp_path / "ne")[0]
+
+
+def test_list_models(capsys):
+    code, out, _ = run_cli(capsys, "bench", "--list-models")
+    assert code == 0 and "dualpath3d" in out.split()
+
+
+def _bad(tmp_path, capsys, tiny_store, *argv):
+    code, out, err = run_cli(capsys, "bench", "--store", str(tiny_store), "--out",
+                             str(tmp_path / "out"), *argv)
+    lines = [line for line in err.strip().splitlines() if line]
+    return code, lines
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--model", "dualpath"], "unknown --model 'dualpath' (did you mean 'dualpath3d'?)"),
+        (["--preset", "iso"], "unknown --preset 'iso'"),
+        (["--device", "tpu"], "--device 'tpu'"),
+        (["--device", "cuda"], "--device cuda: no CUDA device on this machine"),
+    ],
+)
+def test_bad_names_are_one_line_usage_errors(tmp_path, capsys, tiny_store, argv, expected):
+    code, lines = _bad(tmp_path, capsys, tiny_store, *argv)
+    assert code == 2
+    assert len(lines) == 1 and expected in lines[0]
+    assert not (tmp_path / "out").exists(), "nothing written for bad input"
+
+
+@pytest.mark.parametrize("argv", [["--batch", "0"], ["--filters", "-1"], ["--batch", "two"]])
+def test_numbers_below_one(tmp_path, capsys, tiny_store, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", *argv, "--store", str(tiny_store), "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {argv[0]}" in err
+
+
+def test_missing_truncated_and_wrong_shaped_store(tmp_path, capsys, tiny_store):
+    code, lines = _bad(tmp_path, capsys, tmp_path / "absent.h5")
+    assert code == 2 and "absent.h5: store not found" in lines[0]
+    truncated = tmp_path / "cut.h5"
+    truncated.write_bytes(tiny_store.read_bytes()[:4096])
+    code, lines = _bad(tmp_path, capsys, truncated)
+    assert code == 2 and len(lines) == 1 and "cut.h5: not a readable HDF5 file" in lines[0]
+    wrong = tmp_path / "wrong.h5"
+    wrong.write_bytes(tiny_store.read_bytes())
+    with h5py.File(wrong, "r+") as f:
+        data = f["zoom"][:, 0, 0]  # drop the channel and a spatial axis
+        del f["zoom"]
+        f["zoom"] = data
+    code, lines = _bad(tmp_path, capsys, wrong)
+    assert code == 2 and len(lines) == 1 and "wrong.h5: dataset 'context' has shape" in lines[0]
+    assert "cannot take it" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_is_a_file(tmp_path, capsys, tiny_store):
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    code, out, err = run_cli(capsys, "bench", "--store", str(tiny_store), "--out", str(target))
+    assert code == 2 and "--out" in err and "not a directory" in err
+    assert target.read_text() == "not a folder"
+
+
+def test_data_synth_cli(tmp_path, capsys):
+    out_file = tmp_path / "s.h5"
+    code, out, _ = run_cli(capsys, "data", "synth", "--kind", "lungx", "--n", "4", "--grid",
+                           "dey2018", "--out", str(out_file))
+    assert code == 0 and "4 samples" in out
+    code, out, _ = run_cli(capsys, "data", "info", str(out_file))
+    assert code == 0 and "synth-lungx" in out and "'benign': 2" in out
+    code, _, err = run_cli(capsys, "data", "synth", "--n", "4", "--out", str(tmp_path))
+    assert code == 2 and "is a directory" in err
+
+
+def test_env_prints_the_record(capsys):
+    code, out, _ = run_cli(capsys, "env")
+    record = json.loads(out)
+    assert code == 0 and record["cpu"]["logical_cores"] >= 1 and record["gpus"] == []

@@ -1,0 +1,85 @@
+"""The timing protocol against a fake workload of known duration."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from lungbench.timing import (
+    STEP,
+    PhaseTimer,
+    peak_memory_bytes,
+    run_protocol,
+    set_threads,
+    training_step,
+    training_step_flops,
+)
+
+
+def _sleep_until(seconds: float) -> None:
+    # Busy-wait: sleep() can overshoot by a scheduler tick on a loaded machine.
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_phases_of_a_known_workload():
+    calls = []
+
+    def step(timer: PhaseTimer) -> None:
+        calls.append(1)
+        with timer.phase("forward"):
+            _sleep_until(0.010)
+        with timer.phase("backward"):
+            _sleep_until(0.020)
+        with timer.phase("optimizer"):
+            _sleep_until(0.005)
+
+    samples = run_protocol(step, PhaseTimer(torch.device("cpu")), warmup=2, repeats=5)
+    assert len(calls) == 7, "warm-up calls run but are not recorded"
+    assert set(samples) == {"forward", "backward", "optimizer", STEP}
+    assert all(len(v) == 5 for v in samples.values())
+    median = {k: sorted(v)[2] for k, v in samples.items()}
+    assert median["forward"] == pytest.approx(0.010, rel=0.25)
+    assert median["backward"] == pytest.approx(0.020, rel=0.25)
+    assert median["optimizer"] == pytest.approx(0.005, rel=0.5)
+    # The whole step covers its phases and little else.
+    assert median[STEP] >= median["forward"] + median["backward"] + median["optimizer"]
+    assert median[STEP] == pytest.approx(0.035, rel=0.25)
+
+
+def test_training_step_updates_the_model():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    before = model.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    timer = PhaseTimer(torch.device("cpu"))
+    timer.start()
+    loss = training_step(timer, model, opt, lambda out, y: ((out - y) ** 2).mean(),
+                         [torch.randn(8, 4)], torch.randn(8, 1))
+    times = timer.finish()
+    assert loss.ndim == 0 and not loss.requires_grad
+    assert not torch.equal(before, model.weight)
+    assert set(times) == {"forward", "backward", "optimizer", STEP}
+
+
+def test_flops_of_a_linear_layer():
+    # Linear 16 -> 8 on batch 4: forward 2*4*16*8 = 1024 FLOPs; backward computes grad of
+    # weight (1024) and of the input (1024): 3072 in all.
+    model = torch.nn.Linear(16, 8, bias=False)
+    x = torch.randn(4, 16, requires_grad=True)
+    flops = training_step_flops(model, lambda out, y: out.sum(), [x], torch.zeros(1))
+    assert flops == 3072
+
+
+def test_threads_are_set_and_reported():
+    assert set_threads(1) == 1
+    assert set_threads(None) == 1
+    set_threads(2)
+
+
+def test_cpu_peak_memory_is_process_rss():
+    peak, kind = peak_memory_bytes(torch.device("cpu"))
+    assert kind == "process_peak_rss" and peak > 10 * 2**20
