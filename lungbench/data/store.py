@@ -68,9 +68,9 @@ class StoreInfo:
 class StoreWriter:
     """Append samples to a new store; atomically published on successful close.
 
-        with StoreWriter(path, kind="lidc", inputs={"context": (1, 32, 32, 32), ...},
-                         label_names=["benign", "malignant"]) as w:
-            w.append({"context": ctx, "zoom": zoom}, label=1, id="n1", spacing=(1, 1, 1))
+    with StoreWriter(path, kind="lidc", inputs={"context": (1, 32, 32, 32), ...},
+                     label_names=["benign", "malignant"]) as w:
+        w.append({"context": ctx, "zoom": zoom}, label=1, id="n1", spacing=(1, 1, 1))
     """
 
     def __init__(
@@ -122,15 +122,22 @@ class StoreWriter:
             ds.attrs["units"] = self.units[name]
         label_shape = (len(self.label_names),) if task == "multilabel" else ()
         label_dtype = np.uint8 if task == "multilabel" else np.int64
-        f.create_dataset("label", shape=(0, *label_shape), maxshape=(None, *label_shape),
-                         dtype=label_dtype, chunks=(1024, *label_shape))
+        f.create_dataset(
+            "label",
+            shape=(0, *label_shape),
+            maxshape=(None, *label_shape),
+            dtype=label_dtype,
+            chunks=(1024, *label_shape),
+        )
         meta = f.create_group("meta")
         meta.create_dataset("id", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
         meta.create_dataset("source", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
-        meta.create_dataset("spacing", shape=(0, 3), maxshape=(None, 3), dtype=np.float32,
-                            chunks=(1024, 3))
-        meta.create_dataset("diameter", shape=(0,), maxshape=(None,), dtype=np.float32,
-                            chunks=(1024,))
+        meta.create_dataset(
+            "spacing", shape=(0, 3), maxshape=(None, 3), dtype=np.float32, chunks=(1024, 3)
+        )
+        meta.create_dataset(
+            "diameter", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1024,)
+        )
         meta.create_dataset("fold", shape=(0,), maxshape=(None,), dtype=np.int16, chunks=(1024,))
         self._inputs = list(inputs)
 
@@ -158,9 +165,14 @@ class StoreWriter:
                 raise ValueError(f"{name}: sample shape {arr.shape} != store shape {ds.shape[1:]}")
             ds.resize(i + 1, axis=0)
             ds[i] = _cast(arr, ds.dtype)
-        for key, value in (("label", label), ("meta/id", id), ("meta/source", source),
-                           ("meta/spacing", spacing), ("meta/diameter", diameter),
-                           ("meta/fold", fold)):
+        for key, value in (
+            ("label", label),
+            ("meta/id", id),
+            ("meta/source", source),
+            ("meta/spacing", spacing),
+            ("meta/diameter", diameter),
+            ("meta/fold", fold),
+        ):
             ds = self._file[key]
             ds.resize(i + 1, axis=0)
             ds[i] = value
@@ -215,8 +227,10 @@ def read_info(path: str | os.PathLike) -> StoreInfo:
             raise DataError(f"{path}: not a lungbench store (attribute 'format' missing)")
         version = int(f.attrs.get("format_version", -1))
         if version > FORMAT_VERSION:
-            raise DataError(f"{path}: store format version {version} is newer than this "
-                            f"lungbench reads ({FORMAT_VERSION}); upgrade lungbench")
+            raise DataError(
+                f"{path}: store format version {version} is newer than this "
+                f"lungbench reads ({FORMAT_VERSION}); upgrade lungbench"
+            )
         try:
             input_names = json.loads(f.attrs["inputs"])
             label_names = json.loads(f.attrs["label_names"])
@@ -232,12 +246,14 @@ def read_info(path: str | os.PathLike) -> StoreInfo:
             raise DataError(f"{path}: the store is empty (0 samples)")
         for name in required:
             if f[name].shape[0] != n:
-                raise DataError(f"{path}: dataset '{name}' has {f[name].shape[0]} rows, "
-                                f"'label' has {n}")
+                raise DataError(
+                    f"{path}: dataset '{name}' has {f[name].shape[0]} rows, 'label' has {n}"
+                )
         for name in input_names:
             if f[name].ndim < 3:
-                raise DataError(f"{path}: dataset '{name}' has shape {f[name].shape}, "
-                                f"expected (N, C, *spatial)")
+                raise DataError(
+                    f"{path}: dataset '{name}' has shape {f[name].shape}, expected (N, C, *spatial)"
+                )
         return StoreInfo(
             path=path,
             kind=str(f.attrs.get("kind", "unknown")),
@@ -331,8 +347,9 @@ class StoreDataset(Dataset):
         if self.transform is not None:
             arrays = self.transform(arrays)
         inputs = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
-        target = torch.as_tensor(label, dtype=torch.float32 if self.info.task != "multiclass"
-                                 else torch.int64)
+        target = torch.as_tensor(
+            label, dtype=torch.float32 if self.info.task != "multiclass" else torch.int64
+        )
         return inputs, target
 
     def __getstate__(self):

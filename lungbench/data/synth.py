@@ -53,21 +53,30 @@ class NoduleParams:
 
 def draw_nodule(rng: np.random.Generator, label: int, kind: str) -> NoduleParams:
     """Draw the parameters of one nodule of class `label` (0 benign, 1 malignant)."""
-    if kind == "lungx":
-        diameter = rng.lognormal(np.log(14.0), 0.35)
-    elif label == 1:
+    if kind == "lungx" or label == 1:  # LUNGx: benign nodules as large as malignant ones
         diameter = rng.lognormal(np.log(14.0), 0.35)
     else:
         diameter = rng.lognormal(np.log(6.5), 0.35)
     diameter = float(np.clip(diameter, 3.0, 30.0))
     if label == 1:
-        return NoduleParams(1, diameter, lobulation=rng.uniform(0.12, 0.3),
-                            spiculation=int(rng.integers(3, 10)), calcified=False,
-                            ground_glass_rim=bool(rng.random() < 0.35),
-                            solid_hu=float(rng.normal(30, 15)))
-    return NoduleParams(0, diameter, lobulation=rng.uniform(0.0, 0.06),
-                        spiculation=0, calcified=bool(rng.random() < 0.3),
-                        ground_glass_rim=False, solid_hu=float(rng.normal(45, 15)))
+        return NoduleParams(
+            1,
+            diameter,
+            lobulation=rng.uniform(0.12, 0.3),
+            spiculation=int(rng.integers(3, 10)),
+            calcified=False,
+            ground_glass_rim=bool(rng.random() < 0.35),
+            solid_hu=float(rng.normal(30, 15)),
+        )
+    return NoduleParams(
+        0,
+        diameter,
+        lobulation=rng.uniform(0.0, 0.06),
+        spiculation=0,
+        calcified=bool(rng.random() < 0.3),
+        ground_glass_rim=False,
+        solid_hu=float(rng.normal(45, 15)),
+    )
 
 
 def _coords(shape: tuple[int, ...], spacing: float) -> list[np.ndarray]:
@@ -96,8 +105,9 @@ def parenchyma(shape: tuple[int, ...], spacing: float, rng: np.random.Generator)
     return volume
 
 
-def nodule_mask(params: NoduleParams, shape: tuple[int, ...], spacing: float,
-                rng: np.random.Generator) -> np.ndarray:
+def nodule_mask(
+    params: NoduleParams, shape: tuple[int, ...], spacing: float, rng: np.random.Generator
+) -> np.ndarray:
     """Boolean mask of the nodule centred in the volume (lobulated and spiculated by params)."""
     z, y, x = _coords(shape, spacing)
     r = np.sqrt(z**2 + y**2 + x**2) + 1e-6
@@ -122,9 +132,13 @@ def nodule_mask(params: NoduleParams, shape: tuple[int, ...], spacing: float,
     return mask
 
 
-def render_nodule(params: NoduleParams, shape: tuple[int, ...], spacing: float,
-                  rng: np.random.Generator,
-                  mask: np.ndarray | None = None) -> np.ndarray:
+def render_nodule(
+    params: NoduleParams,
+    shape: tuple[int, ...],
+    spacing: float,
+    rng: np.random.Generator,
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
     """A HU volume of `shape` at `spacing` mm with the nodule (or the given `mask`) centred."""
     volume = parenchyma(shape, spacing, rng)
     if mask is None:
@@ -138,7 +152,9 @@ def render_nodule(params: NoduleParams, shape: tuple[int, ...], spacing: float,
     else:
         volume = np.where(mask, solid, volume)
     if params.calcified:
-        core = ndimage.binary_erosion(mask, iterations=max(1, int(params.diameter_mm / 4 / spacing)))
+        core = ndimage.binary_erosion(
+            mask, iterations=max(1, int(params.diameter_mm / 4 / spacing))
+        )
         volume = np.where(core, rng.normal(600, 100, shape), volume)
     # Partial-volume blur of a CT reconstruction kernel.
     return ndimage.gaussian_filter(volume, sigma=0.6 / spacing)
@@ -151,7 +167,7 @@ def cut_cubes(volume: np.ndarray, spacing: float, geo: Geometry) -> dict[str, np
     centre = np.array(volume.shape) // 2
     half = (np.array(geo.zoom_mm) / spacing / 2).astype(int)
     lo, hi = centre - half, centre + half
-    crop = t[..., lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    crop = t[..., lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     zoom = F.interpolate(crop, size=geo.zoom_grid, mode="area")
     return {"context": context[0].numpy(), "zoom": zoom[0].numpy()}
 
@@ -163,8 +179,9 @@ def render_shape(geo: Geometry) -> tuple[tuple[int, int, int], float]:
     return shape, spacing  # type: ignore[return-value]
 
 
-def generate_sample(index: int, seed: int, kind: str, geo: Geometry,
-                    label: int | None = None) -> tuple[dict[str, np.ndarray], NoduleParams]:
+def generate_sample(
+    index: int, seed: int, kind: str, geo: Geometry, label: int | None = None
+) -> tuple[dict[str, np.ndarray], NoduleParams]:
     """Sample `index` of a data set with `seed`; independent of every other index."""
     rng = np.random.default_rng([seed, index])
     if label is None:
@@ -191,14 +208,25 @@ def write_synthetic_store(
     """
     look_up_option(kind, KINDS, what="kind")
     inputs = {"context": (1, *geo.context_grid), "zoom": (1, *geo.zoom_grid)}
-    provenance = {"generator": "lungbench.data.synth", "kind": kind, "seed": seed, "n": n,
-                  "geometry": asdict(geo)}
-    with StoreWriter(out, kind=f"synth-{kind}", inputs=inputs, label_names=LABEL_NAMES,
-                     provenance=provenance) as writer:
+    provenance = {
+        "generator": "lungbench.data.synth",
+        "kind": kind,
+        "seed": seed,
+        "n": n,
+        "geometry": asdict(geo),
+    }
+    with StoreWriter(
+        out, kind=f"synth-{kind}", inputs=inputs, label_names=LABEL_NAMES, provenance=provenance
+    ) as writer:
         for i, (cubes, params) in enumerate(_generate_all(n, seed, kind, geo, workers)):
-            writer.append(cubes, label=params.label, id=f"synth-{kind}-{seed}-{i:05d}",
-                          source="lungbench.data.synth", spacing=geo.context_spacing,
-                          diameter=params.diameter_mm)
+            writer.append(
+                cubes,
+                label=params.label,
+                id=f"synth-{kind}-{seed}-{i:05d}",
+                source="lungbench.data.synth",
+                spacing=geo.context_spacing,
+                diameter=params.diameter_mm,
+            )
             if progress is not None:
                 progress(1)
 

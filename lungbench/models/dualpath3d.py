@@ -43,14 +43,29 @@ GEOMETRY_PRESETS: dict[str, Geometry] = {
     # Isotropic default: a 64 mm context cube at 2 mm and a 32 mm zoom cube at 1 mm, both on
     # a 32^3 grid. Covers nodules up to 30 mm (LIDC's upper bound) with context around them,
     # and keeps a CPU epoch of the thesis's 603 samples to seconds rather than minutes.
-    "default": Geometry((32, 32, 32), (32, 32, 32), (64.0, 64.0, 64.0), (32.0, 32.0, 32.0),
-                        "isotropic; context 64 mm at 2 mm, zoom 32 mm at 1 mm"),
+    "default": Geometry(
+        (32, 32, 32),
+        (32, 32, 32),
+        (64.0, 64.0, 64.0),
+        (32.0, 32.0, 32.0),
+        "isotropic; context 64 mm at 2 mm, zoom 32 mm at 1 mm",
+    ),
     # Higher resolution variant of the default (8x the voxels).
-    "iso64": Geometry((64, 64, 64), (64, 64, 64), (128.0, 128.0, 128.0), (64.0, 64.0, 64.0),
-                      "isotropic; context 128 mm at 2 mm, zoom 64 mm at 1 mm"),
+    "iso64": Geometry(
+        (64, 64, 64),
+        (64, 64, 64),
+        (128.0, 128.0, 128.0),
+        (64.0, 64.0, 64.0),
+        "isotropic; context 128 mm at 2 mm, zoom 64 mm at 1 mm",
+    ),
     # Dey et al. 2018: context 100x100x10 pooled to 50x50x5, zoom 50x50x5 (D, H, W = 5, 50, 50).
-    "dey2018": Geometry((5, 50, 50), (5, 50, 50), (25.0, 50.0, 50.0), (12.5, 25.0, 25.0),
-                        "Dey 2018: context 100x100x10 pooled to 50x50x5, zoom 50x50x5"),
+    "dey2018": Geometry(
+        (5, 50, 50),
+        (5, 50, 50),
+        (25.0, 50.0, 50.0),
+        (12.5, 25.0, 25.0),
+        "Dey 2018: context 100x100x10 pooled to 50x50x5, zoom 50x50x5",
+    ),
 }
 
 
@@ -146,5 +161,6 @@ def dualpath3d(
 ) -> DualPath3D:
     """Seed 000's two-path nodule classifier on the grid of geometry `preset`."""
     geo = geometry(preset)
-    return DualPath3D(in_channels, out_channels, filters, depth, geo.context_grid, geo.zoom_grid,
-                      hidden, dropout)
+    return DualPath3D(
+        in_channels, out_channels, filters, depth, geo.context_grid, geo.zoom_grid, hidden, dropout
+    )

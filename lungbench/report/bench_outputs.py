@@ -38,7 +38,10 @@ def write_bench_outputs(run_dir: Path, records: Sequence[dict[str, Any]]) -> str
         text = format_speedup_markdown(table)
         (run_dir / "tables" / f"{name}.md").write_text(text + "\n")
         printed.append(text)
-        save_figure(run_dir, name, plots.speedup_plot(table))
+        # A batch size where every configuration failed (out of memory, skipped) has a
+        # table of n/a but nothing to plot.
+        if (summary.loc[summary["batch_size"] == batch, "status"] == "ok").any():
+            save_figure(run_dir, name, plots.speedup_plot(table))
     save_figure(run_dir, "step_time", plots.step_time_plot(summary))
     save_figure(run_dir, "throughput", plots.throughput_plot(summary))
     what = "one training epoch" if epoch_measured else "one training step (compute only)"

@@ -19,11 +19,32 @@ from typing import Any
 import pandas as pd
 
 SUMMARY_COLUMNS = [
-    "model", "preset", "filters", "batch_size", "device", "platform", "threads_used", "dtype",
-    "status", "step_s_median", "step_s_iqr", "step_s_p95", "forward_s_median",
-    "backward_s_median", "optimizer_s_median", "samples_per_s", "epoch_s", "epoch_samples",
-    "epoch_data_wait_s", "flops_per_step", "achieved_flops", "peak_fraction",
-    "peak_memory_bytes", "parameters", "noisy", "error",
+    "model",
+    "preset",
+    "filters",
+    "batch_size",
+    "device",
+    "platform",
+    "threads_used",
+    "dtype",
+    "status",
+    "step_s_median",
+    "step_s_iqr",
+    "step_s_p95",
+    "forward_s_median",
+    "backward_s_median",
+    "optimizer_s_median",
+    "samples_per_s",
+    "epoch_s",
+    "epoch_samples",
+    "epoch_data_wait_s",
+    "flops_per_step",
+    "achieved_flops",
+    "peak_fraction",
+    "peak_memory_bytes",
+    "parameters",
+    "noisy",
+    "error",
 ]
 
 
@@ -39,8 +60,9 @@ def summary_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return frame[[c for c in SUMMARY_COLUMNS if c in frame.columns]]
 
 
-def speedup_table(records: Sequence[dict[str, Any]], batch_size: int,
-                  time_column: str = "epoch_s") -> pd.DataFrame:
+def speedup_table(
+    records: Sequence[dict[str, Any]], batch_size: int, time_column: str = "epoch_s"
+) -> pd.DataFrame:
     """The thesis layout for one batch size: platforms x (filters x [time, speed-up]).
 
     Speed-up is the baseline row's time divided by each row's (so the baseline is 1.0);
@@ -53,8 +75,9 @@ def speedup_table(records: Sequence[dict[str, Any]], batch_size: int,
     ok = frame[frame["status"] == "ok"]
     platforms = list(dict.fromkeys(frame["platform"]))
     filters = sorted(frame["filters"].unique())
-    times = ok.pivot_table(index="platform", columns="filters", values=time_column,
-                           aggfunc="median").reindex(index=platforms, columns=filters)
+    times = ok.pivot_table(
+        index="platform", columns="filters", values=time_column, aggfunc="median"
+    ).reindex(index=platforms, columns=filters)
     baseline = times.iloc[0]
     columns = {}
     for f in filters:
@@ -78,8 +101,11 @@ def format_speedup_markdown(table: pd.DataFrame) -> str:
     """The speed-up table as Markdown with the thesis's notation (x224, '-' for baseline)."""
     header_groups = list(dict.fromkeys(c[0] for c in table.columns))
     lines = [
-        "| " + table.index.name + " | "
-        + " | ".join(f"{g}: Exec. time | {g}: Speed-up" for g in header_groups) + " |",
+        "| "
+        + table.index.name
+        + " | "
+        + " | ".join(f"{g}: Exec. time | {g}: Speed-up" for g in header_groups)
+        + " |",
         "|---|" + "---|---|" * len(header_groups),
     ]
     for i, (platform, row) in enumerate(table.iterrows()):

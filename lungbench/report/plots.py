@@ -16,9 +16,14 @@ def step_time_plot(summary: pd.DataFrame):
     ok = summary[summary["status"] == "ok"]
     for (platform, filters), group in ok.groupby(["platform", "filters"], sort=False):
         group = group.sort_values("batch_size")
-        ax.errorbar(group["batch_size"], group["step_s_median"] * 1e3,
-                    yerr=group["step_s_iqr"] * 1e3 / 2, marker="o", capsize=3,
-                    label=f"{platform}, filters {filters}")
+        ax.errorbar(
+            group["batch_size"],
+            group["step_s_median"] * 1e3,
+            yerr=group["step_s_iqr"] * 1e3 / 2,
+            marker="o",
+            capsize=3,
+            label=f"{platform}, filters {filters}",
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("training step, median (ms)")
@@ -34,11 +39,21 @@ def throughput_plot(summary: pd.DataFrame):
     ok = summary[summary["status"] == "ok"]
     for (platform, filters), group in ok.groupby(["platform", "filters"], sort=False):
         group = group.sort_values("batch_size")
-        line = ax.plot(group["batch_size"], group["samples_per_s"], marker="o",
-                       label=f"{platform}, f{filters} compute")[0]
+        line = ax.plot(
+            group["batch_size"],
+            group["samples_per_s"],
+            marker="o",
+            label=f"{platform}, f{filters} compute",
+        )[0]
         if "epoch_s" in group and group["epoch_s"].notna().any():
-            ax.plot(group["batch_size"], group["epoch_samples"] / group["epoch_s"], marker="s",
-                    linestyle="--", color=line.get_color(), label=f"{platform}, f{filters} epoch")
+            ax.plot(
+                group["batch_size"],
+                group["epoch_samples"] / group["epoch_s"],
+                marker="s",
+                linestyle="--",
+                color=line.get_color(),
+                label=f"{platform}, f{filters} epoch",
+            )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("samples / s")
@@ -60,8 +75,13 @@ def speedup_plot(table: pd.DataFrame):
         bars = ax.bar(xs, times, width, label=platform)
         for bar, up in zip(bars, ups, strict=True):
             if pd.notna(up):
-                ax.annotate(f"x{up:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                            ha="center", va="bottom", fontsize=8)
+                ax.annotate(
+                    f"x{up:.1f}",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                )
     ax.set_xticks([j + width * (len(table.index) - 1) / 2 for j in range(len(groups))], groups)
     ax.set_yscale("log")
     ax.set_ylabel("epoch time (s)")

@@ -1,0 +1,44 @@
+"""NIfTI volumes (nibabel) -> (D, H, W) arrays in lungbench's (z, y, x) order.
+
+    volume, spacing = load_nifti("CT-0/study_0001.nii.gz")   # (D, H, W) float32, (dz, dy, dx)
+
+NIfTI stores data as (x, y, z) with an affine; the data are transposed to (z, y, x) and the
+spacing read from the header zooms. Scaling (scl_slope / scl_inter) is applied by nibabel, so
+CT studies come out in HU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lungbench.errors import DataError
+
+
+def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Read a 3D NIfTI file: (D, H, W) float32 and (dz, dy, dx) mm; DataError naming the file."""
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: NIfTI file not found")
+    try:
+        image = nib.load(path)
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except (ImageFileError, OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable NIfTI file ({_first_line(exc)})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]  # a 4D file with one time point is a volume
+    if data.ndim != 3:
+        raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    zooms = [float(z) for z in image.header.get_zooms()[:3]]
+    if not np.all(np.isfinite(data)):
+        raise DataError(f"{path}: volume has NaN or Inf values")
+    return np.ascontiguousarray(data.transpose(2, 1, 0)), (zooms[2], zooms[1], zooms[0])
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

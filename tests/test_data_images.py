@@ -1,0 +1,117 @@
+"""2D image sets: PNG folders + label CSVs, DICOM windowing, into the `image` store."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+from test_data_dicom import write_series
+
+from lungbench.cli import main
+from lungbench.data.images import dicom_to_png, dicom_to_uint8, read_label_csv, write_images_store
+from lungbench.data.store import read_info, read_meta
+from lungbench.errors import DataError
+
+
+def _png(path, value, size=(40, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full(size, value, np.uint8)).save(path)
+
+
+@pytest.fixture
+def chestxray(tmp_path):
+    for i, v in enumerate((10, 120, 250)):
+        _png(tmp_path / "img" / f"0000{i}_000.png", v)
+    csv = tmp_path / "Data_Entry_2017.csv"
+    csv.write_text(
+        "Image Index,Finding Labels,Follow-up #\n"
+        "00000_000.png,Atelectasis|Effusion,0\n"
+        "00001_000.png,No Finding,0\n"
+        "00002_000.png, Hernia ,1\n"
+    )
+    return tmp_path
+
+
+def test_chestxray_multilabel_round_trip(chestxray, tmp_path):
+    out = tmp_path / "cxr.h5"
+    assert (
+        write_images_store(chestxray / "img", chestxray / "Data_Entry_2017.csv", out, size=(16, 16))
+        == 3
+    )
+    info = read_info(out)
+    assert info.task == "multilabel" and info.units["image"] == "uint8"
+    assert info.inputs == {"image": (1, 16, 16)} and len(info.label_names) == 14
+    labels = read_meta(out)["label"]
+    assert labels[0].tolist() == [1, 0, 1] + [0] * 11
+    assert labels[1].sum() == 0 and labels[2][13] == 1
+    with h5py.File(out) as f:
+        assert f["image"].dtype == np.uint8 and f["image"][2].min() == 250
+
+
+def test_label_outside_list_is_an_error(chestxray):
+    with pytest.raises(DataError, match=r"row 2: finding 'Effusion' is not in the label list"):
+        read_label_csv(chestxray / "Data_Entry_2017.csv", labels=["Atelectasis", "Hernia"])
+
+
+def test_binary_crops_via_cli(tmp_path):
+    for i in range(4):
+        _png(tmp_path / "crops" / f"c{i}.png", 60 * i, size=(64, 64))
+    csv = tmp_path / "labels.csv"
+    csv.write_text("filename,label\nc0.png,0\nc1.png,1\nc2.png,malignant\nc3.png,Benign\n")
+    out = tmp_path / "crops.h5"
+    assert (
+        main(
+            [
+                "data",
+                "images",
+                str(tmp_path / "crops"),
+                str(csv),
+                "--size",
+                "64",
+                "64",
+                "--channels",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    info = read_info(out)
+    assert info.task == "binary" and info.inputs == {"image": (3, 64, 64)}
+    assert list(read_meta(out)["label"]) == [0, 1, 1, 0]
+
+
+def test_binary_label_outside_set(tmp_path):
+    csv = tmp_path / "labels.csv"
+    csv.write_text("filename,label\nc0.png,2\n")
+    with pytest.raises(DataError, match="labels.csv: row 2: label '2' is outside"):
+        read_label_csv(csv)
+
+
+def test_missing_image_leaves_no_store(tmp_path):
+    _png(tmp_path / "crops" / "c0.png", 1)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("filename,label\nc0.png,0\nmissing.png,1\n")
+    out = tmp_path / "o.h5"
+    with pytest.raises(DataError, match="missing.png: image file not found"):
+        write_images_store(tmp_path / "crops", csv, out, size=(8, 8))
+    assert list(tmp_path.glob("o.h5*")) == []
+
+
+def test_dicom_window_to_8_bit_png(tmp_path):
+    hu = np.array([[[-1000, -500, 0, 500]] * 4], np.int16)  # one 4x4 slice ... as a series
+    hu = np.concatenate([hu, hu])
+    write_series(tmp_path / "d", hu, names=["a.dcm", "b.dcm"])
+    image = dicom_to_uint8(tmp_path / "d" / "a.dcm", window=(-1000, 0))
+    assert image[0].tolist() == [0, 128, 255, 255]
+    png = dicom_to_png(tmp_path / "d" / "a.dcm", tmp_path / "a.png", window=(-1000, 0))
+    assert np.asarray(Image.open(png))[0].tolist() == [0, 128, 255, 255]
+
+
+def test_no_file_column(tmp_path):
+    csv = tmp_path / "x.csv"
+    csv.write_text("name,label\na.png,0\n")
+    with pytest.raises(DataError, match="x.csv: no image file column"):
+        read_label_csv(csv)

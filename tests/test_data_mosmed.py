@@ -1,0 +1,109 @@
+"""MosMedData: NIfTI studies written with nibabel -> reader -> `volume` store."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from lungbench.cli import main
+from lungbench.data.mosmed import list_studies, preprocess, write_mosmed_store
+from lungbench.data.nifti import load_nifti
+from lungbench.data.store import read_info, read_meta
+from lungbench.errors import DataError
+
+
+def write_study(path, hu_xyz, zooms=(0.8, 0.8, 8.0)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(hu_xyz.astype(np.int16), np.diag([*zooms, 1.0]))
+    image.header.set_zooms(zooms)
+    nib.save(image, path)
+
+
+@pytest.fixture
+def studies(tmp_path):
+    rng = np.random.default_rng(0)
+    for folder, n in (("CT-0", 2), ("CT-1", 1), ("CT-2", 1), ("CT-3", 1), ("CT-4", 1)):
+        for i in range(n):
+            write_study(
+                tmp_path / folder / f"study_{folder[-1]}{i:03d}.nii.gz",
+                rng.integers(-1200, 600, (20, 18, 6)),
+            )
+    return tmp_path
+
+
+def test_nifti_transposed_to_zyx_with_spacing(tmp_path):
+    data = np.arange(4 * 5 * 6).reshape(4, 5, 6)  # (x, y, z)
+    write_study(tmp_path / "a.nii.gz", data, zooms=(0.5, 0.6, 2.0))
+    volume, spacing = load_nifti(tmp_path / "a.nii.gz")
+    assert volume.shape == (6, 5, 4) and spacing == pytest.approx((2.0, 0.6, 0.5))
+    assert volume[2, 3, 1] == data[1, 3, 2]
+
+
+def test_binary_task_round_trip(studies, tmp_path):
+    out = tmp_path / "m.h5"
+    assert write_mosmed_store(studies, out, "binary", size=(8, 12, 12)) == 4
+    info = read_info(out)
+    assert info.inputs == {"volume": (1, 8, 12, 12)} and info.units["volume"] == "normalized"
+    meta = read_meta(out)
+    assert sorted(meta["id"]) == [
+        "CT-0/study_0000",
+        "CT-0/study_0001",
+        "CT-2/study_2000",
+        "CT-3/study_3000",
+    ]
+    assert list(meta["label"]) == [0, 0, 1, 1]
+    assert info.label_names == ["CT-0", "CT-2/3"]
+
+
+def test_multiclass_has_five_classes(studies, tmp_path):
+    out = tmp_path / "m.h5"
+    main(
+        [
+            "data",
+            "mosmed",
+            str(studies),
+            "--task",
+            "multiclass",
+            "--size",
+            "4",
+            "8",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
+    meta = read_meta(out)
+    assert sorted(set(meta["label"])) == [0, 1, 2, 3, 4] and len(meta["label"]) == 6
+
+
+def test_preprocess_window_and_range():
+    volume = np.full((4, 6, 6), -2000.0)
+    volume[2] = 3000.0
+    out = preprocess(volume, (4, 6, 6))
+    assert out.min() == 0.0 and out.max() == 1.0 and out.dtype == np.float32
+
+
+def test_unexpected_shape_named_and_no_store(tmp_path):
+    write_study(tmp_path / "CT-0" / "good.nii.gz", np.zeros((10, 10, 6)))
+    write_study(tmp_path / "CT-0" / "thin.nii.gz", np.zeros((10, 10, 1)))
+    out = tmp_path / "m.h5"
+    with pytest.raises(DataError, match="thin.nii.gz: unexpected shape"):
+        write_mosmed_store(tmp_path, out, "binary", size=(4, 8, 8))
+    assert list(tmp_path.glob("m.h5*")) == []
+
+
+def test_4d_nifti_rejected(tmp_path):
+    image = nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.int16), np.eye(4))
+    nib.save(image, tmp_path / "t.nii.gz")
+    with pytest.raises(DataError, match="t.nii.gz: expected a 3D volume"):
+        load_nifti(tmp_path / "t.nii.gz")
+
+
+def test_unreadable_and_missing_layout(tmp_path):
+    (tmp_path / "CT-0").mkdir()
+    (tmp_path / "CT-0" / "bad.nii.gz").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="bad.nii.gz"):
+        write_mosmed_store(tmp_path, tmp_path / "m.h5")
+    with pytest.raises(DataError, match="no CT-0"):
+        list_studies(tmp_path / "CT-0", "binary")
