@@ -42,12 +42,15 @@ def test_phases_of_a_known_workload():
     assert set(samples) == {"forward", "backward", "optimizer", STEP}
     assert all(len(v) == 5 for v in samples.values())
     median = {k: sorted(v)[2] for k, v in samples.items()}
-    assert median["forward"] == pytest.approx(0.010, rel=0.25)
-    assert median["backward"] == pytest.approx(0.020, rel=0.25)
-    assert median["optimizer"] == pytest.approx(0.005, rel=0.5)
+    # A busy-wait cannot end early, so each phase is at least its nominal length; on a loaded
+    # machine the process may be descheduled inside a phase, so the upper bound is generous.
+    for phase, nominal in (("forward", 0.010), ("backward", 0.020), ("optimizer", 0.005)):
+        assert min(samples[phase]) >= nominal
+        assert median[phase] < 1.5 * nominal + 0.010
+    assert median["backward"] > median["forward"] > median["optimizer"]
     # The whole step covers its phases and little else.
-    assert median[STEP] >= median["forward"] + median["backward"] + median["optimizer"]
-    assert median[STEP] == pytest.approx(0.035, rel=0.25)
+    phases = median["forward"] + median["backward"] + median["optimizer"]
+    assert phases <= median[STEP] < phases + 0.010
 
 
 def test_training_step_updates_the_model():
