@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from lungbench.batchfinder import apply_batch_finder
 from lungbench.data.store import StoreInfo, read_info
 from lungbench.env import describe_device, environment_record
 from lungbench.errors import DataError, UsageError, look_up_option
@@ -28,7 +29,26 @@ from lungbench.models import create_model, list_models
 from lungbench.models.dualpath3d import GEOMETRY_PRESETS, geometry
 from lungbench.peak import matmul_peak_flops
 from lungbench.report.bench_outputs import write_bench_outputs
-from lungbench.results import append_record, create_run_dir, finish_run, write_json
+from lungbench.results import (
+    append_record,
+    create_run_dir,
+    finish_run,
+    read_records,
+    write_json,
+    write_table,
+)
+from lungbench.safepaths import check_name
+from lungbench.sweepstate import (
+    ResumePoint,
+    SweepState,
+    environment_file,
+    rebuild_outputs,
+    saved_peaks,
+    signals_deferred,
+    start_resume,
+    stop_on_sigterm,
+)
+from lungbench.switches import SWEEP_SWITCH_FIELDS, check_switches
 
 
 @dataclass(frozen=True)
@@ -51,14 +71,42 @@ class BenchRequest:
     synth_n: int = 754
     out: Path = Path("results")
     run_id: str | None = None
+    telemetry_interval: float = 0.5  # seconds between telemetry samples; 0 = no telemetry
+    # Speed switches and data path (lungbench.switches, lungbench.loaderbench): "auto" / None
+    # = the device's fast default; strict_switches = the user forced them (no fallback).
+    dtype: str = "auto"
+    memory_format: str = "auto"
+    compile: str = "auto"
+    tf32: bool | None = None
+    cudnn_benchmark: bool | None = None
+    optimizer: str = "auto"
+    cuda_graphs: bool | None = None
+    ddp_bucket_mb: int = 25
+    strict_switches: bool = False
+    pin_memory: bool | None = None
+    cache: bool = False
+    find_batch: bool = False  # search the largest batch first; it bounds the sweep
+    max_batch: int | None = None  # ceiling of that search (None: 64 on CPU, 4096 on CUDA)
 
     def sweep(self) -> SweepSpec:
-        base = BenchConfig(model=self.model, preset=self.preset, warmup=self.warmup,
-                           repeats=self.repeats, epoch=self.epoch,
-                           epoch_samples=self.epoch_samples, num_workers=self.num_workers,
-                           seed=self.seed)
-        return SweepSpec(base=base, filters=self.filters, batch_sizes=self.batch_sizes,
-                         devices=self.devices, threads=self.threads)
+        base = BenchConfig(
+            model=self.model,
+            preset=self.preset,
+            warmup=self.warmup,
+            repeats=self.repeats,
+            epoch=self.epoch,
+            epoch_samples=self.epoch_samples,
+            num_workers=self.num_workers,
+            seed=self.seed,
+            **{name: getattr(self, name) for name in SWEEP_SWITCH_FIELDS},
+        )
+        return SweepSpec(
+            base=base,
+            filters=self.filters,
+            batch_sizes=self.batch_sizes,
+            devices=self.devices,
+            threads=self.threads,
+        )
 
 
 @dataclass
@@ -76,8 +124,15 @@ def validate(request: BenchRequest) -> None:
         parse_device(device)
     if request.out.exists() and not request.out.is_dir():
         raise UsageError(f"--out {request.out}: exists and is not a directory")
+    if request.run_id is not None:
+        check_name(request.run_id, "--run-id")
+    if not request.telemetry_interval >= 0:
+        raise UsageError(
+            f"--telemetry-interval must be >= 0 seconds (0 = off), got {request.telemetry_interval}"
+        )
     if request.store is not None:
         check_store_fits_model(request, read_info(request.store))
+    check_switches(request, request.devices)  # forced switches a device cannot do: UsageError
 
 
 def check_store_fits_model(request: BenchRequest, info: StoreInfo) -> None:
@@ -88,10 +143,14 @@ def check_store_fits_model(request: BenchRequest, info: StoreInfo) -> None:
         with torch.no_grad():
             model.eval()(*inputs)
     except (RuntimeError, TypeError, ValueError) as exc:
-        shapes = ", ".join(f"dataset '{k}' has shape {(info.n, *v)}" for k, v in info.inputs.items())
+        shapes = ", ".join(
+            f"dataset '{k}' has shape {(info.n, *v)}" for k, v in info.inputs.items()
+        )
         reason = str(exc).splitlines()[0][:160]
-        raise DataError(f"{info.path}: {shapes}; model {request.model!r} (preset "
-                        f"{request.preset!r}) cannot take it: {reason}") from None
+        raise DataError(
+            f"{info.path}: {shapes}; model {request.model!r} (preset "
+            f"{request.preset!r}) cannot take it: {reason}"
+        ) from None
 
 
 def prepare_store(request: BenchRequest, log: Callable[[str], None]) -> StoreInfo:
@@ -104,8 +163,14 @@ def prepare_store(request: BenchRequest, log: Callable[[str], None]) -> StoreInf
 
         log(f"generating {request.synth_n} LIDC-like nodules into {path} (once; reused later)")
         with tqdm(total=request.synth_n, desc="generate data", unit="nodule") as bar:
-            write_synthetic_store(path, "lidc", request.synth_n, geometry(request.preset),
-                                  seed=request.seed, progress=bar.update)
+            write_synthetic_store(
+                path,
+                "lidc",
+                request.synth_n,
+                geometry(request.preset),
+                seed=request.seed,
+                progress=bar.update,
+            )
     return read_info(path)
 
 
@@ -114,23 +179,69 @@ def measure_peaks(devices: tuple[str, ...]) -> dict[str, float]:
     return {d: matmul_peak_flops(parse_device(d), "fp32") for d in dict.fromkeys(devices)}
 
 
-def run_bench(request: BenchRequest, log: Callable[[str], None] = print) -> BenchResult:
-    """Run the sweep described by `request` and write its result folder."""
+def run_bench(
+    request: BenchRequest,
+    log: Callable[[str], None] = print,
+    resume: ResumePoint | None = None,
+    dist: Any = None,
+    ddp: Any = None,
+) -> BenchResult:
+    """Run the sweep described by `request` and write its result folder.
+
+    With `resume` (lungbench.sweepstate.open_for_resume), continue that run folder: only
+    configurations without a record are measured. Ctrl-C / SIGTERM mark the run
+    "interrupted" with its tables rebuilt from the records, then re-raise.
+
+    With `dist` (a lungbench.distributed.DistContext of world size > 1) the DDP
+    measurements of lungbench.ddpbench run instead, configured by `ddp` (DDPOptions);
+    only rank 0 writes.
+    """
+    if dist is not None and dist.is_distributed:
+        from lungbench.ddpbench import DDPOptions, run_ddp_bench
+
+        return run_ddp_bench(request, dist, ddp or DDPOptions(), log)
     validate(request)
     info = prepare_store(request, log)
     configs = request.sweep().expand()
-    run_dir = create_run_dir(request.out, "bench", request.run_id)
+    batch_limits = None
+    if request.find_batch:  # the largest batch that fits bounds the sweep
+        configs, batch_limits = apply_batch_finder(
+            configs, list(info.inputs.values()), request.max_batch, log
+        )
+    state = SweepState.from_records(resume.records if resume else [])
+    pending = state.pending(configs)
+    if resume is None:
+        run_dir = create_run_dir(request.out, "bench", request.run_id)
+    else:
+        run_dir = resume.run_dir
+        start_resume(run_dir)
+        log(
+            f"resuming {run_dir}: {len(configs) - len(pending)} of {len(configs)} "
+            "configurations already measured"
+        )
     try:
-        write_json(run_dir / "config.json", {"request": request, "store": str(info.path),
-                                             "store_inputs": info.inputs,
-                                             "store_kind": info.kind,
-                                             "configs": len(configs)})
-        peaks = measure_peaks(request.devices)
+        if batch_limits is not None:
+            write_table(run_dir, "max_batch", batch_limits, index=False)
+        if resume is None:
+            write_json(
+                run_dir / "config.json",
+                {
+                    "request": request,
+                    "store": str(info.path),
+                    "store_inputs": info.inputs,
+                    "store_kind": info.kind,
+                    "configs": len(configs),
+                },
+            )
         env = environment_record()
+        peaks = saved_peaks(run_dir) if resume else None
+        peaks = peaks or measure_peaks(request.devices)
         env["peak_flops_fp32"] = peaks
-        write_json(run_dir / "environment.json", env)
+        write_json(run_dir / environment_file(run_dir, resume is not None), env)
 
-        bar = tqdm(total=len(configs), desc="bench", unit="config")
+        bar = tqdm(
+            total=len(configs), initial=len(configs) - len(pending), desc="bench", unit="config"
+        )
 
         def on_record(record: dict[str, Any]) -> None:
             device = torch.device(record["device"])
@@ -139,24 +250,46 @@ def run_bench(request: BenchRequest, log: Callable[[str], None] = print) -> Benc
             if record.get("achieved_flops") and peak:
                 record["peak_flops"] = peak
                 record["peak_fraction"] = record["achieved_flops"] / peak
-            append_record(run_dir, record)
+            state.note(record)
+            with signals_deferred():  # a signal now would tear the line
+                append_record(run_dir, record)
             bar.update(1)
 
         def progress(cfg: BenchConfig) -> None:
             bar.set_postfix_str(f"{cfg.device} f{cfg.filters} b{cfg.batch_size}")
 
-        with bar:
-            records = run_sweep(configs, info, on_record, progress)
+        with bar, stop_on_sigterm():
+            run_sweep(
+                pending,
+                info,
+                on_record,
+                progress,
+                skip=state.skip_record,
+                monitor=_telemetry_monitor(request, run_dir),
+            )
+        records = read_records(run_dir)  # with those of earlier attempts when resumed
         table_text = write_bench_outputs(run_dir, records)
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        if status == "interrupted":
+            rebuild_outputs(run_dir, write_bench_outputs, log)
         finish_run(run_dir, status=status, error=str(exc).splitlines()[0] if str(exc) else "")
         raise
     finish_run(run_dir, "complete")
     return BenchResult(run_dir, records, table_text)
 
 
+def _telemetry_monitor(request: BenchRequest, run_dir: Path) -> Any:
+    """Samples telemetry around each configuration into run_dir/telemetry/<key>.csv."""
+    if not request.telemetry_interval:
+        return None
+    from lungbench.telemetry import SweepMonitor
+
+    return SweepMonitor(run_dir / "telemetry", request.telemetry_interval, run_dir=run_dir)
+
+
 def _platform(record: dict[str, Any], device: torch.device) -> str:
     if device.type == "cpu":
-        return f"cpu ({record['threads_used']} threads)"
+        threads = record["threads_used"]
+        return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
     return describe_device(device)

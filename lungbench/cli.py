@@ -17,8 +17,11 @@ from lungbench.errors import LungbenchError
 COMMAND_MODULES = [
     "lungbench.commands.bench",
     "lungbench.commands.train",
+    "lungbench.commands.profile",
     "lungbench.commands.data",
     "lungbench.commands.env",
+    "lungbench.commands.report",
+    "lungbench.commands.compare",
 ]
 
 EPILOG = """\

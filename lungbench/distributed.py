@@ -1,14 +1,60 @@
 """Process-group set-up for torchrun, SLURM srun, mpiexec, or a single process.
 
 `init_distributed()` returns a DistContext; every other module takes that object and never
-reads launcher environment variables itself.
+reads launcher environment variables itself. The same command works under every launcher:
+
+    torchrun --nproc_per_node 2 -m lungbench bench ...        # RANK, WORLD_SIZE, MASTER_*
+    srun --ntasks-per-node 4 python -m lungbench bench ...    # SLURM_PROCID, SLURM_NTASKS, ...
+    mpiexec -n 2 python -m lungbench bench ...                # mpi4py: rank, size, shared split
+    python -m lungbench bench ...                             # one process, no group
+
+Which launcher started us is decided from the environment, in this order (the first match
+wins; LUNGBENCH_LAUNCHER=torchrun|mpi|slurm|none overrides it):
+  1. torchrun: RANK and WORLD_SIZE are set;
+  2. MPI: OMPI_COMM_WORLD_SIZE (Open MPI), MV2_COMM_WORLD_SIZE (MVAPICH), or PMI_SIZE with
+     MPI_LOCALNRANKS (MPICH / Intel MPI hydra) or without any SLURM_PROCID. It comes before
+     SLURM because `mpirun` inside an allocation starts its ranks through srun, whose SLURM_*
+     variables then describe the daemons, not the ranks;
+  3. SLURM: SLURM_PROCID and SLURM_NTASKS (SLURM_STEP_NUM_TASKS when srun set it);
+  4. none: a single process.
+
+Failure behaviour: every collective of the process group gives up after `timeout_s`, and a
+watchdog ends a rendezvous that has not completed within `timeout_s` with one line on stderr,
+so a rank that never starts, dies or hangs ends the job within bounded time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+import re
+import socket
+import sys
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
+
+from lungbench.errors import LungbenchError, UsageError, look_up_option
+
+LAUNCHERS = ("torchrun", "mpi", "slurm", "none")
+DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for Gloo and NCCL collectives
+# Ports derived from a SLURM job id fall in 10000-29999: below Linux's ephemeral range
+# (32768-60999), so they do not collide with client sockets.
+SLURM_PORT_BASE = 10000
+SLURM_PORT_SPAN = 20000
+# Exit status of a job ended by the rendezvous watchdog.
+WATCHDOG_EXIT_CODE = 3
+
+
+class DistributedError(LungbenchError):
+    """A rank died, hung, or never joined: the job ends with this one-line message."""
+
+    exit_code = 3
 
 
 @dataclass(frozen=True)
@@ -22,6 +68,9 @@ class DistContext:
     backend: str = "none"  # "nccl", "gloo" or "none" for a single process
     launcher: str = "none"  # "torchrun", "slurm", "mpi" or "none"
     nodes: int = 1
+    local_world_size: int = 1
+    master: str = ""  # "host:port" of the rendezvous ("" for a single process)
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
     @property
     def is_main(self) -> bool:
@@ -32,7 +81,520 @@ class DistContext:
     def is_distributed(self) -> bool:
         return self.world_size > 1
 
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready summary, saved with results."""
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "local_rank": self.local_rank,
+            "local_world_size": self.local_world_size,
+            "nodes": self.nodes,
+            "device": str(self.device),
+            "backend": self.backend,
+            "launcher": self.launcher,
+            "master": self.master,
+            "timeout_s": self.timeout_s,
+        }
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    """What the launcher's environment says, before any process group exists."""
+
+    launcher: str
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    nodes: int = 1
+    master_addr: str | None = None
+    master_port: int | None = None
+
 
 def single_process(device: str | torch.device = "cpu") -> DistContext:
     """The context of a plain, launcher-free run on `device`."""
     return DistContext(device=torch.device(device))
+
+
+# ---------------------------------------------------------------------------- node lists
+
+
+def parse_nodelist(text: str) -> list[str]:
+    """Expand a SLURM host list: "node[01-03,07]" -> node01 node02 node03 node07,
+    "a1,b[2-3]" -> a1 b2 b3, "r[1-2]-n[1-2]" -> r1-n1 r1-n2 r2-n1 r2-n2. Zero padding is kept.
+
+    The same expansion `scontrol show hostnames` does (scontrol is not on every node).
+    Raises ValueError on unbalanced brackets or a bad range.
+    """
+    hosts: list[str] = []
+    for item in _split_top_level(text.strip()):
+        if item:
+            hosts.extend(_expand_host(item))
+    return hosts
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets."""
+    parts, depth, current = [], 0, []
+    for char in text:
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"node list {text!r}: unbalanced ']'")
+        if char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if depth != 0:
+        raise ValueError(f"node list {text!r}: unbalanced '['")
+    parts.append("".join(current))
+    return parts
+
+
+def _expand_host(item: str) -> list[str]:
+    """One host pattern (possibly with several bracket groups) -> host names."""
+    match = re.search(r"\[([^\]]*)\]", item)
+    if match is None:
+        return [item]
+    head, tail = item[: match.start()], item[match.end() :]
+    return [
+        head + value + rest
+        for value in _expand_ranges(match.group(1), item)
+        for rest in _expand_host(tail)
+    ]
+
+
+def _expand_ranges(body: str, item: str) -> list[str]:
+    values = []
+    for part in body.split(","):
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"node list {item!r}: bad range {part!r}")
+        if not sep:
+            values.append(lo)
+            continue
+        if int(hi) < int(lo):
+            raise ValueError(f"node list {item!r}: range {part!r} runs backwards")
+        width = len(lo)  # "01-03" keeps two digits
+        values.extend(str(i).zfill(width) for i in range(int(lo), int(hi) + 1))
+    return values
+
+
+def slurm_port(job_id: str | int | None) -> int:
+    """The rendezvous port of a SLURM job: every rank derives the same one from the job id,
+    and two jobs sharing a node get different ones."""
+    digits = re.sub(r"\D", "", str(job_id or ""))
+    return SLURM_PORT_BASE + (int(digits) % SLURM_PORT_SPAN if digits else 0)
+
+
+# ---------------------------------------------------------------------------- launchers
+
+
+def detect_launcher(env: Mapping[str, str]) -> str:
+    """'torchrun', 'mpi', 'slurm' or 'none' (order and override: see the module docstring)."""
+    forced = env.get("LUNGBENCH_LAUNCHER")
+    if forced:
+        return look_up_option(forced, LAUNCHERS, what="LUNGBENCH_LAUNCHER")
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "torchrun"
+    if (
+        "OMPI_COMM_WORLD_SIZE" in env
+        or "MV2_COMM_WORLD_SIZE" in env
+        or ("PMI_SIZE" in env and ("MPI_LOCALNRANKS" in env or "SLURM_PROCID" not in env))
+    ):
+        return "mpi"
+    if "SLURM_PROCID" in env and ("SLURM_NTASKS" in env or "SLURM_STEP_NUM_TASKS" in env):
+        return "slurm"
+    return "none"
+
+
+def torchrun_launch(env: Mapping[str, str]) -> LaunchInfo:
+    """torchrun (or any launcher that sets torch's env:// variables)."""
+    world = _int(env, "WORLD_SIZE")
+    local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+    nodes = int(env.get("GROUP_WORLD_SIZE", -(-world // max(1, local_world))))
+    return LaunchInfo(
+        "torchrun",
+        rank=_int(env, "RANK"),
+        world_size=world,
+        local_rank=int(env.get("LOCAL_RANK", 0)),
+        local_world_size=local_world,
+        nodes=nodes,
+        master_addr=env.get("MASTER_ADDR"),
+        master_port=int(env["MASTER_PORT"]) if "MASTER_PORT" in env else None,
+    )
+
+
+def slurm_launch(env: Mapping[str, str]) -> LaunchInfo:
+    """srun: ranks from SLURM_*, master = first host of the step's (else the job's) node list,
+    port = MASTER_PORT if set, else derived from the job id."""
+    world = int(env.get("SLURM_STEP_NUM_TASKS") or _int(env, "SLURM_NTASKS"))
+    nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    nodelist = (
+        env.get("SLURM_STEP_NODELIST")
+        or env.get("SLURM_JOB_NODELIST")
+        or env.get("SLURM_NODELIST")
+        or ""
+    )
+    addr = env.get("MASTER_ADDR")
+    if not addr:
+        try:
+            hosts = parse_nodelist(nodelist)
+        except ValueError as exc:
+            raise UsageError(f"SLURM_JOB_NODELIST: {exc}") from None
+        addr = hosts[0] if hosts else "127.0.0.1"
+    port = (
+        int(env["MASTER_PORT"])
+        if env.get("MASTER_PORT")
+        else slurm_port(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID"))
+    )
+    local_world = -(-world // max(1, nodes))
+    tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if tasks_per_node and re.fullmatch(r"\d+", tasks_per_node.split("(")[0]):
+        local_world = int(tasks_per_node.split("(")[0])
+    return LaunchInfo(
+        "slurm",
+        rank=_int(env, "SLURM_PROCID"),
+        world_size=world,
+        local_rank=int(env.get("SLURM_LOCALID", 0)),
+        local_world_size=local_world,
+        nodes=nodes,
+        master_addr=addr,
+        master_port=port,
+    )
+
+
+def mpi_launch(env: Mapping[str, str]) -> LaunchInfo:
+    """mpiexec / mpirun through mpi4py: rank and size of COMM_WORLD, node-local rank from a
+    shared-memory split, rank 0's address and a free port broadcast to everyone."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise UsageError(
+            "started by an MPI launcher, but mpi4py is not installed; "
+            "pip install 'lungbench[mpi]' or launch with torchrun/srun"
+        ) from None
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    local_rank, local_world = local.Get_rank(), local.Get_size()
+    nodes = comm.allreduce(1 if local_rank == 0 else 0)
+    local.Free()
+    master = None
+    if rank == 0:
+        # One node: loopback always works. Several: the host name, which the other nodes
+        # resolve (MASTER_ADDR overrides both, e.g. to pick the fast interconnect).
+        addr = env.get("MASTER_ADDR") or ("127.0.0.1" if nodes == 1 else socket.getfqdn())
+        port = int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else free_port()
+        master = (addr, port)
+    addr, port = comm.bcast(master, root=0)
+    return LaunchInfo(
+        "mpi",
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        local_world_size=local_world,
+        nodes=nodes,
+        master_addr=addr,
+        master_port=port,
+    )
+
+
+def resolve_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
+    """What the environment says about this process (no process group is created)."""
+    env = os.environ if env is None else env
+    launcher = detect_launcher(env)
+    try:
+        if launcher == "torchrun":
+            return torchrun_launch(env)
+        if launcher == "slurm":
+            return slurm_launch(env)
+        if launcher == "mpi":
+            return mpi_launch(env)
+    except (KeyError, ValueError) as exc:
+        raise UsageError(f"{launcher} environment: {exc}") from None
+    return LaunchInfo("none")
+
+
+def free_port() -> int:
+    """A TCP port free right now on this host (bind to port 0 and let the kernel choose)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    if name not in env:
+        raise KeyError(f"{name} is not set")
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ValueError(f"{name}={env[name]!r} is not an integer") from None
+
+
+# ---------------------------------------------------------------------------- process group
+
+
+def choose_device(device: str | torch.device, local_rank: int) -> torch.device:
+    """'auto' -> cuda:<local rank> when CUDA is available, else cpu; 'cuda' -> cuda:<local
+    rank>; 'cpu' and 'cuda:N' as given. UsageError when the GPU is not there."""
+    text = str(device)
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        chosen = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"device {text!r}: choose from: auto, cpu, cuda, cuda:N") from None
+    if chosen.type == "cpu":
+        return chosen
+    if chosen.type != "cuda":
+        raise UsageError(f"device {text!r}: choose from: auto, cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        raise UsageError(f"device {text}: no CUDA device on this machine; choose from: cpu")
+    index = chosen.index if chosen.index is not None else local_rank
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise UsageError(
+            f"local rank {local_rank} needs cuda:{index} but only {count} GPU(s) "
+            "are visible; start at most one process per GPU on each node"
+        )
+    return torch.device("cuda", index)
+
+
+def init_distributed(
+    device: str | torch.device = "auto",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    backend: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> DistContext:
+    """Join the job's process group (if the launcher started more than one process).
+
+    Args:
+        device: 'auto' (cuda:<local rank> if CUDA is available, else cpu), 'cpu', 'cuda'.
+        timeout_s: how long a collective (and the rendezvous) may wait for another rank
+            before the job ends with a DistributedError (or, for the rendezvous, the watchdog).
+        backend: 'nccl' or 'gloo'; default NCCL on CUDA, Gloo otherwise.
+        env: the environment to read (default os.environ).
+    Returns the DistContext; a single process gets world_size 1 and no process group.
+    """
+    if not timeout_s > 0:
+        raise UsageError(f"--dist-timeout must be > 0 seconds, got {timeout_s}")
+    env = os.environ if env is None else env
+    info = resolve_launch(env)
+    dev = choose_device(device, info.local_rank)
+    if info.world_size <= 1:
+        return DistContext(device=dev, launcher=info.launcher, timeout_s=timeout_s)
+    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    backend = look_up_option(backend, ("nccl", "gloo"), what="backend")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # NCCL and *_object collectives use the current device
+    master = f"{info.master_addr}:{info.master_port}"
+    with rendezvous_watchdog(info, master, timeout_s):
+        _join(info, backend, dev, timeout_s, master)
+    return DistContext(
+        rank=info.rank,
+        world_size=info.world_size,
+        local_rank=info.local_rank,
+        device=dev,
+        backend=backend,
+        launcher=info.launcher,
+        nodes=info.nodes,
+        local_world_size=info.local_world_size,
+        master=master,
+        timeout_s=timeout_s,
+    )
+
+
+def _join(
+    info: LaunchInfo, backend: str, device: torch.device, timeout_s: float, master: str
+) -> None:
+    import torch.distributed as tdist
+
+    if info.launcher != "torchrun":
+        # Publish torch's env:// variables, so libraries that read them agree with us.
+        os.environ.update(
+            MASTER_ADDR=str(info.master_addr),
+            MASTER_PORT=str(info.master_port),
+            RANK=str(info.rank),
+            WORLD_SIZE=str(info.world_size),
+            LOCAL_RANK=str(info.local_rank),
+        )
+    try:
+        tdist.init_process_group(
+            backend,
+            init_method="env://",
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    except (RuntimeError, ValueError) as exc:
+        raise DistributedError(
+            f"rank {info.rank} of {info.world_size} ({info.launcher}): rendezvous at {master} "
+            f"did not complete within {timeout_s:g} s: {_first_line(exc)}; check that every "
+            "rank started and the master address is reachable"
+        ) from None
+
+
+@contextlib.contextmanager
+def rendezvous_watchdog(info: LaunchInfo, master: str, timeout_s: float) -> Iterator[None]:
+    """End the process with one line on stderr if the block has not finished within
+    `timeout_s` (plus a little grace, so torch's own timeout error, when it comes, wins)."""
+
+    def expire() -> None:
+        print(
+            f"lungbench: error: rank {info.rank} of {info.world_size} ({info.launcher}): "
+            f"rendezvous at {master} did not complete within {timeout_s:g} s; check that "
+            "every rank started and the master address is reachable",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(WATCHDOG_EXIT_CODE)  # note: a thread cannot interrupt a blocked C++ call
+
+    timer = threading.Timer(timeout_s * 1.1 + 2.0, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def collective_guard(dist: DistContext, what: str) -> Iterator[None]:
+    """Turn a failed collective (a rank died, hung past the timeout, or the connection
+    broke) into a one-line DistributedError naming this rank and what it was doing."""
+    import torch.distributed as tdist
+
+    try:
+        yield
+    except tdist.DistError as exc:
+        raise DistributedError(_lost_rank_message(dist, what, exc)) from None
+    except RuntimeError as exc:
+        text = str(exc).lower()
+        if any(
+            k in text
+            for k in (
+                "gloo",
+                "nccl",
+                "connection",
+                "timed out",
+                "timeout",
+                "peer",
+                "socket",
+                "store",
+            )
+        ):
+            raise DistributedError(_lost_rank_message(dist, what, exc)) from None
+        raise
+
+
+def _lost_rank_message(dist: DistContext, what: str, exc: BaseException) -> str:
+    return (
+        f"rank {dist.rank} of {dist.world_size} ({dist.launcher}, {dist.backend}): "
+        f"{what} failed: another rank died or did not answer within {dist.timeout_s:g} s "
+        f"({_first_line(exc)[:200]})"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of the message without the C++ source location torch puts in front
+    ("[/path/gloo/transport/tcp/pair.cc:537] Read error ...")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", text).rstrip(".")
+
+
+def gather_records(dist: DistContext, record: Any, what: str = "gathering results") -> list | None:
+    """Every rank's `record` as a list on rank 0 (rank order); None on the other ranks.
+    A single process gets [record]."""
+    if not dist.is_distributed:
+        return [record]
+    import torch.distributed as tdist
+
+    gathered: list | None = [None] * dist.world_size if dist.is_main else None
+    with collective_guard(dist, what):
+        tdist.gather_object(record, gathered, dst=0)
+    return gathered
+
+
+def all_gather(dist: DistContext, value: Any, what: str = "exchanging values") -> list:
+    """Every rank's `value` on every rank (rank order)."""
+    if not dist.is_distributed:
+        return [value]
+    import torch.distributed as tdist
+
+    gathered: list = [None] * dist.world_size
+    with collective_guard(dist, what):
+        tdist.all_gather_object(gathered, value)
+    return gathered
+
+
+def barrier(dist: DistContext, what: str = "waiting for the other ranks") -> None:
+    """Wait for every rank (no-op for a single process)."""
+    if not dist.is_distributed:
+        return
+    import torch.distributed as tdist
+
+    with collective_guard(dist, what):
+        if dist.backend == "nccl":
+            tdist.barrier(device_ids=[dist.device.index])
+        else:
+            tdist.barrier()
+
+
+def rank0_print(dist: DistContext, *args: Any, **kwargs: Any) -> None:
+    """print() on rank 0 only."""
+    if dist.is_main:
+        print(*args, **kwargs)
+
+
+def shutdown(dist: DistContext) -> None:
+    """Leave the process group (no-op for a single process or when it never formed)."""
+    if not dist.is_distributed:
+        return
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def wrap_model(
+    model: torch.nn.Module, dist: DistContext, bucket_cap_mb: float | None = None
+) -> torch.nn.Module:
+    """`model` on this rank's device, in DistributedDataParallel when the job has several
+    processes (DDP broadcasts rank 0's weights, so every rank starts from the same ones).
+    `bucket_cap_mb`: DDP's gradient bucket size (None: torch's default, 25 MB)."""
+    model = model.to(dist.device)
+    if not dist.is_distributed:
+        return model
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    kwargs = {} if bucket_cap_mb is None else {"bucket_cap_mb": bucket_cap_mb}
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, **kwargs)
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's bytes: equal on two ranks iff the weights are identical."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def threads_per_rank(dist: DistContext) -> int:
+    """CPU cores this process may use without oversubscribing its node: the cores it is
+    allowed to run on, shared among the ranks on the same node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    # Ranks bound to their own cores (srun --cpus-per-task, mpiexec -bind-to) already see
+    # only their share; ranks that see the whole node divide it.
+    node_cores = os.cpu_count() or cores
+    if cores < node_cores:
+        return max(1, cores)
+    return max(1, cores // max(1, dist.local_world_size))

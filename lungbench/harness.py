@@ -23,12 +23,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
 
 from lungbench.data.store import StoreDataset, StoreInfo
-from lungbench.errors import UsageError
+from lungbench.errors import LungbenchError, UsageError
+from lungbench.loaderbench import (
+    DATA_BOUND_FRACTION,
+    LoaderOptions,
+    make_loader,
+    shared_dataset,
+    to_device,
+)
 from lungbench.models import create_model
 from lungbench.stats import summarize
+from lungbench.switches import NO_TIMER, TrainStep, backend_flags, resolve_switches
 from lungbench.timing import (
     STEP,
     PhaseTimer,
@@ -36,7 +43,6 @@ from lungbench.timing import (
     reset_peak_memory,
     run_protocol,
     set_threads,
-    training_step,
     training_step_flops,
 )
 
@@ -55,20 +61,32 @@ class BenchConfig:
     batch_size: int = 2
     device: str = "cpu"
     threads: int | None = None  # CPU intra-op threads; None = torch's default
-    dtype: str = "fp32"
-    memory_format: str = "contiguous"
-    compile: str = "off"
+    # Speed switches (lungbench.switches; "auto"/None = the device's measured fast default,
+    # resolved per device; records hold what ran and the fallbacks, if any).
+    dtype: str = "auto"
+    memory_format: str = "auto"
+    compile: str = "auto"
+    tf32: bool | None = None
+    cudnn_benchmark: bool | None = None
+    optimizer: str = "auto"
+    cuda_graphs: bool | None = None
+    ddp_bucket_mb: int = 25
+    strict_switches: bool = False  # the user forced the switches: UsageError, no fallback
     warmup: int = 3
     repeats: int = 10
     epoch: bool = True  # also time one end-to-end epoch through the DataLoader
     epoch_samples: int | None = None  # None = the store's training split
     num_workers: int = 0
+    pin_memory: bool | None = None  # None = on for CUDA devices
+    cache: bool = False  # decode the store once into shared memory (lungbench.loaderbench)
     seed: int = 0
 
     def key(self) -> str:
         """Identifies the configuration (for resuming and comparing runs)."""
-        return (f"{self.model}|{self.preset}|f{self.filters}|b{self.batch_size}|{self.device}"
-                f"|t{self.threads}|{self.dtype}|{self.memory_format}|{self.compile}")
+        return (
+            f"{self.model}|{self.preset}|f{self.filters}|b{self.batch_size}|{self.device}"
+            f"|t{self.threads}|{self.dtype}|{self.memory_format}|{self.compile}"
+        )
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"preset": self.preset, "filters": self.filters}
@@ -88,8 +106,9 @@ class SweepSpec:
         """Configurations in run order: device, threads, filters, then batch size."""
         return [
             replace(self.base, device=d, threads=t, filters=f, batch_size=b)
-            for d, t, f, b in itertools.product(self.devices, self.threads, self.filters,
-                                                self.batch_sizes)
+            for d, t, f, b in itertools.product(
+                self.devices, self.threads, self.filters, self.batch_sizes
+            )
         ]
 
 
@@ -98,17 +117,23 @@ def parse_device(text: str) -> torch.device:
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise UsageError(f"--device {text!r}: not a device; choose from: cpu, cuda, cuda:N") from None
+        raise UsageError(
+            f"--device {text!r}: not a device; choose from: cpu, cuda, cuda:N"
+        ) from None
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {text!r}: unsupported; choose from: cpu, cuda, cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {text}: no CUDA device on this machine "
-                             f"(torch {torch.__version__}); choose from: cpu")
+            raise UsageError(
+                f"--device {text}: no CUDA device on this machine "
+                f"(torch {torch.__version__}); choose from: cpu"
+            )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise UsageError(f"--device {text}: only {count} CUDA device(s); choose from: "
-                             + ", ".join(f"cuda:{i}" for i in range(count)))
+            raise UsageError(
+                f"--device {text}: only {count} CUDA device(s); choose from: "
+                + ", ".join(f"cuda:{i}" for i in range(count))
+            )
     return device
 
 
@@ -129,8 +154,9 @@ def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.reshape(target.shape), target)
 
 
-def synthetic_batch(info: StoreInfo, batch: int, device: torch.device,
-                    seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+def synthetic_batch(
+    info: StoreInfo, batch: int, device: torch.device, seed: int
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Random inputs with the store's shapes and random 0/1 targets, resident on `device`."""
     g = torch.Generator().manual_seed(seed)
     inputs = [torch.rand((batch, *shape), generator=g).to(device) for shape in info.inputs.values()]
@@ -142,15 +168,17 @@ def measure_compute(cfg: BenchConfig, info: StoreInfo, device: torch.device) -> 
     """Time the training step on resident tensors; FLOPs, FLOP/s and peak memory."""
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **cfg.model_kwargs()).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     inputs, target = synthetic_batch(info, cfg.batch_size, device, cfg.seed)
     flops = training_step_flops(model, bce_loss, inputs, target)
+    resolved = resolve_switches(cfg, device, inputs[0].dim(), probe=(model, inputs))
+    step_fn = TrainStep(model, bce_loss, resolved.switches, device)  # format, compile, optim
+    inputs = step_fn.prepare_inputs(inputs)
     reset_peak_memory(device)
     timer = PhaseTimer(device)
-    samples = run_protocol(
-        lambda t: training_step(t, model, optimizer, bce_loss, inputs, target),
-        timer, warmup=cfg.warmup, repeats=cfg.repeats,
-    )
+    with backend_flags(resolved.switches):
+        samples = run_protocol(
+            lambda t: step_fn(t, inputs, target), timer, warmup=cfg.warmup, repeats=cfg.repeats
+        )
     peak, peak_kind = peak_memory_bytes(device)
     step = summarize(samples[STEP])
     record: dict[str, Any] = {
@@ -162,38 +190,49 @@ def measure_compute(cfg: BenchConfig, info: StoreInfo, device: torch.device) -> 
         "peak_memory_kind": peak_kind,
         "noisy": step.noisy,
         "samples_s": samples,
+        **resolved.record(),  # the switches that ran (and what was asked, and fallbacks)
     }
     for phase, values in samples.items():
         record.update(summarize(values).as_dict(prefix=f"{phase}_s_"))
     return record
 
 
-def measure_epoch(cfg: BenchConfig, dataset: StoreDataset, indices: np.ndarray,
-                  device: torch.device) -> dict[str, Any]:
+def measure_epoch(
+    cfg: BenchConfig, dataset: StoreDataset, indices: np.ndarray, device: torch.device
+) -> dict[str, Any]:
     """Wall time of one training epoch through the DataLoader, data waits measured apart."""
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **cfg.model_kwargs()).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    # The epoch's last batch may be smaller: CUDA graphs (fixed shapes) stay off here.
+    probe = (model, [torch.zeros((1, *s), device=device) for s in dataset.info.inputs.values()])
+    resolved = resolve_switches(cfg, device, 5, quiet=True, probe=probe)
+    switches = replace(resolved.switches, cuda_graphs=False)
+    step_fn = TrainStep(model, bce_loss, switches, device)
     if cfg.epoch_samples is not None:
         indices = indices[: cfg.epoch_samples]
-    loader = DataLoader(
-        Subset(dataset, indices.tolist()), batch_size=cfg.batch_size, shuffle=True,
-        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed),
+    if cfg.cache:
+        dataset = shared_dataset(dataset.path)  # decoded once, in shared memory
+    loader = make_loader(
+        dataset,
+        LoaderOptions(
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            pin_memory=cfg.pin_memory,
+            seed=cfg.seed,
+        ),
+        device,
+        indices.tolist(),
     )
     data_wait = 0.0
     _sync(device)
     start = time.perf_counter()
     fetch = time.perf_counter()
-    for inputs, target in loader:
-        inputs = [x.to(device, non_blocking=True) for x in inputs]
-        target = target.to(device, non_blocking=True)
-        data_wait += time.perf_counter() - fetch
-        loss = bce_loss(model(*inputs), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        fetch = time.perf_counter()
+    with backend_flags(switches):
+        for batch in loader:
+            inputs, target = to_device(batch, device)
+            data_wait += time.perf_counter() - fetch
+            step_fn(NO_TIMER, step_fn.prepare_inputs(inputs), target)
+            fetch = time.perf_counter()
     _sync(device)  # note: CPU-GPU sync point; the epoch ends when the last kernel does
     elapsed = time.perf_counter() - start
     return {
@@ -201,25 +240,38 @@ def measure_epoch(cfg: BenchConfig, dataset: StoreDataset, indices: np.ndarray,
         "epoch_samples": len(indices),
         "epoch_data_wait_s": data_wait,
         "epoch_samples_per_s": len(indices) / elapsed,
+        "data_bound": data_wait / elapsed > DATA_BOUND_FRACTION,  # the device waited on data
     }
 
 
-def measure(cfg: BenchConfig, info: StoreInfo, dataset: StoreDataset,
-            indices: np.ndarray) -> dict[str, Any]:
+def measure(
+    cfg: BenchConfig, info: StoreInfo, dataset: StoreDataset, indices: np.ndarray
+) -> dict[str, Any]:
     """One configuration's record; failures become a record with status oom / error."""
     device = parse_device(cfg.device)
     threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
-    record: dict[str, Any] = {"key": cfg.key(), **asdict(cfg), "threads_used": threads,
-                              "status": "ok", "error": None}
+    record: dict[str, Any] = {
+        "key": cfg.key(),
+        **asdict(cfg),
+        "threads_used": threads,
+        "status": "ok",
+        "error": None,
+    }
     try:
         record.update(measure_compute(cfg, info, device))
         if cfg.epoch:
             record.update(measure_epoch(cfg, dataset, indices, device))
-    except torch.cuda.OutOfMemoryError as exc:
-        record.update(status="oom", error=str(exc).splitlines()[0])
+    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+        record.update(status="oom", error=_first_line(exc))
     except RuntimeError as exc:
         status = "oom" if "out of memory" in str(exc).lower() else "error"
-        record.update(status=status, error=str(exc).splitlines()[0])
+        record.update(status=status, error=_first_line(exc))
+    except LungbenchError:
+        raise  # the user's input is wrong (a forced switch, a NaN in the store): stop, exit 2
+    except Exception as exc:
+        # Any other failure of one configuration is a result too; KeyboardInterrupt and
+        # SIGTERM (lungbench.sweepstate.SweepTerminated) are not Exceptions: they stop it.
+        record.update(status="error", error=f"{type(exc).__name__}: {_first_line(exc)}")
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -231,18 +283,39 @@ def run_sweep(
     info: StoreInfo,
     on_record: Callable[[dict[str, Any]], None],
     progress: Callable[[BenchConfig], None] | None = None,
+    skip: Callable[[BenchConfig], dict[str, Any] | None] | None = None,
+    monitor: Callable[[BenchConfig, Callable[[], dict[str, Any]]], dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Measure each configuration in order, handing each record to `on_record` at once."""
+    """Measure each configuration in order, handing each record to `on_record` at once.
+
+    `monitor(cfg, run)` may wrap each measurement, e.g. lungbench.telemetry.SweepMonitor,
+    which samples GPU/CPU telemetry while `run()` measures and adds its summary to the record.
+
+    `skip(cfg)` may return a ready record (status "skipped") instead of measuring, e.g. a
+    batch larger than one that ran out of memory (lungbench.sweepstate.SweepState).
+    """
     dataset = StoreDataset(info.path)
     indices = train_split(info, dataset.labels, seed=configs[0].seed if configs else 0)
     records = []
     for cfg in configs:
         if progress is not None:
             progress(cfg)
-        record = measure(cfg, info, dataset, indices)
+        skipped = skip(cfg) if skip is not None else None
+        if skipped is not None:
+            record = skipped
+        elif monitor is not None:
+            record = monitor(cfg, lambda c=cfg: measure(c, info, dataset, indices))
+        else:
+            record = measure(cfg, info, dataset, indices)
         on_record(record)
         records.append(record)
     return records
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _sync(device: torch.device) -> None:

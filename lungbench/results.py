@@ -48,6 +48,10 @@ def create_run_dir(out_root: str | os.PathLike, kind: str, run_id: str | None = 
     root = Path(out_root)
     if root.exists() and not root.is_dir():
         raise UsageError(f"--out {root}: exists and is not a directory")
+    if run_id is not None:
+        from lungbench.safepaths import check_name
+
+        check_name(run_id, "--run-id")  # results stay inside --out: no '/', no '..'
     run_id = run_id or make_run_id(kind)
     run_dir = root / run_id
     suffix = 1
@@ -56,8 +60,16 @@ def create_run_dir(out_root: str | os.PathLike, kind: str, run_id: str | None = 
         run_dir = root / f"{run_id}-{suffix}"
     (run_dir / "tables").mkdir(parents=True)
     (run_dir / "plots").mkdir()
-    write_json(run_dir / RUN_FILE, {"kind": kind, "run_id": run_dir.name, "status": "running",
-                                    "started_utc": utc_now(), "argv": sys.argv[1:]})
+    write_json(
+        run_dir / RUN_FILE,
+        {
+            "kind": kind,
+            "run_id": run_dir.name,
+            "status": "running",
+            "started_utc": utc_now(),
+            "argv": sys.argv[1:],
+        },
+    )
     return run_dir
 
 
@@ -104,11 +116,13 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):  # a stray non-object line is not a record
+            records.append(record)
     return records
 
 

@@ -10,6 +10,11 @@ import argparse
 import importlib
 
 EXPERIMENT_MODULES: list[str] = [
+    "lungbench.experiments.chestxray",
+    "lungbench.experiments.nodule2d",
+    "lungbench.experiments.lidc_pretrain",
+    "lungbench.experiments.lungx_cv",
+    "lungbench.experiments.mosmed",
 ]
 
 

@@ -110,7 +110,7 @@ def _single_label(path: Path, cells, names: Sequence[str]) -> np.ndarray:
     out = np.zeros(len(cells), np.int64)
     for i, cell in enumerate(cells):
         text = str(cell).strip().lower()
-        if text.isdigit() and int(text) < len(names):
+        if text.isascii() and text.isdigit() and int(text) < len(names):  # not '²'
             out[i] = int(text)
         elif text in index:
             out[i] = index[text]

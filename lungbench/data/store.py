@@ -213,6 +213,15 @@ class StoreWriter:
 
 def read_info(path: str | os.PathLike) -> StoreInfo:
     """Open and validate a store; DataError naming the file and dataset if malformed."""
+    try:
+        return _read_info(path)
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+        # A corrupted file can fail deep inside HDF5 (a bad heap index, an unreadable
+        # attribute): one line naming the file, never a traceback.
+        raise DataError(f"{path}: malformed lungbench store ({_first_line(exc)})") from None
+
+
+def _read_info(path: str | os.PathLike) -> StoreInfo:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: store not found")
@@ -254,6 +263,7 @@ def read_info(path: str | os.PathLike) -> StoreInfo:
                 raise DataError(
                     f"{path}: dataset '{name}' has shape {f[name].shape}, expected (N, C, *spatial)"
                 )
+        _check_labels(path, f["label"][:], str(f.attrs.get("task", "binary")), label_names)
         return StoreInfo(
             path=path,
             kind=str(f.attrs.get("kind", "unknown")),
@@ -337,6 +347,9 @@ class StoreDataset(Dataset):
             return self._cache[i]
         f = self._handle()
         arrays = tuple(normalize(f[name][i], self.info.units[name]) for name in self.info.inputs)
+        for name, array in zip(self.info.inputs, arrays, strict=True):
+            if not np.all(np.isfinite(array)):  # float stores written by other tools
+                raise DataError(f"{self.path}: dataset '{name}' row {i} has NaN or Inf values")
         item = (arrays, self.labels[i])
         if self._cache is not None:
             self._cache[i] = item
@@ -356,6 +369,21 @@ class StoreDataset(Dataset):
         state = self.__dict__.copy()
         state["_file"] = None  # never pickle an open HDF5 handle into a worker
         return state
+
+
+def _check_labels(path: Path, labels: np.ndarray, task: str, label_names: list) -> None:
+    """DataError unless every label is in the allowed set of the store's task."""
+    k = len(label_names)
+    if task == "multilabel":
+        ok = labels.ndim == 2 and labels.shape[1] == k and bool(np.isin(labels, (0, 1)).all())
+        allowed = f"rows of {k} values in {{0, 1}}"
+    else:
+        ok = labels.ndim == 1 and bool(((labels >= 0) & (labels < k)).all())
+        allowed = f"0..{k - 1} ({', '.join(map(str, label_names))})"
+    if not ok:
+        raise DataError(
+            f"{path}: dataset 'label' has values outside the allowed set ({task}: {allowed})"
+        )
 
 
 def _cast(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -9,5 +9,7 @@ from lungbench.models.registry import (
 
 # One architecture per module; importing registers its builders.
 from lungbench.models import dualpath3d  # noqa: E402,F401  isort: skip
+from lungbench.models import mosmed3d  # noqa: E402,F401  isort: skip
+from lungbench.models import backbones  # noqa: E402,F401  isort: skip
 
 __all__ = ["create_model", "example_input_shapes", "list_models", "register_model"]

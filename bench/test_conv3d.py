@@ -1,0 +1,86 @@
+"""conv3d forward and backward at the thesis's filter counts (8, 16) on the preset grids.
+
+The first convolution of a path (1 -> filters channels on the whole grid) dominates the
+two-path model's time; `deep` is the second level (filters -> 2 x filters on half the grid).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lungbench.models.dualpath3d import geometry
+
+PRESETS = ["dey2018", "default", "iso64"]
+QUICK_PRESETS = {"dey2018"}
+BATCH = 2
+
+
+def conv_case(preset: str, filters: int, level: str, device: torch.device):
+    """(layer, input) of the first or second conv level on `preset`'s context grid."""
+    grid = geometry(preset).context_grid
+    if level == "first":
+        c_in, c_out, shape = 1, filters, grid
+    else:
+        c_in, c_out, shape = filters, 2 * filters, tuple(max(1, s // 2) for s in grid)
+    conv = nn.Conv3d(c_in, c_out, kernel_size=3, padding=1, bias=False).to(device)
+    x = torch.randn(BATCH, c_in, *shape, device=device)
+    return conv, x
+
+
+def count_flops(fn) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def record(benchmark, preset: str, filters: int, level: str, flops: int) -> None:
+    benchmark.extra_info.update(
+        preset=preset, filters=filters, level=level, batch=BATCH, flops=flops
+    )
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None:
+        benchmark.extra_info["achieved_flops"] = flops / stats.stats.median
+
+
+def _skip(quick: bool, preset: str, filters: int, level: str) -> None:
+    if quick and (preset not in QUICK_PRESETS or filters != 8 or level != "first"):
+        pytest.skip("trimmed in quick mode")
+
+
+@pytest.mark.parametrize("level", ["first", "deep"])
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("filters", [8, 16])
+def test_conv3d_forward(benchmark, run_timed, quick, device, filters, preset, level):
+    _skip(quick, preset, filters, level)
+    benchmark.group = f"conv3d-forward-{preset}"
+    conv, x = conv_case(preset, filters, level, device)
+    flops = count_flops(lambda: conv(x))
+    out = run_timed(lambda: conv(x), device)
+    assert out.shape[1] == conv.out_channels
+    record(benchmark, preset, filters, level, flops)
+
+
+@pytest.mark.parametrize("level", ["first", "deep"])
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("filters", [8, 16])
+def test_conv3d_backward(benchmark, run_timed, quick, device, filters, preset, level):
+    _skip(quick, preset, filters, level)
+    benchmark.group = f"conv3d-backward-{preset}"
+    conv, x = conv_case(preset, filters, level, device)
+    # Deeper levels also need the gradient of their input; the first level only the weights'.
+    x.requires_grad_(level != "first")
+
+    def setup():
+        conv.weight.grad = None
+        y = conv(x)
+        return (y, torch.ones_like(y)), {}
+
+    y, grad = setup()[0]
+    flops = count_flops(lambda: y.backward(grad))
+    run_timed(lambda y, grad: y.backward(grad), device, setup=setup)
+    assert conv.weight.grad is not None
+    record(benchmark, preset, filters, level, flops)

@@ -1,0 +1,250 @@
+"""`lungbench bench` options for the speed switches, the ablation, the batch-size finder and
+the data path (issue 8). Parsing only: the work is in lungbench.switches, .ablation,
+.batchfinder and .loaderbench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from lungbench.commands._args import positive_int
+
+# The parser's defaults of --filters / --batch: left as they are, the ablation and the loader
+# benchmark use the issue's reference configuration (filters 16, batch 2) instead of 6 runs.
+SWEEP_DEFAULT_FILTERS = [8, 16]
+SWEEP_DEFAULT_BATCH = [2, 4, 8]
+REFERENCE = (16, 2)
+
+# Switch options: (dest, default meaning "auto"); explicit values are forced (strict).
+_AUTO_DEFAULTS = {
+    "dtype": "auto",
+    "memory_format": "auto",
+    "compile": "auto",
+    "tf32": None,
+    "cudnn_benchmark": None,
+    "optimizer": "auto",
+    "cuda_graphs": None,
+}
+
+
+def add_speed_options(p: argparse.ArgumentParser) -> None:
+    """The switch, ablation, batch-finder and data-path option groups."""
+    s = p.add_argument_group(
+        "speed switches (default 'auto': the device's measured fast choice; a value given "
+        "here is forced: a device that cannot do it is an error; see docs/performance.md)"
+    )
+    s.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="autocast dtype; fp16 uses a grad scaler (CUDA only) (default: auto)",
+    )
+    s.add_argument(
+        "--memory-format",
+        choices=["auto", "contiguous", "channels_last", "channels_last_3d"],
+        default="auto",
+        help="tensor layout; channels_last* follow the input rank (default: auto)",
+    )
+    s.add_argument(
+        "--compile",
+        choices=["auto", "off", "default", "max-autotune"],
+        default="auto",
+        help="torch.compile mode (auto: off; the first compiled step "
+        "costs minutes on a small CPU) (default: auto)",
+    )
+    s.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CUDA TF32 matmul/conv (default: auto = on for CUDA)",
+    )
+    s.add_argument(
+        "--cudnn-benchmark",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="cuDNN autotuning (default: auto = on for CUDA)",
+    )
+    s.add_argument(
+        "--optimizer-impl",
+        dest="optimizer",
+        choices=["auto", "default", "foreach", "fused"],
+        default="auto",
+        help="Adam implementation (default: auto = foreach on CPU, fused on CUDA)",
+    )
+    s.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="capture the fixed-shape step as one CUDA graph (default: off)",
+    )
+    s.add_argument(
+        "--ddp-bucket-mb",
+        type=positive_int,
+        default=25,
+        help="DDP gradient bucket size in MB, under a launcher (default: 25)",
+    )
+    s.add_argument(
+        "--eager-fp32",
+        action="store_true",
+        help="the plain baseline: eager, FP32, contiguous, torch's default Adam",
+    )
+    a = p.add_argument_group("what else to run instead of the sweep")
+    a.add_argument(
+        "--ablation",
+        action="store_true",
+        help="time the same model and batch with each switch added in turn "
+        "(interleaved rounds = --repeats), speed-up over eager FP32 and an accuracy "
+        "check; --compile off drops the compile rung (default: filters 16, batch 2)",
+    )
+    a.add_argument(
+        "--accuracy-steps",
+        type=positive_int,
+        default=5,
+        help="steps before the ablation's loss comparison (default: 5)",
+    )
+    a.add_argument(
+        "--loader",
+        action="store_true",
+        help="loader throughput from the store (workers, cache, augmentation on CPU "
+        "or device) next to the training step's samples/s (default: filters 16, "
+        "batch 2, --workers or 2)",
+    )
+    a.add_argument(
+        "--loader-samples",
+        type=positive_int,
+        default=256,
+        help="samples per loader pass (default: 256)",
+    )
+    f = p.add_argument_group("batch-size finder and data path")
+    f.add_argument(
+        "--find-batch",
+        action="store_true",
+        help="first find the largest batch that fits per model, filters, grid and "
+        "dtype (tables/max_batch.csv); the sweep drops larger batches and adds it",
+    )
+    f.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=None,
+        help="ceiling of the search (default: 64 on CPU, 4096 on CUDA)",
+    )
+    f.add_argument(
+        "--pin-memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pinned host memory for the epoch's batches (default: on for CUDA)",
+    )
+    f.add_argument(
+        "--cache",
+        action="store_true",
+        help="decode the store once into shared memory for the epoch (when it "
+        "fits in a quarter of the free RAM)",
+    )
+
+
+def speed_request_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """BenchRequest fields from the options (UsageError for --eager-fp32 with a switch)."""
+    from lungbench.errors import UsageError
+    from lungbench.switches import eager_fp32
+
+    given = {k: getattr(args, k) for k, auto in _AUTO_DEFAULTS.items() if getattr(args, k) != auto}
+    if args.eager_fp32:
+        if given:
+            name = next(iter(given)).replace("_", "-")
+            raise UsageError(f"--eager-fp32 is the plain baseline; drop --{name}")
+        values: dict[str, Any] = {k: getattr(eager_fp32(), k) for k in _AUTO_DEFAULTS}
+    else:
+        values = {k: getattr(args, k) for k in _AUTO_DEFAULTS}
+    return {
+        **values,
+        "ddp_bucket_mb": args.ddp_bucket_mb,
+        "strict_switches": bool(given),
+        "pin_memory": args.pin_memory,
+        "cache": args.cache,
+        "find_batch": args.find_batch,
+        "max_batch": args.max_batch,
+    }
+
+
+def _reference(args: argparse.Namespace) -> tuple[list[int], list[int]]:
+    """--filters / --batch, or the reference (16, 2) when both were left at their defaults."""
+    if args.filters == SWEEP_DEFAULT_FILTERS and args.batch == SWEEP_DEFAULT_BATCH:
+        return [REFERENCE[0]], [REFERENCE[1]]
+    return list(args.filters), list(args.batch)
+
+
+def run_ablation_cli(args: argparse.Namespace) -> int:
+    """`lungbench bench --ablation`."""
+    from lungbench.ablation import AblationConfig, run_ablation_bench
+    from lungbench.benchrun import BenchRequest, validate
+
+    validate(
+        BenchRequest(
+            model=args.model, preset=args.preset, devices=tuple(args.device), out=Path(args.out)
+        )
+    )
+    filters, batches = _reference(args)
+    rung = {"auto": "default"}.get(args.compile, args.compile)
+    configs = [
+        AblationConfig(
+            model=args.model,
+            preset=args.preset,
+            filters=f,
+            batch_size=b,
+            device=d,
+            threads=(args.threads or [None])[0],
+            warmup=args.warmup,
+            rounds=args.repeats,
+            accuracy_steps=args.accuracy_steps,
+            compile_rung=rung,
+            seed=args.seed,
+        )
+        for d in args.device
+        for f in filters
+        for b in batches
+    ]
+    run_dir, records, text = run_ablation_bench(configs, Path(args.out), args.run_id, log=_log)
+    print(text)
+    print(f"\nresults: {run_dir}")
+    return 0
+
+
+def run_loader_cli(args: argparse.Namespace) -> int:
+    """`lungbench bench --loader`."""
+    from lungbench.benchrun import BenchRequest, prepare_store, validate
+    from lungbench.loaderbench import run_loader_run
+
+    request = BenchRequest(
+        model=args.model,
+        preset=args.preset,
+        devices=tuple(args.device),
+        store=Path(args.store) if args.store else None,
+        synth_n=args.synth_n,
+        out=Path(args.out),
+        seed=args.seed,
+    )
+    validate(request)
+    info = prepare_store(request, _log)
+    filters, batches = _reference(args)
+    run_dir, text = run_loader_run(
+        info.path,
+        model=args.model,
+        preset=args.preset,
+        filters=filters[0],
+        batch_size=batches[0],
+        device=args.device[0],
+        workers=args.workers or 2,
+        samples=args.loader_samples,
+        out=Path(args.out),
+        run_id=args.run_id,
+        log=_log,
+    )
+    print(text)
+    print(f"\nresults: {run_dir}")
+    return 0
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr)

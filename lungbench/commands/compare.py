@@ -1,0 +1,134 @@
+"""`lungbench compare A B`: per configuration, is run B faster, slower or the same as A?"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DESCRIPTION = """\
+Compare two run folders configuration by configuration: the ratio of median step times
+(B / A) with a bootstrap confidence interval from the raw repeats, flagged faster / slower
+/ same (same when the interval contains 1 or the change is within --threshold); the epoch
+time too when both runs measured it. Warns when the environments differ (library versions,
+CPU model, threads, GPU, host). For CI, --fail-above PCT exits 1 on a step-time regression
+larger than PCT percent."""
+
+EPILOG = """\
+examples:
+  lungbench compare results/run-a results/run-b
+  lungbench compare results/main results/branch --fail-above 10     exit 1 if >10% slower
+  lungbench compare A B --out results/a-vs-b                        also compare.csv / .md"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="compare two runs: faster / slower / same per configuration",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("a", metavar="A", help="the baseline run folder")
+    p.add_argument("b", metavar="B", help="the run compared with it")
+    p.add_argument(
+        "--threshold",
+        type=_percent,
+        default=5.0,
+        metavar="PCT",
+        help="changes within PCT percent count as 'same' (default: 5)",
+    )
+    p.add_argument(
+        "--fail-above",
+        type=_percent,
+        default=None,
+        metavar="PCT",
+        help="exit 1 when a step time got slower by more than PCT percent",
+    )
+    p.add_argument(
+        "--confidence",
+        type=_fraction,
+        default=0.95,
+        help="bootstrap interval confidence (default: 0.95)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="bootstrap resamples (default: 2000)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="also write DIR/compare.csv and DIR/compare.md"
+    )
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lungbench.errors import UsageError
+    from lungbench.report.compare import compare_runs, format_comparison
+    from lungbench.report.runview import load_run
+
+    if args.bootstrap < 100:
+        raise UsageError(f"--bootstrap must be >= 100, got {args.bootstrap}")
+    result = compare_runs(
+        load_run(args.a),
+        load_run(args.b),
+        threshold=args.threshold / 100,
+        n_boot=args.bootstrap,
+        confidence=args.confidence,
+        seed=args.seed,
+    )
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    text = format_comparison(result)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out}: exists and is not a directory")
+        out.mkdir(parents=True, exist_ok=True)
+        result.table().to_csv(out / "compare.csv", index=False)
+        (out / "compare.md").write_text(text + "\n")
+    print(
+        json.dumps(
+            {
+                "step": result.counts("step"),
+                "epoch": result.counts("epoch"),
+                "environment_warnings": len(result.warnings),
+            }
+        )
+    )
+    if args.fail_above is not None:
+        worse = result.regressions(args.fail_above)
+        if worse:
+            names = ", ".join(f"{c.key} (+{c.change_pct:.1f}%)" for c in worse)
+            print(
+                f"lungbench compare: regression above {args.fail_above:g}%: {names}",
+                file=sys.stderr,
+            )
+            return 1
+    return 0
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage, got {text!r}") from None
+    if not 0.0 <= value < 1000.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1000), got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return value

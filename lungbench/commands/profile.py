@@ -1,0 +1,145 @@
+"""`lungbench profile`: a training step under torch.profiler; traces for TensorBoard/Perfetto."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lungbench.commands._args import non_negative_int, positive_int
+
+DESCRIPTION = """\
+Run the training step of a model (default: the two-path 3D CNN, filters 16, batch 2) under
+torch.profiler with an explicit schedule: WAIT steps skipped, WARMUP steps profiled and
+discarded, ACTIVE steps recorded, the cycle repeated REPEAT times. Each step is split into
+the ranges data / forward / backward / optimizer (NVTX ranges too on CUDA).
+
+Writes to results/<run-id>/: traces/*.pt.trace.json (one per cycle; Chrome-trace JSON for
+TensorBoard's torch-tb-profiler plugin, https://ui.perfetto.dev and chrome://tracing),
+tables/operators.csv (top operators by self CPU, or CUDA, time), tables/phases.csv
+(data / compute / communication per step) and profile.json (shares, communication overlap)."""
+
+EPILOG = """\
+examples:
+  lungbench profile                                    CPU, filters 16, batch 2, 5 steps
+  lungbench profile --filters 8 --preset iso64 --active 5
+  lungbench profile --device cuda --activities cpu,cuda --with-stack
+  tensorboard --logdir results/<run-id>                then open the PYTORCH_PROFILER tab"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "profile",
+        help="profile a training step with torch.profiler (traces, top operators, phases)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("workload")
+    g.add_argument("--model", default="dualpath3d", help="registered model (default: dualpath3d)")
+    g.add_argument(
+        "--preset",
+        default="default",
+        help="geometry preset of the two-path model: default, iso64, dey2018 (default: default)",
+    )
+    g.add_argument("--filters", type=positive_int, default=16, help="base width (default: 16)")
+    g.add_argument("--batch", type=positive_int, default=2, help="batch size (default: 2)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    g.add_argument(
+        "--threads", type=positive_int, default=None, help="CPU intra-op threads (default: torch's)"
+    )
+    g.add_argument(
+        "--store",
+        default=None,
+        help="read batches from this HDF5 store through a DataLoader (default: random tensors)",
+    )
+    g.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
+    s = p.add_argument_group("profiler schedule and options")
+    s.add_argument("--wait", type=non_negative_int, default=1, help="steps skipped (default: 1)")
+    s.add_argument(
+        "--warmup", type=non_negative_int, default=1, help="steps profiled, discarded (default: 1)"
+    )
+    s.add_argument("--active", type=positive_int, default=3, help="steps recorded (default: 3)")
+    s.add_argument("--repeat", type=positive_int, default=1, help="cycles (default: 1)")
+    s.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="run length in steps (default: (wait + warmup + active) x repeat)",
+    )
+    s.add_argument(
+        "--activities",
+        default=None,
+        help="comma-separated: cpu, cuda (default: cpu, plus cuda on a CUDA device)",
+    )
+    s.add_argument("--with-stack", action="store_true", help="record Python stacks (slower)")
+    s.add_argument("--no-shapes", action="store_true", help="do not record input shapes")
+    s.add_argument("--no-memory", action="store_true", help="do not profile memory")
+    s.add_argument(
+        "--top", type=positive_int, default=25, help="rows of the operator table (default: 25)"
+    )
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="results", help="output root (default: results)")
+    o.add_argument("--run-id", default=None, help="run folder name (default: profile-<UTC>-<host>)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lungbench.profiling import (
+        ProfileConfig,
+        ProfileSchedule,
+        parse_activities,
+        run_profile,
+    )
+
+    activities = args.activities
+    if activities is None:
+        activities = "cpu,cuda" if args.device.startswith("cuda") else "cpu"
+    cfg = ProfileConfig(
+        model=args.model,
+        preset=args.preset,
+        filters=args.filters,
+        batch_size=args.batch,
+        device=args.device,
+        threads=args.threads,
+        schedule=ProfileSchedule(args.wait, args.warmup, args.active, args.repeat),
+        steps=args.steps,
+        activities=parse_activities(activities, args.device),
+        record_shapes=not args.no_shapes,
+        profile_memory=not args.no_memory,
+        with_stack=args.with_stack,
+        top=args.top,
+        store=Path(args.store) if args.store else None,
+        seed=args.seed,
+    )
+    result = run_profile(
+        cfg, Path(args.out), args.run_id, log=lambda text: print(text, file=sys.stderr)
+    )
+    from lungbench.results import markdown
+
+    print(
+        markdown(
+            result.operators.head(10)[
+                ["operator", "calls", "self_cpu_ms", "self_cpu_pct", "self_cuda_ms"]
+            ],
+            index=False,
+        )
+    )
+    print()
+    print(markdown(result.phases, index=False))
+    print(f"\nresults: {result.run_dir}")
+    print(
+        f"traces:  tensorboard --logdir {result.run_dir}  (or open "
+        f"{result.traces[0].name if result.traces else 'the trace'} in https://ui.perfetto.dev)"
+    )
+    keys = (
+        "profiled_steps",
+        "step_ms",
+        "data_share",
+        "compute_share",
+        "communication_share",
+        "communication_overlap_fraction",
+    )
+    print(json.dumps({k: result.summary[k] for k in keys}))
+    return 0

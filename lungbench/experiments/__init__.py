@@ -1,0 +1,1 @@
+"""Experiment recipes on top of the training engine; each module is one `lungbench train EXPERIMENT`."""

@@ -1,0 +1,576 @@
+"""`lungbench train chestxray`: seed 004's transfer-learning study on chest radiographs.
+
+For every pretrained-weights source x transfer method (A head only, B freeze up to a stage
+boundary at each depth, C all layers from the weights; D from random init, once), train a
+multi-label classifier with seed 004's weighted BCE in k-fold cross-validation (10% of each
+training part for validation; early-stopping picks the best epoch) and evaluate binary
+accuracy and the mean AUC over labels on the held-out fold. Then time one short training per
+method for the cost table (time per epoch, trainable parameters, memory, GPUs needed).
+
+    lungbench train chestxray --quick                  generated X-rays, minutes on a laptop
+    lungbench train chestxray --weights ImageNet=resnet50-imagenet.pth --store cxr.h5
+    lungbench train chestxray --cost-only --quick      the cost table alone
+
+Outputs in results/<run-id>/: tables/methods_binary_accuracy, tables/methods_auc (rows:
+weights, columns: methods, "mean% (+/- std%)"), tables/folds (every fold), tables/cost_<model>,
+plus run.json, config.json, environment.json, records.jsonl and pretrain/ (the checkpoint of
+the generated-data pretraining when no --weights are given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from lungbench.commands._args import non_negative_int, positive_int, unit_fraction
+from lungbench.data.store import StoreDataset, read_info
+from lungbench.errors import UsageError
+from lungbench.experiments import common2d as c2d
+from lungbench.losses import WeightedBCE
+from lungbench.results import (
+    append_record,
+    create_run_dir,
+    finish_run,
+    markdown,
+    write_json,
+    write_table,
+)
+from lungbench.train import TrainConfig, classification_metrics, fit, predict
+from lungbench.transfer import Method
+
+NAME = "chestxray"
+HELP = "seed 004: transfer methods A-D x pretrained weights, weighted BCE, 5-fold CV, costs"
+DESCRIPTION = __doc__.split("\n\n")[1]
+EPILOG = """\
+examples:
+  lungbench train chestxray --quick
+      generated X-rays (13 findings), ResNet50, methods A, B_10/22/40, C, D, 5 folds
+  lungbench train chestxray --model densenet121 --methods A B_88 C --epochs 30
+  lungbench train chestxray --store cxr.h5 --labels Effusion Nodule Mass \\
+      --weights ImageNet=weights/resnet50-tv.pth --weights ChestX-ray8=results/<run>/pretrain/checkpoint_best.pt
+  lungbench train chestxray --cost-only --cost-models resnet50 densenet121 --gpu-memory-gb 16
+
+weights: NAME=PATH, a local torchvision/MONAI state dict or a lungbench checkpoint (a weight
+chain: point at an earlier run's checkpoint). Nothing is ever downloaded. Without --weights,
+the network is first pretrained on generated nodule slices and that checkpoint is the source.
+Store: `lungbench data images --csv Data_Entry_2017.csv ...` converts ChestX-ray8."""
+
+QUICK = {
+    "model": "resnet18",
+    "n": 60,
+    "image_size": 32,
+    "epochs": 1,
+    "batch_size": 8,
+    "pretrain_epochs": 1,
+    "cost_samples": 32,
+    "cost_epochs": 2,
+}
+DEFAULTS = {
+    "model": "resnet50",
+    "n": 400,
+    "image_size": 64,
+    "epochs": 30,
+    "batch_size": 16,
+    "pretrain_epochs": 5,
+    "cost_samples": 64,
+    "cost_epochs": 3,
+}
+
+
+@dataclass(frozen=True)
+class ChestXrayConfig:
+    """Everything the run does (saved to config.json)."""
+
+    model: str
+    methods: tuple[str, ...]
+    weights: tuple[tuple[str, str], ...]
+    store: str | None
+    n: int
+    image_size: int
+    labels: tuple[str, ...]
+    folds: int
+    val_fraction: float
+    dropout: float
+    per_label_weights: bool
+    pretrain_epochs: int
+    cost_models: tuple[str, ...]
+    cost_samples: int
+    cost_epochs: int
+    gpu_memory_gb: float
+    cost_only: bool
+    generated: bool
+    train: TrainConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--store",
+        default=None,
+        help="multi-label image store (default: generated chest X-rays in OUT/data)",
+    )
+    g.add_argument(
+        "--n", type=positive_int, default=None, help="generated images (default: 400; --quick: 60)"
+    )
+    g.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=None,
+        help="generated image size in pixels, >= 32 (default: 64; --quick: 32)",
+    )
+    g.add_argument(
+        "--labels",
+        nargs="+",
+        default=None,
+        help="train on these labels of the store only (default: all of them)",
+    )
+    m = p.add_argument_group("model and methods")
+    m.add_argument(
+        "--model",
+        choices=c2d.BACKBONES,
+        default=None,
+        help="network (default: resnet50, with Keras-compatible conv biases; --quick: resnet18)",
+    )
+    m.add_argument(
+        "--methods",
+        nargs="+",
+        default=["A", "B", "C", "D"],
+        help="transfer methods: A, B (every --freeze depth) or B_<depth>, C, D (default: A B C D)",
+    )
+    m.add_argument(
+        "--freeze",
+        nargs="+",
+        default=None,
+        help="B depths: layer counts or stage names (default: resnet50 10 22 40, "
+        "densenet121 14 39 88, other networks every stage boundary)",
+    )
+    m.add_argument(
+        "--weights",
+        action="append",
+        default=None,
+        metavar="NAME=PATH",
+        help="a pretrained-weights source (repeat for several); default: pretrain "
+        "on generated nodule slices",
+    )
+    m.add_argument(
+        "--dropout", type=float, default=0.2, help="dropout before the output layer (default: 0.2)"
+    )
+    t = p.add_argument_group("training (seed 004: Adam, lr 1e-4, 30 epochs)")
+    t.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=None,
+        help="epochs per fold (default: 30; --quick: 1)",
+    )
+    t.add_argument(
+        "--batch-size", type=positive_int, default=None, help="batch size (default: 16; --quick: 8)"
+    )
+    t.add_argument("--lr", type=float, default=1e-4, help="learning rate (default: 1e-4)")
+    t.add_argument(
+        "--patience",
+        type=positive_int,
+        default=None,
+        help="early stopping patience in epochs (default: none)",
+    )
+    t.add_argument(
+        "--folds", type=positive_int, default=5, help="cross-validation folds (default: 5)"
+    )
+    t.add_argument(
+        "--val-fraction",
+        type=unit_fraction,
+        default=0.1,
+        help="validation share of each training part (default: 0.1)",
+    )
+    t.add_argument(
+        "--global-class-weights",
+        action="store_true",
+        help="one beta_P/beta_N over all labels instead of per label",
+    )
+    t.add_argument(
+        "--pretrain-epochs",
+        type=positive_int,
+        default=None,
+        help="epochs of generated-data pretraining without --weights (default: 5; --quick: 1)",
+    )
+    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    t.add_argument(
+        "--workers", type=non_negative_int, default=0, help="DataLoader workers (default: 0)"
+    )
+    t.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
+    c = p.add_argument_group("cost table")
+    c.add_argument(
+        "--cost-only",
+        action="store_true",
+        help="only measure the cost table (for --cost-models), no CV",
+    )
+    c.add_argument(
+        "--cost-models",
+        nargs="+",
+        choices=c2d.BACKBONES,
+        default=["resnet50", "densenet121"],
+        help="networks of --cost-only (default: resnet50 densenet121)",
+    )
+    c.add_argument(
+        "--cost-samples",
+        type=positive_int,
+        default=None,
+        help="training samples per timed epoch (default: 64; --quick: 32)",
+    )
+    c.add_argument(
+        "--cost-epochs",
+        type=positive_int,
+        default=None,
+        help="timed epochs per method, the first is warm-up (default: 3; --quick: 2)",
+    )
+    c.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        default=16.0,
+        help="memory per GPU for the 'min GPUs' column (default: 16)",
+    )
+    o = p.add_argument_group("output")
+    o.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny settings for a smoke run (60 images of 32x32, 1 epoch)",
+    )
+    o.add_argument("--out", default="results", help="output root (default: results)")
+    o.add_argument(
+        "--run-id", default=None, help="run folder name (default: chestxray-<UTC>-<host>)"
+    )
+
+
+def make_config(args: argparse.Namespace) -> ChestXrayConfig:
+    base = QUICK if args.quick else DEFAULTS
+
+    def pick(name):
+        value = getattr(args, name)
+        return base[name] if value is None else value
+
+    if not 0.0 <= args.dropout < 1.0:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.gpu_memory_gb <= 0:
+        raise UsageError(f"--gpu-memory-gb must be > 0, got {args.gpu_memory_gb}")
+    train = TrainConfig(
+        epochs=pick("epochs"),
+        batch_size=pick("batch_size"),
+        lr=args.lr,
+        optimizer="adam",
+        patience=args.patience,
+        seed=args.seed,
+        num_workers=args.workers,
+        device=args.device,
+        progress=False,
+        tensorboard=False,
+    )
+    return ChestXrayConfig(
+        model=pick("model"),
+        methods=tuple(args.methods),
+        weights=tuple(c2d.parse_weights(args.weights)),
+        store=args.store,
+        n=pick("n"),
+        image_size=pick("image_size"),
+        labels=tuple(args.labels or ()),
+        folds=args.folds,
+        val_fraction=args.val_fraction,
+        dropout=args.dropout,
+        per_label_weights=not args.global_class_weights,
+        pretrain_epochs=pick("pretrain_epochs"),
+        cost_models=tuple(args.cost_models),
+        cost_samples=pick("cost_samples"),
+        cost_epochs=pick("cost_epochs"),
+        gpu_memory_gb=args.gpu_memory_gb,
+        cost_only=args.cost_only,
+        generated=args.store is None,
+        train=train,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = make_config(args)
+    log = _logger()
+    run_dir = create_run_dir(args.out, NAME, args.run_id)
+    log(f"config: {cfg}")
+    write_json(run_dir / "config.json", {"chestxray": asdict(cfg)})
+    _write_environment(run_dir)
+    store = _store(cfg, run_dir, log)
+    info = read_info(store)
+    if info.task != "multilabel":
+        raise UsageError(
+            f"{store}: task {info.task!r}; chestxray needs a multi-label store "
+            "(`lungbench data images` with a ChestX-ray8 CSV)"
+        )
+    columns = c2d.select_labels(info.label_names, cfg.labels, str(store))
+    dataset = c2d.LabelColumns(StoreDataset(store, cache=True), columns)
+    labels = dataset.dataset.labels[:, columns]
+    names = [info.label_names[i] for i in columns]
+    sample_shape = info.inputs[next(iter(info.inputs))]
+    note = "generated chest X-rays (not ChestX-ray8)" if cfg.generated else str(store)
+    if cfg.cost_only:
+        tables = {
+            m: cost_table(m, cfg, dataset, labels, sample_shape, log) for m in cfg.cost_models
+        }
+        for model_name, table in tables.items():
+            _write_cost(run_dir, model_name, table, cfg, note, log)
+        finish_run(run_dir, data=note)
+        print(f"\nresults: {run_dir}")
+        return 0
+    methods = c2d.expand_methods(cfg.model, cfg.methods, _freeze_arg(args))
+    sources = list(cfg.weights) or [_pretrain(cfg, run_dir, sample_shape, log)]
+    folds = cross_validate(cfg, dataset, labels, sample_shape, methods, sources, run_dir, log)
+    write_table(run_dir, "folds", folds, index=False)
+    shown = [m.label for m in methods if m.name != "D"]
+    source_names = [s for s, _ in sources]
+    has_d = any(m.name == "D" for m in methods)
+    for metric, title in (("binary_accuracy", "Binary accuracy"), ("auc", "AUC")):
+        table = c2d.methods_table(folds, metric, shown, source_names)
+        if has_d:
+            table["D"] = ""
+            d_rows = folds[folds["method"] == "D"]
+            table.loc["none (random init)"] = [""] * len(shown) + [
+                c2d.mean_std_cell(d_rows[metric].tolist())
+            ]
+        write_table(run_dir, f"methods_{metric}", table)
+        print(
+            f"\n{title} on the test folds, {cfg.model}, {cfg.folds}-fold CV, "
+            f"labels {', '.join(names)} ({note}):\n{markdown(table)}"
+        )
+    cost = cost_table(cfg.model, cfg, dataset, labels, sample_shape, log, methods)
+    _write_cost(run_dir, cfg.model, cost, cfg, note, log)
+    finish_run(run_dir, data=note)
+    print(f"\nresults: {run_dir}")
+    return 0
+
+
+def _freeze_arg(args) -> list[str] | None:
+    return list(args.freeze) if args.freeze else None
+
+
+def _logger():
+    return lambda text: print(text, file=sys.stderr)
+
+
+def _write_environment(run_dir: Path) -> None:
+    try:
+        from lungbench.env import environment_record
+    except ImportError:  # pragma: no cover - the lead's module is always there in releases
+        return
+    write_json(run_dir / "environment.json", environment_record())
+
+
+def _store(cfg: ChestXrayConfig, run_dir: Path, log) -> Path:
+    if cfg.store is not None:
+        return Path(cfg.store)
+    from lungbench.data.synth2d import write_chestxray_store
+
+    path = run_dir / "data" / "chestxray-synth.h5"
+    with tqdm(total=cfg.n, desc="generate chest X-rays", unit="image", file=sys.stderr) as bar:
+        write_chestxray_store(
+            path, cfg.n, seed=cfg.train.seed, size=cfg.image_size, progress=bar.update
+        )
+    log(f"data: {cfg.n} generated chest X-rays, {cfg.image_size}x{cfg.image_size} -> {path}")
+    return path
+
+
+def _pretrain(cfg: ChestXrayConfig, run_dir: Path, sample_shape, log) -> tuple[str, str]:
+    """No --weights: pretrain on generated nodule slices (a weight chain's first link)."""
+    from lungbench.data.synth2d import write_nodule2d_store
+
+    path = run_dir / "data" / "nodule2d-synth.h5"
+    n = max(2 * cfg.train.batch_size, cfg.n // 2)
+    write_nodule2d_store(path, n, seed=cfg.train.seed + 1, size=sample_shape[-1])
+    ds = StoreDataset(path, cache=True)
+    val = max(2, n // 10)
+    kwargs = c2d.model_kwargs(cfg.model, sample_shape[0], 1, cfg.dropout)
+    built = c2d.build_transfer_model(cfg.model, kwargs, Method("D"), None, cfg.train.seed)
+    log(
+        f"pretraining {cfg.model} on {n} generated nodule slices for {cfg.pretrain_epochs} "
+        "epoch(s) (no --weights given)"
+    )
+    result = fit(
+        built.model,
+        _subset(ds, range(val, n)),
+        _subset(ds, range(val)),
+        replace(cfg.train, epochs=cfg.pretrain_epochs),
+        run_dir=run_dir / "pretrain",
+        checkpoint_meta={
+            "model_name": cfg.model,
+            "model_kwargs": kwargs,
+            "weights_chain": [],
+            "data": "generated nodule slices",
+        },
+    )
+    return "generated nodules (pretrained here)", str(result.best_checkpoint)
+
+
+def _subset(dataset, indices):
+    from torch.utils.data import Subset
+
+    return Subset(dataset, list(indices))
+
+
+def cross_validate(
+    cfg: ChestXrayConfig,
+    dataset,
+    labels: np.ndarray,
+    sample_shape,
+    methods: list[Method],
+    sources: list[tuple[str, str]],
+    run_dir: Path,
+    log,
+) -> pd.DataFrame:
+    """Every (weights source, method, fold) -> one row with test binary accuracy and AUC."""
+    kwargs = c2d.model_kwargs(cfg.model, sample_shape[0], labels.shape[1], cfg.dropout)
+    splits = c2d.cv_splits(len(dataset), cfg.folds, cfg.val_fraction, cfg.train.seed)
+    jobs = [(s, m) for s in sources for m in methods if m.name != "D"]
+    if any(m.name == "D" for m in methods):
+        jobs.append((("none (random init)", None), Method("D")))
+    rows = []
+    bar = tqdm(total=len(jobs) * len(splits), desc="cross-validation", unit="fit", file=sys.stderr)
+    for (source, weights), method in jobs:
+        for k, (train_idx, val_idx, test_idx) in enumerate(splits, start=1):
+            bar.set_postfix_str(f"{source[:20]} {method.label} fold {k}")
+            built = c2d.build_transfer_model(cfg.model, kwargs, method, weights, cfg.train.seed + k)
+            loss = WeightedBCE.from_labels(labels[train_idx], cfg.per_label_weights)
+            result = fit(
+                built.model,
+                _subset(dataset, train_idx),
+                _subset(dataset, val_idx),
+                cfg.train,
+                loss_fn=loss,
+            )
+            probs, targets = predict(
+                built.model,
+                _subset(dataset, test_idx),
+                batch_size=cfg.train.batch_size,
+                device=cfg.train.device,
+            )
+            metrics = classification_metrics(probs, targets)
+            row = {
+                "weights": source,
+                "method": method.label,
+                "fold": k,
+                "binary_accuracy": metrics["accuracy"],
+                "auc": metrics["auc"],
+                "best_epoch": result.best_epoch,
+                "best_val_loss": result.best_val_loss,
+                "mean_epoch_s": result.mean_epoch_s,
+                "trainable_parameters": built.plan.trainable,
+                "n_train": len(train_idx),
+                "n_val": len(val_idx),
+                "n_test": len(test_idx),
+            }
+            append_record(
+                run_dir,
+                {
+                    "kind": "fold",
+                    **row,
+                    "weights_chain": list(built.load.chain) if built.load else [],
+                },
+            )
+            rows.append(row)
+            bar.update(1)
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def cost_table(
+    model_name: str,
+    cfg: ChestXrayConfig,
+    dataset,
+    labels: np.ndarray,
+    sample_shape,
+    log,
+    methods: list[Method] | None = None,
+) -> pd.DataFrame:
+    """Time training per method on the same `cost_samples` images (the seed's layout).
+
+    Methods are interleaved: round r trains one epoch of every method, so load from other
+    processes on a shared machine hits all methods alike; the first round is warm-up.
+    """
+    if methods is None:
+        methods = c2d.expand_methods(model_name, ["A", "B", "C"], None)
+    # C and D cost the same (only the starting weights differ): measure once, as the seed.
+    unique: list[Method] = []
+    for m in methods:
+        if not (m.name in "CD" and any(u.name in "CD" for u in unique)):
+            unique.append(m)
+    n = min(cfg.cost_samples, len(dataset) - 2)
+    # RGB input as the seed's ImageNet networks (grey images repeated to 3 channels), so the
+    # first convolution, and with it the trainable counts of C/D, match the seed's table.
+    rgb = c2d.RepeatChannels(dataset, 3)
+    train_part, val_part = _subset(rgb, range(n)), _subset(rgb, range(n, n + 2))
+    sample_shape = (3, *sample_shape[1:])
+    kwargs = c2d.model_kwargs(model_name, 3, labels.shape[1], cfg.dropout)
+    loss = WeightedBCE.from_labels(labels[:n], cfg.per_label_weights)
+    config = replace(cfg.train, epochs=1, patience=None, restore_best=False)
+    # Weights do not change the cost; a random init stands in for every source.
+    built = [c2d.build_transfer_model(model_name, kwargs, m, None, cfg.train.seed) for m in unique]
+    seconds: list[list[float]] = [[] for _ in unique]
+    peaks = [0] * len(unique)
+    with tqdm(
+        total=cfg.cost_epochs * len(unique),
+        desc=f"cost table {model_name}",
+        unit="epoch",
+        file=sys.stderr,
+    ) as bar:
+        for _ in range(cfg.cost_epochs):
+            for i, b in enumerate(built):
+                result = fit(b.model, train_part, val_part, config, loss_fn=loss)
+                seconds[i].append(float(result.history["epoch_s"].iloc[-1]))
+                if result.peak_memory_kind.startswith("cuda"):
+                    peaks[i] = max(peaks[i], result.peak_memory_bytes)
+                bar.update(1)
+    rows = [
+        c2d.cost_row(
+            m,
+            b.plan,
+            config.batch_size,
+            secs,
+            b.model,
+            [sample_shape],
+            cfg.gpu_memory_gb,
+            config.device,
+            peak or None,
+            config.optimizer,
+        )
+        for m, b, secs, peak in zip(unique, built, seconds, peaks, strict=True)
+    ]
+    for row in rows:
+        log(
+            f"cost {model_name} {row['method']}: {row['time_per_epoch_s']:.2f} s/epoch, "
+            f"{row['trainable_parameters']:,} trainable"
+        )
+    return pd.DataFrame(rows)
+
+
+def _write_cost(
+    run_dir: Path, model_name: str, table: pd.DataFrame, cfg: ChestXrayConfig, note: str, log
+) -> None:
+    write_table(run_dir, f"cost_{model_name}", table, index=False)
+    append_record(
+        run_dir, {"kind": "cost", "model": model_name, "rows": table.to_dict(orient="records")}
+    )
+    shown = c2d.fmt_parameters(table)[
+        [
+            "method",
+            "batch_size",
+            "min_gpus",
+            "time_per_epoch_s",
+            "trainable_parameters",
+            "peak_memory_mib",
+        ]
+    ]
+    print(
+        f"\nComputing resources when training {model_name} ({cfg.cost_samples} samples per "
+        f"epoch, {note}, device {cfg.train.device}, min GPUs of {cfg.gpu_memory_gb:g} GB):\n"
+        f"{markdown(shown, index=False)}"
+    )

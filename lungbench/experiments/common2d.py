@@ -1,0 +1,217 @@
+"""Pieces shared by the 2D transfer-learning experiments (chestxray, nodule2d).
+
+Model building with transfer methods and weights, k-fold splits with a validation part,
+label-column selection, the cost table and the "mean% (+/- std%)" tables of seed 004.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from lungbench.costs import MIB, estimate_memory, min_gpus
+from lungbench.errors import UsageError
+from lungbench.models import create_model
+from lungbench.transfer import FreezePlan, Method, apply_method, freeze_points, parse_method
+from lungbench.weights import LoadReport, load_weights
+
+# The seed's freeze depths ("first N layers"), where the network has them.
+SEED_FREEZE_DEPTHS = {"resnet50": (10, 22, 40), "densenet121": (14, 39, 88)}
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "densenet121")
+
+
+def model_kwargs(name: str, in_channels: int, out_channels: int, dropout: float) -> dict:
+    """Builder options; ResNets use keras_compat so counts match seed 004's Keras table."""
+    kwargs = {"in_channels": in_channels, "out_channels": out_channels, "dropout": dropout}
+    if name.startswith("resnet"):
+        kwargs["keras_compat"] = True
+    return kwargs
+
+
+def expand_methods(
+    model_name: str, methods: Sequence[str], freeze: Sequence[str] | None
+) -> list[Method]:
+    """'A B C D' with B expanded into one B_<depth> per freeze depth (default: the seed's
+    depths for ResNet50 / DenseNet121, every stage boundary for the other networks)."""
+    probe = create_model(model_name, out_channels=1)
+    if freeze:
+        depths: Sequence[str | int] = freeze
+    else:
+        depths = SEED_FREEZE_DEPTHS.get(model_name) or list(freeze_points(probe).values())[1:]
+    out: list[Method] = []
+    for text in methods:
+        if text.upper() == "B":
+            out += [parse_method(f"B_{d}") for d in depths]
+        else:
+            out.append(parse_method(text))
+    for method in out:  # fail before any training on a depth the network does not have
+        if method.name == "B":
+            apply_method(probe, method)
+    return out
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    model: nn.Module
+    plan: FreezePlan
+    load: LoadReport | None
+
+
+def build_transfer_model(
+    name: str, kwargs: dict, method: Method, weights: str | None, seed: int
+) -> BuiltModel:
+    """Create the network (seeded init), load `weights` unless method D, apply the method."""
+    torch.manual_seed(seed)
+    model = create_model(name, **kwargs)
+    report = None
+    if method.uses_pretrained and weights is not None:
+        report = load_weights(model, weights)
+    plan = apply_method(model, method)
+    return BuiltModel(model, plan, report)
+
+
+def parse_weights(values: Sequence[str] | None) -> list[tuple[str, str]]:
+    """['ImageNet=path.pth', ...] -> [(name, path)] (UsageError on a malformed item)."""
+    out = []
+    for text in values or ():
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(
+                f"--weights {text!r}: expected NAME=PATH, e.g. "
+                "ImageNet=weights/resnet50-imagenet.pth"
+            )
+        out.append((name, path))
+    return out
+
+
+def cv_splits(
+    n: int, folds: int, val_fraction: float, seed: int, strata: np.ndarray | None = None
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """k folds of (train, val, test) indices: each fold is the test set once; the rest is
+    split into train and `val_fraction` validation (seed 004: 1:9)."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    if folds < 2 or folds > n:
+        raise UsageError(f"--folds must be in 2..{n} (the number of samples), got {folds}")
+    if strata is not None and np.bincount(strata).min() >= folds:
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+        parts = splitter.split(np.zeros(n), strata)
+    else:
+        parts = KFold(folds, shuffle=True, random_state=seed).split(np.zeros(n))
+    rng = np.random.default_rng(seed)
+    out = []
+    for rest, test in parts:
+        rest = rng.permutation(rest)
+        n_val = max(1, int(round(val_fraction * len(rest))))
+        out.append((np.sort(rest[n_val:]), np.sort(rest[:n_val]), np.sort(test)))
+    return out
+
+
+class LabelColumns(Dataset):
+    """A multi-label dataset restricted to some label columns: target (K,) -> (len(cols),)."""
+
+    def __init__(self, dataset: Dataset, columns: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.columns = list(columns)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, k: int):
+        inputs, target = self.dataset[k]
+        return inputs, target[self.columns]
+
+
+class RepeatChannels(Dataset):
+    """Grey images (1, H, W) repeated to `channels` (what RGB-pretrained pipelines feed)."""
+
+    def __init__(self, dataset: Dataset, channels: int) -> None:
+        self.dataset = dataset
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, k: int):
+        inputs, target = self.dataset[k]
+        return tuple(x.expand(self.channels, *x.shape[1:]).contiguous() for x in inputs), target
+
+
+def select_labels(label_names: Sequence[str], wanted: Sequence[str] | None, path: str) -> list[int]:
+    """Column indices of `wanted` labels (all if None); UsageError naming unknown ones."""
+    if not wanted:
+        return list(range(len(label_names)))
+    unknown = [w for w in wanted if w not in label_names]
+    if unknown:
+        raise UsageError(
+            f"--labels {', '.join(unknown)}: not in the label list of {path}; "
+            f"choose from: {', '.join(label_names)}"
+        )
+    return [list(label_names).index(w) for w in wanted]
+
+
+def mean_std_cell(values: Sequence[float]) -> str:
+    """'87.14% (+/- 5.65%)' as seed 004 writes it (population std over the folds)."""
+    v = np.asarray([x for x in values if x == x], dtype=float)
+    if len(v) == 0:
+        return "n/a"
+    return f"{100 * v.mean():.2f}% (+/- {100 * v.std():.2f}%)"
+
+
+def methods_table(
+    folds: pd.DataFrame, metric: str, methods: Sequence[str], sources: Sequence[str]
+) -> pd.DataFrame:
+    """Rows: pretrained weights; columns: methods; cells: mean (+/- std) over folds."""
+    table = pd.DataFrame(
+        index=pd.Index(list(sources), name="pretrained weights"),
+        columns=list(methods),
+        dtype=object,
+    )
+    for (source, method), group in folds.groupby(["weights", "method"]):
+        if source in table.index and method in table.columns:
+            table.loc[source, method] = mean_std_cell(group[metric].tolist())
+    return table.fillna("")
+
+
+def cost_row(
+    method: Method,
+    plan: FreezePlan,
+    batch_size: int,
+    epoch_seconds: Sequence[float],
+    model: nn.Module,
+    sample_shapes,
+    gpu_memory_gb: float,
+    device: str,
+    cuda_peak: int | None,
+    optimizer: str,
+) -> dict:
+    """One row of the cost table (see lungbench.costs for how memory is counted)."""
+    estimate = estimate_memory(model, sample_shapes, optimizer)
+    measured = cuda_peak if device.startswith("cuda") and cuda_peak else None
+    memory = measured if measured is not None else estimate.total(batch_size)
+    gpus = min_gpus(estimate, batch_size, gpu_memory_gb)
+    later = list(epoch_seconds[1:]) or list(epoch_seconds)
+    return {
+        "method": "C/D" if method.name in "CD" else method.label,
+        "batch_size": batch_size,
+        "min_gpus": gpus if gpus is not None else "does not fit",
+        "time_per_epoch_s": float(np.median(later)),
+        "trainable_parameters": plan.trainable,
+        "peak_memory_mib": round(memory / MIB, 1),
+        "memory_kind": "cuda_max_allocated" if measured is not None else "estimated",
+        "per_sample_activations_mib": round(estimate.per_sample / MIB, 2),
+        "epochs_timed": len(later),
+    }
+
+
+def fmt_parameters(table: pd.DataFrame) -> pd.DataFrame:
+    """Thousands separators for the parameter column, as the seed prints them."""
+    out = table.copy()
+    out["trainable_parameters"] = [f"{int(v):,}" for v in out["trainable_parameters"]]
+    return out

@@ -1,0 +1,289 @@
+"""`lungbench train lidc-pretrain`: seed 000's pre-training of the two-path 3D CNN on LIDC-IDRI.
+
+Protocol (the thesis): 20% of the nodules for validation (stratified), batch 16, the best
+epoch by validation loss; report accuracy and AUC on the validation set at that epoch (the
+thesis: epoch 63, accuracy 0.78, AUC 0.90 on the real LIDC-IDRI).
+
+    lungbench train lidc-pretrain --quick
+    lungbench train lidc-pretrain --epochs 100 --patience 20
+    lungbench train lidc-pretrain --store lidc.h5 --device cuda
+    lungbench train lidc-pretrain --resume results/<run>/checkpoint_last.pt
+
+Default data: a generated LIDC-like store (lungbench.data.synth), cached in OUT/data/.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from lungbench.commands._args import non_negative_int, positive_int, unit_fraction
+from lungbench.data.splits import stratified_split
+from lungbench.data.store import StoreInfo, read_info, read_meta
+from lungbench.experiments import common3d
+from lungbench.experiments.common3d import log
+from lungbench.models import create_model
+from lungbench.report.training import loss_curves_plot, roc_plot
+from lungbench.results import finish_run, save_figure, write_table
+from lungbench.train import FitResult, TrainConfig, TrainingInterrupted, fit, predict
+
+NAME = "lidc-pretrain"
+HELP = "seed 000: pre-train the two-path 3D CNN on LIDC (20%% validation, batch 16)"
+DESCRIPTION = """\
+Pre-train the two-path 3D CNN (dualpath3d) of seed 000 on LIDC-IDRI nodules: a stratified
+20% of the nodules for validation, batch 16, Adam; the best epoch is the one with the lowest
+validation loss, and its accuracy and AUC on the validation set are reported (the thesis:
+epoch 63, accuracy 0.78, AUC 0.90). Default data: generated LIDC-like nodules (not the real
+archive); --store uses a real store (`lungbench data ...`). The checkpoint of the best epoch
+(RUN/checkpoint_best.pt) is what `lungbench train lungx-cv --pretrained` fine-tunes.
+SIGTERM/SIGUSR1 (SLURM before a time limit) write a checkpoint and exit with code 143;
+--resume RUN/checkpoint_last.pt continues exactly.
+
+examples:
+  lungbench train lidc-pretrain --quick
+  lungbench train lidc-pretrain --epochs 100 --patience 20 --device cuda
+  lungbench train lidc-pretrain --store lidc.h5 --resume results/RUN/checkpoint_last.pt"""
+
+FULL = {
+    "epochs": 30,
+    "batch_size": 16,
+    "lr": 1e-3,
+    "optimizer": "adam",
+    "schedule": "constant",
+    "patience": None,
+    "synth_n": 754,
+    "filters": 8,
+    "depth": 4,
+}
+QUICK = {
+    "epochs": 3,
+    "batch_size": 16,
+    "lr": 3e-3,
+    "optimizer": "adam",
+    "schedule": "constant",
+    "patience": None,
+    "synth_n": 48,
+    "filters": 4,
+    "depth": 3,
+}
+MODEL = "dualpath3d"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """What lidc-pretrain does (saved as config.json)."""
+
+    train: TrainConfig
+    store: str | None = None
+    synth_n: int = 754
+    preset: str = "default"
+    filters: int = 8
+    depth: int = 4
+    val_fraction: float = 0.2
+    quick: bool = False
+
+    @property
+    def model_kwargs(self) -> dict:
+        return {"preset": self.preset, "filters": self.filters, "depth": self.depth}
+
+
+@dataclass
+class PretrainResult:
+    fit: FitResult
+    checkpoint: Path | None
+    summary: pd.DataFrame
+    model_kwargs: dict
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    d = p.add_argument_group("data and model")
+    d.add_argument(
+        "--store",
+        default=None,
+        help="nodule store with context/zoom cubes (default: generated LIDC-like "
+        "nodules, cached in OUT/data/)",
+    )
+    d.add_argument(
+        "--synth-n",
+        type=positive_int,
+        default=None,
+        help=f"generated nodules when no --store (default: {FULL['synth_n']}, the "
+        f"thesis's LIDC count; --quick: {QUICK['synth_n']})",
+    )
+    d.add_argument(
+        "--val-fraction",
+        type=unit_fraction,
+        default=0.2,
+        help="stratified validation share (default: 0.2, the thesis)",
+    )
+    d.add_argument(
+        "--filters",
+        type=positive_int,
+        default=None,
+        help=f"base width of dualpath3d (default: {FULL['filters']}; --quick: {QUICK['filters']})",
+    )
+    d.add_argument(
+        "--depth",
+        type=positive_int,
+        default=None,
+        help=f"conv levels per path (default: {FULL['depth']}; --quick: {QUICK['depth']})",
+    )
+    d.add_argument(
+        "--resume",
+        default=None,
+        help="continue exactly from a checkpoint_last.pt (default: start afresh)",
+    )
+    d.add_argument(
+        "--data-seed",
+        type=non_negative_int,
+        default=0,
+        help="seed of the generated data set (default: 0)",
+    )
+    common3d.add_train_arguments(p, FULL, QUICK)
+
+
+def make_config(args: argparse.Namespace) -> PretrainConfig:
+    return PretrainConfig(
+        train=common3d.train_config(args, FULL, QUICK),
+        store=args.store,
+        synth_n=common3d.resolve(args, "synth_n", FULL, QUICK),
+        filters=common3d.resolve(args, "filters", FULL, QUICK),
+        depth=common3d.resolve(args, "depth", FULL, QUICK),
+        val_fraction=args.val_fraction,
+        quick=args.quick,
+    )
+
+
+def nodule_store(
+    store: str | None, synth_n: int, kind: str, out: Path, data_seed: int, experiment: str
+) -> StoreInfo:
+    """The user's nodule store (checked), or a generated one of `kind` on the default grid."""
+    if store is None:
+        from lungbench.data.synth import write_synthetic_store
+        from lungbench.models.dualpath3d import geometry
+
+        path = common3d.cached_store(
+            out,
+            f"synth-{kind}-n{synth_n}-default-seed{data_seed}",
+            synth_n,
+            lambda p, bar: write_synthetic_store(
+                p,
+                kind,
+                synth_n,
+                geometry("default"),
+                seed=data_seed,
+                progress=bar,
+                # A small set renders faster here than in a freshly spawned pool.
+                workers=1 if synth_n <= 64 else None,
+            ),
+        )
+        store = str(path)
+    info = read_info(store)
+    common3d.require_inputs(
+        info,
+        ("context", "zoom"),
+        experiment,
+        f"a nodule store, e.g. `lungbench data synth --kind {kind}`",
+    )
+    return info
+
+
+def pretrain(
+    cfg: PretrainConfig, info: StoreInfo, run_dir: Path, resume: str | None = None
+) -> PretrainResult:
+    """Train dualpath3d on the store; files go to run_dir (metrics.csv, checkpoints, plots)."""
+    labels = read_meta(info.path)["label"]
+    train_idx, val_idx = stratified_split(range(info.n), labels, cfg.val_fraction, cfg.train.seed)
+    log(
+        f"LIDC pre-training: {len(train_idx)} train / {len(val_idx)} validation nodules, "
+        f"grid {info.grid}, {MODEL} {cfg.model_kwargs}"
+    )
+    train_ds = common3d.split_dataset(info, train_idx)
+    val_ds = common3d.split_dataset(info, val_idx)
+    from lungbench.train import seed_everything
+
+    seed_everything(cfg.train.seed)  # the initial weights depend on the seed only
+    model = create_model(MODEL, **cfg.model_kwargs)
+    result = fit(
+        model,
+        train_ds,
+        val_ds,
+        cfg.train,
+        run_dir=run_dir,
+        resume=resume,
+        checkpoint_meta={
+            "model_name": MODEL,
+            "model_kwargs": cfg.model_kwargs,
+            "store": str(info.path),
+        },
+    )
+    best = result.best_row
+    summary = pd.DataFrame(
+        [
+            {
+                "best epoch": result.best_epoch,
+                "val loss": result.best_val_loss,
+                "val accuracy": best["val_accuracy"],
+                "val AUC": best["val_auc"],
+                "epochs run": len(result.history),
+                "train nodules": len(train_idx),
+                "val nodules": len(val_idx),
+                "time per epoch (s)": result.mean_epoch_s,
+                "samples/s": result.samples_per_s,
+            }
+        ],
+        index=pd.Index(["LIDC pre-training"], name="run"),
+    )
+    write_table(run_dir, "pretrain_summary", summary)
+    save_figure(
+        run_dir,
+        "loss_curves",
+        loss_curves_plot({"LIDC": result.history}, f"LIDC pre-training ({_data_word(info)})"),
+    )
+    probs, targets = predict(
+        model, val_ds, batch_size=cfg.train.batch_size, device=cfg.train.device
+    )
+    save_figure(
+        run_dir,
+        "roc_validation",
+        roc_plot({"best epoch": (targets, probs)}, f"LIDC validation ROC ({_data_word(info)})"),
+    )
+    return PretrainResult(result, result.best_checkpoint, summary, cfg.model_kwargs)
+
+
+def _data_word(info: StoreInfo) -> str:
+    return "generated data" if info.provenance.get("generator") else info.path.name
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = make_config(args)
+    info = nodule_store(cfg.store, cfg.synth_n, "lidc", Path(args.out), args.data_seed, NAME)
+    cfg = PretrainConfig(**{**_shallow(cfg), "preset": common3d.nodule_preset(info)})
+    if args.resume is not None:
+        from lungbench.train import load_checkpoint
+
+        load_checkpoint(args.resume)  # a corrupt file fails before a run folder is made
+    note = common3d.data_note(info)
+    run_dir = common3d.start_run(
+        args.out, args.run_id, {"experiment": NAME, "config": cfg, "store": info.path, "data": note}
+    )
+    log(f"config: {cfg}")
+    try:
+        result = pretrain(cfg, info, run_dir, resume=args.resume)
+    except TrainingInterrupted:
+        finish_run(run_dir, "interrupted", data=note)
+        raise
+    finish_run(run_dir, "complete", data=note, best_checkpoint=result.checkpoint)
+    print(f"LIDC pre-training on {note}")
+    print(result.summary.T.to_string())
+    print(f"\nresults: {run_dir}\nbest checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _shallow(cfg: PretrainConfig) -> dict:
+    # asdict() would turn the nested TrainConfig into a dict; keep the dataclass.
+    return {k: getattr(cfg, k) for k in asdict(cfg)}

@@ -1,0 +1,369 @@
+"""`lungbench train lungx-cv`: seed 000's 3-fold cross-validation on LUNGx, three regimes.
+
+Per fold one subset is the test set, 10% of the other two the validation set and the rest
+the training set. Regimes (the thesis):
+
+    LIDC only          the LIDC pre-trained model evaluated as is
+    w/o pre-training   dualpath3d trained from scratch on LUNGx
+    w/ pre-training    the LIDC model fine-tuned on LUNGx
+
+Outputs in the thesis's layouts: the AUC table (rows: regimes; columns: fold 1-3, average),
+a confusion matrix with totals per regime (threshold 0.5, pooled over the folds), loss curves
+per fold and ROC curves.
+
+    lungbench train lungx-cv --quick
+    lungbench train lungx-cv --pretrained results/RUN/checkpoint_best.pt --store lungx.h5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lungbench.commands._args import non_negative_int, positive_int, unit_fraction
+from lungbench.data.splits import Split, cv_splits, stored_folds, stratified_kfold
+from lungbench.data.store import StoreInfo, read_meta, write_folds
+from lungbench.errors import UsageError
+from lungbench.experiments import common3d, lidc_pretrain
+from lungbench.experiments.common3d import log
+from lungbench.models import create_model
+from lungbench.report.training import auc_table, confusion_table, loss_curves_plot, roc_plot
+from lungbench.results import finish_run, save_figure, write_table
+from lungbench.train import (
+    TrainConfig,
+    TrainingInterrupted,
+    classification_metrics,
+    fit,
+    load_model_from_checkpoint,
+    predict,
+    seed_everything,
+)
+
+NAME = "lungx-cv"
+HELP = "seed 000: LUNGx 3-fold CV, LIDC only / w/o / w/ pre-training (AUC table, confusion)"
+DESCRIPTION = """\
+Seed 000's transfer-learning study on LUNGx: stratified 3-fold cross-validation (per fold one
+subset for testing, 10% of the other two for validation, the rest for training), batch 8, in
+three regimes: LIDC only (the pre-trained model as is), w/o pre-training (from scratch) and
+w/ pre-training (fine-tuned from the LIDC checkpoint). Writes the AUC table (rows: regimes;
+columns: fold 1-3, average), the confusion matrices with totals (threshold 0.5, pooled over
+folds), loss curves per fold and ROC curves. Without --pretrained it first runs
+lidc-pretrain (into RUN/lidc_pretrain/). Default data: generated LUNGx-like and LIDC-like
+nodules (not the real archives).
+
+examples:
+  lungbench train lungx-cv --quick
+  lungbench train lungx-cv --pretrained results/RUN/checkpoint_best.pt
+  lungbench train lungx-cv --store lungx.h5 --lidc-store lidc.h5 --device cuda"""
+
+FULL = {
+    "epochs": 30,
+    "batch_size": 8,
+    "lr": 1e-3,
+    "optimizer": "adam",
+    "schedule": "constant",
+    "patience": None,
+    "synth_n": 73,
+    "finetune_lr": 1e-4,
+}
+QUICK = {
+    "epochs": 2,
+    "batch_size": 8,
+    "lr": 3e-3,
+    "optimizer": "adam",
+    "schedule": "constant",
+    "patience": None,
+    "synth_n": 36,
+    "finetune_lr": 1e-3,
+}
+REGIMES = {
+    "lidc_only": "LIDC only",
+    "without_pretraining": "w/o pre-training",
+    "with_pretraining": "w/ pre-training",
+}
+MODEL = lidc_pretrain.MODEL
+
+
+@dataclasses.dataclass(frozen=True)
+class CVConfig:
+    """What lungx-cv does (saved as config.json)."""
+
+    train: TrainConfig
+    finetune_lr: float
+    folds: int = 3
+    val_fraction: float = 0.1
+    store: str | None = None
+    synth_n: int = 73
+    pretrained: str | None = None
+    quick: bool = False
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    d = p.add_argument_group("data and model")
+    d.add_argument(
+        "--store",
+        default=None,
+        help="LUNGx nodule store (default: generated LUNGx-like nodules, where both "
+        "classes have the same sizes, cached in OUT/data/)",
+    )
+    d.add_argument(
+        "--synth-n",
+        type=positive_int,
+        default=None,
+        help=f"generated LUNGx nodules when no --store (default: {FULL['synth_n']}, "
+        f"the challenge's count; --quick: {QUICK['synth_n']})",
+    )
+    d.add_argument(
+        "--folds",
+        type=positive_int,
+        default=3,
+        help="cross-validation folds (default: 3); the store's own fold column is "
+        "used when it assigns exactly these folds",
+    )
+    d.add_argument(
+        "--val-fraction",
+        type=unit_fraction,
+        default=0.1,
+        help="validation share of the non-test folds (default: 0.1)",
+    )
+    d.add_argument(
+        "--write-folds",
+        action="store_true",
+        help="save the fold assignment into --store's /meta/fold (default: no; "
+        "generated stores always get it)",
+    )
+    d.add_argument(
+        "--pretrained",
+        default=None,
+        help="LIDC checkpoint of dualpath3d (checkpoint_best.pt of lidc-pretrain) "
+        "(default: run lidc-pretrain first)",
+    )
+    d.add_argument(
+        "--lidc-store",
+        default=None,
+        help="LIDC store for that pre-training (default: generated LIDC-like)",
+    )
+    d.add_argument(
+        "--finetune-lr",
+        type=float,
+        default=None,
+        help=f"learning rate of the w/ pre-training regime (default: "
+        f"{FULL['finetune_lr']}; --quick: {QUICK['finetune_lr']})",
+    )
+    d.add_argument(
+        "--data-seed",
+        type=non_negative_int,
+        default=0,
+        help="seed of the generated data sets (default: 0)",
+    )
+    common3d.add_train_arguments(p, FULL, QUICK)
+
+
+def make_config(args: argparse.Namespace) -> CVConfig:
+    finetune_lr = common3d.resolve(args, "finetune_lr", FULL, QUICK)
+    if finetune_lr <= 0:
+        raise UsageError(f"--finetune-lr must be > 0, got {finetune_lr}")
+    return CVConfig(
+        train=common3d.train_config(args, FULL, QUICK),
+        finetune_lr=finetune_lr,
+        folds=args.folds,
+        val_fraction=args.val_fraction,
+        store=args.store,
+        synth_n=common3d.resolve(args, "synth_n", FULL, QUICK),
+        pretrained=args.pretrained,
+        quick=args.quick,
+    )
+
+
+def fold_assignment(info: StoreInfo, k: int, seed: int, write: bool) -> np.ndarray:
+    """The store's folds if it has exactly k, else a stratified k-fold (saved if `write`)."""
+    folds = stored_folds(info.path, k)
+    if folds is not None:
+        log(f"using the {k} folds stored in {info.path}")
+        return folds
+    folds = stratified_kfold(read_meta(info.path)["label"], k, seed)
+    if write:
+        write_folds(info.path, folds, how=f"stratified {k}-fold, seed {seed}")
+    return folds
+
+
+def check_pretrained(path: str, info: StoreInfo) -> dict:
+    """The checkpoint's model options; UsageError if it is not dualpath3d on the store's grid."""
+    _, ckpt = load_model_from_checkpoint(path, expected_model_name=MODEL)
+    kwargs = dict(ckpt.get("model_kwargs") or {})
+    preset = common3d.nodule_preset(info)
+    if kwargs.get("preset", "default") != preset:
+        raise UsageError(
+            f"--pretrained {path}: made for the {kwargs.get('preset')!r} grid, "
+            f"but --store {info.path} is on the {preset!r} grid"
+        )
+    return kwargs
+
+
+def run_fold(
+    cfg: CVConfig, info: StoreInfo, split: Split, pretrained: str, kwargs: dict, fold_dir: Path
+) -> tuple[dict[str, np.ndarray], dict[str, pd.DataFrame]]:
+    """The three regimes on one fold: test probabilities and training histories per regime."""
+    train_ds = common3d.split_dataset(info, split.train)
+    val_ds = common3d.split_dataset(info, split.val)
+    test_ds = common3d.split_dataset(info, split.test)
+    meta = {"model_name": MODEL, "model_kwargs": kwargs, "fold": split.fold}
+    probs, histories = {}, {}
+    lidc_model, _ = load_model_from_checkpoint(pretrained, expected_model_name=MODEL)
+    probs["lidc_only"], _ = predict(lidc_model, test_ds, cfg.train.batch_size, cfg.train.device)
+
+    seed_everything(cfg.train.seed + split.fold)
+    scratch = create_model(MODEL, **kwargs)
+    result = fit(
+        scratch,
+        train_ds,
+        val_ds,
+        cfg.train,
+        run_dir=fold_dir / "without_pretraining",
+        checkpoint_meta=meta,
+    )
+    histories["without_pretraining"] = result.history
+    probs["without_pretraining"], _ = predict(
+        scratch, test_ds, cfg.train.batch_size, cfg.train.device
+    )
+
+    finetune_cfg = dataclasses.replace(cfg.train, lr=cfg.finetune_lr)
+    tuned, _ = load_model_from_checkpoint(pretrained, expected_model_name=MODEL)
+    result = fit(
+        tuned,
+        train_ds,
+        val_ds,
+        finetune_cfg,
+        run_dir=fold_dir / "with_pretraining",
+        checkpoint_meta=meta,
+    )
+    histories["with_pretraining"] = result.history
+    probs["with_pretraining"], _ = predict(tuned, test_ds, cfg.train.batch_size, cfg.train.device)
+    return probs, histories
+
+
+def cross_validate(
+    cfg: CVConfig, info: StoreInfo, folds: np.ndarray, pretrained: str, kwargs: dict, run_dir: Path
+) -> dict[str, pd.DataFrame]:
+    """All folds and regimes; writes the tables and plots, returns the tables by name."""
+    meta = read_meta(info.path)
+    labels = meta["label"]
+    splits = cv_splits(labels, cfg.folds, cfg.val_fraction, cfg.train.seed, folds=folds)
+    predictions, histories, aucs = [], [], {r: [] for r in REGIMES}
+    for split in splits:
+        log(
+            f"fold {split.fold + 1}/{cfg.folds}: {len(split.train)} train, {len(split.val)} "
+            f"validation, {len(split.test)} test nodules"
+        )
+        fold_dir = run_dir / "folds" / f"fold{split.fold + 1}"
+        probs, fold_histories = run_fold(cfg, info, split, pretrained, kwargs, fold_dir)
+        for regime, p in probs.items():
+            aucs[regime].append(classification_metrics(p, labels[split.test])["auc"])
+            predictions.append(
+                pd.DataFrame(
+                    {
+                        "fold": split.fold + 1,
+                        "regime": REGIMES[regime],
+                        "id": meta["id"][split.test],
+                        "label": labels[split.test],
+                        "probability": p,
+                    }
+                )
+            )
+        for regime, history in fold_histories.items():
+            histories.append(history.assign(fold=split.fold + 1, regime=REGIMES[regime]))
+        save_figure(
+            run_dir,
+            f"loss_fold{split.fold + 1}",
+            loss_curves_plot(
+                {REGIMES[r]: h for r, h in fold_histories.items()},
+                f"Fold {split.fold + 1} ({_data_word(info)})",
+            ),
+        )
+    pred = pd.concat(predictions, ignore_index=True)
+    tables = {"auc": auc_table({REGIMES[r]: v for r, v in aucs.items()})}
+    for regime, name in REGIMES.items():
+        rows = pred[pred["regime"] == name]
+        tables[f"confusion_{regime}"] = confusion_table(rows["label"], rows["probability"])
+    for name, table in tables.items():
+        write_table(run_dir, name, table)
+    write_table(run_dir, "predictions", pred, index=False)
+    pd.concat(histories, ignore_index=True).to_csv(run_dir / "metrics.csv", index=False)
+    curves = {
+        name: (
+            pred.loc[pred["regime"] == name, "label"].to_numpy(),
+            pred.loc[pred["regime"] == name, "probability"].to_numpy(),
+        )
+        for name in REGIMES.values()
+    }
+    save_figure(
+        run_dir, "roc", roc_plot(curves, f"LUNGx test ROC, pooled over folds ({_data_word(info)})")
+    )
+    return tables
+
+
+def _data_word(info: StoreInfo) -> str:
+    return "generated data" if info.provenance.get("generator") else info.path.name
+
+
+def _pretrain_first(args: argparse.Namespace, cfg: CVConfig, run_dir: Path) -> str:
+    """Run lidc-pretrain into RUN/lidc_pretrain/ and return its best checkpoint."""
+    full, quick = lidc_pretrain.FULL, lidc_pretrain.QUICK
+    sizes = quick if cfg.quick else full
+    train = dataclasses.replace(cfg.train, epochs=sizes["epochs"], batch_size=16, lr=sizes["lr"])
+    pcfg = lidc_pretrain.PretrainConfig(
+        train=train,
+        store=args.lidc_store,
+        synth_n=sizes["synth_n"],
+        filters=sizes["filters"],
+        depth=sizes["depth"],
+        quick=cfg.quick,
+    )
+    info = lidc_pretrain.nodule_store(
+        args.lidc_store, pcfg.synth_n, "lidc", Path(args.out), args.data_seed, NAME
+    )
+    pcfg = dataclasses.replace(pcfg, preset=common3d.nodule_preset(info))
+    sub = run_dir / "lidc_pretrain"
+    (sub / "tables").mkdir(parents=True, exist_ok=True)
+    (sub / "plots").mkdir(exist_ok=True)
+    log("no --pretrained checkpoint: pre-training on LIDC first")
+    result = lidc_pretrain.pretrain(pcfg, info, sub)
+    write_table(run_dir, "pretrain_summary", result.summary)
+    return str(result.checkpoint)
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    cfg = make_config(args)
+    info = lidc_pretrain.nodule_store(
+        cfg.store, cfg.synth_n, "lungx", Path(args.out), args.data_seed, NAME
+    )
+    generated = bool(info.provenance.get("generator"))
+    folds = fold_assignment(info, cfg.folds, args.seed, write=args.write_folds or generated)
+    kwargs = check_pretrained(cfg.pretrained, info) if cfg.pretrained else None
+    note = common3d.data_note(info)
+    run_dir = common3d.start_run(
+        args.out, args.run_id, {"experiment": NAME, "config": cfg, "store": info.path, "data": note}
+    )
+    log(f"config: {cfg}")
+    try:
+        pretrained = cfg.pretrained or _pretrain_first(args, cfg, run_dir)
+        kwargs = kwargs or check_pretrained(pretrained, info)
+        tables = cross_validate(cfg, info, folds, pretrained, kwargs, run_dir)
+    except TrainingInterrupted:
+        finish_run(run_dir, "interrupted", data=note)
+        raise
+    wall = time.perf_counter() - started
+    finish_run(run_dir, "complete", data=note, wall_s=wall, pretrained=pretrained)
+    print(f"LUNGx {cfg.folds}-fold cross-validation on {note}\n")
+    print(tables["auc"].round(3).to_string())
+    for regime, name in REGIMES.items():
+        print(f"\n{name}\n{tables[f'confusion_{regime}'].to_string()}")
+    print(f"\nwall time {wall:.1f} s\nresults: {run_dir}")
+    return 0

@@ -1,0 +1,313 @@
+"""`lungbench train mosmed`: seed 002's CT-0 vs CT-2/3 task with the MosMed 3D CNN and each of
+its six modifications; one comparison table (accuracy, AUC, parameters, time per epoch, peak
+memory) and the curves of every variant.
+
+    lungbench train mosmed --quick
+    lungbench train mosmed --variants baseline residual --epochs 20 --device cuda
+    lungbench train mosmed --store mosmed.h5
+
+Default data: generated whole-lung volumes (lungbench.data.synth_mosmed), not MosMedData.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from lungbench.commands._args import non_negative_int, positive_int, unit_fraction
+from lungbench.data.splits import stratified_split
+from lungbench.data.store import StoreInfo, read_info, read_meta
+from lungbench.errors import UsageError
+from lungbench.experiments import common3d
+from lungbench.experiments.common3d import log
+from lungbench.models import create_model
+from lungbench.models.mosmed3d import KERAS_FILTERS, VARIANTS, keras_parameter_count
+from lungbench.report.training import metric_curves_plot
+from lungbench.results import finish_run, save_figure, write_table
+from lungbench.train import TrainConfig, TrainingInterrupted, fit, seed_everything
+
+NAME = "mosmed"
+HELP = "seed 002: CT-0 vs CT-2/3 with the MosMed 3D CNN and its six modifications"
+DESCRIPTION = """\
+Seed 002's practical: tell CT-0 from CT-2/3 studies with the Keras "3D image classification
+from CT scans" network (conv blocks 64, 64, 128, 256; global pooling; dense 512; dropout 0.3;
+128x128x64 input) and each of its six modifications: dense100 (extra dense 100 + ReLU),
+double_conv (a second conv per level), sigmoid (sigmoid activations), avgpool (average
+pooling), residual (residual blocks), res_inception (residual inception blocks). 30% of the
+studies (stratified) validate; each variant's best epoch by validation loss is reported in
+one table: accuracy, AUC, parameters, time per epoch, samples/s, peak memory. Default data:
+generated whole-lung volumes with ground-glass patches (not MosMedData). --quick shrinks the
+grid to 16x32x32, the widths to 8, 8, 16, 32 with "same" padding, and the data to 32 studies.
+
+examples:
+  lungbench train mosmed --quick
+  lungbench train mosmed --variants baseline residual res_inception --epochs 20
+  lungbench train mosmed --store mosmed.h5 --device cuda --amp"""
+
+FULL = {
+    "epochs": 10,
+    "batch_size": 2,
+    "lr": 1e-4,
+    "optimizer": "adam",
+    "schedule": "constant",
+    "patience": 15,
+    "synth_n": 200,
+    "grid": (64, 128, 128),
+    "filters": KERAS_FILTERS,
+    "dense": 512,
+    "padding": "valid",
+}
+QUICK = {
+    "epochs": 2,
+    "batch_size": 4,
+    "lr": 1e-3,
+    "optimizer": "adam",
+    "schedule": "constant",
+    "patience": None,
+    "synth_n": 32,
+    "grid": (16, 32, 32),
+    "filters": (8, 8, 16, 32),
+    "dense": 64,
+    "padding": "same",
+}
+MODEL = "mosmed3d"
+
+
+@dataclasses.dataclass(frozen=True)
+class MosmedConfig:
+    """What the mosmed experiment does (saved as config.json)."""
+
+    train: TrainConfig
+    variants: tuple[str, ...] = VARIANTS
+    store: str | None = None
+    synth_n: int = 200
+    grid: tuple[int, int, int] = (64, 128, 128)
+    filters: tuple[int, ...] = KERAS_FILTERS
+    dense: int = 512
+    padding: str = "valid"
+    val_fraction: float = 0.3
+    quick: bool = False
+
+    def model_kwargs(self, variant: str) -> dict:
+        return {
+            "variant": variant,
+            "filters": list(self.filters),
+            "dense": self.dense,
+            "padding": self.padding,
+        }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    d = p.add_argument_group("data and model")
+    d.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="variants to train (default: all seven: " + " ".join(VARIANTS) + ")",
+    )
+    d.add_argument(
+        "--store",
+        default=None,
+        help="whole-CT store with one 'volume' input (default: generated CT-0 / "
+        "CT-2/3 volumes, cached in OUT/data/)",
+    )
+    d.add_argument(
+        "--synth-n",
+        type=positive_int,
+        default=None,
+        help=f"generated studies when no --store (default: {FULL['synth_n']}; "
+        f"--quick: {QUICK['synth_n']})",
+    )
+    d.add_argument(
+        "--grid",
+        type=positive_int,
+        nargs=3,
+        metavar=("D", "H", "W"),
+        default=None,
+        help=f"grid of the generated volumes (default: {' '.join(map(str, FULL['grid']))}"
+        f", Keras's 128x128x64; --quick: {' '.join(map(str, QUICK['grid']))})",
+    )
+    d.add_argument(
+        "--filters",
+        type=positive_int,
+        nargs="+",
+        default=None,
+        help=f"conv widths per level (default: {' '.join(map(str, FULL['filters']))}; "
+        f"--quick: {' '.join(map(str, QUICK['filters']))})",
+    )
+    d.add_argument(
+        "--dense",
+        type=positive_int,
+        default=None,
+        help=f"hidden dense width (default: {FULL['dense']}; --quick: {QUICK['dense']})",
+    )
+    d.add_argument(
+        "--padding",
+        choices=("valid", "same"),
+        default=None,
+        help=f"conv padding (default: {FULL['padding']}, as Keras, needs >= 46 voxels "
+        f"per axis; --quick: {QUICK['padding']})",
+    )
+    d.add_argument(
+        "--val-fraction",
+        type=unit_fraction,
+        default=0.3,
+        help="stratified validation share (default: 0.3, as the Keras example)",
+    )
+    d.add_argument(
+        "--data-seed",
+        type=non_negative_int,
+        default=0,
+        help="seed of the generated data set (default: 0)",
+    )
+    common3d.add_train_arguments(p, FULL, QUICK)
+
+
+def make_config(args: argparse.Namespace) -> MosmedConfig:
+    def get(name):
+        return common3d.resolve(args, name, FULL, QUICK)
+
+    return MosmedConfig(
+        train=common3d.train_config(args, FULL, QUICK),
+        variants=tuple(dict.fromkeys(args.variants)),
+        store=args.store,
+        synth_n=get("synth_n"),
+        grid=tuple(get("grid")),
+        filters=tuple(get("filters")),
+        dense=get("dense"),
+        padding=get("padding"),
+        val_fraction=args.val_fraction,
+        quick=args.quick,
+    )
+
+
+def volume_store(cfg: MosmedConfig, out: Path, data_seed: int) -> StoreInfo:
+    """The user's whole-CT store (checked), or generated CT-0 / CT-2/3 volumes."""
+    store = cfg.store
+    if store is None:
+        from lungbench.data.synth_mosmed import write_mosmed_store
+
+        grid = "x".join(map(str, cfg.grid))
+        store = str(
+            common3d.cached_store(
+                out,
+                f"synth-mosmed-n{cfg.synth_n}-{grid}-seed{data_seed}",
+                cfg.synth_n,
+                lambda p, bar: write_mosmed_store(p, cfg.synth_n, cfg.grid, data_seed, bar),
+            )
+        )
+    info = read_info(store)
+    common3d.require_inputs(
+        info, ("volume",), NAME, "a whole-CT store such as a converted MosMedData"
+    )
+    check_grid(info, cfg)
+    return info
+
+
+def check_grid(info: StoreInfo, cfg: MosmedConfig) -> None:
+    """UsageError when the store's grid would shrink to nothing inside the network."""
+    levels = len(cfg.filters)
+    # Residual variants always pad "same"; the others lose 2 voxels per level when "valid".
+    valid = cfg.padding == "valid" and any(
+        v not in ("residual", "res_inception") for v in cfg.variants
+    )
+    size = min(info.grid)
+    for _ in range(levels):
+        size = (size - 2 if valid else size) // 2
+    if size < 1:
+        need = "46" if valid and levels == 4 else f"2^{levels}"
+        raise UsageError(
+            f"--store {info.path}: grid {info.grid} is too small for {levels} "
+            f"{'valid' if valid else 'same'}-padded levels (needs >= {need} "
+            f"voxels per axis); use --padding same, fewer --filters or a larger "
+            f"--grid"
+        )
+
+
+def train_variant(
+    cfg: MosmedConfig, variant: str, info: StoreInfo, train_idx, val_idx, run_dir: Path
+) -> tuple[dict, pd.DataFrame]:
+    """Train one variant; returns its comparison row and history."""
+    kwargs = cfg.model_kwargs(variant)
+    seed_everything(cfg.train.seed)
+    model = create_model(MODEL, **kwargs)
+    log(f"variant {variant}: {keras_parameter_count(model):,} parameters")
+    result = fit(
+        model,
+        common3d.split_dataset(info, train_idx),
+        common3d.split_dataset(info, val_idx),
+        cfg.train,
+        run_dir=run_dir / "variants" / variant,
+        checkpoint_meta={"model_name": MODEL, "model_kwargs": kwargs},
+    )
+    best = result.best_row
+    row = {
+        "variant": variant,
+        "best epoch": result.best_epoch,
+        "val accuracy": best["val_accuracy"],
+        "val AUC": best["val_auc"],
+        "val loss": result.best_val_loss,
+        "parameters": keras_parameter_count(model),
+        "time per epoch (s)": result.mean_epoch_s,
+        "samples/s": result.samples_per_s,
+        "peak memory (MiB)": result.peak_memory_bytes / 2**20,
+        "memory measure": result.peak_memory_kind,
+    }
+    return row, result.history
+
+
+def compare(cfg: MosmedConfig, info: StoreInfo, run_dir: Path) -> pd.DataFrame:
+    """Every variant on one split; writes the table, metrics.csv and the curves."""
+    labels = read_meta(info.path)["label"]
+    train_idx, val_idx = stratified_split(range(info.n), labels, cfg.val_fraction, cfg.train.seed)
+    log(
+        f"MosMed task: {len(train_idx)} train / {len(val_idx)} validation studies, grid {info.grid}"
+    )
+    rows, histories = [], {}
+    for variant in cfg.variants:
+        row, histories[variant] = train_variant(cfg, variant, info, train_idx, val_idx, run_dir)
+        rows.append(row)
+    table = pd.DataFrame(rows).set_index("variant")
+    write_table(run_dir, "variants", table)
+    pd.concat([h.assign(variant=v) for v, h in histories.items()], ignore_index=True).to_csv(
+        run_dir / "metrics.csv", index=False
+    )
+    word = "generated data" if info.provenance.get("generator") else info.path.name
+    for column, title in (
+        ("val_loss", "validation loss"),
+        ("val_auc", "validation AUC"),
+        ("train_loss", "training loss"),
+    ):
+        save_figure(
+            run_dir, column, metric_curves_plot(histories, column, f"MosMed {title} ({word})")
+        )
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    cfg = make_config(args)
+    info = volume_store(cfg, Path(args.out), args.data_seed)
+    note = common3d.data_note(info)
+    run_dir = common3d.start_run(
+        args.out, args.run_id, {"experiment": NAME, "config": cfg, "store": info.path, "data": note}
+    )
+    log(f"config: {cfg}")
+    try:
+        table = compare(cfg, info, run_dir)
+    except TrainingInterrupted:
+        finish_run(run_dir, "interrupted", data=note)
+        raise
+    wall = time.perf_counter() - started
+    finish_run(run_dir, "complete", data=note, wall_s=wall)
+    print(f"MosMed CT-0 vs CT-2/3 on {note} (best epoch by validation loss)\n")
+    print(table.drop(columns="memory measure").round(3).to_string())
+    print(f"\npeak memory: {table['memory measure'].iloc[0]}; wall time {wall:.1f} s")
+    print(f"results: {run_dir}")
+    return 0

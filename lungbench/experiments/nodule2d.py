@@ -1,0 +1,404 @@
+"""`lungbench train nodule2d`: seed 001's fine-tuning recipe on 64x64 nodule crops.
+
+LR range test (its plot and the suggestion at the steepest descent) -> training with cosine
+annealing or one-cycle and random-rotation augmentation -> test accuracy with and without
+test-time augmentation -> Grad-CAM overlays, the most confidently right, most wrong and most
+uncertain test crops, and the confusion matrix. Split 80/10/10 as the seed.
+
+    lungbench train nodule2d --quick                       generated slices, about a minute
+    lungbench train nodule2d --weights resnet50-tv.pth --method A --epochs 200
+    lungbench train nodule2d --store crops.h5 --schedule onecycle
+
+Outputs in results/<run-id>/: plots/{lr_finder, loss, gradcam, most_correct, most_incorrect,
+most_uncertain, confusion_matrix}.png, tables/{accuracy, confusion_matrix, history}, and the
+training's checkpoint_best.pt / metrics.csv under train/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from lungbench.cam import cam_overlay_figure, grad_cam
+from lungbench.commands._args import non_negative_int, positive_int
+from lungbench.data.store import StoreDataset, read_info
+from lungbench.errors import UsageError
+from lungbench.experiments import common2d as c2d
+from lungbench.lr_finder import find_lr, lr_finder_figure
+from lungbench.results import (
+    append_record,
+    create_run_dir,
+    finish_run,
+    markdown,
+    save_figure,
+    write_json,
+    write_table,
+)
+from lungbench.train import SCHEDULES, TrainConfig, fit, predict
+from lungbench.transfer import parse_method
+from lungbench.tta import DEFAULT_VIEWS, tta_predict
+
+NAME = "nodule2d"
+HELP = "seed 001: 2D nodule crops, LR finder, cosine/one-cycle, rotation aug, TTA, Grad-CAM"
+DESCRIPTION = __doc__.split("\n\n")[1]
+EPILOG = """\
+examples:
+  lungbench train nodule2d --quick
+  lungbench train nodule2d --model resnet34 --epochs 50 --schedule onecycle
+  lungbench train nodule2d --weights weights/resnet50-tv.pth --method A   (head only)
+  lungbench train nodule2d --store crops.h5 --lr 1e-3                     (skip the LR finder)
+
+Store: `lungbench data images --csv labels.csv ...` converts a folder of crops; without
+--store the crops are generated slices through generated nodules (results say so)."""
+
+QUICK = {"model": "resnet18", "n": 80, "epochs": 2, "lr_iters": 20}
+DEFAULTS = {"model": "resnet50", "n": 600, "epochs": 30, "lr_iters": 100}
+GRID = 8  # images per grid
+
+
+@dataclass(frozen=True)
+class Nodule2DConfig:
+    """Everything the run does (saved to config.json)."""
+
+    model: str
+    method: str
+    weights: str | None
+    store: str | None
+    n: int
+    image_size: int
+    augmentation: str
+    lr_iters: int
+    tta_views: tuple[str, ...]
+    generated: bool
+    train: TrainConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--store",
+        default=None,
+        help="binary image store of crops (default: generated nodule slices)",
+    )
+    g.add_argument(
+        "--n", type=positive_int, default=None, help="generated crops (default: 600; --quick: 80)"
+    )
+    g.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=64,
+        help="generated crop size in pixels (default: 64, as the seed)",
+    )
+    g.add_argument(
+        "--augmentation",
+        default="rotation_only",
+        help="training augmentation preset of lungbench.data.transforms: none, "
+        "rotation_only, flips, standard (default: rotation_only, as the seed)",
+    )
+    m = p.add_argument_group("model")
+    m.add_argument(
+        "--model",
+        choices=c2d.BACKBONES,
+        default=None,
+        help="network (default: resnet50, the seed's choice; --quick: resnet18)",
+    )
+    m.add_argument(
+        "--method",
+        default="C",
+        help="transfer method A, B_<depth>, C or D (default: C; without --weights "
+        "C starts from random weights)",
+    )
+    m.add_argument(
+        "--weights",
+        default=None,
+        help="local pretrained weights (torchvision/MONAI .pth or lungbench "
+        "checkpoint; default: none)",
+    )
+    t = p.add_argument_group("training")
+    t.add_argument(
+        "--epochs", type=positive_int, default=None, help="epochs (default: 30; --quick: 2)"
+    )
+    t.add_argument("--batch-size", type=positive_int, default=32, help="batch size (default: 32)")
+    t.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default: the LR finder's suggestion)"
+    )
+    t.add_argument(
+        "--lr-iters",
+        type=positive_int,
+        default=None,
+        help="LR finder steps (default: 100; --quick: 20)",
+    )
+    t.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="cosine",
+        help="LR schedule (default: cosine annealing, as the seed)",
+    )
+    t.add_argument(
+        "--tta",
+        nargs="+",
+        default=list(DEFAULT_VIEWS),
+        help=f"TTA views (default: all 8: {' '.join(DEFAULT_VIEWS)})",
+    )
+    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    t.add_argument(
+        "--workers", type=non_negative_int, default=0, help="DataLoader workers (default: 0)"
+    )
+    t.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
+    o = p.add_argument_group("output")
+    o.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 80 crops, resnet18, 2 epochs, 20 LR-finder steps",
+    )
+    o.add_argument("--out", default="results", help="output root (default: results)")
+    o.add_argument(
+        "--run-id", default=None, help="run folder name (default: nodule2d-<UTC>-<host>)"
+    )
+
+
+def make_config(args: argparse.Namespace, lr: float | None = None) -> Nodule2DConfig:
+    base = QUICK if args.quick else DEFAULTS
+
+    def pick(name):
+        value = getattr(args, name)
+        return base[name] if value is None else value
+
+    parse_method(args.method)
+    from lungbench.data.transforms import PRESETS
+    from lungbench.errors import look_up_option
+    from lungbench.tta import VIEWS
+
+    look_up_option(args.augmentation, PRESETS, what="augmentation preset")
+    for view in args.tta:
+        look_up_option(view, VIEWS, what="TTA view")
+    train = TrainConfig(
+        epochs=pick("epochs"),
+        batch_size=args.batch_size,
+        lr=lr or args.lr or 1e-3,
+        schedule=args.schedule,
+        seed=args.seed,
+        num_workers=args.workers,
+        device=args.device,
+        tensorboard=False,
+    )
+    return Nodule2DConfig(
+        model=pick("model"),
+        method=args.method,
+        weights=args.weights,
+        store=args.store,
+        n=pick("n"),
+        image_size=args.image_size,
+        augmentation=args.augmentation,
+        lr_iters=pick("lr_iters"),
+        tta_views=tuple(args.tta),
+        generated=args.store is None,
+        train=train,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = make_config(args)
+    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    run_dir = create_run_dir(args.out, NAME, args.run_id)
+    store = _store(cfg, run_dir)
+    info = read_info(store)
+    if info.task != "binary":
+        raise UsageError(
+            f"{store}: task {info.task!r}; nodule2d needs a binary store (benign/malignant crops)"
+        )
+    note = "generated nodule slices (not real crops)" if cfg.generated else str(store)
+    train_idx, val_idx, test_idx = _split(len(StoreDataset(store)), cfg.train.seed)
+    from lungbench.data.transforms import make_transform
+
+    train_ds = Subset(
+        StoreDataset(store, transform=make_transform(cfg.augmentation, cfg.train.seed)), train_idx
+    )
+    plain = StoreDataset(store, cache=True)
+    val_ds, test_ds = Subset(plain, val_idx), Subset(plain, test_idx)
+    kwargs = c2d.model_kwargs(cfg.model, info.inputs["image"][0], 1, 0.0)
+    method = parse_method(cfg.method)
+    built = c2d.build_transfer_model(cfg.model, kwargs, method, cfg.weights, cfg.train.seed)
+
+    sweep = find_lr(
+        built.model,
+        train_ds,
+        num_iter=cfg.lr_iters,
+        batch_size=cfg.train.batch_size,
+        device=cfg.train.device,
+        seed=cfg.train.seed,
+    )
+    save_figure(run_dir, "lr_finder", lr_finder_figure(sweep, f"LR finder, {cfg.model}"))
+    if args.lr is None:
+        cfg = make_config(args, lr=sweep.suggestion)
+    log(f"LR finder suggests {sweep.suggestion:.2e}; training with lr {cfg.train.lr:.2e}")
+    log(f"config: {cfg}")
+    write_json(
+        run_dir / "config.json",
+        {
+            "nodule2d": asdict(cfg),
+            "lr_finder": {
+                "suggestion": sweep.suggestion,
+                "lrs": sweep.lrs,
+                "smoothed": sweep.smoothed,
+            },
+        },
+    )
+    _write_environment(run_dir)
+
+    result = fit(
+        built.model,
+        train_ds,
+        val_ds,
+        cfg.train,
+        run_dir=run_dir / "train",
+        checkpoint_meta={
+            "model_name": cfg.model,
+            "model_kwargs": kwargs,
+            "weights_chain": list(built.load.chain) if built.load else [],
+            "transfer_method": method.label,
+        },
+    )
+    write_table(run_dir, "history", result.history, index=False)
+    save_figure(run_dir, "loss", _loss_figure(result.history))
+    probs, targets = predict(built.model, test_ds, cfg.train.batch_size, cfg.train.device)
+    tta_probs, _ = tta_predict(
+        built.model, test_ds, "binary", cfg.train.batch_size, cfg.train.device, cfg.tta_views
+    )
+    accuracy = pd.DataFrame(
+        {
+            "prediction": ["plain", f"TTA ({len(cfg.tta_views)} views)"],
+            "test_accuracy": [_accuracy(probs, targets), _accuracy(tta_probs, targets)],
+            "n_test": [len(targets)] * 2,
+        }
+    )
+    write_table(run_dir, "accuracy", accuracy, index=False)
+    append_record(
+        run_dir,
+        {
+            "kind": "nodule2d",
+            "lr": cfg.train.lr,
+            **dict(zip(accuracy["prediction"], accuracy["test_accuracy"], strict=True)),
+        },
+    )
+    confusion = confusion_table(tta_probs, targets, info.label_names)
+    write_table(run_dir, "confusion_matrix", confusion)
+    save_figure(run_dir, "confusion_matrix", _confusion_figure(confusion))
+    _case_grids(run_dir, built.model, test_ds, tta_probs, targets, info.label_names)
+    finish_run(run_dir, data=note)
+    print(
+        f"\nTest accuracy, {cfg.model} method {method.label} ({note}):\n"
+        f"{markdown(accuracy, index=False)}\n\nConfusion matrix (TTA):\n{markdown(confusion)}"
+    )
+    print(f"\nresults: {run_dir}")
+    return 0
+
+
+def _store(cfg: Nodule2DConfig, run_dir: Path) -> Path:
+    if cfg.store is not None:
+        return Path(cfg.store)
+    from lungbench.data.synth2d import write_nodule2d_store
+
+    path = run_dir / "data" / "nodule2d-synth.h5"
+    with tqdm(total=cfg.n, desc="generate nodule slices", unit="crop", file=sys.stderr) as bar:
+        write_nodule2d_store(
+            path, cfg.n, seed=cfg.train.seed, size=cfg.image_size, progress=bar.update
+        )
+    return path
+
+
+def _write_environment(run_dir: Path) -> None:
+    from lungbench.env import environment_record
+
+    write_json(run_dir / "environment.json", environment_record())
+
+
+def _split(n: int, seed: int) -> tuple[list[int], list[int], list[int]]:
+    """80/10/10 train/validation/test, shuffled with `seed` (the seed's split)."""
+    if n < 10:
+        raise UsageError(f"nodule2d needs at least 10 crops for an 80/10/10 split, got {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    a, b = int(0.8 * n), int(0.9 * n)
+    return order[:a].tolist(), order[a:b].tolist(), order[b:].tolist()
+
+
+def _accuracy(probs: np.ndarray, targets: np.ndarray) -> float:
+    return float(np.mean((probs >= 0.5) == (targets >= 0.5)))
+
+
+def confusion_table(probs: np.ndarray, targets: np.ndarray, names) -> pd.DataFrame:
+    """Counts with totals: rows true class, columns predicted class (threshold 0.5)."""
+    pred = (probs >= 0.5).astype(int)
+    true = (targets >= 0.5).astype(int)
+    table = pd.DataFrame(
+        0, index=[f"true {n}" for n in names], columns=[f"predicted {n}" for n in names]
+    )
+    for t, p in zip(true, pred, strict=True):
+        table.iloc[t, p] += 1
+    table["total"] = table.sum(axis=1)
+    table.loc["total"] = table.sum(axis=0)
+    return table
+
+
+def case_indices(probs: np.ndarray, targets: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Test positions of the most confidently right, most wrong and most uncertain cases."""
+    truth = (targets >= 0.5).astype(float)
+    confidence_in_truth = np.where(truth == 1, probs, 1 - probs)
+    correct = confidence_in_truth >= 0.5
+    order = np.argsort(-confidence_in_truth)
+    return {
+        "most_correct": order[correct[order]][:k],
+        "most_incorrect": order[::-1][~correct[order[::-1]]][:k],
+        "most_uncertain": np.argsort(np.abs(probs - 0.5))[:k],
+    }
+
+
+def _case_grids(run_dir: Path, model, test_ds, probs, targets, names) -> None:
+    cases = case_indices(probs, targets, GRID)
+    for name, positions in cases.items():
+        if len(positions) == 0:
+            continue
+        images = torch.stack([test_ds[int(i)][0][0] for i in positions])
+        cams = grad_cam(model, (images,), target=0).numpy()
+        titles = [f"{names[int(targets[i] >= 0.5)]}: p(mal)={probs[i]:.2f}" for i in positions]
+        save_figure(run_dir, name, cam_overlay_figure(images[:, 0].numpy(), cams, titles))
+    first = np.arange(min(GRID, len(targets)))
+    images = torch.stack([test_ds[int(i)][0][0] for i in first])
+    cams = grad_cam(model, (images,), target=0).numpy()
+    titles = [f"{names[int(targets[i] >= 0.5)]}: p={probs[i]:.2f}" for i in first]
+    save_figure(run_dir, "gradcam", cam_overlay_figure(images[:, 0].numpy(), cams, titles))
+
+
+def _loss_figure(history: pd.DataFrame):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(history["epoch"], history["train_loss"], marker="o", label="train")
+    ax.plot(history["epoch"], history["val_loss"], marker="o", label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend()
+    return fig
+
+
+def _confusion_figure(table: pd.DataFrame):
+    import matplotlib.pyplot as plt
+
+    counts = table.iloc[:-1, :-1].to_numpy()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(counts, cmap="Blues")
+    for (i, j), v in np.ndenumerate(counts):
+        ax.text(j, i, str(v), ha="center", va="center")
+    ax.set_xticks(range(counts.shape[1]), table.columns[:-1], rotation=20)
+    ax.set_yticks(range(counts.shape[0]), table.index[:-1])
+    return fig

@@ -1,0 +1,626 @@
+"""Where the time goes: a training step under torch.profiler, traces and summaries.
+
+The workload (the two-path model's training step, as the bench harness measures it) runs
+under `torch.profiler` with an explicit schedule: `wait` steps ignored, `warmup` steps
+profiled and thrown away, `active` steps recorded, the cycle repeated `repeat` times. Each
+step is cut into record_function ranges "data", "forward", "backward" and "optimizer" (and
+NVTX ranges of the same names on CUDA, for Nsight Systems). Outputs in the run folder:
+
+    traces/<host>_<pid>.<ns>.pt.trace.json   Chrome-trace JSON, one per cycle, written by
+                                             tensorboard_trace_handler: open with
+                                             `tensorboard --logdir RUN` (torch-tb-profiler),
+                                             https://ui.perfetto.dev or chrome://tracing
+    tables/operators.csv|.md                 top-N operators by self CPU (or CUDA) time
+    tables/phases.csv|.md                    data / forward / backward / optimizer /
+                                             communication time per step
+    profile.json                             the summary: phase shares, the share of
+                                             communication overlapped with compute, files
+
+    lungbench profile --filters 16 --batch 2            # CPU, default preset
+    lungbench profile --device cuda --activities cpu,cuda --with-stack
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.profiler import ProfilerActivity, record_function
+
+from lungbench.errors import DataError, UsageError, look_up_option
+
+ACTIVITIES = {"cpu": ProfilerActivity.CPU, "cuda": ProfilerActivity.CUDA}
+PHASES = ("data", "forward", "backward", "optimizer")
+TRACE_SUFFIXES = (".pt.trace.json", ".pt.trace.json.gz")
+
+# Operator / kernel names of collective communication: NCCL kernels on GPU, the c10d and
+# Gloo ops on the CPU side (DDP's gradient all-reduce shows up as these).
+COMM_PATTERN = re.compile(
+    r"nccl|gloo|c10d::|record_param_comms|all_?reduce|all_?gather|reduce_?scatter|broadcast",
+    re.IGNORECASE,
+)
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class ProfileSchedule:
+    """torch.profiler's schedule; one cycle = wait + warmup + active steps."""
+
+    wait: int = 1
+    warmup: int = 1
+    active: int = 3
+    repeat: int = 1
+
+    @property
+    def steps(self) -> int:
+        """Steps the whole schedule needs."""
+        return (self.wait + self.warmup + self.active) * self.repeat
+
+    def check(self, run_steps: int | None = None) -> int:
+        """UsageError unless the schedule is valid and fits `run_steps`; returns the length."""
+        for name in ("wait", "warmup"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("active", "repeat"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if run_steps is not None and run_steps < self.steps:
+            raise UsageError(
+                f"--steps {run_steps}: the schedule needs (wait {self.wait} + warmup "
+                f"{self.warmup} + active {self.active}) x repeat {self.repeat} = {self.steps} "
+                "steps; raise --steps or shorten the schedule"
+            )
+        return self.steps
+
+    def torch_schedule(self) -> Callable[[int], Any]:
+        return torch.profiler.schedule(
+            wait=self.wait, warmup=self.warmup, active=self.active, repeat=self.repeat
+        )
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """One profiled workload. Every field is saved in config.json."""
+
+    model: str = "dualpath3d"
+    preset: str = "default"
+    filters: int = 16
+    batch_size: int = 2
+    device: str = "cpu"
+    threads: int | None = None
+    schedule: ProfileSchedule = field(default_factory=ProfileSchedule)
+    steps: int | None = None  # run length; None = exactly the schedule
+    activities: tuple[str, ...] = ("cpu",)
+    record_shapes: bool = True
+    profile_memory: bool = True
+    with_stack: bool = False
+    top: int = 25
+    store: Path | None = None  # batches from this store through a DataLoader; else random
+    seed: int = 0
+
+    @property
+    def run_steps(self) -> int:
+        return self.steps if self.steps is not None else self.schedule.steps
+
+
+def parse_activities(text: str | Iterable[str], device: str = "cpu") -> tuple[str, ...]:
+    """'cpu,cuda' -> ('cpu', 'cuda'); UsageError for an unknown or unusable activity."""
+    names = text.split(",") if isinstance(text, str) else list(text)
+    names = [n.strip().lower() for n in names if n.strip()]
+    if not names:
+        raise UsageError(f"--activities: empty; choose from: {', '.join(ACTIVITIES)}")
+    for name in names:
+        look_up_option(name, ACTIVITIES, what="--activities entry")
+    if "cuda" in names and not torch.cuda.is_available():
+        raise UsageError("--activities cuda: no CUDA device on this machine; choose from: cpu")
+    if "cuda" in names and torch.device(device).type != "cuda":
+        raise UsageError(f"--activities cuda needs --device cuda, got --device {device}")
+    return tuple(dict.fromkeys(names))
+
+
+def check_writable(folder: Path, option: str = "--out") -> None:
+    """UsageError unless `folder` can be created and written (before anything runs)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UsageError(f"{option} {folder}: cannot write the trace folder ({reason})") from None
+
+
+# --------------------------------------------------------------------------- ranges
+
+
+@contextlib.contextmanager
+def phase_range(name: str, nvtx: bool = False) -> Iterator[None]:
+    """A record_function range for the profiler, and an NVTX range on CUDA (Nsight)."""
+    with contextlib.ExitStack() as stack:
+        if nvtx:
+            stack.enter_context(torch.cuda.nvtx.range(name))
+        stack.enter_context(record_function(name))
+        yield
+
+
+# --------------------------------------------------------------------------- workload
+
+
+def _batches(cfg: ProfileConfig, device: torch.device) -> Iterator[tuple[list, torch.Tensor]]:
+    """Endless batches on the host: from the store through a DataLoader, or random."""
+    if cfg.store is not None:
+        from torch.utils.data import DataLoader
+
+        from lungbench.data.store import StoreDataset
+
+        loader = DataLoader(
+            StoreDataset(cfg.store),
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            drop_last=True,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        while True:
+            for inputs, target in loader:
+                yield list(inputs), target.float()
+    shapes = input_shapes(cfg)
+    g = torch.Generator().manual_seed(cfg.seed)
+    # A few distinct host batches, cycled: the "data" range then holds the host-to-device
+    # copy, not random number generation.
+    pool = [
+        (
+            [torch.rand(shape, generator=g) for shape in shapes],
+            torch.randint(0, 2, (cfg.batch_size,), generator=g).float(),
+        )
+        for _ in range(2)
+    ]
+    if device.type == "cuda":
+        pool = [([x.pin_memory() for x in xs], y.pin_memory()) for xs, y in pool]
+    yield from itertools.cycle(pool)
+
+
+def model_kwargs(cfg: ProfileConfig) -> dict[str, Any]:
+    """The options of `cfg` its model takes (preset and filters for the two-path model)."""
+    import inspect
+
+    from lungbench.models.registry import model_builder
+
+    accepted = inspect.signature(model_builder(cfg.model)).parameters
+    return {k: v for k, v in (("preset", cfg.preset), ("filters", cfg.filters)) if k in accepted}
+
+
+def input_shapes(cfg: ProfileConfig) -> list[tuple[int, ...]]:
+    """Batched input shapes: the preset's grids for the two-path model, else the registry's
+    example inputs."""
+    if cfg.model == "dualpath3d":
+        from lungbench.models.dualpath3d import geometry
+
+        geo = geometry(cfg.preset)
+        return [(cfg.batch_size, 1, *geo.context_grid), (cfg.batch_size, 1, *geo.zoom_grid)]
+    from lungbench.models.registry import example_input_shapes
+
+    return list(example_input_shapes(cfg.model, cfg.batch_size))
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE for one logit per sample (the two-path model), cross-entropy otherwise."""
+    logits = logits.reshape(len(target), -1)
+    if logits.shape[1] == 1:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], target)
+    return torch.nn.functional.cross_entropy(logits, target.long())
+
+
+def training_step_fn(cfg: ProfileConfig, device: torch.device) -> Callable[[], None]:
+    """One training step of `cfg`'s model with its four phases in named ranges."""
+    from lungbench.models import create_model
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, **model_kwargs(cfg)).to(device).train()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Under a launcher the step is DDP's, so communication shows up in the trace.
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = _batches(cfg, device)
+    nvtx = device.type == "cuda"
+
+    def step() -> None:
+        with phase_range("data", nvtx):
+            inputs, target = next(batches)
+            inputs = [x.to(device, non_blocking=True) for x in inputs]
+            target = target.to(device, non_blocking=True)
+        with phase_range("forward", nvtx):
+            loss = _loss(model(*inputs), target)
+        with phase_range("backward", nvtx):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with phase_range("optimizer", nvtx):
+            optimizer.step()
+
+    return step
+
+
+def profile_steps(
+    step: Callable[[], None],
+    run_steps: int,
+    schedule: ProfileSchedule,
+    activities: Sequence[str],
+    trace_dir: Path,
+    *,
+    record_shapes: bool = True,
+    profile_memory: bool = True,
+    with_stack: bool = False,
+    worker_name: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Run `step` `run_steps` times under the profiler; traces go to `trace_dir`.
+
+    Returns the operator statistics summed over every recorded cycle:
+    {operator: {calls, self_cpu_us, cpu_total_us, self_device_us, device_total_us, ...}}.
+    """
+    schedule.check(run_steps)
+    handler = torch.profiler.tensorboard_trace_handler(str(trace_dir), worker_name=worker_name)
+    totals: dict[str, dict[str, float]] = {}
+
+    def on_trace_ready(prof: torch.profiler.profile) -> None:
+        handler(prof)
+        _add_key_averages(totals, prof.key_averages())
+
+    with torch.profiler.profile(
+        activities=[ACTIVITIES[a] for a in activities],
+        schedule=schedule.torch_schedule(),
+        on_trace_ready=on_trace_ready,
+        record_shapes=record_shapes,
+        profile_memory=profile_memory,
+        with_stack=with_stack,
+    ) as prof:
+        for _ in range(run_steps):
+            step()
+            prof.step()
+    cuda = any(a == "cuda" for a in activities)
+    if cuda:
+        torch.cuda.synchronize()
+    return totals
+
+
+def _add_key_averages(totals: dict[str, dict[str, float]], averages: Iterable[Any]) -> None:
+    """Accumulate one cycle's operators (user ranges and ProfilerStep#N are left out)."""
+    for e in averages:
+        if getattr(e, "is_user_annotation", False) or e.key.startswith("ProfilerStep"):
+            continue
+        row = totals.setdefault(
+            e.key,
+            dict.fromkeys(
+                (
+                    "calls",
+                    "self_cpu_us",
+                    "cpu_total_us",
+                    "self_device_us",
+                    "device_total_us",
+                    "self_cpu_memory_bytes",
+                    "self_device_memory_bytes",
+                ),
+                0.0,
+            ),
+        )
+        row["calls"] += e.count
+        row["self_cpu_us"] += e.self_cpu_time_total
+        row["cpu_total_us"] += e.cpu_time_total
+        row["self_device_us"] += getattr(e, "self_device_time_total", 0.0)
+        row["device_total_us"] += getattr(e, "device_time_total", 0.0)
+        row["self_cpu_memory_bytes"] += e.self_cpu_memory_usage
+        row["self_device_memory_bytes"] += getattr(e, "self_device_memory_usage", 0)
+
+
+def operator_table(
+    totals: dict[str, dict[str, float]], top: int = 25, by: str = "cpu"
+) -> pd.DataFrame:
+    """The top-`top` operators by self CPU (`by`='cpu') or self CUDA ('cuda') time, in ms."""
+    if not totals:
+        return pd.DataFrame(columns=["operator", "calls", "self_cpu_ms", "self_cpu_pct"])
+    frame = pd.DataFrame.from_dict(totals, orient="index").rename_axis("operator").reset_index()
+    frame["calls"] = frame["calls"].astype(int)
+    out = pd.DataFrame(
+        {
+            "operator": frame["operator"],
+            "calls": frame["calls"],
+            "self_cpu_ms": frame["self_cpu_us"] / 1e3,
+            "self_cpu_pct": 100 * frame["self_cpu_us"] / max(frame["self_cpu_us"].sum(), 1e-12),
+            "cpu_total_ms": frame["cpu_total_us"] / 1e3,
+            "self_cuda_ms": frame["self_device_us"] / 1e3,
+            "self_cuda_pct": 100
+            * frame["self_device_us"]
+            / max(frame["self_device_us"].sum(), 1e-12),
+            "cuda_total_ms": frame["device_total_us"] / 1e3,
+            "self_cpu_memory_bytes": frame["self_cpu_memory_bytes"].astype("int64"),
+            "self_cuda_memory_bytes": frame["self_device_memory_bytes"].astype("int64"),
+        }
+    )
+    key = "self_cuda_ms" if by == "cuda" else "self_cpu_ms"
+    return out.sort_values(key, ascending=False, kind="stable").head(top).reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- traces
+
+
+def trace_files(trace_dir: Path) -> list[Path]:
+    """The Chrome-trace files in `trace_dir`, oldest first."""
+    return sorted(p for p in Path(trace_dir).iterdir() if p.name.endswith(TRACE_SUFFIXES))
+
+
+def load_trace(path: Path) -> dict[str, Any]:
+    """A trace as JSON (DataError naming the file unless it is Chrome-trace JSON)."""
+    path = Path(path)
+    try:
+        if path.name.endswith(".gz"):
+            import gzip
+
+            with gzip.open(path, "rt") as f:
+                trace = json.load(f)
+        else:
+            with open(path) as f:
+                trace = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable Chrome-trace JSON file ({exc})") from None
+    if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
+        raise DataError(f"{path}: JSON without a 'traceEvents' list; not a Chrome trace")
+    return trace
+
+
+def _spans(events: Iterable[dict[str, Any]], keep: Callable[[dict[str, Any]], bool]) -> list:
+    """(start_us, end_us, pid, tid, name) of complete events ('ph': 'X') passing `keep`."""
+    return [
+        (
+            float(e["ts"]),
+            float(e["ts"]) + float(e.get("dur", 0)),
+            e.get("pid"),
+            e.get("tid"),
+            e.get("name", ""),
+        )
+        for e in events
+        if e.get("ph") == "X" and "ts" in e and keep(e)
+    ]
+
+
+def union_length(intervals: Iterable[tuple[float, float]]) -> float:
+    """Total length covered by the union of [start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def _merge(intervals: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for s, e in sorted(intervals):
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    return [(s, e) for s, e in merged]
+
+
+def overlap_fraction(
+    comm: Iterable[tuple[float, float]], compute: Iterable[tuple[float, float]]
+) -> float:
+    """Share of communication time during which compute also runs (0 without communication)."""
+    a, b = _merge(comm), _merge(compute)
+    total = sum(e - s for s, e in a)
+    if total <= 0:
+        return 0.0
+    i = j = 0
+    both = 0.0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        both += max(0.0, hi - lo)
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return both / total
+
+
+def communication_spans(events: Sequence[dict[str, Any]]) -> tuple[list, list]:
+    """(communication, compute) spans of a trace.
+
+    With GPU kernels in the trace: NCCL kernels vs every other kernel (device time). CPU-only:
+    collective ops (c10d / Gloo) vs the other CPU ops, leaving out ops nested inside a
+    collective on the same thread (its own copies are not compute that hides it).
+    """
+    kernels = _spans(events, lambda e: e.get("cat") == "kernel")
+    if kernels:
+        comm = [k for k in kernels if "nccl" in k[4].lower()]
+        return comm, [k for k in kernels if "nccl" not in k[4].lower()]
+    ops = _spans(events, lambda e: e.get("cat") == "cpu_op")
+    comm = [o for o in ops if COMM_PATTERN.search(o[4])]
+    inside = {(c[2], c[3]): [] for c in comm}
+    for c in comm:
+        inside[(c[2], c[3])].append((c[0], c[1]))
+
+    def nested(o: tuple) -> bool:
+        return any(s <= o[0] and o[1] <= e for s, e in inside.get((o[2], o[3]), ()))
+
+    compute = [o for o in ops if not COMM_PATTERN.search(o[4]) and not nested(o)]
+    return comm, compute
+
+
+def phase_summary(
+    traces: Sequence[dict[str, Any]], phases: Sequence[str] = PHASES
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Per-phase time from the traces' record_function ranges, and the overlap summary.
+
+    Returns (table, summary): the table has one row per phase plus "communication" and
+    "step" (ProfilerStep#N) with CPU-side and, when recorded, GPU-side milliseconds per step;
+    the summary holds profiled steps, shares of the step and the communication overlap.
+    """
+    cpu = dict.fromkeys(phases, 0.0)
+    gpu = dict.fromkeys(phases, 0.0)
+    step_us = comm_us = both_us = 0.0
+    steps = 0
+    for trace in traces:
+        events = trace["traceEvents"]
+        for s, e, _, _, name in _spans(events, lambda ev: ev.get("cat") == "user_annotation"):
+            if name in cpu:
+                cpu[name] += e - s
+            elif name.startswith("ProfilerStep#"):
+                step_us += e - s
+                steps += 1
+        for s, e, _, _, name in _spans(events, lambda ev: ev.get("cat") == "gpu_user_annotation"):
+            if name in gpu:
+                gpu[name] += e - s
+        comm, compute = communication_spans(events)
+        c = union_length((s, e) for s, e, *_ in comm)
+        comm_us += c
+        both_us += (
+            overlap_fraction([(s, e) for s, e, *_ in comm], [(s, e) for s, e, *_ in compute]) * c
+        )
+    has_gpu = any(gpu.values())
+    per = max(steps, 1) * 1e3  # us -> ms per step
+    rows = [
+        {
+            "phase": p,
+            "cpu_ms_per_step": cpu[p] / per,
+            "gpu_ms_per_step": gpu[p] / per if has_gpu else None,
+            "share_of_step": cpu[p] / step_us if step_us else None,
+        }
+        for p in phases
+    ]
+    rows.append(
+        {
+            "phase": "communication",
+            "cpu_ms_per_step": comm_us / per,
+            "gpu_ms_per_step": None,
+            "share_of_step": comm_us / step_us if step_us else None,
+        }
+    )
+    rows.append(
+        {
+            "phase": "step",
+            "cpu_ms_per_step": step_us / per,
+            "gpu_ms_per_step": None,
+            "share_of_step": 1.0 if step_us else None,
+        }
+    )
+    compute_us = sum(cpu[p] for p in ("forward", "backward", "optimizer") if p in cpu)
+    summary = {
+        "profiled_steps": steps,
+        "step_ms": step_us / per,
+        "data_ms": cpu.get("data", 0.0) / per,
+        "compute_ms": compute_us / per,
+        "communication_ms": comm_us / per,
+        "data_share": cpu.get("data", 0.0) / step_us if step_us else None,
+        "compute_share": compute_us / step_us if step_us else None,
+        "communication_share": comm_us / step_us if step_us else None,
+        "communication_overlap_fraction": both_us / comm_us if comm_us else 0.0,
+    }
+    return pd.DataFrame(rows), summary
+
+
+# --------------------------------------------------------------------------- a run
+
+
+@dataclass
+class ProfileResult:
+    run_dir: Path
+    traces: list[Path]
+    operators: pd.DataFrame
+    phases: pd.DataFrame
+    summary: dict[str, Any]
+
+
+def validate(cfg: ProfileConfig, out: Path) -> torch.device:
+    """UsageError for anything invalid, before any file is written; returns the device."""
+    from lungbench.harness import parse_device
+    from lungbench.models import list_models
+    from lungbench.models.dualpath3d import GEOMETRY_PRESETS
+
+    look_up_option(cfg.model, list_models(), what="--model")
+    look_up_option(cfg.preset, GEOMETRY_PRESETS, what="--preset")
+    device = parse_device(cfg.device)
+    parse_activities(cfg.activities, cfg.device)
+    cfg.schedule.check(cfg.run_steps)
+    if cfg.store is not None:
+        from lungbench.data.store import read_info
+
+        read_info(cfg.store)
+    check_writable(out)
+    return device
+
+
+def run_profile(
+    cfg: ProfileConfig,
+    out: Path = Path("results"),
+    run_id: str | None = None,
+    log: Callable[[str], None] = print,
+) -> ProfileResult:
+    """Profile `cfg`'s training step and write traces, tables and profile.json."""
+    from lungbench.env import environment_record
+    from lungbench.results import create_run_dir, finish_run, write_json, write_table
+    from lungbench.timing import set_threads
+
+    device = validate(cfg, Path(out))
+    threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
+    run_dir = create_run_dir(out, "profile", run_id)
+    try:
+        write_json(run_dir / "config.json", {"profile": cfg, "threads_used": threads})
+        write_json(run_dir / "environment.json", environment_record())
+        trace_dir = run_dir / "traces"
+        trace_dir.mkdir()
+        log(
+            f"profiling {cfg.model} f{cfg.filters} b{cfg.batch_size} on {device}: "
+            f"{cfg.run_steps} steps, schedule {cfg.schedule}"
+        )
+        totals = profile_steps(
+            training_step_fn(cfg, device),
+            cfg.run_steps,
+            cfg.schedule,
+            cfg.activities,
+            trace_dir,
+            record_shapes=cfg.record_shapes,
+            profile_memory=cfg.profile_memory,
+            with_stack=cfg.with_stack,
+        )
+        files = trace_files(trace_dir)
+        traces = [load_trace(p) for p in files]  # also proves they are valid Chrome traces
+        operators = operator_table(
+            totals, cfg.top, by="cuda" if "cuda" in cfg.activities else "cpu"
+        )
+        phases, summary = phase_summary(traces)
+        write_table(run_dir, "operators", operators, index=False)
+        write_table(run_dir, "phases", phases, index=False)
+        summary.update(
+            {
+                "device": str(device),
+                "threads_used": threads,
+                "trace_files": [str(p.relative_to(run_dir)) for p in files],
+                "trace_events": sum(len(t["traceEvents"]) for t in traces),
+                "top_operators": operators.head(5)[
+                    ["operator", "self_cpu_ms", "self_cuda_ms"]
+                ].to_dict("records"),
+                "tensorboard": f"tensorboard --logdir {run_dir}",
+            }
+        )
+        write_json(run_dir / "profile.json", summary)
+    except BaseException as exc:
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        finish_run(run_dir, status=status, error=str(exc).splitlines()[0] if str(exc) else "")
+        raise
+    finish_run(run_dir, "complete")
+    return ProfileResult(run_dir, files, operators, phases, summary)

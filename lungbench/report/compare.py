@@ -1,0 +1,292 @@
+"""Compare two runs configuration by configuration: did B get faster or slower than A?
+
+For every configuration key measured (status ok) in both runs:
+
+- step time: the ratio of medians median(B) / median(A) of the raw timed repeats
+  (`samples_s["step"]` of each record), with a percentile bootstrap confidence interval
+  (both runs resampled with replacement); flagged "slower" / "faster" only when the interval
+  excludes 1 AND the change is larger than the threshold, else "same";
+- epoch time: one end-to-end epoch per record, so the ratio has no interval and is flagged
+  by the threshold alone (informational: a single epoch on a shared machine is noisy).
+
+Environments are compared too: library versions, Python, CPU model, cores, torch threads,
+GPU, driver and host. A difference is a warning, since it may explain a change.
+
+    lungbench compare results/run-a results/run-b --fail-above 10    # CI: exit 1 on >10% slower
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lungbench.report.runview import RunView
+
+DEFAULT_THRESHOLD = 0.05  # changes within 5% are "same" whatever the interval says
+DEFAULT_BOOTSTRAP = 2000
+DEFAULT_CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Change:
+    """B against A for one configuration and one timed quantity."""
+
+    key: str
+    metric: str  # "step" or "epoch"
+    a_s: float  # median seconds in A
+    b_s: float
+    ratio: float  # b_s / a_s: > 1 means B is slower
+    ci_low: float | None
+    ci_high: float | None
+    n_a: int
+    n_b: int
+    verdict: str  # "faster" | "slower" | "same"
+
+    @property
+    def change_pct(self) -> float:
+        return (self.ratio - 1.0) * 100.0
+
+
+@dataclass
+class Comparison:
+    """The result of comparing run B with run A."""
+
+    a: str
+    b: str
+    changes: list[Change] = field(default_factory=list)
+    only_a: list[str] = field(default_factory=list)
+    only_b: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def counts(self, metric: str = "step") -> dict[str, int]:
+        out = {"faster": 0, "slower": 0, "same": 0}
+        for c in self.changes:
+            if c.metric == metric:
+                out[c.verdict] += 1
+        return out
+
+    def regressions(self, above_pct: float) -> list[Change]:
+        """Step-time changes flagged slower by more than `above_pct` percent."""
+        return [
+            c
+            for c in self.changes
+            if c.metric == "step" and c.verdict == "slower" and c.change_pct > above_pct
+        ]
+
+    def table(self) -> pd.DataFrame:
+        rows = []
+        for c in self.changes:
+            row = asdict(c)
+            row["change_pct"] = c.change_pct
+            rows.append(row)
+        columns = [
+            "key",
+            "metric",
+            "a_s",
+            "b_s",
+            "ratio",
+            "ci_low",
+            "ci_high",
+            "change_pct",
+            "n_a",
+            "n_b",
+            "verdict",
+        ]
+        return pd.DataFrame(rows, columns=columns)
+
+
+def bootstrap_ratio_ci(
+    a: Sequence[float],
+    b: Sequence[float],
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of median(b) / median(a), resampling both samples."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.size == 0 or y.size == 0:
+        raise ValueError("bootstrap needs at least one sample on each side")
+    rng = np.random.default_rng(seed)
+    med_a = np.median(x[rng.integers(0, x.size, (n_boot, x.size))], axis=1)
+    med_b = np.median(y[rng.integers(0, y.size, (n_boot, y.size))], axis=1)
+    ratios = med_b / med_a
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(ratios, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def verdict(ratio: float, low: float | None, high: float | None, threshold: float) -> str:
+    """'same' when the interval contains 1 or the change is within the threshold."""
+    if abs(ratio - 1.0) <= threshold:
+        return "same"
+    if low is not None and high is not None and low <= 1.0 <= high:
+        return "same"
+    return "slower" if ratio > 1.0 else "faster"
+
+
+def compare_records(
+    a: Sequence[Mapping[str, Any]],
+    b: Sequence[Mapping[str, Any]],
+    threshold: float = DEFAULT_THRESHOLD,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = 0,
+    names: tuple[str, str] = ("A", "B"),
+) -> Comparison:
+    """Per configuration key, B against A (records with status ok only)."""
+    by_a, by_b = _ok_by_key(a), _ok_by_key(b)
+    result = Comparison(
+        *names, only_a=[k for k in by_a if k not in by_b], only_b=[k for k in by_b if k not in by_a]
+    )
+    for key in (k for k in by_a if k in by_b):
+        ra, rb = by_a[key], by_b[key]
+        sa, sb = _step_samples(ra), _step_samples(rb)
+        if sa and sb:
+            low, high = bootstrap_ratio_ci(sa, sb, n_boot, confidence, seed)
+            ratio = float(np.median(sb) / np.median(sa))
+            result.changes.append(
+                Change(
+                    key,
+                    "step",
+                    float(np.median(sa)),
+                    float(np.median(sb)),
+                    ratio,
+                    low,
+                    high,
+                    len(sa),
+                    len(sb),
+                    verdict(ratio, low, high, threshold),
+                )
+            )
+        ea, eb = ra.get("epoch_s"), rb.get("epoch_s")
+        if _positive(ea) and _positive(eb):
+            ratio = float(eb) / float(ea)
+            result.changes.append(
+                Change(
+                    key,
+                    "epoch",
+                    float(ea),
+                    float(eb),
+                    ratio,
+                    None,
+                    None,
+                    1,
+                    1,
+                    verdict(ratio, None, None, threshold),
+                )
+            )
+    return result
+
+
+def compare_runs(a: RunView, b: RunView, **kw: Any) -> Comparison:
+    """compare_records on two run folders, with environment warnings."""
+    result = compare_records(a.records, b.records, names=(a.name, b.name), **kw)
+    result.warnings = environment_differences(a.environment, b.environment)
+    if not a.records or not b.records:
+        empty = a.name if not a.records else b.name
+        result.warnings.append(f"run {empty} has no measurement records")
+    return result
+
+
+# What is compared between two environment records: label -> path of keys.
+ENV_FIELDS: dict[str, tuple[str, ...]] = {
+    "python": ("python",),
+    "torch": ("torch", "version"),
+    "CUDA": ("torch", "cuda_version"),
+    "cuDNN": ("torch", "cudnn_version"),
+    "CPU model": ("cpu", "model"),
+    "logical cores": ("cpu", "logical_cores"),
+    "usable cores": ("cpu", "affinity_cores"),
+    "torch threads": ("cpu", "torch_threads"),
+    "OMP_NUM_THREADS": ("cpu", "omp_num_threads"),
+    "host": ("host",),
+    "platform": ("platform",),
+}
+
+
+def environment_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences that can change timings (empty when none or unknown)."""
+    if not a or not b:
+        return ["environment.json missing in one run: cannot check that the machines match"]
+    out = []
+    for label, path in ENV_FIELDS.items():
+        va, vb = _get(a, path), _get(b, path)
+        if va != vb:
+            out.append(f"{label} differs: {va} vs {vb}")
+    libs_a, libs_b = a.get("libraries") or {}, b.get("libraries") or {}
+    for name in sorted(set(libs_a) | set(libs_b)):
+        if libs_a.get(name) != libs_b.get(name):
+            out.append(f"{name} differs: {libs_a.get(name)} vs {libs_b.get(name)}")
+    gpus_a = [(g.get("name"), g.get("driver")) for g in a.get("gpus") or []]
+    gpus_b = [(g.get("name"), g.get("driver")) for g in b.get("gpus") or []]
+    if gpus_a != gpus_b:
+        out.append(f"GPUs differ: {gpus_a or 'none'} vs {gpus_b or 'none'}")
+    return out
+
+
+def format_comparison(result: Comparison) -> str:
+    """A Markdown table of the changes, then the keys found in one run only."""
+    lines = [
+        f"B = {result.b} against A = {result.a} (ratio = B / A; > 1 is slower)",
+        "",
+        "| configuration | time | A | B | B/A | CI | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in result.changes:
+        ci = f"[{c.ci_low:.3f}, {c.ci_high:.3f}]" if c.ci_low is not None else "n=1"
+        lines.append(
+            f"| {_cell(c.key)} | {c.metric} | {_ms(c.a_s)} | {_ms(c.b_s)} | {c.ratio:.3f} "
+            f"| {ci} | {c.verdict} |"
+        )
+    if not result.changes:
+        lines.append("| (no configuration measured in both runs) | | | | | | |")
+    for label, keys in (("only in A", result.only_a), ("only in B", result.only_b)):
+        if keys:
+            lines += ["", f"{label}: " + ", ".join(f"`{k}`" for k in keys)]
+    return "\n".join(lines)
+
+
+def _ok_by_key(records: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    out: dict[str, Mapping[str, Any]] = {}
+    for r in records:
+        if r.get("status") == "ok" and r.get("key") is not None:
+            out[str(r["key"])] = r  # a key recorded twice: the last one wins
+    return out
+
+
+def _step_samples(record: Mapping[str, Any]) -> list[float]:
+    samples = record.get("samples_s")
+    values = samples.get("step") if isinstance(samples, Mapping) else None
+    if not isinstance(values, list):
+        median = record.get("step_s_median")
+        return [float(median)] if _positive(median) else []
+    return [float(v) for v in values if _positive(v)]
+
+
+def _positive(value: Any) -> bool:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return False
+    return bool(np.isfinite(v) and v > 0)
+
+
+def _get(data: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(data, Mapping):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _cell(text: str) -> str:
+    """A Markdown table cell: configuration keys are '|'-separated."""
+    return text.replace("|", "\\|")
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.3f} s"

@@ -1,0 +1,564 @@
+"""`lungbench report`: one self-contained HTML file and its Markdown twin for one or more runs.
+
+    lungbench report results/bench-20260101-120000-node1            # -> report.html, report.md
+    lungbench report results/run-a results/run-b --out results/ab   # side by side
+
+The HTML has no external assets: plots are embedded as base64 PNG and the style is inline,
+so the file can be mailed, attached to a ticket or opened from a cluster's scratch folder.
+The Markdown twin links the same images as files (the run's plots/*.png, and the figures the
+report draws into report_files/). Runs appear side by side, one column per run.
+
+What goes in, for each run, when it has it: overview (status, command line), environment,
+configuration, the speed-up and scaling tables (the seed's published table beside ours,
+from results/reference/), step time vs batch size and filters, memory, telemetry
+timelines, the training tables and curves, other tables and plots, and failed
+configurations. Everything read from a run is escaped: a run folder is data, not markup.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lungbench.errors import DataError, UsageError
+from lungbench.report import figures
+from lungbench.report.reference import default_reference_dir, reference_tables
+from lungbench.report.runview import MAX_TABLE_ROWS, RunView, load_run, read_table
+from lungbench.results import markdown, save_figure, utc_now
+
+FILES_DIR = "report_files"
+MAX_TELEMETRY_FILES = 8
+# Tables with one row per record or prediction: pointed to, not shown.
+LONG_TABLES = ("measurements",)
+TRAINING_TABLE = re.compile(r"^(auc|confusion|methods|pretrain|folds|cost|cv|mosmed|metrics)")
+TRAINING_PLOT = re.compile(r"^(loss|roc|auc|confusion|lr|cam|accuracy|metrics)")
+SCALING_NAME = re.compile(r"(scaling|breakdown|ddp|weak|strong|world)")
+BENCH_PLOTS = ("step_time", "throughput")
+
+
+@dataclass
+class Block:
+    """One item of a report: a paragraph, a table or an image (with an optional caption)."""
+
+    kind: str  # "text" | "table" | "image"
+    caption: str = ""
+    text: str = ""
+    table: pd.DataFrame | None = None
+    image: Path | None = None
+    note: str = ""
+
+
+@dataclass
+class Section:
+    """A titled part of the report: one list of blocks per run (side by side)."""
+
+    title: str
+    columns: list[list[Block]] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.columns)
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    html: Path
+    markdown: Path
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def write_report(
+    runs: Sequence[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    reference: str | os.PathLike | None = None,
+    use_reference: bool = True,
+) -> ReportFiles:
+    """Write report.html and report.md for `runs` into `out` (default: the first run's
+    folder); several runs give report-side-by-side.html/.md. Returns the two paths."""
+    if not runs:
+        raise UsageError("report: give at least one run folder")
+    views = [load_run(r) for r in runs]
+    out_dir = Path(out) if out is not None else views[0].path
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir}: exists and is not a directory")
+    (out_dir / FILES_DIR).mkdir(parents=True, exist_ok=True)
+    ref_dir = None
+    if use_reference:
+        ref_dir = Path(reference) if reference is not None else default_reference_dir()
+    sections = build_sections(views, out_dir / FILES_DIR, reference_tables(ref_dir))
+    stem = "report" if len(views) == 1 else "report-side-by-side"
+    title = "lungbench report: " + ", ".join(v.name for v in views)
+    html_path = out_dir / f"{stem}.html"
+    md_path = out_dir / f"{stem}.md"
+    _write_text(html_path, render_html(title, views, sections))
+    _write_text(md_path, render_markdown(title, views, sections, out_dir))
+    return ReportFiles(html_path, md_path)
+
+
+def build_sections(
+    views: Sequence[RunView], figure_dir: Path, references: dict[str, list[tuple[str, Path]]]
+) -> list[Section]:
+    """Every section with at least one block for one of the runs, in reading order."""
+    builders: list[tuple[str, Callable[[RunView, Path], list[Block]]]] = [
+        ("Overview", lambda v, d: overview_blocks(v)),
+        ("Environment", lambda v, d: environment_blocks(v)),
+        ("Configuration", lambda v, d: config_blocks(v)),
+        ("Speed-up", lambda v, d: table_blocks(v, _names(v.tables, "speedup"), references)),
+        ("Scaling", lambda v, d: scaling_blocks(v, references)),
+        ("Step time vs batch size and filters", step_time_blocks),
+        ("Memory", memory_blocks),
+        ("Telemetry", telemetry_blocks),
+        ("Training", lambda v, d: training_blocks(v, d, references)),
+        ("Other tables and plots", lambda v, d: other_blocks(v, references)),
+        ("Failed configurations", lambda v, d: failure_blocks(v)),
+    ]
+    sections = []
+    for title, build in builders:
+        section = Section(title, [build(v, _figure_folder(figure_dir, v, views)) for v in views])
+        if not section.empty:
+            sections.append(section)
+    return sections
+
+
+def overview_blocks(view: RunView) -> list[Block]:
+    info = view.info
+    counts: dict[str, int] = {}
+    for r in view.records:
+        counts[str(r.get("status"))] = counts.get(str(r.get("status")), 0) + 1
+    rows = {
+        "run": view.name,
+        "folder": str(view.path),
+        "kind": view.kind,
+        "status": view.status,
+        "started (UTC)": info.get("started_utc"),
+        "finished (UTC)": info.get("finished_utc"),
+        "resumed (UTC)": ", ".join(info.get("resumed_utc", [])) or None,
+        "command": "lungbench " + " ".join(map(str, info.get("argv", []))),
+        "records": ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or None,
+    }
+    blocks = [Block("table", table=_key_values(rows))]
+    if view.status != "complete":
+        hint = (
+            f" Continue it with `lungbench bench --resume {view.path}`."
+            if view.kind == "bench"
+            else ""
+        )
+        blocks.append(
+            Block(
+                "text",
+                text=f"This run is {view.status!r}, not complete: its "
+                f"tables hold what was measured before it stopped.{hint}",
+            )
+        )
+    return blocks
+
+
+def environment_blocks(view: RunView) -> list[Block]:
+    env = view.environment
+    if not env:
+        return []
+    cpu, tor = env.get("cpu") or {}, env.get("torch") or {}
+    git = env.get("git") or {}
+    rows = {
+        "host": env.get("host"),
+        "time (UTC)": env.get("utc_time"),
+        "lungbench": env.get("lungbench"),
+        "git commit": (
+            f"{str(git.get('commit'))[:12]}{' (dirty)' if git.get('dirty') else ''}"
+            if git
+            else None
+        ),
+        "python": env.get("python"),
+        "platform": env.get("platform"),
+        "torch": tor.get("version"),
+        "CUDA / cuDNN": f"{tor.get('cuda_version')} / {tor.get('cudnn_version')}"
+        if tor.get("cuda_available")
+        else "not available",
+        "CPU": cpu.get("model"),
+        "cores (physical / logical / usable)": f"{cpu.get('physical_cores')} / {cpu.get('logical_cores')} / "
+        f"{cpu.get('affinity_cores')}",
+        "torch threads": cpu.get("torch_threads"),
+        "memory (GiB)": _gib(env.get("memory_total_bytes")),
+        "GPUs": ", ".join(
+            f"{g.get('name')} ({_gib(g.get('memory_total_bytes'))} GiB, driver {g.get('driver')})"
+            for g in env.get("gpus") or []
+        )
+        or "none",
+        "SLURM job": (env.get("slurm") or {}).get("SLURM_JOB_ID"),
+    }
+    for name, value in (env.get("peak_flops_fp32") or {}).items():
+        rows[f"measured peak fp32, {name} (GFLOP/s)"] = f"{value / 1e9:.1f}"
+    libraries = {k: v for k, v in (env.get("libraries") or {}).items() if v}
+    if libraries:
+        rows["libraries"] = ", ".join(f"{k} {v}" for k, v in libraries.items())
+    return [Block("table", table=_key_values(rows))]
+
+
+def config_blocks(view: RunView) -> list[Block]:
+    config = view.config.get("request", view.config) if view.config else {}
+    if not config:
+        return []
+    flat = _flatten(config)
+    for key in ("store", "configs", "store_kind"):
+        if key in view.config and key not in flat:
+            flat[key] = view.config[key]
+    return [Block("table", table=_key_values(flat))]
+
+
+def table_blocks(
+    view: RunView, names: Sequence[str], references: dict[str, list[tuple[str, Path]]]
+) -> list[Block]:
+    """The named tables of the run, each followed by its published reference if any."""
+    blocks = []
+    for name in names:
+        blocks.append(_table_block(view.tables[name], f"{name} (this run)"))
+        for seed, path in references.get(name, []):
+            blocks.append(
+                _table_block(
+                    path, f"{name}: published ({seed.replace('seed', 'seed ')}, {path.name})"
+                )
+            )
+    return blocks
+
+
+def scaling_blocks(view: RunView, references: dict[str, list[tuple[str, Path]]]) -> list[Block]:
+    """DDP tables (weak / strong scaling, time breakdown) and their plots."""
+    blocks = table_blocks(view, _scaling_names(view), references)
+    return blocks + [Block("image", caption=n, image=view.plots[n]) for n in _scaling_plots(view)]
+
+
+def step_time_blocks(view: RunView, figure_dir: Path) -> list[Block]:
+    blocks = [
+        Block("image", caption=name, image=view.plots[name])
+        for name in BENCH_PLOTS
+        if name in view.plots
+    ]
+    blocks += [
+        Block("image", caption=name, image=view.plots[name])
+        for name in _names(view.plots, "speedup")
+    ]
+    fig = figures.filters_plot(view.records)
+    if fig is not None:
+        blocks.append(
+            Block(
+                "image",
+                caption="step time vs filters",
+                image=save_figure(figure_dir, "step_time_vs_filters", fig),
+            )
+        )
+    return blocks
+
+
+def memory_blocks(view: RunView, figure_dir: Path) -> list[Block]:
+    fig = figures.memory_plot(view.records)
+    if fig is None:
+        return []
+    path = save_figure(figure_dir, "peak_memory", fig)
+    return [Block("image", caption="peak memory vs batch size", image=path)]
+
+
+def telemetry_blocks(view: RunView, figure_dir: Path) -> list[Block]:
+    blocks = []
+    names = list(view.telemetry)
+    for name in names[:MAX_TELEMETRY_FILES]:
+        try:
+            frame = read_table(view.telemetry[name])
+        except DataError as exc:
+            blocks.append(Block("text", text=str(exc)))
+            continue
+        fig = figures.telemetry_plot(frame, name)
+        if fig is not None:
+            path = save_figure(figure_dir, f"telemetry_{_safe(name)}", fig)
+            blocks.append(Block("image", caption=f"telemetry: {name}", image=path))
+    if len(names) > MAX_TELEMETRY_FILES:
+        blocks.append(
+            Block(
+                "text",
+                text=f"{len(names) - MAX_TELEMETRY_FILES} more telemetry "
+                f"files in {view.path / 'telemetry'}",
+            )
+        )
+    return blocks
+
+
+def training_blocks(
+    view: RunView, figure_dir: Path, references: dict[str, list[tuple[str, Path]]]
+) -> list[Block]:
+    names = [n for n in view.tables if TRAINING_TABLE.match(n)]
+    blocks = table_blocks(view, names, references)
+    plots = [n for n in view.plots if TRAINING_PLOT.match(n)]
+    blocks += [Block("image", caption=n, image=view.plots[n]) for n in plots]
+    if view.metrics is not None and not any(n.startswith("loss") for n in plots):
+        fig = _metrics_figure(view.metrics)
+        if fig is not None:
+            blocks.append(
+                Block(
+                    "image",
+                    caption="loss per epoch (metrics.csv)",
+                    image=save_figure(figure_dir, "loss_curves", fig),
+                )
+            )
+    return blocks
+
+
+def other_blocks(view: RunView, references: dict[str, list[tuple[str, Path]]]) -> list[Block]:
+    shown = {
+        *_names(view.tables, "speedup"),
+        *_scaling_names(view),
+        *(n for n in view.tables if TRAINING_TABLE.match(n)),
+    }
+    blocks = []
+    for name in view.tables:
+        if name in shown:
+            continue
+        if name in LONG_TABLES:
+            blocks.append(
+                Block(
+                    "text",
+                    text=f"{name}: every record, in {view.tables[name].relative_to(view.path)}",
+                )
+            )
+            continue
+        blocks.append(_table_block(view.tables[name], name))
+    shown_plots = {
+        *_scaling_plots(view),
+        *BENCH_PLOTS,
+        *_names(view.plots, "speedup"),
+        *(n for n in view.plots if TRAINING_PLOT.match(n)),
+    }
+    blocks += [
+        Block("image", caption=n, image=p) for n, p in view.plots.items() if n not in shown_plots
+    ]
+    return blocks
+
+
+def failure_blocks(view: RunView) -> list[Block]:
+    rows = [
+        {"key": r.get("key"), "status": r.get("status"), "error": r.get("error")}
+        for r in view.records
+        if r.get("status") not in (None, "ok")
+    ]
+    return [Block("table", table=pd.DataFrame(rows))] if rows else []
+
+
+# ----------------------------------------------------------------------------- rendering
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em;
+color:#222;max-width:100%}
+h1{font-size:1.4em}h2{font-size:1.15em;border-bottom:1px solid #ccc;margin-top:1.6em}
+h3{font-size:1em;margin:.3em 0}.row{display:flex;gap:1.5em;align-items:flex-start}
+.col{flex:1 1 0;min-width:0;overflow-x:auto}table{border-collapse:collapse;font-size:.85em;
+margin:.4em 0 1em}th,td{border:1px solid #ddd;padding:.2em .5em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+.kv td{text-align:left}img{max-width:100%;height:auto}figure{margin:.3em 0 1em}figcaption,.note{font-size:.8em;
+color:#555}code{background:#f3f3f3;padding:0 .2em}
+"""
+
+
+def render_html(title: str, views: Sequence[RunView], sections: Sequence[Section]) -> str:
+    """The report as one HTML document with every image inlined (data: URIs)."""
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        f'<p class="note">Written {_e(utc_now())} by lungbench; {len(views)} run(s).</p>',
+    ]
+    for section in sections:
+        parts.append(f'<section><h2>{_e(section.title)}</h2><div class="row">')
+        for view, blocks in zip(views, section.columns, strict=True):
+            parts.append('<div class="col">')
+            if len(views) > 1:
+                parts.append(f"<h3>{_e(view.name)}</h3>")
+            parts.extend(_html_block(b) for b in blocks)
+            if not blocks:
+                parts.append('<p class="note">(none in this run)</p>')
+            parts.append("</div>")
+        parts.append("</div></section>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _html_block(block: Block) -> str:
+    if block.kind == "text":
+        return f"<p>{_inline_code(_e(block.text))}</p>"
+    caption = f"<figcaption>{_e(block.caption)}</figcaption>" if block.caption else ""
+    if block.kind == "image" and block.image is not None:
+        data = base64.b64encode(block.image.read_bytes()).decode("ascii")
+        return (
+            f'<figure><img alt="{_e(block.caption)}" src="data:image/png;base64,{data}">'
+            f"{caption}</figure>"
+        )
+    if block.kind == "table" and block.table is not None:
+        kind = "kv" if list(block.table.columns) == ["", "value"] else "t"
+        table = block.table.to_html(
+            index=False, escape=True, na_rep="", border=0, float_format=_float, classes=kind
+        )
+        note = f'<p class="note">{_e(block.note)}</p>' if block.note else ""
+        head = f"<p><b>{_e(block.caption)}</b></p>" if block.caption else ""
+        return f"{head}{table}{note}"
+    return ""
+
+
+def render_markdown(
+    title: str, views: Sequence[RunView], sections: Sequence[Section], out_dir: Path
+) -> str:
+    """The same report as Markdown; images are links relative to `out_dir`."""
+    lines = [f"# {title}", "", f"Written {utc_now()} by lungbench; {len(views)} run(s).", ""]
+    for section in sections:
+        lines += [f"## {section.title}", ""]
+        for view, blocks in zip(views, section.columns, strict=True):
+            if len(views) > 1:
+                lines += [f"### {view.name}", ""]
+            for block in blocks:
+                lines += [_markdown_block(block, out_dir), ""]
+            if not blocks and len(views) > 1:
+                lines += ["(none in this run)", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _markdown_block(block: Block, out_dir: Path) -> str:
+    if block.kind == "text":
+        return block.text
+    if block.kind == "image" and block.image is not None:
+        link = Path(os.path.relpath(block.image, out_dir)).as_posix()
+        return f"![{block.caption}]({link})"
+    if block.kind == "table" and block.table is not None:
+        head = f"**{block.caption}**\n\n" if block.caption else ""
+        note = f"\n\n{block.note}" if block.note else ""
+        return head + markdown(_markdown_safe(block.table), index=False) + note
+    return ""
+
+
+def _markdown_safe(table: pd.DataFrame) -> pd.DataFrame:
+    """Pipes escaped (they would split a Markdown cell) and missing values blank."""
+
+    def cell(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace("|", "\\|").replace("\n", " ")
+        return "" if value is None or (isinstance(value, float) and value != value) else value
+
+    safe = table.rename(columns=lambda c: cell(str(c)))
+    return safe.astype(object).map(cell)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _table_block(path: Path, caption: str) -> Block:
+    try:
+        table = read_table(path)
+    except DataError as exc:
+        return Block("text", text=str(exc))
+    note = ""
+    if len(table) > MAX_TABLE_ROWS:
+        note = f"first {MAX_TABLE_ROWS} of {len(table)} rows; all in {path.name}"
+        table = table.head(MAX_TABLE_ROWS)
+    table = table.rename(columns=lambda c: "" if str(c).startswith("Unnamed: ") else c)
+    return Block("table", caption=caption, table=table, note=note)
+
+
+def _names(items, prefix: str) -> list[str]:
+    return [n for n in items if n.startswith(prefix)]
+
+
+def _scaling_names(view: RunView) -> list[str]:
+    return [n for n in view.tables if SCALING_NAME.search(n) and not n.startswith("speedup")]
+
+
+def _scaling_plots(view: RunView) -> list[str]:
+    return [n for n in view.plots if SCALING_NAME.search(n) and not n.startswith("speedup")]
+
+
+def _metrics_figure(path: Path):
+    try:
+        frame = read_table(path)
+    except DataError:
+        return None
+    losses = [c for c in frame.columns if "loss" in str(c)]
+    if not losses or "epoch" not in frame:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for column in losses:
+        ax.plot(frame["epoch"], frame[column], marker=".", label=column)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _figure_folder(figure_dir: Path, view: RunView, views: Sequence[RunView]) -> Path:
+    """report_files/ (one run) or report_files/<i>_<run>/ (several), created on demand."""
+    if len(views) == 1:
+        folder = figure_dir
+    else:
+        folder = figure_dir / f"{views.index(view) + 1}_{_safe(view.name)}"
+    (folder / "plots").mkdir(parents=True, exist_ok=True)
+    # save_figure writes into <run_dir>/plots/: `folder` plays the run_dir here.
+    return folder
+
+
+def _key_values(rows: dict[str, Any]) -> pd.DataFrame:
+    items = [(k, _text(v)) for k, v in rows.items() if v not in (None, "", [], {})]
+    return pd.DataFrame(items, columns=["", "value"])
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(_text, value))
+    if isinstance(value, float):
+        return _float(value)
+    return str(value)
+
+
+def _float(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _gib(value: Any) -> str | None:
+    return f"{value / 2**30:.1f}" if isinstance(value, (int, float)) else None
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _inline_code(escaped: str) -> str:
+    """`code` spans in already escaped text."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

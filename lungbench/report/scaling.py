@@ -1,0 +1,334 @@
+"""Scaling tables and plots of DDP runs: efficiency per world size, and where the time goes.
+
+    records = combine_runs([Path("results/run-1proc"), Path("results/run-2proc")])
+    print(format_scaling_markdown(scaling_table(records)))
+    print(format_breakdown(records))
+
+The reference (world size 1) of each configuration is the one-process record with the same
+model, preset, filters and device type: the baseline that a DDP run measures on rank 0, or
+the records of a separate one-process run read in with `combine_runs`.
+
+Throughput is global samples per second of the training step (global batch / step time);
+speed-up = throughput(W) / throughput(1); efficiency = speed-up / W. That one formula covers
+both modes: weak scaling (per-process batch fixed, so the ideal step time stays constant)
+and strong scaling (global batch fixed, so the ideal step time falls as 1/W). The epoch
+columns compare the wall time of one epoch over the same samples.
+
+The breakdown splits a step (and an epoch) into compute (the no_sync forward + backward plus
+the optimizer), communication the step could not hide (DDP step minus compute) and, for the
+epoch, data loading (time spent waiting for the DataLoader).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lungbench.errors import DataError
+from lungbench.report import plots  # its import selects matplotlib's headless backend
+from lungbench.results import RECORDS_FILE, read_records, save_figure, write_table
+from lungbench.stats import format_seconds
+
+MATCH = ("model", "preset", "filters", "dtype")
+SCALING_COLUMNS = [
+    "scaling",
+    "world_size",
+    "nodes",
+    "platform",
+    "filters",
+    "batch_size",
+    "per_rank_batch",
+    "global_batch",
+    "step_s",
+    "samples_per_s",
+    "speedup",
+    "efficiency",
+    "compute_s",
+    "comm_overhead_s",
+    "allreduce_s",
+    "allreduce_bytes",
+    "epoch_s",
+    "epoch_speedup",
+    "epoch_efficiency",
+    "data_wait_s",
+    "params_identical",
+    "status",
+]
+
+
+def combine_runs(run_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """The records of several run folders (e.g. a 1-process and a 2-process run), in order.
+    DataError for a folder without records."""
+    records: list[dict[str, Any]] = []
+    for run_dir in run_dirs:
+        found = read_records(Path(run_dir))
+        if not found:
+            raise DataError(f"{run_dir}: no {RECORDS_FILE}; choose a lungbench bench run folder")
+        records.extend(found)
+    return records
+
+
+def world_size(record: dict[str, Any]) -> int:
+    """A record's world size (records of plain one-process runs have none: 1)."""
+    return int(record.get("world_size") or 1)
+
+
+def _device_type(record: dict[str, Any]) -> str:
+    return str(record.get("device", "cpu")).split(":")[0]
+
+
+def _reference(
+    record: dict[str, Any], singles: Sequence[dict[str, Any]], batch: int
+) -> dict[str, Any] | None:
+    """The one-process record this DDP record is compared with (None if there is none)."""
+    for single in singles:
+        if (
+            all(single.get(k) == record.get(k) for k in MATCH)
+            and _device_type(single) == _device_type(record)
+            and single.get("batch_size") == batch
+        ):
+            return single
+    return None
+
+
+def _row(record: dict[str, Any], scaling: str, ref: dict[str, Any] | None) -> dict[str, Any]:
+    ws = world_size(record)
+    per_rank = record.get("per_rank_batch") or record.get("batch_size")
+    global_batch = record.get("global_batch") or record.get("batch_size")
+    step = record.get("step_s_median")
+    row = {
+        "scaling": scaling,
+        "world_size": ws,
+        "nodes": record.get("nodes") or 1,
+        "platform": record.get("platform"),
+        "filters": record.get("filters"),
+        "batch_size": record.get("batch_size"),
+        "per_rank_batch": per_rank,
+        "global_batch": global_batch,
+        "step_s": step,
+        "samples_per_s": global_batch / step if step else float("nan"),
+        "compute_s": record.get("compute_s_median", step if ws == 1 else None),
+        "comm_overhead_s": record.get("comm_overhead_s", 0.0 if ws == 1 else None),
+        "allreduce_s": record.get("allreduce_s_median", 0.0 if ws == 1 else None),
+        "allreduce_bytes": record.get("allreduce_bytes"),
+        "epoch_s": record.get("epoch_s"),
+        "data_wait_s": record.get("epoch_data_wait_s"),
+        "params_identical": record.get("params_identical"),
+        "status": record.get("status"),
+    }
+    ref_step = ref.get("step_s_median") if ref and ref.get("status") == "ok" else None
+    if ref_step and step:
+        ref_batch = ref.get("global_batch") or ref.get("batch_size")
+        row["speedup"] = row["samples_per_s"] / (ref_batch / ref_step)
+        row["efficiency"] = row["speedup"] / ws
+    if ref and ref.get("epoch_s") and record.get("epoch_s"):
+        row["epoch_speedup"] = ref["epoch_s"] / record["epoch_s"]
+        row["epoch_efficiency"] = row["epoch_speedup"] / ws
+    return row
+
+
+def scaling_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per scaling mode x configuration x world size, world size 1 included as the
+    reference row of each mode (empty frame when no record is a DDP one)."""
+    singles = [r for r in records if world_size(r) == 1 and r.get("status") == "ok"]
+    rows = []
+    for record in records:
+        scaling = record.get("scaling")
+        if world_size(record) == 1 or scaling not in ("weak", "strong"):
+            continue
+        # weak: compared with one process at the per-process batch; strong: at the global one
+        ref = _reference(record, singles, record["batch_size"])
+        if ref is not None:
+            rows.append(_row(ref, scaling, ref))
+        rows.append(_row(record, scaling, ref))
+    if not rows:
+        return pd.DataFrame(columns=SCALING_COLUMNS)
+    frame = pd.DataFrame(rows).drop_duplicates(
+        subset=["scaling", "world_size", "nodes", "platform", "filters", "batch_size"]
+    )
+    frame = frame.reindex(columns=SCALING_COLUMNS)
+    return frame.sort_values(
+        ["scaling", "filters", "batch_size", "world_size"], kind="stable"
+    ).reset_index(drop=True)
+
+
+def format_scaling_markdown(table: pd.DataFrame) -> str:
+    """The scaling table as Markdown, seconds in readable units, ratios as x1.83 / 92%."""
+    header = (
+        "| Scaling | World size | Filters | Batch (per rank / global) | Step | Samples/s | "
+        "Speed-up | Efficiency | Compute | Comm. overhead | All-reduce (isolated) | "
+        "Epoch | Epoch speed-up | Data wait |"
+    )
+    lines = [header, _rule(header)]
+    for _, r in table.iterrows():
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    str(r["scaling"]),
+                    _world(r),
+                    str(r["filters"]),
+                    f"{_int(r['per_rank_batch'])} / {_int(r['global_batch'])}",
+                    _sec(r["step_s"]),
+                    _num(r["samples_per_s"]),
+                    _ratio(r["speedup"]),
+                    _pct(r["efficiency"]),
+                    _sec(r["compute_s"]),
+                    _sec(r["comm_overhead_s"]),
+                    _sec(r["allreduce_s"]),
+                    _sec(r["epoch_s"]),
+                    _ratio(r["epoch_speedup"]),
+                    _sec(r["data_wait_s"]),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def _rule(header: str) -> str:
+    return "|" + "---|" * (header.count("|") - 1)
+
+
+def _world(r: pd.Series) -> str:
+    nodes = r.get("nodes")
+    return f"{r['world_size']}" + (f" ({int(nodes)} nodes)" if nodes and nodes > 1 else "")
+
+
+def _int(v: Any) -> str:
+    return "n/a" if pd.isna(v) else str(int(v))
+
+
+def _sec(v: Any) -> str:
+    return "n/a" if v is None or pd.isna(v) else format_seconds(float(v))
+
+
+def _num(v: Any) -> str:
+    return "n/a" if v is None or pd.isna(v) else f"{float(v):.1f}"
+
+
+def _ratio(v: Any) -> str:
+    return "n/a" if v is None or pd.isna(v) else f"x{float(v):.2f}"
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None or pd.isna(v) else f"{100 * float(v):.0f}%"
+
+
+# ---------------------------------------------------------------------------- breakdown
+
+
+def breakdown_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Per measured record: a step split into compute and unhidden communication, and an
+    epoch split into compute, communication and data waiting (seconds and shares)."""
+    rows = []
+    for r in records:
+        if r.get("status") != "ok" or not r.get("step_s_median"):
+            continue
+        ws = world_size(r)
+        step = r["step_s_median"]
+        comm = r.get("comm_overhead_s", 0.0) if ws > 1 else 0.0
+        row = {
+            "platform": r.get("platform"),
+            "scaling": r.get("scaling") or "none",
+            "world_size": ws,
+            "filters": r.get("filters"),
+            "batch_size": r.get("batch_size"),
+            "step_s": step,
+            "step_compute_s": step - comm,
+            "step_comm_s": comm,
+            "allreduce_isolated_s": r.get("allreduce_s_median", 0.0) if ws > 1 else 0.0,
+        }
+        if r.get("epoch_s"):
+            epoch, data = r["epoch_s"], r.get("epoch_data_wait_s") or 0.0
+            steps = r.get("epoch_steps") or 0
+            epoch_comm = min(max(0.0, epoch - data), steps * comm)
+            row.update(
+                epoch_s=epoch,
+                epoch_data_s=data,
+                epoch_comm_s=epoch_comm,
+                epoch_compute_s=max(0.0, epoch - data - epoch_comm),
+            )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_breakdown(records: Sequence[dict[str, Any]]) -> str:
+    """The breakdown as lines of text, one per measured record."""
+    table = breakdown_table(records)
+    if table.empty:
+        return "breakdown: nothing measured"
+    lines = [
+        "Where the time goes (compute = no_sync forward+backward + optimizer; comm. = "
+        "what the DDP step could not overlap; data = DataLoader waits):"
+    ]
+    for _, r in table.iterrows():
+        label = f"{r['platform']}, filters {r['filters']}, batch {r['batch_size']}"
+        step = (
+            f"step {_sec(r['step_s'])} = compute {_sec(r['step_compute_s'])} "
+            f"({_share(r['step_compute_s'], r['step_s'])}) + comm. "
+            f"{_sec(r['step_comm_s'])} ({_share(r['step_comm_s'], r['step_s'])})"
+        )
+        if r["world_size"] > 1:
+            step += f"; isolated all-reduce {_sec(r['allreduce_isolated_s'])}"
+        if "epoch_s" in r and pd.notna(r.get("epoch_s")):
+            e = r["epoch_s"]
+            step += (
+                f"; epoch {_sec(e)} = compute {_sec(r['epoch_compute_s'])} "
+                f"({_share(r['epoch_compute_s'], e)}) + all-reduce "
+                f"{_sec(r['epoch_comm_s'])} ({_share(r['epoch_comm_s'], e)}) + data "
+                f"{_sec(r['epoch_data_s'])} ({_share(r['epoch_data_s'], e)})"
+            )
+        lines.append(f"  {label}: {step}")
+    return "\n".join(lines)
+
+
+def _share(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.0f}%" if whole else "n/a"
+
+
+# ---------------------------------------------------------------------------- plot + files
+
+
+def scaling_plot(table: pd.DataFrame):
+    """Throughput (samples/s) and efficiency vs world size, one line per mode x config."""
+    fig, (ax_t, ax_e) = plots.plt.subplots(1, 2, figsize=(10, 4))
+    for (scaling, filters, batch), group in table.groupby(
+        ["scaling", "filters", "batch_size"], sort=False
+    ):
+        group = group.sort_values("world_size")
+        label = f"{scaling}, f{filters}, batch {batch}"
+        ax_t.plot(group["world_size"], group["samples_per_s"], marker="o", label=label)
+        ax_e.plot(group["world_size"], 100 * group["efficiency"], marker="o", label=label)
+    sizes = sorted(table["world_size"].unique())
+    for ax in (ax_t, ax_e):
+        ax.set_xlabel("world size (processes)")
+        ax.set_xticks(sizes)
+        ax.grid(True, alpha=0.3)
+    ax_t.set_ylabel("samples / s (training step)")
+    ax_t.set_title("Throughput")
+    ax_e.axhline(100, color="grey", linestyle=":", linewidth=1)
+    ax_e.set_ylabel("scaling efficiency (%)")
+    ax_e.set_title("Efficiency = speed-up / world size")
+    ax_t.legend(fontsize=7)
+    return fig
+
+
+def write_scaling_outputs(run_dir: Path, records: Sequence[dict[str, Any]]) -> str:
+    """Write tables/scaling.csv|.md, tables/breakdown.csv|.md and plots/scaling.png; return
+    the text to print (scaling table and breakdown)."""
+    table = scaling_table(records)
+    breakdown = format_breakdown(records)
+    write_table(run_dir, "breakdown", breakdown_table(records), index=False)
+    (run_dir / "tables" / "breakdown.txt").write_text(breakdown + "\n")
+    if table.empty:
+        return "no DDP record: no scaling table\n\n" + breakdown
+    write_table(run_dir, "scaling", table, index=False)
+    text = format_scaling_markdown(table)
+    (run_dir / "tables" / "scaling.md").write_text(text + "\n")
+    if table["efficiency"].notna().any():
+        save_figure(run_dir, "scaling", scaling_plot(table))
+    return "Scaling (speed-up and efficiency vs world size 1):\n\n" + text + "\n\n" + breakdown

@@ -1,0 +1,111 @@
+"""Training tables in the thesis's layouts, and training plots (loss curves, ROC curves).
+
+auc_table({"LIDC only": [..], "w/o pre-training": [..], "w/ pre-training": [..]})
+    rows: regimes; columns: fold 1 .. fold k, average
+confusion_table(y_true, y_prob, threshold=0.5)
+    rows: Predictions Benign / Predictions Malignant / Total;
+    columns: Benign / Malignant / Total (the true diagnosis)
+loss_curves_plot({"w/o pre-training": history, ...}), roc_plot({...}),
+metric_curves_plot({...}, "val_auc")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless clusters and CI: never need a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+CLASS_NAMES = ("Benign", "Malignant")
+
+
+def auc_table(aucs: Mapping[str, Sequence[float]]) -> pd.DataFrame:
+    """AUC per regime (rows) and fold (columns 'fold 1'..'fold k'), plus their 'average'."""
+    folds = max(len(v) for v in aucs.values())
+    columns = [f"fold {i + 1}" for i in range(folds)]
+    table = pd.DataFrame(
+        [list(v) + [np.nan] * (folds - len(v)) for v in aucs.values()],
+        index=list(aucs),
+        columns=columns,
+        dtype=float,
+    )
+    table["average"] = table[columns].mean(axis=1)
+    table.index.name = "AUC"
+    return table
+
+
+def confusion_table(
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    threshold: float = 0.5,
+    class_names: Sequence[str] = CLASS_NAMES,
+) -> pd.DataFrame:
+    """Counts with totals in the thesis's layout: predictions in rows, true diagnosis in
+    columns. A probability >= `threshold` predicts the second class."""
+    y_true = np.asarray(y_true).astype(int).reshape(-1)
+    y_pred = (np.asarray(y_prob).reshape(-1) >= threshold).astype(int)
+    counts = np.zeros((2, 2), dtype=int)
+    for p, t in zip(y_pred, y_true, strict=True):
+        counts[p, t] += 1
+    names = list(class_names)
+    table = pd.DataFrame(counts, index=[f"Predictions {n}" for n in names], columns=names)
+    table["Total"] = table.sum(axis=1)
+    table.loc["Total"] = table.sum(axis=0)
+    table.columns.name = "True diagnosis"
+    return table
+
+
+def loss_curves_plot(histories: Mapping[str, pd.DataFrame], title: str):
+    """Train (solid) and validation (dashed) loss per epoch, one colour per entry."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, history in histories.items():
+        line = ax.plot(history["epoch"], history["train_loss"], label=f"{label} - train loss")[0]
+        ax.plot(
+            history["epoch"],
+            history["val_loss"],
+            linestyle="--",
+            color=line.get_color(),
+            label=f"{label} - val loss",
+        )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def metric_curves_plot(histories: Mapping[str, pd.DataFrame], column: str, title: str):
+    """One history column (e.g. val_auc) per epoch, one line per entry."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, history in histories.items():
+        ax.plot(history["epoch"], history[column], marker="o", markersize=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(column.replace("_", " "))
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def roc_plot(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str):
+    """ROC curve per entry from (y_true, y_prob), with its AUC in the legend."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.8))
+    for label, (y_true, y_prob) in curves.items():
+        if len(np.unique(y_true)) < 2:
+            continue  # no ROC with one class
+        fpr, tpr, _ = roc_curve(y_true, y_prob)
+        ax.plot(fpr, tpr, label=f"{label} (AUC {roc_auc_score(y_true, y_prob):.2f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig

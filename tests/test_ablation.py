@@ -1,0 +1,122 @@
+"""The ablation: a cumulative ladder, interleaved timings, speed-ups and accuracy checks."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from lungbench.ablation import AblationConfig, ablation_table, attach_peaks, ladder, run_ablation
+from lungbench.cli import main
+from lungbench.results import read_json, read_records
+from lungbench.switches import bf16_supported, eager_fp32
+
+CPU = torch.device("cpu")
+TINY = AblationConfig(
+    preset="default",
+    filters=2,
+    batch_size=2,
+    warmup=0,
+    rounds=3,
+    accuracy_steps=2,
+    compile_rung="off",
+)
+
+
+def test_cpu_ladder_adds_one_switch_at_a_time():
+    variants = ladder(CPU, "off")
+    assert variants[0].switches == eager_fp32() and variants[0].name == "eager_fp32"
+    names = [v.name for v in variants]
+    assert names[:3] == ["eager_fp32", "+channels_last_3d", "+foreach"]
+    assert ("+bf16" in names) == bf16_supported(CPU)
+    for before, after in zip(variants, variants[1:], strict=False):
+        changed = [
+            k
+            for k in vars(before.switches)
+            if getattr(before.switches, k) != getattr(after.switches, k)
+        ]
+        assert len(changed) == 1, (before.name, after.name, changed)
+    assert all(v.switches.compile == "off" for v in variants)
+
+
+def test_compile_rung_is_last_when_asked():
+    variants = ladder(CPU, "max-autotune")
+    if variants[-1].switches.compile != "off":  # a compiler exists
+        assert variants[-1].name == "+compile-max-autotune"
+
+
+@pytest.fixture(scope="module")
+def records():
+    return run_ablation(TINY, log=lambda text: None)
+
+
+def test_every_variant_is_timed_in_every_round_and_passes_accuracy(records):
+    assert [r["variant"] for r in records] == [v.name for v in ladder(CPU, "off")]
+    base = records[0]
+    assert base["speedup"] == pytest.approx(1.0) and base["loss_delta"] == 0.0
+    for r in records:
+        assert len(r["samples_s"]["step"]) == TINY.rounds
+        assert r["step_s_median"] > 0 and r["speedup"] > 0 and r["flops_per_step"] > 0
+        assert r["accuracy_ok"] and r["loss_delta"] <= r["tolerance"]
+        assert r["dtype_used"] in ("fp32", "bf16") and r["switch_fallbacks"] == []
+        assert r["loss_fp32"] == base["loss_after_n"]
+    assert records[1]["memory_format_used"] == "channels_last_3d"
+
+
+def test_table_and_peaks(records):
+    attach_peaks(records, {"fp32": 1e11, "bf16": 2e11})
+    table = ablation_table(records)
+    assert list(table.index) == [r["variant"] for r in records]
+    assert {"speed-up", "IQR ms", "% peak", "|Δ loss|", "tolerance", "accuracy"} <= set(table)
+    assert set(table["accuracy"]) == {"ok"}
+    bf16 = [r for r in records if r["dtype_used"] == "bf16"]
+    assert all(r["peak_dtype"] == "bf16" for r in bf16)
+    assert records[0]["peak_fraction"] == pytest.approx(records[0]["achieved_flops"] / 1e11)
+
+
+def test_cli_ablation_writes_its_table(tmp_path, capsys):
+    code = main(
+        [
+            "bench",
+            "--ablation",
+            "--preset",
+            "dey2018",
+            "--filters",
+            "2",
+            "--batch",
+            "2",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--accuracy-steps",
+            "1",
+            "--compile",
+            "off",
+            "--out",
+            str(tmp_path),
+            "--run-id",
+            "abl",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    run = tmp_path / "abl"
+    assert read_json(run / "run.json")["status"] == "complete"
+    table = pd.read_csv(run / "tables" / "ablation.csv", index_col=0)
+    assert table.index[0] == "eager_fp32" and table["speed-up"].iloc[0] == pytest.approx(1.0)
+    assert len(read_records(run)) == len(table)
+    assert "| eager_fp32 |" in out and "peak_flops" in read_json(run / "environment.json")
+    if bf16_supported(CPU):
+        # dey2018's depth 5 pools to 2: the known-bad CPU bf16 kernel; the run says so.
+        bf16 = [r for r in read_records(run) if r["variant"] == "+bf16"][0]
+        assert bf16["dtype"] == "bf16" and bf16["dtype_used"] == "fp32"
+        assert "garbage" in bf16["switch_fallbacks"][0] and bf16["accuracy_ok"]
+
+
+def test_cli_eager_fp32_conflicts_and_forced_switches_fail(tmp_path, capsys):
+    assert main(["bench", "--eager-fp32", "--dtype", "bf16", "--out", str(tmp_path)]) == 2
+    assert "--eager-fp32" in capsys.readouterr().err
+    assert main(["bench", "--dtype", "fp16", "--out", str(tmp_path)]) == 2
+    assert "--dtype fp16" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # bad input leaves nothing behind

@@ -1,0 +1,375 @@
+"""`lungbench bench` under torchrun and mpiexec (2 CPU processes, Gloo), a rank killed mid-run,
+and the scaling tables checked against hand-worked numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lungbench.ddpbench import parse_scaling, platform_label, split_batch
+from lungbench.distributed import DistContext, DistributedError, slurm_port
+from lungbench.errors import DataError, UsageError
+from lungbench.report.scaling import (
+    breakdown_table,
+    combine_runs,
+    format_breakdown,
+    scaling_table,
+    write_scaling_outputs,
+)
+from lungbench.results import read_json, read_records
+
+# One thread per process: the 1-process baseline then does not depend on how busy the
+# (shared, 2-core) CI machine is, and two ranks fit on two cores.
+TINY = ["--preset", "dey2018", "--filters", "2", "--warmup", "1", "--threads", "1"]
+VENV_BIN = Path(sys.executable).parent
+
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCH_PREFIXES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_",
+    "MASTER_",
+    "GROUP_",
+    "TORCHELASTIC",
+    "SLURM_",
+    "PMI_",
+    "PMIX_",
+    "OMPI_",
+    "MV2_",
+    "MPI_",
+    "HYDRA",
+    "LUNGBENCH_LAUNCHER",
+)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without launcher variables (CI may itself run under SLURM), one
+    thread per process (two ranks on two cores), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_PREFIXES)}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def free_slurm_job_id() -> str:
+    """A SLURM job id whose derived rendezvous port is free on this host right now."""
+    for job_id in range(os.getpid() % 20000 + 7, os.getpid() % 20000 + 2007):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", slurm_port(job_id)))
+            except OSError:
+                continue
+            return str(job_id)
+    pytest.skip("no free port in the SLURM port range")
+
+
+def bench_argv(tmp_path: Path, store: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "lungbench",
+        "bench",
+        *TINY,
+        "--store",
+        str(store),
+        "--out",
+        str(tmp_path / "out"),
+        "--run-id",
+        "ddp",
+        *extra,
+    ]
+
+
+def check_two_rank_records(records, launcher: str) -> None:
+    """World size 2 and both ranks' gathered timings in every DDP record; same weights."""
+    ddp = [r for r in records if r["world_size"] == 2]
+    assert ddp and all(r["status"] == "ok" for r in ddp)
+    for r in ddp:
+        assert (r["launcher"], r["backend"], r["nodes"]) == (launcher, "gloo", 1)
+        assert [k["rank"] for k in r["ranks"]] == [0, 1]
+        assert all(k["step_s_median"] > 0 and len(k["samples_s"]["step"]) == 2 for k in r["ranks"])
+        digests = {k["param_digest"] for k in r["ranks"]}
+        assert len(digests) == 1 and r["params_identical"] is True
+        assert r["step_s_median"] == max(k["step_s_median"] for k in r["ranks"])
+        assert r["allreduce_s_median"] > 0 and r["allreduce_bytes"] > 0 and r["buckets"] >= 1
+        assert r["platform"].startswith("cpu x2 (DDP, gloo")
+
+
+# ---------------------------------------------------------------------------- real launchers
+
+
+@pytest.mark.distributed
+def test_bench_under_torchrun(tmp_path, tiny_store):
+    """Baseline + weak + strong with an epoch: one run folder, rank 0 prints once."""
+    argv = bench_argv(
+        tmp_path,
+        tiny_store,
+        "--batch",
+        "2",
+        "--repeats",
+        "2",
+        "--epoch-samples",
+        "8",
+        "--dist-timeout",
+        "120",
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *argv[1:],
+        ],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("results: ") == 1 and proc.stdout.count("Scaling (speed-up") == 1
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.is_dir()] == ["ddp"]
+    run = tmp_path / "out" / "ddp"
+    assert read_json(run / "run.json")["status"] == "complete"
+    assert read_json(run / "config.json")["distributed"]["world_size"] == 2
+    records = read_records(run)
+    assert [(r["world_size"], r["scaling"]) for r in records] == [
+        (1, "none"),
+        (2, "weak"),
+        (2, "strong"),
+    ]
+    check_two_rank_records(records, "torchrun")
+    weak, strong = records[1], records[2]
+    for field in ("dtype_used", "memory_format_used", "optimizer_used"):  # same switches
+        assert weak[field] == strong[field] == records[0][field]
+    assert (weak["per_rank_batch"], weak["global_batch"]) == (2, 4)
+    assert (strong["per_rank_batch"], strong["global_batch"]) == (1, 2)
+    assert weak["epoch_samples"] == 8 and weak["epoch_steps"] == 2  # 4 samples per rank
+    scaling = pd.read_csv(run / "tables" / "scaling.csv")
+    assert sorted(zip(scaling["scaling"], scaling["world_size"], strict=True)) == [
+        ("strong", 1),
+        ("strong", 2),
+        ("weak", 1),
+        ("weak", 2),
+    ]
+    assert (scaling.loc[scaling["world_size"] == 1, "efficiency"] == 1.0).all()
+    speedup = pd.read_csv(run / "tables" / "speedup_b2.csv", index_col=0)
+    assert list(speedup.index) == [
+        records[0]["platform"],
+        "cpu x2 (DDP, gloo)",
+        "cpu x2 (DDP, gloo, strong)",
+    ]
+    assert (run / "plots" / "scaling.png").stat().st_size > 1000
+    assert "compute" in (run / "tables" / "breakdown.txt").read_text()
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(
+    not (VENV_BIN / "mpiexec").exists() and shutil.which("mpiexec") is None,
+    reason="no mpiexec (pip install 'lungbench[mpi]')",
+)
+def test_bench_under_mpiexec(tmp_path, tiny_store):
+    pytest.importorskip("mpi4py")
+    mpiexec = str(VENV_BIN / "mpiexec") if (VENV_BIN / "mpiexec").exists() else "mpiexec"
+    argv = bench_argv(
+        tmp_path,
+        tiny_store,
+        "--batch",
+        "2",
+        "--repeats",
+        "2",
+        "--no-epoch",
+        "--scaling",
+        "weak",
+        "--no-baseline",
+        "--dist-timeout",
+        "120",
+    )
+    proc = subprocess.run(
+        [mpiexec, "-n", "2", *argv], env=clean_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "out" / "ddp"
+    records = read_records(run)
+    assert [(r["world_size"], r["scaling"]) for r in records] == [(2, "weak")]
+    check_two_rank_records(records, "mpi")
+    assert read_json(run / "environment.json")["distributed"]["hosts"] == [socket.gethostname()] * 2
+
+
+@pytest.mark.distributed
+def test_killed_rank_ends_the_job_with_an_error(tmp_path, tiny_store):
+    """srun-style ranks (no launcher that kills the others): SIGKILL rank 1 after the first
+    record; rank 0 must stop within the timeout with one line and keep what it measured."""
+    timeout = 20
+    argv = bench_argv(
+        tmp_path,
+        tiny_store,
+        "--batch",
+        "2",
+        "4",
+        "8",
+        "--repeats",
+        "5",
+        "--no-epoch",
+        "--no-baseline",
+        "--dist-timeout",
+        str(timeout),
+    )
+    job_id = free_slurm_job_id()
+    procs = [
+        subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(
+                SLURM_PROCID=str(rank),
+                SLURM_NTASKS="2",
+                SLURM_LOCALID=str(rank),
+                SLURM_NNODES="1",
+                SLURM_JOB_NODELIST="localhost",
+                SLURM_JOB_ID=job_id,
+            ),
+        )
+        for rank in range(2)
+    ]
+    records = tmp_path / "out" / "ddp" / "records.jsonl"
+    try:
+        deadline = time.monotonic() + 240
+        while not records.exists() and procs[0].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert records.exists(), procs[0].communicate(timeout=5)[1][-2000:]
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = procs[0].communicate(timeout=timeout + 60)
+        elapsed = time.monotonic() - killed
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == DistributedError.exit_code, err[-2000:]
+    assert elapsed < timeout + 15
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("lungbench bench: error: rank 0 of 2 (slurm, gloo): DDP ")
+    assert "another rank died or did not answer" in last
+    run = tmp_path / "out" / "ddp"
+    assert read_json(run / "run.json")["status"] == "failed"
+    kept = read_records(run)
+    assert kept and kept[0]["world_size"] == 2 and kept[0]["status"] == "ok"
+
+
+# ---------------------------------------------------------------------------- pure parts
+
+
+def test_scaling_options():
+    assert parse_scaling("both") == ("weak", "strong")
+    assert parse_scaling("weak") == ("weak",)
+    with pytest.raises(UsageError, match="unknown --scaling 'wek'"):
+        parse_scaling("wek")
+    assert split_batch("weak", 2, 4) == (2, None)
+    assert split_batch("strong", 8, 4) == (2, None)
+    per_rank, why = split_batch("strong", 2, 4)
+    assert per_rank is None and "does not split evenly over 4 ranks" in why
+    multi = DistContext(rank=0, world_size=8, nodes=2, backend="nccl")
+    assert platform_label(multi, "weak") == "cpu x8 (2 nodes, DDP, nccl)"
+    assert (
+        platform_label(DistContext(world_size=2, backend="gloo"), "strong")
+        == "cpu x2 (DDP, gloo, strong)"
+    )
+
+
+def _record(world: int, scaling: str, batch: int, step: float, **kw):
+    per_rank = batch if scaling in ("weak", "none") else batch // world
+    global_batch = batch * world if scaling == "weak" else batch
+    return {
+        "model": "dualpath3d",
+        "preset": "dey2018",
+        "filters": 8,
+        "dtype": "fp32",
+        "device": "cpu",
+        "batch_size": batch,
+        "status": "ok",
+        "world_size": world,
+        "scaling": scaling,
+        "per_rank_batch": per_rank,
+        "global_batch": global_batch,
+        "step_s_median": step,
+        "platform": f"p{world}{scaling}",
+        **kw,
+    }
+
+
+def test_scaling_table_hand_worked():
+    """1 process: batch 4 in 0.2 s (20 samples/s). Weak x2: 2 x 4 samples in 0.25 s = 32/s,
+    speed-up 1.6, efficiency 80%. Strong x2: 4 samples in 0.125 s = 32/s, same ratios.
+    Epoch: 10 s -> 6.25 s is x1.6."""
+    base = _record(1, "none", 4, 0.2, epoch_s=10.0, epoch_data_wait_s=1.0)
+    weak = _record(
+        2,
+        "weak",
+        4,
+        0.25,
+        compute_s_median=0.2,
+        comm_overhead_s=0.05,
+        allreduce_s_median=0.01,
+        epoch_s=6.25,
+        epoch_data_wait_s=0.25,
+        epoch_steps=5,
+    )
+    strong = _record(
+        2, "strong", 4, 0.125, compute_s_median=0.1, comm_overhead_s=0.025, allreduce_s_median=0.01
+    )
+    table = scaling_table([base, weak, strong]).set_index(["scaling", "world_size"])
+    assert table.loc[("weak", 2), "samples_per_s"] == pytest.approx(32.0)
+    assert table.loc[("weak", 2), "speedup"] == pytest.approx(1.6)
+    assert table.loc[("weak", 2), "efficiency"] == pytest.approx(0.8)
+    assert table.loc[("weak", 2), "epoch_speedup"] == pytest.approx(1.6)
+    assert table.loc[("strong", 2), "efficiency"] == pytest.approx(0.8)
+    assert table.loc[("weak", 1), "efficiency"] == pytest.approx(1.0)
+    parts = breakdown_table([base, weak]).set_index("world_size")
+    # epoch 6.25 s: data 0.25 s, communication 5 steps x 0.05 s, compute the rest (5.75 s)
+    assert parts.loc[2, "epoch_comm_s"] == pytest.approx(0.25)
+    assert parts.loc[2, "epoch_compute_s"] == pytest.approx(5.75)
+    assert parts.loc[1, "step_comm_s"] == 0.0
+    text = format_breakdown([base, weak])
+    assert "p2weak, filters 8, batch 4: step 250.0 ms = compute 200.0 ms (80%)" in text
+
+
+def test_runs_combine_into_one_table(tmp_path):
+    """A 1-process run and a 2-process run (without its own baseline) make one table."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for run, records in (
+        (
+            one,
+            [
+                {
+                    k: v
+                    for k, v in _record(1, "none", 4, 0.2).items()
+                    if k not in ("world_size", "scaling")
+                }
+            ],
+        ),
+        (two, [_record(2, "weak", 4, 0.25)]),
+    ):
+        (run / "tables").mkdir(parents=True)
+        (run / "plots").mkdir()
+        (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    records = combine_runs([one, two])
+    text = write_scaling_outputs(two, records)
+    assert "| weak | 2 | 8 | 4 / 8 |" in text and "x1.60 | 80% |" in text
+    assert (two / "tables" / "scaling.csv").exists()
+    assert (two / "plots" / "scaling.png").stat().st_size > 1000
+    with pytest.raises(DataError, match="no records.jsonl"):
+        combine_runs([tmp_path / "absent"])

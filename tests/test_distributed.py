@@ -1,0 +1,385 @@
+"""init_distributed under torchrun / SLURM / MPI environments, the SLURM node-list parser,
+failure behaviour (a hung rank, a rendezvous that never completes) and DDP training."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lungbench.distributed import (
+    DistContext,
+    DistributedError,
+    barrier,
+    detect_launcher,
+    gather_records,
+    init_distributed,
+    parameter_digest,
+    parse_nodelist,
+    rank0_print,
+    resolve_launch,
+    shutdown,
+    slurm_port,
+    threads_per_rank,
+    wrap_model,
+)
+from lungbench.errors import UsageError
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCH_PREFIXES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_",
+    "MASTER_",
+    "GROUP_",
+    "TORCHELASTIC",
+    "SLURM_",
+    "PMI_",
+    "PMIX_",
+    "OMPI_",
+    "MV2_",
+    "MPI_",
+    "HYDRA",
+    "LUNGBENCH_LAUNCHER",
+)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any launcher variable (CI may run under SLURM),
+    plus `extra`; one thread per process keeps two ranks on two cores fair."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_PREFIXES)}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def free_slurm_job_id() -> int:
+    """A job id whose derived rendezvous port is free on this host right now."""
+    for job_id in range(os.getpid() % 20000, os.getpid() % 20000 + 2000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", slurm_port(job_id)))
+            except OSError:
+                continue
+            return job_id
+    pytest.skip("no free port in the SLURM port range")
+
+
+# ---------------------------------------------------------------------------- node lists
+
+
+@pytest.mark.parametrize(
+    ("text", "hosts"),
+    [
+        ("node[01-03,07]", ["node01", "node02", "node03", "node07"]),
+        ("a1,b[2-3]", ["a1", "b2", "b3"]),
+        ("gpu007", ["gpu007"]),
+        ("r[1-2]-n[8-9]", ["r1-n8", "r1-n9", "r2-n8", "r2-n9"]),
+        ("cn[098-101],login", ["cn098", "cn099", "cn100", "cn101", "login"]),
+        ("", []),
+    ],
+)
+def test_parse_nodelist(text, hosts):
+    assert parse_nodelist(text) == hosts
+
+
+@pytest.mark.parametrize("text", ["node[01-03", "node01]", "node[3-1]", "node[a-b]"])
+def test_parse_nodelist_rejects_malformed(text):
+    with pytest.raises(ValueError, match="node list"):
+        parse_nodelist(text)
+
+
+# ---------------------------------------------------------------------------- environments
+
+SLURM_4X2 = {
+    "SLURM_PROCID": "5",
+    "SLURM_NTASKS": "8",
+    "SLURM_LOCALID": "1",
+    "SLURM_NNODES": "2",
+    "SLURM_JOB_NODELIST": "m100n[012-013]",
+    "SLURM_TASKS_PER_NODE": "4(x2)",
+    "SLURM_JOB_ID": "123456",
+}
+
+
+def test_slurm_environment_is_read():
+    info = resolve_launch(SLURM_4X2)
+    assert (info.launcher, info.rank, info.world_size, info.local_rank) == ("slurm", 5, 8, 1)
+    assert (info.nodes, info.local_world_size) == (2, 4)
+    assert info.master_addr == "m100n012"
+    assert info.master_port == slurm_port("123456") == 10000 + 123456 % 20000
+
+
+def test_slurm_step_variables_and_overrides_win():
+    env = {
+        **SLURM_4X2,
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_STEP_NUM_NODES": "1",
+        "SLURM_STEP_NODELIST": "m100n013",
+        "MASTER_PORT": "4321",
+    }
+    info = resolve_launch(env)
+    assert (info.world_size, info.nodes, info.master_addr, info.master_port) == (
+        2,
+        1,
+        "m100n013",
+        4321,
+    )
+    assert resolve_launch({**env, "MASTER_ADDR": "10.0.0.1"}).master_addr == "10.0.0.1"
+
+
+def test_slurm_single_task_is_a_single_process():
+    env = {
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "1",
+        "SLURM_LOCALID": "0",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NODELIST": "node[01-03]",
+        "SLURM_JOB_ID": "77",
+    }
+    ctx = init_distributed("cpu", timeout_s=5, env=env)
+    assert ctx == DistContext(launcher="slurm", timeout_s=5)
+    assert ctx.is_main and not ctx.is_distributed
+    assert gather_records(ctx, {"a": 1}) == [{"a": 1}]
+    barrier(ctx)
+    shutdown(ctx)
+
+
+@pytest.mark.parametrize(
+    ("env", "launcher"),
+    [
+        ({}, "none"),
+        ({"RANK": "0", "WORLD_SIZE": "2", **SLURM_4X2}, "torchrun"),
+        ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALNRANKS": "2"}, "mpi"),  # MPICH hydra
+        ({"OMPI_COMM_WORLD_SIZE": "4", **SLURM_4X2}, "mpi"),  # mpirun inside an allocation
+        ({"PMI_SIZE": "8", **SLURM_4X2}, "slurm"),  # srun --mpi=pmi2
+        (SLURM_4X2, "slurm"),
+        ({"LUNGBENCH_LAUNCHER": "none", **SLURM_4X2}, "none"),
+    ],
+)
+def test_launcher_precedence(env, launcher):
+    assert detect_launcher(env) == launcher
+
+
+def test_torchrun_environment_is_read():
+    env = {
+        "RANK": "3",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "3",
+        "LOCAL_WORLD_SIZE": "4",
+        "MASTER_ADDR": "n1",
+        "MASTER_PORT": "29400",
+    }
+    info = resolve_launch(env)
+    assert (info.rank, info.world_size, info.local_rank, info.nodes) == (3, 8, 3, 2)
+    assert (info.master_addr, info.master_port) == ("n1", 29400)
+
+
+@pytest.mark.parametrize(
+    ("env", "kw", "message"),
+    [
+        ({"LUNGBENCH_LAUNCHER": "srun"}, {}, "unknown LUNGBENCH_LAUNCHER 'srun'"),
+        ({"SLURM_PROCID": "x", "SLURM_NTASKS": "2"}, {}, "SLURM_PROCID='x' is not an integer"),
+        ({}, {"timeout_s": 0}, "--dist-timeout must be > 0"),
+        ({}, {"device": "tpu"}, "device 'tpu'"),
+    ],
+)
+def test_bad_environments_are_usage_errors(env, kw, message):
+    with pytest.raises(UsageError, match=message):
+        init_distributed(env=env, **{"device": "cpu", **kw})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_is_a_usage_error():
+    with pytest.raises(UsageError, match="no CUDA device"):
+        init_distributed("cuda", env={})
+
+
+def test_helpers_for_a_single_process(capsys):
+    ctx = DistContext()
+    rank0_print(ctx, "only once")
+    rank0_print(DistContext(rank=1, world_size=2), "never")
+    assert capsys.readouterr().out == "only once\n"
+    assert threads_per_rank(ctx) >= 1
+    layer = torch.nn.Linear(3, 2)
+    assert wrap_model(layer, ctx) is layer  # one process: no DDP wrapper
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    assert parameter_digest(a) == parameter_digest(b)
+    with torch.no_grad():
+        b.bias[0] += 1e-7
+    assert parameter_digest(a) != parameter_digest(b)
+
+
+# ---------------------------------------------------------------------------- real processes
+
+HANG_SCRIPT = textwrap.dedent("""
+    import json, os, signal, sys, time
+    from lungbench.distributed import DistributedError, barrier, gather_records, init_distributed
+    ctx = init_distributed("cpu", timeout_s=float(sys.argv[1]))
+    got = gather_records(ctx, {"rank": ctx.rank, "world": ctx.world_size,
+                               "launcher": ctx.launcher, "master": ctx.master})
+    if ctx.is_main:
+        print(json.dumps(got), flush=True)
+    if ctx.rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)  # alive but silent: only a timeout can end this
+    start = time.perf_counter()
+    try:
+        barrier(ctx, "the test's barrier")
+    except DistributedError as exc:
+        print(f"waited {time.perf_counter() - start:.1f} s: {exc}", flush=True)
+        sys.exit(exc.exit_code)
+""")
+
+
+@pytest.mark.distributed
+def test_slurm_group_forms_and_a_hung_rank_times_out(tmp_path):
+    """Two processes with SLURM variables (as srun starts them; port from the job id): they
+    form a Gloo group and gather; then rank 1 stops answering and rank 0 gets a one-line
+    error after the timeout instead of hanging."""
+    script = tmp_path / "hang.py"
+    script.write_text(HANG_SCRIPT)
+    job_id, timeout = free_slurm_job_id(), 4
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(timeout)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(
+                SLURM_PROCID=str(rank),
+                SLURM_NTASKS="2",
+                SLURM_LOCALID=str(rank),
+                SLURM_NNODES="1",
+                SLURM_JOB_NODELIST="localhost,node[2-3]",
+                SLURM_JOB_ID=str(job_id),
+            ),
+        )
+        for rank in range(2)
+    ]
+    try:
+        out, err = procs[0].communicate(timeout=180)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == DistributedError.exit_code, err
+    gathered, message = out.strip().splitlines()
+    assert json.loads(gathered) == [
+        {"rank": r, "world": 2, "launcher": "slurm", "master": f"localhost:{slurm_port(job_id)}"}
+        for r in range(2)
+    ]
+    waited = float(message.split()[1])
+    assert timeout - 0.5 <= waited <= timeout + 15, message
+    assert "rank 0 of 2 (slurm, gloo): the test's barrier failed" in message
+    assert f"did not answer within {timeout} s" in message
+
+
+RENDEZVOUS_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from lungbench.distributed import DistributedError, init_distributed
+    start = time.perf_counter()
+    try:
+        init_distributed("cpu", timeout_s=float(sys.argv[1]))
+    except DistributedError as exc:
+        print(f"{time.perf_counter() - start:.1f} {exc}", flush=True)
+        sys.exit(exc.exit_code)
+""")
+
+
+@pytest.mark.distributed
+def test_rendezvous_that_never_completes_ends_with_one_line(tmp_path):
+    """Rank 0 of a 2-task SLURM step whose rank 1 never starts: a clear error, no hang."""
+    script = tmp_path / "rendezvous.py"
+    script.write_text(RENDEZVOUS_SCRIPT)
+    env = clean_env(
+        SLURM_PROCID="0",
+        SLURM_NTASKS="2",
+        SLURM_LOCALID="0",
+        SLURM_NNODES="1",
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_JOB_ID=str(free_slurm_job_id()),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), "2"], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == DistributedError.exit_code, proc.stderr[-2000:]
+    waited, message = proc.stdout.strip().split(" ", 1)
+    assert float(waited) < 2 * 1.1 + 10, "the watchdog or torch's timeout must end it"
+    assert message.startswith("rank 0 of 2 (slurm): rendezvous at localhost:")
+    assert "did not complete within 2 s" in message
+
+
+TRAIN_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+    from lungbench.distributed import init_distributed, parameter_digest, shutdown
+    from lungbench.train import TrainConfig, fit
+
+    class Blobs(Dataset):
+        def __init__(self, n, seed):
+            g = torch.Generator().manual_seed(seed)
+            self.y = (torch.arange(n) % 2).float()
+            self.x = torch.randn(n, 1, 6, 6, 6, generator=g)
+            self.x[self.y == 1, :, 2:4, 2:4, 2:4] += 2.0
+        def __len__(self):
+            return len(self.y)
+        def __getitem__(self, i):
+            return (self.x[i],), self.y[i]
+
+    out = Path(sys.argv[1])
+    ctx = init_distributed("cpu", timeout_s=60)
+    torch.manual_seed(ctx.rank)  # different initial weights: DDP must broadcast rank 0's
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(),
+                          nn.AdaptiveMaxPool3d(1), nn.Flatten(), nn.Linear(4, 1))
+    config = TrainConfig(epochs=2, batch_size=4, lr=0.01, seed=1, progress=False,
+                         tensorboard=False, restore_best=False)
+    result = fit(model, Blobs(40, 0), Blobs(12, 1), config, run_dir=out / f"run-rank{ctx.rank}",
+                 dist=ctx)
+    (out / f"rank{ctx.rank}.json").write_text(json.dumps({
+        "digest": parameter_digest(model), "world": ctx.world_size,
+        "launcher": ctx.launcher, "val_loss": list(result.history["val_loss"])}))
+    shutdown(ctx)
+""")
+
+
+@pytest.mark.distributed
+def test_ddp_training_under_torchrun(tmp_path):
+    """fit() with 2 processes: identical weights on both ranks after 20 steps (10 per epoch),
+    the same validation losses, and metrics/checkpoints written by rank 0 only."""
+    script = tmp_path / "train_ddp.py"
+    script.write_text(TRAIN_SCRIPT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path),
+        ],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    assert ranks[0]["val_loss"] == ranks[1]["val_loss"] and len(ranks[0]["val_loss"]) == 2
+    assert {r["world"] for r in ranks} == {2} and {r["launcher"] for r in ranks} == {"torchrun"}
+    written = tmp_path / "run-rank0"
+    assert (written / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
+    assert (written / "checkpoint_last.pt").exists()
+    assert not (tmp_path / "run-rank1").exists(), "rank 1 must not write"

@@ -1,0 +1,231 @@
+"""The 3D experiments end to end through the CLI, their thesis-layout tables, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lungbench.cli import main
+from lungbench.models import create_model
+from lungbench.report.training import auc_table, confusion_table
+from lungbench.train import save_checkpoint
+
+REGIMES = ["LIDC only", "w/o pre-training", "w/ pre-training"]
+
+
+@pytest.fixture(scope="module")
+def out_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("results")
+
+
+@pytest.fixture(scope="module")
+def quick_cv(out_root):
+    """One `lungbench train lungx-cv --quick` run; its generated stores are reused below."""
+    code = main(
+        ["train", "lungx-cv", "--quick", "--out", str(out_root), "--run-id", "cv", "--no-progress"]
+    )
+    return code, out_root / "cv"
+
+
+def _run_dirs(root) -> set[str]:
+    return {p.name for p in root.iterdir() if p.name != "data"}
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "expected an error message"
+    return err[-1]
+
+
+@pytest.mark.slow
+def test_lungx_cv_quick_writes_the_thesis_tables(quick_cv):
+    code, run_dir = quick_cv
+    assert code == 0
+    info = json.loads((run_dir / "run.json").read_text())
+    assert (info["kind"], info["status"]) == ("train", "complete")
+    assert "GENERATED" in info["data"]
+    for name in (
+        "config.json",
+        "environment.json",
+        "metrics.csv",
+        "plots/roc.png",
+        "plots/loss_fold1.png",
+        "plots/loss_fold3.png",
+        "tables/auc.md",
+        "lidc_pretrain/checkpoint_best.pt",
+    ):
+        assert (run_dir / name).exists(), name
+    auc = pd.read_csv(run_dir / "tables" / "auc.csv", index_col=0)
+    assert list(auc.index) == REGIMES
+    assert list(auc.columns) == ["fold 1", "fold 2", "fold 3", "average"]
+    assert np.allclose(auc["average"], auc[["fold 1", "fold 2", "fold 3"]].mean(axis=1))
+    for regime in ("lidc_only", "without_pretraining", "with_pretraining"):
+        table = pd.read_csv(run_dir / "tables" / f"confusion_{regime}.csv", index_col=0)
+        assert list(table.index) == ["Predictions Benign", "Predictions Malignant", "Total"]
+        assert list(table.columns) == ["Benign", "Malignant", "Total"]
+        assert table.loc["Total", "Total"] == 36  # every generated nodule tested once
+        assert (table.iloc[:2, :2].sum(axis=1) == table.iloc[:2, 2]).all()
+        assert (table.iloc[:2].sum(axis=0) == table.loc["Total"]).all()
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert set(metrics["fold"]) == {1, 2, 3}
+    assert set(metrics["regime"]) == {"w/o pre-training", "w/ pre-training"}
+
+
+def test_auc_table_layout():
+    table = auc_table(
+        {
+            "LIDC only": [0.6, 0.7, 0.8],
+            "w/o pre-training": [0.55, 0.69, 0.46],
+            "w/ pre-training": [0.78, 0.74, 0.49],
+        }
+    )
+    assert list(table.index) == REGIMES and table.index.name == "AUC"
+    assert list(table.columns) == ["fold 1", "fold 2", "fold 3", "average"]
+    assert table.loc["w/ pre-training", "average"] == pytest.approx(0.67)  # the thesis's row
+
+
+def test_confusion_table_counts_and_totals():
+    # The thesis's "w/ pre-training" matrix: 22 / 15 / 12 / 24 (rows: predictions).
+    y_true = np.array([0] * 22 + [1] * 15 + [0] * 12 + [1] * 24)
+    y_prob = np.array([0.2] * 37 + [0.5] * 36)  # 0.5 counts as malignant
+    table = confusion_table(y_true, y_prob)
+    assert table.loc["Predictions Benign"].tolist() == [22, 15, 37]
+    assert table.loc["Predictions Malignant"].tolist() == [12, 24, 36]
+    assert table.loc["Total"].tolist() == [34, 39, 73]
+    assert table.columns.name == "True diagnosis"
+
+
+def test_store_of_the_wrong_kind(quick_cv, tmp_path, capsys):
+    from lungbench.data.synth_mosmed import write_mosmed_store
+
+    _, run_dir = quick_cv
+    root = run_dir.parent
+    store = tmp_path / "mosmed.h5"
+    write_mosmed_store(store, 6, grid=(8, 16, 16))
+    before = _run_dirs(root)
+    code = main(["train", "lungx-cv", "--quick", "--store", str(store), "--out", str(root)])
+    assert code == 2
+    assert "needs inputs ['context', 'zoom']" in _error_line(capsys)
+    code = main(
+        [
+            "train",
+            "mosmed",
+            "--quick",
+            "--store",
+            str(root / "data" / "synth-lungx-n36-default-seed0.h5"),
+            "--out",
+            str(root),
+        ]
+    )
+    assert code == 2 and "needs inputs ['volume']" in _error_line(capsys)
+    code = main(["train", "mosmed", "--store", str(store), "--out", str(root)])
+    assert code == 2 and "too small" in _error_line(capsys)  # 8 voxels, valid padding
+    assert _run_dirs(root) == before  # bad input leaves no run folder behind
+
+
+def test_checkpoint_for_another_architecture_or_grid(quick_cv, tmp_path, capsys):
+    _, run_dir = quick_cv
+    root = run_dir.parent
+    other = create_model("mosmed3d", filters=(2,), dense=4)
+    path = save_checkpoint(
+        tmp_path / "mosmed.pt",
+        {
+            "model_name": "mosmed3d",
+            "model_kwargs": {"filters": [2], "dense": 4},
+            "model": other.state_dict(),
+        },
+    )
+    code = main(["train", "lungx-cv", "--quick", "--pretrained", str(path), "--out", str(root)])
+    assert code == 2
+    assert "checkpoint is for model 'mosmed3d'" in _error_line(capsys)
+    kwargs = {"preset": "dey2018", "filters": 2, "depth": 2}
+    dey = save_checkpoint(
+        tmp_path / "dey.pt",
+        {
+            "model_name": "dualpath3d",
+            "model_kwargs": kwargs,
+            "model": create_model("dualpath3d", **kwargs).state_dict(),
+        },
+    )
+    code = main(["train", "lungx-cv", "--quick", "--pretrained", str(dey), "--out", str(root)])
+    assert code == 2 and "'dey2018' grid" in _error_line(capsys)
+
+
+def test_fold_count_larger_than_a_class(quick_cv, capsys):
+    _, run_dir = quick_cv
+    code = main(["train", "lungx-cv", "--quick", "--folds", "19", "--out", str(run_dir.parent)])
+    assert code == 2
+    assert "larger than the smallest class" in _error_line(capsys)
+
+
+def test_resume_from_a_corrupt_checkpoint(quick_cv, tmp_path, capsys):
+    _, run_dir = quick_cv
+    corrupt = tmp_path / "checkpoint_last.pt"
+    corrupt.write_bytes(b"\x00" * 100)
+    code = main(
+        [
+            "train",
+            "lidc-pretrain",
+            "--quick",
+            "--resume",
+            str(corrupt),
+            "--out",
+            str(run_dir.parent),
+        ]
+    )
+    assert code == 2
+    line = _error_line(capsys)
+    assert str(corrupt) in line and "not a readable checkpoint" in line
+    torch.save({"format": "something-else"}, corrupt)
+    code = main(
+        [
+            "train",
+            "lidc-pretrain",
+            "--quick",
+            "--resume",
+            str(corrupt),
+            "--out",
+            str(run_dir.parent),
+        ]
+    )
+    assert code == 2 and "not a lungbench checkpoint" in _error_line(capsys)
+
+
+@pytest.mark.slow
+def test_mosmed_quick_compares_variants(tmp_path, capsys):
+    code = main(
+        [
+            "train",
+            "mosmed",
+            "--quick",
+            "--variants",
+            "baseline",
+            "avgpool",
+            "--synth-n",
+            "12",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--run-id",
+            "m",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    table = pd.read_csv(tmp_path / "m" / "tables" / "variants.csv", index_col=0)
+    assert list(table.index) == ["baseline", "avgpool"]
+    for column in (
+        "val accuracy",
+        "val AUC",
+        "parameters",
+        "time per epoch (s)",
+        "peak memory (MiB)",
+    ):
+        assert table[column].notna().all(), column
+    assert (tmp_path / "m" / "plots" / "val_auc.png").exists()
+    assert "GENERATED" in capsys.readouterr().out

@@ -1,0 +1,105 @@
+"""Grad-CAM, test-time augmentation and the LR finder."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lungbench.cam import cam_layer_name, grad_cam
+from lungbench.errors import UsageError
+from lungbench.lr_finder import find_lr, lr_finder_figure
+from lungbench.models import create_model
+from lungbench.tta import tta_probabilities
+
+
+class BrightnessNet(nn.Module):
+    """Constructed: conv features equal to local brightness, logit = their mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 2, 3, padding=1)
+        self.conv2 = nn.Conv2d(2, 2, 1)
+        self.head = nn.Linear(2, 1)
+        with torch.no_grad():
+            self.conv1.weight.zero_()
+            self.conv1.weight[:, 0, 1, 1] = 1.0
+            self.conv1.bias.zero_()
+            self.conv2.weight.copy_(torch.eye(2)[:, :, None, None])
+            self.conv2.bias.zero_()
+            self.head.weight.fill_(1.0)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return (self.x[i],), self.y[i]
+
+
+def test_cam_peaks_on_a_planted_bright_object():
+    image = torch.rand(1, 1, 48, 48) * 0.05
+    image[..., 30:36, 8:14] = 1.0
+    model = BrightnessNet()
+    assert cam_layer_name(model) == "conv2"  # the last convolution, chosen automatically
+    cam = grad_cam(model, (image,))
+    assert cam.shape == (1, 48, 48)
+    row, col = divmod(int(cam[0].argmax()), 48)
+    assert 30 <= row < 36 and 8 <= col < 14
+    assert cam[0, 30:36, 8:14].mean() > 5 * cam[0, :20, 24:].mean()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
+def test_cam_shapes_for_the_backbones(name):
+    model = create_model(name, in_channels=1, out_channels=3)
+    model.train()
+    cam = grad_cam(model, (torch.rand(2, 1, 64, 48),), target=2)
+    assert cam.shape == (2, 64, 48) and float(cam.min()) >= 0 and float(cam.max()) <= 1
+    assert model.training  # mode restored
+
+
+def test_cam_layer_override_and_bad_names():
+    model = create_model("resnet18", in_channels=1)
+    assert cam_layer_name(model) == "layer4"
+    assert cam_layer_name(model, "layer3") == "layer3"
+    with pytest.raises(UsageError, match="not a module"):
+        cam_layer_name(model, "layer9")
+    with pytest.raises(UsageError, match="out of range"):
+        grad_cam(model, (torch.rand(1, 1, 32, 32),), target=4)
+
+
+def test_tta_shapes_and_averaging():
+    torch.manual_seed(0)
+    model = create_model("resnet18", in_channels=1, out_channels=4).eval()
+    x = torch.rand(3, 1, 32, 32)
+    assert tta_probabilities(model, (x,), task="multilabel").shape == (3, 4)
+    binary = BrightnessNet()
+    # A mean over the image ignores orientation: TTA equals the plain prediction.
+    plain = torch.sigmoid(binary(x)).reshape(-1)
+    torch.testing.assert_close(tta_probabilities(binary, (x,), task="binary"), plain)
+    with pytest.raises(UsageError, match="TTA view"):
+        tta_probabilities(binary, (x,), views=("spin",))
+
+
+def test_lr_finder_gives_a_finite_suggestion_and_restores_weights():
+    torch.manual_seed(0)
+    x = torch.rand(32, 1, 12, 12)
+    y = (x.mean(dim=(1, 2, 3)) > 0.5).float()
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(400, 1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = find_lr(model, Pairs(x, y), start_lr=1e-5, end_lr=1.0, num_iter=30, batch_size=8)
+    assert math.isfinite(result.suggestion) and 1e-5 <= result.suggestion <= 1.0
+    assert len(result.lrs) == len(result.smoothed) >= 6
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    lr_finder_figure(result).clear()

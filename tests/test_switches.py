@@ -1,0 +1,187 @@
+"""Speed switches: every CPU combination trains like FP32, fallbacks warn, forced ones fail."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from lungbench.ablation import bce_loss, tolerance
+from lungbench.errors import UsageError
+from lungbench.models.dualpath3d import DualPath3D
+from lungbench.switches import (
+    NO_TIMER,
+    Switches,
+    TrainStep,
+    apply_memory_format,
+    auto_switches,
+    backend_flags,
+    bf16_supported,
+    compiler_available,
+    eager_fp32,
+    fast_defaults,
+    resolve,
+)
+
+CPU = torch.device("cpu")
+GRID = (7, 9, 10)  # small and odd-sized, as MONAI's tests
+
+
+def tiny_model() -> DualPath3D:
+    torch.manual_seed(0)
+    model = DualPath3D(filters=2, depth=2, context_grid=GRID, zoom_grid=GRID, hidden=8)
+    model.head[2].p = 0.0  # dropout off: every variant computes the same function
+    return model
+
+
+def batches(n: int = 3) -> list:
+    g = torch.Generator().manual_seed(1)
+    return [
+        ([torch.rand(2, 1, *GRID, generator=g) for _ in range(2)], torch.tensor([0.0, 1.0]))
+        for _ in range(n)
+    ]
+
+
+def loss_after_steps(switches: Switches, steps: int = 3) -> float:
+    """FP32 loss on the last batch after `steps` steps with `switches` from the same init."""
+    model = tiny_model().train()
+    step = TrainStep(model, bce_loss, resolve(switches, CPU).switches, CPU)
+    data = batches(steps)
+    with backend_flags(step.switches):
+        for inputs, target in data:
+            step(NO_TIMER, step.prepare_inputs(inputs), target)
+    with torch.no_grad():
+        return float(bce_loss(model(*data[-1][0]), data[-1][1]))
+
+
+DTYPES = ["fp32", "bf16"] if bf16_supported(CPU) else ["fp32"]
+COMBOS = list(
+    itertools.product(["contiguous", "channels_last_3d"], DTYPES, ["default", "foreach", "fused"])
+)
+
+
+@pytest.fixture(scope="module")
+def fp32_loss() -> float:
+    return loss_after_steps(eager_fp32())
+
+
+@pytest.mark.parametrize(("memory_format", "dtype", "optimizer"), COMBOS)
+def test_every_cpu_combination_matches_fp32(memory_format, dtype, optimizer, fp32_loss):
+    switches = Switches(memory_format=memory_format, dtype=dtype, optimizer=optimizer)
+    loss = loss_after_steps(switches)
+    # Stated tolerances: 1e-3 absolute for FP32 arithmetic, 5e-2 for bf16 (ablation.TOLERANCE).
+    assert abs(loss - fp32_loss) <= tolerance(switches), (switches, loss, fp32_loss)
+
+
+def test_memory_format_converts_every_5d_tensor_and_inputs():
+    model = apply_memory_format(tiny_model(), "channels_last_3d")
+    conv = model.context_path.features[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d)
+    step = TrainStep(tiny_model(), bce_loss, Switches(memory_format="channels_last_3d"), CPU)
+    x = step.prepare_inputs([torch.rand(2, 1, *GRID)])[0]
+    assert x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.parametrize(
+    ("requested", "field", "ran"),
+    [
+        (Switches(dtype="fp16"), "dtype", "fp32"),
+        (Switches(cuda_graphs=True), "cuda_graphs", False),
+        (Switches(tf32=True), "tf32", False),
+        (Switches(cudnn_benchmark=True), "cudnn_benchmark", False),
+    ],
+)
+def test_cpu_cannot_do_falls_back_with_a_warning(requested, field, ran, capsys):
+    resolved = resolve(requested, CPU)
+    assert getattr(resolved.switches, field) == ran
+    assert len(resolved.fallbacks) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("warning: --") and "running with" in err
+    record = resolved.record()
+    assert record[f"{field}_used"] == ran and record["switch_fallbacks"] == list(resolved.fallbacks)
+
+
+def test_forced_switch_the_device_cannot_do_is_a_usage_error():
+    with pytest.raises(UsageError, match=r"--dtype fp16: .* on cpu; choose from: fp32"):
+        resolve(Switches(dtype="fp16"), CPU, strict=True)
+    with pytest.raises(UsageError, match="--cuda-graphs on"):
+        resolve(Switches(cuda_graphs=True), CPU, strict=True)
+
+
+def test_unknown_value_names_the_option_and_choices():
+    with pytest.raises(UsageError, match=r"--dtype 'fp8'.*choose from: fp32, bf16, fp16, auto"):
+        resolve(Switches(dtype="fp8"), CPU)
+
+
+def test_auto_resolves_to_the_fast_defaults_and_eager_stays_plain(capsys):
+    resolved = resolve(auto_switches(), CPU)
+    assert resolved.switches == fast_defaults(CPU) and resolved.fallbacks == ()
+    assert resolved.switches.compile == "off"  # compiling costs minutes: never by default
+    assert resolve(eager_fp32(), CPU).switches == eager_fp32()
+    assert capsys.readouterr().err == ""
+
+
+def test_channels_last_follows_the_input_rank():
+    assert (
+        resolve(Switches(memory_format="channels_last"), CPU).switches.memory_format
+        == "channels_last_3d"
+    )
+    assert (
+        resolve(
+            Switches(memory_format="channels_last_3d"), CPU, input_ndim=4
+        ).switches.memory_format
+        == "channels_last"
+    )
+
+
+def test_known_bad_cpu_bf16_layer_shape_falls_back():
+    from lungbench.switches import cpu_bf16_unsafe
+
+    model = DualPath3D(filters=2, depth=2, context_grid=(5, 8, 8), zoom_grid=(5, 8, 8))
+    inputs = [torch.rand(2, 1, 5, 8, 8)] * 2
+    assert cpu_bf16_unsafe(model, inputs) == "Conv3d on input (2, 2, 4, 4)"
+    assert cpu_bf16_unsafe(tiny_model(), [torch.rand(2, 1, *GRID)] * 2) is None
+    if bf16_supported(CPU):
+        resolved = resolve(Switches(dtype="bf16"), CPU, probe=(model, inputs), warn=print)
+        assert resolved.switches.dtype == "fp32" and "garbage" in resolved.fallbacks[0]
+
+
+def test_backend_flags_are_restored():
+    before = torch.backends.cudnn.benchmark
+    with backend_flags(Switches(cudnn_benchmark=True)):
+        assert torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.benchmark == before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(compiler_available(CPU) is not None, reason="no C++ compiler for inductor")
+def test_compiled_step_matches_fp32(fp32_loss):
+    switches = Switches(memory_format="channels_last_3d", compile="default")
+    assert abs(loss_after_steps(switches) - fp32_loss) <= tolerance(switches)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "switches",
+    [
+        Switches(dtype="fp16"),
+        Switches(cuda_graphs=True),
+        Switches(tf32=True, cudnn_benchmark=True, optimizer="fused"),
+    ],
+)
+def test_cuda_switches_match_fp32(switches):
+    cuda = torch.device("cuda")
+
+    def run(sw: Switches) -> float:
+        model = tiny_model().to(cuda).train()
+        step = TrainStep(model, bce_loss, resolve(sw, cuda).switches, cuda)
+        data = [([x.to(cuda) for x in xs], y.to(cuda)) for xs, y in batches()]
+        with backend_flags(step.switches):
+            for inputs, target in data:
+                step(NO_TIMER, step.prepare_inputs(inputs), target)
+        with torch.no_grad():
+            return float(bce_loss(model(*data[-1][0]), data[-1][1]))
+
+    assert abs(run(switches) - run(eager_fp32())) <= tolerance(switches)
