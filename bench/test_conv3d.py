@@ -2,6 +2,8 @@
 
 The first convolution of a path (1 -> filters channels on the whole grid) dominates the
 two-path model's time; `deep` is the second level (filters -> 2 x filters on half the grid).
+Each case records its achieved FLOP/s and, as `peak_fraction`, its share of the device's
+fp32 matrix-product peak (lungbench.peak, measured once per session and device).
 """
 
 from __future__ import annotations
@@ -12,10 +14,28 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lungbench.models.dualpath3d import geometry
+from lungbench.peak import matmul_peak_flops
 
 PRESETS = ["dey2018", "default", "iso64"]
 QUICK_PRESETS = {"dey2018"}
 BATCH = 2
+# Quick mode measures the peak on a smaller product (well under a second on 2 CPU cores).
+QUICK_PEAK = {"size": 1024, "repeats": 2}
+
+
+@pytest.fixture(scope="session")
+def peak_flops(quick):
+    """`peak_flops(device)`: fp32 matrix-product peak of `device`, measured on first use."""
+    measured: dict[str, float] = {}
+
+    def peak(device: torch.device) -> float:
+        if str(device) not in measured:
+            measured[str(device)] = matmul_peak_flops(
+                device, "fp32", **(QUICK_PEAK if quick else {})
+            )
+        return measured[str(device)]
+
+    return peak
 
 
 def conv_case(preset: str, filters: int, level: str, device: torch.device):
@@ -37,13 +57,14 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def record(benchmark, preset: str, filters: int, level: str, flops: int) -> None:
+def record(benchmark, preset: str, filters: int, level: str, flops: int, peak: float) -> None:
     benchmark.extra_info.update(
-        preset=preset, filters=filters, level=level, batch=BATCH, flops=flops
+        preset=preset, filters=filters, level=level, batch=BATCH, flops=flops, peak_flops=peak
     )
     stats = getattr(benchmark, "stats", None)
     if stats is not None and getattr(stats, "stats", None) is not None:
-        benchmark.extra_info["achieved_flops"] = flops / stats.stats.median
+        achieved = flops / stats.stats.median
+        benchmark.extra_info.update(achieved_flops=achieved, peak_fraction=achieved / peak)
 
 
 def _skip(quick: bool, preset: str, filters: int, level: str) -> None:
@@ -54,20 +75,20 @@ def _skip(quick: bool, preset: str, filters: int, level: str) -> None:
 @pytest.mark.parametrize("level", ["first", "deep"])
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("filters", [8, 16])
-def test_conv3d_forward(benchmark, run_timed, quick, device, filters, preset, level):
+def test_conv3d_forward(benchmark, run_timed, quick, peak_flops, device, filters, preset, level):
     _skip(quick, preset, filters, level)
     benchmark.group = f"conv3d-forward-{preset}"
     conv, x = conv_case(preset, filters, level, device)
     flops = count_flops(lambda: conv(x))
     out = run_timed(lambda: conv(x), device)
     assert out.shape[1] == conv.out_channels
-    record(benchmark, preset, filters, level, flops)
+    record(benchmark, preset, filters, level, flops, peak_flops(device))
 
 
 @pytest.mark.parametrize("level", ["first", "deep"])
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("filters", [8, 16])
-def test_conv3d_backward(benchmark, run_timed, quick, device, filters, preset, level):
+def test_conv3d_backward(benchmark, run_timed, quick, peak_flops, device, filters, preset, level):
     _skip(quick, preset, filters, level)
     benchmark.group = f"conv3d-backward-{preset}"
     conv, x = conv_case(preset, filters, level, device)
@@ -83,4 +104,4 @@ def test_conv3d_backward(benchmark, run_timed, quick, device, filters, preset, l
     flops = count_flops(lambda: y.backward(grad))
     run_timed(lambda y, grad: y.backward(grad), device, setup=setup)
     assert conv.weight.grad is not None
-    record(benchmark, preset, filters, level, flops)
+    record(benchmark, preset, filters, level, flops, peak_flops(device))

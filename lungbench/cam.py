@@ -46,22 +46,29 @@ def grad_cam(
     """Grad-CAM maps (B, *spatial) in [0, 1] for output `target` (class or label index).
 
     The model is run in eval mode; its training mode and gradients are left as they were.
+    Frozen layers (`requires_grad=False`) can be explained too. Inputs are moved to the
+    model's device; the maps come back on the device of `inputs[0]`.
     """
+    home = inputs[0].device
     module = model.get_submodule(cam_layer_name(model, layer))
     saved: dict[str, torch.Tensor] = {}
 
     def hook(_module, _inputs, output):
-        saved["activation"] = output
-        output.register_hook(lambda grad: saved.__setitem__("gradient", grad))
-        # Hand a copy downstream: an in-place op after this layer must not change the saved map.
-        return output.clone()
+        # A leaf that requires grad even when the layer is frozen (transfer method A/B), or
+        # when the input does not: the rest of the network runs on it, so autograd.grad
+        # reaches it. Cloned downstream: an in-place op after this layer must not change
+        # the saved map.
+        activation = output.detach().requires_grad_(True)
+        saved["activation"] = activation
+        return activation.clone()
 
     was_training = model.training
+    device = next(model.parameters(), torch.empty(0)).device
     handle = module.register_forward_hook(hook)
     model.eval()
     try:
         with torch.enable_grad():
-            inputs = tuple(x.detach() for x in inputs)
+            inputs = tuple(x.detach().to(device) for x in inputs)
             logits = model(*inputs)
             if logits.ndim == 1:
                 logits = logits[:, None]
@@ -84,7 +91,7 @@ def grad_cam(
     lo, hi = flat.min(1).values, flat.max(1).values
     scale = (hi - lo).clamp_min(1e-12)
     shape = (-1, *([1] * (cam.ndim - 1)))
-    return (cam - lo.view(shape)) / scale.view(shape)
+    return ((cam - lo.view(shape)) / scale.view(shape)).to(home)
 
 
 def cam_overlay_figure(

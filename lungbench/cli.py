@@ -27,9 +27,15 @@ COMMAND_MODULES = [
 EPILOG = """\
 examples:
   lungbench bench                         CPU, generated data, batch 2,4,8 x filters 8,16
-  lungbench bench --device cuda --filters 8 16 --batch 2
+  lungbench bench --device cpu cuda --filters 8 16 --batch 2     the thesis's table
+  torchrun --nproc_per_node 4 -m lungbench bench --device cuda   DDP scaling (see hpc/)
+  lungbench bench --ablation              which speed switch buys how much
+  lungbench profile --filters 16 --batch 2                       torch.profiler trace
+  lungbench train lungx-cv --quick        LUNGx 3-fold CV: AUC table, confusion matrices
   lungbench data synth --kind lidc --n 754 --out results/data/lidc-synth.h5
-  lungbench env                           print the environment record
+  lungbench report results/<run-id>       one self-contained HTML file + Markdown
+  lungbench compare results/<a> results/<b> --fail-above 10
+  lungbench env --peak                    environment record + measured device peak
 Run `lungbench COMMAND --help` for each command's options."""
 
 

@@ -10,7 +10,33 @@ import time
 
 import torch
 
+from lungbench.errors import UsageError, look_up_option
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp16 matrix products on CPU have no fast kernels (a few GFLOP/s): no peak worth measuring.
+CPU_DTYPES = ("fp32", "bf16")
+# Default sizes, per device type: matrix side, and bytes copied (far beyond any cache).
+MATMUL_SIZE = {"cuda": 8192, "cpu": 2048}
+COPY_BYTES = {"cuda": 2**30, "cpu": 2**28}
+
+
+def default_matmul_size(device: torch.device) -> int:
+    return MATMUL_SIZE["cuda" if device.type == "cuda" else "cpu"]
+
+
+def default_copy_bytes(device: torch.device) -> int:
+    return COPY_BYTES["cuda" if device.type == "cuda" else "cpu"]
+
+
+def check_dtype(dtype: str, device: torch.device, option: str = "--dtype") -> str:
+    """`dtype` if it can be measured on `device`, else UsageError naming the valid choices."""
+    look_up_option(dtype, DTYPES, what=option)
+    if device.type == "cpu" and dtype not in CPU_DTYPES:
+        raise UsageError(
+            f"{option} {dtype}: not measured on CPU (no fast kernels); "
+            f"choose from: {', '.join(CPU_DTYPES)}"
+        )
+    return dtype
 
 
 def matmul_peak_flops(
@@ -18,7 +44,7 @@ def matmul_peak_flops(
 ) -> float:
     """Best FLOP/s of `size` x `size` matrix products (2 n^3 FLOPs each) on `device`."""
     if size is None:
-        size = 8192 if device.type == "cuda" else 2048
+        size = default_matmul_size(device)
     a = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
     b = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
     best = float("inf")
@@ -44,7 +70,7 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
     than any cache (256 MiB on CPU, 1 GiB on GPU by default).
     """
     if nbytes is None:
-        nbytes = 2**30 if device.type == "cuda" else 2**28
+        nbytes = default_copy_bytes(device)
     src = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
     best = float("inf")
@@ -63,10 +89,8 @@ def peak_record(
 ) -> dict:
     """What `lungbench env --peak` stores: the matrix-product peak in `dtype` and the copy
     bandwidth on `device`, with the sizes used (the same function as every peak_fraction)."""
-    if size is None:
-        size = 8192 if device.type == "cuda" else 2048
-    if nbytes is None:
-        nbytes = 2**30 if device.type == "cuda" else 2**28
+    size = default_matmul_size(device) if size is None else size
+    nbytes = default_copy_bytes(device) if nbytes is None else nbytes
     return {
         "device": str(device),
         "dtype": dtype,

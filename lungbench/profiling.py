@@ -129,7 +129,7 @@ def parse_activities(text: str | Iterable[str], device: str = "cpu") -> tuple[st
     return tuple(dict.fromkeys(names))
 
 
-def check_writable(folder: Path, option: str = "--out") -> None:
+def check_writable(folder: Path, option: str = "--out", what: str = "the trace folder") -> None:
     """UsageError unless `folder` can be created and written (before anything runs)."""
     folder = Path(folder)
     try:
@@ -138,7 +138,7 @@ def check_writable(folder: Path, option: str = "--out") -> None:
             pass
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise UsageError(f"{option} {folder}: cannot write the trace folder ({reason})") from None
+        raise UsageError(f"{option} {folder}: cannot write {what} ({reason})") from None
 
 
 # --------------------------------------------------------------------------- ranges
@@ -173,8 +173,15 @@ def _batches(cfg: ProfileConfig, device: torch.device) -> Iterator[tuple[list, t
             generator=torch.Generator().manual_seed(cfg.seed),
         )
         while True:
+            empty = True
             for inputs, target in loader:
+                empty = False
                 yield list(inputs), target.float()
+            if empty:  # drop_last with fewer samples than a batch: never spin on nothing
+                raise DataError(
+                    f"--store {cfg.store}: {len(loader.dataset)} samples < --batch "
+                    f"{cfg.batch_size}; no full batch to profile"
+                )
     shapes = input_shapes(cfg)
     g = torch.Generator().manual_seed(cfg.seed)
     # A few distinct host batches, cycled: the "data" range then holds the host-to-device
@@ -214,17 +221,10 @@ def input_shapes(cfg: ProfileConfig) -> list[tuple[int, ...]]:
     return list(example_input_shapes(cfg.model, cfg.batch_size))
 
 
-def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE for one logit per sample (the two-path model), cross-entropy otherwise."""
-    logits = logits.reshape(len(target), -1)
-    if logits.shape[1] == 1:
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], target)
-    return torch.nn.functional.cross_entropy(logits, target.long())
-
-
 def training_step_fn(cfg: ProfileConfig, device: torch.device) -> Callable[[], None]:
     """One training step of `cfg`'s model with its four phases in named ranges."""
     from lungbench.models import create_model
+    from lungbench.train import default_loss
 
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, **model_kwargs(cfg)).to(device).train()
@@ -245,7 +245,7 @@ def training_step_fn(cfg: ProfileConfig, device: torch.device) -> Callable[[], N
             inputs = [x.to(device, non_blocking=True) for x in inputs]
             target = target.to(device, non_blocking=True)
         with phase_range("forward", nvtx):
-            loss = _loss(model(*inputs), target)
+            loss = default_loss(model(*inputs), target)
         with phase_range("backward", nvtx):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -557,11 +557,40 @@ def validate(cfg: ProfileConfig, out: Path) -> torch.device:
     parse_activities(cfg.activities, cfg.device)
     cfg.schedule.check(cfg.run_steps)
     if cfg.store is not None:
-        from lungbench.data.store import read_info
-
-        read_info(cfg.store)
+        check_store(cfg)
     check_writable(out)
     return device
+
+
+def check_store(cfg: ProfileConfig) -> None:
+    """UsageError unless `cfg.store` holds a full batch of inputs shaped for `cfg`'s model."""
+    from lungbench.data.store import read_info
+
+    info = read_info(cfg.store)
+    if info.n < cfg.batch_size:
+        raise UsageError(f"--store {cfg.store}: {info.n} samples < --batch {cfg.batch_size}")
+    if cfg.model != "dualpath3d":
+        return  # other models take any grid; their example shapes are no requirement
+    from lungbench.models.dualpath3d import GEOMETRY_PRESETS
+
+    wanted = [shape[1:] for shape in input_shapes(cfg)]
+    found = list(info.inputs.values())
+    if found == wanted:
+        return
+    matching = [
+        name
+        for name, geo in GEOMETRY_PRESETS.items()
+        if found == [(1, *geo.context_grid), (1, *geo.zoom_grid)]
+    ]
+    hint = (
+        f"use --preset {matching[0]}"
+        if matching
+        else f"no preset has these shapes ({', '.join(GEOMETRY_PRESETS)})"
+    )
+    raise UsageError(
+        f"--store {cfg.store}: inputs {', '.join(map(str, found))} do not fit --preset "
+        f"{cfg.preset} ({', '.join(map(str, wanted))}); {hint}"
+    )
 
 
 def run_profile(

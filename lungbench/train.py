@@ -17,9 +17,11 @@ position inside the epoch) and raises TrainingInterrupted; `fit(..., resume=path
 continues exactly: model, optimizer, scheduler, grad scaler, RNG states, epoch and step.
 
 Why exact resume works: the sample order of epoch e is a pure function of (seed, e) (a
-DistributedSampler with set_epoch, also for one process), the DataLoader has its own
-generator so it never draws from the global RNG, and the global RNG states are saved at the
-step where training stopped.
+DistributedSampler with set_epoch, also for one process), so is the augmentation of each
+sample (drawn from (seed, e, index) under transforms.sample_key, see EpochView), the
+DataLoader has its own generator so it never draws from the global RNG, and the global RNG
+states (dropout) are saved at the step where training stopped. Resuming requires the same
+TrainConfig except RESUME_MAY_CHANGE (epochs, progress, device, workers, TensorBoard).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -47,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from lungbench.data.transforms import sample_key
 from lungbench.distributed import DistContext, single_process
 from lungbench.errors import DataError, LungbenchError, UsageError, look_up_option
 
@@ -132,7 +136,7 @@ class FitResult:
     mean_epoch_s: float = float("nan")
     samples_per_s: float = float("nan")
     peak_memory_bytes: int = 0
-    peak_memory_kind: str = "cpu_rss_sampled"
+    peak_memory_kind: str = "cpu_rss_above_start"
     stopped_early: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -200,6 +204,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives since torch 1.6
+        raise DataError(f"{path}: not a PyTorch checkpoint (not a zip archive)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, corrupt, or holds objects weights_only refuses
@@ -214,6 +220,36 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         )
     if "model" not in ckpt:
         raise DataError(f"{path}: checkpoint has no model weights")
+    return ckpt
+
+
+# Options that may change when resuming: how long to train and where/how to show it. Every
+# other TrainConfig field changes what the resumed steps compute (lr, batch size, seed, ...).
+RESUME_MAY_CHANGE = ("epochs", "progress", "device", "num_workers", "tensorboard")
+
+
+def load_resume_checkpoint(path: str | os.PathLike, config: TrainConfig) -> dict[str, Any]:
+    """Load a checkpoint to resume from; UsageError listing every option that differs.
+
+    Only RESUME_MAY_CHANGE may differ from the config the checkpoint was made with: a new lr
+    would be silently overridden by the optimizer state, a new batch size would skip the
+    wrong samples of an interrupted epoch.
+    """
+    ckpt = load_checkpoint(path)
+    saved = ckpt.get("config")
+    if not isinstance(saved, Mapping):
+        raise DataError(f"{path}: checkpoint has no training config ('config'); cannot resume")
+    diffs = [
+        f"{name} {saved[name]!r} -> {value!r}" if name in saved else f"{name} ? -> {value!r}"
+        for name, value in asdict(config).items()
+        if name not in RESUME_MAY_CHANGE and (name not in saved or saved[name] != value)
+    ]
+    if diffs:
+        raise UsageError(
+            f"{path}: resuming needs the training options the checkpoint was made with; "
+            f"these differ (checkpoint -> now): {', '.join(diffs)} "
+            f"(only {', '.join(RESUME_MAY_CHANGE)} may change)"
+        )
     return ckpt
 
 
@@ -380,6 +416,23 @@ def make_loader(
     )
 
 
+class EpochView(Dataset):
+    """`dataset` as seen in training epoch `epoch`: item k is loaded inside
+    `sample_key(epoch, k)`, so its random augmentation is a pure function of (seed, epoch, k)
+    (lungbench.data.transforms) and a resumed run draws what an uninterrupted one did."""
+
+    def __init__(self, dataset: Dataset, epoch: int) -> None:
+        self.dataset = dataset
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, k: int):
+        with sample_key(self.epoch, k):
+            return self.dataset[k]
+
+
 def _to_device(batch, device: torch.device):
     inputs, target = batch
     non_blocking = device.type == "cuda"
@@ -418,13 +471,16 @@ def stop_on_signals():
 
 
 class _PeakMemory:
-    """Peak CUDA allocation, or the largest process RSS sampled once per step on CPU."""
+    """Peak CUDA allocation, or on CPU the largest process RSS (sampled once per step) above
+    the RSS when the fit started: the RSS high-water mark of the process would also hold
+    whatever earlier fits in the same process (other variants, folds) left behind."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_sampled"
-        self.peak = 0
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_above_start"
         self._process = psutil.Process()
+        self.start = 0 if device.type == "cuda" else self._process.memory_info().rss
+        self.peak = self.start
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
@@ -435,7 +491,7 @@ class _PeakMemory:
     def value(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
-        return int(self.peak)
+        return int(self.peak - self.start)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -580,7 +636,7 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
     state = _State()
     if resume is not None:
-        state = _restore(Path(resume), core, optimizer, scheduler, scaler, meta)
+        state = _restore(Path(resume), core, optimizer, scheduler, scaler, config, meta)
 
     writer = _tensorboard(run_dir, config)
     memory = _PeakMemory(device)
@@ -690,7 +746,7 @@ def _train_epoch(
     model.train()
     indices = epoch_order(len(train_ds), state.epoch, config, dist, shuffle=True)
     skip = state.step * config.batch_size  # samples an interrupted run already trained on
-    loader = make_loader(train_ds, indices[skip:], config, state.epoch)
+    loader = make_loader(EpochView(train_ds, state.epoch), indices[skip:], config, state.epoch)
     sums = {
         "loss": 0.0,
         "correct": 0.0,
@@ -860,9 +916,9 @@ def _tensorboard(run_dir: Path | None, config: TrainConfig):
     return SummaryWriter(log_dir=str(run_dir / "tb"))
 
 
-def _restore(path: Path, core, optimizer, scheduler, scaler, meta) -> _State:
+def _restore(path: Path, core, optimizer, scheduler, scaler, config, meta) -> _State:
     """Load a checkpoint_last.pt into model, optimizer, scheduler, scaler and the RNGs."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_resume_checkpoint(path, config)
     want = meta.get("model_name")
     if want is not None and ckpt.get("model_name") not in (None, want):
         raise UsageError(

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lungbench.errors import UsageError, look_up_option
+from lungbench.weights import under
 
 METHODS = {
     "A": "train the new head only",
@@ -115,7 +116,7 @@ def _main_path_layers(model: nn.Module, prefixes: Iterable[str]) -> int:
         1
         for name, module in model.named_modules()
         if isinstance(module, nn.modules.conv._ConvNd)
-        and _under(name, prefixes)
+        and under(name, prefixes)
         and "downsample" not in name
     )
 
@@ -150,7 +151,7 @@ def apply_method(model: nn.Module, method: Method) -> FreezePlan:
     else:
         boundary, frozen = None, ()
     for name, param in model.named_parameters():
-        param.requires_grad_(not _under(name, frozen) or _under(name, (head,)))
+        param.requires_grad_(not under(name, frozen) or under(name, (head,)))
     _keep_frozen_norms_in_eval(model, frozen)
     trainable, total = count_parameters(model)
     return FreezePlan(method, boundary, frozen, trainable, total - trainable)
@@ -165,10 +166,6 @@ def _prefixes_before(model: nn.Module, boundary: str) -> tuple[str, ...]:
     return (*prefixes, *getattr(model, "FREEZE_EXTRA", {}).get(boundary, ()))
 
 
-def _under(name: str, prefixes: Iterable[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
 def _keep_eval(module: nn.Module, _inputs) -> None:
     # A frozen batch norm must not update its running statistics in a training forward.
     module.eval()
@@ -180,7 +177,7 @@ def _keep_frozen_norms_in_eval(model: nn.Module, frozen: tuple[str, ...]) -> Non
         if handles is not None:  # re-applying a method: drop the previous policy
             handles.remove()
             del module._lungbench_keep_eval
-        if isinstance(module, nn.modules.batchnorm._NormBase) and _under(name, frozen):
+        if isinstance(module, nn.modules.batchnorm._NormBase) and under(name, frozen):
             module.eval()
             module._lungbench_keep_eval = module.register_forward_pre_hook(_keep_eval)
 

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lungbench.errors import look_up_option
+from lungbench.train import to_probabilities
 
 View = Callable[[torch.Tensor], torch.Tensor]
 
@@ -37,13 +38,6 @@ DEFAULT_VIEWS = tuple(VIEWS)
 FLIP_VIEWS = ("identity", "hflip", "vflip")
 
 
-def _probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
-    if task == "multiclass":
-        return torch.softmax(logits.float(), dim=1)
-    probs = torch.sigmoid(logits.float())
-    return probs.reshape(-1) if task == "binary" else probs
-
-
 @torch.no_grad()
 def tta_probabilities(
     model: nn.Module,
@@ -56,7 +50,7 @@ def tta_probabilities(
     model.eval()
     total = None
     for view in chosen:
-        probs = _probabilities(model(*(view(x) for x in inputs)), task)
+        probs = to_probabilities(model(*(view(x) for x in inputs)), task)
         total = probs if total is None else total + probs
     return total / len(chosen)
 

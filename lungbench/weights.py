@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from lungbench.errors import DataError, UsageError
+from lungbench.train import CHECKPOINT_FORMAT, load_checkpoint
 
-CHECKPOINT_FORMAT = "lungbench-checkpoint"
 SHOW_KEYS = 4  # how many mismatched keys an error lists
 
 
@@ -65,7 +65,11 @@ class LoadReport:
 
 
 def read_weights_file(path: str | os.PathLike) -> WeightsFile:
-    """Read a state dict from `path` (DataError naming the file if it is not one)."""
+    """Read a state dict from `path` (DataError naming the file if it is not one).
+
+    lungbench checkpoints are read, and checked, by `lungbench.train.load_checkpoint`; this
+    function itself only unwraps the state dicts other tools write.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(
@@ -80,14 +84,15 @@ def read_weights_file(path: str | os.PathLike) -> WeightsFile:
     if not isinstance(obj, Mapping):
         raise DataError(f"{path}: holds a {type(obj).__name__}, expected a state dict")
     if obj.get("format") == CHECKPOINT_FORMAT:
-        if "model" not in obj:
-            raise DataError(f"{path}: lungbench checkpoint without model weights")
+        # Read again by train's reader, which checks the version and the model weights: one
+        # reader for lungbench's own format (a second load, once per run, of a local file).
+        ckpt = load_checkpoint(path)
         return WeightsFile(
             path,
-            _strip_prefix(obj["model"], path),
-            "lungbench-checkpoint",
-            obj.get("model_name"),
-            tuple(obj.get("weights_chain") or ()),
+            _strip_prefix(ckpt["model"], path),
+            CHECKPOINT_FORMAT,
+            ckpt.get("model_name"),
+            tuple(ckpt.get("weights_chain") or ()),
         )
     for key in ("state_dict", "model"):
         if key in obj and isinstance(obj[key], Mapping):
@@ -147,12 +152,12 @@ def load_weights(
     state = remap_keys(wfile.state, model)
     own = model.state_dict()
     head = getattr(model, "HEAD", None)
-    skipped_head = tuple(k for k in state if not keep_head and head and _under(k, head))
+    skipped_head = tuple(k for k in state if not keep_head and head and under(k, (head,)))
     state = {k: v for k, v in state.items() if k not in skipped_head}
     state, adapted = _adapt_first_conv(state, own)
     unexpected = sorted(k for k in state if k not in own)
     shape_bad = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
-    missing = sorted(k for k in own if k not in state and not (head and _under(k, head)))
+    missing = sorted(k for k in own if k not in state and not (head and under(k, (head,))))
     missing_ok = tuple(k for k in missing if _zero_conv_bias(model, k))
     missing = [k for k in missing if k not in missing_ok]
     if unexpected or shape_bad or missing:
@@ -165,8 +170,9 @@ def load_weights(
     return LoadReport(str(wfile.path), len(state), skipped_head, missing_ok, adapted, chain)
 
 
-def _under(key: str, prefix: str) -> bool:
-    return key == prefix or key.startswith(prefix + ".")
+def under(name: str, prefixes: Iterable[str]) -> bool:
+    """True if parameter/module `name` is one of `prefixes` or lies inside one of them."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def _adapt_first_conv(

@@ -115,3 +115,21 @@ def test_no_file_column(tmp_path):
     csv.write_text("name,label\na.png,0\n")
     with pytest.raises(DataError, match="x.csv: no image file column"):
         read_label_csv(csv)
+
+
+@pytest.mark.parametrize("name", ["../secret.png", "/etc/passwd", "sub/../../x.png", "C:\\x.png"])
+def test_file_names_outside_the_folder_are_rejected(tmp_path, name):
+    _png(tmp_path / "secret.png", 1)  # exists, one level above the image folder
+    _png(tmp_path / "crops" / "c0.png", 1)
+    csv = tmp_path / "labels.csv"
+    csv.write_text(f"filename,label\nc0.png,0\n{name},1\n")
+    with pytest.raises(DataError, match=r"labels.csv: row 3: file name .* inside the image folder"):
+        write_images_store(tmp_path / "crops", csv, tmp_path / "o.h5", size=(8, 8))
+    assert list(tmp_path.glob("o.h5*")) == []
+
+
+def test_file_names_in_subfolders_are_fine(tmp_path):
+    _png(tmp_path / "crops" / "a" / "c0.png", 1)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("filename,label\na/c0.png,0\n")
+    assert write_images_store(tmp_path / "crops", csv, tmp_path / "o.h5", size=(8, 8)) == 1

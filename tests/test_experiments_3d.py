@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from lungbench.cli import main
+from lungbench.data.synth import write_synthetic_store
 from lungbench.models import create_model
+from lungbench.models.dualpath3d import geometry
 from lungbench.report.training import auc_table, confusion_table
 from lungbench.train import save_checkpoint
 
@@ -22,11 +24,40 @@ def out_root(tmp_path_factory):
     return tmp_path_factory.mktemp("results")
 
 
+CV_N = 24  # LUNGx-like nodules of the quick_cv store
+
+
 @pytest.fixture(scope="module")
-def quick_cv(out_root):
-    """One `lungbench train lungx-cv --quick` run; its generated stores are reused below."""
+def cv_stores(tmp_path_factory):
+    """Small generated LUNGx-like (24) and LIDC-like (16) stores on the small dey2018 grid."""
+    root = tmp_path_factory.mktemp("cv_stores")
+    lungx, lidc = root / "lungx.h5", root / "lidc.h5"
+    write_synthetic_store(lungx, "lungx", CV_N, geometry("dey2018"), seed=0, workers=1)
+    write_synthetic_store(lidc, "lidc", 16, geometry("dey2018"), seed=1, workers=1)
+    return lungx, lidc
+
+
+@pytest.fixture(scope="module")
+def quick_cv(out_root, cv_stores):
+    """One `lungbench train lungx-cv --quick` run (with pre-training) on the small stores."""
+    lungx, lidc = cv_stores
     code = main(
-        ["train", "lungx-cv", "--quick", "--out", str(out_root), "--run-id", "cv", "--no-progress"]
+        [
+            "train",
+            "lungx-cv",
+            "--quick",
+            "--store",
+            str(lungx),
+            "--lidc-store",
+            str(lidc),
+            "--epochs",
+            "1",
+            "--out",
+            str(out_root),
+            "--run-id",
+            "cv",
+            "--no-progress",
+        ]
     )
     return code, out_root / "cv"
 
@@ -67,7 +98,7 @@ def test_lungx_cv_quick_writes_the_thesis_tables(quick_cv):
         table = pd.read_csv(run_dir / "tables" / f"confusion_{regime}.csv", index_col=0)
         assert list(table.index) == ["Predictions Benign", "Predictions Malignant", "Total"]
         assert list(table.columns) == ["Benign", "Malignant", "Total"]
-        assert table.loc["Total", "Total"] == 36  # every generated nodule tested once
+        assert table.loc["Total", "Total"] == CV_N  # every nodule tested once
         assert (table.iloc[:2, :2].sum(axis=1) == table.iloc[:2, 2]).all()
         assert (table.iloc[:2].sum(axis=0) == table.loc["Total"]).all()
     metrics = pd.read_csv(run_dir / "metrics.csv")
@@ -99,7 +130,7 @@ def test_confusion_table_counts_and_totals():
     assert table.columns.name == "True diagnosis"
 
 
-def test_store_of_the_wrong_kind(quick_cv, tmp_path, capsys):
+def test_store_of_the_wrong_kind(quick_cv, cv_stores, tmp_path, capsys):
     from lungbench.data.synth_mosmed import write_mosmed_store
 
     _, run_dir = quick_cv
@@ -116,7 +147,7 @@ def test_store_of_the_wrong_kind(quick_cv, tmp_path, capsys):
             "mosmed",
             "--quick",
             "--store",
-            str(root / "data" / "synth-lungx-n36-default-seed0.h5"),
+            str(cv_stores[0]),
             "--out",
             str(root),
         ]
@@ -151,48 +182,79 @@ def test_checkpoint_for_another_architecture_or_grid(quick_cv, tmp_path, capsys)
             "model": create_model("dualpath3d", **kwargs).state_dict(),
         },
     )
-    code = main(["train", "lungx-cv", "--quick", "--pretrained", str(dey), "--out", str(root)])
+    code = main(
+        ["train", "lungx-cv", "--quick", "--synth-n", "6", "--pretrained", str(dey)]
+        + ["--out", str(root)]
+    )
     assert code == 2 and "'dey2018' grid" in _error_line(capsys)
 
 
-def test_fold_count_larger_than_a_class(quick_cv, capsys):
+def test_fold_count_larger_than_a_class(quick_cv, cv_stores, capsys):
     _, run_dir = quick_cv
-    code = main(["train", "lungx-cv", "--quick", "--folds", "19", "--out", str(run_dir.parent)])
+    code = main(
+        ["train", "lungx-cv", "--quick", "--store", str(cv_stores[0]), "--folds", "19"]
+        + ["--out", str(run_dir.parent)]
+    )
     assert code == 2
     assert "larger than the smallest class" in _error_line(capsys)
 
 
 def test_resume_from_a_corrupt_checkpoint(quick_cv, tmp_path, capsys):
     _, run_dir = quick_cv
+    root = run_dir.parent
+    before, data_before = _run_dirs(root), set((root / "data").glob("*"))
     corrupt = tmp_path / "checkpoint_last.pt"
     corrupt.write_bytes(b"\x00" * 100)
-    code = main(
-        [
-            "train",
-            "lidc-pretrain",
-            "--quick",
-            "--resume",
-            str(corrupt),
-            "--out",
-            str(run_dir.parent),
-        ]
-    )
+    lidc = ["train", "lidc-pretrain", "--quick", "--out", str(root)]
+    code = main([*lidc, "--resume", str(corrupt)])
     assert code == 2
     line = _error_line(capsys)
-    assert str(corrupt) in line and "not a readable checkpoint" in line
+    assert str(corrupt) in line and "not a PyTorch checkpoint (not a zip archive)" in line
     torch.save({"format": "something-else"}, corrupt)
-    code = main(
-        [
-            "train",
-            "lidc-pretrain",
-            "--quick",
-            "--resume",
-            str(corrupt),
-            "--out",
-            str(run_dir.parent),
-        ]
-    )
+    code = main([*lidc, "--resume", str(corrupt)])
     assert code == 2 and "not a lungbench checkpoint" in _error_line(capsys)
+    # Changed training options: rejected, listing each, before data or a run folder is made.
+    last = run_dir / "lidc_pretrain" / "checkpoint_last.pt"
+    code = main([*lidc, "--lr", "10", "--batch", "4", "--epochs", "5", "--resume", str(last)])
+    line = _error_line(capsys)
+    assert code == 2 and "lr 0.003 -> 10.0" in line and "batch_size 16 -> 4" in line
+    assert _run_dirs(root) == before
+    assert set((root / "data").glob("*")) == data_before  # no data generated either
+
+
+def test_lidc_store_on_another_grid_is_rejected_before_pretraining(cv_stores, tmp_path, capsys):
+    lungx, _ = cv_stores
+    other = tmp_path / "lidc_default.h5"
+    write_synthetic_store(other, "lidc", 4, geometry("default"), seed=2, workers=1)
+    code = main(
+        ["train", "lungx-cv", "--quick", "--store", str(lungx), "--lidc-store", str(other)]
+        + ["--out", str(tmp_path / "out")]
+    )
+    assert code == 2 and "pre-train on the same grid" in _error_line(capsys)
+    assert not (tmp_path / "out").exists() or not _run_dirs(tmp_path / "out")
+
+
+def test_default_pretraining_store_is_on_the_lungx_grid_with_other_nodules(tmp_path, monkeypatch):
+    import argparse
+
+    import h5py
+
+    from lungbench.experiments import common3d, lidc_pretrain, lungx_cv
+
+    monkeypatch.setitem(lidc_pretrain.QUICK, "synth_n", 6)  # tiny n
+    parser = argparse.ArgumentParser()
+    lungx_cv.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--synth-n", "6", "--out", str(tmp_path)])
+    cfg = lungx_cv.make_config(args)
+    lungx = lidc_pretrain.nodule_store(None, 6, "lungx", tmp_path, args.data_seed, "lungx-cv")
+    lidc = lungx_cv.lidc_store(args, cfg, common3d.nodule_preset(lungx))
+    assert lidc.provenance["seed"] != lungx.provenance["seed"]
+    with h5py.File(lungx.path, "r") as a, h5py.File(lidc.path, "r") as b:
+        ours, theirs = a["context"][:], b["context"][:]
+    for cube in ours:
+        assert not any(np.array_equal(cube, other) for other in theirs)
+    dey = lungx_cv.lidc_store(args, cfg, "dey2018")  # generated on the LUNGx store's grid
+    assert common3d.nodule_preset(dey) == "dey2018"
 
 
 @pytest.mark.slow
@@ -224,8 +286,22 @@ def test_mosmed_quick_compares_variants(tmp_path, capsys):
         "val AUC",
         "parameters",
         "time per epoch (s)",
-        "peak memory (MiB)",
+        "peak memory above start (MiB)",  # on CPU; earlier variants' memory not counted
     ):
         assert table[column].notna().all(), column
     assert (tmp_path / "m" / "plots" / "val_auc.png").exists()
     assert "GENERATED" in capsys.readouterr().out
+
+
+def test_failure_after_the_run_folder_is_marked_failed(cv_stores, tmp_path, monkeypatch):
+    from lungbench.experiments import lidc_pretrain
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full\nmore detail")
+
+    monkeypatch.setattr(lidc_pretrain, "pretrain", broken)
+    argv = ["train", "lidc-pretrain", "--quick", "--store", str(cv_stores[1])]
+    with pytest.raises(RuntimeError):
+        main([*argv, "--out", str(tmp_path), "--run-id", "lp", "--no-progress"])
+    info = json.loads((tmp_path / "lp" / "run.json").read_text())
+    assert (info["status"], info["error"]) == ("failed", "disk full")

@@ -12,6 +12,7 @@ from lungbench.cam import cam_layer_name, grad_cam
 from lungbench.errors import UsageError
 from lungbench.lr_finder import find_lr, lr_finder_figure
 from lungbench.models import create_model
+from lungbench.transfer import apply_method, parse_method
 from lungbench.tta import tta_probabilities
 
 
@@ -57,6 +58,27 @@ def test_cam_peaks_on_a_planted_bright_object():
     row, col = divmod(int(cam[0].argmax()), 48)
     assert 30 <= row < 36 and 8 <= col < 14
     assert cam[0, 30:36, 8:14].mean() > 5 * cam[0, :20, 24:].mean()
+
+
+class StagedBrightnessNet(BrightnessNet):
+    """BrightnessNet described as a backbone, so the transfer methods can freeze it."""
+
+    STAGES = (("conv1", ("conv1",)), ("conv2", ("conv2",)))
+    HEAD = "head"
+
+
+def test_cam_explains_a_frozen_layer():
+    image = torch.rand(1, 1, 48, 48) * 0.05
+    image[..., 30:36, 8:14] = 1.0
+    model = StagedBrightnessNet()
+    plan = apply_method(model, parse_method("A"))  # head only: conv1 and conv2 frozen
+    assert plan.trainable == 3 and not model.conv2.weight.requires_grad
+    cam = grad_cam(model, (image,))
+    row, col = divmod(int(cam[0].argmax()), 48)
+    assert 30 <= row < 36 and 8 <= col < 14
+    assert cam[0, 30:36, 8:14].mean() > 5 * cam[0, :20, 24:].mean()
+    assert not model.conv2.weight.requires_grad  # freezing left as it was
+    assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", ["resnet18", "densenet121"])

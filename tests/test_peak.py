@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from lungbench.cli import main
@@ -38,3 +39,50 @@ def test_env_peak_bad_dtype(capsys):
     assert main(["env", "--peak", "--dtype", "fp64"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown --dtype 'fp64'" in err[0]
+
+
+def test_peak_record_defaults_are_the_measurements_defaults(monkeypatch):
+    import lungbench.peak as peak
+
+    # The record names the sizes the measurements use; stubs keep this instant.
+    monkeypatch.setattr(peak, "matmul_peak_flops", lambda device, dtype, size: float(size))
+    monkeypatch.setattr(peak, "copy_bandwidth", lambda device, nbytes: float(nbytes))
+    record = peak.peak_record(torch.device("cpu"))
+    assert record["matmul_size"] == peak.MATMUL_SIZE["cpu"] == record["matmul_flops"]
+    assert record["copy_bytes"] == peak.COPY_BYTES["cpu"] == record["copy_bytes_per_s"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--device", "cpu"], "--device cpu: only used with --peak"),
+        (["--dtype", "bf16"], "--dtype bf16: only used with --peak"),
+        (["--peak", "--dtype", "fp16"], "--dtype fp16: not measured on CPU"),
+    ],
+)
+def test_env_bad_input_is_one_line(capsys, monkeypatch, argv, expected):
+    import lungbench.peak as peak
+
+    monkeypatch.setattr(peak, "peak_record", _never_measure)
+    assert main(["env", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    if "fp16" in argv:
+        assert "choose from: fp32, bf16" in err[0]
+
+
+def test_env_save_is_checked_before_the_peak(tmp_path, capsys, monkeypatch):
+    import lungbench.peak as peak
+
+    monkeypatch.setattr(peak, "peak_record", _never_measure)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["env", "--peak", "--save", str(blocker / "env.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--save" in err[0] and "cannot write" in err[0], err
+    assert main(["env", "--peak", "--save", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def _never_measure(*args, **kwargs):
+    raise AssertionError("bad input must be rejected before the measurement")

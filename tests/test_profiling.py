@@ -18,7 +18,10 @@ import pytest
 import torch
 
 from lungbench.cli import main
+from lungbench.errors import DataError
 from lungbench.profiling import (
+    ProfileConfig,
+    _batches,
     communication_spans,
     overlap_fraction,
     phase_summary,
@@ -96,6 +99,36 @@ def test_bad_input_is_one_line(tmp_path, capsys, argv, expected):
     assert code == 2
     assert len(err) == 1 and expected in err[0], err
     assert not (tmp_path / "out").exists(), "nothing written for bad input"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        # the tiny store holds 24 samples on the dey2018 grid
+        (["--batch", "32"], "24 samples < --batch 32"),
+        (["--preset", "default"], "do not fit --preset default"),
+        (["--preset", "iso64"], "use --preset dey2018"),
+    ],
+)
+def test_store_that_does_not_fit_is_one_line(tmp_path, capsys, tiny_store, argv, expected):
+    code = main(["profile", *SMALL, "--store", str(tiny_store), *argv, "--out", str(tmp_path)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2
+    assert len(err) == 1 and expected in err[0], err
+    assert list(tmp_path.iterdir()) == [], "nothing written for bad input"
+
+
+def test_store_batches_never_spin_on_an_empty_loader(tiny_store):
+    # Past validate(): a loader that drops its only, partial batch ends in an error, not a hang.
+    cfg = ProfileConfig(preset="dey2018", batch_size=32, store=tiny_store)
+    with pytest.raises(DataError, match="24 samples < --batch 32"):
+        next(_batches(cfg, torch.device("cpu")))
+
+
+def test_profile_reads_batches_from_a_store(tmp_path, capsys, tiny_store):
+    argv = [*SMALL, "--store", str(tiny_store), "--out", str(tmp_path), "--run-id", "s"]
+    assert main(["profile", *argv]) == 0
+    assert read_json(tmp_path / "s" / "profile.json")["profiled_steps"] == 2
 
 
 def test_unwritable_trace_folder(tmp_path, capsys):

@@ -137,6 +137,14 @@ def test_generator_is_deterministic_and_order_free():
     assert -1100 < a["context"].mean() < -500, "mostly lung parenchyma in HU"
 
 
+def test_kinds_share_no_sample_for_the_same_seed():
+    geo = geometry("dey2018")
+    for index in range(4):
+        lidc, _ = generate_sample(index, seed=0, kind="lidc", geo=geo)
+        lungx, _ = generate_sample(index, seed=0, kind="lungx", geo=geo)
+        assert not np.array_equal(lidc["context"], lungx["context"])
+
+
 def test_parallel_generation_matches_serial(tmp_path):
     geo = geometry("dey2018")
     write_synthetic_store(tmp_path / "serial.h5", "lidc", 32, geo, seed=4, workers=1)

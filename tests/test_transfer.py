@@ -146,3 +146,24 @@ def test_weighted_bce_global_counts_and_binary_shapes():
     assert beta_p.item() == pytest.approx(5.0) and beta_n.item() == pytest.approx(5 / 4)
     loss = WeightedBCE.from_labels(labels)
     assert torch.isfinite(loss(torch.zeros(3, 1), torch.tensor([1.0, 0.0, 0.0])))
+
+
+def test_lungbench_checkpoints_are_read_by_the_training_reader(tmp_path):
+    # weights.read_weights_file hands lungbench checkpoints to train.load_checkpoint, so a
+    # checkpoint from a newer lungbench is refused the same way in both places.
+    from lungbench.errors import DataError
+    from lungbench.train import CHECKPOINT_VERSION, save_checkpoint
+    from lungbench.weights import read_weights_file, under
+
+    model = torch.nn.Linear(2, 1)
+    ok = save_checkpoint(tmp_path / "ok.pt", {"model": model.state_dict(), "model_name": "m"})
+    wfile = read_weights_file(ok)
+    assert wfile.kind == "lungbench-checkpoint" and wfile.model_name == "m"
+    assert set(wfile.state) == {"weight", "bias"}
+    newer = tmp_path / "newer.pt"
+    torch.save(
+        {"format": "lungbench-checkpoint", "version": CHECKPOINT_VERSION + 1, "model": {}}, newer
+    )
+    with pytest.raises(DataError, match="is newer than this lungbench reads"):
+        read_weights_file(newer)
+    assert under("fc.weight", ["fc"]) and not under("fc2.weight", ["fc"])

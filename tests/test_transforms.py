@@ -15,6 +15,7 @@ from lungbench.data.transforms import (
     Identity,
     apply,
     make_transform,
+    sample_key,
     shift_edge,
 )
 from lungbench.errors import UsageError
@@ -112,3 +113,20 @@ def test_workers_draw_different_augmentations(tiny_store):
     loader = DataLoader(ds, batch_size=1, num_workers=2)
     batches = [inputs[0].numpy() for inputs, _ in loader]
     assert not np.array_equal(batches[0], batches[1])
+
+
+def test_sample_key_makes_a_draw_a_function_of_epoch_and_index():
+    # What exact resume needs: the draw for (epoch, index) ignores what was drawn before.
+    arrays = _pair(np.random.default_rng(0))
+    fresh, used = make_transform("standard", seed=4), make_transform("standard", seed=4)
+    for _ in range(3):
+        used(arrays)  # advances only the unkeyed per-process generator
+    with sample_key(epoch=2, index=7):
+        a, b = fresh(arrays), used(arrays)
+    np.testing.assert_array_equal(a[0], b[0])
+    with sample_key(epoch=3, index=7):
+        other_epoch = fresh(arrays)
+    with sample_key(epoch=2, index=8):
+        other_index = fresh(arrays)
+    assert not np.array_equal(a[0], other_epoch[0])
+    assert not np.array_equal(a[0], other_index[0])

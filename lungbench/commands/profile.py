@@ -52,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--store",
         default=None,
-        help="read batches from this HDF5 store through a DataLoader (default: random tensors)",
+        help="read batches from this HDF5 store through a DataLoader; it needs at least "
+        "--batch samples on the --preset grid (default: random tensors)",
     )
     g.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
     s = p.add_argument_group("profiler schedule and options")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
@@ -74,7 +74,7 @@ def read_label_csv(
             f"{path}: no image file column (one of {', '.join(FILE_COLUMNS)}); "
             f"found {', '.join(table.columns)}"
         )
-    files = [str(f).strip() for f in table[file_col]]
+    files = [_relative_name(path, i + 2, str(f).strip()) for i, f in enumerate(table[file_col])]
     if "finding labels" in columns:
         names = tuple(labels or CHESTXRAY14)
         targets = _multilabel(path, table[columns["finding labels"]], names)
@@ -87,6 +87,21 @@ def read_label_csv(
     names = tuple(labels or BINARY_LABELS)
     targets = _single_label(path, table[columns["label"]], names)
     return files, targets, names, "binary" if len(names) == 2 else "multiclass"
+
+
+def _relative_name(path: Path, row: int, name: str) -> str:
+    """`name` if it stays inside the image folder: relative, without '..' (DataError otherwise).
+
+    Checked on the name itself, not on the resolved path, so image folders of symbolic links
+    (a common way to share a data set) keep working.
+    """
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if not name or pure.is_absolute() or PureWindowsPath(name).drive or ".." in pure.parts:
+        raise DataError(
+            f"{path}: row {row}: file name {name!r} must be a path inside the image folder "
+            "(relative, no '..')"
+        )
+    return name
 
 
 def _multilabel(path: Path, cells, names: Sequence[str]) -> np.ndarray:

@@ -33,6 +33,9 @@ from lungbench.errors import look_up_option
 from lungbench.models.dualpath3d import Geometry
 
 KINDS = ("lidc", "lungx")
+# Part of every sample's seed, so that stores of different kinds made with the same --seed
+# share no nodule (a LUNGx-like test set must not contain LIDC-like training nodules).
+KIND_SEED_IDS = {"lidc": 1, "lungx": 2}
 LABEL_NAMES = ("benign", "malignant")
 PARENCHYMA_HU = -850.0
 SOFT_TISSUE_HU = 40.0
@@ -183,7 +186,7 @@ def generate_sample(
     index: int, seed: int, kind: str, geo: Geometry, label: int | None = None
 ) -> tuple[dict[str, np.ndarray], NoduleParams]:
     """Sample `index` of a data set with `seed`; independent of every other index."""
-    rng = np.random.default_rng([seed, index])
+    rng = np.random.default_rng([seed, KIND_SEED_IDS[kind], index])
     if label is None:
         label = index % 2  # balanced classes, as LIDC (50.3% / 49.7%) and LUNGx (37 / 36)
     params = draw_nodule(rng, label, kind)

@@ -20,21 +20,43 @@ Presets (`PRESETS`):
     flips           random flips along every spatial axis
     standard        rotation up to 15 degrees + random flips + shifts up to 2 voxels
 
-Seeding: each transform owns a numpy Generator seeded from `seed`; inside a DataLoader worker
-it is re-seeded from (seed, the worker's torch seed), so workers draw different augmentations
-and runs with the same `torch.manual_seed` repeat exactly.
+Seeding: inside `sample_key(epoch, index)` (the training engine wraps every training item
+in it) a draw is a pure function of (seed, epoch, index), like the sample order of a
+DistributedSampler after set_epoch: a resumed run, any number of DataLoader workers and an
+uninterrupted run all draw the same augmentation for the same item of the same epoch.
+Outside it, each transform owns a numpy Generator seeded from `seed`, re-seeded inside a
+DataLoader worker from (seed, the worker's torch seed), so workers draw different
+augmentations and runs with the same `torch.manual_seed` repeat exactly.
+
+    with sample_key(epoch=2, index=17):
+        arrays = aug(arrays)   # the same draw every time, whatever was drawn before
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
 
 from lungbench.errors import UsageError, look_up_option
+
+# (epoch, index) of the item being loaded, set by sample_key(); None outside it.
+_SAMPLE_KEY: ContextVar[tuple[int, int] | None] = ContextVar("lungbench_sample_key", default=None)
+
+
+@contextmanager
+def sample_key(epoch: int, index: int) -> Iterator[None]:
+    """Make the augmentations drawn inside the block a pure function of (seed, epoch, index)."""
+    token = _SAMPLE_KEY.set((int(epoch), int(index)))
+    try:
+        yield
+    finally:
+        _SAMPLE_KEY.reset(token)
 
 
 @dataclass(frozen=True)
@@ -73,7 +95,12 @@ class Augment:
             raise UsageError("augmentation max_degrees and max_shift must be >= 0")
 
     def rng(self) -> np.random.Generator:
-        """The generator of this process (re-seeded once per DataLoader worker)."""
+        """A generator for one item: from (seed, epoch, index) inside sample_key(), else the
+        generator of this process (re-seeded once per DataLoader worker)."""
+        key = _SAMPLE_KEY.get()
+        if key is not None:
+            # The leading 1 keeps these streams apart from the per-process [seed, worker].
+            return np.random.default_rng([self.seed, 1, *key])
         if self._rng is None or self._pid != os.getpid():
             self._rng = np.random.default_rng([self.seed, _worker_seed()])
             self._pid = os.getpid()

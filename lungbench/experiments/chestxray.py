@@ -2,10 +2,11 @@
 
 For every pretrained-weights source x transfer method (A head only, B freeze up to a stage
 boundary at each depth, C all layers from the weights; D from random init, once), train a
-multi-label classifier with seed 004's weighted BCE in k-fold cross-validation (10% of each
-training part for validation; early-stopping picks the best epoch) and evaluate binary
-accuracy and the mean AUC over labels on the held-out fold. Then time one short training per
-method for the cost table (time per epoch, trainable parameters, memory, GPUs needed).
+multi-label classifier with seed 004's weighted BCE in k-fold cross-validation (stratified on
+each image's rarest finding, "no finding" a class of its own; 10% of each training part for
+validation; early-stopping picks the best epoch) and evaluate binary accuracy and the mean
+AUC over labels on the held-out fold. Then time one short training per method for the cost
+table (time per epoch, trainable parameters, memory, GPUs needed).
 
     lungbench train chestxray --quick                  generated X-rays, minutes on a laptop
     lungbench train chestxray --weights ImageNet=resnet50-imagenet.pth --store cxr.h5
@@ -13,8 +14,10 @@ method for the cost table (time per epoch, trainable parameters, memory, GPUs ne
 
 Outputs in results/<run-id>/: tables/methods_binary_accuracy, tables/methods_auc (rows:
 weights, columns: methods, "mean% (+/- std%)"), tables/folds (every fold), tables/cost_<model>,
-plus run.json, config.json, environment.json, records.jsonl and pretrain/ (the checkpoint of
-the generated-data pretraining when no --weights are given).
+plus run.json, config.json, environment.json, records.jsonl, data/ (generated stores) and
+pretrain/ (the checkpoint of the generated-data pretraining when no --weights are given).
+Options, the store, the folds and every --weights file are checked before the run folder is
+made; a run that fails later is marked "failed" in run.json.
 """
 
 from __future__ import annotations
@@ -26,21 +29,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from lungbench.commands._args import non_negative_int, positive_int, unit_fraction
-from lungbench.data.store import StoreDataset, read_info
+from lungbench.data.splits import Split, cv_splits
+from lungbench.data.store import StoreDataset, StoreInfo, read_info
 from lungbench.errors import UsageError
 from lungbench.experiments import common2d as c2d
+from lungbench.experiments import common3d as c3d
 from lungbench.losses import WeightedBCE
-from lungbench.results import (
-    append_record,
-    create_run_dir,
-    finish_run,
-    markdown,
-    write_json,
-    write_table,
-)
+from lungbench.results import append_record, finish_run, markdown, write_table
 from lungbench.train import TrainConfig, classification_metrics, fit, predict
 from lungbench.transfer import Method
 
@@ -115,7 +114,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--store",
         default=None,
-        help="multi-label image store (default: generated chest X-rays in OUT/data)",
+        help="multi-label image store (default: generated chest X-rays in the run's data/)",
     )
     g.add_argument(
         "--n", type=positive_int, default=None, help="generated images (default: 400; --quick: 60)"
@@ -181,7 +180,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="early stopping patience in epochs (default: none)",
     )
     t.add_argument(
-        "--folds", type=positive_int, default=5, help="cross-validation folds (default: 5)"
+        "--folds",
+        type=positive_int,
+        default=5,
+        help="cross-validation folds, >= 2, stratified by each image's rarest finding (default: 5)",
     )
     t.add_argument(
         "--val-fraction",
@@ -243,9 +245,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="tiny settings for a smoke run (60 images of 32x32, 1 epoch)",
     )
     o.add_argument("--out", default="results", help="output root (default: results)")
-    o.add_argument(
-        "--run-id", default=None, help="run folder name (default: chestxray-<UTC>-<host>)"
-    )
+    o.add_argument("--run-id", default=None, help="run folder name (default: train-<UTC>-<host>)")
 
 
 def make_config(args: argparse.Namespace) -> ChestXrayConfig:
@@ -259,6 +259,21 @@ def make_config(args: argparse.Namespace) -> ChestXrayConfig:
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.gpu_memory_gb <= 0:
         raise UsageError(f"--gpu-memory-gb must be > 0, got {args.gpu_memory_gb}")
+    if not args.lr > 0:
+        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if args.folds < 2:
+        raise UsageError(f"--folds must be >= 2 (each fold is the test set once), got {args.folds}")
+    from lungbench.harness import parse_device
+
+    parse_device(args.device)
+    if args.store is None:
+        if pick("image_size") < 32:
+            raise UsageError(
+                "--image-size must be >= 32 pixels (the networks downsample 32x), "
+                f"got {pick('image_size')}"
+            )
+        if args.folds > pick("n"):
+            raise UsageError(f"--folds {args.folds} is more than the {pick('n')} images (--n)")
     train = TrainConfig(
         epochs=pick("epochs"),
         batch_size=pick("batch_size"),
@@ -296,24 +311,42 @@ def make_config(args: argparse.Namespace) -> ChestXrayConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = make_config(args)
-    log = _logger()
-    run_dir = create_run_dir(args.out, NAME, args.run_id)
-    log(f"config: {cfg}")
-    write_json(run_dir / "config.json", {"chestxray": asdict(cfg)})
-    _write_environment(run_dir)
+    # Everything the user gave is checked before the run folder exists: methods and freeze
+    # depths, the store, labels and folds, and that every --weights file loads into the
+    # chosen network.
+    methods = [] if cfg.cost_only else c2d.expand_methods(cfg.model, cfg.methods, _freeze_arg(args))
+    if cfg.store is not None:
+        info = _check_store(Path(cfg.store))
+        columns = c2d.select_labels(info.label_names, cfg.labels, str(info.path))
+        in_channels = info.inputs["image"][0]
+        if not cfg.cost_only:
+            _splits(StoreDataset(info.path).labels[:, columns], cfg)
+    else:
+        from lungbench.data.synth2d import FINDINGS
+
+        columns = c2d.select_labels(FINDINGS, cfg.labels, "the generated chest X-rays")
+        in_channels = 1
+    if not cfg.cost_only:
+        kwargs = c2d.model_kwargs(cfg.model, in_channels, len(columns), cfg.dropout)
+        c2d.check_weights(cfg.model, kwargs, cfg.weights)
+    run_dir = c3d.start_run(args.out, args.run_id, {"chestxray": asdict(cfg)})
+    c3d.log(f"config: {cfg}")
+    with c3d.marking_run(run_dir, _data_note(cfg)):  # a later failure marks the run "failed"
+        _experiment(cfg, methods, run_dir)
+    print(f"\nresults: {run_dir}")
+    return 0
+
+
+def _experiment(cfg: ChestXrayConfig, methods: list[Method], run_dir: Path) -> None:
+    log = c3d.log
     store = _store(cfg, run_dir, log)
-    info = read_info(store)
-    if info.task != "multilabel":
-        raise UsageError(
-            f"{store}: task {info.task!r}; chestxray needs a multi-label store "
-            "(`lungbench data images` with a ChestX-ray8 CSV)"
-        )
+    info = _check_store(store)
     columns = c2d.select_labels(info.label_names, cfg.labels, str(store))
     dataset = c2d.LabelColumns(StoreDataset(store, cache=True), columns)
     labels = dataset.dataset.labels[:, columns]
     names = [info.label_names[i] for i in columns]
-    sample_shape = info.inputs[next(iter(info.inputs))]
-    note = "generated chest X-rays (not ChestX-ray8)" if cfg.generated else str(store)
+    sample_shape = info.inputs["image"]
+    note = _data_note(cfg)
     if cfg.cost_only:
         tables = {
             m: cost_table(m, cfg, dataset, labels, sample_shape, log) for m in cfg.cost_models
@@ -321,11 +354,10 @@ def run(args: argparse.Namespace) -> int:
         for model_name, table in tables.items():
             _write_cost(run_dir, model_name, table, cfg, note, log)
         finish_run(run_dir, data=note)
-        print(f"\nresults: {run_dir}")
-        return 0
-    methods = c2d.expand_methods(cfg.model, cfg.methods, _freeze_arg(args))
+        return
+    splits = _splits(labels, cfg)
     sources = list(cfg.weights) or [_pretrain(cfg, run_dir, sample_shape, log)]
-    folds = cross_validate(cfg, dataset, labels, sample_shape, methods, sources, run_dir, log)
+    folds = cross_validate(cfg, dataset, labels, sample_shape, methods, sources, splits, run_dir)
     write_table(run_dir, "folds", folds, index=False)
     shown = [m.label for m in methods if m.name != "D"]
     source_names = [s for s, _ in sources]
@@ -346,24 +378,54 @@ def run(args: argparse.Namespace) -> int:
     cost = cost_table(cfg.model, cfg, dataset, labels, sample_shape, log, methods)
     _write_cost(run_dir, cfg.model, cost, cfg, note, log)
     finish_run(run_dir, data=note)
-    print(f"\nresults: {run_dir}")
-    return 0
 
 
 def _freeze_arg(args) -> list[str] | None:
     return list(args.freeze) if args.freeze else None
 
 
-def _logger():
-    return lambda text: print(text, file=sys.stderr)
+def _check_store(path: Path) -> StoreInfo:
+    """The store's info if it is a multi-label store of 2D images, else UsageError."""
+    info = read_info(path)
+    hint = "`lungbench data images` with a ChestX-ray8 CSV, or leave out --store"
+    c2d.require_image(info, NAME, hint)
+    if info.task != "multilabel":
+        raise UsageError(
+            f"--store {info.path}: a {info.kind!r} store with task {info.task!r}; "
+            f"{NAME} needs a multi-label store ({hint})"
+        )
+    return info
 
 
-def _write_environment(run_dir: Path) -> None:
-    try:
-        from lungbench.env import environment_record
-    except ImportError:  # pragma: no cover - the lead's module is always there in releases
-        return
-    write_json(run_dir / "environment.json", environment_record())
+def fold_strata(labels: np.ndarray, folds: int) -> np.ndarray:
+    """A class per image to stratify the folds on: its rarest finding, K for no finding.
+
+    A stratum too small to put an image in every test fold and leave two in every training
+    part (where the validation images are drawn, stratified again) is merged into the
+    largest stratum, smallest first, so rare findings never make the split impossible.
+    """
+    labels = np.asarray(labels) > 0
+    frequency = labels.sum(axis=0)
+    rank = np.where(labels, frequency[None, :], np.inf)
+    key = np.where(labels.any(axis=1), np.argmin(rank, axis=1), labels.shape[1])
+    while True:
+        classes, counts = np.unique(key, return_counts=True)
+        fits = (counts >= folds) & (counts - np.ceil(counts / folds) >= 2)
+        if fits.all() or len(classes) == 1:
+            return key
+        key[key == classes[np.argmin(counts)]] = classes[np.argmax(counts)]
+
+
+def _splits(labels: np.ndarray, cfg: ChestXrayConfig) -> list[Split]:
+    """Stratified k folds with `val_fraction` of each training part for validation."""
+    if cfg.folds > len(labels):
+        raise UsageError(f"--folds {cfg.folds} is more than the {len(labels)} images")
+    strata = fold_strata(labels, cfg.folds)
+    return cv_splits(strata, cfg.folds, cfg.val_fraction, cfg.train.seed)
+
+
+def _data_note(cfg: ChestXrayConfig) -> str:
+    return "generated chest X-rays (not ChestX-ray8)" if cfg.generated else str(cfg.store)
 
 
 def _store(cfg: ChestXrayConfig, run_dir: Path, log) -> Path:
@@ -397,8 +459,8 @@ def _pretrain(cfg: ChestXrayConfig, run_dir: Path, sample_shape, log) -> tuple[s
     )
     result = fit(
         built.model,
-        _subset(ds, range(val, n)),
-        _subset(ds, range(val)),
+        Subset(ds, range(val, n)),
+        Subset(ds, range(val)),
         replace(cfg.train, epochs=cfg.pretrain_epochs),
         run_dir=run_dir / "pretrain",
         checkpoint_meta={
@@ -411,12 +473,6 @@ def _pretrain(cfg: ChestXrayConfig, run_dir: Path, sample_shape, log) -> tuple[s
     return "generated nodules (pretrained here)", str(result.best_checkpoint)
 
 
-def _subset(dataset, indices):
-    from torch.utils.data import Subset
-
-    return Subset(dataset, list(indices))
-
-
 def cross_validate(
     cfg: ChestXrayConfig,
     dataset,
@@ -424,32 +480,32 @@ def cross_validate(
     sample_shape,
     methods: list[Method],
     sources: list[tuple[str, str]],
+    splits: list[Split],
     run_dir: Path,
-    log,
 ) -> pd.DataFrame:
     """Every (weights source, method, fold) -> one row with test binary accuracy and AUC."""
     kwargs = c2d.model_kwargs(cfg.model, sample_shape[0], labels.shape[1], cfg.dropout)
-    splits = c2d.cv_splits(len(dataset), cfg.folds, cfg.val_fraction, cfg.train.seed)
     jobs = [(s, m) for s in sources for m in methods if m.name != "D"]
     if any(m.name == "D" for m in methods):
         jobs.append((("none (random init)", None), Method("D")))
     rows = []
     bar = tqdm(total=len(jobs) * len(splits), desc="cross-validation", unit="fit", file=sys.stderr)
     for (source, weights), method in jobs:
-        for k, (train_idx, val_idx, test_idx) in enumerate(splits, start=1):
+        for k, split in enumerate(splits, start=1):
+            train_idx, val_idx, test_idx = split.train, split.val, split.test
             bar.set_postfix_str(f"{source[:20]} {method.label} fold {k}")
             built = c2d.build_transfer_model(cfg.model, kwargs, method, weights, cfg.train.seed + k)
             loss = WeightedBCE.from_labels(labels[train_idx], cfg.per_label_weights)
             result = fit(
                 built.model,
-                _subset(dataset, train_idx),
-                _subset(dataset, val_idx),
+                Subset(dataset, train_idx.tolist()),
+                Subset(dataset, val_idx.tolist()),
                 cfg.train,
                 loss_fn=loss,
             )
             probs, targets = predict(
                 built.model,
-                _subset(dataset, test_idx),
+                Subset(dataset, test_idx.tolist()),
                 batch_size=cfg.train.batch_size,
                 device=cfg.train.device,
             )
@@ -507,7 +563,7 @@ def cost_table(
     # RGB input as the seed's ImageNet networks (grey images repeated to 3 channels), so the
     # first convolution, and with it the trainable counts of C/D, match the seed's table.
     rgb = c2d.RepeatChannels(dataset, 3)
-    train_part, val_part = _subset(rgb, range(n)), _subset(rgb, range(n, n + 2))
+    train_part, val_part = Subset(rgb, range(n)), Subset(rgb, range(n, n + 2))
     sample_shape = (3, *sample_shape[1:])
     kwargs = c2d.model_kwargs(model_name, 3, labels.shape[1], cfg.dropout)
     loss = WeightedBCE.from_labels(labels[:n], cfg.per_label_weights)

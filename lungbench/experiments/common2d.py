@@ -1,7 +1,7 @@
 """Pieces shared by the 2D transfer-learning experiments (chestxray, nodule2d).
 
-Model building with transfer methods and weights, k-fold splits with a validation part,
-label-column selection, the cost table and the "mean% (+/- std%)" tables of seed 004.
+Model building with transfer methods and weights (checked before a run starts), store
+checks, label-column selection, the cost table and the "mean% (+/- std%)" tables of seed 004.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lungbench.costs import MIB, estimate_memory, min_gpus
+from lungbench.data.store import StoreInfo
 from lungbench.errors import UsageError
 from lungbench.models import create_model
 from lungbench.transfer import FreezePlan, Method, apply_method, freeze_points, parse_method
@@ -90,27 +91,27 @@ def parse_weights(values: Sequence[str] | None) -> list[tuple[str, str]]:
     return out
 
 
-def cv_splits(
-    n: int, folds: int, val_fraction: float, seed: int, strata: np.ndarray | None = None
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """k folds of (train, val, test) indices: each fold is the test set once; the rest is
-    split into train and `val_fraction` validation (seed 004: 1:9)."""
-    from sklearn.model_selection import KFold, StratifiedKFold
+def check_weights(name: str, kwargs: dict, sources: Sequence[tuple[str, str]]) -> None:
+    """Load every (source, path) into a probe of the network: a missing file or the weights
+    of another network fail here, before any run folder, data or training."""
+    if not sources:
+        return
+    probe = create_model(name, **kwargs)
+    for _, path in sources:
+        load_weights(probe, path)
 
-    if folds < 2 or folds > n:
-        raise UsageError(f"--folds must be in 2..{n} (the number of samples), got {folds}")
-    if strata is not None and np.bincount(strata).min() >= folds:
-        splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
-        parts = splitter.split(np.zeros(n), strata)
-    else:
-        parts = KFold(folds, shuffle=True, random_state=seed).split(np.zeros(n))
-    rng = np.random.default_rng(seed)
-    out = []
-    for rest, test in parts:
-        rest = rng.permutation(rest)
-        n_val = max(1, int(round(val_fraction * len(rest))))
-        out.append((np.sort(rest[n_val:]), np.sort(rest[:n_val]), np.sort(test)))
-    return out
+
+def require_image(info: StoreInfo, experiment: str, hint: str) -> tuple[int, ...]:
+    """The (C, H, W) shape of the store's one input 'image'; UsageError naming the store and
+    its kind otherwise (a 3D nodule or CT store, say)."""
+    shape = info.inputs.get("image")
+    if list(info.inputs) != ["image"] or shape is None or len(shape) != 3:
+        shapes = ", ".join(f"{k} {tuple(v)}" for k, v in info.inputs.items())
+        raise UsageError(
+            f"--store {info.path}: a {info.kind!r} store with inputs {shapes}; {experiment} "
+            f"needs one 2D input 'image' of shape (C, H, W) ({hint})"
+        )
+    return tuple(shape)
 
 
 class LabelColumns(Dataset):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ from tqdm import tqdm
 from lungbench.commands._args import non_negative_int, positive_int
 from lungbench.data.store import StoreDataset, StoreInfo
 from lungbench.errors import UsageError
-from lungbench.results import create_run_dir, write_json
-from lungbench.train import OPTIMIZERS, SCHEDULES, TrainConfig
+from lungbench.results import create_run_dir, finish_run, write_json
+from lungbench.train import OPTIMIZERS, SCHEDULES, TrainConfig, TrainingInterrupted
 
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "patience")
 CACHE_LIMIT_BYTES = 1 << 30  # keep a split in memory when it is smaller than this
@@ -188,6 +189,26 @@ def start_run(out: str | Path, run_id: str | None, config: Mapping[str, Any]) ->
     write_json(run_dir / "environment.json", environment_record())
     log(f"run folder {run_dir}")
     return run_dir
+
+
+@contextmanager
+def marking_run(run_dir: Path, note: str) -> Iterator[None]:
+    """Mark run_dir "interrupted" (signal, Ctrl-C) or "failed" (any other exception, with
+    its first line) when the block raises, so that no run folder is left "running"."""
+    try:
+        yield
+    except BaseException as exc:
+        status = (
+            "interrupted" if isinstance(exc, TrainingInterrupted | KeyboardInterrupt) else "failed"
+        )
+        error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        finish_run(run_dir, status, data=note, error=error)
+        raise
+
+
+def data_word(info: StoreInfo) -> str:
+    """For plot titles: 'generated data' or the store's file name."""
+    return "generated data" if info.provenance.get("generator") else info.path.name
 
 
 def data_note(info: StoreInfo) -> str:

@@ -28,7 +28,7 @@ from lungbench.experiments.common3d import log
 from lungbench.models import create_model
 from lungbench.report.training import loss_curves_plot, roc_plot
 from lungbench.results import finish_run, save_figure, write_table
-from lungbench.train import FitResult, TrainConfig, TrainingInterrupted, fit, predict
+from lungbench.train import FitResult, TrainConfig, fit, load_resume_checkpoint, predict
 
 NAME = "lidc-pretrain"
 HELP = "seed 000: pre-train the two-path 3D CNN on LIDC (20%% validation, batch 16)"
@@ -159,22 +159,28 @@ def make_config(args: argparse.Namespace) -> PretrainConfig:
 
 
 def nodule_store(
-    store: str | None, synth_n: int, kind: str, out: Path, data_seed: int, experiment: str
+    store: str | None,
+    synth_n: int,
+    kind: str,
+    out: Path,
+    data_seed: int,
+    experiment: str,
+    preset: str = "default",
 ) -> StoreInfo:
-    """The user's nodule store (checked), or a generated one of `kind` on the default grid."""
+    """The user's nodule store (checked), or a generated one of `kind` on grid `preset`."""
     if store is None:
         from lungbench.data.synth import write_synthetic_store
         from lungbench.models.dualpath3d import geometry
 
         path = common3d.cached_store(
             out,
-            f"synth-{kind}-n{synth_n}-default-seed{data_seed}",
+            f"synth-{kind}-n{synth_n}-{preset}-seed{data_seed}",
             synth_n,
             lambda p, bar: write_synthetic_store(
                 p,
                 kind,
                 synth_n,
-                geometry("default"),
+                geometry(preset),
                 seed=data_seed,
                 progress=bar,
                 # A small set renders faster here than in a freshly spawned pool.
@@ -242,7 +248,9 @@ def pretrain(
     save_figure(
         run_dir,
         "loss_curves",
-        loss_curves_plot({"LIDC": result.history}, f"LIDC pre-training ({_data_word(info)})"),
+        loss_curves_plot(
+            {"LIDC": result.history}, f"LIDC pre-training ({common3d.data_word(info)})"
+        ),
     )
     probs, targets = predict(
         model, val_ds, batch_size=cfg.train.batch_size, device=cfg.train.device
@@ -250,33 +258,27 @@ def pretrain(
     save_figure(
         run_dir,
         "roc_validation",
-        roc_plot({"best epoch": (targets, probs)}, f"LIDC validation ROC ({_data_word(info)})"),
+        roc_plot(
+            {"best epoch": (targets, probs)}, f"LIDC validation ROC ({common3d.data_word(info)})"
+        ),
     )
     return PretrainResult(result, result.best_checkpoint, summary, cfg.model_kwargs)
 
 
-def _data_word(info: StoreInfo) -> str:
-    return "generated data" if info.provenance.get("generator") else info.path.name
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = make_config(args)
+    if args.resume is not None:
+        # A corrupt file or changed training options fail before data or a run folder is made.
+        load_resume_checkpoint(args.resume, cfg.train)
     info = nodule_store(cfg.store, cfg.synth_n, "lidc", Path(args.out), args.data_seed, NAME)
     cfg = PretrainConfig(**{**_shallow(cfg), "preset": common3d.nodule_preset(info)})
-    if args.resume is not None:
-        from lungbench.train import load_checkpoint
-
-        load_checkpoint(args.resume)  # a corrupt file fails before a run folder is made
     note = common3d.data_note(info)
     run_dir = common3d.start_run(
         args.out, args.run_id, {"experiment": NAME, "config": cfg, "store": info.path, "data": note}
     )
     log(f"config: {cfg}")
-    try:
+    with common3d.marking_run(run_dir, note):
         result = pretrain(cfg, info, run_dir, resume=args.resume)
-    except TrainingInterrupted:
-        finish_run(run_dir, "interrupted", data=note)
-        raise
     finish_run(run_dir, "complete", data=note, best_checkpoint=result.checkpoint)
     print(f"LIDC pre-training on {note}")
     print(result.summary.T.to_string())

@@ -36,7 +36,6 @@ from lungbench.report.training import auc_table, confusion_table, loss_curves_pl
 from lungbench.results import finish_run, save_figure, write_table
 from lungbench.train import (
     TrainConfig,
-    TrainingInterrupted,
     classification_metrics,
     fit,
     load_model_from_checkpoint,
@@ -160,7 +159,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--data-seed",
         type=non_negative_int,
         default=0,
-        help="seed of the generated data sets (default: 0)",
+        help="seed of the generated LUNGx-like set; the generated LIDC-like set for the "
+        "pre-training uses this + 1 (default: 0)",
     )
     common3d.add_train_arguments(p, FULL, QUICK)
 
@@ -283,7 +283,7 @@ def cross_validate(
             f"loss_fold{split.fold + 1}",
             loss_curves_plot(
                 {REGIMES[r]: h for r, h in fold_histories.items()},
-                f"Fold {split.fold + 1} ({_data_word(info)})",
+                f"Fold {split.fold + 1} ({common3d.data_word(info)})",
             ),
         )
     pred = pd.concat(predictions, ignore_index=True)
@@ -303,32 +303,54 @@ def cross_validate(
         for name in REGIMES.values()
     }
     save_figure(
-        run_dir, "roc", roc_plot(curves, f"LUNGx test ROC, pooled over folds ({_data_word(info)})")
+        run_dir,
+        "roc",
+        roc_plot(curves, f"LUNGx test ROC, pooled over folds ({common3d.data_word(info)})"),
     )
     return tables
 
 
-def _data_word(info: StoreInfo) -> str:
-    return "generated data" if info.provenance.get("generator") else info.path.name
+def _lidc_sizes(cfg: CVConfig) -> dict:
+    return lidc_pretrain.QUICK if cfg.quick else lidc_pretrain.FULL
 
 
-def _pretrain_first(args: argparse.Namespace, cfg: CVConfig, run_dir: Path) -> str:
-    """Run lidc-pretrain into RUN/lidc_pretrain/ and return its best checkpoint."""
-    full, quick = lidc_pretrain.FULL, lidc_pretrain.QUICK
-    sizes = quick if cfg.quick else full
+def lidc_store(args: argparse.Namespace, cfg: CVConfig, preset: str) -> StoreInfo:
+    """The store to pre-train on: --lidc-store (on the LUNGx store's grid `preset`) or
+    generated LIDC-like nodules on that grid.
+
+    The generated set uses --data-seed + 1, so that it never shares a seed (and thereby
+    nodules) with the generated LUNGx-like store of the same run.
+    """
+    info = lidc_pretrain.nodule_store(
+        args.lidc_store,
+        _lidc_sizes(cfg)["synth_n"],
+        "lidc",
+        Path(args.out),
+        args.data_seed + 1,
+        NAME,
+        preset=preset,
+    )
+    if common3d.nodule_preset(info) != preset:
+        raise UsageError(
+            f"--lidc-store {info.path}: on the {common3d.nodule_preset(info)!r} grid, but "
+            f"the LUNGx store is on the {preset!r} grid; pre-train on the same grid"
+        )
+    return info
+
+
+def _pretrain_first(cfg: CVConfig, info: StoreInfo, run_dir: Path) -> str:
+    """Run lidc-pretrain on `info` into RUN/lidc_pretrain/ and return its best checkpoint."""
+    sizes = _lidc_sizes(cfg)
     train = dataclasses.replace(cfg.train, epochs=sizes["epochs"], batch_size=16, lr=sizes["lr"])
     pcfg = lidc_pretrain.PretrainConfig(
         train=train,
-        store=args.lidc_store,
+        store=str(info.path),
         synth_n=sizes["synth_n"],
+        preset=common3d.nodule_preset(info),
         filters=sizes["filters"],
         depth=sizes["depth"],
         quick=cfg.quick,
     )
-    info = lidc_pretrain.nodule_store(
-        args.lidc_store, pcfg.synth_n, "lidc", Path(args.out), args.data_seed, NAME
-    )
-    pcfg = dataclasses.replace(pcfg, preset=common3d.nodule_preset(info))
     sub = run_dir / "lidc_pretrain"
     (sub / "tables").mkdir(parents=True, exist_ok=True)
     (sub / "plots").mkdir(exist_ok=True)
@@ -341,24 +363,26 @@ def _pretrain_first(args: argparse.Namespace, cfg: CVConfig, run_dir: Path) -> s
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     cfg = make_config(args)
+    if cfg.pretrained:  # a wrong file or architecture fails before any data is generated
+        load_model_from_checkpoint(cfg.pretrained, expected_model_name=MODEL)
     info = lidc_pretrain.nodule_store(
         cfg.store, cfg.synth_n, "lungx", Path(args.out), args.data_seed, NAME
     )
     generated = bool(info.provenance.get("generator"))
     folds = fold_assignment(info, cfg.folds, args.seed, write=args.write_folds or generated)
     kwargs = check_pretrained(cfg.pretrained, info) if cfg.pretrained else None
+    # Without --pretrained, pre-train on the LUNGx store's grid (checked or generated now,
+    # not after a whole pre-training).
+    lidc = None if cfg.pretrained else lidc_store(args, cfg, common3d.nodule_preset(info))
     note = common3d.data_note(info)
     run_dir = common3d.start_run(
         args.out, args.run_id, {"experiment": NAME, "config": cfg, "store": info.path, "data": note}
     )
     log(f"config: {cfg}")
-    try:
-        pretrained = cfg.pretrained or _pretrain_first(args, cfg, run_dir)
+    with common3d.marking_run(run_dir, note):
+        pretrained = cfg.pretrained or _pretrain_first(cfg, lidc, run_dir)
         kwargs = kwargs or check_pretrained(pretrained, info)
         tables = cross_validate(cfg, info, folds, pretrained, kwargs, run_dir)
-    except TrainingInterrupted:
-        finish_run(run_dir, "interrupted", data=note)
-        raise
     wall = time.perf_counter() - started
     finish_run(run_dir, "complete", data=note, wall_s=wall, pretrained=pretrained)
     print(f"LUNGx {cfg.folds}-fold cross-validation on {note}\n")

@@ -28,7 +28,7 @@ from lungbench.models import create_model
 from lungbench.models.mosmed3d import KERAS_FILTERS, VARIANTS, keras_parameter_count
 from lungbench.report.training import metric_curves_plot
 from lungbench.results import finish_run, save_figure, write_table
-from lungbench.train import TrainConfig, TrainingInterrupted, fit, seed_everything
+from lungbench.train import TrainConfig, fit, seed_everything
 
 NAME = "mosmed"
 HELP = "seed 002: CT-0 vs CT-2/3 with the MosMed 3D CNN and its six modifications"
@@ -39,7 +39,8 @@ from CT scans" network (conv blocks 64, 64, 128, 256; global pooling; dense 512;
 double_conv (a second conv per level), sigmoid (sigmoid activations), avgpool (average
 pooling), residual (residual blocks), res_inception (residual inception blocks). 30% of the
 studies (stratified) validate; each variant's best epoch by validation loss is reported in
-one table: accuracy, AUC, parameters, time per epoch, samples/s, peak memory. Default data:
+one table: accuracy, AUC, parameters, time per epoch, samples/s, peak memory (on CPU the
+process RSS above its value when the variant's training started). Default data:
 generated whole-lung volumes with ground-glass patches (not MosMedData). --quick shrinks the
 grid to 16x32x32, the widths to 8, 8, 16, 32 with "same" padding, and the data to 32 studies.
 
@@ -256,10 +257,17 @@ def train_variant(
         "parameters": keras_parameter_count(model),
         "time per epoch (s)": result.mean_epoch_s,
         "samples/s": result.samples_per_s,
-        "peak memory (MiB)": result.peak_memory_bytes / 2**20,
+        memory_column(result.peak_memory_kind): result.peak_memory_bytes / 2**20,
         "memory measure": result.peak_memory_kind,
     }
     return row, result.history
+
+
+def memory_column(kind: str) -> str:
+    """The table column of FitResult.peak_memory_bytes: on CPU the RSS peak above the RSS at
+    the start of each fit (earlier variants' memory is not counted again), on CUDA the
+    peak allocation."""
+    return "peak memory (MiB)" if kind.startswith("cuda") else "peak memory above start (MiB)"
 
 
 def compare(cfg: MosmedConfig, info: StoreInfo, run_dir: Path) -> pd.DataFrame:
@@ -278,7 +286,7 @@ def compare(cfg: MosmedConfig, info: StoreInfo, run_dir: Path) -> pd.DataFrame:
     pd.concat([h.assign(variant=v) for v, h in histories.items()], ignore_index=True).to_csv(
         run_dir / "metrics.csv", index=False
     )
-    word = "generated data" if info.provenance.get("generator") else info.path.name
+    word = common3d.data_word(info)
     for column, title in (
         ("val_loss", "validation loss"),
         ("val_auc", "validation AUC"),
@@ -299,11 +307,8 @@ def run(args: argparse.Namespace) -> int:
         args.out, args.run_id, {"experiment": NAME, "config": cfg, "store": info.path, "data": note}
     )
     log(f"config: {cfg}")
-    try:
+    with common3d.marking_run(run_dir, note):
         table = compare(cfg, info, run_dir)
-    except TrainingInterrupted:
-        finish_run(run_dir, "interrupted", data=note)
-        raise
     wall = time.perf_counter() - started
     finish_run(run_dir, "complete", data=note, wall_s=wall)
     print(f"MosMed CT-0 vs CT-2/3 on {note} (best epoch by validation loss)\n")

@@ -3,7 +3,8 @@
 LR range test (its plot and the suggestion at the steepest descent) -> training with cosine
 annealing or one-cycle and random-rotation augmentation -> test accuracy with and without
 test-time augmentation -> Grad-CAM overlays, the most confidently right, most wrong and most
-uncertain test crops, and the confusion matrix. Split 80/10/10 as the seed.
+uncertain test crops, and the confusion matrix. Split 80/10/10 as the seed, stratified by
+class. A given --lr skips the LR finder.
 
     lungbench train nodule2d --quick                       generated slices, about a minute
     lungbench train nodule2d --weights resnet50-tv.pth --method A --epochs 200
@@ -29,13 +30,15 @@ from tqdm import tqdm
 
 from lungbench.cam import cam_overlay_figure, grad_cam
 from lungbench.commands._args import non_negative_int, positive_int
-from lungbench.data.store import StoreDataset, read_info
+from lungbench.data.splits import stratified_split
+from lungbench.data.store import StoreDataset, StoreInfo, read_info
 from lungbench.errors import UsageError
 from lungbench.experiments import common2d as c2d
+from lungbench.experiments import common3d as c3d
 from lungbench.lr_finder import find_lr, lr_finder_figure
+from lungbench.report.training import confusion_table
 from lungbench.results import (
     append_record,
-    create_run_dir,
     finish_run,
     markdown,
     save_figure,
@@ -54,7 +57,7 @@ examples:
   lungbench train nodule2d --quick
   lungbench train nodule2d --model resnet34 --epochs 50 --schedule onecycle
   lungbench train nodule2d --weights weights/resnet50-tv.pth --method A   (head only)
-  lungbench train nodule2d --store crops.h5 --lr 1e-3                     (skip the LR finder)
+  lungbench train nodule2d --store crops.h5 --lr 1e-3     (a given --lr skips the LR finder)
 
 Store: `lungbench data images --csv labels.csv ...` converts a folder of crops; without
 --store the crops are generated slices through generated nodules (results say so)."""
@@ -130,13 +133,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--batch-size", type=positive_int, default=32, help="batch size (default: 32)")
     t.add_argument(
-        "--lr", type=float, default=None, help="learning rate (default: the LR finder's suggestion)"
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate; given, the LR finder is skipped (default: run the LR finder and "
+        "train with its suggestion)",
     )
     t.add_argument(
         "--lr-iters",
         type=positive_int,
         default=None,
-        help="LR finder steps (default: 100; --quick: 20)",
+        help="LR finder steps, >= 5, without --lr (default: 100; --quick: 20)",
     )
     t.add_argument(
         "--schedule",
@@ -162,9 +169,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="smoke run: 80 crops, resnet18, 2 epochs, 20 LR-finder steps",
     )
     o.add_argument("--out", default="results", help="output root (default: results)")
-    o.add_argument(
-        "--run-id", default=None, help="run folder name (default: nodule2d-<UTC>-<host>)"
-    )
+    o.add_argument("--run-id", default=None, help="run folder name (default: train-<UTC>-<host>)")
 
 
 def make_config(args: argparse.Namespace, lr: float | None = None) -> Nodule2DConfig:
@@ -177,8 +182,24 @@ def make_config(args: argparse.Namespace, lr: float | None = None) -> Nodule2DCo
     parse_method(args.method)
     from lungbench.data.transforms import PRESETS
     from lungbench.errors import look_up_option
+    from lungbench.harness import parse_device
     from lungbench.tta import VIEWS
 
+    parse_device(args.device)
+    if args.lr is not None and not args.lr > 0:
+        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if args.lr is None and pick("lr_iters") < 5:
+        raise UsageError(
+            f"--lr-iters: the LR finder needs at least 5 steps, got {pick('lr_iters')}"
+        )
+    if args.store is None:
+        if args.image_size < 32:
+            raise UsageError(
+                f"--image-size must be >= 32 pixels (the networks downsample 32x), "
+                f"got {args.image_size}"
+            )
+        if pick("n") < 10:
+            raise UsageError(f"--n: nodule2d needs at least 10 crops, got {pick('n')}")
     look_up_option(args.augmentation, PRESETS, what="augmentation preset")
     for view in args.tta:
         look_up_option(view, VIEWS, what="TTA view")
@@ -209,52 +230,62 @@ def make_config(args: argparse.Namespace, lr: float | None = None) -> Nodule2DCo
 
 def run(args: argparse.Namespace) -> int:
     cfg = make_config(args)
-    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
-    run_dir = create_run_dir(args.out, NAME, args.run_id)
+    # Everything the user gave is checked before the run folder exists: the store (a 2D
+    # binary image store, enough crops of each class to split), the weights and method.
+    in_channels = 1  # the generated crops are grey
+    if cfg.store is not None:
+        info = _check_store(Path(cfg.store))
+        _split(StoreDataset(info.path).labels, cfg.train.seed)
+        in_channels = info.inputs["image"][0]
+    kwargs = c2d.model_kwargs(cfg.model, in_channels, 1, 0.0)
+    method = parse_method(cfg.method)
+    built = c2d.build_transfer_model(cfg.model, kwargs, method, cfg.weights, cfg.train.seed)
+    run_dir = c3d.start_run(args.out, args.run_id, {"nodule2d": asdict(cfg), "lr_finder": None})
+    with c3d.marking_run(run_dir, _data_note(cfg)):  # a later failure marks the run "failed"
+        _experiment(args, cfg, run_dir, built, kwargs)
+    print(f"\nresults: {run_dir}")
+    return 0
+
+
+def _experiment(
+    args: argparse.Namespace,
+    cfg: Nodule2DConfig,
+    run_dir: Path,
+    built: c2d.BuiltModel,
+    kwargs: dict,
+) -> None:
     store = _store(cfg, run_dir)
-    info = read_info(store)
-    if info.task != "binary":
-        raise UsageError(
-            f"{store}: task {info.task!r}; nodule2d needs a binary store (benign/malignant crops)"
-        )
-    note = "generated nodule slices (not real crops)" if cfg.generated else str(store)
-    train_idx, val_idx, test_idx = _split(len(StoreDataset(store)), cfg.train.seed)
+    info = _check_store(store)
+    note = _data_note(cfg)
+    train_idx, val_idx, test_idx = _split(StoreDataset(store).labels, cfg.train.seed)
     from lungbench.data.transforms import make_transform
 
     train_ds = Subset(
-        StoreDataset(store, transform=make_transform(cfg.augmentation, cfg.train.seed)), train_idx
+        StoreDataset(store, transform=make_transform(cfg.augmentation, cfg.train.seed)),
+        train_idx.tolist(),
     )
     plain = StoreDataset(store, cache=True)
-    val_ds, test_ds = Subset(plain, val_idx), Subset(plain, test_idx)
-    kwargs = c2d.model_kwargs(cfg.model, info.inputs["image"][0], 1, 0.0)
-    method = parse_method(cfg.method)
-    built = c2d.build_transfer_model(cfg.model, kwargs, method, cfg.weights, cfg.train.seed)
+    val_ds, test_ds = Subset(plain, val_idx.tolist()), Subset(plain, test_idx.tolist())
+    method = built.plan.method
 
-    sweep = find_lr(
-        built.model,
-        train_ds,
-        num_iter=cfg.lr_iters,
-        batch_size=cfg.train.batch_size,
-        device=cfg.train.device,
-        seed=cfg.train.seed,
-    )
-    save_figure(run_dir, "lr_finder", lr_finder_figure(sweep, f"LR finder, {cfg.model}"))
+    finder = None
     if args.lr is None:
+        sweep = find_lr(
+            built.model,
+            train_ds,
+            num_iter=cfg.lr_iters,
+            batch_size=cfg.train.batch_size,
+            device=cfg.train.device,
+            seed=cfg.train.seed,
+        )
+        save_figure(run_dir, "lr_finder", lr_finder_figure(sweep, f"LR finder, {cfg.model}"))
         cfg = make_config(args, lr=sweep.suggestion)
-    log(f"LR finder suggests {sweep.suggestion:.2e}; training with lr {cfg.train.lr:.2e}")
-    log(f"config: {cfg}")
-    write_json(
-        run_dir / "config.json",
-        {
-            "nodule2d": asdict(cfg),
-            "lr_finder": {
-                "suggestion": sweep.suggestion,
-                "lrs": sweep.lrs,
-                "smoothed": sweep.smoothed,
-            },
-        },
-    )
-    _write_environment(run_dir)
+        finder = {"suggestion": sweep.suggestion, "lrs": sweep.lrs, "smoothed": sweep.smoothed}
+        c3d.log(f"LR finder suggests {sweep.suggestion:.2e}; training with lr {cfg.train.lr:.2e}")
+    else:
+        c3d.log(f"--lr {cfg.train.lr:.2e} given: LR finder skipped")
+    c3d.log(f"config: {cfg}")
+    write_json(run_dir / "config.json", {"nodule2d": asdict(cfg), "lr_finder": finder})
 
     result = fit(
         built.model,
@@ -288,10 +319,11 @@ def run(args: argparse.Namespace) -> int:
         {
             "kind": "nodule2d",
             "lr": cfg.train.lr,
+            "lr_finder": finder is not None,
             **dict(zip(accuracy["prediction"], accuracy["test_accuracy"], strict=True)),
         },
     )
-    confusion = confusion_table(tta_probs, targets, info.label_names)
+    confusion = confusion_table(targets, tta_probs, class_names=info.label_names)
     write_table(run_dir, "confusion_matrix", confusion)
     save_figure(run_dir, "confusion_matrix", _confusion_figure(confusion))
     _case_grids(run_dir, built.model, test_ds, tta_probs, targets, info.label_names)
@@ -300,8 +332,19 @@ def run(args: argparse.Namespace) -> int:
         f"\nTest accuracy, {cfg.model} method {method.label} ({note}):\n"
         f"{markdown(accuracy, index=False)}\n\nConfusion matrix (TTA):\n{markdown(confusion)}"
     )
-    print(f"\nresults: {run_dir}")
-    return 0
+
+
+def _check_store(path: Path) -> StoreInfo:
+    """The store's info if it holds binary 2D crops (C, H, W) under 'image', else UsageError."""
+    info = read_info(path)
+    hint = "2D crops: `lungbench data images --csv labels.csv ...`, or leave out --store"
+    c3d.require_inputs(info, ["image"], NAME, hint)
+    c2d.require_image(info, NAME, hint)
+    return info
+
+
+def _data_note(cfg: Nodule2DConfig) -> str:
+    return "generated nodule slices (not real crops)" if cfg.generated else str(cfg.store)
 
 
 def _store(cfg: Nodule2DConfig, run_dir: Path) -> Path:
@@ -317,37 +360,16 @@ def _store(cfg: Nodule2DConfig, run_dir: Path) -> Path:
     return path
 
 
-def _write_environment(run_dir: Path) -> None:
-    from lungbench.env import environment_record
-
-    write_json(run_dir / "environment.json", environment_record())
-
-
-def _split(n: int, seed: int) -> tuple[list[int], list[int], list[int]]:
-    """80/10/10 train/validation/test, shuffled with `seed` (the seed's split)."""
-    if n < 10:
-        raise UsageError(f"nodule2d needs at least 10 crops for an 80/10/10 split, got {n}")
-    order = np.random.default_rng(seed).permutation(n)
-    a, b = int(0.8 * n), int(0.9 * n)
-    return order[:a].tolist(), order[a:b].tolist(), order[b:].tolist()
+def _split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The seed's 80/10/10 train/validation/test, stratified by class: 10% test, then 1/9 of
+    the rest for validation (UsageError when a class has too few crops)."""
+    rest, test = stratified_split(np.arange(len(labels)), labels, 0.1, seed)
+    train, val = stratified_split(rest, labels, 1 / 9, seed)
+    return train, val, test
 
 
 def _accuracy(probs: np.ndarray, targets: np.ndarray) -> float:
     return float(np.mean((probs >= 0.5) == (targets >= 0.5)))
-
-
-def confusion_table(probs: np.ndarray, targets: np.ndarray, names) -> pd.DataFrame:
-    """Counts with totals: rows true class, columns predicted class (threshold 0.5)."""
-    pred = (probs >= 0.5).astype(int)
-    true = (targets >= 0.5).astype(int)
-    table = pd.DataFrame(
-        0, index=[f"true {n}" for n in names], columns=[f"predicted {n}" for n in names]
-    )
-    for t, p in zip(true, pred, strict=True):
-        table.iloc[t, p] += 1
-    table["total"] = table.sum(axis=1)
-    table.loc["total"] = table.sum(axis=0)
-    return table
 
 
 def case_indices(probs: np.ndarray, targets: np.ndarray, k: int) -> dict[str, np.ndarray]:
@@ -369,7 +391,7 @@ def _case_grids(run_dir: Path, model, test_ds, probs, targets, names) -> None:
         if len(positions) == 0:
             continue
         images = torch.stack([test_ds[int(i)][0][0] for i in positions])
-        cams = grad_cam(model, (images,), target=0).numpy()
+        cams = grad_cam(model, (images,), target=0).numpy()  # images on CPU, maps too
         titles = [f"{names[int(targets[i] >= 0.5)]}: p(mal)={probs[i]:.2f}" for i in positions]
         save_figure(run_dir, name, cam_overlay_figure(images[:, 0].numpy(), cams, titles))
     first = np.arange(min(GRID, len(targets)))
@@ -401,4 +423,5 @@ def _confusion_figure(table: pd.DataFrame):
         ax.text(j, i, str(v), ha="center", va="center")
     ax.set_xticks(range(counts.shape[1]), table.columns[:-1], rotation=20)
     ax.set_yticks(range(counts.shape[0]), table.index[:-1])
+    ax.set_xlabel("true diagnosis")
     return fig
