@@ -29,6 +29,7 @@ from torch import nn
 
 from lungbench.errors import UsageError
 from lungbench.models import create_model
+from lungbench.peak import attach_peak, device_peaks
 from lungbench.stats import summarize
 from lungbench.switches import (
     Resolved,
@@ -332,14 +333,9 @@ def ablation_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
 
 
 def attach_peaks(records: list[dict[str, Any]], peaks: dict[str, float]) -> None:
-    """Peak fraction of each record: of the FP32 peak where the math is FP32, else of the
-    peak of the autocast dtype (bf16 / fp16) measured on the same device."""
+    """Peak fraction of each record, against the peak of the dtype its math ran in."""
     for r in records:
-        kind = "fp32" if r["dtype_used"] == "fp32" else r["dtype_used"]
-        peak = peaks.get(kind)
-        if peak:
-            r["peak_flops"], r["peak_dtype"] = peak, kind
-            r["peak_fraction"] = r["achieved_flops"] / peak
+        attach_peak(r, peaks)
 
 
 def run_ablation_bench(
@@ -366,7 +362,7 @@ def run_ablation_bench(
     try:
         write_json(run_dir / "config.json", {"ablation": list(configs), "tolerance": TOLERANCE})
         env = environment_record()
-        peaks = {d: _peaks(parse_device(d)) for d in dict.fromkeys(c.device for c in configs)}
+        peaks = {d: device_peaks(parse_device(d)) for d in dict.fromkeys(c.device for c in configs)}
         env["peak_flops"] = peaks
         write_json(run_dir / "environment.json", env)
         records: list[dict[str, Any]] = []
@@ -394,17 +390,6 @@ def run_ablation_bench(
         raise
     finish_run(run_dir, "complete")
     return run_dir, records, "\n\n".join(texts)
-
-
-def _peaks(device: torch.device) -> dict[str, float]:
-    from lungbench.peak import matmul_peak_flops
-
-    peaks = {"fp32": matmul_peak_flops(device, "fp32")}
-    if bf16_supported(device):
-        peaks["bf16"] = matmul_peak_flops(device, "bf16")
-    if device.type == "cuda":
-        peaks["fp16"] = matmul_peak_flops(device, "fp16")
-    return peaks
 
 
 def _input_shapes(cfg: AblationConfig) -> list[tuple[int, ...]]:

@@ -27,7 +27,7 @@ from lungbench.harness import (
 )
 from lungbench.models import create_model, list_models
 from lungbench.models.dualpath3d import GEOMETRY_PRESETS, geometry
-from lungbench.peak import matmul_peak_flops
+from lungbench.peak import attach_peak, device_peaks
 from lungbench.report.bench_outputs import write_bench_outputs
 from lungbench.results import (
     append_record,
@@ -174,9 +174,18 @@ def prepare_store(request: BenchRequest, log: Callable[[str], None]) -> StoreInf
     return read_info(path)
 
 
-def measure_peaks(devices: tuple[str, ...]) -> dict[str, float]:
-    """FP32 matrix-product peak per device, the denominator of every 'peak_fraction'."""
-    return {d: matmul_peak_flops(parse_device(d), "fp32") for d in dict.fromkeys(devices)}
+def measure_peaks(devices: tuple[str, ...], dtype: str = "auto") -> dict[str, dict[str, float]]:
+    """Matrix-product peak per device and dtype, the denominators of every 'peak_fraction'
+    (a record is compared with the peak of the dtype its math ran in). Only the dtypes
+    `dtype` ("auto" or a fixed one) can lead to are measured."""
+    dtypes = ("fp32", "bf16", "fp16") if dtype == "auto" else ("fp32", dtype)
+    return {d: device_peaks(parse_device(d), dtypes) for d in dict.fromkeys(devices)}
+
+
+def record_peaks(env: dict[str, Any], peaks: dict[str, dict[str, float]]) -> None:
+    """Store the peaks in the environment record: all of them, and FP32 alone as before."""
+    env["peak_flops"] = peaks
+    env["peak_flops_fp32"] = {d: p["fp32"] for d, p in peaks.items()}
 
 
 def run_bench(
@@ -235,8 +244,8 @@ def run_bench(
             )
         env = environment_record()
         peaks = saved_peaks(run_dir) if resume else None
-        peaks = peaks or measure_peaks(request.devices)
-        env["peak_flops_fp32"] = peaks
+        peaks = peaks or measure_peaks(request.devices, request.dtype)
+        record_peaks(env, peaks)
         write_json(run_dir / environment_file(run_dir, resume is not None), env)
 
         bar = tqdm(
@@ -246,10 +255,7 @@ def run_bench(
         def on_record(record: dict[str, Any]) -> None:
             device = torch.device(record["device"])
             record["platform"] = _platform(record, device)
-            peak = peaks.get(record["device"])
-            if record.get("achieved_flops") and peak:
-                record["peak_flops"] = peak
-                record["peak_fraction"] = record["achieved_flops"] / peak
+            attach_peak(record, peaks.get(record["device"]))
             state.note(record)
             with signals_deferred():  # a signal now would tear the line
                 append_record(run_dir, record)

@@ -64,6 +64,7 @@ from lungbench.harness import (
     train_split,
 )
 from lungbench.models import create_model
+from lungbench.peak import attach_peak
 from lungbench.stats import summarize
 from lungbench.switches import (
     NO_TIMER,
@@ -543,7 +544,14 @@ def run_ddp_bench(
     folder and returns the BenchResult with the tables, the others a result without them."""
     from tqdm import tqdm
 
-    from lungbench.benchrun import BenchResult, _platform, measure_peaks, prepare_store, validate
+    from lungbench.benchrun import (
+        BenchResult,
+        _platform,
+        measure_peaks,
+        prepare_store,
+        record_peaks,
+        validate,
+    )
     from lungbench.env import environment_record
     from lungbench.report.bench_outputs import write_bench_outputs
     from lungbench.report.scaling import write_scaling_outputs
@@ -585,19 +593,17 @@ def run_ddp_bench(
                 "configs": len(configs),
             },
         )
-        peaks = measure_peaks(tuple(request.devices))
+        peaks = measure_peaks(tuple(request.devices), request.dtype)
         env = environment_record()
-        env.update(peak_flops_fp32=peaks, distributed={**dist.describe(), "hosts": hosts})
+        record_peaks(env, peaks)
+        env["distributed"] = {**dist.describe(), "hosts": hosts}
         write_json(run_dir / "environment.json", env)
         bar = tqdm(desc="bench", unit="record")
 
         def on_record(record: dict[str, Any]) -> None:
             if record.get("scaling") == "none":
                 record["platform"] = _platform(record, torch.device(record["device"]))
-            peak = peaks.get(record["device"])
-            if record.get("achieved_flops") and peak:
-                record["peak_flops"] = peak
-                record["peak_fraction"] = record["achieved_flops"] / peak
+            attach_peak(record, peaks.get(record["device"]))
             append_record(run_dir, record)
             bar.update(1)
 

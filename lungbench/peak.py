@@ -84,6 +84,31 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
     return 2.0 * src.numel() * 4 / best
 
 
+def device_peaks(
+    device: torch.device, dtypes: tuple[str, ...] = ("fp32", "bf16", "fp16")
+) -> dict[str, float]:
+    """Matrix-product peak of `device` per dtype: FP32 always; bf16 where the device has
+    native bf16 arithmetic; fp16 on CUDA only (CPU has no fast fp16 kernels)."""
+    from lungbench.switches import bf16_supported
+
+    peaks = {"fp32": matmul_peak_flops(device, "fp32")}
+    if "bf16" in dtypes and bf16_supported(device):
+        peaks["bf16"] = matmul_peak_flops(device, "bf16")
+    if "fp16" in dtypes and device.type == "cuda":
+        peaks["fp16"] = matmul_peak_flops(device, "fp16")
+    return peaks
+
+
+def attach_peak(record: dict, peaks: dict[str, float] | None) -> None:
+    """Set a record's `peak_flops`, `peak_dtype` and `peak_fraction`: its achieved FLOP/s
+    against the peak of the dtype its math ran in (FP32, or the autocast dtype)."""
+    dtype = record.get("dtype_used") or "fp32"
+    peak = (peaks or {}).get(dtype)
+    if record.get("achieved_flops") and peak:
+        record["peak_flops"], record["peak_dtype"] = peak, dtype
+        record["peak_fraction"] = record["achieved_flops"] / peak
+
+
 def peak_record(
     device: torch.device, dtype: str = "fp32", size: int | None = None, nbytes: int | None = None
 ) -> dict:

@@ -225,13 +225,17 @@ def start_resume(run_dir: Path) -> None:
     mark_resumed(run_dir)
 
 
-def saved_peaks(run_dir: Path) -> dict[str, float] | None:
-    """The device peaks measured when the run began (so every record shares one denominator)."""
+def saved_peaks(run_dir: Path) -> dict[str, dict[str, float]] | None:
+    """The device peaks (per device, per dtype) measured when the run began, so every record
+    of a resumed run shares the same denominators."""
     try:
-        peaks = read_json(run_dir / "environment.json").get("peak_flops_fp32")
+        env = read_json(run_dir / "environment.json")
+        peaks = env.get("peak_flops")
+        if not isinstance(peaks, dict) or not peaks:  # a run of an earlier version: FP32 only
+            peaks = {d: {"fp32": v} for d, v in (env.get("peak_flops_fp32") or {}).items()}
     except (OSError, ValueError, AttributeError):
         return None
-    return peaks if isinstance(peaks, dict) and peaks else None
+    return peaks or None
 
 
 def environment_file(run_dir: Path, resumed: bool) -> str:

@@ -61,6 +61,10 @@ def test_tiny_sweep_writes_every_file(tmp_path, capsys, tiny_store):
         assert len(r["samples_s"]["step"]) == 2
         assert r["step_s_median"] > 0 and r["flops_per_step"] > 0
         assert 0 < r["peak_fraction"] < 5
+        # against the peak of the dtype the math ran in (bf16 autocast on CPU by default)
+        peak = env["peak_flops"]["cpu"][r["dtype_used"]]
+        assert r["peak_dtype"] == r["dtype_used"] and r["peak_flops"] == peak
+        assert r["peak_fraction"] == pytest.approx(r["achieved_flops"] / peak)
         assert r["threads_used"] >= 1 and r["platform"].startswith("cpu (")
     for name in ("summary", "measurements", "speedup_b2", "speedup_b4"):
         assert (run / "tables" / f"{name}.csv").exists()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lungbench.cli import main
-from lungbench.peak import copy_bandwidth, matmul_peak_flops, peak_record
+from lungbench.peak import attach_peak, copy_bandwidth, matmul_peak_flops, peak_record
 
 
 def test_peak_record_is_positive():
@@ -86,3 +86,27 @@ def test_env_save_is_checked_before_the_peak(tmp_path, capsys, monkeypatch):
 
 def _never_measure(*args, **kwargs):
     raise AssertionError("bad input must be rejected before the measurement")
+
+
+def test_attach_peak_uses_the_dtype_the_math_ran_in():
+    peaks = {"fp32": 1e11, "bf16": 4e11}
+    bf16 = {"dtype_used": "bf16", "achieved_flops": 1e11}
+    fp32 = {"dtype_used": "fp32", "achieved_flops": 1e11}
+    attach_peak(bf16, peaks)
+    attach_peak(fp32, peaks)
+    assert bf16["peak_fraction"] == 0.25 and bf16["peak_dtype"] == "bf16"
+    assert fp32["peak_fraction"] == 1.0 and fp32["peak_flops"] == 1e11
+    unmeasured = {"dtype_used": "fp16", "achieved_flops": 1e11}
+    attach_peak(unmeasured, peaks)  # no fp16 peak (CPU): no fraction rather than a wrong one
+    assert "peak_fraction" not in unmeasured
+
+
+def test_saved_peaks_reads_runs_of_the_fp32_only_format(tmp_path):
+    from lungbench.sweepstate import saved_peaks
+
+    (tmp_path / "environment.json").write_text(json.dumps({"peak_flops_fp32": {"cpu": 2e11}}))
+    assert saved_peaks(tmp_path) == {"cpu": {"fp32": 2e11}}
+    (tmp_path / "environment.json").write_text(
+        json.dumps({"peak_flops": {"cpu": {"fp32": 2e11, "bf16": 5e11}}})
+    )
+    assert saved_peaks(tmp_path) == {"cpu": {"fp32": 2e11, "bf16": 5e11}}

@@ -75,7 +75,8 @@ def _signal_once_at_batch_2(signum: int):
 def _no_peak_measurement(monkeypatch):
     # The matmul peak takes seconds on 2 loaded cores and is not what these tests check.
     monkeypatch.setattr(
-        "lungbench.benchrun.measure_peaks", lambda devices: {d: 1e10 for d in devices}
+        "lungbench.benchrun.measure_peaks",
+        lambda devices, dtype="auto": {d: {"fp32": 1e10} for d in devices},
     )
 
 

@@ -196,8 +196,12 @@ def environment_blocks(view: RunView) -> list[Block]:
         or "none",
         "SLURM job": (env.get("slurm") or {}).get("SLURM_JOB_ID"),
     }
-    for name, value in (env.get("peak_flops_fp32") or {}).items():
-        rows[f"measured peak fp32, {name} (GFLOP/s)"] = f"{value / 1e9:.1f}"
+    peaks = env.get("peak_flops") or {
+        d: {"fp32": v} for d, v in (env.get("peak_flops_fp32") or {}).items()
+    }
+    for name, by_dtype in peaks.items():
+        for dtype, value in by_dtype.items():
+            rows[f"measured peak {dtype}, {name} (GFLOP/s)"] = f"{value / 1e9:.1f}"
     libraries = {k: v for k, v in (env.get("libraries") or {}).items() if v}
     if libraries:
         rows["libraries"] = ", ".join(f"{k} {v}" for k, v in libraries.items())
