@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from launchenv import clean_env
 
 from lungbench.ddpbench import parse_scaling, platform_label, split_batch
 from lungbench.distributed import DistContext, DistributedError, slurm_port
@@ -32,33 +33,6 @@ from lungbench.results import read_json, read_records
 # (shared, 2-core) CI machine is, and two ranks fit on two cores.
 TINY = ["--preset", "dey2018", "--filters", "2", "--warmup", "1", "--threads", "1"]
 VENV_BIN = Path(sys.executable).parent
-
-
-REPO = Path(__file__).resolve().parent.parent
-LAUNCH_PREFIXES = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_",
-    "MASTER_",
-    "GROUP_",
-    "TORCHELASTIC",
-    "SLURM_",
-    "PMI_",
-    "PMIX_",
-    "OMPI_",
-    "MV2_",
-    "MPI_",
-    "HYDRA",
-    "LUNGBENCH_LAUNCHER",
-)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without launcher variables (CI may itself run under SLURM), one
-    thread per process (two ranks on two cores), plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_PREFIXES)}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
-    return env
 
 
 def free_slurm_job_id() -> str:

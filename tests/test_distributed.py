@@ -9,10 +9,10 @@ import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from launchenv import clean_env
 
 from lungbench.distributed import (
     DistContext,
@@ -31,32 +31,6 @@ from lungbench.distributed import (
     wrap_model,
 )
 from lungbench.errors import UsageError
-
-REPO = Path(__file__).resolve().parent.parent
-LAUNCH_PREFIXES = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_",
-    "MASTER_",
-    "GROUP_",
-    "TORCHELASTIC",
-    "SLURM_",
-    "PMI_",
-    "PMIX_",
-    "OMPI_",
-    "MV2_",
-    "MPI_",
-    "HYDRA",
-    "LUNGBENCH_LAUNCHER",
-)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without any launcher variable (CI may run under SLURM),
-    plus `extra`; one thread per process keeps two ranks on two cores fair."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_PREFIXES)}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
-    return env
 
 
 def free_slurm_job_id() -> int:

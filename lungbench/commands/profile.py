@@ -132,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\nresults: {result.run_dir}")
     print(
         f"traces:  tensorboard --logdir {result.run_dir}  (or open "
-        f"{result.traces[0].name if result.traces else 'the trace'} in https://ui.perfetto.dev)"
+        f"{result.traces[0] if result.traces else 'the trace'} in https://ui.perfetto.dev)"
     )
     keys = (
         "profiled_steps",

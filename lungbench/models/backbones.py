@@ -164,104 +164,44 @@ def _global_pool(spatial_dims: int) -> nn.Module:
     return nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
 
 
-def _resnet(name: str, **kw) -> ResNetClassifier:
+RESNET_DOCS = {
+    "resnet18": "ResNet-18 (basic blocks 2-2-2-2), 11.2 M parameters with 1000 outputs.",
+    "resnet34": "ResNet-34 (basic blocks 3-4-6-3).",
+    "resnet50": "ResNet-50 (bottlenecks 3-4-6-3); keras_compat reproduces Keras's parameter count.",
+    "resnet101": "ResNet-101 (bottlenecks 3-4-23-3).",
+    "resnet152": "ResNet-152 (bottlenecks 3-8-36-3).",
+}
+
+
+def _register_resnet(name: str) -> None:
+    """Register the builder `name` of RESNET_LAYOUTS (the registry names builders by their
+    function name, and the CLI reads their keyword arguments, so each gets its own)."""
     block, layers = RESNET_LAYOUTS[name]
-    return ResNetClassifier(block, layers, **kw)
+
+    def build(
+        spatial_dims: int = 2,
+        in_channels: int = 3,
+        out_channels: int = 1,
+        keras_compat: bool = False,
+        dropout: float = 0.0,
+    ) -> ResNetClassifier:
+        return ResNetClassifier(
+            block,
+            layers,
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            keras_compat=keras_compat,
+            dropout=dropout,
+        )
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = RESNET_DOCS[name]
+    register_model(inputs=EXAMPLE_2D)(build)
 
 
-@register_model(inputs=EXAMPLE_2D)
-def resnet18(
-    spatial_dims: int = 2,
-    in_channels: int = 3,
-    out_channels: int = 1,
-    keras_compat: bool = False,
-    dropout: float = 0.0,
-) -> ResNetClassifier:
-    """ResNet-18 (basic blocks 2-2-2-2), 11.2 M parameters with 1000 outputs."""
-    return _resnet(
-        "resnet18",
-        spatial_dims=spatial_dims,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        keras_compat=keras_compat,
-        dropout=dropout,
-    )
-
-
-@register_model(inputs=EXAMPLE_2D)
-def resnet34(
-    spatial_dims: int = 2,
-    in_channels: int = 3,
-    out_channels: int = 1,
-    keras_compat: bool = False,
-    dropout: float = 0.0,
-) -> ResNetClassifier:
-    """ResNet-34 (basic blocks 3-4-6-3)."""
-    return _resnet(
-        "resnet34",
-        spatial_dims=spatial_dims,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        keras_compat=keras_compat,
-        dropout=dropout,
-    )
-
-
-@register_model(inputs=EXAMPLE_2D)
-def resnet50(
-    spatial_dims: int = 2,
-    in_channels: int = 3,
-    out_channels: int = 1,
-    keras_compat: bool = False,
-    dropout: float = 0.0,
-) -> ResNetClassifier:
-    """ResNet-50 (bottlenecks 3-4-6-3); keras_compat reproduces Keras's parameter count."""
-    return _resnet(
-        "resnet50",
-        spatial_dims=spatial_dims,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        keras_compat=keras_compat,
-        dropout=dropout,
-    )
-
-
-@register_model(inputs=EXAMPLE_2D)
-def resnet101(
-    spatial_dims: int = 2,
-    in_channels: int = 3,
-    out_channels: int = 1,
-    keras_compat: bool = False,
-    dropout: float = 0.0,
-) -> ResNetClassifier:
-    """ResNet-101 (bottlenecks 3-4-23-3)."""
-    return _resnet(
-        "resnet101",
-        spatial_dims=spatial_dims,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        keras_compat=keras_compat,
-        dropout=dropout,
-    )
-
-
-@register_model(inputs=EXAMPLE_2D)
-def resnet152(
-    spatial_dims: int = 2,
-    in_channels: int = 3,
-    out_channels: int = 1,
-    keras_compat: bool = False,
-    dropout: float = 0.0,
-) -> ResNetClassifier:
-    """ResNet-152 (bottlenecks 3-8-36-3)."""
-    return _resnet(
-        "resnet152",
-        spatial_dims=spatial_dims,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        keras_compat=keras_compat,
-        dropout=dropout,
-    )
+for _name in RESNET_LAYOUTS:
+    _register_resnet(_name)
 
 
 @register_model(inputs=EXAMPLE_2D)
