@@ -352,6 +352,7 @@ def run_ablation_bench(
         create_run_dir,
         finish_run,
         markdown,
+        marking_run,
         write_json,
         write_table,
     )
@@ -359,7 +360,7 @@ def run_ablation_bench(
     for cfg in configs:
         parse_device(cfg.device)
     run_dir = create_run_dir(out, "ablation", run_id)
-    try:
+    with marking_run(run_dir):  # a failure marks the run "failed", Ctrl-C "interrupted"
         write_json(run_dir / "config.json", {"ablation": list(configs), "tolerance": TOLERANCE})
         env = environment_record()
         peaks = {d: device_peaks(parse_device(d)) for d in dict.fromkeys(c.device for c in configs)}
@@ -381,13 +382,6 @@ def run_ablation_bench(
                 f"{cfg.batch_size} on {cfg.device} ({cfg.rounds} interleaved rounds, "
                 f"accuracy after {cfg.accuracy_steps} steps)\n" + markdown(table)
             )
-    except BaseException as exc:
-        finish_run(
-            run_dir,
-            "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-            error=str(exc).splitlines()[0] if str(exc) else "",
-        )
-        raise
     finish_run(run_dir, "complete")
     return run_dir, records, "\n\n".join(texts)
 

@@ -33,6 +33,7 @@ from lungbench.results import (
     append_record,
     create_run_dir,
     finish_run,
+    marking_run,
     read_records,
     write_json,
     write_table,
@@ -228,7 +229,11 @@ def run_bench(
             f"resuming {run_dir}: {len(configs) - len(pending)} of {len(configs)} "
             "configurations already measured"
         )
-    try:
+    # a failure marks the run "failed"; Ctrl-C / SIGTERM "interrupted", with its tables
+    # rebuilt from the records measured so far
+    with marking_run(
+        run_dir, on_interrupt=lambda: rebuild_outputs(run_dir, write_bench_outputs, log)
+    ):
         if batch_limits is not None:
             write_table(run_dir, "max_batch", batch_limits, index=False)
         if resume is None:
@@ -275,12 +280,6 @@ def run_bench(
             )
         records = read_records(run_dir)  # with those of earlier attempts when resumed
         table_text = write_bench_outputs(run_dir, records)
-    except BaseException as exc:
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        if status == "interrupted":
-            rebuild_outputs(run_dir, write_bench_outputs, log)
-        finish_run(run_dir, status=status, error=str(exc).splitlines()[0] if str(exc) else "")
-        raise
     finish_run(run_dir, "complete")
     return BenchResult(run_dir, records, table_text)
 

@@ -65,6 +65,7 @@ from lungbench.harness import (
 )
 from lungbench.models import create_model
 from lungbench.peak import attach_peak
+from lungbench.results import error_line
 from lungbench.stats import summarize
 from lungbench.switches import (
     NO_TIMER,
@@ -339,10 +340,10 @@ def measure_rank(
     except DistributedError:
         raise
     except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
-        result.update(status="oom", error=_first_line(exc))
+        result.update(status="oom", error=error_line(exc))
     except RuntimeError as exc:
         oom = "out of memory" in str(exc).lower()
-        result.update(status="oom" if oom else "error", error=_first_line(exc))
+        result.update(status="oom" if oom else "error", error=error_line(exc))
     finally:
         if dist.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -555,7 +556,13 @@ def run_ddp_bench(
     from lungbench.env import environment_record
     from lungbench.report.bench_outputs import write_bench_outputs
     from lungbench.report.scaling import write_scaling_outputs
-    from lungbench.results import append_record, create_run_dir, finish_run, write_json
+    from lungbench.results import (
+        append_record,
+        create_run_dir,
+        finish_run,
+        marking_run,
+        write_json,
+    )
 
     validate(request)  # every rank: bad input ends every rank with the same message
     if getattr(request, "find_batch", False):
@@ -580,7 +587,7 @@ def run_ddp_bench(
         return BenchResult(None, [], "")  # type: ignore[arg-type]
 
     run_dir = create_run_dir(request.out, "bench", request.run_id)
-    try:
+    with marking_run(run_dir):  # a failure marks the run "failed", Ctrl-C "interrupted"
         write_json(
             run_dir / "config.json",
             {
@@ -614,17 +621,8 @@ def run_ddp_bench(
         flat = [{k: v for k, v in r.items() if k != "ranks"} for r in records]
         table_text = write_bench_outputs(run_dir, flat)
         table_text += "\n\n" + write_scaling_outputs(run_dir, records)
-    except BaseException as exc:
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        finish_run(run_dir, status=status, error=_first_line(exc))
-        raise
     finish_run(run_dir, "complete")
     return BenchResult(run_dir, records, table_text)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def _sync(device: torch.device) -> None:

@@ -433,13 +433,14 @@ def run_loader_run(
         create_run_dir,
         finish_run,
         markdown,
+        marking_run,
         write_json,
         write_table,
     )
 
     dev = parse_device(device)
     run_dir = create_run_dir(out, "loader", run_id)
-    try:
+    with marking_run(run_dir):  # a failure marks the run "failed", Ctrl-C "interrupted"
         write_json(run_dir / "environment.json", environment_record())
         log(f"training step: {model} {preset} filters {filters} batch {batch_size} on {device}")
         rate = step_samples_per_s(path, model, preset, filters, batch_size, dev)
@@ -461,13 +462,6 @@ def run_loader_run(
         for record in records:
             append_record(run_dir, record)
         write_table(run_dir, "loader", table)
-    except BaseException as exc:
-        finish_run(
-            run_dir,
-            "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-            error=str(exc).splitlines()[0] if str(exc) else "",
-        )
-        raise
     finish_run(run_dir, "complete")
     text = (
         f"training step (compute only, fast defaults): {rate:.1f} samples/s; loader "

@@ -601,13 +601,13 @@ def run_profile(
 ) -> ProfileResult:
     """Profile `cfg`'s training step and write traces, tables and profile.json."""
     from lungbench.env import environment_record
-    from lungbench.results import create_run_dir, finish_run, write_json, write_table
+    from lungbench.results import create_run_dir, finish_run, marking_run, write_json, write_table
     from lungbench.timing import set_threads
 
     device = validate(cfg, Path(out))
     threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
     run_dir = create_run_dir(out, "profile", run_id)
-    try:
+    with marking_run(run_dir):  # a failure marks the run "failed", Ctrl-C "interrupted"
         write_json(run_dir / "config.json", {"profile": cfg, "threads_used": threads})
         write_json(run_dir / "environment.json", environment_record())
         trace_dir = run_dir / "traces"
@@ -647,9 +647,5 @@ def run_profile(
             }
         )
         write_json(run_dir / "profile.json", summary)
-    except BaseException as exc:
-        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        finish_run(run_dir, status=status, error=str(exc).splitlines()[0] if str(exc) else "")
-        raise
     finish_run(run_dir, "complete")
     return ProfileResult(run_dir, files, operators, phases, summary)

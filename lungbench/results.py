@@ -18,7 +18,8 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -149,6 +150,34 @@ def finish_run(run_dir: Path, status: str = "complete", **extra: Any) -> None:
     info = read_json(run_dir / RUN_FILE)
     info.update(status=status, finished_utc=utc_now(), **extra)
     write_json(run_dir / RUN_FILE, info)
+
+
+def error_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none)."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(exc).__name__
+
+
+@contextmanager
+def marking_run(
+    run_dir: Path,
+    interrupted_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
+    on_interrupt: Callable[[], None] | None = None,
+    **extra: Any,
+) -> Iterator[None]:
+    """Mark run_dir "interrupted" (Ctrl-C, SIGTERM: `interrupted_by`) or "failed" (any other
+    exception, with its first line) when the block raises, then re-raise, so that no run
+    folder is left "running". `on_interrupt` runs first on an interruption (for example to
+    rebuild the tables from the records measured so far); `extra` goes into run.json."""
+    try:
+        yield
+    except BaseException as exc:
+        interrupted = isinstance(exc, interrupted_by)
+        if interrupted and on_interrupt is not None:
+            on_interrupt()
+        status = "interrupted" if interrupted else "failed"
+        finish_run(run_dir, status, error=error_line(exc), **extra)
+        raise
 
 
 def _plain_markdown(table: pd.DataFrame, index: bool) -> str:

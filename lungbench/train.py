@@ -21,7 +21,8 @@ DistributedSampler with set_epoch, also for one process), so is the augmentation
 sample (drawn from (seed, e, index) under transforms.sample_key, see EpochView), the
 DataLoader has its own generator so it never draws from the global RNG, and the global RNG
 states (dropout) are saved at the step where training stopped. Resuming requires the same
-TrainConfig except RESUME_MAY_CHANGE (epochs, progress, device, workers, TensorBoard).
+TrainConfig except RESUME_MAY_CHANGE (epochs, progress/epoch lines, device, workers,
+TensorBoard).
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ class TrainConfig:
     device: str = "cpu"
     grad_clip: float | None = None
     restore_best: bool = True
-    progress: bool = True
+    progress: bool = True  # progress bars
+    log_epochs: bool = True  # one summary line per epoch (also without bars: batch-job logs)
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
@@ -225,7 +227,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 # Options that may change when resuming: how long to train and where/how to show it. Every
 # other TrainConfig field changes what the resumed steps compute (lr, batch size, seed, ...).
-RESUME_MAY_CHANGE = ("epochs", "progress", "device", "num_workers", "tensorboard")
+RESUME_MAY_CHANGE = ("epochs", "progress", "log_epochs", "device", "num_workers", "tensorboard")
 
 
 def load_resume_checkpoint(path: str | os.PathLike, config: TrainConfig) -> dict[str, Any]:
@@ -564,7 +566,9 @@ def predict(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities (sigmoid for binary (N,) and multi-label (N, K), softmax for multiclass
     (N, K)) and targets for every sample of `dataset`, in order."""
-    config = TrainConfig(batch_size=batch_size, device=device, amp=amp, progress=False)
+    config = TrainConfig(
+        batch_size=batch_size, device=device, amp=amp, progress=False, log_epochs=False
+    )
     model = model.to(torch.device(device))
     _, probs, targets = evaluate(model, dataset, config)
     return probs, targets
@@ -702,7 +706,7 @@ def fit(
                     improved,
                     writer,
                 )
-            if dist.is_main and config.progress:
+            if dist.is_main and config.log_epochs:
                 tqdm.write(_epoch_line(row, config.epochs, improved), file=sys.stderr)
             if config.patience is not None and state.wait >= config.patience:
                 stopped_early = True

@@ -284,6 +284,7 @@ def make_config(args: argparse.Namespace) -> ChestXrayConfig:
         num_workers=args.workers,
         device=args.device,
         progress=False,
+        log_epochs=False,  # dozens of fits (methods x folds); each prints its own summary
         tensorboard=False,
     )
     return ChestXrayConfig(

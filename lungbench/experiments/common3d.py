@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from lungbench import results
 from lungbench.commands._args import non_negative_int, positive_int
 from lungbench.data.store import StoreDataset, StoreInfo
 from lungbench.errors import UsageError
-from lungbench.results import create_run_dir, finish_run, write_json
+from lungbench.results import create_run_dir, write_json
 from lungbench.train import OPTIMIZERS, SCHEDULES, TrainConfig, TrainingInterrupted
 
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "patience")
@@ -97,7 +98,7 @@ def add_train_arguments(
         "--no-progress",
         dest="progress",
         action="store_false",
-        help="no progress bars (default: shown)",
+        help="no progress bars; the one-line summary per epoch stays (default: bars shown)",
     )
 
 
@@ -191,19 +192,12 @@ def start_run(out: str | Path, run_id: str | None, config: Mapping[str, Any]) ->
     return run_dir
 
 
-@contextmanager
-def marking_run(run_dir: Path, note: str) -> Iterator[None]:
+def marking_run(run_dir: Path, note: str) -> AbstractContextManager[None]:
     """Mark run_dir "interrupted" (signal, Ctrl-C) or "failed" (any other exception, with
     its first line) when the block raises, so that no run folder is left "running"."""
-    try:
-        yield
-    except BaseException as exc:
-        status = (
-            "interrupted" if isinstance(exc, TrainingInterrupted | KeyboardInterrupt) else "failed"
-        )
-        error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        finish_run(run_dir, status, data=note, error=error)
-        raise
+    return results.marking_run(
+        run_dir, interrupted_by=(TrainingInterrupted, KeyboardInterrupt), data=note
+    )
 
 
 def data_word(info: StoreInfo) -> str:
