@@ -120,3 +120,16 @@ def test_cli_eager_fp32_conflicts_and_forced_switches_fail(tmp_path, capsys):
     assert main(["bench", "--dtype", "fp16", "--out", str(tmp_path)]) == 2
     assert "--dtype fp16" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # bad input leaves nothing behind
+
+
+@pytest.mark.parametrize("option", ["--ablation", "--loader"])
+def test_single_process_measurements_refuse_a_launcher(option, tmp_path, capsys, monkeypatch):
+    # Under torchrun every rank would measure and write its own run folder: refused, and
+    # nothing is written.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LUNGBENCH_LAUNCHER", raising=False)
+    assert main(["bench", option, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{option}: measures one process; torchrun started 2" in err[0]
+    assert list(tmp_path.iterdir()) == []

@@ -96,7 +96,8 @@ def add_speed_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="time the same model and batch with each switch added in turn "
         "(interleaved rounds = --repeats), speed-up over eager FP32 and an accuracy "
-        "check; --compile off drops the compile rung (default: filters 16, batch 2)",
+        "check; --compile off drops the compile rung (default: filters 16, batch 2; "
+        "one process, not under a launcher)",
     )
     a.add_argument(
         "--accuracy-steps",
@@ -109,7 +110,7 @@ def add_speed_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="loader throughput from the store (workers, cache, augmentation on CPU "
         "or device) next to the training step's samples/s (default: filters 16, "
-        "batch 2, --workers or 2)",
+        "batch 2, --workers or 2; one process, not under a launcher)",
     )
     a.add_argument(
         "--loader-samples",
