@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except LungbenchError as exc:
         print(f"lungbench {args.command}: error: {exc}", file=sys.stderr)
+        distributed = sys.modules.get("lungbench.distributed")  # loaded iff a group may exist
+        if distributed is not None and distributed.group_is_broken():
+            distributed.exit_now(exc.exit_code)  # a lost peer: no clean teardown is possible
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"lungbench {args.command}: interrupted", file=sys.stderr)

@@ -35,7 +35,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -55,6 +55,26 @@ class DistributedError(LungbenchError):
     """A rank died, hung, or never joined: the job ends with this one-line message."""
 
     exit_code = 3
+
+
+# Set when a collective failed because a peer died or hung: the process group's C++ threads
+# may still be blocked on that peer, so it must not be destroyed or left to the interpreter's
+# exit (both can block, or abort with "terminate called without an active exception").
+_group_broken = False
+
+
+def group_is_broken() -> bool:
+    """True once a collective of this process failed for a lost peer (see exit_now)."""
+    return _group_broken
+
+
+def exit_now(code: int) -> NoReturn:
+    """End this process with `code` without running destructors: flush the streams, then
+    os._exit. For a process whose group is broken; records and run.json are already on
+    disk (written and fsynced as they were made)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @dataclass(frozen=True)
@@ -471,9 +491,11 @@ def collective_guard(dist: DistContext, what: str) -> Iterator[None]:
     broke) into a one-line DistributedError naming this rank and what it was doing."""
     import torch.distributed as tdist
 
+    global _group_broken
     try:
         yield
     except tdist.DistError as exc:
+        _group_broken = True
         raise DistributedError(_lost_rank_message(dist, what, exc)) from None
     except RuntimeError as exc:
         text = str(exc).lower()
@@ -490,6 +512,7 @@ def collective_guard(dist: DistContext, what: str) -> Iterator[None]:
                 "store",
             )
         ):
+            _group_broken = True
             raise DistributedError(_lost_rank_message(dist, what, exc)) from None
         raise
 
@@ -560,7 +583,7 @@ def shutdown(dist: DistContext) -> None:
         return
     import torch.distributed as tdist
 
-    if tdist.is_available() and tdist.is_initialized():
+    if tdist.is_available() and tdist.is_initialized() and not _group_broken:
         tdist.destroy_process_group()
 
 
