@@ -324,5 +324,8 @@ def _sync(device: torch.device) -> None:
 
 
 def default_store_path(root: Path, kind: str, n: int, preset: str, seed: int) -> Path:
-    """Where the generated default data set is cached between runs."""
-    return root / "data" / f"synth-{kind}-n{n}-{preset}-seed{seed}.h5"
+    """Where the generated default data set is cached between runs (the generator's version
+    in the name: a newer lungbench never reuses an older generator's data)."""
+    from lungbench.data.synth import GENERATOR_VERSION
+
+    return root / "data" / f"synth-{kind}-v{GENERATOR_VERSION}-n{n}-{preset}-seed{seed}.h5"

@@ -36,6 +36,9 @@ KINDS = ("lidc", "lungx")
 # Part of every sample's seed, so that stores of different kinds made with the same --seed
 # share no nodule (a LUNGx-like test set must not contain LIDC-like training nodules).
 KIND_SEED_IDS = {"lidc": 1, "lungx": 2}
+# Bumped whenever the generated nodules change, so a cached store of an older generator
+# (OUT/data/synth-<kind>-v<N>-...) is never silently reused.
+GENERATOR_VERSION = 2
 LABEL_NAMES = ("benign", "malignant")
 PARENCHYMA_HU = -850.0
 SOFT_TISSUE_HU = 40.0
@@ -213,6 +216,7 @@ def write_synthetic_store(
     inputs = {"context": (1, *geo.context_grid), "zoom": (1, *geo.zoom_grid)}
     provenance = {
         "generator": "lungbench.data.synth",
+        "generator_version": GENERATOR_VERSION,
         "kind": kind,
         "seed": seed,
         "n": n,

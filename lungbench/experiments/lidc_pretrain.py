@@ -25,6 +25,7 @@ from lungbench.data.splits import stratified_split
 from lungbench.data.store import StoreInfo, read_info, read_meta
 from lungbench.experiments import common3d
 from lungbench.experiments.common3d import log
+from lungbench.harness import default_store_path
 from lungbench.models import create_model
 from lungbench.report.training import loss_curves_plot, roc_plot
 from lungbench.results import finish_run, save_figure, write_table
@@ -174,7 +175,7 @@ def nodule_store(
 
         path = common3d.cached_store(
             out,
-            f"synth-{kind}-n{synth_n}-{preset}-seed{data_seed}",
+            default_store_path(Path(out), kind, synth_n, preset, data_seed).stem,
             synth_n,
             lambda p, bar: write_synthetic_store(
                 p,

@@ -192,13 +192,13 @@ def volume_store(cfg: MosmedConfig, out: Path, data_seed: int) -> StoreInfo:
     """The user's whole-CT store (checked), or generated CT-0 / CT-2/3 volumes."""
     store = cfg.store
     if store is None:
-        from lungbench.data.synth_mosmed import write_mosmed_store
+        from lungbench.data.synth_mosmed import GENERATOR_VERSION, write_mosmed_store
 
         grid = "x".join(map(str, cfg.grid))
         store = str(
             common3d.cached_store(
                 out,
-                f"synth-mosmed-n{cfg.synth_n}-{grid}-seed{data_seed}",
+                f"synth-mosmed-v{GENERATOR_VERSION}-n{cfg.synth_n}-{grid}-seed{data_seed}",
                 cfg.synth_n,
                 lambda p, bar: write_mosmed_store(p, cfg.synth_n, cfg.grid, data_seed, bar),
             )
