@@ -339,6 +339,17 @@ def resolve_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
     return LaunchInfo("none")
 
 
+def require_single_process(what: str, hint: str = "") -> None:
+    """UsageError when a multi-process launcher started this process: `what` measures or
+    trains in one process, and N copies would write N run folders (or race for one)."""
+    launch = resolve_launch()
+    if launch.world_size > 1:
+        raise UsageError(
+            f"{what}: runs in one process; {launch.launcher} started {launch.world_size}. "
+            f"Run it without torchrun/srun/mpiexec (or with one task){hint}"
+        )
+
+
 def free_port() -> int:
     """A TCP port free right now on this host (bind to port 0 and let the kernel choose)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -131,5 +131,5 @@ def test_single_process_measurements_refuse_a_launcher(option, tmp_path, capsys,
     monkeypatch.delenv("LUNGBENCH_LAUNCHER", raising=False)
     assert main(["bench", option, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"{option}: measures one process; torchrun started 2" in err[0]
+    assert len(err) == 1 and f"{option}: runs in one process; torchrun started 2" in err[0]
     assert list(tmp_path.iterdir()) == []

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from launchenv import clean_env
 
 from lungbench.cli import main
 from lungbench.data.synth import write_synthetic_store
 from lungbench.models import create_model
 from lungbench.models.dualpath3d import geometry
 from lungbench.report.training import auc_table, confusion_table
+from lungbench.results import read_json
 from lungbench.train import save_checkpoint
 
 REGIMES = ["LIDC only", "w/o pre-training", "w/ pre-training"]
@@ -305,3 +309,59 @@ def test_failure_after_the_run_folder_is_marked_failed(cv_stores, tmp_path, monk
         main([*argv, "--out", str(tmp_path), "--run-id", "lp", "--no-progress"])
     info = json.loads((tmp_path / "lp" / "run.json").read_text())
     assert (info["status"], info["error"]) == ("failed", "disk full")
+
+
+@pytest.mark.distributed
+def test_lidc_pretrain_under_torchrun_trains_with_ddp(tmp_path):
+    """Two Gloo processes: rank 0 generates the data, one run folder with a complete DDP
+    run, metrics for every epoch, and one printed summary."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "lungbench",
+            "train",
+            "lidc-pretrain",
+            "--quick",
+            "--epochs",
+            "2",
+            "--synth-n",
+            "24",
+            "--out",
+            str(out),
+            "--run-id",
+            "ddp",
+            "--no-progress",
+        ],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("results: ") == 1
+    assert "DDP x2 (gloo)" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["data", "ddp"]
+    run = out / "ddp"
+    assert read_json(run / "run.json")["status"] == "complete"
+    assert read_json(run / "config.json")["distributed"]["world_size"] == 2
+    assert len(pd.read_csv(run / "metrics.csv")) == 2
+    assert (run / "checkpoint_best.pt").exists()
+
+
+@pytest.mark.parametrize("experiment", ["lungx-cv", "mosmed", "chestxray", "nodule2d"])
+def test_single_process_experiments_refuse_a_launcher(experiment, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LUNGBENCH_LAUNCHER", raising=False)
+    assert main(["train", experiment, "--quick", "--out", str(tmp_path)]) == 2
+    line = _error_line(capsys)
+    assert f"lungbench train {experiment}: runs in one process; torchrun started 2" in line
+    assert "lidc-pretrain" in line  # where DDP training is
+    assert list(tmp_path.iterdir()) == []

@@ -185,20 +185,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _refuse_launcher(option: str) -> None:
-    """UsageError when started by a multi-process launcher: these measurements are of one
-    process, and N copies would write N run folders (or race for one)."""
-    from lungbench.distributed import resolve_launch
-    from lungbench.errors import UsageError
-
-    launch = resolve_launch()
-    if launch.world_size > 1:
-        raise UsageError(
-            f"{option}: measures one process; {launch.launcher} started {launch.world_size}. "
-            "Run it without torchrun/srun/mpiexec (or with one task)"
-        )
-
-
 def _run(args: argparse.Namespace) -> int:
     from lungbench.models import list_models
 
@@ -206,7 +192,9 @@ def _run(args: argparse.Namespace) -> int:
         print("\n".join(list_models()))
         return 0
     if args.ablation or args.loader:
-        _refuse_launcher("--ablation" if args.ablation else "--loader")
+        from lungbench.distributed import require_single_process
+
+        require_single_process("--ablation" if args.ablation else "--loader")
         return run_ablation_cli(args) if args.ablation else run_loader_cli(args)
     from lungbench.benchrun import BenchRequest, run_bench
 

@@ -1,7 +1,8 @@
 """`lungbench train EXPERIMENT`: the training recipes that reproduce the seeds.
 
 Each experiment module in EXPERIMENT_MODULES exposes NAME, HELP, DESCRIPTION,
-`add_arguments(parser)` and `run(args) -> int`.
+`add_arguments(parser)` and `run(args) -> int`; one that sets DISTRIBUTED = True joins the
+launcher's process group itself (DDP), the others refuse to run under a launcher.
 """
 
 from __future__ import annotations
@@ -30,4 +31,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         module = importlib.import_module(name)
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.DESCRIPTION)
         module.add_arguments(p)
-        p.set_defaults(func=module.run)
+        p.set_defaults(
+            func=module.run if getattr(module, "DISTRIBUTED", False) else _single(module)
+        )
+
+
+def _single(module):
+    """module.run, refused under a multi-process launcher (it trains in one process)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from lungbench.distributed import require_single_process
+
+        require_single_process(
+            f"lungbench train {module.NAME}",
+            "; DDP training: `lungbench train lidc-pretrain` under the launcher",
+        )
+        return module.run(args)
+
+    return run

@@ -8,6 +8,10 @@ thesis: epoch 63, accuracy 0.78, AUC 0.90 on the real LIDC-IDRI).
     lungbench train lidc-pretrain --epochs 100 --patience 20
     lungbench train lidc-pretrain --store lidc.h5 --device cuda
     lungbench train lidc-pretrain --resume results/<run>/checkpoint_last.pt
+    torchrun --nproc_per_node 4 -m lungbench train lidc-pretrain --device cuda
+
+Under a launcher (torchrun, srun, mpiexec) it trains with DDP (lungbench.distributed):
+--batch is per process, rank 0 generates the data, writes the run folder and prints.
 
 Default data: a generated LIDC-like store (lungbench.data.synth), cached in OUT/data/.
 """
@@ -23,6 +27,15 @@ import pandas as pd
 from lungbench.commands._args import non_negative_int, positive_int, unit_fraction
 from lungbench.data.splits import stratified_split
 from lungbench.data.store import StoreInfo, read_info, read_meta
+from lungbench.distributed import (
+    DistContext,
+    barrier,
+    collective_guard,
+    init_distributed,
+    shutdown,
+    single_process,
+)
+from lungbench.errors import UsageError
 from lungbench.experiments import common3d
 from lungbench.experiments.common3d import log
 from lungbench.harness import default_store_path
@@ -46,7 +59,14 @@ SIGTERM/SIGUSR1 (SLURM before a time limit) write a checkpoint and exit with cod
 examples:
   lungbench train lidc-pretrain --quick
   lungbench train lidc-pretrain --epochs 100 --patience 20 --device cuda
-  lungbench train lidc-pretrain --store lidc.h5 --resume results/RUN/checkpoint_last.pt"""
+  lungbench train lidc-pretrain --store lidc.h5 --resume results/RUN/checkpoint_last.pt
+  torchrun --nproc_per_node 4 -m lungbench train lidc-pretrain --device cuda --batch 4
+
+Under torchrun / srun / mpiexec it trains with DDP (NCCL on GPUs, Gloo on CPUs): --batch is
+per process (4 x 4 = the thesis's 16), only rank 0 writes and prints."""
+
+# lungbench.commands.train: this experiment joins the launcher's process group itself.
+DISTRIBUTED = True
 
 FULL = {
     "epochs": 30,
@@ -145,6 +165,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seed of the generated data set (default: 0)",
     )
     common3d.add_train_arguments(p, FULL, QUICK)
+    p.add_argument_group("under a launcher (DDP)").add_argument(
+        "--dist-timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="end the job with an error when a rank dies or does not answer "
+        "for this long, rendezvous included (default: 1800)",
+    )
 
 
 def make_config(args: argparse.Namespace) -> PretrainConfig:
@@ -200,34 +228,49 @@ def nodule_store(
 
 
 def pretrain(
-    cfg: PretrainConfig, info: StoreInfo, run_dir: Path, resume: str | None = None
-) -> PretrainResult:
-    """Train dualpath3d on the store; files go to run_dir (metrics.csv, checkpoints, plots)."""
+    cfg: PretrainConfig,
+    info: StoreInfo,
+    run_dir: Path | None,
+    resume: str | None = None,
+    dist: DistContext | None = None,
+) -> PretrainResult | None:
+    """Train dualpath3d on the store; files go to run_dir (metrics.csv, checkpoints, plots).
+
+    With `dist` of several processes the training is DDP; the ranks other than 0 return
+    None after training (run_dir is rank 0's).
+    """
+    dist = dist or single_process(cfg.train.device)
     labels = read_meta(info.path)["label"]
     train_idx, val_idx = stratified_split(range(info.n), labels, cfg.val_fraction, cfg.train.seed)
-    log(
-        f"LIDC pre-training: {len(train_idx)} train / {len(val_idx)} validation nodules, "
-        f"grid {info.grid}, {MODEL} {cfg.model_kwargs}"
-    )
+    if dist.is_main:
+        log(
+            f"LIDC pre-training: {len(train_idx)} train / {len(val_idx)} validation nodules, "
+            f"grid {info.grid}, {MODEL} {cfg.model_kwargs}"
+            + (f", DDP x{dist.world_size} ({dist.backend})" if dist.is_distributed else "")
+        )
     train_ds = common3d.split_dataset(info, train_idx)
     val_ds = common3d.split_dataset(info, val_idx)
     from lungbench.train import seed_everything
 
     seed_everything(cfg.train.seed)  # the initial weights depend on the seed only
     model = create_model(MODEL, **cfg.model_kwargs)
-    result = fit(
-        model,
-        train_ds,
-        val_ds,
-        cfg.train,
-        run_dir=run_dir,
-        resume=resume,
-        checkpoint_meta={
-            "model_name": MODEL,
-            "model_kwargs": cfg.model_kwargs,
-            "store": str(info.path),
-        },
-    )
+    with collective_guard(dist, "training"):  # a lost rank: one line, not a traceback
+        result = fit(
+            model,
+            train_ds,
+            val_ds,
+            cfg.train,
+            run_dir=run_dir,
+            resume=resume,
+            dist=dist,
+            checkpoint_meta={
+                "model_name": MODEL,
+                "model_kwargs": cfg.model_kwargs,
+                "store": str(info.path),
+            },
+        )
+    if not dist.is_main:
+        return None
     best = result.best_row
     summary = pd.DataFrame(
         [
@@ -268,18 +311,48 @@ def pretrain(
 
 def run(args: argparse.Namespace) -> int:
     cfg = make_config(args)
+    # world size 1 without a launcher
+    dist = init_distributed(cfg.train.device, timeout_s=args.dist_timeout)
+    try:
+        return _run(args, cfg, dist)
+    finally:
+        shutdown(dist)
+
+
+def _run(args: argparse.Namespace, cfg: PretrainConfig, dist: DistContext) -> int:
     if args.resume is not None:
+        if dist.is_distributed:
+            raise UsageError("--resume: not supported under a launcher; resume in one process")
         # A corrupt file or changed training options fail before data or a run folder is made.
         load_resume_checkpoint(args.resume, cfg.train)
-    info = nodule_store(cfg.store, cfg.synth_n, "lidc", Path(args.out), args.data_seed, NAME)
+    out = Path(args.out)
+    # Every rank checks a given store itself (a bad one fails everywhere at once); a generated
+    # one is made by rank 0 while the others wait, then read by all.
+    generate_first = dist.is_distributed and cfg.store is None
+    if generate_first and not dist.is_main:
+        barrier(dist, "waiting for rank 0 to generate the data")
+    info = nodule_store(cfg.store, cfg.synth_n, "lidc", out, args.data_seed, NAME)
+    if generate_first and dist.is_main:
+        barrier(dist, "waiting for rank 0 to generate the data")
     cfg = PretrainConfig(**{**_shallow(cfg), "preset": common3d.nodule_preset(info)})
     note = common3d.data_note(info)
+    if not dist.is_main:
+        pretrain(cfg, info, None, dist=dist)
+        return 0
     run_dir = common3d.start_run(
-        args.out, args.run_id, {"experiment": NAME, "config": cfg, "store": info.path, "data": note}
+        args.out,
+        args.run_id,
+        {
+            "experiment": NAME,
+            "config": cfg,
+            "store": info.path,
+            "data": note,
+            "distributed": dist.describe(),
+        },
     )
     log(f"config: {cfg}")
     with common3d.marking_run(run_dir, note):
-        result = pretrain(cfg, info, run_dir, resume=args.resume)
+        result = pretrain(cfg, info, run_dir, resume=args.resume, dist=dist)
     finish_run(run_dir, "complete", data=note, best_checkpoint=result.checkpoint)
     print(f"LIDC pre-training on {note}")
     print(result.summary.T.to_string())
