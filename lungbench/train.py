@@ -228,6 +228,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 # Options that may change when resuming: how long to train and where/how to show it. Every
 # other TrainConfig field changes what the resumed steps compute (lr, batch size, seed, ...).
 RESUME_MAY_CHANGE = ("epochs", "progress", "log_epochs", "device", "num_workers", "tensorboard")
+# Schedules whose shape depends on the planned number of epochs: their epochs may not change.
+LENGTH_BOUND_SCHEDULES = ("cosine", "onecycle")
 
 
 def load_resume_checkpoint(path: str | os.PathLike, config: TrainConfig) -> dict[str, Any]:
@@ -246,11 +248,21 @@ def load_resume_checkpoint(path: str | os.PathLike, config: TrainConfig) -> dict
         for name, value in asdict(config).items()
         if name not in RESUME_MAY_CHANGE and (name not in saved or saved[name] != value)
     ]
+    # cosine and one-cycle are laid out over the planned length: the saved scheduler state
+    # carries it, so a new --epochs would crash one-cycle and restart cosine's annealing.
+    if config.schedule in LENGTH_BOUND_SCHEDULES and saved.get("epochs", config.epochs) != (
+        config.epochs
+    ):
+        diffs.append(
+            f"epochs {saved['epochs']!r} -> {config.epochs!r} "
+            f"(the {config.schedule} schedule is laid out over the planned epochs)"
+        )
     if diffs:
         raise UsageError(
             f"{path}: resuming needs the training options the checkpoint was made with; "
             f"these differ (checkpoint -> now): {', '.join(diffs)} "
-            f"(only {', '.join(RESUME_MAY_CHANGE)} may change)"
+            f"(only {', '.join(RESUME_MAY_CHANGE)} may change; epochs not under "
+            f"{' or '.join(LENGTH_BOUND_SCHEDULES)})"
         )
     return ckpt
 

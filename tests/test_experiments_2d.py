@@ -71,9 +71,12 @@ def test_quick_cross_validation_writes_both_tables(tmp_path, cxr_store, resnet18
         "4",
         "--cost-epochs",
         "1",
+        "--save-models",
+        "--run-id",
+        "link2",
     )
     assert code == 0
-    run = next((tmp_path / "res").iterdir())
+    run = tmp_path / "res" / "link2"
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
     assert (run / "config.json").exists() and (run / "environment.json").exists()
     folds = pd.read_csv(run / "tables" / "folds.csv")
@@ -95,6 +98,29 @@ def test_quick_cross_validation_writes_both_tables(tmp_path, cxr_store, resnet18
         cost["trainable_parameters"].iloc[1] == 11_182_851
     )  # resnet18, RGB, keras_compat, 3 outputs
     assert (cost["time_per_epoch_s"] > 0).all()
+    # --save-models keeps each fold's model: the next link of a weight chain.
+    saved = sorted(p.name for p in (run / "models").iterdir())
+    assert saved == [
+        "none-random-init_D_fold1.pt",
+        "none-random-init_D_fold2.pt",
+        "src_A_fold1.pt",
+        "src_A_fold2.pt",
+    ]
+
+
+@pytest.mark.slow
+def test_weight_chain_from_an_earlier_runs_saved_model(tmp_path, cxr_store, resnet18_weights):
+    """source weights -> run 1 (C, --save-models) -> run 2 starts from run 1's fold model;
+    run 2's records carry the whole chain."""
+    common = ["--methods", "C", "--folds", "2", "--cost-samples", "4", "--cost-epochs", "1"]
+    first = [*common, "--weights", f"src={resnet18_weights}", "--save-models"]
+    assert _chestxray(cxr_store, tmp_path / "res", *first, "--run-id", "one") == 0
+    link = tmp_path / "res" / "one" / "models" / "src_C_fold1.pt"
+    chained = [*common, "--weights", f"CXR={link}", "--run-id", "two"]
+    assert _chestxray(cxr_store, tmp_path / "res", *chained) == 0
+    records = [json.loads(line) for line in (tmp_path / "res" / "two" / "records.jsonl").open()]
+    chains = {tuple(r["weights_chain"]) for r in records if r.get("kind") == "fold"}
+    assert chains == {(str(resnet18_weights), str(link))}
 
 
 @pytest.mark.parametrize(

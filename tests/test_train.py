@@ -124,8 +124,24 @@ def test_optimizers_and_schedules_run(optimizer, schedule):
     )
     result = fit(_model(), BlobSet(16, 0), BlobSet(8, 1), config)
     assert len(result.history) == 2
+    lrs = list(result.history["lr"])
     if schedule == "step":
-        assert result.history["lr"].iloc[1] == pytest.approx(0.01 * 0.1)
+        assert lrs[1] == pytest.approx(0.01 * 0.1)
+    if schedule == "cosine":  # T_max = 2 epochs: lr at epoch 2 is half-way down the cosine
+        assert lrs == pytest.approx([1.0, 0.5])
+    if schedule == "onecycle":  # warm-up then annealing: never above max_lr, ends near 0
+        assert all(0 < lr <= 0.01 + 1e-12 for lr in lrs)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_resume_refuses_new_length_for_length_bound_schedules(tmp_path, schedule):
+    """cosine and one-cycle are laid out over the planned epochs: a longer resume is refused
+    (one-cycle would crash past its total steps, cosine would climb back up)."""
+    config = _config(epochs=1, restore_best=False, schedule=schedule)
+    fit(_model(), BlobSet(16, 0), BlobSet(8, 1), config, run_dir=tmp_path)
+    longer = _config(epochs=3, restore_best=False, schedule=schedule)
+    with pytest.raises(UsageError, match=f"epochs 1 -> 3 \\(the {schedule} schedule"):
+        fit(_model(), BlobSet(16, 0), BlobSet(8, 1), longer, resume=tmp_path / LAST_CHECKPOINT)
 
 
 def test_early_stopping_and_best_restored():
@@ -135,6 +151,19 @@ def test_early_stopping_and_best_restored():
     result = fit(model, BlobSet(16, 0), BlobSet(8, 1), config)
     assert result.stopped_early and len(result.history) < 8
     assert len(result.history) - result.best_epoch == 2
+    # The model ends with the best epoch's weights, not the last epoch's.
+    best_loss = result.history["val_loss"].min()
+    assert result.best_val_loss == pytest.approx(best_loss)
+    assert _val_loss(model, BlobSet(8, 1)) == pytest.approx(best_loss, rel=1e-4)
+
+
+def _val_loss(model: nn.Module, dataset: Dataset) -> float:
+    model.eval()
+    with torch.no_grad():
+        x = torch.stack([dataset[i][0][0] for i in range(len(dataset))])
+        y = torch.stack([dataset[i][1] for i in range(len(dataset))])
+        logits = model(x).reshape(y.shape)
+        return float(nn.functional.binary_cross_entropy_with_logits(logits, y.float()))
 
 
 def test_multiclass_and_multilabel_targets():

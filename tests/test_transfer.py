@@ -140,6 +140,25 @@ def test_weighted_bce_against_a_hand_computed_value():
     assert mean.item() == pytest.approx(expected / 2, rel=1e-6)
 
 
+def test_weighted_bce_dataset_counts_differ_from_per_label_counts():
+    """Seed 004 counts |P| and |N| over all labels of the data set (the default here)."""
+    labels = np.array([[1, 1], [0, 1], [0, 1], [0, 0]])  # label 0: 1 of 4; label 1: 3 of 4
+    beta_p, beta_n = class_weights(labels, per_label=False)  # |P| = 4, |N| = 4 of 8
+    torch.testing.assert_close(beta_p, torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(beta_n, torch.tensor([2.0, 2.0]))
+    per_p, per_n = class_weights(labels, per_label=True)
+    torch.testing.assert_close(per_p, torch.tensor([4.0, 4 / 3]))
+    torch.testing.assert_close(per_n, torch.tensor([4 / 3, 4.0]))
+    assert chestxray_default_is_dataset_counts()
+
+
+def chestxray_default_is_dataset_counts() -> bool:
+    from lungbench.cli import build_parser
+
+    args = build_parser().parse_args(["train", "chestxray", "--quick"])
+    return args.class_weights == "dataset"
+
+
 def test_weighted_bce_global_counts_and_binary_shapes():
     labels = np.array([1, 0, 0, 0, 0])
     beta_p, beta_n = class_weights(labels, per_label=False)

@@ -14,8 +14,9 @@ table (time per epoch, trainable parameters, memory, GPUs needed).
 
 Outputs in results/<run-id>/: tables/methods_binary_accuracy, tables/methods_auc (rows:
 weights, columns: methods, "mean% (+/- std%)"), tables/folds (every fold), tables/cost_<model>,
-plus run.json, config.json, environment.json, records.jsonl, data/ (generated stores) and
-pretrain/ (the checkpoint of the generated-data pretraining when no --weights are given).
+plus run.json, config.json, environment.json, records.jsonl, data/ (generated stores),
+pretrain/ (the checkpoint of the generated-data pretraining when no --weights are given) and,
+with --save-models, models/ (every fold's best model, the next link of a weight chain).
 Options, the store, the folds and every --weights file are checked before the run folder is
 made; a run that fails later is marked "failed" in run.json.
 """
@@ -23,6 +24,7 @@ made; a run that fails later is marked "failed" in run.json.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -40,7 +42,7 @@ from lungbench.experiments import common2d as c2d
 from lungbench.experiments import common3d as c3d
 from lungbench.losses import WeightedBCE
 from lungbench.results import append_record, finish_run, markdown, write_table
-from lungbench.train import TrainConfig, classification_metrics, fit, predict
+from lungbench.train import TrainConfig, classification_metrics, fit, predict, save_checkpoint
 from lungbench.transfer import Method
 
 NAME = "chestxray"
@@ -51,12 +53,17 @@ examples:
   lungbench train chestxray --quick
       generated X-rays (13 findings), ResNet50, methods A, B_10/22/40, C, D, 5 folds
   lungbench train chestxray --model densenet121 --methods A B_88 C --epochs 30
-  lungbench train chestxray --store cxr.h5 --labels Effusion Nodule Mass \\
-      --weights ImageNet=weights/resnet50-tv.pth --weights ChestX-ray8=results/<run>/pretrain/checkpoint_best.pt
+  lungbench train chestxray --store cxr.h5 --weights ImageNet=weights/resnet50-tv.pth \\
+      --methods C --save-models --run-id cxr8
+      a weight chain, link 2: ImageNet -> ChestX-ray8, every fold's model kept in models/
+  lungbench train chestxray --store target.h5 --labels Effusion Nodule Mass \\
+      --weights ChestX-ray8=results/cxr8/models/ImageNet_C_fold1.pt
+      link 3: the ChestX-ray8 model as initial values (C) or frozen layers (A, B_*)
   lungbench train chestxray --cost-only --cost-models resnet50 densenet121 --gpu-memory-gb 16
 
 weights: NAME=PATH, a local torchvision/MONAI state dict or a lungbench checkpoint (a weight
-chain: point at an earlier run's checkpoint). Nothing is ever downloaded. Without --weights,
+chain: point at an earlier run's checkpoint; each checkpoint records the chain it came
+from). Nothing is ever downloaded. Without --weights,
 the network is first pretrained on generated nodule slices and that checkpoint is the source.
 Store: `lungbench data images --csv Data_Entry_2017.csv ...` converts ChestX-ray8."""
 
@@ -97,6 +104,7 @@ class ChestXrayConfig:
     val_fraction: float
     dropout: float
     per_label_weights: bool
+    save_models: bool
     pretrain_epochs: int
     cost_models: tuple[str, ...]
     cost_samples: int
@@ -192,9 +200,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="validation share of each training part (default: 0.1)",
     )
     t.add_argument(
-        "--global-class-weights",
+        "--class-weights",
+        choices=("dataset", "per-label"),
+        default="dataset",
+        help="weighted BCE's beta_P/beta_N: 'dataset' counts the 1s and 0s of all labels "
+        "together, as seed 004 defines them; 'per-label' gives each finding its own "
+        "(default: dataset)",
+    )
+    t.add_argument(
+        "--save-models",
         action="store_true",
-        help="one beta_P/beta_N over all labels instead of per label",
+        help="keep every fold's best model as models/<weights>_<method>_fold<k>.pt, to start "
+        "a weight chain from (--weights ChestX-ray8=that file in a later run)",
     )
     t.add_argument(
         "--pretrain-epochs",
@@ -298,7 +315,8 @@ def make_config(args: argparse.Namespace) -> ChestXrayConfig:
         folds=args.folds,
         val_fraction=args.val_fraction,
         dropout=args.dropout,
-        per_label_weights=not args.global_class_weights,
+        per_label_weights=args.class_weights == "per-label",
+        save_models=args.save_models,
         pretrain_epochs=pick("pretrain_epochs"),
         cost_models=tuple(args.cost_models),
         cost_samples=pick("cost_samples"),
@@ -511,6 +529,8 @@ def cross_validate(
                 device=cfg.train.device,
             )
             metrics = classification_metrics(probs, targets)
+            if cfg.save_models:
+                _save_fold_model(run_dir, cfg, kwargs, source, method, k, built)
             row = {
                 "weights": source,
                 "method": method.label,
@@ -537,6 +557,26 @@ def cross_validate(
             bar.update(1)
     bar.close()
     return pd.DataFrame(rows)
+
+
+def _save_fold_model(run_dir: Path, cfg, kwargs: dict, source: str, method: Method, fold, built):
+    """models/<weights>_<method>_fold<k>.pt: a lungbench checkpoint a later run can load as
+    --weights, carrying the chain of weights files this model started from."""
+    slug = re.sub(r"[^A-Za-z0-9.-]+", "-", source).strip("-") or "weights"
+    path = run_dir / "models" / f"{slug}_{method.label}_fold{fold}.pt"
+    path.parent.mkdir(exist_ok=True)
+    save_checkpoint(
+        path,
+        {
+            "model_name": cfg.model,
+            "model_kwargs": kwargs,
+            "model": built.model.state_dict(),
+            "weights_chain": list(built.load.chain) if built.load else [],
+            "data": _data_note(cfg),
+            "method": method.label,
+            "fold": fold,
+        },
+    )
 
 
 def cost_table(
