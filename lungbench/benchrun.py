@@ -74,7 +74,7 @@ class BenchRequest:
     run_id: str | None = None
     telemetry_interval: float = 0.5  # seconds between telemetry samples; 0 = no telemetry
     # Speed switches and data path (lungbench.switches, lungbench.loaderbench): "auto" / None
-    # = the device's fast default; strict_switches = the user forced them (no fallback).
+    # = the device's fast default; strict_switches = the ones the user forced (no fallback).
     dtype: str = "auto"
     memory_format: str = "auto"
     compile: str = "auto"
@@ -83,7 +83,7 @@ class BenchRequest:
     optimizer: str = "auto"
     cuda_graphs: bool | None = None
     ddp_bucket_mb: int = 25
-    strict_switches: bool = False
+    strict_switches: tuple[str, ...] = ()
     pin_memory: bool | None = None
     cache: bool = False
     find_batch: bool = False  # search the largest batch first; it bounds the sweep

@@ -71,7 +71,7 @@ class BenchConfig:
     optimizer: str = "auto"
     cuda_graphs: bool | None = None
     ddp_bucket_mb: int = 25
-    strict_switches: bool = False  # the user forced the switches: UsageError, no fallback
+    strict_switches: tuple[str, ...] = ()  # switches the user forced: UsageError, no fallback
     warmup: int = 3
     repeats: int = 10
     epoch: bool = True  # also time one end-to-end epoch through the DataLoader

@@ -102,6 +102,8 @@ def config_from_record(record: Mapping[str, Any]) -> BenchConfig:
     for name in ("threads",):  # JSON has no None-vs-missing ambiguity, but keep the type
         if name in values and values[name] is not None:
             values[name] = int(values[name])
+    if isinstance(values.get("strict_switches"), list):  # JSON has no tuples
+        values["strict_switches"] = tuple(values["strict_switches"])
     return BenchConfig(**values)
 
 

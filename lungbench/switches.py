@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -172,7 +172,7 @@ def resolve(
     requested: Switches,
     device: torch.device,
     input_ndim: int = 5,
-    strict: bool = False,
+    strict: bool | Collection[str] = False,
     warn: Callable[[str], None] | None = None,
     probe: tuple[nn.Module, Sequence[torch.Tensor]] | None = None,
 ) -> Resolved:
@@ -180,10 +180,14 @@ def resolve(
 
     "auto"/None take the device's fast default. A switch the device cannot do falls back
     (to the plain setting) with a warning through `warn` (default: print), or raises
-    UsageError when `strict` (the user forced it). With `probe` (a model and example inputs)
-    the model's layer shapes are checked against known bad kernels (`cpu_bf16_unsafe`).
+    UsageError when the user forced it: `strict` is True (every switch given a value, not
+    "auto") or the names of the forced switches. A switch left on "auto" always falls back.
+    With `probe` (a model and example inputs) the model's layer shapes are checked against
+    known bad kernels (`cpu_bf16_unsafe`).
     """
     requested.validate()
+    given = {f.name for f in fields(Switches) if getattr(requested, f.name) not in (AUTO, None)}
+    forced = given if strict is True else given & set(strict or ())
     fast = fast_defaults(device)
     chosen = replace(
         requested,
@@ -201,7 +205,7 @@ def resolve(
             f"--{name.replace('_', '-')} {_show(getattr(chosen, name))}: {reason}; "
             f"running with {_show(value)}"
         )
-        if strict:
+        if name in forced:
             raise UsageError(
                 f"--{name.replace('_', '-')} {_show(getattr(chosen, name))}: "
                 f"{reason} on {device.type}; choose from: "
@@ -534,11 +538,15 @@ def resolve_switches(
         switches_of(config),
         device,
         input_ndim,
-        strict=bool(getattr(config, "strict_switches", False)),
+        strict=getattr(config, "strict_switches", False),
         warn=(lambda message: None) if quiet else None,
         probe=probe,
     )
 
+
+# Switches that exist on CUDA only: forced in a sweep over CPU and CUDA devices, they apply
+# to the CUDA rows and fall back with a warning on the CPU rows (the thesis's CPU vs GPU table).
+CUDA_ONLY_SWITCHES = ("tf32", "cudnn_benchmark", "cuda_graphs")
 
 # Fields a sweep request passes on to every BenchConfig.
 SWEEP_SWITCH_FIELDS = (
@@ -554,6 +562,7 @@ def check_switches(request: Any, devices: Sequence[str]) -> None:
     from lungbench.harness import parse_device
 
     switches = switches_of(request).validate()
-    if getattr(request, "strict_switches", False):
+    strict = getattr(request, "strict_switches", False)
+    if strict:
         for name in devices:
-            resolve(switches, parse_device(name), strict=True)
+            resolve(switches, parse_device(name), strict=strict, warn=lambda _: None)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
 
 from lungbench.ablation import bce_loss, tolerance
 from lungbench.errors import UsageError
+from lungbench.models import create_model
 from lungbench.models.dualpath3d import DualPath3D
 from lungbench.switches import (
     NO_TIMER,
@@ -107,6 +109,32 @@ def test_forced_switch_the_device_cannot_do_is_a_usage_error():
         resolve(Switches(dtype="fp16"), CPU, strict=True)
     with pytest.raises(UsageError, match="--cuda-graphs on"):
         resolve(Switches(cuda_graphs=True), CPU, strict=True)
+
+
+def test_forcing_one_switch_leaves_the_auto_ones_free_to_fall_back(capsys):
+    """`--optimizer-impl foreach` alone must not turn the auto dtype's fallback (no native
+    bf16, or the known-bad bf16 kernel of dey2018's 2-wide layers) into an error."""
+    model = create_model("dualpath3d", preset="dey2018", filters=2)
+    inputs = [torch.rand(2, 1, 5, 50, 50), torch.rand(2, 1, 5, 50, 50)]
+    requested = replace(auto_switches(), optimizer="foreach")
+    resolved = resolve(requested, CPU, strict=True, probe=(model, inputs))
+    assert resolved.switches.optimizer == "foreach" and resolved.switches.dtype == "fp32"
+    assert len(resolved.fallbacks) == 1 and "--dtype bf16" in resolved.fallbacks[0]
+    # Forced by name: only that switch is strict.
+    fp16_and_foreach = Switches(dtype="fp16", optimizer="foreach")
+    assert resolve(fp16_and_foreach, CPU, strict=("optimizer",)).switches.dtype == "fp32"
+    with pytest.raises(UsageError, match="--dtype fp16"):
+        resolve(fp16_and_foreach, CPU, strict=("dtype",))
+    capsys.readouterr()
+
+
+def test_cuda_only_switches_are_not_forced_in_a_cpu_and_cuda_sweep():
+    from lungbench.commands._speed import forced_switches
+
+    given = {"tf32": True, "dtype": "fp16", "optimizer": "foreach"}
+    assert forced_switches(given, ["cuda"]) == ("tf32", "dtype", "optimizer")
+    assert forced_switches(given, ["cpu", "cuda:0"]) == ("optimizer",)
+    assert forced_switches({"dtype": "bf16"}, ["cpu", "cuda"]) == ("dtype",)
 
 
 def test_unknown_value_names_the_option_and_choices():

@@ -161,12 +161,27 @@ def speed_request_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {
         **values,
         "ddp_bucket_mb": args.ddp_bucket_mb,
-        "strict_switches": bool(given),
+        "strict_switches": forced_switches(given, args.device),
         "pin_memory": args.pin_memory,
         "cache": args.cache,
         "find_batch": args.find_batch,
         "max_batch": args.max_batch,
     }
+
+
+def forced_switches(given: dict[str, Any], devices: list[str]) -> tuple[str, ...]:
+    """The switches the user forced (an error where a device cannot do them). In a sweep over
+    CPU and CUDA, the CUDA-only ones (and fp16) are meant for the CUDA rows: not forced."""
+    from lungbench.switches import CUDA_ONLY_SWITCHES
+
+    kinds = {d.split(":")[0] for d in devices}
+    if len(kinds) == 1:
+        return tuple(given)
+    return tuple(
+        name
+        for name, value in given.items()
+        if name not in CUDA_ONLY_SWITCHES and not (name == "dtype" and value == "fp16")
+    )
 
 
 def _reference(args: argparse.Namespace) -> tuple[list[int], list[int]]:
