@@ -244,6 +244,11 @@ def measure_epoch(
     }
 
 
+# What every single-process record says about the distributed layout (DDP records carry
+# their own world size, nodes, backend and launcher), so all records share these columns.
+SINGLE_PROCESS = {"world_size": 1, "nodes": 1, "backend": "none", "launcher": "none"}
+
+
 def measure(
     cfg: BenchConfig, info: StoreInfo, dataset: StoreDataset, indices: np.ndarray
 ) -> dict[str, Any]:
@@ -254,6 +259,7 @@ def measure(
         "key": cfg.key(),
         **asdict(cfg),
         "threads_used": threads,
+        **SINGLE_PROCESS,
         "status": "ok",
         "error": None,
     }

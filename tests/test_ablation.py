@@ -60,6 +60,7 @@ def test_every_variant_is_timed_in_every_round_and_passes_accuracy(records):
         assert r["accuracy_ok"] and r["loss_delta"] <= r["tolerance"]
         assert r["dtype_used"] in ("fp32", "bf16") and r["switch_fallbacks"] == []
         assert r["loss_fp32"] == base["loss_after_n"]
+        assert r["loss_initial"] == base["loss_initial"] != base["loss_after_n"]
     assert records[1]["memory_format_used"] == "channels_last_3d"
 
 
@@ -112,6 +113,16 @@ def test_cli_ablation_writes_its_table(tmp_path, capsys):
         bf16 = [r for r in read_records(run) if r["variant"] == "+bf16"][0]
         assert bf16["dtype"] == "bf16" and bf16["dtype_used"] == "fp32"
         assert "garbage" in bf16["switch_fallbacks"][0] and bf16["accuracy_ok"]
+
+
+@pytest.mark.parametrize(
+    "option", [["--dtype", "bf16"], ["--eager-fp32"], ["--memory-format", "contiguous"]]
+)
+def test_cli_ablation_refuses_switch_options_it_would_ignore(option, tmp_path, capsys):
+    assert main(["bench", "--ablation", *option, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"drop {option[0]}" in err[0]
+    assert not any(tmp_path.iterdir())
 
 
 def test_cli_eager_fp32_conflicts_and_forced_switches_fail(tmp_path, capsys):

@@ -66,6 +66,7 @@ def test_tiny_sweep_writes_every_file(tmp_path, capsys, tiny_store):
         assert r["peak_dtype"] == r["dtype_used"] and r["peak_flops"] == peak
         assert r["peak_fraction"] == pytest.approx(r["achieved_flops"] / peak)
         assert r["threads_used"] >= 1 and r["platform"].startswith("cpu (")
+        assert (r["world_size"], r["nodes"], r["backend"], r["launcher"]) == (1, 1, "none", "none")
     for name in ("summary", "measurements", "speedup_b2", "speedup_b4"):
         assert (run / "tables" / f"{name}.csv").exists()
         assert (run / "tables" / f"{name}.md").exists()

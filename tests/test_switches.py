@@ -45,16 +45,27 @@ def batches(n: int = 3) -> list:
     ]
 
 
-def loss_after_steps(switches: Switches, steps: int = 3) -> float:
-    """FP32 loss on the last batch after `steps` steps with `switches` from the same init."""
+def loss_after_steps(switches: Switches, steps: int = 6, lr: float = 3e-2) -> float:
+    """FP32 loss on the last batch after `steps` steps with `switches` from the same init.
+
+    Two batches in turn at a high lr, so the loss moves by far more than any tolerance: a
+    variant that did not train (or trained on garbage) cannot pass by staying put.
+    """
     model = tiny_model().train()
-    step = TrainStep(model, bce_loss, resolve(switches, CPU).switches, CPU)
-    data = batches(steps)
+    step = TrainStep(model, bce_loss, resolve(switches, CPU).switches, CPU, lr=lr)
+    data = batches(2)
     with backend_flags(step.switches):
-        for inputs, target in data:
+        for i in range(steps):
+            inputs, target = data[i % 2]
             step(NO_TIMER, step.prepare_inputs(inputs), target)
     with torch.no_grad():
         return float(bce_loss(model(*data[-1][0]), data[-1][1]))
+
+
+def initial_loss() -> float:
+    data = batches(2)
+    with torch.no_grad():
+        return float(bce_loss(tiny_model().train()(*data[-1][0]), data[-1][1]))
 
 
 DTYPES = ["fp32", "bf16"] if bf16_supported(CPU) else ["fp32"]
@@ -65,7 +76,10 @@ COMBOS = list(
 
 @pytest.fixture(scope="module")
 def fp32_loss() -> float:
-    return loss_after_steps(eager_fp32())
+    loss = loss_after_steps(eager_fp32())
+    # The check below means something only if training moved the loss past every tolerance.
+    assert initial_loss() - loss > 2 * tolerance(Switches(dtype="bf16"))
+    return loss
 
 
 @pytest.mark.parametrize(("memory_format", "dtype", "optimizer"), COMBOS)

@@ -201,6 +201,7 @@ def run_ablation_cli(args: argparse.Namespace) -> int:
             model=args.model, preset=args.preset, devices=tuple(args.device), out=Path(args.out)
         )
     )
+    _refuse_switches_for_ablation(args)
     filters, batches = _reference(args)
     rung = {"auto": "default"}.get(args.compile, args.compile)
     configs = [
@@ -225,6 +226,22 @@ def run_ablation_cli(args: argparse.Namespace) -> int:
     print(text)
     print(f"\nresults: {run_dir}")
     return 0
+
+
+def _refuse_switches_for_ablation(args: argparse.Namespace) -> None:
+    """The ablation sets every switch itself, rung by rung from the eager FP32 baseline: a
+    switch option would be silently ignored, so it is an error (--compile picks the rung)."""
+    from lungbench.errors import UsageError
+
+    given = [k for k, auto in _AUTO_DEFAULTS.items() if k != "compile" and getattr(args, k) != auto]
+    if args.eager_fp32:
+        given.insert(0, "eager_fp32")
+    if given:
+        flag = {"optimizer": "optimizer-impl"}.get(given[0], given[0]).replace("_", "-")
+        raise UsageError(
+            f"--ablation measures every speed switch in turn from the eager FP32 baseline; "
+            f"drop --{flag} (only --compile is read: the mode of its torch.compile rung)"
+        )
 
 
 def run_loader_cli(args: argparse.Namespace) -> int:
