@@ -143,15 +143,22 @@ def platform_label(dist: DistContext, scaling: str) -> str:
 
 
 def bucket_numels(ddp: DistributedDataParallel, model: nn.Module) -> list[int]:
-    """Elements per gradient bucket, as DDP built them (read after the first backward);
-    falls back to one bucket of every parameter when torch does not report them."""
+    """Elements per gradient bucket as DDP runs them: read after the first backward, when DDP
+    has rebuilt its buckets in the order the gradients arrived (the construction-time layout
+    in DDP's logging data is not updated then). Falls back to that logging data, then to one
+    bucket of every parameter, when torch does not report them (private APIs, may change)."""
     elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
     size = next(model.parameters()).element_size()
     try:
-        text = str(ddp._get_ddp_logging_data().get("bucket_sizes", ""))  # private, may change
-        sizes = [int(b) // size for b in re.findall(r"\d+", text)]
+        sizes = [b.buffer().numel() for b in ddp.reducer._get_zeros_like_grad_buckets()]
     except (AttributeError, RuntimeError):
         sizes = []
+    if not sizes or sum(sizes) != elements:
+        try:
+            text = str(ddp._get_ddp_logging_data().get("bucket_sizes", ""))
+            sizes = [int(b) // size for b in re.findall(r"\d+", text)]
+        except (AttributeError, RuntimeError):
+            sizes = []
     return sizes if sizes and sum(sizes) == elements else [elements]
 
 

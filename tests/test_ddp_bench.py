@@ -347,3 +347,39 @@ def test_runs_combine_into_one_table(tmp_path):
     assert (two / "plots" / "scaling.png").stat().st_size > 1000
     with pytest.raises(DataError, match="no records.jsonl"):
         combine_runs([tmp_path / "absent"])
+
+
+BUCKETS_SCRIPT = """
+import os, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from lungbench.ddpbench import bucket_numels
+from lungbench.models import create_model
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+dist.init_process_group("gloo", rank=0, world_size=1)
+model = create_model("dualpath3d", filters=16)
+ddp = DistributedDataParallel(model, bucket_cap_mb=1)
+x = [torch.rand(2, 1, 32, 32, 32), torch.rand(2, 1, 32, 32, 32)]
+for _ in range(2):
+    ddp(*x).sum().backward()
+print(sum(p.numel() for p in model.parameters()), *bucket_numels(ddp, model))
+dist.destroy_process_group()
+"""
+
+
+def test_bucket_sizes_are_the_buckets_ddp_runs():
+    """A 1 MB cap splits dualpath3d's 2.4 MB of gradients into several buckets: the isolated
+    all-reduce must time those, not the construction-time layout (one bucket)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = subprocess.run(
+        [sys.executable, "-c", BUCKETS_SCRIPT],
+        env=clean_env(PORT=str(port)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    total, *buckets = (int(v) for v in out.stdout.split())
+    assert len(buckets) >= 2 and sum(buckets) == total
+    assert max(buckets) * 4 <= 1.5 * 2**20  # each about the 1 MB cap (fp32 gradients)
