@@ -8,7 +8,7 @@ import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from lungbench.data.dicom import load_series
+from lungbench.data.dicom import is_slice_name, load_series, series_uid_of
 from lungbench.data.resample import cut_cube, cut_cubes, resample_isotropic
 from lungbench.errors import DataError
 from lungbench.models.dualpath3d import geometry
@@ -62,6 +62,21 @@ def write_series(
     return series_uid
 
 
+def cli_error(capsys) -> str:
+    """The CLI's one error line: the last on stderr, the only one besides progress bars."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("lungbench ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], err
+    return errors[0]
+
+
+def truncate(path, size=400):
+    """Cut a file to its first `size` bytes, as an interrupted download does."""
+    path.write_bytes(path.read_bytes()[:size])
+
+
 def _volume(shape=(6, 16, 20), seed=0):
     return np.random.default_rng(seed).integers(-1000, 400, shape).astype(np.int16)
 
@@ -97,6 +112,36 @@ def test_unreadable_file_is_named(tmp_path):
     (tmp_path / "s" / "broken.dcm").write_bytes(b"this is not dicom")
     with pytest.raises(DataError, match="broken.dcm: not a readable DICOM"):
         load_series(tmp_path / "s")
+
+
+def test_truncated_slice_is_named_not_a_mixed_series(tmp_path):
+    # Cut to 400 bytes, a slice keeps its file meta but loses SeriesInstanceUID and pixels;
+    # it was reported as "mixed series (2 SeriesInstanceUIDs: , ...)".
+    uid = write_series(tmp_path / "s", _volume(), names=[f"a{k}.dcm" for k in range(6)])
+    truncate(tmp_path / "s" / "a0.dcm")
+    with pytest.raises(DataError) as error:
+        load_series(tmp_path / "s")
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 's' / 'a0.dcm'}: not a readable DICOM image")
+    assert "missing SeriesInstanceUID" in message and "PixelData" in message
+    assert "mixed series" not in message
+    assert series_uid_of(tmp_path / "s") == uid  # the series is still found by its UID
+
+
+def test_slice_file_names_without_dcm(tmp_path):
+    hu = _volume()
+    write_series(
+        tmp_path / "s", hu, names=[f"1.3.6.1.{k}" if k % 2 else f"IM{k}" for k in range(6)]
+    )
+    (tmp_path / "s" / "notes.txt").write_text("not a slice")
+    np.testing.assert_array_equal(load_series(tmp_path / "s").hu, hu)
+    assert [is_slice_name(n) for n in ("1-001.dcm", "IM0", "1.3.6.1.7", "a.xml", ".DS_Store")] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
 
 
 def test_mixed_series(tmp_path):

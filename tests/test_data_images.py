@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
-from test_data_dicom import write_series
+from test_data_dicom import cli_error, write_series
 
 from lungbench.cli import main
 from lungbench.data.images import dicom_to_png, dicom_to_uint8, read_label_csv, write_images_store
@@ -133,3 +133,21 @@ def test_file_names_in_subfolders_are_fine(tmp_path):
     csv = tmp_path / "labels.csv"
     csv.write_text("filename,label\na/c0.png,0\n")
     assert write_images_store(tmp_path / "crops", csv, tmp_path / "o.h5", size=(8, 8)) == 1
+
+
+@pytest.mark.parametrize("again", ["c0.png", "./c0.png"])
+def test_image_listed_twice_names_the_row_and_leaves_no_store(tmp_path, capsys, again):
+    # The file name is the sample id: a second row for one image was a ValueError traceback.
+    for i in range(2):
+        _png(tmp_path / "crops" / f"c{i}.png", 10 * i)
+    csv = tmp_path / "labels.csv"
+    csv.write_text(f"filename,label\nc0.png,0\nc1.png,1\n{again},1\n")
+    out = tmp_path / "o.h5"
+    code = main(
+        ["data", "images", str(tmp_path / "crops"), str(csv), "--size", "8", "8"]
+        + ["--out", str(out)]
+    )
+    assert code == 2
+    error = cli_error(capsys)
+    assert f"{csv}: row 4: image {again!r} is listed again (first at row 2)" in error
+    assert list(tmp_path.glob("o.h5*")) == []

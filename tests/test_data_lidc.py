@@ -222,6 +222,25 @@ def test_dicom_mode_cuts_cubes_from_the_series(tmp_path):
     assert zoom[16, 16, 0] == -1000  # beyond the 24-pixel scan: padded with air
 
 
+def test_dicom_mode_finds_slices_without_dcm_extension(tmp_path):
+    # find_series_folders counted only *.dcm, so such a series was "not found" (exit 2).
+    hu = np.full((12, 24, 24), -850, np.int16)
+    names = [f"1.3.6.1.4.1.9328.{k}" for k in range(12)]
+    uid = write_series(
+        tmp_path / "archive" / "p1" / "series", hu, spacing=(2.0, 1.0, 1.0), names=names
+    )
+    db = _tiny_db(tmp_path / "tiny.sqlite", uid)
+    assert lidc.find_series_folders(tmp_path / "archive") == {
+        uid: tmp_path / "archive" / "p1" / "series"
+    }
+    out = tmp_path / "real.h5"
+    rc = main(
+        ["data", "lidc", "--db", str(db), "--dicom", str(tmp_path / "archive"), "--out", str(out)]
+    )
+    assert rc == 0
+    assert read_info(out).n == 1
+
+
 def test_dicom_mode_without_matching_series_leaves_no_store(tmp_path):
     write_series(tmp_path / "archive" / "s", np.zeros((3, 8, 8), np.int16))
     db = _tiny_db(tmp_path / "tiny.sqlite", "1.2.3.4")

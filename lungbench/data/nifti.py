@@ -5,11 +5,17 @@
 NIfTI stores data as (x, y, z) with an affine; the data are transposed to (z, y, x) and the
 spacing read from the header zooms. Scaling (scl_slope / scl_inter) is applied by nibabel, so
 CT studies come out in HU.
+
+A `.gz` file is first decompressed to its end, which checks the gzip CRC and length: nibabel
+reads only as far as the data go, so a damaged stream would otherwise pass unnoticed and
+yield garbage values.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +31,12 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float,
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: NIfTI file not found")
+    if path.name.lower().endswith(".gz"):
+        check_gzip(path)
     try:
         image = nib.load(path)
         data = np.asarray(image.dataobj, dtype=np.float32)
-    except (ImageFileError, OSError, ValueError, EOFError) as exc:
+    except (ImageFileError, OSError, ValueError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: not a readable NIfTI file ({_first_line(exc)})") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]  # a 4D file with one time point is a volume
@@ -38,6 +46,19 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float,
     if not np.all(np.isfinite(data)):
         raise DataError(f"{path}: volume has NaN or Inf values")
     return np.ascontiguousarray(data.transpose(2, 1, 0)), (zooms[2], zooms[1], zooms[0])
+
+
+def check_gzip(path: Path, chunk: int = 1 << 22) -> None:
+    """Decompress the whole gzip stream (CRC and length checked); DataError naming the file."""
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(chunk):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataError(
+            f"{path}: not a readable NIfTI file (corrupted gzip data: {_first_line(exc)}; "
+            f"the file is damaged or truncated)"
+        ) from None
 
 
 def _first_line(exc: BaseException) -> str:

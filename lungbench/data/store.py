@@ -153,7 +153,12 @@ class StoreWriter:
     ) -> None:
         """Add one sample. Arrays must match the declared per-sample shapes."""
         if id in self._ids:
-            raise ValueError(f"duplicate sample id {id!r} in {self.path}")
+            # Two inputs that map to one id (a row listed twice, study.nii next to
+            # study.nii.gz): the user's data, so one line, and no store is published.
+            raise DataError(
+                f"{self.path}: duplicate sample id {id!r} (from {source or 'the input'}); "
+                f"sample ids must be unique"
+            )
         self._check_label(label, id)
         i = self.n
         for name in self._inputs:
