@@ -271,6 +271,7 @@ def test_mosmed_quick_compares_variants(tmp_path, capsys):
             "--variants",
             "baseline",
             "avgpool",
+            "double_conv",
             "--synth-n",
             "12",
             "--epochs",
@@ -284,17 +285,93 @@ def test_mosmed_quick_compares_variants(tmp_path, capsys):
     )
     assert code == 0
     table = pd.read_csv(tmp_path / "m" / "tables" / "variants.csv", index_col=0)
-    assert list(table.index) == ["baseline", "avgpool"]
-    for column in (
-        "val accuracy",
-        "val AUC",
-        "parameters",
-        "time per epoch (s)",
-        "peak memory above start (MiB)",  # on CPU; earlier variants' memory not counted
-    ):
+    assert list(table.index) == ["baseline", "avgpool", "double_conv"]
+    for column in ("val accuracy", "val AUC", "parameters", "time per epoch (s)"):
         assert table[column].notna().all(), column
+    # On CPU an estimate that does not depend on what earlier variants left in the process:
+    # every variant gets a figure, and a second conv per level needs more than one.
+    memory = table["peak memory, estimated (MiB)"]
+    assert (memory > 0).all(), memory.to_dict()
+    assert memory["double_conv"] > memory["baseline"]
+    assert set(table["memory measure"]) == {"estimated"}
+    assert "peak memory estimated" in (tmp_path / "m" / "tables" / "variants.md").read_text()
     assert (tmp_path / "m" / "plots" / "val_auc.png").exists()
-    assert "GENERATED" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "GENERATED" in out and "peak memory estimated" in out
+
+
+def test_mosmed_memory_is_measured_on_cuda_and_estimated_on_cpu(tmp_path):
+    import argparse
+    from pathlib import Path
+
+    from lungbench.costs import estimate_memory
+    from lungbench.data.store import StoreInfo
+    from lungbench.experiments import mosmed
+
+    parser = argparse.ArgumentParser()
+    mosmed.add_arguments(parser)
+    cfg = mosmed.make_config(parser.parse_args(["--quick", "--out", str(tmp_path)]))
+    info = StoreInfo(Path("x.h5"), "mosmed", "binary", 1, {"volume": (1, 16, 32, 32)}, {}, [])
+    model = create_model("mosmed3d", **cfg.model_kwargs("baseline"))
+    cuda = mosmed.training_memory(cfg, model, info, 12345, "cuda_max_allocated")
+    assert cuda == (12345, "cuda_max_allocated")
+    bytes_, kind = mosmed.training_memory(cfg, model, info, 0, "cpu_rss_above_start")
+    expected = estimate_memory(model, [(1, 16, 32, 32)], "adam").total(cfg.train.batch_size)
+    assert (bytes_, kind) == (expected, "estimated")
+    assert "measured" in mosmed.MEMORY_COLUMNS["cuda_max_allocated"]
+    assert "estimated" in mosmed.MEMORY_COLUMNS["estimated"]
+
+
+def test_mosmed_full_defaults_can_stop_early_or_run_all_epochs():
+    from lungbench.experiments import mosmed
+
+    patience = mosmed.FULL["patience"]
+    assert patience is None or patience < mosmed.FULL["epochs"]
+
+
+def _cv_config(tmp_path, *argv):
+    import argparse
+
+    from lungbench.experiments import lungx_cv
+
+    parser = argparse.ArgumentParser()
+    lungx_cv.add_arguments(parser)
+    return lungx_cv.make_config(parser.parse_args([*argv, "--out", str(tmp_path)]))
+
+
+def test_lungx_cv_folds_follow_seed_on_the_generated_store(tmp_path):
+    import shutil
+
+    from lungbench.data.splits import store_folds, stored_folds
+    from lungbench.data.store import read_info
+    from lungbench.experiments import lidc_pretrain, lungx_cv
+
+    info = lidc_pretrain.nodule_store(None, 12, "lungx", tmp_path, 0, "lungx-cv")
+
+    def folds(*argv):
+        cfg = _cv_config(tmp_path, "--quick", "--synth-n", "12", *argv)
+        return lungx_cv.fold_assignment(cfg, info)
+
+    first, how = folds("--seed", "0")
+    assert how == "stratified 3-fold, seed 0"
+    other, _ = folds("--seed", "1")
+    again, _ = folds("--seed", "0")
+    assert not np.array_equal(first, other)  # another seed, other folds on the same store
+    assert np.array_equal(first, again)
+    assert stored_folds(info.path, 3) is None  # the shared cache keeps no folds
+    # A user's store keeps the folds it stores, whatever --seed.
+    user = tmp_path / "user.h5"
+    shutil.copy(info.path, user)
+    saved = store_folds(user, 3, seed=7)
+    cfg = _cv_config(tmp_path, "--quick", "--store", str(user), "--seed", "1")
+    got, how = lungx_cv.fold_assignment(cfg, read_info(user))
+    assert np.array_equal(got, saved) and how.startswith("stored in")
+
+
+def test_lungx_cv_write_folds_needs_a_store(tmp_path, capsys):
+    code = main(["train", "lungx-cv", "--quick", "--write-folds", "--out", str(tmp_path)])
+    assert code == 2 and "--write-folds needs --store" in _error_line(capsys)
+    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
 
 
 def test_failure_after_the_run_folder_is_marked_failed(cv_stores, tmp_path, monkeypatch):

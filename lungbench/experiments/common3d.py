@@ -37,8 +37,11 @@ def add_train_arguments(
 ) -> None:
     """The engine's options; each default is `full[name]`, or `quick[name]` with --quick."""
 
+    def shown(value: Any) -> str:
+        return "off" if value is None else str(value)
+
     def default(name: str) -> str:
-        return f"(default: {full[name]}; --quick: {quick[name]})"
+        return f"(default: {shown(full[name])}; --quick: {shown(quick[name])})"
 
     g = p.add_argument_group("training")
     g.add_argument(

@@ -11,6 +11,10 @@ Outputs in the thesis's layouts: the AUC table (rows: regimes; columns: fold 1-3
 a confusion matrix with totals per regime (threshold 0.5, pooled over the folds), loss curves
 per fold and ROC curves.
 
+Folds: stratified k-fold seeded by --seed, except that a user's --store whose /meta/fold
+assigns exactly --folds folds keeps those. The generated default store (a cache in OUT/data/
+shared by runs with any --seed) is never given folds, so each run's folds follow its --seed.
+
     lungbench train lungx-cv --quick
     lungbench train lungx-cv --pretrained results/RUN/checkpoint_best.pt --store lungx.h5
 """
@@ -54,6 +58,17 @@ columns: fold 1-3, average), the confusion matrices with totals (threshold 0.5, 
 folds), loss curves per fold and ROC curves. Without --pretrained it first runs
 lidc-pretrain (into RUN/lidc_pretrain/). Default data: generated LUNGx-like and LIDC-like
 nodules (not the real archives).
+
+folds: stratified --folds folds seeded by --seed; only a --store whose /meta/fold already
+assigns exactly --folds folds keeps its own (--seed then still seeds the validation split,
+initialisation and shuffling). The generated default store is shared by runs in OUT/data/
+and never stores folds, so runs on it with another --seed get other folds.
+
+outputs (in OUT/RUN-ID/): tables/auc.csv and .md, tables/confusion_REGIME.csv and .md,
+tables/predictions.csv (fold, regime, id, label, probability of every test nodule),
+metrics.csv, plots/loss_foldK.png, plots/roc.png, folds/foldK/REGIME/ (metrics.csv and
+checkpoints), without --pretrained lidc_pretrain/ and tables/pretrain_summary.csv,
+config.json, environment.json, run.json (config.json and run.json say how folds were made).
 
 examples:
   lungbench train lungx-cv --quick
@@ -99,6 +114,7 @@ class CVConfig:
     store: str | None = None
     synth_n: int = 73
     pretrained: str | None = None
+    write_folds: bool = False
     quick: bool = False
 
 
@@ -122,8 +138,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--folds",
         type=positive_int,
         default=3,
-        help="cross-validation folds (default: 3); the store's own fold column is "
-        "used when it assigns exactly these folds",
+        help="cross-validation folds (default: 3), stratified and seeded by --seed; a "
+        "--store whose /meta/fold assigns exactly these folds keeps its own",
     )
     d.add_argument(
         "--val-fraction",
@@ -134,8 +150,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--write-folds",
         action="store_true",
-        help="save the fold assignment into --store's /meta/fold (default: no; "
-        "generated stores always get it)",
+        help="save the seeded fold assignment into --store's /meta/fold, so that later "
+        "runs on it keep these folds whatever their --seed (default: no; needs --store)",
     )
     d.add_argument(
         "--pretrained",
@@ -169,6 +185,12 @@ def make_config(args: argparse.Namespace) -> CVConfig:
     finetune_lr = common3d.resolve(args, "finetune_lr", FULL, QUICK)
     if finetune_lr <= 0:
         raise UsageError(f"--finetune-lr must be > 0, got {finetune_lr}")
+    if args.write_folds and args.store is None:
+        raise UsageError(
+            "--write-folds needs --store: the generated default store is a cache shared by "
+            "runs with any --seed and keeps no folds (each run's folds are in its "
+            "tables/predictions.csv)"
+        )
     return CVConfig(
         train=common3d.train_config(args, FULL, QUICK),
         finetune_lr=finetune_lr,
@@ -177,20 +199,28 @@ def make_config(args: argparse.Namespace) -> CVConfig:
         store=args.store,
         synth_n=common3d.resolve(args, "synth_n", FULL, QUICK),
         pretrained=args.pretrained,
+        write_folds=args.write_folds,
         quick=args.quick,
     )
 
 
-def fold_assignment(info: StoreInfo, k: int, seed: int, write: bool) -> np.ndarray:
-    """The store's folds if it has exactly k, else a stratified k-fold (saved if `write`)."""
-    folds = stored_folds(info.path, k)
-    if folds is not None:
-        log(f"using the {k} folds stored in {info.path}")
-        return folds
+def fold_assignment(cfg: CVConfig, info: StoreInfo) -> tuple[np.ndarray, str]:
+    """(folds, how they were made): a user's --store keeps its folds if it assigns exactly
+    cfg.folds; otherwise stratified folds seeded by --seed (saved into --store with
+    --write-folds). The generated default store (cfg.store None) is a cache shared by runs
+    with any seed: its folds are neither read nor written, so they follow --seed."""
+    k, seed = cfg.folds, cfg.train.seed
+    if cfg.store is not None:
+        folds = stored_folds(info.path, k)
+        if folds is not None:
+            log(f"using the {k} folds stored in {info.path} (not --seed)")
+            return folds, f"stored in {info.path}"
+    how = f"stratified {k}-fold, seed {seed}"
     folds = stratified_kfold(read_meta(info.path)["label"], k, seed)
-    if write:
-        write_folds(info.path, folds, how=f"stratified {k}-fold, seed {seed}")
-    return folds
+    if cfg.write_folds and cfg.store is not None:
+        write_folds(info.path, folds, how=how)
+        log(f"saved the folds ({how}) into {info.path}")
+    return folds, how
 
 
 def check_pretrained(path: str, info: StoreInfo) -> dict:
@@ -368,15 +398,16 @@ def run(args: argparse.Namespace) -> int:
     info = lidc_pretrain.nodule_store(
         cfg.store, cfg.synth_n, "lungx", Path(args.out), args.data_seed, NAME
     )
-    generated = bool(info.provenance.get("generator"))
-    folds = fold_assignment(info, cfg.folds, args.seed, write=args.write_folds or generated)
+    folds, folds_how = fold_assignment(cfg, info)
     kwargs = check_pretrained(cfg.pretrained, info) if cfg.pretrained else None
     # Without --pretrained, pre-train on the LUNGx store's grid (checked or generated now,
     # not after a whole pre-training).
     lidc = None if cfg.pretrained else lidc_store(args, cfg, common3d.nodule_preset(info))
     note = common3d.data_note(info)
     run_dir = common3d.start_run(
-        args.out, args.run_id, {"experiment": NAME, "config": cfg, "store": info.path, "data": note}
+        args.out,
+        args.run_id,
+        {"experiment": NAME, "config": cfg, "store": info.path, "data": note, "folds": folds_how},
     )
     log(f"config: {cfg}")
     with common3d.marking_run(run_dir, note):
@@ -384,8 +415,8 @@ def run(args: argparse.Namespace) -> int:
         kwargs = kwargs or check_pretrained(pretrained, info)
         tables = cross_validate(cfg, info, folds, pretrained, kwargs, run_dir)
     wall = time.perf_counter() - started
-    finish_run(run_dir, "complete", data=note, wall_s=wall, pretrained=pretrained)
-    print(f"LUNGx {cfg.folds}-fold cross-validation on {note}\n")
+    finish_run(run_dir, "complete", data=note, wall_s=wall, pretrained=pretrained, folds=folds_how)
+    print(f"LUNGx {cfg.folds}-fold cross-validation on {note}; folds: {folds_how}\n")
     print(tables["auc"].round(3).to_string())
     for regime, name in REGIMES.items():
         print(f"\n{name}\n{tables[f'confusion_{regime}'].to_string()}")
