@@ -38,7 +38,7 @@ from lungbench.results import (
     write_json,
     write_table,
 )
-from lungbench.safepaths import check_name
+from lungbench.safepaths import check_name, check_out_dir
 from lungbench.sweepstate import (
     ResumePoint,
     SweepState,
@@ -123,8 +123,7 @@ def validate(request: BenchRequest) -> None:
     look_up_option(request.preset, GEOMETRY_PRESETS, what="--preset")
     for device in request.devices:
         parse_device(device)
-    if request.out.exists() and not request.out.is_dir():
-        raise UsageError(f"--out {request.out}: exists and is not a directory")
+    check_out_dir(request.out)
     if request.run_id is not None:
         check_name(request.run_id, "--run-id")
     if not request.telemetry_interval >= 0:

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from lungbench import __version__
-from lungbench.errors import LungbenchError
+from lungbench.errors import LungbenchError, message_of
 
 # Order is the order shown by `lungbench --help`.
 COMMAND_MODULES = [
@@ -39,8 +39,15 @@ examples:
 Run `lungbench COMMAND --help` for each command's options."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block: `--help` has it), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="lungbench",
         description="Benchmark and profile deep learning on 3D lung CT: how fast a 3D CNN "
         "trains on CPU, one GPU or many, where the time goes, and what accuracy it reaches.",
@@ -60,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except LungbenchError as exc:
-        print(f"lungbench {args.command}: error: {exc}", file=sys.stderr)
+        print(f"lungbench {args.command}: error: {message_of(exc)}", file=sys.stderr)
         distributed = sys.modules.get("lungbench.distributed")  # loaded iff a group may exist
         if distributed is not None and distributed.group_is_broken():
             distributed.exit_now(exc.exit_code)  # a lost peer: no clean teardown is possible

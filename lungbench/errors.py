@@ -29,6 +29,26 @@ class DataError(LungbenchError):
     exit_code = 2
 
 
+def message_of(exc: BaseException) -> str:
+    """The one line to show for `exc`.
+
+    An error raised in a DataLoader worker comes back re-raised with the worker's whole
+    traceback in its message ("Caught DataError in DataLoader worker process 0. Original
+    Traceback ..."): its own message is the last line, after the type name.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) > 1 and "Original Traceback" in str(exc):
+        last = lines[-1]
+        prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+        for head in (prefix, f"{type(exc).__name__}: "):
+            if last.startswith(head):
+                return last[len(head) :]
+        return last
+    return lines[0]
+
+
 def look_up_option(name: str, choices: Iterable[str], what: str = "option") -> str:
     """Return `name` if it is one of `choices`, else raise UsageError with a suggestion.
 

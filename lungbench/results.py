@@ -27,7 +27,8 @@ from typing import Any
 
 import pandas as pd
 
-from lungbench.errors import UsageError
+from lungbench.errors import message_of
+from lungbench.safepaths import check_out_dir
 
 RUN_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
@@ -47,8 +48,7 @@ def make_run_id(kind: str) -> str:
 def create_run_dir(out_root: str | os.PathLike, kind: str, run_id: str | None = None) -> Path:
     """Create results/<run-id>/ (UsageError if the root or the run folder is a file)."""
     root = Path(out_root)
-    if root.exists() and not root.is_dir():
-        raise UsageError(f"--out {root}: exists and is not a directory")
+    check_out_dir(root)
     if run_id is not None:
         from lungbench.safepaths import check_name
 
@@ -153,9 +153,9 @@ def finish_run(run_dir: Path, status: str = "complete", **extra: Any) -> None:
 
 
 def error_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (its type name if it has none)."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[0].strip() if lines else type(exc).__name__
+    """The one line of an exception's message (its type name if it has none); for an error
+    re-raised from a DataLoader worker, the worker's own message."""
+    return message_of(exc)
 
 
 @contextmanager

@@ -45,3 +45,19 @@ def confined(root: str | os.PathLike, *parts: str, what: str = "path") -> Path:
     if target != base and base not in target.parents:
         raise UsageError(f"{what} {Path(*parts)}: escapes the output folder {root}")
     return target
+
+
+def check_out_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """`path` if it is, or can become, a writable folder: UsageError naming `what` when it
+    or a folder above it is a file, or the nearest existing folder is not writable."""
+    path = Path(path)
+    for existing in (path, *path.parents):
+        if not existing.exists():
+            continue
+        if not existing.is_dir():
+            where = "" if existing == path else f" ({existing} is a file)"
+            raise UsageError(f"{what} {path}: exists and is not a directory{where}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"{what} {path}: {existing} is not writable")
+        break
+    return path

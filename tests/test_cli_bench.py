@@ -176,6 +176,47 @@ def test_output_folder_is_a_file(tmp_path, capsys, tiny_store):
     assert target.read_text() == "not a folder"
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["bench", "--store", "STORE", "--out", "OUT"],
+        ["report", "RUN", "--out", "OUT"],
+        ["train", "lidc-pretrain", "--quick", "--out", "OUT"],
+    ],
+)
+def test_output_folder_under_a_file_is_one_line(tmp_path, capsys, tiny_store, command):
+    """--out below a file: not a NotADirectoryError traceback, one line naming --out."""
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    run = tmp_path / "run"
+    (run / "tables").mkdir(parents=True)
+    (run / "run.json").write_text('{"kind": "bench", "status": "complete"}')
+    names = {"STORE": str(tiny_store), "OUT": str(target / "sub"), "RUN": str(run)}
+    code, out, err = run_cli(capsys, *[names.get(a, a) for a in command])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "--out" in lines[0] and "is a file" in lines[0]
+
+
+def test_bad_number_is_one_line_without_the_usage_block(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--batch", "0"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(lines) == 1 and "--batch: must be >= 1" in lines[0]
+
+
+def test_worker_errors_show_the_workers_own_message():
+    from lungbench.errors import DataError, message_of
+
+    wrapped = DataError(
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+        'call last):\n  File "x.py", line 1, in f\n    raise DataError(...)\n'
+        "lungbench.errors.DataError: s.h5: dataset 'context' sample 3 has NaN"
+    )
+    assert message_of(wrapped) == "s.h5: dataset 'context' sample 3 has NaN"
+    assert message_of(DataError("first\nsecond")) == "first"
+
+
 def test_data_synth_cli(tmp_path, capsys):
     out_file = tmp_path / "s.h5"
     code, out, _ = run_cli(

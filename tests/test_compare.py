@@ -86,6 +86,29 @@ def test_faster_only_in_one_run_and_failed_records():
     steps = {c.key: c.verdict for c in result.changes if c.metric == "step"}
     assert steps == {KEYS[1]: "faster", KEYS[2]: "faster"}
     assert result.only_a == [KEYS[0], KEYS[3]] and result.only_b == ["new|config"]
+    assert result.lost_in_b == {KEYS[0]: "oom", KEYS[3]: "missing"}
+
+
+def test_fail_above_catches_failed_or_missing_configurations_in_b(tmp_path, capsys):
+    """A CI gate must not pass because B's configurations failed instead of getting slower."""
+    a = _run(tmp_path, "a", _records(1.0, 0))
+    broken = [{**r, "status": "error", "error": "boom"} for r in _records(1.0, 7)]
+    b = _run(tmp_path, "b", broken[:2])
+    assert main(["compare", str(a), str(b), "--fail-above", "10"]) == 1
+    out, err = capsys.readouterr()
+    assert f"`{KEYS[0]}` (error)" in out and "measured in A, not in B" in err
+    assert f"{KEYS[3]} (missing)" in err
+    assert main(["compare", str(a), str(b)]) == 0  # without the gate: a report, exit 0
+    capsys.readouterr()
+
+
+def test_fail_above_below_the_same_threshold_still_gates(tmp_path, capsys):
+    a = _run(tmp_path, "a", _records(1.0, 0, n=30, noise=0.002))
+    b = _run(tmp_path, "b", _records(1.04, 7, n=30, noise=0.002))  # 4% slower, tight CI
+    assert main(["compare", str(a), str(b)]) == 0
+    assert '"same": 4' in capsys.readouterr().out  # within the 5% "same" threshold
+    assert main(["compare", str(a), str(b), "--fail-above", "2"]) == 1
+    assert "regression above 2%" in capsys.readouterr().err
 
 
 def test_verdict_rules():

@@ -1,18 +1,23 @@
 """init_distributed under torchrun / SLURM / MPI environments, the SLURM node-list parser,
-failure behaviour (a hung rank, a rendezvous that never completes) and DDP training."""
+failure behaviour (a hung rank, a rendezvous that never completes), DDP training under
+torchrun and mpiexec, and the hpc/ job scripts (run against a fake srun/scontrol)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
-from launchenv import clean_env
+from launchenv import REPO, clean_env
 
 from lungbench.distributed import (
     DistContext,
@@ -31,6 +36,13 @@ from lungbench.distributed import (
     wrap_model,
 )
 from lungbench.errors import UsageError
+from lungbench.results import read_json
+
+VENV_BIN = Path(sys.executable).parent
+MPIEXEC = VENV_BIN / "mpiexec" if (VENV_BIN / "mpiexec").exists() else shutil.which("mpiexec")
+needs_mpiexec = pytest.mark.skipif(
+    MPIEXEC is None, reason="no mpiexec (pip install 'lungbench[mpi]')"
+)
 
 
 def free_slurm_job_id() -> int:
@@ -328,23 +340,13 @@ TRAIN_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.distributed
-def test_ddp_training_under_torchrun(tmp_path):
-    """fit() with 2 processes: identical weights on both ranks after 20 steps (10 per epoch),
-    the same validation losses, and metrics/checkpoints written by rank 0 only."""
+def check_ddp_training(tmp_path: Path, launch: list[str], launcher: str) -> None:
+    """Run TRAIN_SCRIPT with 2 processes started by `launch`; check what both ranks report
+    and that only rank 0 wrote."""
     script = tmp_path / "train_ddp.py"
     script.write_text(TRAIN_SCRIPT)
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(script),
-            str(tmp_path),
-        ],
+        [*launch, str(script), str(tmp_path)],
         env=clean_env(),
         capture_output=True,
         text=True,
@@ -354,8 +356,229 @@ def test_ddp_training_under_torchrun(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert ranks[0]["val_loss"] == ranks[1]["val_loss"] and len(ranks[0]["val_loss"]) == 2
-    assert {r["world"] for r in ranks} == {2} and {r["launcher"] for r in ranks} == {"torchrun"}
+    assert {r["world"] for r in ranks} == {2} and {r["launcher"] for r in ranks} == {launcher}
     written = tmp_path / "run-rank0"
     assert (written / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
     assert (written / "checkpoint_last.pt").exists()
     assert not (tmp_path / "run-rank1").exists(), "rank 1 must not write"
+
+
+@pytest.mark.distributed
+def test_ddp_training_under_torchrun(tmp_path):
+    """fit() with 2 processes: identical weights on both ranks after 20 steps (10 per epoch),
+    the same validation losses, and metrics/checkpoints written by rank 0 only."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    check_ddp_training(tmp_path, [*launch, "2"], "torchrun")
+
+
+@pytest.mark.distributed
+@needs_mpiexec
+def test_ddp_training_under_mpiexec(tmp_path):
+    """The same with mpiexec as the launcher (rank and size through mpi4py)."""
+    pytest.importorskip("mpi4py")
+    check_ddp_training(tmp_path, [str(MPIEXEC), "-n", "2", sys.executable], "mpi")
+
+
+@pytest.mark.distributed
+@needs_mpiexec
+def test_lidc_pretrain_under_mpiexec_trains_with_ddp(tmp_path):
+    """`mpiexec -n 2 python -m lungbench train lidc-pretrain`: as under torchrun
+    (tests/test_experiments_3d.py), rank 0 generates the data and writes the one run folder,
+    a complete 2-process run, and prints one summary."""
+    pytest.importorskip("mpi4py")
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "lungbench", "train", "lidc-pretrain", "--quick"]
+    argv += ["--epochs", "2", "--synth-n", "16", "--out", str(out), "--run-id", "ddp"]
+    argv += ["--no-progress", "--dist-timeout", "120"]
+    proc = subprocess.run(
+        [str(MPIEXEC), "-n", "2", *argv],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("results: ") == 1, "rank 0 alone prints"
+    assert "DDP x2 (gloo)" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["data", "ddp"]
+    run = out / "ddp"
+    assert read_json(run / "run.json")["status"] == "complete"
+    dist = read_json(run / "config.json")["distributed"]
+    assert (dist["world_size"], dist["launcher"], dist["backend"]) == (2, "mpi", "gloo")
+    assert (run / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
+    assert (run / "checkpoint_best.pt").exists()
+    assert (run / "checkpoint_last.pt").exists()
+
+
+# ---------------------------------------------------------------------------- hpc/ scripts
+
+SLURM_DIR = REPO / "hpc" / "slurm"
+SBATCH_SCRIPTS = sorted(p.name for p in SLURM_DIR.glob("*.sbatch"))
+# A stand-in for srun: records its arguments and environment; with FAKE_SRUN_WAIT it runs
+# until SIGTERM (a step at the time limit) and records the signal.
+FAKE_SRUN = """#!/bin/bash
+{ printf '%s\\n' "$@"; echo "SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-}";
+  echo "OMP_NUM_THREADS=${OMP_NUM_THREADS:-}"; } > "$FAKE_LOG/srun.args.tmp"
+mv "$FAKE_LOG/srun.args.tmp" "$FAKE_LOG/srun.args"
+if [ -n "${FAKE_SRUN_WAIT:-}" ]; then
+    trap 'kill $child; echo TERM > "$FAKE_LOG/srun.signal"; exit 143' TERM
+    sleep 60 & child=$!
+    wait
+fi
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "$*" > "$FAKE_LOG/scontrol.args"
+"""
+
+
+def test_sbatch_scripts_parse_and_ask_for_the_pre_timeout_signal():
+    assert SBATCH_SCRIPTS == ["multi_node.sbatch", "one_node.sbatch", "sweep_array.sbatch"]
+    for path in [*SLURM_DIR.iterdir(), *(REPO / "hpc").glob("**/*.sh")]:
+        proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{path}: {proc.stderr}"
+    for name in SBATCH_SCRIPTS:
+        lines = (SLURM_DIR / name).read_text().splitlines()
+        assert "#SBATCH --requeue" in lines, name
+        assert any(line.startswith("#SBATCH --signal=B:USR1@") for line in lines), name
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="no shellcheck")
+def test_hpc_scripts_pass_shellcheck():
+    scripts = [*sorted(SLURM_DIR.iterdir()), *sorted((REPO / "hpc").glob("**/*.sh"))]
+    proc = subprocess.run(
+        ["shellcheck", "-x", *(str(p.relative_to(REPO)) for p in scripts)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout
+
+
+def fake_slurm(tmp_path: Path) -> tuple[Path, Path]:
+    """A bin folder with the fake srun and scontrol, and the folder they log to."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    for name, text in [("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)]:
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir, log
+
+
+def job_env(tmp_path: Path, bin_dir: Path, log: Path, **extra: str) -> dict[str, str]:
+    """A batch job's environment as SLURM sets it (job 4242, 3 cores per task), with the
+    generic profile (no LB_PROFILE given) and LB_OUT in tmp_path."""
+    env = {k: v for k, v in clean_env().items() if not k.startswith("LB_")}
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+        FAKE_LOG=str(log),
+        LB_OUT=str(tmp_path / "out"),
+        LB_VENV=str(tmp_path / "no-venv"),
+        SLURM_JOB_ID="4242",
+        SLURM_CPUS_PER_TASK="3",
+        SLURM_NTASKS="4",
+    )
+    env.update(extra)
+    return env
+
+
+def run_job(name: str, env: dict[str, str]) -> tuple[list[str], str]:
+    """Run hpc/slurm/NAME as sbatch would (from the repository root): srun's arguments
+    and environment lines, and the job's stderr."""
+    log = Path(env["FAKE_LOG"])
+    (log / "srun.args").unlink(missing_ok=True)
+    proc = subprocess.run(
+        ["bash", str(SLURM_DIR / name)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return (log / "srun.args").read_text().splitlines(), proc.stderr
+
+
+def option(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args else None
+
+
+@pytest.mark.parametrize("name", ["one_node.sbatch", "multi_node.sbatch"])
+def test_sbatch_job_keeps_its_run_id_and_resumes_in_one_process(tmp_path, name):
+    """srun gets the cores per task (Slurm >= 22.05) and --run-id slurm-<job id>; once that
+    run folder exists (a requeued job), a 1-task job resumes it, while a job of several
+    ranks (lungbench cannot --resume under a launcher) starts afresh and says so."""
+    bin_dir, log = fake_slurm(tmp_path)
+    env = job_env(tmp_path, bin_dir, log)
+    args, _ = run_job(name, env)
+    assert args[:4] == ["--kill-on-bad-exit=1", "python", "-m", "lungbench"]
+    assert args[4] == "bench" and option(args, "--out") == str(tmp_path / "out")
+    assert option(args, "--run-id") == "slurm-4242" and "--resume" not in args
+    assert option(args, "--device") == "cuda"
+    assert "SRUN_CPUS_PER_TASK=3" in args and "OMP_NUM_THREADS=3" in args  # generic profile
+
+    (tmp_path / "out" / "slurm-4242").mkdir(parents=True)  # the first attempt's run folder
+    args, err = run_job(name, env)
+    assert option(args, "--run-id") == "slurm-4242" and "--resume" not in args
+    assert "starts a new run folder" in err
+
+    args, _ = run_job(name, {**env, "SLURM_NTASKS": "1"})
+    assert option(args, "--run-id") == "slurm-4242"
+    assert option(args, "--resume") == "slurm-4242"
+
+    # Training resumes from the newest checkpoint of the job's run folders.
+    train = {**env, "SLURM_NTASKS": "1", "LB_COMMAND": "train lidc-pretrain"}
+    args, _ = run_job(name, train)
+    assert args[4:6] == ["train", "lidc-pretrain"] and "--resume" not in args
+    first, second = (
+        tmp_path / "out" / f / "checkpoint_last.pt" for f in ["slurm-4242", "slurm-4242-2"]
+    )
+    second.parent.mkdir()
+    first.write_bytes(b"1")
+    second.write_bytes(b"2")
+    os.utime(first, (time.time() - 100, time.time() - 100))
+    args, _ = run_job(name, train)
+    assert option(args, "--resume") == str(second)
+
+
+def test_sweep_array_task_resumes_its_run_folder(tmp_path):
+    bin_dir, log = fake_slurm(tmp_path)
+    env = job_env(
+        tmp_path, bin_dir, log, SLURM_NTASKS="1", SLURM_ARRAY_JOB_ID="77", SLURM_ARRAY_TASK_ID="5"
+    )
+    args, _ = run_job("sweep_array.sbatch", env)
+    assert (option(args, "--batch"), option(args, "--filters")) == ("4", "16")  # pair 5 of 4 x 2
+    assert option(args, "--run-id") == "sweep-77-b4-f16" and "--resume" not in args
+    assert "SRUN_CPUS_PER_TASK=3" in args
+    (tmp_path / "out" / "sweep-77-b4-f16").mkdir(parents=True)
+    args, _ = run_job("sweep_array.sbatch", env)
+    assert option(args, "--resume") == "sweep-77-b4-f16"
+
+
+def test_sbatch_job_requeues_on_the_pre_timeout_signal(tmp_path):
+    """SIGUSR1 to the batch shell (--signal=B:USR1@120): SIGTERM to the step, then
+    `scontrol requeue <job id>` and exit 0."""
+    bin_dir, log = fake_slurm(tmp_path)
+    env = job_env(tmp_path, bin_dir, log, FAKE_SRUN_WAIT="1")
+    job = subprocess.Popen(
+        ["bash", str(SLURM_DIR / "one_node.sbatch")],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (log / "srun.args").exists():
+            assert time.monotonic() < deadline and job.poll() is None, "srun never started"
+            time.sleep(0.05)
+        job.send_signal(signal.SIGUSR1)
+        out, err = job.communicate(timeout=30)
+    finally:
+        job.kill()
+        job.wait()
+    assert job.returncode == 0, err
+    assert (log / "srun.signal").read_text().strip() == "TERM"
+    assert (log / "scontrol.args").read_text().strip() == "requeue 4242"
+    assert "time limit near" in out

@@ -12,7 +12,8 @@ Compare two run folders configuration by configuration: the ratio of median step
 / same (same when the interval contains 1 or the change is within --threshold); the epoch
 time too when both runs measured it. Warns when the environments differ (library versions,
 CPU model, threads, GPU, host). For CI, --fail-above PCT exits 1 on a step-time regression
-larger than PCT percent."""
+larger than PCT percent, and on a configuration measured in A that failed or is missing in
+B."""
 
 EPILOG = """\
 examples:
@@ -43,7 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_percent,
         default=None,
         metavar="PCT",
-        help="exit 1 when a step time got slower by more than PCT percent",
+        help="exit 1 when a step time got slower by more than PCT percent (its interval "
+        "above 1; independent of --threshold), or a configuration measured in A failed "
+        "(oom / error) or is missing in B",
     )
     p.add_argument(
         "--confidence",
@@ -66,11 +69,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from lungbench.errors import UsageError
     from lungbench.report.compare import compare_runs, format_comparison
     from lungbench.report.runview import load_run
+    from lungbench.safepaths import check_out_dir
 
     if args.bootstrap < 100:
         raise UsageError(f"--bootstrap must be >= 100, got {args.bootstrap}")
@@ -87,9 +90,7 @@ def _run(args: argparse.Namespace) -> int:
     text = format_comparison(result)
     print(text)
     if args.out:
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {out}: exists and is not a directory")
+        out = check_out_dir(args.out)
         out.mkdir(parents=True, exist_ok=True)
         result.table().to_csv(out / "compare.csv", index=False)
         (out / "compare.md").write_text(text + "\n")
@@ -110,6 +111,10 @@ def _run(args: argparse.Namespace) -> int:
                 f"lungbench compare: regression above {args.fail_above:g}%: {names}",
                 file=sys.stderr,
             )
+        if result.lost_in_b:
+            lost = ", ".join(f"{k} ({s})" for k, s in result.lost_in_b.items())
+            print(f"lungbench compare: measured in A, not in B: {lost}", file=sys.stderr)
+        if worse or result.lost_in_b:
             return 1
     return 0
 

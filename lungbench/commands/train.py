@@ -31,9 +31,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         module = importlib.import_module(name)
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.DESCRIPTION)
         module.add_arguments(p)
-        p.set_defaults(
-            func=module.run if getattr(module, "DISTRIBUTED", False) else _single(module)
-        )
+        run = module.run if getattr(module, "DISTRIBUTED", False) else _single(module)
+        p.set_defaults(func=_out_checked(run))
+
+
+def _out_checked(run):
+    """--out checked before an experiment generates data or makes its run folder."""
+
+    def checked(args: argparse.Namespace) -> int:
+        from lungbench.safepaths import check_out_dir
+
+        if getattr(args, "out", None):
+            check_out_dir(args.out)
+        return run(args)
+
+    return checked
 
 
 def _single(module):

@@ -89,7 +89,10 @@ class StoreWriter:
         self.path = Path(path)
         if self.path.is_dir():
             raise DataError(f"{self.path}: is a directory, expected a store file path")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file where a folder should be, no permission, ...
+            raise DataError(f"{self.path}: cannot create its folder ({exc.strerror})") from None
         self.tmp_path = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
         self.task = task
         self.label_names = list(label_names)

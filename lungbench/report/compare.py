@@ -60,6 +60,8 @@ class Comparison:
     changes: list[Change] = field(default_factory=list)
     only_a: list[str] = field(default_factory=list)
     only_b: list[str] = field(default_factory=list)
+    # Configurations measured (ok) in A that B lost: key -> B's status (oom / error / missing).
+    lost_in_b: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def counts(self, metric: str = "step") -> dict[str, int]:
@@ -70,11 +72,14 @@ class Comparison:
         return out
 
     def regressions(self, above_pct: float) -> list[Change]:
-        """Step-time changes flagged slower by more than `above_pct` percent."""
+        """Step-time changes slower by more than `above_pct` percent whose interval excludes
+        1 (the CI gate: its own bound, independent of the "same" threshold of the verdict)."""
         return [
             c
             for c in self.changes
-            if c.metric == "step" and c.verdict == "slower" and c.change_pct > above_pct
+            if c.metric == "step"
+            and c.change_pct > above_pct
+            and (c.ci_low is None or c.ci_low > 1.0)
         ]
 
     def table(self) -> pd.DataFrame:
@@ -139,8 +144,12 @@ def compare_records(
 ) -> Comparison:
     """Per configuration key, B against A (records with status ok only)."""
     by_a, by_b = _ok_by_key(a), _ok_by_key(b)
+    status_b = {str(r["key"]): str(r.get("status")) for r in b if r.get("key") is not None}
     result = Comparison(
-        *names, only_a=[k for k in by_a if k not in by_b], only_b=[k for k in by_b if k not in by_a]
+        *names,
+        only_a=[k for k in by_a if k not in by_b],
+        only_b=[k for k in by_b if k not in by_a],
+        lost_in_b={k: status_b.get(k, "missing") for k in by_a if k not in by_b},
     )
     for key in (k for k in by_a if k in by_b):
         ra, rb = by_a[key], by_b[key]
@@ -244,7 +253,11 @@ def format_comparison(result: Comparison) -> str:
         )
     if not result.changes:
         lines.append("| (no configuration measured in both runs) | | | | | | |")
-    for label, keys in (("only in A", result.only_a), ("only in B", result.only_b)):
+    failed = {k: s for k, s in result.lost_in_b.items() if s != "missing"}
+    if failed:
+        lines += ["", "failed in B: " + ", ".join(f"`{k}` ({s})" for k, s in failed.items())]
+    only_a = [k for k in result.only_a if k not in failed]
+    for label, keys in (("only in A", only_a), ("only in B", result.only_b)):
         if keys:
             lines += ["", f"{label}: " + ", ".join(f"`{k}`" for k in keys)]
     return "\n".join(lines)

@@ -33,6 +33,7 @@ from lungbench.report import figures
 from lungbench.report.reference import default_reference_dir, reference_tables
 from lungbench.report.runview import MAX_TABLE_ROWS, RunView, load_run, read_table
 from lungbench.results import markdown, save_figure, utc_now
+from lungbench.safepaths import check_out_dir
 
 FILES_DIR = "report_files"
 MAX_TELEMETRY_FILES = 8
@@ -89,8 +90,7 @@ def write_report(
         raise UsageError("report: give at least one run folder")
     views = [load_run(r) for r in runs]
     out_dir = Path(out) if out is not None else views[0].path
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out {out_dir}: exists and is not a directory")
+    check_out_dir(out_dir)
     (out_dir / FILES_DIR).mkdir(parents=True, exist_ok=True)
     ref_dir = None
     if use_reference:
