@@ -9,5 +9,6 @@
 # MPI_HOSTS="--hostfile hosts.txt" (Open MPI); set MASTER_ADDR to rank 0's fast interface.
 set -euo pipefail
 NP="${NP:-2}"
+# shellcheck disable=SC2086  # MPI_HOSTS is a word list
 exec mpiexec -n "$NP" ${MPI_HOSTS:-} env OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" \
     python -m lungbench bench "$@"
