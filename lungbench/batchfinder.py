@@ -29,6 +29,7 @@ import psutil
 import torch
 from torch import nn
 
+from lungbench.errors import is_oom
 from lungbench.switches import NO_TIMER, Switches, TrainStep, backend_flags, resolve_switches
 
 # A CPU trial may use at most this share of the available RAM (predicted; see the docstring).
@@ -50,16 +51,6 @@ class BatchSearch:
     def capped(self) -> bool:
         """True when the search stopped at `limit` without finding the memory wall."""
         return self.first_failure is None
-
-
-def is_oom(exc: BaseException) -> bool:
-    """True for the allocators' out-of-memory errors (CUDA and CPU)."""
-    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text
-    )
 
 
 def free_memory(device: torch.device) -> None:

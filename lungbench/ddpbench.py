@@ -54,7 +54,7 @@ from lungbench.distributed import (
     threads_per_rank,
     wrap_model,
 )
-from lungbench.errors import UsageError, look_up_option
+from lungbench.errors import UsageError, is_oom, look_up_option
 from lungbench.harness import (
     STEP,
     BenchConfig,
@@ -346,11 +346,8 @@ def measure_rank(
                 result.update(measure_ddp_epoch(cfg, per_rank, info, dataset, indices, dist))
     except DistributedError:
         raise
-    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
-        result.update(status="oom", error=error_line(exc))
-    except RuntimeError as exc:
-        oom = "out of memory" in str(exc).lower()
-        result.update(status="oom" if oom else "error", error=error_line(exc))
+    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        result.update(status="oom" if is_oom(exc) else "error", error=error_line(exc))
     finally:
         if dist.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -29,6 +29,18 @@ class DataError(LungbenchError):
     exit_code = 2
 
 
+def is_oom(exc: BaseException) -> bool:
+    """True for the allocators' out-of-memory errors: CUDA's (torch.cuda.OutOfMemoryError,
+    a RuntimeError saying "out of memory") and the CPU allocator's ("can't allocate
+    memory"), and Python's MemoryError."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
 def message_of(exc: BaseException) -> str:
     """The one line to show for `exc`.
 

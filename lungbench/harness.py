@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lungbench.data.store import StoreDataset, StoreInfo
-from lungbench.errors import LungbenchError, UsageError
+from lungbench.errors import LungbenchError, UsageError, is_oom
 from lungbench.loaderbench import (
     DATA_BOUND_FRACTION,
     LoaderOptions,
@@ -267,11 +267,9 @@ def measure(
         record.update(measure_compute(cfg, info, device))
         if cfg.epoch:
             record.update(measure_epoch(cfg, dataset, indices, device))
-    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
-        record.update(status="oom", error=_first_line(exc))
-    except RuntimeError as exc:
-        status = "oom" if "out of memory" in str(exc).lower() else "error"
-        record.update(status=status, error=_first_line(exc))
+    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        # CUDA says "out of memory", the CPU allocator "can't allocate memory": both oom.
+        record.update(status="oom" if is_oom(exc) else "error", error=_first_line(exc))
     except LungbenchError:
         raise  # the user's input is wrong (a forced switch, a NaN in the store): stop, exit 2
     except Exception as exc:

@@ -601,6 +601,21 @@ class _State:
     history: list[dict[str, float]] = field(default_factory=list)
     partial: dict[str, float] = field(default_factory=dict)  # sums of an interrupted epoch
     best_model: dict[str, torch.Tensor] | None = None
+    # Under DDP: every rank's RNG streams and partial-epoch sums, gathered before each save,
+    # so that each rank resumes with its own (rank 0's alone would be given to all).
+    ranks: list[dict[str, Any]] | None = None
+
+
+def _gather_rank_states(state: _State, dist: DistContext) -> None:
+    """Collect every rank's RNG states and partial sums into `state.ranks` (a collective:
+    every rank calls it at the same point, just before rank 0 writes a checkpoint)."""
+    if not dist.is_distributed:
+        return
+    import torch.distributed as tdist
+
+    gathered: list[Any] = [None] * dist.world_size
+    tdist.all_gather_object(gathered, {"rng": rng_state(), "partial": dict(state.partial)})
+    state.ranks = gathered
 
 
 def fit(
@@ -652,7 +667,7 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
     state = _State()
     if resume is not None:
-        state = _restore(Path(resume), core, optimizer, scheduler, scaler, config, meta)
+        state = _restore(Path(resume), core, optimizer, scheduler, scaler, config, meta, dist)
 
     writer = _tensorboard(run_dir, config)
     memory = _PeakMemory(device)
@@ -705,6 +720,7 @@ def fit(
                 state.wait += 1
             state.history.append(row)
             state.epoch, state.step, state.partial = state.epoch + 1, 0, {}
+            _gather_rank_states(state, dist)
             if run_dir is not None:
                 last_path, best_path = _write_epoch(
                     run_dir,
@@ -808,6 +824,7 @@ def _train_epoch(
         if _stop_requested(stop, dist, device):
             sums["seconds"] += time.perf_counter() - tick
             state.partial = sums
+            _gather_rank_states(state, dist)
             if run_dir is not None:
                 _save_state(
                     run_dir / LAST_CHECKPOINT,
@@ -883,6 +900,8 @@ def _payload(state: _State, core, optimizer, scheduler, scaler, config, meta) ->
         "history": state.history,
         "partial": state.partial,
         "best_model": state.best_model,
+        "world_size": len(state.ranks) if state.ranks else 1,
+        "ranks": state.ranks,
         "config": asdict(config),
     }
 
@@ -932,9 +951,21 @@ def _tensorboard(run_dir: Path | None, config: TrainConfig):
     return SummaryWriter(log_dir=str(run_dir / "tb"))
 
 
-def _restore(path: Path, core, optimizer, scheduler, scaler, config, meta) -> _State:
-    """Load a checkpoint_last.pt into model, optimizer, scheduler, scaler and the RNGs."""
+def _restore(path: Path, core, optimizer, scheduler, scaler, config, meta, dist) -> _State:
+    """Load a checkpoint_last.pt into model, optimizer, scheduler, scaler and the RNGs (under
+    DDP this rank's own RNG streams and partial sums; the world size must be the same)."""
     ckpt = load_resume_checkpoint(path, config)
+    saved_world = int(ckpt.get("world_size", 1))
+    if saved_world != dist.world_size:
+        raise UsageError(
+            f"{path}: written by a run of {saved_world} process(es); resume it with "
+            f"{saved_world}, not {dist.world_size} (each rank's data shard and random "
+            "streams are saved for that layout)"
+        )
+    mine = (ckpt.get("ranks") or [None] * saved_world)[dist.rank] or {
+        "rng": ckpt["rng"],
+        "partial": ckpt.get("partial"),
+    }
     want = meta.get("model_name")
     if want is not None and ckpt.get("model_name") not in (None, want):
         raise UsageError(
@@ -949,7 +980,7 @@ def _restore(path: Path, core, optimizer, scheduler, scaler, config, meta) -> _S
         raise UsageError(
             f"{path}: optimizer/scheduler state does not fit this config ({str(exc)[:120]})"
         ) from None
-    set_rng_state(ckpt["rng"])
+    set_rng_state(mine["rng"])
     return _State(
         epoch=int(ckpt["epoch"]),
         step=int(ckpt.get("step", 0)),
@@ -957,7 +988,7 @@ def _restore(path: Path, core, optimizer, scheduler, scaler, config, meta) -> _S
         best_epoch=int(ckpt.get("best_epoch", 0)),
         wait=int(ckpt.get("wait", 0)),
         history=list(ckpt.get("history", [])),
-        partial=dict(ckpt.get("partial") or {}),
+        partial=dict(mine["partial"] or {}),
         best_model=ckpt.get("best_model"),
     )
 

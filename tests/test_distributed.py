@@ -410,6 +410,74 @@ def test_lidc_pretrain_under_mpiexec_trains_with_ddp(tmp_path):
     assert (run / "checkpoint_last.pt").exists()
 
 
+RESUME_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+    from lungbench.distributed import init_distributed, parameter_digest, shutdown
+    from lungbench.train import TrainConfig, fit
+
+    class NoisyBlobs(Dataset):
+        # Draws rank-dependent amounts of random noise per item, so every rank's random
+        # stream is in a different state at a checkpoint (as with per-rank augmentation).
+        def __init__(self, n, seed, rank):
+            g = torch.Generator().manual_seed(seed)
+            self.y = (torch.arange(n) % 2).float()
+            self.x = torch.randn(n, 1, 6, 6, 6, generator=g)
+            self.x[self.y == 1, :, 2:4, 2:4, 2:4] += 2.0
+            self.rank = rank
+        def __len__(self):
+            return len(self.y)
+        def __getitem__(self, i):
+            noise = torch.rand(1 + self.rank)[-1] * 0.1
+            return (self.x[i] + noise,), self.y[i]
+
+    out, epochs, resume = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] or None
+    ctx = init_distributed("cpu", timeout_s=60)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool3d(1),
+                          nn.Flatten(), nn.Dropout(0.3), nn.Linear(4, 1))
+    config = TrainConfig(epochs=epochs, batch_size=4, lr=0.01, seed=1, progress=False,
+                         tensorboard=False, restore_best=False)
+    fit(model, NoisyBlobs(24, 0, ctx.rank), NoisyBlobs(8, 1, 0), config, run_dir=out,
+        dist=ctx, resume=resume)
+    if ctx.rank == 0:
+        (out / "digest.txt").write_text(parameter_digest(model))
+    shutdown(ctx)
+""")
+
+
+@pytest.mark.distributed
+def test_ddp_training_resumes_exactly_with_every_ranks_random_streams(tmp_path):
+    """2 epochs under torchrun == 1 epoch, then a resumed 2nd epoch: each rank continues its
+    own random streams (saved by rank 0 for all); another world size is refused."""
+    script = tmp_path / "resume_ddp.py"
+    script.write_text(RESUME_SCRIPT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+    def train(out: Path, epochs: int, resume: str = "", nproc: int = 2):
+        launch = [*torchrun, "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
+        return subprocess.run(
+            [*launch, str(script), str(out), str(epochs), resume],
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+
+    for proc in (train(tmp_path / "whole", 2), train(tmp_path / "cut", 1)):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    last = tmp_path / "cut" / "checkpoint_last.pt"
+    resumed = train(tmp_path / "resumed", 2, str(last))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    digest = (tmp_path / "whole" / "digest.txt").read_text()
+    assert (tmp_path / "resumed" / "digest.txt").read_text() == digest
+    alone = train(tmp_path / "alone", 2, str(last), nproc=1)
+    assert alone.returncode != 0 and "written by a run of 2 process(es)" in alone.stderr
+
+
 # ---------------------------------------------------------------------------- hpc/ scripts
 
 SLURM_DIR = REPO / "hpc" / "slurm"
@@ -504,10 +572,11 @@ def option(args: list[str], name: str) -> str | None:
 
 
 @pytest.mark.parametrize("name", ["one_node.sbatch", "multi_node.sbatch"])
-def test_sbatch_job_keeps_its_run_id_and_resumes_in_one_process(tmp_path, name):
+def test_sbatch_job_keeps_its_run_id_and_resumes(tmp_path, name):
     """srun gets the cores per task (Slurm >= 22.05) and --run-id slurm-<job id>; once that
-    run folder exists (a requeued job), a 1-task job resumes it, while a job of several
-    ranks (lungbench cannot --resume under a launcher) starts afresh and says so."""
+    run folder exists (a requeued job), a 1-task bench resumes it, while a bench of several
+    ranks (a sweep cannot --resume under a launcher) starts afresh and says so; training
+    resumes from its newest checkpoint with any number of ranks."""
     bin_dir, log = fake_slurm(tmp_path)
     env = job_env(tmp_path, bin_dir, log)
     args, _ = run_job(name, env)
@@ -538,6 +607,8 @@ def test_sbatch_job_keeps_its_run_id_and_resumes_in_one_process(tmp_path, name):
     second.write_bytes(b"2")
     os.utime(first, (time.time() - 100, time.time() - 100))
     args, _ = run_job(name, train)
+    assert option(args, "--resume") == str(second)
+    args, _ = run_job(name, {**train, "SLURM_NTASKS": "4"})  # DDP training resumes too
     assert option(args, "--resume") == str(second)
 
 

@@ -53,6 +53,14 @@ def _oom_above_2(batch: int, filters: int) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
+def _cpu_oom_above_2(batch: int, filters: int) -> None:
+    if batch > 2:  # what torch's CPU allocator raises (checked on torch 2.13)
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 68719476736 bytes. Error code 12"
+        )
+
+
 def _error_at_filters_4(batch: int, filters: int) -> None:
     if filters == 4 and batch == 2:
         raise ValueError("planted failure")
@@ -122,8 +130,11 @@ def _keys(run: Path) -> list[str]:
     return [r["key"] for r in read_records(run)]
 
 
-def test_planted_oom_is_recorded_and_larger_batches_skipped(tmp_path, tiny_store, probe_model):
-    model = probe_model("oom_probe3d", _oom_above_2)
+@pytest.mark.parametrize("planted", [_oom_above_2, _cpu_oom_above_2], ids=["cuda", "cpu"])
+def test_planted_oom_is_recorded_and_larger_batches_skipped(
+    tmp_path, tiny_store, probe_model, planted
+):
+    model = probe_model(f"oom_probe3d_{planted.__name__}", planted)
     result = run_bench(_request(tmp_path, tiny_store, model, "oom"), log=lambda _: None)
     status = {(r["filters"], r["batch_size"]): r["status"] for r in result.records}
     assert status == {
@@ -137,7 +148,7 @@ def test_planted_oom_is_recorded_and_larger_batches_skipped(tmp_path, tiny_store
         (4, 8): "skipped",
     }
     by_key = {(r["filters"], r["batch_size"]): r for r in result.records}
-    assert "out of memory" in by_key[(2, 4)]["error"]
+    assert "memory" in by_key[(2, 4)]["error"]
     assert "batch 4 of the same configuration ran out of memory" in by_key[(2, 8)]["error"]
     assert read_json(result.run_dir / "run.json")["status"] == "complete"
     assert (result.run_dir / "tables" / "speedup_b2.csv").exists()

@@ -22,17 +22,18 @@ wait_or_requeue() {
 #   bench ...: --resume RUN_ID: the same run folder goes on, measuring only what it lacks.
 #   train ...: --resume <the newest checkpoint_last.pt of RUN_ID, RUN_ID-2, ...>: training
 #              continues exactly, in the next run folder (RUN_ID-2, RUN_ID-3, ...).
-# lungbench resumes in one process only (it refuses --resume under a launcher): a step of
-# several tasks (SLURM_NTASKS > 1, i.e. DDP) starts a new run folder (RUN_ID-2, ...) instead
-# of failing, and says so in the job's output.
+# Training resumes under DDP too (with the same number of tasks, as a requeued job has);
+# a bench sweep resumes in one process only (lungbench refuses --resume under a launcher):
+# a bench step of several tasks (SLURM_NTASKS > 1) starts a new run folder (RUN_ID-2, ...)
+# instead of failing, and says so in the job's output.
 resume_options() {
     local command=$1 run_id=$2 ckpt latest=""
     RESUME=()
     [ -e "$LB_OUT/$run_id" ] || return 0
-    if [ "${SLURM_NTASKS:-1}" -gt 1 ]; then
-        echo "lungbench: $LB_OUT/$run_id is from an earlier attempt of this job; lungbench" \
-            "resumes in one process only, so this ${SLURM_NTASKS}-task step starts a new run" \
-            "folder next to it" >&2
+    if [ "${SLURM_NTASKS:-1}" -gt 1 ] && [[ $command == bench* ]]; then
+        echo "lungbench: $LB_OUT/$run_id is from an earlier attempt of this job; a bench" \
+            "sweep resumes in one process only, so this ${SLURM_NTASKS}-task step starts a" \
+            "new run folder next to it" >&2
         return 0
     fi
     case $command in

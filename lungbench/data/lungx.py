@@ -24,6 +24,7 @@ the spreadsheet and its row.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -165,9 +166,12 @@ def _clean(value: object) -> str:
 
 def _number(path: Path, line: int, what: str, text: str) -> float:
     try:
-        return float(text.replace(" ", ""))
+        value = float(text.replace(" ", ""))
     except ValueError:
         raise DataError(f"{path}: row {line}: {what} {text!r} is not a number") from None
+    if not math.isfinite(value):  # float() takes 'inf' and 'nan'; no position is either
+        raise DataError(f"{path}: row {line}: {what} {text!r} is not a finite number")
+    return value
 
 
 def _diagnosis(path: Path, line: int, text: str) -> int:

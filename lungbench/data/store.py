@@ -354,7 +354,7 @@ class StoreDataset(Dataset):
         if self._cache is not None and i in self._cache:
             return self._cache[i]
         f = self._handle()
-        arrays = tuple(normalize(f[name][i], self.info.units[name]) for name in self.info.inputs)
+        arrays = tuple(self._read_row(f, name, i) for name in self.info.inputs)
         for name, array in zip(self.info.inputs, arrays, strict=True):
             if not np.all(np.isfinite(array)):  # float stores written by other tools
                 raise DataError(f"{self.path}: dataset '{name}' row {i} has NaN or Inf values")
@@ -362,6 +362,16 @@ class StoreDataset(Dataset):
         if self._cache is not None:
             self._cache[i] = item
         return item
+
+    def _read_row(self, f: h5py.File, name: str, i: int) -> np.ndarray:
+        try:
+            raw = f[name][i]
+        except OSError as exc:  # a damaged chunk: HDF5's filter or checksum fails
+            raise DataError(
+                f"{self.path}: dataset '{name}' row {i} cannot be read ({str(exc)[:120]}); "
+                "the file is damaged: rebuild it"
+            ) from None
+        return normalize(raw, self.info.units[name])
 
     def __getitem__(self, k: int):
         arrays, label = self.read(int(self.indices[k]))

@@ -35,7 +35,6 @@ from lungbench.distributed import (
     shutdown,
     single_process,
 )
-from lungbench.errors import UsageError
 from lungbench.experiments import common3d
 from lungbench.experiments.common3d import log
 from lungbench.harness import default_store_path
@@ -156,7 +155,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--resume",
         default=None,
-        help="continue exactly from a checkpoint_last.pt (default: start afresh)",
+        help="continue exactly from a checkpoint_last.pt (default: start afresh); under a "
+        "launcher, with the number of processes that wrote it",
     )
     d.add_argument(
         "--data-seed",
@@ -321,9 +321,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, cfg: PretrainConfig, dist: DistContext) -> int:
     if args.resume is not None:
-        if dist.is_distributed:
-            raise UsageError("--resume: not supported under a launcher; resume in one process")
-        # A corrupt file or changed training options fail before data or a run folder is made.
+        # A corrupt file or changed training options fail before data or a run folder is
+        # made; under a launcher every rank reads the file (a shared file system, as for the
+        # data), and the engine checks the world size is the one that wrote it.
         load_resume_checkpoint(args.resume, cfg.train)
     out = Path(args.out)
     # Every rank checks a given store itself (a bad one fails everywhere at once); a generated
