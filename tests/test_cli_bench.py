@@ -46,6 +46,10 @@ def test_tiny_sweep_writes_every_file(tmp_path, capsys, tiny_store):
         str(tmp_path),
         "--run-id",
         "tiny",
+        "--batch",
+        "2",
+        "4",
+        "2",  # given twice: measured once
     )
     assert code == 0, err
     run = tmp_path / "tiny"

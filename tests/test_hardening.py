@@ -439,3 +439,65 @@ def test_confined_rejects_escapes(tmp_path):
     with pytest.raises(UsageError, match="escapes the output folder"):
         confined(tmp_path, "..", "elsewhere")
     assert confined(tmp_path, "a", "b") == (tmp_path / "a" / "b").resolve()
+
+
+# ----------------------------------------------------------------------- LUNGx spreadsheet
+
+LUNGX_HEADER = 'Scan Number,Nodule Number,"Nodule Center x,y Position*",Nodule Center Image,'
+LUNGX_HEADER += "Final Diagnosis"
+CELL = st.one_of(
+    st.sampled_from(["inf", "-inf", "nan", "1e400", "", " 7 ", "3.5", "-2", "x", "1,2", "(4, 5)"]),
+    st.text(alphabet="0123456789.,-e ()infa", max_size=8),
+)
+
+
+@FAST
+@given(st.lists(st.tuples(CELL, CELL, CELL, st.sampled_from(["Benign", "malignant", "?"]))))
+def test_lungx_spreadsheet_rows_are_finite_or_a_data_error(tmp_path_factory, rows):
+    """Any cell text: the reader returns rows with finite positions and slices, or one
+    DataError naming the file (never OverflowError / ValueError from int(inf), say)."""
+    sheet = tmp_path_factory.mktemp("lungx") / "n.csv"
+    lines = [LUNGX_HEADER]
+    for i, (nodule, xy, image, diagnosis) in enumerate(rows):
+        lines.append(f'LUNGx-CT{i:03d},"{nodule}","{xy}","{image}",{diagnosis}')
+    sheet.write_text("\n".join(lines) + "\n")
+    from lungbench.data.lungx import read_spreadsheet
+
+    try:
+        parsed = read_spreadsheet(sheet)
+    except DataError as exc:
+        assert str(sheet) in str(exc) and "\n" not in str(exc)
+        return
+    for row in parsed:
+        assert math.isfinite(row.x) and math.isfinite(row.y) and row.label in (0, 1)
+
+
+def test_lungx_infinite_cells_are_data_errors(tmp_path):
+    from lungbench.data.lungx import read_spreadsheet
+
+    sheet = tmp_path / "inf.csv"
+    sheet.write_text(f'{LUNGX_HEADER}\nLUNGx-CT001,1,"3, 4",inf,Benign\n')
+    with pytest.raises(DataError, match=r"row 2: slice 'inf' is not a finite number"):
+        read_spreadsheet(sheet)
+    sheet.write_text(f'{LUNGX_HEADER}\nLUNGx-CT001,1,"nan, 4",2,Benign\n')
+    with pytest.raises(DataError, match=r"row 2: x 'nan' is not a finite number"):
+        read_spreadsheet(sheet)
+    sheet.write_text(f'{LUNGX_HEADER}\nLUNGx-CT001,1,"3, 4",2,Benign\n')
+    assert read_spreadsheet(sheet)[0].slice == 2  # the header parses: the cells are read
+
+
+def test_damaged_chunk_is_a_data_error_naming_file_and_dataset(tmp_path):
+    """Bytes overwritten inside a compressed sample chunk (file length intact): reading that
+    sample fails with a DataError naming the file, the dataset and the row."""
+    path = tmp_path / "s.h5"
+    _write(path, [np.full(SHAPE, -1000) for _ in range(3)], [0, 1, 0])  # compressible
+    with h5py.File(path, "r") as f:
+        chunk = f["volume"].id.get_chunk_info(1)  # one sample per chunk
+    assert chunk.filter_mask == 0  # the chunk went through the compression filter
+    raw = bytearray(path.read_bytes())
+    raw[chunk.byte_offset : chunk.byte_offset + chunk.size] = b"\xff" * chunk.size
+    path.write_bytes(bytes(raw))
+    ds = StoreDataset(path)
+    ds[0]  # the undamaged samples still read
+    with pytest.raises(DataError, match=r"s\.h5: dataset 'volume' row 1 cannot be read"):
+        ds[1]

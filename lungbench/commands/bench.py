@@ -202,10 +202,11 @@ def _run(args: argparse.Namespace) -> int:
         **speed_request_fields(args),
         model=args.model,
         preset=args.preset,
-        filters=tuple(args.filters),
-        batch_sizes=tuple(args.batch),
-        devices=tuple(args.device),
-        threads=tuple(args.threads) if args.threads else (None,),
+        # A value given twice would measure (and record) one configuration twice.
+        filters=_unique(args.filters),
+        batch_sizes=_unique(args.batch),
+        devices=_unique(args.device),
+        threads=_unique(args.threads) if args.threads else (None,),
         warmup=args.warmup,
         repeats=args.repeats,
         epoch=args.epoch,
@@ -265,3 +266,8 @@ def _group_device(devices) -> str:
 
     wants_cuda = any(d.startswith("cuda") for d in devices)
     return "cuda" if wants_cuda and torch.cuda.is_available() else "cpu"
+
+
+def _unique(values) -> tuple:
+    """The values in the order given, each once."""
+    return tuple(dict.fromkeys(values))
