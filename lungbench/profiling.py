@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, record_function
 
+from lungbench.distributed import DistContext
 from lungbench.errors import DataError, UsageError, look_up_option
 
 ACTIVITIES = {"cpu": ProfilerActivity.CPU, "cuda": ProfilerActivity.CUDA}
@@ -222,7 +223,8 @@ def input_shapes(cfg: ProfileConfig) -> list[tuple[int, ...]]:
 
 
 def training_step_fn(cfg: ProfileConfig, device: torch.device) -> Callable[[], None]:
-    """One training step of `cfg`'s model with its four phases in named ranges."""
+    """One training step of `cfg`'s model with its four phases in named ranges (DDP's step,
+    with its gradient all-reduce, when a process group is up)."""
     from lungbench.models import create_model
     from lungbench.train import default_loss
 
@@ -598,22 +600,41 @@ def run_profile(
     out: Path = Path("results"),
     run_id: str | None = None,
     log: Callable[[str], None] = print,
-) -> ProfileResult:
-    """Profile `cfg`'s training step and write traces, tables and profile.json."""
+    dist: DistContext | None = None,
+) -> ProfileResult | None:
+    """Profile `cfg`'s training step and write traces, tables and profile.json.
+
+    Under a launcher (`dist` with several ranks) every rank profiles its DDP step and writes
+    its own trace (traces/rank<R>.*) into rank 0's run folder, which rank 0 alone makes; rank
+    0 then summarizes all of them (the communication overlap is DDP's) and returns the
+    result, the other ranks return None. The run folder must be on a file system that every
+    rank sees, as for a data store.
+    """
+    from lungbench.distributed import all_gather, barrier, single_process
     from lungbench.env import environment_record
     from lungbench.results import create_run_dir, finish_run, marking_run, write_json, write_table
     from lungbench.timing import set_threads
 
+    dist = dist or single_process(cfg.device)
     device = validate(cfg, Path(out))
+    if dist.is_distributed:
+        device = dist.device  # cuda:<local rank> on a GPU node
     threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
-    run_dir = create_run_dir(out, "profile", run_id)
-    with marking_run(run_dir):  # a failure marks the run "failed", Ctrl-C "interrupted"
-        write_json(run_dir / "config.json", {"profile": cfg, "threads_used": threads})
-        write_json(run_dir / "environment.json", environment_record())
+    made = create_run_dir(out, "profile", run_id) if dist.is_main else None
+    run_dir = Path(all_gather(dist, str(made), "sharing the run folder")[0])
+    with marking_run(run_dir) if dist.is_main else contextlib.nullcontext():
+        if dist.is_main:  # a failure marks the run "failed", Ctrl-C "interrupted"
+            write_json(
+                run_dir / "config.json",
+                {"profile": cfg, "threads_used": threads, "distributed": dist.describe()},
+            )
+            write_json(run_dir / "environment.json", environment_record())
+            (run_dir / "traces").mkdir()
+        barrier(dist, "waiting for rank 0's run folder")
         trace_dir = run_dir / "traces"
-        trace_dir.mkdir()
         log(
-            f"profiling {cfg.model} f{cfg.filters} b{cfg.batch_size} on {device}: "
+            f"profiling {cfg.model} f{cfg.filters} b{cfg.batch_size} on {device}"
+            f"{f' (DDP x{dist.world_size}, {dist.backend})' if dist.is_distributed else ''}: "
             f"{cfg.run_steps} steps, schedule {cfg.schedule}"
         )
         totals = profile_steps(
@@ -625,7 +646,11 @@ def run_profile(
             record_shapes=cfg.record_shapes,
             profile_memory=cfg.profile_memory,
             with_stack=cfg.with_stack,
+            worker_name=f"rank{dist.rank}" if dist.is_distributed else None,
         )
+        barrier(dist, "waiting for every rank's trace")
+        if not dist.is_main:
+            return None
         files = trace_files(trace_dir)
         traces = [load_trace(p) for p in files]  # also proves they are valid Chrome traces
         operators = operator_table(
@@ -644,6 +669,8 @@ def run_profile(
                     ["operator", "self_cpu_ms", "self_cuda_ms"]
                 ].to_dict("records"),
                 "tensorboard": f"tensorboard --logdir {run_dir}",
+                "world_size": dist.world_size,
+                "operators_of": "rank 0" if dist.is_distributed else "this process",
             }
         )
         write_json(run_dir / "profile.json", summary)

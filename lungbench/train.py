@@ -52,7 +52,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from lungbench.data.transforms import sample_key
-from lungbench.distributed import DistContext, single_process
+from lungbench.distributed import DistContext, all_gather, single_process
 from lungbench.errors import DataError, LungbenchError, UsageError, look_up_option
 
 OPTIMIZERS = ("adam", "sgd", "adadelta")
@@ -609,13 +609,9 @@ class _State:
 def _gather_rank_states(state: _State, dist: DistContext) -> None:
     """Collect every rank's RNG states and partial sums into `state.ranks` (a collective:
     every rank calls it at the same point, just before rank 0 writes a checkpoint)."""
-    if not dist.is_distributed:
-        return
-    import torch.distributed as tdist
-
-    gathered: list[Any] = [None] * dist.world_size
-    tdist.all_gather_object(gathered, {"rng": rng_state(), "partial": dict(state.partial)})
-    state.ranks = gathered
+    if dist.is_distributed:
+        mine = {"rng": rng_state(), "partial": dict(state.partial)}
+        state.ranks = all_gather(dist, mine, "gathering the ranks' states for the checkpoint")
 
 
 def fit(

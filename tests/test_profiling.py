@@ -235,3 +235,33 @@ def test_tensorboard_plugin_lists_the_run(profile_run):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.distributed
+def test_profile_under_torchrun_profiles_the_ddp_step(tmp_path):
+    """2 Gloo ranks: one run folder (rank 0's), a trace per rank, and a summary with the
+    gradient all-reduce in it (the overlap share is DDP's, not a hand-made trace's)."""
+    from launchenv import clean_env
+
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + ["-m", "lungbench", "profile", "--threads", "1", "--preset", "dey2018"]
+        + ["--filters", "4", "--wait", "0", "--warmup", "1", "--active", "2"]
+        + ["--out", str(out), "--run-id", "ddp", "--dist-timeout", "120"],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("results: ") == 1, "rank 0 alone prints"
+    assert [p.name for p in out.iterdir()] == ["ddp"]
+    run = out / "ddp"
+    traces = sorted(p.name.split(".")[0] for p in (run / "traces").iterdir())
+    assert traces == ["rank0", "rank1"]
+    summary = read_json(run / "profile.json")
+    assert summary["world_size"] == 2 and summary["profiled_steps"] == 4  # 2 per rank
+    assert summary["communication_ms"] > 0 and 0 <= summary["communication_overlap_fraction"] <= 1
+    assert read_json(run / "config.json")["distributed"]["world_size"] == 2
+    assert read_json(run / "run.json")["status"] == "complete"

@@ -18,13 +18,16 @@ the ranges data / forward / backward / optimizer (NVTX ranges too on CUDA).
 Writes to results/<run-id>/: traces/*.pt.trace.json (one per cycle; Chrome-trace JSON for
 TensorBoard's torch-tb-profiler plugin, https://ui.perfetto.dev and chrome://tracing),
 tables/operators.csv (top operators by self CPU, or CUDA, time), tables/phases.csv
-(data / compute / communication per step) and profile.json (shares, communication overlap)."""
+(data / compute / communication per step) and profile.json (shares, communication overlap).
+Under torchrun / srun / mpiexec every rank profiles its DDP step (traces/rank<R>.*), and the
+summary gives the share of the gradient all-reduce that overlapped with compute."""
 
 EPILOG = """\
 examples:
   lungbench profile                                    CPU, filters 16, batch 2, 5 steps
   lungbench profile --filters 8 --preset iso64 --active 5
   lungbench profile --device cuda --activities cpu,cuda --with-stack
+  torchrun --nproc_per_node 2 -m lungbench profile --threads 1   DDP: communication overlap
   tensorboard --logdir results/<run-id>                then open the PYTORCH_PROFILER tab"""
 
 
@@ -83,6 +86,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--out", default="results", help="output root (default: results)")
     o.add_argument("--run-id", default=None, help="run folder name (default: profile-<UTC>-<host>)")
+    p.add_argument_group("under a launcher (torchrun, srun, mpiexec: DDP)").add_argument(
+        "--dist-timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="end the job with an error when a rank dies or does not answer for this long, "
+        "rendezvous included (default: 1800)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -114,9 +125,22 @@ def _run(args: argparse.Namespace) -> int:
         store=Path(args.store) if args.store else None,
         seed=args.seed,
     )
-    result = run_profile(
-        cfg, Path(args.out), args.run_id, log=lambda text: print(text, file=sys.stderr)
-    )
+    from lungbench.distributed import init_distributed, shutdown
+
+    # World size 1 without a launcher; under one, every rank profiles its DDP step.
+    dist = init_distributed(args.device, timeout_s=args.dist_timeout)
+    try:
+        result = run_profile(
+            cfg,
+            Path(args.out),
+            args.run_id,
+            log=lambda text: print(text, file=sys.stderr) if dist.is_main else None,
+            dist=dist,
+        )
+    finally:
+        shutdown(dist)
+    if result is None:  # not rank 0: rank 0 writes and prints
+        return 0
     from lungbench.results import markdown
 
     print(
