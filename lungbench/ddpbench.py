@@ -484,9 +484,11 @@ def run_ddp_sweep(
     options: DDPOptions,
     on_record: Callable[[dict[str, Any]], None],
     progress: Callable[[str], None] | None = None,
+    monitor: Callable[..., dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Every rank calls this. Rank 0 gets every record (baseline and DDP) via `on_record`
-    and in the returned list; the other ranks get an empty list."""
+    and in the returned list; the other ranks get an empty list. `monitor` (rank 0's
+    lungbench.telemetry.SweepMonitor) samples rank 0's GPU and CPU around each measurement."""
     dataset = StoreDataset(info.path)
     indices = train_split(info, dataset.labels, seed=configs[0].seed if configs else 0)
     records: list[dict[str, Any]] = []
@@ -502,7 +504,12 @@ def run_ddp_sweep(
                 for c in same:
                     if progress:
                         progress(f"1 process {c.device} f{c.filters} b{c.batch_size}")
-                    emit(baseline_record(baseline_config(c, c.device), info, dataset, indices))
+                    one = baseline_config(c, c.device)
+
+                    def baseline(one: BenchConfig = one) -> dict[str, Any]:
+                        return baseline_record(one, info, dataset, indices)
+
+                    emit(monitor(one, baseline) if monitor else baseline())
             barrier(
                 dist,
                 "waiting for rank 0's 1-process baseline (raise --dist-timeout or "
@@ -518,10 +525,18 @@ def run_ddp_sweep(
                         {**base_record(cfg, scaling, None, dist), "status": "skipped", "error": why}
                     )
                 continue
-            mine = measure_rank(cfg, scaling, per_rank, info, dataset, indices, dist)
-            ranks = gather_records(dist, mine, f"gathering DDP {scaling} results")
-            if dist.is_main:
-                emit(combine_ranks(cfg, scaling, per_rank, dist, ranks))
+
+            def ddp(cfg=cfg, scaling: str = scaling, per_rank: int = per_rank) -> dict[str, Any]:
+                mine = measure_rank(cfg, scaling, per_rank, info, dataset, indices, dist)
+                ranks = gather_records(dist, mine, f"gathering DDP {scaling} results")
+                return combine_ranks(cfg, scaling, per_rank, dist, ranks) if dist.is_main else {}
+
+            if not dist.is_main:
+                ddp()
+            elif monitor is not None:
+                emit(monitor(cfg, ddp, device=str(dist.device), per_sample=False))
+            else:
+                emit(ddp())
     return records
 
 
@@ -618,9 +633,14 @@ def run_ddp_bench(
             append_record(run_dir, record)
             bar.update(1)
 
+        monitor = None
+        if request.telemetry_interval:
+            from lungbench.telemetry import SweepMonitor
+
+            monitor = SweepMonitor(run_dir / "telemetry", request.telemetry_interval, run_dir)
         with bar:
             records = run_ddp_sweep(
-                configs, info, dist, options, on_record, progress=bar.set_postfix_str
+                configs, info, dist, options, on_record, bar.set_postfix_str, monitor
             )
         flat = [{k: v for k, v in r.items() if k != "ranks"} for r in records]
         table_text = write_bench_outputs(run_dir, flat)

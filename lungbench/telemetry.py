@@ -503,15 +503,25 @@ class SweepMonitor:
         self.run_dir = Path(run_dir) if run_dir is not None else self.folder.parent
         self.powercap = powercap
 
-    def __call__(self, cfg: MeasuredConfig, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def __call__(
+        self,
+        cfg: MeasuredConfig,
+        run: Callable[[], dict[str, Any]],
+        device: str | None = None,
+        per_sample: bool = True,
+    ) -> dict[str, Any]:
+        """`run()`'s record with the telemetry of `device` (default: cfg.device) while it ran;
+        the series is named after the record's key. `per_sample=False` leaves out the energy
+        per sample (a DDP record: this process sees its own GPU, not every rank's)."""
         sampler = TelemetrySampler(
-            self.interval_s, gpus=nvml_indices(cfg.device), powercap=self.powercap
+            self.interval_s, gpus=nvml_indices(device or cfg.device), powercap=self.powercap
         )
         with sampler:
             record = run()
-        path = sampler.write_csv(self.folder / f"{file_name(cfg.key())}.csv")
+        key = str(record.get("key") or cfg.key())
+        path = sampler.write_csv(self.folder / f"{file_name(key)}.csv")
         items = None
-        if record.get("status", "ok") == "ok":
+        if per_sample and record.get("status", "ok") == "ok":
             items = cfg.batch_size * (1 + cfg.warmup + cfg.repeats)
             items += int(record.get("epoch_samples") or 0)
         summary = sampler.summary(items)

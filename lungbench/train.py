@@ -27,6 +27,7 @@ TensorBoard).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -110,6 +111,7 @@ class TrainConfig:
     progress: bool = True  # progress bars
     log_epochs: bool = True  # one summary line per epoch (also without bars: batch-job logs)
     tensorboard: bool = True
+    telemetry_interval: float = 0.0  # seconds between telemetry samples, 0 = off (rank 0)
 
     def __post_init__(self) -> None:
         look_up_option(self.optimizer, OPTIMIZERS, what="optimizer")
@@ -227,7 +229,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 # Options that may change when resuming: how long to train and where/how to show it. Every
 # other TrainConfig field changes what the resumed steps compute (lr, batch size, seed, ...).
-RESUME_MAY_CHANGE = ("epochs", "progress", "log_epochs", "device", "num_workers", "tensorboard")
+RESUME_MAY_CHANGE = (
+    "epochs",
+    "progress",
+    "log_epochs",
+    "device",
+    "num_workers",
+    "tensorboard",
+    "telemetry_interval",
+)
 # Schedules whose shape depends on the planned number of epochs: their epochs may not change.
 LENGTH_BOUND_SCHEDULES = ("cosine", "onecycle")
 
@@ -484,6 +494,60 @@ def stop_on_signals():
             signal.signal(s, h)
 
 
+class _Telemetry:
+    """GPU/CPU telemetry beside a fit with a run folder (lungbench.telemetry): the time series
+    in RUN/telemetry.csv, and per epoch a summary (utilisation, peak memory, energy per
+    sample where an energy source exists) in the history row as telemetry_* columns."""
+
+    FIELDS = (
+        "cpu_util_mean_percent",
+        "rss_peak_bytes",
+        "gpu_util_mean_percent",
+        "gpu_mem_peak_bytes",
+        "gpu_power_mean_w",
+        "energy_j",
+        "energy_per_sample_j",
+    )
+
+    def __init__(self, run_dir: Path | None, config: TrainConfig, device: torch.device) -> None:
+        self.sampler = None
+        self.run_dir = run_dir
+        self.first = 0
+        if run_dir is not None and config.telemetry_interval > 0:
+            from lungbench.telemetry import TelemetrySampler, nvml_indices
+
+            gpus = nvml_indices(str(device))
+            self.sampler = TelemetrySampler(config.telemetry_interval, gpus=gpus).start()
+
+    def epoch_row(self, samples: int) -> dict[str, Any]:
+        """The summary of the samples taken since the last call; the series saved so far."""
+        if self.sampler is None:
+            return {}
+        from lungbench.telemetry import summarize_samples
+
+        window = list(self.sampler.samples[max(self.first - 1, 0) :])
+        self.first = len(self.sampler.samples)
+        summary = summarize_samples(
+            window,
+            self.sampler.sources,
+            samples,
+            self.sampler._rapl.cpu_energy_columns() if self.sampler._rapl else [],
+            self.sampler.interval_s,
+        )
+        self.save()
+        return {f"telemetry_{k}": summary[k] for k in self.FIELDS}
+
+    def save(self) -> None:
+        if self.sampler is not None and self.run_dir is not None:
+            self.sampler.write_csv(self.run_dir / "telemetry.csv")
+
+    def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
+            self.save()
+            self.sampler = None
+
+
 class _PeakMemory:
     """Peak CUDA allocation, or on CPU the largest process RSS (sampled once per step) above
     the RSS when the fit started: the RSS high-water mark of the process would also hold
@@ -667,10 +731,11 @@ def fit(
 
     writer = _tensorboard(run_dir, config)
     memory = _PeakMemory(device)
+    telemetry = _Telemetry(run_dir, config, device)
     start = time.perf_counter()
     last_path = best_path = None
     stopped_early = False
-    with stop_on_signals() as stop:
+    with stop_on_signals() as stop, contextlib.closing(telemetry):
         while state.epoch < config.epochs:
             row = _train_epoch(
                 model,
@@ -704,6 +769,7 @@ def fit(
             )
             if metrics_fn is not None:
                 row.update({f"val_{k}": float(v) for k, v in metrics_fn(probs, targets).items()})
+            row.update(telemetry.epoch_row(int(row.pop("samples"))))
             if config.schedule != "onecycle":
                 scheduler.step()
             improved = val_loss < state.best_val_loss
@@ -845,6 +911,7 @@ def _train_epoch(
         "train_accuracy": sums["correct"] / max(sums["count"], 1),
         "epoch_s": seconds,
         "samples_per_s": sums["samples"] / seconds,
+        "samples": sums["samples"],  # all ranks' (popped by fit: energy per sample)
     }
 
 

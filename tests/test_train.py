@@ -411,3 +411,19 @@ def test_ddp_matches_single_process_on_the_same_global_batch(tmp_path):
     ddp = torch.load(out, weights_only=True)
     for name, value in reference.state_dict().items():
         assert torch.allclose(ddp[name], value, atol=1e-6), name
+
+
+def test_telemetry_beside_a_fit(tmp_path):
+    """A fit with a run folder and a telemetry interval: the time series in telemetry.csv
+    and per-epoch summaries in metrics.csv; no telemetry by default."""
+    config = _config(epochs=2, telemetry_interval=0.02)
+    fit(_model(), BlobSet(32, 0), BlobSet(8, 1), config, run_dir=tmp_path / "on")
+    series = pd.read_csv(tmp_path / "on" / "telemetry.csv")
+    assert len(series) >= 3 and (series["rss_bytes"] > 0).all()
+    metrics = pd.read_csv(tmp_path / "on" / METRICS_FILE)
+    assert (metrics["telemetry_rss_peak_bytes"] > 0).all()
+    assert metrics["telemetry_cpu_util_mean_percent"].notna().all()
+    assert "samples" not in metrics.columns  # used for energy per sample, not a metric
+    fit(_model(), BlobSet(32, 0), BlobSet(8, 1), _config(epochs=1), run_dir=tmp_path / "off")
+    assert not (tmp_path / "off" / "telemetry.csv").exists()
+    assert "telemetry_rss_peak_bytes" not in pd.read_csv(tmp_path / "off" / METRICS_FILE)

@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lungbench import results
-from lungbench.commands._args import non_negative_int, positive_int
+from lungbench.commands._args import non_negative_float, non_negative_int, positive_int
 from lungbench.data.store import StoreDataset, StoreInfo
 from lungbench.errors import UsageError
 from lungbench.results import create_run_dir, write_json
@@ -92,6 +92,7 @@ def add_train_arguments(
         default=0,
         help="seed of splits, initialisation and shuffling (default: 0)",
     )
+    add_telemetry_argument(g)
     o = p.add_argument_group("output")
     o.add_argument("--out", default="results", help="output root (default: results)")
     o.add_argument(
@@ -102,6 +103,19 @@ def add_train_arguments(
         dest="progress",
         action="store_false",
         help="no progress bars; the one-line summary per epoch stays (default: bars shown)",
+    )
+
+
+def add_telemetry_argument(group) -> None:
+    """--telemetry-interval: GPU/CPU telemetry beside every fit that has a run folder."""
+    group.add_argument(
+        "--telemetry-interval",
+        type=non_negative_float,
+        default=1.0,
+        metavar="SECONDS",
+        help="sample GPU (NVML) / CPU (psutil, RAPL) telemetry every SECONDS into each "
+        "training folder's telemetry.csv, with utilisation, peak memory and energy per "
+        "sample per epoch in metrics.csv; 0 = off (default: 1)",
     )
 
 
@@ -132,6 +146,7 @@ def train_config(
         num_workers=args.workers,
         device=args.device,
         progress=args.progress,
+        telemetry_interval=args.telemetry_interval,
         **overrides,
     )
 

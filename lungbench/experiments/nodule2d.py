@@ -162,6 +162,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--workers", type=non_negative_int, default=0, help="DataLoader workers (default: 0)"
     )
     t.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
+    c3d.add_telemetry_argument(t)
     o = p.add_argument_group("output")
     o.add_argument(
         "--quick",
@@ -212,6 +213,7 @@ def make_config(args: argparse.Namespace, lr: float | None = None) -> Nodule2DCo
         num_workers=args.workers,
         device=args.device,
         tensorboard=False,
+        telemetry_interval=args.telemetry_interval,
     )
     return Nodule2DConfig(
         model=pick("model"),
