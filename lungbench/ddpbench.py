@@ -63,6 +63,7 @@ from lungbench.harness import (
     synthetic_batch,
     train_split,
 )
+from lungbench.loaderbench import DeviceWaitClock, data_bound, to_device
 from lungbench.models import create_model
 from lungbench.peak import attach_peak
 from lungbench.results import error_line
@@ -292,22 +293,23 @@ def measure_ddp_epoch(
     loader = DataLoader(
         subset, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin
     )
-    data_wait, steps = 0.0, 0
+    steps = 0
+    clock = DeviceWaitClock(device)
     barrier(dist)
     _sync(device)
-    start = fetch = time.perf_counter()
+    start = time.perf_counter()
+    clock.start()
     with backend_flags(step_fn.switches):
-        for inputs, target in loader:
-            inputs = [x.to(device, non_blocking=True) for x in inputs]
-            target = target.to(device, non_blocking=True)
-            data_wait += time.perf_counter() - fetch
+        for batch in loader:
+            inputs, target = to_device(batch, device)
+            clock.batch_ready()
             step_fn(NO_TIMER, step_fn.prepare_inputs(inputs), target)
+            clock.step_done()
             steps += 1
-            fetch = time.perf_counter()
     _sync(device)  # note: CPU-GPU sync point; the epoch ends when the last kernel does
     return {
         "epoch_s": time.perf_counter() - start,
-        "epoch_data_wait_s": data_wait,
+        "epoch_data_wait_s": clock.seconds(),
         "epoch_steps": steps,
         "epoch_samples": len(indices),
     }
@@ -442,6 +444,7 @@ def _timings(ranks: Sequence[dict[str, Any]], global_batch: int, world_size: int
             epoch_data_wait_s=max(r["epoch_data_wait_s"] for r in ranks),
             epoch_steps=ranks[0]["epoch_steps"],
         )
+        out["data_bound"] = data_bound(out)  # the rank that waited longest on data
     return out
 
 

@@ -28,6 +28,7 @@ from lungbench.data.store import StoreDataset, StoreInfo
 from lungbench.errors import LungbenchError, UsageError, is_oom
 from lungbench.loaderbench import (
     DATA_BOUND_FRACTION,
+    DeviceWaitClock,
     LoaderOptions,
     make_loader,
     shared_dataset,
@@ -223,18 +224,19 @@ def measure_epoch(
         device,
         indices.tolist(),
     )
-    data_wait = 0.0
+    clock = DeviceWaitClock(device)
     _sync(device)
     start = time.perf_counter()
-    fetch = time.perf_counter()
+    clock.start()
     with backend_flags(switches):
         for batch in loader:
             inputs, target = to_device(batch, device)
-            data_wait += time.perf_counter() - fetch
+            clock.batch_ready()
             step_fn(NO_TIMER, step_fn.prepare_inputs(inputs), target)
-            fetch = time.perf_counter()
+            clock.step_done()
     _sync(device)  # note: CPU-GPU sync point; the epoch ends when the last kernel does
     elapsed = time.perf_counter() - start
+    data_wait = clock.seconds()
     return {
         "epoch_s": elapsed,
         "epoch_samples": len(indices),

@@ -132,6 +132,7 @@ def test_bench_under_torchrun(tmp_path, tiny_store):
     for r in records:
         assert r["telemetry_rss_peak_bytes"] > 0 and (run / r["telemetry_csv"]).exists()
     assert weak["telemetry_energy_per_sample_j"] is None  # rank 0 sees its own device only
+    assert isinstance(weak["data_bound"], bool) and weak["epoch_data_wait_s"] >= 0
     assert (weak["per_rank_batch"], weak["global_batch"]) == (2, 4)
     assert (strong["per_rank_batch"], strong["global_batch"]) == (1, 2)
     assert weak["epoch_samples"] == 8 and weak["epoch_steps"] == 2  # 4 samples per rank

@@ -90,3 +90,45 @@ def test_loader_benchmark_produces_its_figures(tiny_store):
         assert r["x_step_rate"] == pytest.approx(r["samples_per_s"] / 10.0)
     assert list(table.columns) == ["samples/s", "start-up s", "x step rate"]
     assert np.isfinite(loader_table(records, None)["samples/s"]).all()
+
+
+def test_device_wait_clock_counts_only_the_waits_on_cpu():
+    import time
+
+    from lungbench.loaderbench import DeviceWaitClock
+
+    clock = DeviceWaitClock(torch.device("cpu"))
+    clock.start()
+    for wait, step in ((0.05, 0.03), (0.02, 0.03)):
+        time.sleep(wait)  # the loader
+        clock.batch_ready()
+        time.sleep(step)  # the (synchronous) CPU step: not waiting
+        clock.step_done()
+    assert 0.07 <= clock.seconds() < 0.07 + 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_wait_clock_ignores_host_waits_hidden_by_running_kernels():
+    """A slow host fetch while the GPU still runs the previous step is no device wait."""
+    import time
+
+    from lungbench.loaderbench import DeviceWaitClock
+
+    device = torch.device("cuda")
+    a = torch.randn(8192, 8192, device=device)
+    torch.cuda.synchronize()
+    clock = DeviceWaitClock(device)
+    clock.start()
+    clock.batch_ready()
+    for _ in range(20):  # about 0.1 s or more of queued GPU work
+        a = a @ a / 8192
+    clock.step_done()
+    time.sleep(0.01)  # the host waits for data while the kernels run
+    clock.batch_ready()
+    hidden = clock.seconds()
+    torch.cuda.synchronize()
+    clock.step_done()
+    time.sleep(0.05)  # now the GPU is idle while the host waits
+    clock.batch_ready()
+    assert hidden < 0.005 and clock.seconds() - hidden >= 0.045
