@@ -24,6 +24,7 @@ from lungbench.report.scaling import (
     breakdown_table,
     combine_runs,
     format_breakdown,
+    scaling_notes,
     scaling_table,
     write_scaling_outputs,
 )
@@ -326,6 +327,17 @@ def test_scaling_table_hand_worked():
     assert parts.loc[1, "step_comm_s"] == 0.0
     text = format_breakdown([base, weak])
     assert "p2weak, filters 8, batch 4: step 250.0 ms = compute 200.0 ms (80%)" in text
+    assert scaling_notes(scaling_table([base, weak, strong])) == []
+
+
+def test_superlinear_scaling_is_flagged():
+    """A 2-process step as fast as the 1-process one at twice the samples: 200% efficiency,
+    which on one machine means the reference was disturbed; the note says so."""
+    base = {**_record(1, "none", 4, 0.4), "threads_used": 2}
+    weak = {**_record(2, "weak", 4, 0.1), "threads_used": 1}
+    (note,) = scaling_notes(scaling_table([base, weak]))
+    assert "weak scaling, world size 2" in note and "efficiency 400% is superlinear" in note
+    assert "threads: reference 2, each rank 1" in note
 
 
 def test_runs_combine_into_one_table(tmp_path):

@@ -38,6 +38,7 @@ SCALING_COLUMNS = [
     "world_size",
     "nodes",
     "platform",
+    "threads",
     "filters",
     "batch_size",
     "per_rank_batch",
@@ -104,6 +105,7 @@ def _row(record: dict[str, Any], scaling: str, ref: dict[str, Any] | None) -> di
         "world_size": ws,
         "nodes": record.get("nodes") or 1,
         "platform": record.get("platform"),
+        "threads": record.get("threads_used"),  # per process
         "filters": record.get("filters"),
         "batch_size": record.get("batch_size"),
         "per_rank_batch": per_rank,
@@ -317,6 +319,33 @@ def scaling_plot(table: pd.DataFrame):
     return fig
 
 
+# Efficiency above this is not a speed-up to believe without a second look.
+SUPERLINEAR = 1.15
+
+
+def scaling_notes(table: pd.DataFrame) -> list[str]:
+    """Warnings about rows whose numbers deserve suspicion: superlinear efficiency, which on
+    one machine usually means the 1-process reference was disturbed (a loaded machine) or
+    ran with other CPU threads than each rank."""
+    notes = []
+    for scaling, group in table.groupby("scaling", sort=False):
+        ref = group[group["world_size"] == 1]
+        ref_threads = ref["threads"].iloc[0] if len(ref) else None
+        for _, r in group[group["efficiency"] > SUPERLINEAR].iterrows():
+            threads = (
+                f"; threads: reference {_int(ref_threads)}, each rank {_int(r['threads'])}"
+                if pd.notna(ref_threads) and pd.notna(r["threads"])
+                else ""
+            )
+            notes.append(
+                f"note: {scaling} scaling, world size {r['world_size']}, filters "
+                f"{r['filters']}, batch {r['batch_size']}: efficiency {_pct(r['efficiency'])} "
+                f"is superlinear: the 1-process reference was likely disturbed (other load) "
+                f"or not comparable{threads}; rerun on a quiet machine before trusting it"
+            )
+    return notes
+
+
 def write_scaling_outputs(run_dir: Path, records: Sequence[dict[str, Any]]) -> str:
     """Write tables/scaling.csv|.md, tables/breakdown.csv|.md and plots/scaling.png; return
     the text to print (scaling table and breakdown)."""
@@ -328,6 +357,9 @@ def write_scaling_outputs(run_dir: Path, records: Sequence[dict[str, Any]]) -> s
         return "no DDP record: no scaling table\n\n" + breakdown
     write_table(run_dir, "scaling", table, index=False)
     text = format_scaling_markdown(table)
+    notes = scaling_notes(table)
+    if notes:
+        text += "\n\n" + "\n".join(notes)
     (run_dir / "tables" / "scaling.md").write_text(text + "\n")
     if table["efficiency"].notna().any():
         save_figure(run_dir, "scaling", scaling_plot(table))
