@@ -26,7 +26,7 @@ from lungbench.harness import (
     run_sweep,
 )
 from lungbench.models import create_model, list_models
-from lungbench.models.dualpath3d import GEOMETRY_PRESETS, geometry
+from lungbench.models.dualpath3d import GEOMETRY_PRESETS, geometry, preset_mismatch
 from lungbench.peak import attach_peak, device_peaks
 from lungbench.report.bench_outputs import write_bench_outputs
 from lungbench.results import (
@@ -136,7 +136,13 @@ def validate(request: BenchRequest) -> None:
 
 
 def check_store_fits_model(request: BenchRequest, info: StoreInfo) -> None:
-    """DataError unless the model takes one sample of each store input (a dry forward)."""
+    """DataError unless the model takes one sample of each store input (a dry forward); the
+    two-path model also needs the preset's grids (both paths on the same grid: a smaller
+    zoom cube would still run, through the global pooling, but measure another network)."""
+    if request.model == "dualpath3d" and list(info.inputs) == ["context", "zoom"]:
+        reason = preset_mismatch(list(info.inputs.values()), request.preset)
+        if reason:
+            raise DataError(f"{info.path}: {reason}")
     model = create_model(request.model, preset=request.preset, filters=min(request.filters))
     inputs = [torch.zeros((1, *shape)) for shape in info.inputs.values()]
     try:

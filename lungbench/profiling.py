@@ -573,26 +573,11 @@ def check_store(cfg: ProfileConfig) -> None:
         raise UsageError(f"--store {cfg.store}: {info.n} samples < --batch {cfg.batch_size}")
     if cfg.model != "dualpath3d":
         return  # other models take any grid; their example shapes are no requirement
-    from lungbench.models.dualpath3d import GEOMETRY_PRESETS
+    from lungbench.models.dualpath3d import preset_mismatch
 
-    wanted = [shape[1:] for shape in input_shapes(cfg)]
-    found = list(info.inputs.values())
-    if found == wanted:
-        return
-    matching = [
-        name
-        for name, geo in GEOMETRY_PRESETS.items()
-        if found == [(1, *geo.context_grid), (1, *geo.zoom_grid)]
-    ]
-    hint = (
-        f"use --preset {matching[0]}"
-        if matching
-        else f"no preset has these shapes ({', '.join(GEOMETRY_PRESETS)})"
-    )
-    raise UsageError(
-        f"--store {cfg.store}: inputs {', '.join(map(str, found))} do not fit --preset "
-        f"{cfg.preset} ({', '.join(map(str, wanted))}); {hint}"
-    )
+    reason = preset_mismatch(list(info.inputs.values()), cfg.preset)
+    if reason:
+        raise UsageError(f"--store {cfg.store}: {reason}")
 
 
 def run_profile(

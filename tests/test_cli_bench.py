@@ -166,9 +166,20 @@ def test_missing_truncated_and_wrong_shaped_store(tmp_path, capsys, tiny_store):
         data = f["zoom"][:, 0, 0]  # drop the channel and a spatial axis
         del f["zoom"]
         f["zoom"] = data
-    code, lines = _bad(tmp_path, capsys, wrong)
-    assert code == 2 and len(lines) == 1 and "wrong.h5: dataset 'context' has shape" in lines[0]
-    assert "cannot take it" in lines[0]
+    code, lines = _bad(tmp_path, capsys, wrong, "--preset", "dey2018")
+    assert code == 2 and len(lines) == 1 and "wrong.h5: inputs (1, 5, 50, 50), (50, 50)" in lines[0]
+    assert "do not fit --preset dey2018" in lines[0]
+    # A smaller zoom cube would still run (global pooling) but measure another network.
+    cropped = tmp_path / "cropped.h5"
+    cropped.write_bytes(tiny_store.read_bytes())
+    with h5py.File(cropped, "r+") as f:
+        data = f["zoom"][:, :, :, :25, :25]
+        del f["zoom"]
+        f["zoom"] = data
+    code, lines = _bad(tmp_path, capsys, cropped, "--preset", "dey2018")
+    assert code == 2 and len(lines) == 1 and "(1, 5, 25, 25) do not fit" in lines[0]
+    code, lines = _bad(tmp_path, capsys, tiny_store)  # the right store, the wrong preset
+    assert code == 2 and "use --preset dey2018" in lines[0]
     assert not (tmp_path / "out").exists()
 
 

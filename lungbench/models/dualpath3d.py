@@ -164,3 +164,27 @@ def dualpath3d(
     return DualPath3D(
         in_channels, out_channels, filters, depth, geo.context_grid, geo.zoom_grid, hidden, dropout
     )
+
+
+def preset_mismatch(found: Sequence[Sequence[int]], preset: str) -> str | None:
+    """None when `found` (per-sample input shapes (C, D, H, W), context then zoom) are the
+    grids of `preset`; else why not, naming the preset whose grids they are, if any."""
+    geo = GEOMETRY_PRESETS[preset]
+    wanted = [(1, *geo.context_grid), (1, *geo.zoom_grid)]
+    found = [tuple(int(v) for v in shape) for shape in found]
+    if found == wanted:
+        return None
+    matching = [
+        name
+        for name, g in GEOMETRY_PRESETS.items()
+        if found == [(1, *g.context_grid), (1, *g.zoom_grid)]
+    ]
+    hint = (
+        f"use --preset {matching[0]}"
+        if matching
+        else f"no preset has these shapes ({', '.join(GEOMETRY_PRESETS)})"
+    )
+    return (
+        f"inputs {', '.join(map(str, found))} do not fit --preset {preset} "
+        f"({', '.join(map(str, wanted))}); {hint}"
+    )
