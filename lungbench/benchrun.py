@@ -235,9 +235,13 @@ def run_bench(
             "configurations already measured"
         )
     # a failure marks the run "failed"; Ctrl-C / SIGTERM "interrupted", with its tables
-    # rebuilt from the records measured so far
-    with marking_run(
-        run_dir, on_interrupt=lambda: rebuild_outputs(run_dir, write_bench_outputs, log)
+    # rebuilt from the records measured so far (SIGTERM from here on: while the peaks are
+    # measured or the tables written too, not only during the sweep)
+    with (
+        stop_on_sigterm(),
+        marking_run(
+            run_dir, on_interrupt=lambda: rebuild_outputs(run_dir, write_bench_outputs, log)
+        ),
     ):
         if batch_limits is not None:
             write_table(run_dir, "max_batch", batch_limits, index=False)
@@ -274,7 +278,7 @@ def run_bench(
         def progress(cfg: BenchConfig) -> None:
             bar.set_postfix_str(f"{cfg.device} f{cfg.filters} b{cfg.batch_size}")
 
-        with bar, stop_on_sigterm():
+        with bar:
             run_sweep(
                 pending,
                 info,

@@ -993,7 +993,8 @@ def _write_epoch(
     if writer is not None:
         row = state.history[-1]
         for key, value in row.items():
-            if key != "epoch" and value == value:  # skip NaN (e.g. AUC with one class)
+            # skip NaN (AUC with one class) and None (a telemetry source this machine lacks)
+            if key != "epoch" and isinstance(value, (int, float)) and value == value:
                 writer.add_scalar(key, value, int(row["epoch"]))
         writer.flush()
     payload = _payload(state, core, optimizer, scheduler, scaler, config, meta)

@@ -416,7 +416,8 @@ def test_ddp_matches_single_process_on_the_same_global_batch(tmp_path):
 def test_telemetry_beside_a_fit(tmp_path):
     """A fit with a run folder and a telemetry interval: the time series in telemetry.csv
     and per-epoch summaries in metrics.csv; no telemetry by default."""
-    config = _config(epochs=2, telemetry_interval=0.02)
+    # TensorBoard on: telemetry columns without a source here (GPU) are None, not scalars.
+    config = _config(epochs=2, telemetry_interval=0.02, tensorboard=True)
     fit(_model(), BlobSet(32, 0), BlobSet(8, 1), config, run_dir=tmp_path / "on")
     series = pd.read_csv(tmp_path / "on" / "telemetry.csv")
     assert len(series) >= 3 and (series["rss_bytes"] > 0).all()
