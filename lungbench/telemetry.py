@@ -327,10 +327,15 @@ class TelemetrySampler:
             writer.writerows(self.samples)
         return path
 
-    def summary(self, items: int | None = None) -> dict[str, Any]:
-        """Mean utilisation, peak memory, energy; joules per item when `items` is given."""
+    def summary(
+        self, items: int | None = None, since: int = 0, until: int | None = None
+    ) -> dict[str, Any]:
+        """Mean utilisation, peak memory, energy; joules per item when `items` is given.
+
+        Over samples[since:until] (all by default; the sample before `since` is included as
+        the starting point of CPU shares and energy counters): one epoch of a fit, say."""
         return summarize_samples(
-            self.samples,
+            self.samples[max(since - 1, 0) : until],
             self.sources,
             items,
             self._rapl.cpu_energy_columns() if self._rapl else [],

@@ -523,17 +523,9 @@ class _Telemetry:
         """The summary of the samples taken since the last call; the series saved so far."""
         if self.sampler is None:
             return {}
-        from lungbench.telemetry import summarize_samples
-
-        window = list(self.sampler.samples[max(self.first - 1, 0) :])
-        self.first = len(self.sampler.samples)
-        summary = summarize_samples(
-            window,
-            self.sampler.sources,
-            samples,
-            self.sampler._rapl.cpu_energy_columns() if self.sampler._rapl else [],
-            self.sampler.interval_s,
-        )
+        until = len(self.sampler.samples)  # the sampler thread may append meanwhile
+        summary = self.sampler.summary(samples, since=self.first, until=until)
+        self.first = until
         self.save()
         return {f"telemetry_{k}": summary[k] for k in self.FIELDS}
 
