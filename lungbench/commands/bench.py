@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from lungbench.commands._args import non_negative_int, positive_int
+from lungbench.commands._args import add_dist_timeout, non_negative_int, positive_int
 from lungbench.commands._speed import (
     add_speed_options,
     run_ablation_cli,
@@ -173,14 +173,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_false",
         help="skip the 1-process reference that rank 0 measures first",
     )
-    dd.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=1800.0,
-        metavar="SECONDS",
-        help="end the job with an error when a rank dies or does not answer "
-        "for this long, rendezvous included (default: 1800)",
-    )
+    add_dist_timeout(dd)
     add_speed_options(p)  # switches, --ablation, --find-batch, --loader, data path
     p.set_defaults(func=_run)
 

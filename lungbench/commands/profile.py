@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from lungbench.commands._args import non_negative_int, positive_int
+from lungbench.commands._args import add_dist_timeout, non_negative_int, positive_int
 
 DESCRIPTION = """\
 Run the training step of a model (default: the two-path 3D CNN, filters 16, batch 2) under
@@ -86,14 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--out", default="results", help="output root (default: results)")
     o.add_argument("--run-id", default=None, help="run folder name (default: profile-<UTC>-<host>)")
-    p.add_argument_group("under a launcher (torchrun, srun, mpiexec: DDP)").add_argument(
-        "--dist-timeout",
-        type=float,
-        default=1800.0,
-        metavar="SECONDS",
-        help="end the job with an error when a rank dies or does not answer for this long, "
-        "rendezvous included (default: 1800)",
-    )
+    add_dist_timeout(p.add_argument_group("under a launcher (torchrun, srun, mpiexec: DDP)"))
     p.set_defaults(func=_run)
 
 

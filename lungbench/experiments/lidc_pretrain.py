@@ -24,7 +24,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from lungbench.commands._args import non_negative_int, positive_int, unit_fraction
+from lungbench.commands._args import (
+    add_dist_timeout,
+    non_negative_int,
+    positive_int,
+    unit_fraction,
+)
 from lungbench.data.splits import stratified_split
 from lungbench.data.store import StoreInfo, read_info, read_meta
 from lungbench.distributed import (
@@ -165,14 +170,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seed of the generated data set (default: 0)",
     )
     common3d.add_train_arguments(p, FULL, QUICK)
-    p.add_argument_group("under a launcher (DDP)").add_argument(
-        "--dist-timeout",
-        type=float,
-        default=1800.0,
-        metavar="SECONDS",
-        help="end the job with an error when a rank dies or does not answer "
-        "for this long, rendezvous included (default: 1800)",
-    )
+    add_dist_timeout(p.add_argument_group("under a launcher (DDP)"))
 
 
 def make_config(args: argparse.Namespace) -> PretrainConfig:
