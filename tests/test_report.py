@@ -193,6 +193,13 @@ def test_report_renders_in_headless_chromium(bench_run, tmp_path):
         timeout=120,
     )
     assert shot.exists() and shot.read_bytes().startswith(PNG_MAGIC), result.stderr[-500:]
+    from PIL import Image
+
+    # The page really drew something: text, tables and the embedded plots' colours, not a
+    # blank or broken-image page (a plot's colour ramp alone gives dozens of colours).
+    with Image.open(shot) as image:
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 50, len(colours or [])
     dom = subprocess.run(
         [
             _chromium(),
