@@ -58,12 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(subparsers)
+    _remember_leaf_parsers(parser)
     return parser
+
+
+def _remember_leaf_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each command's own parser in its namespace (`_parser`), so that an unknown option is
+    reported by that command ("see `lungbench bench --help`"), not by the top level."""
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not actions:
+        parser.set_defaults(_parser=parser)
+    for action in actions:
+        for sub in action.choices.values():
+            _remember_leaf_parsers(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args) or 0)
     except LungbenchError as exc:

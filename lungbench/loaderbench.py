@@ -205,6 +205,7 @@ class DeviceWaitClock:
     """
 
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.cuda = device.type == "cuda"
         self._host = 0.0
         self._mark = 0.0
@@ -213,7 +214,7 @@ class DeviceWaitClock:
 
     def _event(self) -> Any:
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))  # this device, not the current
         return event
 
     def start(self) -> None:
@@ -236,7 +237,7 @@ class DeviceWaitClock:
     def seconds(self) -> float:
         if not self.cuda:
             return self._host
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(self.device)
         return sum(a.elapsed_time(b) for a, b in self._gaps) / 1e3
 
 

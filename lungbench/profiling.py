@@ -597,7 +597,14 @@ def run_profile(
     """
     from lungbench.distributed import all_gather, barrier, single_process
     from lungbench.env import environment_record
-    from lungbench.results import create_run_dir, finish_run, marking_run, write_json, write_table
+    from lungbench.results import (
+        create_run_dir,
+        error_line,
+        finish_run,
+        marking_run,
+        write_json,
+        write_table,
+    )
     from lungbench.timing import set_threads
 
     dist = dist or single_process(cfg.device)
@@ -605,8 +612,20 @@ def run_profile(
     if dist.is_distributed:
         device = dist.device  # cuda:<local rank> on a GPU node
     threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
-    made = create_run_dir(out, "profile", run_id) if dist.is_main else None
-    run_dir = Path(all_gather(dist, str(made), "sharing the run folder")[0])
+    made, failure = None, None
+    if dist.is_main:
+        try:
+            made = create_run_dir(out, "profile", run_id)
+        except Exception as exc:  # the other ranks must hear of it, not wait for the timeout
+            failure = exc
+    shared = all_gather(
+        dist, (str(made), error_line(failure) if failure else None), "sharing the run folder"
+    )[0]
+    if failure is not None:
+        raise failure
+    if shared[1] is not None:
+        raise UsageError(f"rank 0 could not make the run folder: {shared[1]}")
+    run_dir = Path(shared[0])
     with marking_run(run_dir) if dist.is_main else contextlib.nullcontext():
         if dist.is_main:  # a failure marks the run "failed", Ctrl-C "interrupted"
             write_json(

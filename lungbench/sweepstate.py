@@ -285,7 +285,9 @@ def _normalize(value: Any) -> Any:
 
 
 # Options that may differ on resume without changing what is measured.
-RESUME_FREE = ("out", "run_id")
+# strict_switches is derived from the switch options, which are compared themselves (and a
+# run made before it named the forced switches saved a bool).
+RESUME_FREE = ("out", "run_id", "strict_switches")
 
 
 def merge_request(saved: Mapping[str, Any], given: Any, defaults: Any) -> dict[str, Any]:

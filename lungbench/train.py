@@ -497,7 +497,8 @@ def stop_on_signals():
 class _Telemetry:
     """GPU/CPU telemetry beside a fit with a run folder (lungbench.telemetry): the time series
     in RUN/telemetry.csv, and per epoch a summary (utilisation, peak memory, energy per
-    sample where an energy source exists) in the history row as telemetry_* columns."""
+    sample where an energy source exists) in the history row as telemetry_* columns. Under
+    DDP it is rank 0's devices (the run folder is rank 0's), without energy per sample."""
 
     FIELDS = (
         "cpu_util_mean_percent",
@@ -519,8 +520,10 @@ class _Telemetry:
             gpus = nvml_indices(str(device))
             self.sampler = TelemetrySampler(config.telemetry_interval, gpus=gpus).start()
 
-    def epoch_row(self, samples: int) -> dict[str, Any]:
-        """The summary of the samples taken since the last call; the series saved so far."""
+    def epoch_row(self, samples: int | None) -> dict[str, Any]:
+        """The summary of the telemetry samples taken since the last call (the epoch's
+        training and validation), energy per training sample when `samples` is given; the
+        series saved so far."""
         if self.sampler is None:
             return {}
         until = len(self.sampler.samples)  # the sampler thread may append meanwhile
@@ -761,7 +764,10 @@ def fit(
             )
             if metrics_fn is not None:
                 row.update({f"val_{k}": float(v) for k, v in metrics_fn(probs, targets).items()})
-            row.update(telemetry.epoch_row(int(row.pop("samples"))))
+            # Energy per sample only where the sampler sees every sample's device: under DDP
+            # rank 0 samples its own GPU and CPU, not the other ranks'.
+            samples = int(row.pop("samples"))
+            row.update(telemetry.epoch_row(None if dist.is_distributed else samples))
             if config.schedule != "onecycle":
                 scheduler.step()
             improved = val_loss < state.best_val_loss
@@ -1013,8 +1019,16 @@ def _restore(path: Path, core, optimizer, scheduler, scaler, config, meta, dist)
     ckpt = load_resume_checkpoint(path, config)
     saved_world = int(ckpt.get("world_size", 1))
     if saved_world != dist.world_size:
+        older = (
+            ""
+            if "world_size" in ckpt
+            else (
+                " (or by a DDP run of a lungbench older than per-rank resume states, which "
+                "cannot resume under a launcher)"
+            )
+        )
         raise UsageError(
-            f"{path}: written by a run of {saved_world} process(es); resume it with "
+            f"{path}: written by a run of {saved_world} process(es){older}; resume it with "
             f"{saved_world}, not {dist.world_size} (each rank's data shard and random "
             "streams are saved for that layout)"
         )

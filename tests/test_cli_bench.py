@@ -258,3 +258,13 @@ def test_env_prints_the_record(capsys):
     code, out, _ = run_cli(capsys, "env")
     record = json.loads(out)
     assert code == 0 and record["cpu"]["logical_cores"] >= 1 and record["gpus"] == []
+
+
+def test_unknown_option_is_reported_by_its_command(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "lidc-pretrain", "--bogus"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(lines) == 1
+    assert (
+        "unrecognized arguments: --bogus (see `lungbench train lidc-pretrain --help`)" in lines[0]
+    )

@@ -431,6 +431,21 @@ def test_lidc_pretrain_under_torchrun_trains_with_ddp(tmp_path):
     assert len(pd.read_csv(run / "metrics.csv")) == 2
     assert (run / "checkpoint_best.pt").exists()
 
+    # Resumed under the launcher (a requeued job): every rank continues from the checkpoint.
+    resumed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + ["-m", "lungbench", "train", "lidc-pretrain", "--quick", "--epochs", "3"]
+        + ["--synth-n", "24", "--out", str(out), "--run-id", "ddp-resumed", "--no-progress"]
+        + ["--resume", str(run / "checkpoint_last.pt"), "--dist-timeout", "60"],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = pd.read_csv(out / "ddp-resumed" / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2, 3]  # epochs 1-2 from the checkpoint's history
+
 
 @pytest.mark.parametrize("experiment", ["lungx-cv", "mosmed", "chestxray", "nodule2d"])
 def test_single_process_experiments_refuse_a_launcher(experiment, tmp_path, capsys, monkeypatch):

@@ -400,3 +400,19 @@ def test_training_stopped_by_sigterm_and_resumed_matches_uninterrupted(tmp_path,
     pd.testing.assert_frame_equal(
         resumed.tail(len(straight)).reset_index(drop=True), straight, rtol=1e-5
     )
+
+
+def test_resume_of_an_older_run_with_forced_switches_given_again():
+    """A run made before strict_switches named the forced switches saved a bool; giving the
+    same --dtype again on --resume (a requeued job's options) is no conflict."""
+    from dataclasses import asdict
+
+    from lungbench.benchrun import BenchRequest
+    from lungbench.sweepstate import merge_request
+
+    saved = {**asdict(BenchRequest(dtype="bf16")), "strict_switches": True}
+    saved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in saved.items()}
+    saved = {k: (str(v) if isinstance(v, Path) else v) for k, v in saved.items()}
+    given = BenchRequest(dtype="bf16", strict_switches=("dtype",))
+    merged = merge_request(saved, given, BenchRequest())
+    assert merged["dtype"] == "bf16" and merged["strict_switches"] is True

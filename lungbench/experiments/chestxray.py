@@ -220,6 +220,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="epochs of generated-data pretraining without --weights (default: 5; --quick: 1)",
     )
     t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    c3d.add_telemetry_argument(t)
     t.add_argument(
         "--workers", type=non_negative_int, default=0, help="DataLoader workers (default: 0)"
     )
@@ -303,6 +304,7 @@ def make_config(args: argparse.Namespace) -> ChestXrayConfig:
         progress=False,
         log_epochs=False,  # dozens of fits (methods x folds); each prints its own summary
         tensorboard=False,
+        telemetry_interval=args.telemetry_interval,  # fits with a folder: the pretraining
     )
     return ChestXrayConfig(
         model=pick("model"),

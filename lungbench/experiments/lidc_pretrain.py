@@ -335,7 +335,7 @@ def _run(args: argparse.Namespace, cfg: PretrainConfig, dist: DistContext) -> in
     cfg = PretrainConfig(**{**_shallow(cfg), "preset": common3d.nodule_preset(info)})
     note = common3d.data_note(info)
     if not dist.is_main:
-        pretrain(cfg, info, None, dist=dist)
+        pretrain(cfg, info, None, resume=args.resume, dist=dist)  # every rank resumes
         return 0
     run_dir = common3d.start_run(
         args.out,
