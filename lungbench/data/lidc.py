@@ -385,8 +385,10 @@ def render_mask(
     axes = [(centre[i] + offsets[i] - origin[i]) / box_spacing[i] for i in range(3)]
     # Each contour stands for a slab one slice step thick (nearest slice along z), so the
     # volume matches area x slice step; in-plane the fraction is interpolated linearly and
-    # thresholded at 1/2, which keeps the area.
-    axes[0] = np.round(axes[0])
+    # thresholded at 1/2, which keeps the area. Slice k covers [k - 1/2, k + 1/2): rounding
+    # half up, since np.round (half to even) drops or keeps both voxels exactly on a slab's
+    # faces by the parity of k (a 3 mm slab at 1 mm rendered 2 or 4 voxels thick).
+    axes[0] = np.floor(axes[0] + 0.5)
     coords = np.meshgrid(*axes, indexing="ij")
     resampled = ndimage.map_coordinates(fraction, coords, order=1, mode="constant", cval=0.0)
     return resampled >= 0.5, centre

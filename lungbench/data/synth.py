@@ -138,6 +138,17 @@ def nodule_mask(
     return mask
 
 
+def calcified_core(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """The calcified core: the mask eroded `iterations` times or, for a nodule too thin for
+    that (a 2-voxel-thick one erodes to nothing), its innermost voxels, so that a nodule
+    rated calcified never loses its calcium."""
+    core = ndimage.binary_erosion(mask, iterations=iterations)
+    if core.any() or not mask.any():
+        return core
+    depth = ndimage.distance_transform_edt(mask)
+    return depth >= depth.max()
+
+
 def render_nodule(
     params: NoduleParams,
     shape: tuple[int, ...],
@@ -158,9 +169,7 @@ def render_nodule(
     else:
         volume = np.where(mask, solid, volume)
     if params.calcified:
-        core = ndimage.binary_erosion(
-            mask, iterations=max(1, int(params.diameter_mm / 4 / spacing))
-        )
+        core = calcified_core(mask, max(1, int(params.diameter_mm / 4 / spacing)))
         volume = np.where(core, rng.normal(600, 100, shape), volume)
     # Partial-volume blur of a CT reconstruction kernel.
     return ndimage.gaussian_filter(volume, sigma=0.6 / spacing)
