@@ -3,61 +3,59 @@
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
+
+
+def _parsed(
+    text: str,
+    cast: Callable[[str], float],
+    valid: Callable[[float], bool],
+    expected: str,
+    bound: str,
+):
+    """`cast(text)` if `valid`, else argparse's error: 'expected EXPECTED' / 'must be BOUND'."""
+    try:
+        value = cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+    return value
 
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return _parsed(text, int, lambda v: v >= 1, "an integer >= 1", ">= 1")
 
 
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _parsed(text, int, lambda v: v >= 0, "an integer >= 0", ">= 0")
 
 
 def unit_fraction(text: str) -> float:
     """argparse type: a float in (0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
-    return value
+    return _parsed(text, float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)", "in (0, 1)")
+
+
+def percent(text: str) -> float:
+    """argparse type: a percentage in [0, 1000)."""
+    return _parsed(text, float, lambda v: 0.0 <= v < 1000.0, "a percentage", "in [0, 1000)")
 
 
 def non_negative_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not 0.0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
-    return value
+    return _parsed(
+        text, float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0", "a finite number >= 0"
+    )
 
 
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not 0.0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
-    return value
+    return _parsed(
+        text, float, lambda v: v > 0 and math.isfinite(v), "a number > 0", "a finite number > 0"
+    )
 
 
 def add_dist_timeout(group) -> None:

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from lungbench.commands._args import percent, unit_fraction
+
 DESCRIPTION = """\
 Compare two run folders configuration by configuration: the ratio of median step times
 (B / A) with a bootstrap confidence interval from the raw repeats, flagged faster / slower
@@ -34,14 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("b", metavar="B", help="the run compared with it")
     p.add_argument(
         "--threshold",
-        type=_percent,
+        type=percent,
         default=5.0,
         metavar="PCT",
         help="changes within PCT percent count as 'same' (default: 5)",
     )
     p.add_argument(
         "--fail-above",
-        type=_percent,
+        type=percent,
         default=None,
         metavar="PCT",
         help="exit 1 when a step time got slower by more than PCT percent (its interval "
@@ -50,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--confidence",
-        type=_fraction,
+        type=unit_fraction,
         default=0.95,
         help="bootstrap interval confidence (default: 0.95)",
     )
@@ -117,23 +119,3 @@ def _run(args: argparse.Namespace) -> int:
         if worse or result.lost_in_b:
             return 1
     return 0
-
-
-def _percent(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentage, got {text!r}") from None
-    if not 0.0 <= value < 1000.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1000), got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
-    return value
