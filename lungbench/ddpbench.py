@@ -32,6 +32,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -348,7 +349,7 @@ def measure_rank(
                 result.update(measure_ddp_epoch(cfg, per_rank, info, dataset, indices, dist))
     except DistributedError:
         raise
-    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+    except (MemoryError, RuntimeError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
         result.update(status="oom" if is_oom(exc) else "error", error=error_line(exc))
     finally:
         if dist.device.type == "cuda":
@@ -500,6 +501,10 @@ def run_ddp_sweep(
         on_record(record)
         records.append(record)
 
+    def measured(cfg: BenchConfig, run: Callable[[], dict[str, Any]], **kw: Any) -> dict:
+        """run() itself, under rank 0's telemetry monitor when there is one."""
+        return monitor(cfg, run, **kw) if monitor is not None and dist.is_main else run()
+
     for cfg in ddp_configs(configs, dist):
         if options.baseline:
             same = [c for c in configs if _group(c) == _group(cfg)]
@@ -508,11 +513,7 @@ def run_ddp_sweep(
                     if progress:
                         progress(f"1 process {c.device} f{c.filters} b{c.batch_size}")
                     one = baseline_config(c, c.device)
-
-                    def baseline(one: BenchConfig = one) -> dict[str, Any]:
-                        return baseline_record(one, info, dataset, indices)
-
-                    emit(monitor(one, baseline) if monitor else baseline())
+                    emit(measured(one, partial(baseline_record, one, info, dataset, indices)))
             barrier(
                 dist,
                 "waiting for rank 0's 1-process baseline (raise --dist-timeout or "
@@ -528,19 +529,26 @@ def run_ddp_sweep(
                         {**base_record(cfg, scaling, None, dist), "status": "skipped", "error": why}
                     )
                 continue
-
-            def ddp(cfg=cfg, scaling: str = scaling, per_rank: int = per_rank) -> dict[str, Any]:
-                mine = measure_rank(cfg, scaling, per_rank, info, dataset, indices, dist)
-                ranks = gather_records(dist, mine, f"gathering DDP {scaling} results")
-                return combine_ranks(cfg, scaling, per_rank, dist, ranks) if dist.is_main else {}
-
-            if not dist.is_main:
-                ddp()
-            elif monitor is not None:
-                emit(monitor(cfg, ddp, device=str(dist.device), per_sample=False))
-            else:
-                emit(ddp())
+            ddp = partial(ddp_record, cfg, scaling, per_rank, info, dataset, indices, dist)
+            record = measured(cfg, ddp, device=str(dist.device), per_sample=False)
+            if dist.is_main:
+                emit(record)
     return records
+
+
+def ddp_record(
+    cfg: BenchConfig,
+    scaling: str,
+    per_rank: int,
+    info: StoreInfo,
+    dataset: StoreDataset,
+    indices: np.ndarray,
+    dist: DistContext,
+) -> dict[str, Any]:
+    """Every rank measures its part; rank 0 gets the combined record (the others: {})."""
+    mine = measure_rank(cfg, scaling, per_rank, info, dataset, indices, dist)
+    ranks = gather_records(dist, mine, f"gathering DDP {scaling} results")
+    return combine_ranks(cfg, scaling, per_rank, dist, ranks) if dist.is_main else {}
 
 
 def baseline_record(

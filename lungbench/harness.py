@@ -269,7 +269,7 @@ def measure(
         record.update(measure_compute(cfg, info, device))
         if cfg.epoch:
             record.update(measure_epoch(cfg, dataset, indices, device))
-    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+    except (MemoryError, RuntimeError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
         # CUDA says "out of memory", the CPU allocator "can't allocate memory": both oom.
         record.update(status="oom" if is_oom(exc) else "error", error=_first_line(exc))
     except LungbenchError:

@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from lungbench.errors import message_of
-from lungbench.safepaths import check_out_dir
+from lungbench.safepaths import check_name, check_out_dir
 
 RUN_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
@@ -50,8 +50,6 @@ def create_run_dir(out_root: str | os.PathLike, kind: str, run_id: str | None = 
     root = Path(out_root)
     check_out_dir(root)
     if run_id is not None:
-        from lungbench.safepaths import check_name
-
         check_name(run_id, "--run-id")  # results stay inside --out: no '/', no '..'
     run_id = run_id or make_run_id(kind)
     run_dir = root / run_id

@@ -72,7 +72,7 @@ class Switches:
         look_up_option(self.memory_format, (*MEMORY_FORMATS, AUTO), what="--memory-format")
         look_up_option(self.dtype, (*DTYPES, AUTO), what="--dtype")
         look_up_option(self.compile, (*COMPILE_MODES, AUTO), what="--compile")
-        look_up_option(self.optimizer, (*OPTIMIZER_IMPLS, AUTO), what="--optimizer")
+        look_up_option(self.optimizer, (*OPTIMIZER_IMPLS, AUTO), what=switch_flag("optimizer"))
         if int(self.ddp_bucket_mb) < 1:
             raise UsageError(f"--ddp-bucket-mb must be >= 1, got {self.ddp_bucket_mb}")
         return self
@@ -152,6 +152,11 @@ def compiler_available(device: torch.device) -> str | None:
     return None
 
 
+def switch_flag(name: str) -> str:
+    """The `lungbench bench` option of a Switches field (messages name what users type)."""
+    return "--optimizer-impl" if name == "optimizer" else "--" + name.replace("_", "-")
+
+
 @dataclass(frozen=True)
 class Resolved:
     """The switches that will run on a device, what was asked, and why they differ."""
@@ -202,12 +207,12 @@ def resolve(
     def fall_back(name: str, value: Any, reason: str) -> None:
         nonlocal chosen
         message = (
-            f"--{name.replace('_', '-')} {_show(getattr(chosen, name))}: {reason}; "
+            f"{switch_flag(name)} {_show(getattr(chosen, name))}: {reason}; "
             f"running with {_show(value)}"
         )
         if name in forced:
             raise UsageError(
-                f"--{name.replace('_', '-')} {_show(getattr(chosen, name))}: "
+                f"{switch_flag(name)} {_show(getattr(chosen, name))}: "
                 f"{reason} on {device.type}; choose from: "
                 + ", ".join(_show(v) for v in _possible(name, device))
             )

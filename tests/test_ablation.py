@@ -130,6 +130,11 @@ def test_cli_eager_fp32_conflicts_and_forced_switches_fail(tmp_path, capsys):
     assert "--eager-fp32" in capsys.readouterr().err
     assert main(["bench", "--dtype", "fp16", "--out", str(tmp_path)]) == 2
     assert "--dtype fp16" in capsys.readouterr().err
+    # Messages name the option users type (the field is `optimizer`, the option not).
+    assert (
+        main(["bench", "--eager-fp32", "--optimizer-impl", "foreach", "--out", str(tmp_path)]) == 2
+    )
+    assert "drop --optimizer-impl" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # bad input leaves nothing behind
 
 

@@ -148,13 +148,13 @@ def add_speed_options(p: argparse.ArgumentParser) -> None:
 def speed_request_fields(args: argparse.Namespace) -> dict[str, Any]:
     """BenchRequest fields from the options (UsageError for --eager-fp32 with a switch)."""
     from lungbench.errors import UsageError
-    from lungbench.switches import eager_fp32
+    from lungbench.switches import eager_fp32, switch_flag
 
     given = {k: getattr(args, k) for k, auto in _AUTO_DEFAULTS.items() if getattr(args, k) != auto}
     if args.eager_fp32:
         if given:
-            name = next(iter(given)).replace("_", "-")
-            raise UsageError(f"--eager-fp32 is the plain baseline; drop --{name}")
+            name = switch_flag(next(iter(given)))
+            raise UsageError(f"--eager-fp32 is the plain baseline; drop {name}")
         values: dict[str, Any] = {k: getattr(eager_fp32(), k) for k in _AUTO_DEFAULTS}
     else:
         values = {k: getattr(args, k) for k in _AUTO_DEFAULTS}
@@ -232,15 +232,16 @@ def _refuse_switches_for_ablation(args: argparse.Namespace) -> None:
     """The ablation sets every switch itself, rung by rung from the eager FP32 baseline: a
     switch option would be silently ignored, so it is an error (--compile picks the rung)."""
     from lungbench.errors import UsageError
+    from lungbench.switches import switch_flag
 
     given = [k for k, auto in _AUTO_DEFAULTS.items() if k != "compile" and getattr(args, k) != auto]
     if args.eager_fp32:
         given.insert(0, "eager_fp32")
     if given:
-        flag = {"optimizer": "optimizer-impl"}.get(given[0], given[0]).replace("_", "-")
+        flag = "--eager-fp32" if given[0] == "eager_fp32" else switch_flag(given[0])
         raise UsageError(
             f"--ablation measures every speed switch in turn from the eager FP32 baseline; "
-            f"drop --{flag} (only --compile is read: the mode of its torch.compile rung)"
+            f"drop {flag} (only --compile is read: the mode of its torch.compile rung)"
         )
 
 
