@@ -40,8 +40,8 @@ def is_quick(config: pytest.Config) -> bool:
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     """Saved runs carry the lungbench environment record (versions, CPU, GPU, git, SLURM)."""
-    from lungbench.env import environment_record
-    from lungbench.results import to_jsonable
+    from lungbench.core.environment import environment_record
+    from lungbench.core.runs import to_jsonable
 
     machine_info["lungbench"] = to_jsonable(environment_record())
     machine_info["lungbench_quick"] = is_quick(config)

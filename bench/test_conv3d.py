@@ -3,7 +3,7 @@
 The first convolution of a path (1 -> filters channels on the whole grid) dominates the
 two-path model's time; `deep` is the second level (filters -> 2 x filters on half the grid).
 Each case records its achieved FLOP/s and, as `peak_fraction`, its share of the device's
-fp32 matrix-product peak (lungbench.peak, measured once per session and device).
+fp32 matrix-product peak (lungbench.measure.peak, measured once per session and device).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lungbench.models.dualpath3d import geometry
-from lungbench.peak import matmul_peak_flops
+from lungbench.data.geometry import geometry
+from lungbench.measure.peak import matmul_peak_flops
 
 PRESETS = ["dey2018", "default", "iso64"]
 QUICK_PRESETS = {"dey2018"}

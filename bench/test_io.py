@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from torch.utils.data import default_collate
 
+from lungbench.data.geometry import geometry
 from lungbench.data.store import StoreDataset, StoreWriter
-from lungbench.models.dualpath3d import geometry
 
 PRESETS = ["dey2018", "default", "iso64"]
 N = 32

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lungbench.harness import bce_loss
+from lungbench.data.geometry import geometry
+from lungbench.measure.timing import training_step_flops
 from lungbench.models import create_model
-from lungbench.models.dualpath3d import geometry
-from lungbench.timing import training_step_flops
+from lungbench.step import bce_loss
 
 PRESETS = ["dey2018", "default", "iso64"]
 BATCH = 2

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lungbench.data.geometry import geometry
 from lungbench.data.transforms import PRESETS as TRANSFORM_PRESETS
 from lungbench.data.transforms import make_transform
-from lungbench.models.dualpath3d import geometry
 
 GRIDS = ["dey2018", "default", "iso64"]
 TRANSFORMS = [name for name in TRANSFORM_PRESETS if name != "none"]

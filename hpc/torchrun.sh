@@ -14,7 +14,7 @@ NNODES="${NNODES:-1}"
 if [ "$NNODES" -eq 1 ]; then
     exec torchrun --standalone --nproc_per_node "$NPROC" -m lungbench bench "$@"
 fi
-head=$(python -c "from lungbench.distributed import parse_nodelist as p; import os; print(p(os.environ['SLURM_JOB_NODELIST'])[0])")
+head=$(python -c "from lungbench.distributed.group import parse_nodelist as p; import os; print(p(os.environ['SLURM_JOB_NODELIST'])[0])")
 exec torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC" --rdzv-backend c10d \
     --rdzv-endpoint "$head:${MASTER_PORT:-29500}" --rdzv-id "${SLURM_JOB_ID:-lungbench}" \
     -m lungbench bench "$@"

@@ -1,3 +1,10 @@
-"""lungbench: benchmarking and HPC profiling for deep learning on 3D lung CT."""
+"""lungbench: benchmarking and HPC profiling for deep learning on 3D lung CT.
+
+Layer 0: the version string only. The layers, lowest first (an import may only point down;
+tests/test_layers.py checks every import, function-local ones too):
+
+    core -> distributed -> data -> models -> step -> measure -> train -> report
+         -> experiments -> commands -> cli
+"""
 
 __version__ = "0.1.0"

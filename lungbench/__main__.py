@@ -1,3 +1,5 @@
+"""Layer 11: `python -m lungbench` runs the command line (lungbench.cli)."""
+
 import sys
 
 from lungbench.cli import main

@@ -1,4 +1,4 @@
-"""The `lungbench` command line: argument parsing and error reporting only.
+"""Layer 11 (cli): the `lungbench` command line: argument parsing and error reporting only.
 
 Each command lives in `lungbench/commands/<name>.py` and exposes `register(subparsers)`,
 which adds its parser and sets `func(args) -> int`. The work itself is done by the library.
@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from lungbench import __version__
-from lungbench.errors import LungbenchError, message_of
+from lungbench.core.errors import LungbenchError, message_of
 
 # Order is the order shown by `lungbench --help`.
 COMMAND_MODULES = [
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except LungbenchError as exc:
         print(f"lungbench {args.command}: error: {message_of(exc)}", file=sys.stderr)
-        distributed = sys.modules.get("lungbench.distributed")  # loaded iff a group may exist
+        distributed = sys.modules.get("lungbench.distributed.group")  # loaded iff a group may exist
         if distributed is not None and distributed.group_is_broken():
             distributed.exit_now(exc.exit_code)  # a lost peer: no clean teardown is possible
         return exc.exit_code

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lungbench.data.geometry import geometry
 from lungbench.data.synth import write_synthetic_store
-from lungbench.models.dualpath3d import geometry
 
 
 @pytest.fixture(autouse=True)

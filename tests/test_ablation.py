@@ -6,10 +6,16 @@ import pandas as pd
 import pytest
 import torch
 
-from lungbench.ablation import AblationConfig, ablation_table, attach_peaks, ladder, run_ablation
 from lungbench.cli import main
-from lungbench.results import read_json, read_records
-from lungbench.switches import bf16_supported, eager_fp32
+from lungbench.core.runs import read_json, read_records
+from lungbench.measure.ablation import (
+    AblationConfig,
+    ablation_table,
+    attach_peaks,
+    ladder,
+    run_ablation,
+)
+from lungbench.step import bf16_supported, eager_fp32
 
 CPU = torch.device("cpu")
 TINY = AblationConfig(

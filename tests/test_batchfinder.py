@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from lungbench.batchfinder import cap_configs, family, find_max_batch, is_oom, training_trial
 from lungbench.cli import main
-from lungbench.harness import BenchConfig
-from lungbench.results import read_records
-from lungbench.switches import Switches
+from lungbench.core.errors import is_oom
+from lungbench.core.runs import read_records
+from lungbench.measure.batch_finder import cap_configs, family, find_max_batch, training_trial
+from lungbench.measure.sweep import BenchConfig
+from lungbench.step import Switches
 
 CPU = torch.device("cpu")
 SHAPES = [(1, 4, 5, 6)]

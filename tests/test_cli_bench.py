@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from lungbench.cli import main
-from lungbench.results import read_json, read_records
+from lungbench.core.runs import read_json, read_records
 
 TINY = [
     "--preset",
@@ -221,12 +221,12 @@ def test_bad_number_is_one_line_without_the_usage_block(capsys):
 
 
 def test_worker_errors_show_the_workers_own_message():
-    from lungbench.errors import DataError, message_of
+    from lungbench.core.errors import DataError, message_of
 
     wrapped = DataError(
         "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent "
         'call last):\n  File "x.py", line 1, in f\n    raise DataError(...)\n'
-        "lungbench.errors.DataError: s.h5: dataset 'context' sample 3 has NaN"
+        "lungbench.core.errors.DataError: s.h5: dataset 'context' sample 3 has NaN"
     )
     assert message_of(wrapped) == "s.h5: dataset 'context' sample 3 has NaN"
     assert message_of(DataError("first\nsecond")) == "first"

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lungbench.cli import main
+from lungbench.core.runs import append_record, create_run_dir, finish_run, write_json
 from lungbench.report.compare import bootstrap_ratio_ci, compare_records, verdict
-from lungbench.results import append_record, create_run_dir, finish_run, write_json
 
 KEYS = [f"dualpath3d|dey2018|f{f}|b{b}|cpu|t2|fp32|contiguous|off" for f in (8, 16) for b in (2, 4)]
 ENV = {

@@ -8,10 +8,10 @@ import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from lungbench.core.errors import DataError
 from lungbench.data.dicom import is_slice_name, load_series, series_uid_of
+from lungbench.data.geometry import geometry
 from lungbench.data.resample import cut_cube, cut_cubes, resample_isotropic
-from lungbench.errors import DataError
-from lungbench.models.dualpath3d import geometry
 
 
 def write_series(

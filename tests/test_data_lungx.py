@@ -9,10 +9,10 @@ import pytest
 from test_data_dicom import cli_error, truncate, write_series
 
 from lungbench.cli import main
+from lungbench.core.errors import DataError
+from lungbench.data.geometry import geometry
 from lungbench.data.lungx import read_spreadsheet, write_lungx_store
 from lungbench.data.store import read_info, read_meta
-from lungbench.errors import DataError
-from lungbench.models.dualpath3d import geometry
 
 HEADER = [
     "Scan Number ",

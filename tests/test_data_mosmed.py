@@ -8,10 +8,10 @@ import pytest
 from test_data_dicom import cli_error
 
 from lungbench.cli import main
+from lungbench.core.errors import DataError
 from lungbench.data.mosmed import list_studies, preprocess, write_mosmed_store
 from lungbench.data.nifti import load_nifti
 from lungbench.data.store import read_info, read_meta
-from lungbench.errors import DataError
 
 
 def write_study(path, hu_xyz, zooms=(0.8, 0.8, 8.0)):

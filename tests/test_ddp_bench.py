@@ -17,9 +17,11 @@ import pandas as pd
 import pytest
 from launchenv import clean_env
 
-from lungbench.ddpbench import parse_scaling, platform_label, split_batch
-from lungbench.distributed import DistContext, DistributedError, slurm_port
-from lungbench.errors import DataError, UsageError
+from lungbench.core.errors import DataError, UsageError
+from lungbench.core.runs import read_json, read_records
+from lungbench.distributed.group import DistContext, DistributedError
+from lungbench.distributed.launch import slurm_port
+from lungbench.measure.ddp import parse_scaling, platform_label, split_batch
 from lungbench.report.scaling import (
     breakdown_table,
     combine_runs,
@@ -28,7 +30,6 @@ from lungbench.report.scaling import (
     scaling_table,
     write_scaling_outputs,
 )
-from lungbench.results import read_json, read_records
 
 # One thread per process: the 1-process baseline then does not depend on how busy the
 # (shared, 2-core) CI machine is, and two ranks fit on two cores.
@@ -371,7 +372,7 @@ def test_runs_combine_into_one_table(tmp_path):
 BUCKETS_SCRIPT = """
 import os, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from lungbench.ddpbench import bucket_numels
+from lungbench.measure.ddp import bucket_numels
 from lungbench.models import create_model
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
 dist.init_process_group("gloo", rank=0, world_size=1)

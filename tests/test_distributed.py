@@ -19,24 +19,21 @@ import pytest
 import torch
 from launchenv import REPO, clean_env
 
-from lungbench.distributed import (
+from lungbench.core.errors import UsageError
+from lungbench.core.runs import read_json
+from lungbench.distributed.group import (
     DistContext,
     DistributedError,
     barrier,
-    detect_launcher,
     gather_records,
     init_distributed,
     parameter_digest,
-    parse_nodelist,
     rank0_print,
-    resolve_launch,
     shutdown,
-    slurm_port,
     threads_per_rank,
     wrap_model,
 )
-from lungbench.errors import UsageError
-from lungbench.results import read_json
+from lungbench.distributed.launch import detect_launcher, parse_nodelist, resolve_launch, slurm_port
 
 VENV_BIN = Path(sys.executable).parent
 MPIEXEC = VENV_BIN / "mpiexec" if (VENV_BIN / "mpiexec").exists() else shutil.which("mpiexec")
@@ -207,7 +204,7 @@ def test_helpers_for_a_single_process(capsys):
 
 HANG_SCRIPT = textwrap.dedent("""
     import json, os, signal, sys, time
-    from lungbench.distributed import (
+    from lungbench.distributed.group import (
         DistributedError, barrier, exit_now, gather_records, group_is_broken, init_distributed)
     ctx = init_distributed("cpu", timeout_s=float(sys.argv[1]))
     got = gather_records(ctx, {"rank": ctx.rank, "world": ctx.world_size,
@@ -271,7 +268,7 @@ def test_slurm_group_forms_and_a_hung_rank_times_out(tmp_path):
 
 RENDEZVOUS_SCRIPT = textwrap.dedent("""
     import sys, time
-    from lungbench.distributed import DistributedError, init_distributed
+    from lungbench.distributed.group import DistributedError, init_distributed
     start = time.perf_counter()
     try:
         init_distributed("cpu", timeout_s=float(sys.argv[1]))
@@ -310,8 +307,8 @@ TRAIN_SCRIPT = textwrap.dedent("""
     import torch
     from torch import nn
     from torch.utils.data import Dataset
-    from lungbench.distributed import init_distributed, parameter_digest, shutdown
-    from lungbench.train import TrainConfig, fit
+    from lungbench.distributed.group import init_distributed, parameter_digest, shutdown
+    from lungbench.train.engine import TrainConfig, fit
 
     class Blobs(Dataset):
         def __init__(self, n, seed):
@@ -416,8 +413,8 @@ RESUME_SCRIPT = textwrap.dedent("""
     import torch
     from torch import nn
     from torch.utils.data import Dataset
-    from lungbench.distributed import init_distributed, parameter_digest, shutdown
-    from lungbench.train import TrainConfig, fit
+    from lungbench.distributed.group import init_distributed, parameter_digest, shutdown
+    from lungbench.train.engine import TrainConfig, fit
 
     class NoisyBlobs(Dataset):
         # Draws rank-dependent amounts of random noise per item, so every rank's random

@@ -13,12 +13,12 @@ import torch
 from launchenv import clean_env
 
 from lungbench.cli import main
+from lungbench.core.runs import read_json
+from lungbench.data.geometry import geometry
 from lungbench.data.synth import write_synthetic_store
 from lungbench.models import create_model
-from lungbench.models.dualpath3d import geometry
 from lungbench.report.training import auc_table, confusion_table
-from lungbench.results import read_json
-from lungbench.train import save_checkpoint
+from lungbench.train.checkpoint import save_checkpoint
 
 REGIMES = ["LIDC only", "w/o pre-training", "w/ pre-training"]
 
@@ -304,9 +304,9 @@ def test_mosmed_memory_is_measured_on_cuda_and_estimated_on_cpu(tmp_path):
     import argparse
     from pathlib import Path
 
-    from lungbench.costs import estimate_memory
     from lungbench.data.store import StoreInfo
     from lungbench.experiments import mosmed
+    from lungbench.train.costs import estimate_memory
 
     parser = argparse.ArgumentParser()
     mosmed.add_arguments(parser)

@@ -14,15 +14,15 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lungbench.benchrun import BenchRequest
 from lungbench.cli import main
+from lungbench.core.errors import DataError, UsageError
+from lungbench.core.paths import check_name, confined
+from lungbench.core.runs import RECORDS_FILE, read_records
 from lungbench.data.store import StoreDataset, StoreWriter, read_info, read_meta
-from lungbench.errors import DataError, UsageError
+from lungbench.experiments.speedup import BenchRequest
+from lungbench.measure.stats import summarize
+from lungbench.measure.sweep_file import apply_sweep_file, parse_sweep
 from lungbench.report.runview import read_table
-from lungbench.results import RECORDS_FILE, read_records
-from lungbench.safepaths import check_name, confined
-from lungbench.stats import summarize
-from lungbench.sweepconfig import apply_sweep_file, parse_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = settings(

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from lungbench.cam import cam_layer_name, grad_cam
-from lungbench.errors import UsageError
-from lungbench.lr_finder import find_lr, lr_finder_figure
+from lungbench.core.errors import UsageError
 from lungbench.models import create_model
-from lungbench.transfer import apply_method, parse_method
-from lungbench.tta import tta_probabilities
+from lungbench.train.cam import cam_layer_name, grad_cam
+from lungbench.train.lr_finder import find_lr, lr_finder_figure
+from lungbench.train.transfer import apply_method, parse_method
+from lungbench.train.tta import tta_probabilities
 
 
 class BrightnessNet(nn.Module):

@@ -8,20 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from lungbench.data.store import StoreDataset
-from lungbench.harness import BenchConfig, measure_epoch, train_split
-from lungbench.loaderbench import (
-    DATA_BOUND_FRACTION,
+from lungbench.data.loader import (
     DeviceAugment,
     LoaderOptions,
-    LoaderVariant,
     SharedStoreDataset,
-    data_bound,
-    loader_table,
     make_loader,
     rotate_last_two,
-    run_loader_bench,
 )
+from lungbench.data.store import StoreDataset
+from lungbench.measure.data_wait import DATA_BOUND_FRACTION, data_bound
+from lungbench.measure.loader import LoaderVariant, loader_table, run_loader_bench
+from lungbench.measure.sweep import BenchConfig, measure_epoch, train_split
 
 CPU = torch.device("cpu")
 
@@ -95,7 +92,7 @@ def test_loader_benchmark_produces_its_figures(tiny_store):
 def test_device_wait_clock_counts_only_the_waits_on_cpu():
     import time
 
-    from lungbench.loaderbench import DeviceWaitClock
+    from lungbench.measure.data_wait import DeviceWaitClock
 
     clock = DeviceWaitClock(torch.device("cpu"))
     clock.start()
@@ -113,7 +110,7 @@ def test_device_wait_clock_ignores_host_waits_hidden_by_running_kernels():
     """A slow host fetch while the GPU still runs the previous step is no device wait."""
     import time
 
-    from lungbench.loaderbench import DeviceWaitClock
+    from lungbench.measure.data_wait import DeviceWaitClock
 
     device = torch.device("cuda")
     a = torch.randn(8192, 8192, device=device)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lungbench.errors import UsageError
+from lungbench.core.errors import UsageError
+from lungbench.data.geometry import GEOMETRY_PRESETS, geometry
 from lungbench.models import create_model, example_input_shapes, list_models
-from lungbench.models.dualpath3d import GEOMETRY_PRESETS, geometry
 
 
 @pytest.mark.parametrize("name", list_models())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lungbench.errors import DataError, UsageError
+from lungbench.core.errors import DataError, UsageError
 from lungbench.models import create_model
-from lungbench.weights import load_weights, read_weights_file, weights_chain
+from lungbench.train.weights import load_weights, read_weights_file, weights_chain
 
 
 @pytest.mark.parametrize("name", ["resnet18", "densenet121"])

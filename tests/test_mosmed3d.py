@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lungbench.errors import UsageError
+from lungbench.core.errors import UsageError
 from lungbench.models import create_model
 from lungbench.models.mosmed3d import VARIANTS, keras_parameter_count
 

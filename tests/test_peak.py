@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+import lungbench.measure.peak as peak
 from lungbench.cli import main
-from lungbench.peak import attach_peak, copy_bandwidth, matmul_peak_flops, peak_record
+from lungbench.measure.peak import attach_peak, copy_bandwidth, matmul_peak_flops, peak_record
 
 
 def test_peak_record_is_positive():
@@ -21,7 +22,6 @@ def test_peak_record_is_positive():
 
 
 def test_env_peak_is_stored_in_the_record(tmp_path, capsys, monkeypatch):
-    import lungbench.peak as peak
 
     # The CLI path with smaller sizes (the defaults take seconds on 2 cores).
     original = peak.peak_record
@@ -42,7 +42,6 @@ def test_env_peak_bad_dtype(capsys):
 
 
 def test_peak_record_defaults_are_the_measurements_defaults(monkeypatch):
-    import lungbench.peak as peak
 
     # The record names the sizes the measurements use; stubs keep this instant.
     monkeypatch.setattr(peak, "matmul_peak_flops", lambda device, dtype, size: float(size))
@@ -61,7 +60,6 @@ def test_peak_record_defaults_are_the_measurements_defaults(monkeypatch):
     ],
 )
 def test_env_bad_input_is_one_line(capsys, monkeypatch, argv, expected):
-    import lungbench.peak as peak
 
     monkeypatch.setattr(peak, "peak_record", _never_measure)
     assert main(["env", *argv]) == 2
@@ -72,7 +70,6 @@ def test_env_bad_input_is_one_line(capsys, monkeypatch, argv, expected):
 
 
 def test_env_save_is_checked_before_the_peak(tmp_path, capsys, monkeypatch):
-    import lungbench.peak as peak
 
     monkeypatch.setattr(peak, "peak_record", _never_measure)
     blocker = tmp_path / "file"
@@ -102,7 +99,7 @@ def test_attach_peak_uses_the_dtype_the_math_ran_in():
 
 
 def test_saved_peaks_reads_runs_of_the_fp32_only_format(tmp_path):
-    from lungbench.sweepstate import saved_peaks
+    from lungbench.measure.sweep_state import saved_peaks
 
     (tmp_path / "environment.json").write_text(json.dumps({"peak_flops_fp32": {"cpu": 2e11}}))
     assert saved_peaks(tmp_path) == {"cpu": {"fp32": 2e11}}

@@ -18,16 +18,15 @@ import pytest
 import torch
 
 from lungbench.cli import main
-from lungbench.errors import DataError
-from lungbench.profiling import (
-    ProfileConfig,
-    _batches,
+from lungbench.core.errors import DataError
+from lungbench.core.runs import read_json
+from lungbench.measure.profiler import ProfileConfig, _batches
+from lungbench.measure.trace import (
     communication_spans,
     overlap_fraction,
     phase_summary,
     union_length,
 )
-from lungbench.results import read_json
 
 SMALL = [
     "--preset",

@@ -13,8 +13,7 @@ import pandas as pd
 import pytest
 
 from lungbench.cli import main
-from lungbench.report.html import write_report
-from lungbench.results import (
+from lungbench.core.runs import (
     append_record,
     create_run_dir,
     finish_run,
@@ -22,6 +21,8 @@ from lungbench.results import (
     write_json,
     write_table,
 )
+from lungbench.experiments import speedup
+from lungbench.report.html import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference"
@@ -30,15 +31,14 @@ REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference"
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory, tiny_store):
     """A real tiny sweep (4 configurations, compute only) plus a telemetry time series."""
-    import lungbench.benchrun as benchrun
 
     out = tmp_path_factory.mktemp("report")
-    saved = benchrun.measure_peaks
-    benchrun.measure_peaks = lambda devices, dtype="auto": {
+    saved = speedup.measure_peaks
+    speedup.measure_peaks = lambda devices, dtype="auto": {
         d: {"fp32": 1e10} for d in devices
     }  # seconds saved
     try:
-        request = benchrun.BenchRequest(
+        request = speedup.BenchRequest(
             preset="dey2018",
             filters=(2, 4),
             batch_sizes=(1, 2),
@@ -49,9 +49,9 @@ def bench_run(tmp_path_factory, tiny_store):
             out=out,
             run_id="bench-tiny",
         )
-        run = benchrun.run_bench(request, log=lambda _: None).run_dir
+        run = speedup.run_bench(request, log=lambda _: None).run_dir
     finally:
-        benchrun.measure_peaks = saved
+        speedup.measure_peaks = saved
     (run / "telemetry").mkdir(exist_ok=True)
     pd.DataFrame(
         {

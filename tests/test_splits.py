@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from lungbench.core.errors import UsageError
 from lungbench.data.splits import (
     cv_splits,
     store_folds,
@@ -15,7 +16,6 @@ from lungbench.data.splits import (
     stratified_split,
 )
 from lungbench.data.store import read_meta
-from lungbench.errors import UsageError
 
 LUNGX_LABELS = np.array([0] * 37 + [1] * 36)  # the challenge: 37 benign, 36 malignant
 

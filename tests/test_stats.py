@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lungbench.stats import format_seconds, ratio_of_medians, summarize
+from lungbench.measure.stats import format_seconds, ratio_of_medians, summarize
 
 
 def test_four_samples_by_hand():

@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from lungbench.core.errors import DataError
+from lungbench.data.geometry import geometry
 from lungbench.data.store import (
     FORMAT_VERSION,
     StoreDataset,
@@ -17,8 +19,6 @@ from lungbench.data.store import (
     read_meta,
 )
 from lungbench.data.synth import draw_nodule, generate_sample, write_synthetic_store
-from lungbench.errors import DataError
-from lungbench.models.dualpath3d import geometry
 
 SHAPE = (1, 3, 4, 5)
 

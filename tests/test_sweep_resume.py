@@ -15,19 +15,19 @@ import pytest
 import torch
 from torch import nn
 
-from lungbench.benchrun import BenchRequest, run_bench
 from lungbench.cli import main
-from lungbench.errors import UsageError
-from lungbench.harness import BenchConfig
-from lungbench.models import registry
-from lungbench.results import RECORDS_FILE, read_json, read_records
-from lungbench.sweepstate import (
+from lungbench.core.errors import UsageError
+from lungbench.core.runs import RECORDS_FILE, read_json, read_records
+from lungbench.experiments.speedup import BenchRequest, run_bench
+from lungbench.measure.sweep import BenchConfig
+from lungbench.measure.sweep_state import (
     SweepState,
     family_key,
     merge_request,
     open_for_resume,
     repair_records,
 )
+from lungbench.models import registry
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--preset", "dey2018", "--repeats", "2", "--warmup", "0", "--no-epoch"]
@@ -83,7 +83,7 @@ def _signal_once_at_batch_2(signum: int):
 def _no_peak_measurement(monkeypatch):
     # The matmul peak takes seconds on 2 loaded cores and is not what these tests check.
     monkeypatch.setattr(
-        "lungbench.benchrun.measure_peaks",
+        "lungbench.experiments.speedup.measure_peaks",
         lambda devices, dtype="auto": {d: {"fp32": 1e10} for d in devices},
     )
 
@@ -407,8 +407,8 @@ def test_resume_of_an_older_run_with_forced_switches_given_again():
     same --dtype again on --resume (a requeued job's options) is no conflict."""
     from dataclasses import asdict
 
-    from lungbench.benchrun import BenchRequest
-    from lungbench.sweepstate import merge_request
+    from lungbench.experiments.speedup import BenchRequest
+    from lungbench.measure.sweep_state import merge_request
 
     saved = {**asdict(BenchRequest(dtype="bf16")), "strict_switches": True}
     saved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in saved.items()}

@@ -8,11 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lungbench.ablation import bce_loss, tolerance
-from lungbench.errors import UsageError
+from lungbench.core.errors import UsageError
+from lungbench.measure.ablation import bce_loss, tolerance
 from lungbench.models import create_model
 from lungbench.models.dualpath3d import DualPath3D
-from lungbench.switches import (
+from lungbench.step import (
     NO_TIMER,
     Switches,
     TrainStep,
@@ -178,7 +178,7 @@ def test_channels_last_follows_the_input_rank():
 
 
 def test_known_bad_cpu_bf16_layer_shape_falls_back():
-    from lungbench.switches import cpu_bf16_unsafe
+    from lungbench.step import cpu_bf16_unsafe
 
     model = DualPath3D(filters=2, depth=2, context_grid=(5, 8, 8), zoom_grid=(5, 8, 8))
     inputs = [torch.rand(2, 1, 5, 8, 8)] * 2

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from lungbench.cli import main
-from lungbench.results import read_records
-from lungbench.telemetry import (
+from lungbench.core.runs import read_records
+from lungbench.measure.telemetry import (
     RaplSource,
     SweepMonitor,
     TelemetrySampler,

@@ -6,15 +6,15 @@ import time
 
 import torch
 
-from lungbench.timing import (
+from lungbench.measure.timing import (
     STEP,
     PhaseTimer,
     peak_memory_bytes,
     run_protocol,
     set_threads,
-    training_step,
     training_step_flops,
 )
+from lungbench.step import Switches, TrainStep
 
 
 def _sleep_until(seconds: float) -> None:
@@ -54,20 +54,21 @@ def test_phases_of_a_known_workload():
 
 
 def test_training_step_updates_the_model():
+    """The one step (lungbench.step.TrainStep) with a given optimizer, its phases timed."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     before = model.weight.detach().clone()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     timer = PhaseTimer(torch.device("cpu"))
     timer.start()
-    loss = training_step(
-        timer,
+    step = TrainStep(
         model,
-        opt,
         lambda out, y: ((out - y) ** 2).mean(),
-        [torch.randn(8, 4)],
-        torch.randn(8, 1),
+        Switches(),
+        torch.device("cpu"),
+        optimizer=opt,
     )
+    loss = step(timer, [torch.randn(8, 4)], torch.randn(8, 1))
     times = timer.finish()
     assert loss.ndim == 0 and not loss.requires_grad
     assert not torch.equal(before, model.weight)

@@ -17,21 +17,18 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from lungbench.core.errors import DataError, UsageError
 from lungbench.data.transforms import make_transform
-from lungbench.errors import DataError, UsageError
-from lungbench.train import (
+from lungbench.train.checkpoint import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
-    METRICS_FILE,
-    TrainConfig,
-    TrainingInterrupted,
-    classification_metrics,
-    fit,
     load_checkpoint,
     load_model_from_checkpoint,
-    predict,
     save_checkpoint,
 )
+from lungbench.train.config import TrainConfig
+from lungbench.train.engine import METRICS_FILE, TrainingInterrupted, fit, predict
+from lungbench.train.metrics import classification_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -247,7 +244,7 @@ SIGTERM_SCRIPT = textwrap.dedent("""
     import sys, time, torch
     sys.path.insert(0, {tests!r})
     from test_train import BlobSet, _config, _model
-    from lungbench.train import fit, TrainingInterrupted
+    from lungbench.train.engine import fit, TrainingInterrupted
     torch.set_num_threads(1)
 
     class Slow(BlobSet):
@@ -367,7 +364,7 @@ class NoBatchStats(nn.Module):
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as tdist
 
-    from lungbench.distributed import DistContext
+    from lungbench.distributed.group import DistContext
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=world)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from lungbench.errors import UsageError
-from lungbench.losses import WeightedBCE, class_weights, weighted_bce_with_logits
+from lungbench.core.errors import UsageError
 from lungbench.models import create_model
-from lungbench.transfer import (
+from lungbench.train.losses import WeightedBCE, class_weights, weighted_bce_with_logits
+from lungbench.train.transfer import (
     Method,
     apply_method,
     count_parameters,
@@ -170,9 +170,9 @@ def test_weighted_bce_global_counts_and_binary_shapes():
 def test_lungbench_checkpoints_are_read_by_the_training_reader(tmp_path):
     # weights.read_weights_file hands lungbench checkpoints to train.load_checkpoint, so a
     # checkpoint from a newer lungbench is refused the same way in both places.
-    from lungbench.errors import DataError
-    from lungbench.train import CHECKPOINT_VERSION, save_checkpoint
-    from lungbench.weights import read_weights_file, under
+    from lungbench.core.errors import DataError
+    from lungbench.train.checkpoint import CHECKPOINT_VERSION, save_checkpoint
+    from lungbench.train.weights import read_weights_file, under
 
     model = torch.nn.Linear(2, 1)
     ok = save_checkpoint(tmp_path / "ok.pt", {"model": model.state_dict(), "model_name": "m"})

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from lungbench.core.errors import UsageError
 from lungbench.data.store import StoreDataset
 from lungbench.data.transforms import (
     PRESETS,
@@ -18,7 +19,6 @@ from lungbench.data.transforms import (
     sample_key,
     shift_edge,
 )
-from lungbench.errors import UsageError
 
 
 def _pair(rng):

@@ -1,5 +1,5 @@
 """`lungbench bench` options for the speed switches, the ablation, the batch-size finder and
-the data path (issue 8). Parsing only: the work is in lungbench.switches, .ablation,
+the data path (issue 8). Parsing only: the work is in lungbench.step, .ablation,
 .batchfinder and .loaderbench."""
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ _AUTO_DEFAULTS = {
 
 def add_speed_options(p: argparse.ArgumentParser) -> None:
     """The switch, ablation, batch-finder and data-path option groups."""
+    add_switch_options(p)
+    _add_other_speed_options(p)
+
+
+def add_switch_options(p: argparse.ArgumentParser) -> None:
+    """The speed-switch options, shared by `bench` and `profile` (the same step runs)."""
     s = p.add_argument_group(
         "speed switches (default 'auto': the device's measured fast choice; a value given "
         "here is forced: a device that cannot do it is an error; see docs/performance.md)"
@@ -90,6 +96,9 @@ def add_speed_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the plain baseline: eager, FP32, contiguous, torch's default Adam",
     )
+
+
+def _add_other_speed_options(p: argparse.ArgumentParser) -> None:
     a = p.add_argument_group("what else to run instead of the sweep")
     a.add_argument(
         "--ablation",
@@ -145,10 +154,11 @@ def add_speed_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def speed_request_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """BenchRequest fields from the options (UsageError for --eager-fp32 with a switch)."""
-    from lungbench.errors import UsageError
-    from lungbench.switches import eager_fp32, switch_flag
+def switch_request_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The switch fields (and which were forced) from the options of add_switch_options
+    (UsageError for --eager-fp32 with a switch)."""
+    from lungbench.core.errors import UsageError
+    from lungbench.step import eager_fp32, switch_flag
 
     given = {k: getattr(args, k) for k, auto in _AUTO_DEFAULTS.items() if getattr(args, k) != auto}
     if args.eager_fp32:
@@ -158,10 +168,18 @@ def speed_request_fields(args: argparse.Namespace) -> dict[str, Any]:
         values: dict[str, Any] = {k: getattr(eager_fp32(), k) for k in _AUTO_DEFAULTS}
     else:
         values = {k: getattr(args, k) for k in _AUTO_DEFAULTS}
+    devices = args.device if isinstance(args.device, list) else [args.device]
     return {
         **values,
         "ddp_bucket_mb": args.ddp_bucket_mb,
-        "strict_switches": forced_switches(given, args.device),
+        "strict_switches": forced_switches(given, devices),
+    }
+
+
+def speed_request_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """BenchRequest fields from the options (UsageError for --eager-fp32 with a switch)."""
+    return {
+        **switch_request_fields(args),
         "pin_memory": args.pin_memory,
         "cache": args.cache,
         "find_batch": args.find_batch,
@@ -172,7 +190,7 @@ def speed_request_fields(args: argparse.Namespace) -> dict[str, Any]:
 def forced_switches(given: dict[str, Any], devices: list[str]) -> tuple[str, ...]:
     """The switches the user forced (an error where a device cannot do them). In a sweep over
     CPU and CUDA, the CUDA-only ones (and fp16) are meant for the CUDA rows: not forced."""
-    from lungbench.switches import CUDA_ONLY_SWITCHES
+    from lungbench.step import CUDA_ONLY_SWITCHES
 
     kinds = {d.split(":")[0] for d in devices}
     if len(kinds) == 1:
@@ -193,8 +211,8 @@ def _reference(args: argparse.Namespace) -> tuple[list[int], list[int]]:
 
 def run_ablation_cli(args: argparse.Namespace) -> int:
     """`lungbench bench --ablation`."""
-    from lungbench.ablation import AblationConfig, run_ablation_bench
-    from lungbench.benchrun import BenchRequest, validate
+    from lungbench.experiments.speedup import BenchRequest, validate
+    from lungbench.measure.ablation import AblationConfig, run_ablation_bench
 
     validate(
         BenchRequest(
@@ -231,8 +249,8 @@ def run_ablation_cli(args: argparse.Namespace) -> int:
 def _refuse_switches_for_ablation(args: argparse.Namespace) -> None:
     """The ablation sets every switch itself, rung by rung from the eager FP32 baseline: a
     switch option would be silently ignored, so it is an error (--compile picks the rung)."""
-    from lungbench.errors import UsageError
-    from lungbench.switches import switch_flag
+    from lungbench.core.errors import UsageError
+    from lungbench.step import switch_flag
 
     given = [k for k, auto in _AUTO_DEFAULTS.items() if k != "compile" and getattr(args, k) != auto]
     if args.eager_fp32:
@@ -247,8 +265,8 @@ def _refuse_switches_for_ablation(args: argparse.Namespace) -> None:
 
 def run_loader_cli(args: argparse.Namespace) -> int:
     """`lungbench bench --loader`."""
-    from lungbench.benchrun import BenchRequest, prepare_store, validate
-    from lungbench.loaderbench import run_loader_run
+    from lungbench.experiments.speedup import BenchRequest, prepare_store, validate
+    from lungbench.measure.loader import run_loader_run
 
     request = BenchRequest(
         model=args.model,

@@ -185,11 +185,11 @@ def _run(args: argparse.Namespace) -> int:
         print("\n".join(list_models()))
         return 0
     if args.ablation or args.loader:
-        from lungbench.distributed import require_single_process
+        from lungbench.distributed.launch import require_single_process
 
         require_single_process("--ablation" if args.ablation else "--loader")
         return run_ablation_cli(args) if args.ablation else run_loader_cli(args)
-    from lungbench.benchrun import BenchRequest, run_bench
+    from lungbench.experiments.speedup import BenchRequest, run_bench
 
     request = BenchRequest(
         **speed_request_fields(args),
@@ -212,17 +212,17 @@ def _run(args: argparse.Namespace) -> int:
         run_id=args.run_id,
         telemetry_interval=args.telemetry_interval,
     )
-    from lungbench.sweepstate import apply_resume_and_config, interrupt_exit_code
+    from lungbench.measure.sweep_state import apply_resume_and_config, interrupt_exit_code
 
     request, resume = apply_resume_and_config(request, BenchRequest(), args.config, args.resume)
-    from lungbench.ddpbench import DDPOptions, parse_scaling
-    from lungbench.distributed import init_distributed, shutdown
+    from lungbench.distributed.group import init_distributed, shutdown
+    from lungbench.measure.ddp import DDPOptions, parse_scaling
 
     # One process without a launcher: world size 1, no process group, the plain sweep.
     dist = init_distributed(_group_device(request.devices), timeout_s=args.dist_timeout)
     ddp = DDPOptions(parse_scaling(args.scaling), args.baseline, args.dist_timeout)
     if dist.is_distributed and resume is not None:
-        from lungbench.errors import UsageError
+        from lungbench.core.errors import UsageError
 
         raise UsageError("--resume: not supported under a launcher; start a new run")
     try:

@@ -72,10 +72,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
 
-    from lungbench.errors import UsageError
+    from lungbench.core.errors import UsageError
+    from lungbench.core.paths import check_out_dir
     from lungbench.report.compare import compare_runs, format_comparison
     from lungbench.report.runview import load_run
-    from lungbench.safepaths import check_out_dir
 
     if args.bootstrap < 100:
         raise UsageError(f"--bootstrap must be >= 100, got {args.bootstrap}")

@@ -11,8 +11,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lungbench.commands._args import non_negative_int, positive_int
+from lungbench.core.errors import UsageError
 from lungbench.data.store import read_info
-from lungbench.errors import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,8 +39,8 @@ def _output_path(text: str) -> Path:
 
 
 def register_synth(sub: argparse._SubParsersAction) -> None:
+    from lungbench.data.geometry import GEOMETRY_PRESETS
     from lungbench.data.synth import KINDS
-    from lungbench.models.dualpath3d import GEOMETRY_PRESETS
 
     p = sub.add_parser(
         "synth",
@@ -69,8 +69,8 @@ def register_synth(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_synth(args: argparse.Namespace) -> int:
+    from lungbench.data.geometry import geometry
     from lungbench.data.synth import write_synthetic_store
-    from lungbench.models.dualpath3d import geometry
 
     out = _output_path(args.out)
     with tqdm(total=args.n, desc=f"synth {args.kind}", unit="nodule") as bar:
@@ -114,8 +114,8 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def register_lidc(sub: argparse._SubParsersAction) -> None:
+    from lungbench.data.geometry import GEOMETRY_PRESETS
     from lungbench.data.lidc import AGGREGATES
-    from lungbench.models.dualpath3d import GEOMETRY_PRESETS
 
     p = sub.add_parser(
         "lidc",
@@ -200,7 +200,7 @@ def register_lidc(sub: argparse._SubParsersAction) -> None:
 
 def _run_lidc(args: argparse.Namespace) -> int:
     from lungbench.data import lidc
-    from lungbench.models.dualpath3d import geometry
+    from lungbench.data.geometry import geometry
 
     rule = lidc.LabelRule(args.min_readers, args.aggregate, tuple(args.ambiguous))
     if (args.render or args.dicom) and not args.out:
@@ -234,7 +234,7 @@ def _run_lidc(args: argparse.Namespace) -> int:
 
 
 def register_lungx(sub: argparse._SubParsersAction) -> None:
-    from lungbench.models.dualpath3d import GEOMETRY_PRESETS
+    from lungbench.data.geometry import GEOMETRY_PRESETS
 
     p = sub.add_parser(
         "lungx",
@@ -260,8 +260,8 @@ def register_lungx(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_lungx(args: argparse.Namespace) -> int:
+    from lungbench.data.geometry import geometry
     from lungbench.data.lungx import read_spreadsheet, write_lungx_store
-    from lungbench.models.dualpath3d import geometry
 
     out = _output_path(args.out)
     rows = read_spreadsheet(args.spreadsheet)

@@ -40,22 +40,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lungbench.env import environment_record
-    from lungbench.errors import UsageError
+    from lungbench.core.environment import environment_record
+    from lungbench.core.errors import UsageError
 
     for option in ("device", "dtype"):
         if getattr(args, option) is not None and not args.peak:
             raise UsageError(f"--{option} {getattr(args, option)}: only used with --peak")
     peak = None
     if args.peak:  # check everything before the measurement, which takes seconds
-        from lungbench.harness import parse_device
-        from lungbench.peak import check_dtype
+        from lungbench.core.device import parse_device
+        from lungbench.measure.peak import check_dtype
 
         device = parse_device(args.device or PEAK_DEVICE)
         dtype = check_dtype(args.dtype or PEAK_DTYPE, device)
         peak = (device, dtype)
     if args.save:
-        from lungbench.profiling import check_writable
+        from lungbench.measure.profiler import check_writable
 
         save = Path(args.save)
         if save.is_dir():
@@ -64,11 +64,11 @@ def _run(args: argparse.Namespace) -> int:
 
     record = environment_record()
     if peak is not None:
-        from lungbench.peak import peak_record
+        from lungbench.measure.peak import peak_record
 
         record["peak"] = peak_record(*peak)
     if args.save:
-        from lungbench.results import write_json
+        from lungbench.core.runs import write_json
 
         write_json(Path(args.save), record)
     print(json.dumps(record, indent=2))

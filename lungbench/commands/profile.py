@@ -8,12 +8,17 @@ import sys
 from pathlib import Path
 
 from lungbench.commands._args import add_dist_timeout, non_negative_int, positive_int
+from lungbench.commands._speed import add_switch_options, switch_request_fields
 
 DESCRIPTION = """\
 Run the training step of a model (default: the two-path 3D CNN, filters 16, batch 2) under
 torch.profiler with an explicit schedule: WAIT steps skipped, WARMUP steps profiled and
 discarded, ACTIVE steps recorded, the cycle repeated REPEAT times. Each step is split into
 the ranges data / forward / backward / optimizer (NVTX ranges too on CUDA).
+
+The step is the one `lungbench bench` times (lungbench.step.TrainStep), with the same speed
+switches: the same options give the same dtype, memory format and optimizer, and
+profile.json records what ran (dtype_used, ...).
 
 Writes to results/<run-id>/: traces/*.pt.trace.json (one per cycle; Chrome-trace JSON for
 TensorBoard's torch-tb-profiler plugin, https://ui.perfetto.dev and chrome://tracing),
@@ -27,6 +32,7 @@ examples:
   lungbench profile                                    CPU, filters 16, batch 2, 5 steps
   lungbench profile --filters 8 --preset iso64 --active 5
   lungbench profile --device cuda --activities cpu,cuda --with-stack
+  lungbench profile --eager-fp32                       the plain FP32 baseline's step
   torchrun --nproc_per_node 2 -m lungbench profile --threads 1   DDP: communication overlap
   tensorboard --logdir results/<run-id>                then open the PYTORCH_PROFILER tab"""
 
@@ -83,6 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--top", type=positive_int, default=25, help="rows of the operator table (default: 25)"
     )
+    add_switch_options(p)
     o = p.add_argument_group("output")
     o.add_argument("--out", default="results", help="output root (default: results)")
     o.add_argument("--run-id", default=None, help="run folder name (default: profile-<UTC>-<host>)")
@@ -91,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lungbench.profiling import (
+    from lungbench.measure.profiler import (
         ProfileConfig,
         ProfileSchedule,
         parse_activities,
@@ -117,8 +124,9 @@ def _run(args: argparse.Namespace) -> int:
         top=args.top,
         store=Path(args.store) if args.store else None,
         seed=args.seed,
+        **switch_request_fields(args),
     )
-    from lungbench.distributed import init_distributed, shutdown
+    from lungbench.distributed.group import init_distributed, shutdown
 
     # World size 1 without a launcher; under one, every rank profiles its DDP step.
     dist = init_distributed(args.device, timeout_s=args.dist_timeout)
@@ -134,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
         shutdown(dist)
     if result is None:  # not rank 0: rank 0 writes and prints
         return 0
-    from lungbench.results import markdown
+    from lungbench.core.runs import markdown
 
     print(
         markdown(

@@ -39,7 +39,7 @@ def _out_checked(run):
     """--out checked before an experiment generates data or makes its run folder."""
 
     def checked(args: argparse.Namespace) -> int:
-        from lungbench.safepaths import check_out_dir
+        from lungbench.core.paths import check_out_dir
 
         if getattr(args, "out", None):
             check_out_dir(args.out)
@@ -52,7 +52,7 @@ def _single(module):
     """module.run, refused under a multi-process launcher (it trains in one process)."""
 
     def run(args: argparse.Namespace) -> int:
-        from lungbench.distributed import require_single_process
+        from lungbench.distributed.launch import require_single_process
 
         require_single_process(
             f"lungbench train {module.NAME}",

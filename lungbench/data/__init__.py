@@ -1,1 +1,2 @@
-"""Data: the HDF5 store, generators, readers for the real archives, transforms and splits."""
+"""Layer 3 (data): the HDF5 store, generators, readers for the real archives, the cube
+geometry, transforms, splits and the production loader (data.loader)."""

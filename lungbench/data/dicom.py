@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungbench.errors import DataError
+from lungbench.core.errors import DataError
 
 # Files that sit next to DICOM slices in the archives and are not slices.
 IGNORED_SUFFIXES = {

@@ -26,8 +26,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
+from lungbench.core.errors import DataError, UsageError
 from lungbench.data.store import StoreWriter
-from lungbench.errors import DataError, UsageError
 
 CHESTXRAY14 = (
     "Atelectasis",

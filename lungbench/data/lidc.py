@@ -47,10 +47,10 @@ import numpy as np
 from scipy import ndimage
 from scipy.sparse.csgraph import connected_components
 
+from lungbench.core.errors import DataError, UsageError, look_up_option
 from lungbench.data import synth
+from lungbench.data.geometry import Geometry
 from lungbench.data.store import StoreWriter
-from lungbench.errors import DataError, UsageError, look_up_option
-from lungbench.models.dualpath3d import Geometry
 
 LABEL_NAMES = ("benign", "malignant")
 AGGREGATES = ("median", "mean", "max", "min")

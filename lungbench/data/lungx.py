@@ -33,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lungbench.core.errors import DataError
 from lungbench.data.dicom import Series, is_slice_name, load_series
+from lungbench.data.geometry import Geometry
 from lungbench.data.resample import cut_cubes
 from lungbench.data.store import StoreWriter
-from lungbench.errors import DataError
-from lungbench.models.dualpath3d import Geometry
 
 LABEL_NAMES = ("benign", "malignant")
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from lungbench.core.errors import DataError, UsageError, look_up_option
 from lungbench.data.nifti import load_nifti
 from lungbench.data.store import HU_WINDOW, StoreWriter
-from lungbench.errors import DataError, UsageError, look_up_option
 
 CLASSES = ("CT-0", "CT-1", "CT-2", "CT-3", "CT-4")
 TASKS = {

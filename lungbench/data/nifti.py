@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungbench.errors import DataError
+from lungbench.core.errors import DataError
 
 
 def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float, float]]:

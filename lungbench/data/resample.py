@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from lungbench.models.dualpath3d import Geometry
+from lungbench.data.geometry import Geometry
 
 AIR_HU = -1000.0
 

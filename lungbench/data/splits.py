@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lungbench.errors import UsageError
+from lungbench.core.errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lungbench.errors import DataError
+from lungbench.core.errors import DataError
 
 FORMAT_NAME = "lungbench-store"
 FORMAT_VERSION = 1

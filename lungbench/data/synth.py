@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from lungbench.core.errors import look_up_option
+from lungbench.data.geometry import Geometry
 from lungbench.data.store import StoreWriter
-from lungbench.errors import look_up_option
-from lungbench.models.dualpath3d import Geometry
 
 KINDS = ("lidc", "lungx")
 # Part of every sample's seed, so that stores of different kinds made with the same --seed

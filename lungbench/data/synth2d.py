@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
+from lungbench.core.errors import UsageError
 from lungbench.data.store import HU_WINDOW, StoreWriter
 from lungbench.data.synth import draw_nodule, render_nodule
-from lungbench.errors import UsageError
 
 NODULE_LABELS = ("benign", "malignant")
 NODULE_SPACING_MM = 0.8

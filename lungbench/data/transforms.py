@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from lungbench.errors import UsageError, look_up_option
+from lungbench.core.errors import UsageError, look_up_option
 
 # (epoch, index) of the item being loaded, set by sample_key(); None outside it.
 _SAMPLE_KEY: ContextVar[tuple[int, int] | None] = ContextVar("lungbench_sample_key", default=None)

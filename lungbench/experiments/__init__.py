@@ -1,1 +1,2 @@
-"""Experiment recipes on top of the training engine; each module is one `lungbench train EXPERIMENT`."""
+"""Layer 9 (experiments): the recipes. `speedup` is the thesis's speed-up run (`lungbench
+bench`); each other module is one `lungbench train EXPERIMENT`."""

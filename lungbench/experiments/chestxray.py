@@ -35,15 +35,18 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from lungbench.commands._args import non_negative_int, positive_int, unit_fraction
+from lungbench.core.errors import UsageError
+from lungbench.core.runs import append_record, finish_run, markdown, write_table
 from lungbench.data.splits import Split, cv_splits
 from lungbench.data.store import StoreDataset, StoreInfo, read_info
-from lungbench.errors import UsageError
 from lungbench.experiments import common2d as c2d
 from lungbench.experiments import common3d as c3d
-from lungbench.losses import WeightedBCE
-from lungbench.results import append_record, finish_run, markdown, write_table
-from lungbench.train import TrainConfig, classification_metrics, fit, predict, save_checkpoint
-from lungbench.transfer import Method
+from lungbench.train.checkpoint import save_checkpoint
+from lungbench.train.config import TrainConfig
+from lungbench.train.engine import fit, predict
+from lungbench.train.losses import WeightedBCE
+from lungbench.train.metrics import classification_metrics
+from lungbench.train.transfer import Method
 
 NAME = "chestxray"
 HELP = "seed 004: transfer methods A-D x pretrained weights, weighted BCE, 5-fold CV, costs"
@@ -281,7 +284,7 @@ def make_config(args: argparse.Namespace) -> ChestXrayConfig:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if args.folds < 2:
         raise UsageError(f"--folds must be >= 2 (each fold is the test set once), got {args.folds}")
-    from lungbench.harness import parse_device
+    from lungbench.core.device import parse_device
 
     parse_device(args.device)
     if args.store is None:

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from lungbench.costs import MIB, estimate_memory, min_gpus
+from lungbench.core.errors import UsageError
 from lungbench.data.store import StoreInfo
-from lungbench.errors import UsageError
 from lungbench.models import create_model
-from lungbench.transfer import FreezePlan, Method, apply_method, freeze_points, parse_method
-from lungbench.weights import LoadReport, load_weights
+from lungbench.train.costs import MIB, estimate_memory, min_gpus
+from lungbench.train.transfer import FreezePlan, Method, apply_method, freeze_points, parse_method
+from lungbench.train.weights import LoadReport, load_weights
 
 # The seed's freeze depths ("first N layers"), where the network has them.
 SEED_FREEZE_DEPTHS = {"resnet50": (10, 22, 40), "densenet121": (14, 39, 88)}
@@ -192,7 +192,7 @@ def cost_row(
     cuda_peak: int | None,
     optimizer: str,
 ) -> dict:
-    """One row of the cost table (see lungbench.costs for how memory is counted)."""
+    """One row of the cost table (see lungbench.train.costs for how memory is counted)."""
     estimate = estimate_memory(model, sample_shapes, optimizer)
     measured = cuda_peak if device.startswith("cuda") and cuda_peak else None
     memory = measured if measured is not None else estimate.total(batch_size)

@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lungbench import results
 from lungbench.commands._args import non_negative_float, non_negative_int, positive_int
+from lungbench.core import runs as results
+from lungbench.core.errors import UsageError
+from lungbench.core.runs import create_run_dir, write_json
 from lungbench.data.store import StoreDataset, StoreInfo
-from lungbench.errors import UsageError
-from lungbench.results import create_run_dir, write_json
-from lungbench.train import OPTIMIZERS, SCHEDULES, TrainConfig, TrainingInterrupted
+from lungbench.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
+from lungbench.train.engine import TrainingInterrupted
 
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "patience")
 CACHE_LIMIT_BYTES = 1 << 30  # keep a split in memory when it is smaller than this
@@ -133,7 +134,7 @@ def train_config(
     args: argparse.Namespace, full: Mapping[str, Any], quick: Mapping[str, Any], **overrides: Any
 ) -> TrainConfig:
     """A TrainConfig from the parsed options (UsageError for impossible values)."""
-    from lungbench.harness import parse_device
+    from lungbench.core.device import parse_device
 
     parse_device(args.device)
     values = {name: resolve(args, name, full, quick) for name in TRAIN_OPTIONS}
@@ -178,7 +179,7 @@ def require_inputs(info: StoreInfo, inputs: Sequence[str], experiment: str, hint
 
 def nodule_preset(info: StoreInfo) -> str:
     """The dualpath3d geometry preset whose grids match a nodule store's cubes."""
-    from lungbench.models.dualpath3d import GEOMETRY_PRESETS
+    from lungbench.data.geometry import GEOMETRY_PRESETS
 
     grids = (info.inputs["context"][1:], info.inputs["zoom"][1:])
     for name, geo in GEOMETRY_PRESETS.items():
@@ -201,7 +202,7 @@ def split_dataset(info: StoreInfo, indices: np.ndarray) -> StoreDataset:
 
 def start_run(out: str | Path, run_id: str | None, config: Mapping[str, Any]) -> Path:
     """results/<run-id>/ with config.json and environment.json; the config is logged."""
-    from lungbench.env import environment_record
+    from lungbench.core.environment import environment_record
 
     run_dir = create_run_dir(out, "train", run_id)
     write_json(run_dir / "config.json", config)

@@ -10,7 +10,7 @@ thesis: epoch 63, accuracy 0.78, AUC 0.90 on the real LIDC-IDRI).
     lungbench train lidc-pretrain --resume results/<run>/checkpoint_last.pt
     torchrun --nproc_per_node 4 -m lungbench train lidc-pretrain --device cuda
 
-Under a launcher (torchrun, srun, mpiexec) it trains with DDP (lungbench.distributed):
+Under a launcher (torchrun, srun, mpiexec) it trains with DDP (lungbench.distributed.group):
 --batch is per process, rank 0 generates the data, writes the run folder and prints.
 
 Default data: a generated LIDC-like store (lungbench.data.synth), cached in OUT/data/.
@@ -30,9 +30,10 @@ from lungbench.commands._args import (
     positive_int,
     unit_fraction,
 )
+from lungbench.core.runs import finish_run, save_figure, write_table
 from lungbench.data.splits import stratified_split
 from lungbench.data.store import StoreInfo, read_info, read_meta
-from lungbench.distributed import (
+from lungbench.distributed.group import (
     DistContext,
     barrier,
     collective_guard,
@@ -42,11 +43,12 @@ from lungbench.distributed import (
 )
 from lungbench.experiments import common3d
 from lungbench.experiments.common3d import log
-from lungbench.harness import default_store_path
+from lungbench.measure.sweep import default_store_path
 from lungbench.models import create_model
 from lungbench.report.training import loss_curves_plot, roc_plot
-from lungbench.results import finish_run, save_figure, write_table
-from lungbench.train import FitResult, TrainConfig, fit, load_resume_checkpoint, predict
+from lungbench.train.checkpoint import load_resume_checkpoint
+from lungbench.train.config import FitResult, TrainConfig
+from lungbench.train.engine import fit, predict
 
 NAME = "lidc-pretrain"
 HELP = "seed 000: pre-train the two-path 3D CNN on LIDC (20%% validation, batch 16)"
@@ -196,8 +198,8 @@ def nodule_store(
 ) -> StoreInfo:
     """The user's nodule store (checked), or a generated one of `kind` on grid `preset`."""
     if store is None:
+        from lungbench.data.geometry import geometry
         from lungbench.data.synth import write_synthetic_store
-        from lungbench.models.dualpath3d import geometry
 
         path = common3d.cached_store(
             out,
@@ -248,7 +250,7 @@ def pretrain(
         )
     train_ds = common3d.split_dataset(info, train_idx)
     val_ds = common3d.split_dataset(info, val_idx)
-    from lungbench.train import seed_everything
+    from lungbench.train.engine import seed_everything
 
     seed_everything(cfg.train.seed)  # the initial weights depend on the seed only
     model = create_model(MODEL, **cfg.model_kwargs)

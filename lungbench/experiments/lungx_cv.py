@@ -30,22 +30,18 @@ import numpy as np
 import pandas as pd
 
 from lungbench.commands._args import non_negative_int, positive_int, unit_fraction
+from lungbench.core.errors import UsageError
+from lungbench.core.runs import finish_run, save_figure, write_table
 from lungbench.data.splits import Split, cv_splits, stored_folds, stratified_kfold
 from lungbench.data.store import StoreInfo, read_meta, write_folds
-from lungbench.errors import UsageError
 from lungbench.experiments import common3d, lidc_pretrain
 from lungbench.experiments.common3d import log
 from lungbench.models import create_model
 from lungbench.report.training import auc_table, confusion_table, loss_curves_plot, roc_plot
-from lungbench.results import finish_run, save_figure, write_table
-from lungbench.train import (
-    TrainConfig,
-    classification_metrics,
-    fit,
-    load_model_from_checkpoint,
-    predict,
-    seed_everything,
-)
+from lungbench.train.checkpoint import load_model_from_checkpoint
+from lungbench.train.config import TrainConfig
+from lungbench.train.engine import fit, predict, seed_everything
+from lungbench.train.metrics import classification_metrics
 
 NAME = "lungx-cv"
 HELP = "seed 000: LUNGx 3-fold CV, LIDC only / w/o / w/ pre-training (AUC table, confusion)"

@@ -19,17 +19,18 @@ from pathlib import Path
 import pandas as pd
 
 from lungbench.commands._args import non_negative_int, positive_int, unit_fraction
-from lungbench.costs import MIB, estimate_memory
+from lungbench.core.errors import UsageError
+from lungbench.core.runs import finish_run, save_figure, write_table
 from lungbench.data.splits import stratified_split
 from lungbench.data.store import StoreInfo, read_info, read_meta
-from lungbench.errors import UsageError
 from lungbench.experiments import common3d
 from lungbench.experiments.common3d import log
 from lungbench.models import create_model
 from lungbench.models.mosmed3d import KERAS_FILTERS, VARIANTS, keras_parameter_count
 from lungbench.report.training import metric_curves_plot
-from lungbench.results import finish_run, save_figure, write_table
-from lungbench.train import TrainConfig, fit, seed_everything
+from lungbench.train.config import TrainConfig
+from lungbench.train.costs import MIB, estimate_memory
+from lungbench.train.engine import fit, seed_everything
 
 NAME = "mosmed"
 HELP = "seed 002: CT-0 vs CT-2/3 with the MosMed 3D CNN and its six modifications"
@@ -287,7 +288,7 @@ MEMORY_NOTES = {
     "during each variant's training",
     "estimated": "peak memory estimated (not measured; training ran on CPU, where the process "
     "memory does not separate the variants): fp32 weights + gradients + optimizer state + "
-    "the activations autograd saves for one batch (lungbench.costs.estimate_memory); data, "
+    "the activations autograd saves for one batch (lungbench.train.costs.estimate_memory); data, "
     "loader and framework memory not included",
 }
 
@@ -296,7 +297,7 @@ def training_memory(
     cfg: MosmedConfig, model, info: StoreInfo, measured: int, measured_kind: str
 ) -> tuple[int, str]:
     """(bytes, kind): the CUDA allocator's peak of the fit when it ran on CUDA, else the
-    estimate of lungbench.costs (the 2D cost tables' CPU figure), which does not depend on
+    estimate of lungbench.train.costs (the 2D cost tables' CPU figure), which does not depend on
     what earlier variants left in the process."""
     if measured_kind == "cuda_max_allocated" and measured > 0:
         return measured, measured_kind

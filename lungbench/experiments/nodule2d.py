@@ -28,16 +28,9 @@ import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from lungbench.cam import cam_overlay_figure, grad_cam
 from lungbench.commands._args import non_negative_int, positive_int
-from lungbench.data.splits import stratified_split
-from lungbench.data.store import StoreDataset, StoreInfo, read_info
-from lungbench.errors import UsageError
-from lungbench.experiments import common2d as c2d
-from lungbench.experiments import common3d as c3d
-from lungbench.lr_finder import find_lr, lr_finder_figure
-from lungbench.report.training import confusion_table
-from lungbench.results import (
+from lungbench.core.errors import UsageError
+from lungbench.core.runs import (
     append_record,
     finish_run,
     markdown,
@@ -45,9 +38,17 @@ from lungbench.results import (
     write_json,
     write_table,
 )
-from lungbench.train import SCHEDULES, TrainConfig, fit, predict
-from lungbench.transfer import parse_method
-from lungbench.tta import DEFAULT_VIEWS, tta_predict
+from lungbench.data.splits import stratified_split
+from lungbench.data.store import StoreDataset, StoreInfo, read_info
+from lungbench.experiments import common2d as c2d
+from lungbench.experiments import common3d as c3d
+from lungbench.report.training import confusion_table
+from lungbench.train.cam import cam_overlay_figure, grad_cam
+from lungbench.train.config import SCHEDULES, TrainConfig
+from lungbench.train.engine import fit, predict
+from lungbench.train.lr_finder import find_lr, lr_finder_figure
+from lungbench.train.transfer import parse_method
+from lungbench.train.tta import DEFAULT_VIEWS, tta_predict
 
 NAME = "nodule2d"
 HELP = "seed 001: 2D nodule crops, LR finder, cosine/one-cycle, rotation aug, TTA, Grad-CAM"
@@ -181,10 +182,10 @@ def make_config(args: argparse.Namespace, lr: float | None = None) -> Nodule2DCo
         return base[name] if value is None else value
 
     parse_method(args.method)
+    from lungbench.core.device import parse_device
+    from lungbench.core.errors import look_up_option
     from lungbench.data.transforms import PRESETS
-    from lungbench.errors import look_up_option
-    from lungbench.harness import parse_device
-    from lungbench.tta import VIEWS
+    from lungbench.train.tta import VIEWS
 
     parse_device(args.device)
     if args.lr is not None and not args.lr > 0:

@@ -1,9 +1,14 @@
-"""Model architectures and their registry. Importing this package registers them all."""
+"""Layer 4 (models): the architectures and their registry.
+
+Import from this package, not from `registry` alone: importing the package registers every
+built-in architecture.
+"""
 
 from lungbench.models.registry import (
     create_model,
     example_input_shapes,
     list_models,
+    model_builder,
     register_model,
 )
 
@@ -12,4 +17,10 @@ from lungbench.models import dualpath3d  # noqa: E402,F401  isort: skip
 from lungbench.models import mosmed3d  # noqa: E402,F401  isort: skip
 from lungbench.models import backbones  # noqa: E402,F401  isort: skip
 
-__all__ = ["create_model", "example_input_shapes", "list_models", "register_model"]
+__all__ = [
+    "create_model",
+    "example_input_shapes",
+    "list_models",
+    "model_builder",
+    "register_model",
+]

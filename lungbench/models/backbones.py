@@ -4,11 +4,11 @@ The networks are MONAI's (no torchvision needed), in 2D by default and 3D with
 `spatial_dims=3`, with any number of outputs. Parameter names follow torchvision's for ResNet
 (`conv1`, `layer1.0.conv1`, ..., `fc`) and MONAI's for DenseNet (`features.denseblock1...`,
 `class_layers.out`), so a torchvision or MONAI state dict loads with little or no remapping
-(see lungbench.weights).
+(see lungbench.train.weights).
 
 Shapes: (B, in_channels, H, W) or (B, in_channels, D, H, W) -> logits (B, out_channels).
 
-Every network here describes itself for lungbench.transfer and lungbench.cam:
+Every network here describes itself for lungbench.train.transfer and lungbench.train.cam:
 
     STAGES      ordered (name, module prefixes) of the backbone, input side first
     HEAD        prefix of the new classification layer (replaced for each target task)
@@ -28,7 +28,7 @@ from monai.networks.nets import ResNet as MonaiResNet
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 
-from lungbench.errors import UsageError, positive_int
+from lungbench.core.errors import UsageError, positive_int
 from lungbench.models.registry import register_model
 
 # Small odd-sized examples keep the registry-wide model test fast (per sample: C, H, W).

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lungbench.errors import UsageError, look_up_option, positive_int
+from lungbench.core.errors import UsageError, look_up_option, positive_int
 from lungbench.models.registry import register_model
 
 VARIANTS = (

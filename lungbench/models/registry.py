@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from lungbench.errors import UsageError, look_up_option
+from lungbench.core.errors import UsageError, look_up_option
 
 ModelBuilder = Callable[..., nn.Module]
 
@@ -54,7 +54,6 @@ def example_input_shapes(name: str, batch: int = 2) -> tuple[tuple[int, ...], ..
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names, sorted, optionally filtered by a shell-style pattern."""
-    _import_builtin_models()
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
 
 
@@ -75,8 +74,3 @@ def create_model(name: str, **kwargs) -> nn.Module:
             f"valid options: {', '.join(accepted)}"
         )
     return builder(**kwargs)
-
-
-def _import_builtin_models() -> None:
-    # Importing the package registers every built-in architecture once.
-    import lungbench.models  # noqa: F401

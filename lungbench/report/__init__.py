@@ -1,1 +1,1 @@
-"""Tables (the seeds' layouts), plots, the HTML report and run comparison."""
+"""Layer 8 (report): tables (the seeds' layouts), plots, the HTML report and run comparison."""

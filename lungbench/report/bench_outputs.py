@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lungbench.core.runs import save_figure, write_table
 from lungbench.report import plots
 from lungbench.report.bench_tables import (
     flatten_columns,
@@ -14,7 +15,6 @@ from lungbench.report.bench_tables import (
     speedup_table,
     summary_table,
 )
-from lungbench.results import save_figure, write_table
 
 
 def write_bench_outputs(run_dir: Path, records: Sequence[dict[str, Any]]) -> str:

@@ -28,12 +28,12 @@ from typing import Any
 
 import pandas as pd
 
-from lungbench.errors import DataError, UsageError
+from lungbench.core.errors import DataError, UsageError
+from lungbench.core.paths import check_out_dir
+from lungbench.core.runs import markdown, save_figure, utc_now
 from lungbench.report import figures
 from lungbench.report.reference import default_reference_dir, reference_tables
 from lungbench.report.runview import MAX_TABLE_ROWS, RunView, load_run, read_table
-from lungbench.results import markdown, save_figure, utc_now
-from lungbench.safepaths import check_out_dir
 
 FILES_DIR = "report_files"
 MAX_TELEMETRY_FILES = 8

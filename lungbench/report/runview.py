@@ -15,8 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from lungbench.errors import DataError
-from lungbench.results import RUN_FILE, read_records
+from lungbench.core.errors import DataError
+from lungbench.core.runs import RUN_FILE, read_records
 
 # Long tables shown in a report only by their first rows (every row stays in the CSV).
 MAX_TABLE_ROWS = 40

@@ -27,10 +27,10 @@ from typing import Any
 
 import pandas as pd
 
-from lungbench.errors import DataError
+from lungbench.core.errors import DataError
+from lungbench.core.runs import RECORDS_FILE, read_records, save_figure, write_table
+from lungbench.measure.stats import format_seconds
 from lungbench.report import plots  # its import selects matplotlib's headless backend
-from lungbench.results import RECORDS_FILE, read_records, save_figure, write_table
-from lungbench.stats import format_seconds
 
 MATCH = ("model", "preset", "filters", "dtype")
 SCALING_COLUMNS = [

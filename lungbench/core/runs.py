@@ -1,0 +1,205 @@
+"""Run folders: where every command writes what it measured, in one layout.
+
+    results/<run-id>/
+        run.json            kind (bench | train | profile), command line, status, timestamps
+        config.json         the frozen config dataclass(es) of the run
+        environment.json    lungbench.core.environment.environment_record()
+        records.jsonl       one JSON line per measurement, appended + fsynced as it finishes
+        tables/NAME.csv     every table also as NAME.md (Markdown)
+        plots/NAME.png
+
+A run is complete when run.json says status "complete"; a folder without that was
+interrupted (its records.jsonl still holds everything that finished).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lungbench.core.errors import message_of
+from lungbench.core.paths import check_name, check_out_dir
+
+RUN_FILE = "run.json"
+
+
+RECORDS_FILE = "records.jsonl"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def make_run_id(kind: str) -> str:
+    """A sortable, unique-enough id: KIND-YYYYmmdd-HHMMSS-HOST."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    host = socket.gethostname().split(".")[0][:20] or "host"
+    return f"{kind}-{stamp}-{host}"
+
+
+def create_run_dir(out_root: str | os.PathLike, kind: str, run_id: str | None = None) -> Path:
+    """Create results/<run-id>/ (UsageError if the root or the run folder is a file)."""
+    root = Path(out_root)
+    check_out_dir(root)
+    if run_id is not None:
+        check_name(run_id, "--run-id")  # results stay inside --out: no '/', no '..'
+    run_id = run_id or make_run_id(kind)
+    run_dir = root / run_id
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = root / f"{run_id}-{suffix}"
+    (run_dir / "tables").mkdir(parents=True)
+    (run_dir / "plots").mkdir()
+    write_json(
+        run_dir / RUN_FILE,
+        {
+            "kind": kind,
+            "run_id": run_dir.name,
+            "status": "running",
+            "started_utc": utc_now(),
+            "argv": sys.argv[1:],
+        },
+    )
+    return run_dir
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses, paths, numpy scalars and tuples as plain JSON values."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(asdict(obj))
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return obj.item()
+    if isinstance(obj, float) and obj != obj:  # NaN is not JSON
+        return None
+    return obj if isinstance(obj, (str, int, float, bool, type(None))) else str(obj)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_jsonable(data), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def append_record(run_dir: Path, record: Mapping[str, Any]) -> None:
+    """Append one measurement as a JSON line, flushed and fsynced (survives a kill)."""
+    line = json.dumps(to_jsonable(record)) + "\n"
+    with open(run_dir / RECORDS_FILE, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """All complete records of a run (a torn last line from a kill is skipped)."""
+    path = Path(run_dir) / RECORDS_FILE
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):  # a stray non-object line is not a record
+            records.append(record)
+    return records
+
+
+def write_table(run_dir: Path, name: str, table: pd.DataFrame, index: bool = True) -> Path:
+    """Write tables/NAME.csv and tables/NAME.md; returns the CSV path."""
+    csv_path = run_dir / "tables" / f"{name}.csv"
+    table.to_csv(csv_path, index=index)
+    (run_dir / "tables" / f"{name}.md").write_text(markdown(table, index) + "\n")
+    return csv_path
+
+
+def save_figure(run_dir: Path, name: str, fig) -> Path:
+    """Save a matplotlib figure as plots/NAME.png and close it."""
+    import matplotlib.pyplot as plt
+
+    path = run_dir / "plots" / f"{name}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def finish_run(run_dir: Path, status: str = "complete", **extra: Any) -> None:
+    """Mark the run complete (or interrupted / failed) in run.json."""
+    info = read_json(run_dir / RUN_FILE)
+    info.update(status=status, finished_utc=utc_now(), **extra)
+    write_json(run_dir / RUN_FILE, info)
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line of an exception's message (its type name if it has none); for an error
+    re-raised from a DataLoader worker, the worker's own message."""
+    return message_of(exc)
+
+
+@contextmanager
+def marking_run(
+    run_dir: Path,
+    interrupted_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
+    on_interrupt: Callable[[], None] | None = None,
+    **extra: Any,
+) -> Iterator[None]:
+    """Mark run_dir "interrupted" (Ctrl-C, SIGTERM: `interrupted_by`) or "failed" (any other
+    exception, with its first line) when the block raises, then re-raise, so that no run
+    folder is left "running". `on_interrupt` runs first on an interruption (for example to
+    rebuild the tables from the records measured so far); `extra` goes into run.json."""
+    try:
+        yield
+    except BaseException as exc:
+        interrupted = isinstance(exc, interrupted_by)
+        if interrupted and on_interrupt is not None:
+            on_interrupt()
+        status = "interrupted" if interrupted else "failed"
+        finish_run(run_dir, status, error=error_line(exc), **extra)
+        raise
+
+
+def _plain_markdown(table: pd.DataFrame, index: bool) -> str:
+    """Markdown without the optional `tabulate` dependency."""
+    frame = table.reset_index() if index else table
+    cols = [str(c) for c in frame.columns]
+    rows = [[_fmt(v) for v in row] for row in frame.itertuples(index=False)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown(table: pd.DataFrame, index: bool = True) -> str:
+    """A table as Markdown text (no dependency on the optional `tabulate`)."""
+    return _plain_markdown(table, index)
+
+
+def iter_tables(run_dir: Path) -> Iterable[Path]:
+    return sorted((Path(run_dir) / "tables").glob("*.csv"))

@@ -1,0 +1,383 @@
+"""A whole `lungbench bench` run: validate, prepare data, sweep, write and publish results.
+
+Everything the user asked for is checked before the run folder is created, so bad input
+leaves nothing behind; a run that fails or is interrupted later is marked so in run.json.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from lungbench.core.device import parse_device
+from lungbench.core.environment import describe_device, environment_record
+from lungbench.core.errors import DataError, UsageError, look_up_option
+from lungbench.core.paths import check_name, check_out_dir
+from lungbench.core.runs import (
+    append_record,
+    create_run_dir,
+    finish_run,
+    marking_run,
+    read_records,
+    write_json,
+    write_table,
+)
+from lungbench.data.geometry import GEOMETRY_PRESETS, geometry, preset_mismatch
+from lungbench.data.store import StoreInfo, read_info
+from lungbench.distributed.group import (
+    DistContext,
+    all_gather,
+    barrier,
+)
+from lungbench.measure.batch_finder import apply_batch_finder
+from lungbench.measure.ddp import DDPOptions, run_ddp_sweep
+from lungbench.measure.peak import attach_peak, device_peaks
+from lungbench.measure.sweep import (
+    BenchConfig,
+    SweepSpec,
+    default_store_path,
+    run_sweep,
+)
+from lungbench.measure.sweep_state import (
+    ResumePoint,
+    SweepState,
+    environment_file,
+    rebuild_outputs,
+    saved_peaks,
+    signals_deferred,
+    start_resume,
+    stop_on_sigterm,
+)
+from lungbench.measure.telemetry import SweepMonitor
+from lungbench.models import create_model, list_models
+from lungbench.report.bench_outputs import write_bench_outputs
+from lungbench.report.scaling import write_scaling_outputs
+from lungbench.step import SWEEP_SWITCH_FIELDS, check_switches
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """What the user asked `lungbench bench` for (saved as config.json)."""
+
+    model: str = "dualpath3d"
+    preset: str = "default"
+    filters: tuple[int, ...] = (8, 16)
+    batch_sizes: tuple[int, ...] = (2, 4, 8)
+    devices: tuple[str, ...] = ("cpu",)
+    threads: tuple[int | None, ...] = (None,)
+    warmup: int = 3
+    repeats: int = 10
+    epoch: bool = True
+    epoch_samples: int | None = None
+    num_workers: int = 0
+    seed: int = 0
+    store: Path | None = None
+    synth_n: int = 754
+    out: Path = Path("results")
+    run_id: str | None = None
+    telemetry_interval: float = 0.5  # seconds between telemetry samples; 0 = no telemetry
+    # Speed switches and data path (lungbench.step, lungbench.measure.loader): "auto" / None
+    # = the device's fast default; strict_switches = the ones the user forced (no fallback).
+    dtype: str = "auto"
+    memory_format: str = "auto"
+    compile: str = "auto"
+    tf32: bool | None = None
+    cudnn_benchmark: bool | None = None
+    optimizer: str = "auto"
+    cuda_graphs: bool | None = None
+    ddp_bucket_mb: int = 25
+    strict_switches: tuple[str, ...] = ()
+    pin_memory: bool | None = None
+    cache: bool = False
+    find_batch: bool = False  # search the largest batch first; it bounds the sweep
+    max_batch: int | None = None  # ceiling of that search (None: 64 on CPU, 4096 on CUDA)
+
+    def sweep(self) -> SweepSpec:
+        base = BenchConfig(
+            model=self.model,
+            preset=self.preset,
+            warmup=self.warmup,
+            repeats=self.repeats,
+            epoch=self.epoch,
+            epoch_samples=self.epoch_samples,
+            num_workers=self.num_workers,
+            seed=self.seed,
+            **{name: getattr(self, name) for name in SWEEP_SWITCH_FIELDS},
+        )
+        return SweepSpec(
+            base=base,
+            filters=self.filters,
+            batch_sizes=self.batch_sizes,
+            devices=self.devices,
+            threads=self.threads,
+        )
+
+
+@dataclass
+class BenchResult:
+    run_dir: Path
+    records: list[dict[str, Any]]
+    table_text: str
+
+
+def validate(request: BenchRequest) -> None:
+    """UsageError for anything invalid, before any file is written."""
+    look_up_option(request.model, list_models(), what="--model")
+    look_up_option(request.preset, GEOMETRY_PRESETS, what="--preset")
+    for device in request.devices:
+        parse_device(device)
+    check_out_dir(request.out)
+    if request.run_id is not None:
+        check_name(request.run_id, "--run-id")
+    if not request.telemetry_interval >= 0:
+        raise UsageError(
+            f"--telemetry-interval must be >= 0 seconds (0 = off), got {request.telemetry_interval}"
+        )
+    if request.store is not None:
+        check_store_fits_model(request, read_info(request.store))
+    check_switches(request, request.devices)  # forced switches a device cannot do: UsageError
+
+
+def check_store_fits_model(request: BenchRequest, info: StoreInfo) -> None:
+    """DataError unless the model takes one sample of each store input (a dry forward); the
+    two-path model also needs the preset's grids (both paths on the same grid: a smaller
+    zoom cube would still run, through the global pooling, but measure another network)."""
+    if request.model == "dualpath3d" and list(info.inputs) == ["context", "zoom"]:
+        reason = preset_mismatch(list(info.inputs.values()), request.preset)
+        if reason:
+            raise DataError(f"{info.path}: {reason}")
+    model = create_model(request.model, preset=request.preset, filters=min(request.filters))
+    inputs = [torch.zeros((1, *shape)) for shape in info.inputs.values()]
+    try:
+        with torch.no_grad():
+            model.eval()(*inputs)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        shapes = ", ".join(
+            f"dataset '{k}' has shape {(info.n, *v)}" for k, v in info.inputs.items()
+        )
+        reason = str(exc).splitlines()[0][:160]
+        raise DataError(
+            f"{info.path}: {shapes}; model {request.model!r} (preset "
+            f"{request.preset!r}) cannot take it: {reason}"
+        ) from None
+
+
+def prepare_store(request: BenchRequest, log: Callable[[str], None]) -> StoreInfo:
+    """The user's store, or the generated default (made once, then reused from OUT/data/)."""
+    if request.store is not None:
+        return read_info(request.store)
+    path = default_store_path(request.out, "lidc", request.synth_n, request.preset, request.seed)
+    if not path.exists():
+        from lungbench.data.synth import write_synthetic_store
+
+        log(f"generating {request.synth_n} LIDC-like nodules into {path} (once; reused later)")
+        with tqdm(total=request.synth_n, desc="generate data", unit="nodule") as bar:
+            write_synthetic_store(
+                path,
+                "lidc",
+                request.synth_n,
+                geometry(request.preset),
+                seed=request.seed,
+                progress=bar.update,
+            )
+    return read_info(path)
+
+
+def measure_peaks(devices: tuple[str, ...], dtype: str = "auto") -> dict[str, dict[str, float]]:
+    """Matrix-product peak per device and dtype, the denominators of every 'peak_fraction'
+    (a record is compared with the peak of the dtype its math ran in). Only the dtypes
+    `dtype` ("auto" or a fixed one) can lead to are measured."""
+    dtypes = ("fp32", "bf16", "fp16") if dtype == "auto" else ("fp32", dtype)
+    return {d: device_peaks(parse_device(d), dtypes) for d in dict.fromkeys(devices)}
+
+
+def record_peaks(env: dict[str, Any], peaks: dict[str, dict[str, float]]) -> None:
+    """Store the peaks in the environment record: all of them, and FP32 alone as before."""
+    env["peak_flops"] = peaks
+    env["peak_flops_fp32"] = {d: p["fp32"] for d, p in peaks.items()}
+
+
+def run_bench(
+    request: BenchRequest,
+    log: Callable[[str], None] = print,
+    resume: ResumePoint | None = None,
+    dist: Any = None,
+    ddp: Any = None,
+) -> BenchResult:
+    """Run the sweep described by `request` and write its result folder.
+
+    With `resume` (lungbench.measure.sweep_state.open_for_resume), continue that run folder: only
+    configurations without a record are measured. Ctrl-C / SIGTERM mark the run
+    "interrupted" with its tables rebuilt from the records, then re-raise.
+
+    With `dist` (a lungbench.distributed.group.DistContext of world size > 1) the DDP
+    measurements of lungbench.measure.ddp run instead, configured by `ddp` (DDPOptions);
+    only rank 0 writes.
+    """
+    if dist is not None and dist.is_distributed:
+        return run_ddp_bench(request, dist, ddp or DDPOptions(), log)
+    validate(request)
+    info = prepare_store(request, log)
+    configs = request.sweep().expand()
+    batch_limits = None
+    if request.find_batch:  # the largest batch that fits bounds the sweep
+        configs, batch_limits = apply_batch_finder(
+            configs, list(info.inputs.values()), request.max_batch, log
+        )
+    state = SweepState.from_records(resume.records if resume else [])
+    pending = state.pending(configs)
+    if resume is None:
+        run_dir = create_run_dir(request.out, "bench", request.run_id)
+    else:
+        run_dir = resume.run_dir
+        start_resume(run_dir)
+        log(
+            f"resuming {run_dir}: {len(configs) - len(pending)} of {len(configs)} "
+            "configurations already measured"
+        )
+    # a failure marks the run "failed"; Ctrl-C / SIGTERM "interrupted", with its tables
+    # rebuilt from the records measured so far (SIGTERM from here on: while the peaks are
+    # measured or the tables written too, not only during the sweep)
+    with (
+        stop_on_sigterm(),
+        marking_run(
+            run_dir, on_interrupt=lambda: rebuild_outputs(run_dir, write_bench_outputs, log)
+        ),
+    ):
+        if batch_limits is not None:
+            write_table(run_dir, "max_batch", batch_limits, index=False)
+        if resume is None:
+            write_json(
+                run_dir / "config.json",
+                {
+                    "request": request,
+                    "store": str(info.path),
+                    "store_inputs": info.inputs,
+                    "store_kind": info.kind,
+                    "configs": len(configs),
+                },
+            )
+        env = environment_record()
+        peaks = saved_peaks(run_dir) if resume else None
+        peaks = peaks or measure_peaks(request.devices, request.dtype)
+        record_peaks(env, peaks)
+        write_json(run_dir / environment_file(run_dir, resume is not None), env)
+
+        bar = tqdm(
+            total=len(configs), initial=len(configs) - len(pending), desc="bench", unit="config"
+        )
+
+        def on_record(record: dict[str, Any]) -> None:
+            device = torch.device(record["device"])
+            record["platform"] = _platform(record, device)
+            attach_peak(record, peaks.get(record["device"]))
+            state.note(record)
+            with signals_deferred():  # a signal now would tear the line
+                append_record(run_dir, record)
+            bar.update(1)
+
+        def progress(cfg: BenchConfig) -> None:
+            bar.set_postfix_str(f"{cfg.device} f{cfg.filters} b{cfg.batch_size}")
+
+        with bar:
+            run_sweep(
+                pending,
+                info,
+                on_record,
+                progress,
+                skip=state.skip_record,
+                monitor=_telemetry_monitor(request, run_dir),
+            )
+        records = read_records(run_dir)  # with those of earlier attempts when resumed
+        table_text = write_bench_outputs(run_dir, records)
+    finish_run(run_dir, "complete")
+    return BenchResult(run_dir, records, table_text)
+
+
+def _telemetry_monitor(request: BenchRequest, run_dir: Path) -> Any:
+    """Samples telemetry around each configuration into run_dir/telemetry/<key>.csv."""
+    if not request.telemetry_interval:
+        return None
+    return SweepMonitor(run_dir / "telemetry", request.telemetry_interval, run_dir=run_dir)
+
+
+def _platform(record: dict[str, Any], device: torch.device) -> str:
+    if device.type == "cpu":
+        threads = record["threads_used"]
+        return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
+    return describe_device(device)
+
+
+def run_ddp_bench(
+    request, dist: DistContext, options: DDPOptions, log: Callable[[str], None] = print
+):
+    """`lungbench bench` with several processes: every rank calls it; rank 0 writes the run
+    folder and returns the BenchResult with the tables, the others a result without them."""
+    validate(request)  # every rank: bad input ends every rank with the same message
+    if getattr(request, "find_batch", False):
+        raise UsageError(
+            "--find-batch: not supported under a launcher; find the batch in a 1-process "
+            "run, then pass it with --batch"
+        )
+    if dist.device.type not in {torch.device(d).type for d in request.devices}:
+        raise UsageError(
+            f"--device {' '.join(request.devices)}: the process group runs on "
+            f"{dist.device.type}; add it to --device"
+        )
+    # Rank 0 generates the default data set if it is missing; the others then read it
+    # (or, on nodes without a shared file system, generate the same deterministic file).
+    info = prepare_store(request, log) if dist.is_main else None
+    barrier(dist, "waiting for rank 0 to prepare the data set")
+    info = info or prepare_store(request, lambda text: None)
+    configs = request.sweep().expand()
+    hosts = all_gather(dist, socket.gethostname(), "exchanging host names")
+    if not dist.is_main:
+        run_ddp_sweep(configs, info, dist, options, on_record=lambda r: None)
+        return BenchResult(None, [], "")  # type: ignore[arg-type]
+
+    run_dir = create_run_dir(request.out, "bench", request.run_id)
+    with marking_run(run_dir):  # a failure marks the run "failed", Ctrl-C "interrupted"
+        write_json(
+            run_dir / "config.json",
+            {
+                "request": request,
+                "ddp": options,
+                "distributed": dist.describe(),
+                "store": str(info.path),
+                "store_inputs": info.inputs,
+                "store_kind": info.kind,
+                "configs": len(configs),
+            },
+        )
+        peaks = measure_peaks(tuple(request.devices), request.dtype)
+        env = environment_record()
+        record_peaks(env, peaks)
+        env["distributed"] = {**dist.describe(), "hosts": hosts}
+        write_json(run_dir / "environment.json", env)
+        bar = tqdm(desc="bench", unit="record")
+
+        def on_record(record: dict[str, Any]) -> None:
+            if record.get("scaling") == "none":
+                record["platform"] = _platform(record, torch.device(record["device"]))
+            attach_peak(record, peaks.get(record["device"]))
+            append_record(run_dir, record)
+            bar.update(1)
+
+        monitor = None
+        if request.telemetry_interval:
+            monitor = SweepMonitor(run_dir / "telemetry", request.telemetry_interval, run_dir)
+        with bar:
+            records = run_ddp_sweep(
+                configs, info, dist, options, on_record, bar.set_postfix_str, monitor
+            )
+        flat = [{k: v for k, v in r.items() if k != "ranks"} for r in records]
+        table_text = write_bench_outputs(run_dir, flat)
+        table_text += "\n\n" + write_scaling_outputs(run_dir, records)
+    finish_run(run_dir, "complete")
+    return BenchResult(run_dir, records, table_text)

@@ -1,0 +1,554 @@
+"""Distributed (DDP) benchmark measurements: `lungbench bench` under a launcher.
+
+    torchrun --nproc_per_node 2 -m lungbench bench --preset dey2018 --batch 2 4 --filters 8
+    mpiexec -n 2 python -m lungbench bench --scaling weak --dist-timeout 120
+    srun --ntasks-per-node 4 --gpus-per-node 4 python -m lungbench bench --device cuda
+
+For every configuration (filters x batch size x threads), with W processes:
+  * baseline: rank 0 measures the same configuration in one process (harness.measure) while
+    the other ranks wait, so one run holds world size 1 and W and the ratios between them
+    come from one allocation (turn off with --no-baseline when combining runs instead);
+  * weak scaling: per-process batch = --batch (global batch W x batch);
+    strong scaling: global batch = --batch, split over the W ranks (skipped if it does not
+    divide);
+  * for each: the DDP training step timed by lungbench.measure.timing's protocol (forward, backward
+    with its overlapped gradient all-reduce, optimizer); the same forward + backward under
+    `no_sync()` (no gradient communication: the compute); the gradient all-reduce of the
+    model's DDP bucket sizes timed on its own; and one end-to-end epoch through a
+    DistributedSampler, with the time spent waiting for data measured apart;
+  * every rank's timings are gathered to rank 0, which writes one record per configuration
+    and scaling mode (the slowest rank's times, since a DDP step ends when the slowest does;
+    the per-rank numbers under "ranks" in records.jsonl) and, at the end, the tables.
+
+Only rank 0 creates the run folder and writes; records are appended as they are measured,
+so a job that fails later keeps everything measured before.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from lungbench.core.errors import is_oom, look_up_option
+from lungbench.core.runs import error_line
+from lungbench.data.loader import to_device
+from lungbench.data.store import StoreDataset, StoreInfo
+from lungbench.distributed.group import (
+    DEFAULT_TIMEOUT_S,
+    DistContext,
+    DistributedError,
+    barrier,
+    collective_guard,
+    gather_records,
+    parameter_digest,
+    threads_per_rank,
+    wrap_model,
+)
+from lungbench.measure.data_wait import DeviceWaitClock, data_bound
+from lungbench.measure.stats import summarize
+from lungbench.measure.sweep import BenchConfig, measure, synthetic_batch, train_split
+from lungbench.measure.timing import (
+    STEP,
+    PhaseTimer,
+    run_protocol,
+    set_threads,
+    training_step_flops,
+)
+from lungbench.models import create_model
+from lungbench.step import (
+    NO_TIMER,
+    TrainStep,
+    apply_memory_format,
+    backend_flags,
+    bce_loss,
+    resolve_switches,
+)
+
+SCALINGS = ("weak", "strong")
+
+
+SCALING_CHOICES = ("weak", "strong", "both")
+
+
+# Phase name of the no_sync forward + backward (kept apart from the synchronised phases).
+LOCAL = "local_fwd_bwd"
+
+
+# Keys of a rank's result copied into the record's per-rank list.
+RANK_FIELDS = (
+    "rank",
+    "host",
+    "local_rank",
+    "device",
+    "threads_used",
+    "status",
+    "error",
+    "step_s_median",
+    "compute_s_median",
+    "sync_fwd_bwd_s_median",
+    "local_fwd_bwd_s_median",
+    "optimizer_s_median",
+    "allreduce_s_median",
+    "epoch_s",
+    "epoch_data_wait_s",
+    "epoch_steps",
+    "param_digest",
+    "samples_s",
+)
+
+
+@dataclass(frozen=True)
+class DDPOptions:
+    """How `lungbench bench` measures when a launcher started several processes."""
+
+    scaling: tuple[str, ...] = SCALINGS
+    baseline: bool = True  # rank 0 also measures world size 1 (the scaling reference)
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+
+def parse_scaling(text: str) -> tuple[str, ...]:
+    """'weak', 'strong' or 'both' -> the modes to measure (UsageError otherwise)."""
+    choice = look_up_option(text, SCALING_CHOICES, what="--scaling")
+    return SCALINGS if choice == "both" else (choice,)
+
+
+def split_batch(scaling: str, batch: int, world_size: int) -> tuple[int | None, str | None]:
+    """(per-rank batch, None), or (None, why) when strong scaling cannot split `batch`."""
+    if scaling == "weak":
+        return batch, None
+    if batch % world_size:
+        return None, (
+            f"global batch {batch} does not split evenly over {world_size} ranks; "
+            f"use a multiple of {world_size}"
+        )
+    return batch // world_size, None
+
+
+def platform_label(dist: DistContext, scaling: str) -> str:
+    """The speed-up table's row name: 'cpu x2 (DDP, gloo)', 'cuda x8 (2 nodes, DDP, nccl)';
+    strong scaling adds ', strong' (its batch is the global one)."""
+    where = f"{dist.nodes} nodes, " if dist.nodes > 1 else ""
+    mode = ", strong" if scaling == "strong" else ""
+    return f"{dist.device.type} x{dist.world_size} ({where}DDP, {dist.backend}{mode})"
+
+
+def bucket_numels(ddp: DistributedDataParallel, model: nn.Module) -> list[int]:
+    """Elements per gradient bucket as DDP runs them: read after the first backward, when DDP
+    has rebuilt its buckets in the order the gradients arrived (the construction-time layout
+    in DDP's logging data is not updated then). Falls back to that logging data, then to one
+    bucket of every parameter, when torch does not report them (private APIs, may change)."""
+    elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    size = next(model.parameters()).element_size()
+    try:
+        sizes = [b.buffer().numel() for b in ddp.reducer._get_zeros_like_grad_buckets()]
+    except (AttributeError, RuntimeError):
+        sizes = []
+    if not sizes or sum(sizes) != elements:
+        try:
+            text = str(ddp._get_ddp_logging_data().get("bucket_sizes", ""))
+            sizes = [int(b) // size for b in re.findall(r"\d+", text)]
+        except (AttributeError, RuntimeError):
+            sizes = []
+    return sizes if sizes and sum(sizes) == elements else [elements]
+
+
+def time_allreduce(
+    dist: DistContext, numels: Sequence[int], warmup: int, repeats: int
+) -> list[float]:
+    """Seconds to all-reduce one step's gradient buckets, one after another, with nothing
+    to overlap them with: the communication a DDP step has to hide."""
+    import torch.distributed as tdist
+
+    tensors = [torch.ones(n, device=dist.device) for n in numels]
+    samples = []
+    for i in range(warmup + repeats):
+        barrier(dist)  # start together, so a late rank's skew is not counted as transfer
+        _sync(dist.device)
+        t0 = time.perf_counter()
+        for tensor in tensors:
+            tdist.all_reduce(tensor)
+        _sync(dist.device)  # note: CPU-GPU sync point, the clock stops when NCCL is done
+        if i >= warmup:
+            samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def ddp_train_step(
+    cfg: BenchConfig, model: nn.Module, dist: DistContext, inputs: Sequence[torch.Tensor]
+) -> tuple[TrainStep, DistributedDataParallel, dict[str, Any]]:
+    """The DDP-wrapped model and its training step with the same speed switches as the
+    1-process baseline (lungbench.step, resolved with the same probe of the model on
+    example `inputs`), and the record fields saying what ran."""
+    resolved = resolve_switches(
+        cfg, dist.device, inputs[0].dim(), quiet=not dist.is_main, probe=(model, inputs)
+    )
+    # DDP's gradient hooks cannot be captured in a CUDA graph: graphs stay off.
+    switches = replace(resolved.switches, cuda_graphs=False)
+    apply_memory_format(model, switches.memory_format)  # before DDP lays out its buckets
+    bucket_mb = getattr(switches, "ddp_bucket_mb", None) or getattr(cfg, "ddp_bucket_mb", 25)
+    ddp = wrap_model(model, dist, bucket_cap_mb=bucket_mb)
+    step_fn = TrainStep(ddp, bce_loss, switches, dist.device)
+    return step_fn, ddp, replace(resolved, switches=switches).record()
+
+
+def measure_ddp_step(
+    cfg: BenchConfig, per_rank: int, info: StoreInfo, dist: DistContext
+) -> dict[str, Any]:
+    """This rank's DDP step timings, no_sync compute, isolated all-reduce, weight digest."""
+    device = dist.device
+    torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP broadcasts them too)
+    model = create_model(cfg.model, **cfg.model_kwargs()).to(device).train()
+    # Different samples on every rank, as a DistributedSampler would give them.
+    inputs, target = synthetic_batch(info, per_rank, device, cfg.seed + 1000 * dist.rank)
+    flops = training_step_flops(model, bce_loss, inputs, target)
+    step_fn, ddp, switch_fields = ddp_train_step(cfg, model, dist, inputs)
+    inputs = step_fn.prepare_inputs(inputs)
+    timer = PhaseTimer(device)
+    barrier(dist)
+    with backend_flags(step_fn.switches):
+        synced = run_protocol(
+            lambda t: step_fn(t, inputs, target), timer, warmup=cfg.warmup, repeats=cfg.repeats
+        )
+        digest = parameter_digest(model)  # after identical updates: equal on every rank
+        barrier(dist)
+        local = run_protocol(
+            lambda t: step_fn.forward_backward(t, inputs, target, sync=False),
+            timer,
+            warmup=min(cfg.warmup, 1),
+            repeats=cfg.repeats,
+        )
+    step_fn.optimizer.zero_grad(set_to_none=True)
+    numels = bucket_numels(ddp, model)
+    reduce = time_allreduce(dist, numels, warmup=min(cfg.warmup, 2), repeats=cfg.repeats)
+    sync_fb = [f + b for f, b in zip(synced["forward"], synced["backward"], strict=True)]
+    local_fb = [f + b for f, b in zip(local["forward"], local["backward"], strict=True)]
+    optimizer_median = summarize(synced["optimizer"]).median
+    step = summarize(synced[STEP])
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "flops_per_step": flops,
+        "achieved_flops": flops / step.median,
+        "param_digest": digest,
+        "buckets": len(numels),
+        "allreduce_bytes": sum(numels) * next(model.parameters()).element_size(),
+        "step_s": step,
+        "sync_fwd_bwd_s_median": summarize(sync_fb).median,
+        "local_fwd_bwd_s_median": summarize(local_fb).median,
+        "optimizer_s_median": optimizer_median,
+        "compute_s_median": summarize(local_fb).median + optimizer_median,
+        "allreduce_s_median": summarize(reduce).median,
+        "switches": switch_fields,
+        "samples_s": {**synced, LOCAL: local_fb, "allreduce": reduce},
+    }
+
+
+def measure_ddp_epoch(
+    cfg: BenchConfig,
+    per_rank: int,
+    info: StoreInfo,
+    dataset: StoreDataset,
+    indices: np.ndarray,
+    dist: DistContext,
+) -> dict[str, Any]:
+    """One DDP epoch over the training split, each rank on its DistributedSampler shard."""
+    device = dist.device
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, **cfg.model_kwargs()).to(device).train()
+    examples = [torch.zeros((1, *shape), device=device) for shape in info.inputs.values()]
+    step_fn, _, _ = ddp_train_step(cfg, model, dist, examples)
+    if cfg.epoch_samples is not None:
+        indices = indices[: cfg.epoch_samples]
+    subset = Subset(dataset, indices.tolist())
+    # Padding keeps the same number of steps on every rank (DDP needs matching collectives).
+    sampler = DistributedSampler(
+        subset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed
+    )
+    sampler.set_epoch(0)
+    pin = cfg.pin_memory if getattr(cfg, "pin_memory", None) is not None else device.type == "cuda"
+    loader = DataLoader(
+        subset, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin
+    )
+    steps = 0
+    clock = DeviceWaitClock(device)
+    barrier(dist)
+    _sync(device)
+    start = time.perf_counter()
+    clock.start()
+    with backend_flags(step_fn.switches):
+        for batch in loader:
+            inputs, target = to_device(batch, device)
+            clock.batch_ready()
+            step_fn(NO_TIMER, step_fn.prepare_inputs(inputs), target)
+            clock.step_done()
+            steps += 1
+    _sync(device)  # note: CPU-GPU sync point; the epoch ends when the last kernel does
+    return {
+        "epoch_s": time.perf_counter() - start,
+        "epoch_data_wait_s": clock.seconds(),
+        "epoch_steps": steps,
+        "epoch_samples": len(indices),
+    }
+
+
+def measure_rank(
+    cfg: BenchConfig,
+    scaling: str,
+    per_rank: int,
+    info: StoreInfo,
+    dataset: StoreDataset,
+    indices: np.ndarray,
+    dist: DistContext,
+) -> dict[str, Any]:
+    """This rank's part of one DDP measurement. A failed collective raises DistributedError
+    (the job cannot go on); any other failure becomes this rank's status, as in harness."""
+    threads = (
+        set_threads(cfg.threads or threads_per_rank(dist))
+        if dist.device.type == "cpu"
+        else torch.get_num_threads()
+    )
+    result: dict[str, Any] = {
+        "rank": dist.rank,
+        "host": socket.gethostname(),
+        "local_rank": dist.local_rank,
+        "device": str(dist.device),
+        "threads_used": threads,
+        "status": "ok",
+        "error": None,
+    }
+    what = f"DDP {scaling} scaling, filters {cfg.filters}, batch {cfg.batch_size}"
+    try:
+        with collective_guard(dist, what):
+            result.update(measure_ddp_step(cfg, per_rank, info, dist))
+            if cfg.epoch:
+                result.update(measure_ddp_epoch(cfg, per_rank, info, dataset, indices, dist))
+    except DistributedError:
+        raise
+    except (MemoryError, RuntimeError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        result.update(status="oom" if is_oom(exc) else "error", error=error_line(exc))
+    finally:
+        if dist.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def combine_ranks(
+    cfg: BenchConfig,
+    scaling: str,
+    per_rank: int,
+    dist: DistContext,
+    ranks: Sequence[dict[str, Any]],
+) -> dict[str, Any]:
+    """One record from every rank's result: the slowest rank's times (a DDP step or epoch
+    ends when its slowest rank does), per-rank numbers under "ranks"."""
+    record = base_record(cfg, scaling, per_rank, dist)
+    record["threads_used"] = ranks[0]["threads_used"]
+    bad = [r for r in ranks if r["status"] != "ok"]
+    if bad:
+        record.update(status=bad[0]["status"], error=f"rank {bad[0]['rank']}: {bad[0]['error']}")
+    else:
+        record.update(_timings(ranks, record["global_batch"], dist.world_size))
+        record.update(ranks[0].get("switches", {}))  # what ran (the same on every rank)
+    record["ranks"] = [{k: r[k] for k in RANK_FIELDS if k in r} | _rank_step(r) for r in ranks]
+    return record
+
+
+def base_record(
+    cfg: BenchConfig, scaling: str, per_rank: int | None, dist: DistContext
+) -> dict[str, Any]:
+    """The fields every DDP record has, measured or not."""
+    global_batch = cfg.batch_size * dist.world_size if scaling == "weak" else cfg.batch_size
+    return {
+        "key": f"{cfg.key()}|ddp{dist.world_size}|{scaling}",
+        **asdict(cfg),
+        "device": dist.device.type,
+        "platform": platform_label(dist, scaling),
+        "scaling": scaling,
+        "world_size": dist.world_size,
+        "nodes": dist.nodes,
+        "backend": dist.backend,
+        "launcher": dist.launcher,
+        "per_rank_batch": per_rank,
+        "global_batch": global_batch,
+        "status": "ok",
+        "error": None,
+    }
+
+
+def _rank_step(result: dict[str, Any]) -> dict[str, Any]:
+    step = result.get("step_s")
+    return step.as_dict(prefix="step_s_") if step is not None else {}
+
+
+def _timings(ranks: Sequence[dict[str, Any]], global_batch: int, world_size: int) -> dict[str, Any]:
+    slowest = max(ranks, key=lambda r: r["step_s"].median)
+    step = slowest["step_s"]
+    compute = max(r["compute_s_median"] for r in ranks)
+    reduce = max(r["allreduce_s_median"] for r in ranks)
+    out: dict[str, Any] = {
+        **step.as_dict(prefix="step_s_"),
+        "forward_s_median": summarize(slowest["samples_s"]["forward"]).median,
+        "backward_s_median": summarize(slowest["samples_s"]["backward"]).median,
+        "optimizer_s_median": slowest["optimizer_s_median"],
+        "samples_per_s": global_batch / step.median,
+        "noisy": step.noisy,
+        "parameters": slowest["parameters"],
+        # per process, so that peak_fraction compares one device with its own peak
+        "flops_per_step": slowest["flops_per_step"],
+        "achieved_flops": slowest["flops_per_step"] / step.median,
+        "compute_s_median": compute,
+        "comm_overhead_s": max(0.0, step.median - compute),
+        "allreduce_s_median": reduce,
+        "allreduce_bytes": slowest["allreduce_bytes"],
+        "buckets": slowest["buckets"],
+        "allreduce_busbw_bytes_per_s": (
+            slowest["allreduce_bytes"] / reduce * 2 * (world_size - 1) / world_size
+        ),
+        "params_identical": len({r["param_digest"] for r in ranks}) == 1,
+        "samples_s": slowest["samples_s"],
+    }
+    if all("epoch_s" in r for r in ranks):
+        epoch = max(r["epoch_s"] for r in ranks)
+        samples = ranks[0]["epoch_samples"]
+        out.update(
+            epoch_s=epoch,
+            epoch_samples=samples,
+            epoch_samples_per_s=samples / epoch,
+            epoch_data_wait_s=max(r["epoch_data_wait_s"] for r in ranks),
+            epoch_steps=ranks[0]["epoch_steps"],
+        )
+        out["data_bound"] = data_bound(out)  # the rank that waited longest on data
+    return out
+
+
+def baseline_config(cfg: BenchConfig, device: str) -> BenchConfig:
+    """The world-size-1 reference of `cfg` on `device`: on CPU it gets every core this
+    process may use (torchrun sets OMP_NUM_THREADS=1 for its workers, which would make the
+    baseline look slow)."""
+    cfg = replace(cfg, device=device)
+    if cfg.threads is None and torch.device(device).type == "cpu":
+        cfg = replace(cfg, threads=_usable_cores())
+    return cfg
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def ddp_configs(configs: Sequence[BenchConfig], dist: DistContext) -> list[BenchConfig]:
+    """The configurations measured with DDP: one per threads x filters x batch size (in
+    sweep order), on the process group's device type."""
+    unique: dict[tuple, BenchConfig] = {}
+    for cfg in configs:
+        unique.setdefault(_group(cfg), replace(cfg, device=dist.device.type))
+    return list(unique.values())
+
+
+def _group(cfg: BenchConfig) -> tuple:
+    return (cfg.threads, cfg.filters, cfg.batch_size)
+
+
+def run_ddp_sweep(
+    configs: Sequence[BenchConfig],
+    info: StoreInfo,
+    dist: DistContext,
+    options: DDPOptions,
+    on_record: Callable[[dict[str, Any]], None],
+    progress: Callable[[str], None] | None = None,
+    monitor: Callable[..., dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Every rank calls this. Rank 0 gets every record (baseline and DDP) via `on_record`
+    and in the returned list; the other ranks get an empty list. `monitor` (rank 0's
+    lungbench.measure.telemetry.SweepMonitor) samples rank 0's GPU and CPU around each measurement."""
+    dataset = StoreDataset(info.path)
+    indices = train_split(info, dataset.labels, seed=configs[0].seed if configs else 0)
+    records: list[dict[str, Any]] = []
+
+    def emit(record: dict[str, Any]) -> None:
+        on_record(record)
+        records.append(record)
+
+    def measured(cfg: BenchConfig, run: Callable[[], dict[str, Any]], **kw: Any) -> dict:
+        """run() itself, under rank 0's telemetry monitor when there is one."""
+        return monitor(cfg, run, **kw) if monitor is not None and dist.is_main else run()
+
+    for cfg in ddp_configs(configs, dist):
+        if options.baseline:
+            same = [c for c in configs if _group(c) == _group(cfg)]
+            if dist.is_main:
+                for c in same:
+                    if progress:
+                        progress(f"1 process {c.device} f{c.filters} b{c.batch_size}")
+                    one = baseline_config(c, c.device)
+                    emit(measured(one, partial(baseline_record, one, info, dataset, indices)))
+            barrier(
+                dist,
+                "waiting for rank 0's 1-process baseline (raise --dist-timeout or "
+                "use --no-baseline)",
+            )
+        for scaling in options.scaling:
+            if progress and dist.is_main:
+                progress(f"DDP x{dist.world_size} {scaling} f{cfg.filters} b{cfg.batch_size}")
+            per_rank, why = split_batch(scaling, cfg.batch_size, dist.world_size)
+            if per_rank is None:
+                if dist.is_main:
+                    emit(
+                        {**base_record(cfg, scaling, None, dist), "status": "skipped", "error": why}
+                    )
+                continue
+            ddp = partial(ddp_record, cfg, scaling, per_rank, info, dataset, indices, dist)
+            record = measured(cfg, ddp, device=str(dist.device), per_sample=False)
+            if dist.is_main:
+                emit(record)
+    return records
+
+
+def ddp_record(
+    cfg: BenchConfig,
+    scaling: str,
+    per_rank: int,
+    info: StoreInfo,
+    dataset: StoreDataset,
+    indices: np.ndarray,
+    dist: DistContext,
+) -> dict[str, Any]:
+    """Every rank measures its part; rank 0 gets the combined record (the others: {})."""
+    mine = measure_rank(cfg, scaling, per_rank, info, dataset, indices, dist)
+    ranks = gather_records(dist, mine, f"gathering DDP {scaling} results")
+    return combine_ranks(cfg, scaling, per_rank, dist, ranks) if dist.is_main else {}
+
+
+def baseline_record(
+    cfg: BenchConfig, info: StoreInfo, dataset: StoreDataset, indices: np.ndarray
+) -> dict[str, Any]:
+    """harness.measure in this process, labelled as world size 1."""
+    record = measure(cfg, info, dataset, indices)
+    record.update(
+        scaling="none",
+        world_size=1,
+        nodes=1,
+        backend="none",
+        launcher="none",
+        per_rank_batch=cfg.batch_size,
+        global_batch=cfg.batch_size,
+    )
+    return record
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

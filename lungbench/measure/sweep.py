@@ -1,0 +1,292 @@
+"""The benchmark sweep: configurations x devices -> self-describing measurement records.
+
+For each configuration (model, filters, batch size, device, threads, ...):
+  1. compute-only: a training step on tensors already resident on the device, timed by the
+     protocol in lungbench.measure.timing (warm-up off the clock, then repeats; forward, backward,
+     optimizer and the whole step), FLOPs per step, achieved FLOP/s, peak memory;
+  2. end to end ("Exec. time", the thesis's column): one epoch of the store's training split
+     through a DataLoader, with the time spent waiting for data measured separately.
+
+Each record is appended to records.jsonl as soon as it is measured, so a killed sweep keeps
+everything that finished. Runs: see `lungbench bench --help`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lungbench.core.device import _first_line, _sync, parse_device
+from lungbench.core.errors import LungbenchError, is_oom
+from lungbench.data.loader import LoaderOptions, make_loader, shared_dataset, to_device
+from lungbench.data.store import StoreDataset, StoreInfo
+from lungbench.measure.data_wait import DATA_BOUND_FRACTION, DeviceWaitClock
+from lungbench.measure.stats import summarize
+from lungbench.measure.timing import (
+    STEP,
+    PhaseTimer,
+    peak_memory_bytes,
+    reset_peak_memory,
+    run_protocol,
+    set_threads,
+    training_step_flops,
+)
+from lungbench.models import create_model
+from lungbench.step import NO_TIMER, TrainStep, backend_flags, bce_loss, resolve_switches
+
+# The thesis's LIDC-IDRI set has 754 nodules; its 80/20 split trains on 603 per epoch.
+THESIS_N_NODULES = 754
+
+
+TRAIN_FRACTION = 0.8
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One measured configuration. Every field is recorded with the result."""
+
+    model: str = "dualpath3d"
+    preset: str = "default"
+    filters: int = 8
+    batch_size: int = 2
+    device: str = "cpu"
+    threads: int | None = None  # CPU intra-op threads; None = torch's default
+    # Speed switches (lungbench.step; "auto"/None = the device's measured fast default,
+    # resolved per device; records hold what ran and the fallbacks, if any).
+    dtype: str = "auto"
+    memory_format: str = "auto"
+    compile: str = "auto"
+    tf32: bool | None = None
+    cudnn_benchmark: bool | None = None
+    optimizer: str = "auto"
+    cuda_graphs: bool | None = None
+    ddp_bucket_mb: int = 25
+    strict_switches: tuple[str, ...] = ()  # switches the user forced: UsageError, no fallback
+    warmup: int = 3
+    repeats: int = 10
+    epoch: bool = True  # also time one end-to-end epoch through the DataLoader
+    epoch_samples: int | None = None  # None = the store's training split
+    num_workers: int = 0
+    pin_memory: bool | None = None  # None = on for CUDA devices
+    cache: bool = False  # decode the store once into shared memory (lungbench.measure.loader)
+    seed: int = 0
+
+    def key(self) -> str:
+        """Identifies the configuration (for resuming and comparing runs)."""
+        return (
+            f"{self.model}|{self.preset}|f{self.filters}|b{self.batch_size}|{self.device}"
+            f"|t{self.threads}|{self.dtype}|{self.memory_format}|{self.compile}"
+        )
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"preset": self.preset, "filters": self.filters}
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A sweep: the cross product of filters x batch sizes x devices x threads."""
+
+    base: BenchConfig = field(default_factory=BenchConfig)
+    filters: tuple[int, ...] = (8, 16)
+    batch_sizes: tuple[int, ...] = (2, 4, 8)
+    devices: tuple[str, ...] = ("cpu",)
+    threads: tuple[int | None, ...] = (None,)
+
+    def expand(self) -> list[BenchConfig]:
+        """Configurations in run order: device, threads, filters, then batch size."""
+        return [
+            replace(self.base, device=d, threads=t, filters=f, batch_size=b)
+            for d, t, f, b in itertools.product(
+                self.devices, self.threads, self.filters, self.batch_sizes
+            )
+        ]
+
+
+def train_split(info: StoreInfo, labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Indices of a stratified 80% training split (the thesis: 603 of 754 nodules)."""
+    rng = np.random.default_rng(seed)
+    labels = labels if labels.ndim == 1 else labels.argmax(axis=1)
+    chosen = []
+    for value in np.unique(labels):
+        members = np.flatnonzero(labels == value)
+        rng.shuffle(members)
+        chosen.append(members[: int(round(TRAIN_FRACTION * len(members)))])
+    return np.sort(np.concatenate(chosen))
+
+
+def synthetic_batch(
+    info: StoreInfo, batch: int, device: torch.device, seed: int
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Random inputs with the store's shapes and random 0/1 targets, resident on `device`."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = [torch.rand((batch, *shape), generator=g).to(device) for shape in info.inputs.values()]
+    target = torch.randint(0, 2, (batch,), generator=g).float().to(device)
+    return inputs, target
+
+
+def measure_compute(cfg: BenchConfig, info: StoreInfo, device: torch.device) -> dict[str, Any]:
+    """Time the training step on resident tensors; FLOPs, FLOP/s and peak memory."""
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, **cfg.model_kwargs()).to(device).train()
+    inputs, target = synthetic_batch(info, cfg.batch_size, device, cfg.seed)
+    flops = training_step_flops(model, bce_loss, inputs, target)
+    resolved = resolve_switches(cfg, device, inputs[0].dim(), probe=(model, inputs))
+    step_fn = TrainStep(model, bce_loss, resolved.switches, device)  # format, compile, optim
+    inputs = step_fn.prepare_inputs(inputs)
+    reset_peak_memory(device)
+    timer = PhaseTimer(device)
+    with backend_flags(resolved.switches):
+        samples = run_protocol(
+            lambda t: step_fn(t, inputs, target), timer, warmup=cfg.warmup, repeats=cfg.repeats
+        )
+    peak, peak_kind = peak_memory_bytes(device)
+    step = summarize(samples[STEP])
+    record: dict[str, Any] = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "flops_per_step": flops,
+        "achieved_flops": flops / step.median,
+        "samples_per_s": cfg.batch_size / step.median,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+        "noisy": step.noisy,
+        "samples_s": samples,
+        **resolved.record(),  # the switches that ran (and what was asked, and fallbacks)
+    }
+    for phase, values in samples.items():
+        record.update(summarize(values).as_dict(prefix=f"{phase}_s_"))
+    return record
+
+
+def measure_epoch(
+    cfg: BenchConfig, dataset: StoreDataset, indices: np.ndarray, device: torch.device
+) -> dict[str, Any]:
+    """Wall time of one training epoch through the DataLoader, data waits measured apart."""
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, **cfg.model_kwargs()).to(device).train()
+    # The epoch's last batch may be smaller: CUDA graphs (fixed shapes) stay off here.
+    probe = (model, [torch.zeros((1, *s), device=device) for s in dataset.info.inputs.values()])
+    resolved = resolve_switches(cfg, device, 5, quiet=True, probe=probe)
+    switches = replace(resolved.switches, cuda_graphs=False)
+    step_fn = TrainStep(model, bce_loss, switches, device)
+    if cfg.epoch_samples is not None:
+        indices = indices[: cfg.epoch_samples]
+    if cfg.cache:
+        dataset = shared_dataset(dataset.path)  # decoded once, in shared memory
+    loader = make_loader(
+        dataset,
+        LoaderOptions(
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            pin_memory=cfg.pin_memory,
+            seed=cfg.seed,
+        ),
+        device,
+        indices.tolist(),
+    )
+    clock = DeviceWaitClock(device)
+    _sync(device)
+    start = time.perf_counter()
+    clock.start()
+    with backend_flags(switches):
+        for batch in loader:
+            inputs, target = to_device(batch, device)
+            clock.batch_ready()
+            step_fn(NO_TIMER, step_fn.prepare_inputs(inputs), target)
+            clock.step_done()
+    _sync(device)  # note: CPU-GPU sync point; the epoch ends when the last kernel does
+    elapsed = time.perf_counter() - start
+    data_wait = clock.seconds()
+    return {
+        "epoch_s": elapsed,
+        "epoch_samples": len(indices),
+        "epoch_data_wait_s": data_wait,
+        "epoch_samples_per_s": len(indices) / elapsed,
+        "data_bound": data_wait / elapsed > DATA_BOUND_FRACTION,  # the device waited on data
+    }
+
+
+# What every single-process record says about the distributed layout (DDP records carry
+# their own world size, nodes, backend and launcher), so all records share these columns.
+SINGLE_PROCESS = {"world_size": 1, "nodes": 1, "backend": "none", "launcher": "none"}
+
+
+def measure(
+    cfg: BenchConfig, info: StoreInfo, dataset: StoreDataset, indices: np.ndarray
+) -> dict[str, Any]:
+    """One configuration's record; failures become a record with status oom / error."""
+    device = parse_device(cfg.device)
+    threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
+    record: dict[str, Any] = {
+        "key": cfg.key(),
+        **asdict(cfg),
+        "threads_used": threads,
+        **SINGLE_PROCESS,
+        "status": "ok",
+        "error": None,
+    }
+    try:
+        record.update(measure_compute(cfg, info, device))
+        if cfg.epoch:
+            record.update(measure_epoch(cfg, dataset, indices, device))
+    except (MemoryError, RuntimeError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        # CUDA says "out of memory", the CPU allocator "can't allocate memory": both oom.
+        record.update(status="oom" if is_oom(exc) else "error", error=_first_line(exc))
+    except LungbenchError:
+        raise  # the user's input is wrong (a forced switch, a NaN in the store): stop, exit 2
+    except Exception as exc:
+        # Any other failure of one configuration is a result too; KeyboardInterrupt and
+        # SIGTERM (lungbench.measure.sweep_state.SweepTerminated) are not Exceptions: they stop it.
+        record.update(status="error", error=f"{type(exc).__name__}: {_first_line(exc)}")
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return record
+
+
+def run_sweep(
+    configs: Sequence[BenchConfig],
+    info: StoreInfo,
+    on_record: Callable[[dict[str, Any]], None],
+    progress: Callable[[BenchConfig], None] | None = None,
+    skip: Callable[[BenchConfig], dict[str, Any] | None] | None = None,
+    monitor: Callable[[BenchConfig, Callable[[], dict[str, Any]]], dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Measure each configuration in order, handing each record to `on_record` at once.
+
+    `monitor(cfg, run)` may wrap each measurement, e.g. lungbench.measure.telemetry.SweepMonitor,
+    which samples GPU/CPU telemetry while `run()` measures and adds its summary to the record.
+
+    `skip(cfg)` may return a ready record (status "skipped") instead of measuring, e.g. a
+    batch larger than one that ran out of memory (lungbench.measure.sweep_state.SweepState).
+    """
+    dataset = StoreDataset(info.path)
+    indices = train_split(info, dataset.labels, seed=configs[0].seed if configs else 0)
+    records = []
+    for cfg in configs:
+        if progress is not None:
+            progress(cfg)
+        skipped = skip(cfg) if skip is not None else None
+        if skipped is not None:
+            record = skipped
+        elif monitor is not None:
+            record = monitor(cfg, lambda c=cfg: measure(c, info, dataset, indices))
+        else:
+            record = measure(cfg, info, dataset, indices)
+        on_record(record)
+        records.append(record)
+    return records
+
+
+def default_store_path(root: Path, kind: str, n: int, preset: str, seed: int) -> Path:
+    """Where the generated default data set is cached between runs (the generator's version
+    in the name: a newer lungbench never reuses an older generator's data)."""
+    from lungbench.data.synth import GENERATOR_VERSION
+
+    return root / "data" / f"synth-{kind}-v{GENERATOR_VERSION}-n{n}-{preset}-seed{seed}.h5"

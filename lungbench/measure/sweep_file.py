@@ -1,0 +1,134 @@
+"""Sweep files: a `lungbench bench` sweep written down in TOML, so it can be versioned.
+
+    # bench/sweeps/thesis.toml
+    model = "dualpath3d"
+    preset = "dey2018"
+    filters = [8, 16]
+    batch = [2]
+    device = ["cpu"]
+
+    lungbench bench --config bench/sweeps/thesis.toml            # the file as written
+    lungbench bench --config bench/sweeps/thesis.toml --repeats 3  # the command line wins
+
+Keys are the long option names of `lungbench bench` (with '_' or '-'), or the field names
+of `BenchRequest`; an unknown key is an error that lists the valid ones. Values are checked
+by the same rules as the options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lungbench.core.errors import DataError, UsageError, look_up_option
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 needs the backport
+    import tomli as tomllib
+
+
+# Option names of `lungbench bench` that differ from the BenchRequest field they set.
+ALIASES = {"batch": "batch_sizes", "device": "devices", "workers": "num_workers"}
+
+
+# Keys a sweep file may carry that configure nothing (documentation for people).
+FREE_TEXT = ("description",)
+
+
+# Fields whose values must be >= 1 (the rest of the integers must be >= 0).
+POSITIVE = (
+    "filters",
+    "batch_sizes",
+    "threads",
+    "repeats",
+    "epoch_samples",
+    "synth_n",
+    "max_batch",
+)
+
+
+def read_sweep_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw TOML table of a sweep file (DataError if missing or not TOML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--config {path}: file not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"--config {path}: not valid TOML ({exc})") from None
+
+
+def parse_sweep(table: Mapping[str, Any], defaults: Any, source: str = "--config") -> dict:
+    """Validated BenchRequest field values from a sweep table (UsageError on bad keys/values)."""
+    names = [f.name for f in dataclasses.fields(defaults)]
+    valid = sorted({*names, *ALIASES, *FREE_TEXT} - {"batch_sizes", "devices", "num_workers"})
+    values: dict[str, Any] = {}
+    for raw_key, value in table.items():
+        key = raw_key.replace("-", "_")
+        if key not in valid:
+            look_up_option(raw_key, valid, what=f"key in {source}")
+        if key in FREE_TEXT:
+            continue
+        field = ALIASES.get(key, key)
+        values[field] = _coerce(field, value, getattr(defaults, field), f"{source}: {raw_key}")
+    return values
+
+
+def apply_sweep_file(path: str | os.PathLike, given: Any, defaults: Any) -> Any:
+    """`given` (from the command line) with the file's values where the command line kept
+    the default: the command line wins over the file, the file over the defaults."""
+    values = parse_sweep(read_sweep_file(path), defaults, source=f"--config {path}")
+    merged = {}
+    for f in dataclasses.fields(given):
+        mine, default = getattr(given, f.name), getattr(defaults, f.name)
+        merged[f.name] = values.get(f.name, mine) if mine == default else mine
+    return type(given)(**merged)
+
+
+def _coerce(field: str, value: Any, default: Any, where: str) -> Any:
+    """One value, typed like the field's default (tuple, bool, int, Path or str)."""
+    if isinstance(default, tuple):
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            raise UsageError(f"{where}: needs at least one value")
+        kind = int if field in POSITIVE else type(next((d for d in default if d is not None), ""))
+        return tuple(_scalar(field, v, kind, where) for v in items)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UsageError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if field == "run_id":
+        return _scalar(field, value, str, where)
+    if isinstance(default, Path) or field in ("store", "out"):
+        if not isinstance(value, str) or not value:
+            raise UsageError(f"{where}: expected a path string, got {value!r}")
+        return Path(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise UsageError(f"{where}: expected a number >= 0, got {value!r}")
+        return float(value)
+    if isinstance(default, int) or field in POSITIVE:
+        return _scalar(field, value, int, where)
+    if default is None:  # an optional switch (tf32, pin_memory, ...): checked where it is used
+        if not isinstance(value, (str, int, float, bool)):
+            raise UsageError(f"{where}: expected a single value, got {value!r}")
+        return value
+    return _scalar(field, value, str, where)
+
+
+def _scalar(field: str, value: Any, kind: type, where: str) -> Any:
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"{where}: expected an integer, got {value!r}")
+        low = 1 if field in POSITIVE else 0
+        if value < low:
+            raise UsageError(f"{where}: must be >= {low}, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise UsageError(f"{where}: expected a string, got {value!r}")
+    return value

@@ -1,0 +1,146 @@
+"""The measurement protocol: warm-up off the clock, then timed repeats of a step whose
+phases (forward, backward, optimizer) are timed separately and as a whole.
+
+CPU: `time.perf_counter` around each phase. CUDA: a pair of CUDA events per phase, and one
+synchronize at the end of each step (kernels are asynchronous: a host clock around a launch
+measures the launch, not the work). Note: `torch.cuda.synchronize` is a CPU-GPU sync point,
+so it is called once per timed step, never inside a phase.
+
+    timer = PhaseTimer(torch.device("cpu"))
+    step = TrainStep(model, loss_fn, Switches(), device)        # lungbench.step
+    samples = run_protocol(lambda t: step(t, inputs, y), timer, warmup=3, repeats=10)
+    samples["forward"], samples["step"]   # lists of seconds
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import psutil
+import torch
+from torch import nn
+
+PHASES = ("forward", "backward", "optimizer")
+
+
+STEP = "step"
+
+
+class PhaseTimer:
+    """Times named phases of one step on `device`; `finish()` returns seconds per phase."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._cpu: dict[str, float] = {}
+        self._events: dict[str, tuple] = {}
+        self._step_start: float | object = 0.0
+
+    def start(self) -> None:
+        self._cpu.clear()
+        self._events.clear()
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._step_start = event
+        else:
+            self._step_start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            yield
+            end.record()
+            self._events[name] = (begin, end)
+        else:
+            t0 = time.perf_counter()
+            yield
+            self._cpu[name] = time.perf_counter() - t0
+
+    def finish(self) -> dict[str, float]:
+        """Seconds per phase plus the whole step (STEP)."""
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            torch.cuda.synchronize(self.device)  # one sync per step: read all events after it
+            times = {k: b.elapsed_time(e) / 1e3 for k, (b, e) in self._events.items()}
+            times[STEP] = self._step_start.elapsed_time(end) / 1e3  # type: ignore[union-attr]
+            return times
+        times = dict(self._cpu)
+        times[STEP] = time.perf_counter() - self._step_start  # type: ignore[operator]
+        return times
+
+
+def run_protocol(
+    step: Callable[[PhaseTimer], None],
+    timer: PhaseTimer,
+    warmup: int,
+    repeats: int,
+) -> dict[str, list[float]]:
+    """Call `step(timer)` `warmup` times off the clock, then `repeats` times timed.
+
+    Returns {phase: [seconds per repeat]} including STEP for the whole step.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    for _ in range(warmup):
+        timer.start()
+        step(timer)
+        timer.finish()
+    samples: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        timer.start()
+        step(timer)
+        for name, seconds in timer.finish().items():
+            samples.setdefault(name, []).append(seconds)
+    return samples
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (None keeps the current value); return what is in force.
+
+    Recorded with every CPU measurement: `torch.utils.benchmark.Timer` would silently use one.
+    """
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
+
+
+def training_step_flops(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    target: torch.Tensor,
+) -> int:
+    """FLOPs of one forward + backward pass, counted by torch's FlopCounterMode.
+
+    Counts matmul/convolution FLOPs (2 per multiply-add); element-wise work is not counted,
+    so achieved FLOP/s is a lower bound on what the device did.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss = loss_fn(model(*inputs), target)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
+    """Peak memory and what it means: the CUDA allocator's peak since the last reset, or,
+    on CPU, the process's peak resident set size (whole process lifetime, Linux ru_maxrss)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(max(peak_kb * 1024, psutil.Process().memory_info().rss)), "process_peak_rss"

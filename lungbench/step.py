@@ -1,0 +1,626 @@
+"""Layer 5 (step): the one training step (TrainStep) and its speed switches.
+
+The speed switches of a training step, what each device can do, and how to apply them.
+
+A `Switches` value says how the step runs: memory format, autocast dtype, TF32, torch.compile,
+cudnn.benchmark, the optimizer's implementation, CUDA graphs and the DDP gradient-bucket size.
+`resolve()` turns a request into what this device will actually run: "auto" (or None for the
+on/off switches) becomes the device's fast default, and a switch the device cannot do falls
+back with a printed warning (or raises UsageError when `strict`, i.e. the user forced it).
+Every result record carries the request (fields `dtype`, ...) and `Resolved.record()`: what
+ran (`dtype_used`, ...) and why it differs (`switch_fallbacks`).
+
+Fast defaults (chosen by `lungbench bench --ablation` measurements; docs/performance.md):
+
+    cpu   contiguous, bf16 autocast where the CPU has native bf16 (AVX512-BF16 / AMX; else
+          fp32), foreach Adam, compile off. Measured on the 2-core AMD EPYC (AVX512-BF16) dev
+          box, dualpath3d f16 batch 2 default grid, 20 interleaved rounds on a quiet machine:
+          eager FP32 contiguous 30.7 ms/step (46% of the FP32 matmul peak); channels_last_3d
+          0.97x (no gain here); foreach Adam
+          1.0x; bf16 1.15-1.2x; torch.compile + bf16 1.28-1.30x. Compile stays off by
+          default: its first step costs 1-2.5 minutes on 2 cores, more than a default sweep;
+          ask for it with `--compile default`.
+    cuda  channels_last_3d, bf16 autocast where supported (else fp32), TF32 on, cudnn.benchmark
+          on (fixed shapes), fused Adam, compile off (same reason), CUDA graphs off (opt-in).
+          These follow the PyTorch performance tuning guide; not yet measured by lungbench on a
+          GPU (no device was lent when they were chosen).
+
+    sw = resolve(Switches(dtype="bf16"), torch.device("cpu"))      # -> Resolved
+    step = TrainStep(model, loss_fn, sw.switches, device)            # applies format / compile
+    inputs = step.prepare_inputs(inputs)
+    with backend_flags(sw.switches):
+        loss = step(timer, inputs, target)
+
+`eager_fp32()` is the plain baseline: contiguous, FP32, no compile, torch's default optimizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import shutil
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lungbench.core.errors import UsageError, look_up_option
+
+AUTO = "auto"
+
+
+MEMORY_FORMATS = ("contiguous", "channels_last", "channels_last_3d")
+
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+COMPILE_MODES = ("off", "default", "max-autotune")
+
+
+OPTIMIZER_IMPLS = ("default", "foreach", "fused")
+
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Switches:
+    """How a training step runs. "auto" / None mean: the device's fast default."""
+
+    memory_format: str = "contiguous"  # contiguous | channels_last | channels_last_3d | auto
+    dtype: str = "fp32"  # autocast dtype: fp32 (off) | bf16 | fp16 (with GradScaler) | auto
+    tf32: bool | None = False  # CUDA: TF32 matmul and convolution
+    compile: str = "off"  # torch.compile mode: off | default | max-autotune | auto
+    cudnn_benchmark: bool | None = False  # CUDA: autotune convolution algorithms
+    optimizer: str = "default"  # Adam implementation: default | foreach | fused | auto
+    cuda_graphs: bool | None = False  # CUDA: capture the fixed-shape step in one graph
+    ddp_bucket_mb: int = 25  # DDP gradient bucket (torch's default 25 MB); used by DDP runs
+
+    def validate(self) -> Switches:
+        """UsageError naming the option and its choices for any unknown value."""
+        look_up_option(self.memory_format, (*MEMORY_FORMATS, AUTO), what="--memory-format")
+        look_up_option(self.dtype, (*DTYPES, AUTO), what="--dtype")
+        look_up_option(self.compile, (*COMPILE_MODES, AUTO), what="--compile")
+        look_up_option(self.optimizer, (*OPTIMIZER_IMPLS, AUTO), what=switch_flag("optimizer"))
+        if int(self.ddp_bucket_mb) < 1:
+            raise UsageError(f"--ddp-bucket-mb must be >= 1, got {self.ddp_bucket_mb}")
+        return self
+
+    def is_fp32_math(self) -> bool:
+        """True when the arithmetic stays FP32 (no autocast, no TF32)."""
+        return self.dtype == "fp32" and not self.tf32
+
+
+def eager_fp32() -> Switches:
+    """The plain baseline every speed-up is measured against."""
+    return Switches()
+
+
+def auto_switches() -> Switches:
+    """Every switch on "auto": the device's fast default (what `lungbench bench` uses)."""
+    return Switches(
+        memory_format=AUTO,
+        dtype=AUTO,
+        tf32=None,
+        compile=AUTO,
+        cudnn_benchmark=None,
+        optimizer=AUTO,
+        cuda_graphs=None,
+    )
+
+
+def fast_defaults(device: torch.device) -> Switches:
+    """The measured fast choice for `device` (see the module docstring)."""
+    if device.type == "cuda":
+        dtype = "bf16" if bf16_supported(device) else "fp32"
+        return Switches(
+            memory_format="channels_last_3d",
+            dtype=dtype,
+            tf32=True,
+            compile="off",
+            cudnn_benchmark=True,
+            optimizer="fused",
+            cuda_graphs=False,
+        )
+    # CPU: contiguous, because channels_last_3d measured 0.97x on the dev box; bf16 measured
+    # 1.15-1.2x where the CPU has native bf16 (module docstring).
+    dtype = "bf16" if bf16_supported(device) else "fp32"
+    return Switches(
+        memory_format="contiguous",
+        dtype=dtype,
+        tf32=False,
+        compile="off",
+        cudnn_benchmark=False,
+        optimizer="foreach",
+        cuda_graphs=False,
+    )
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Native bf16 arithmetic: CUDA's own check; on CPU oneDNN's (AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def compiler_available(device: torch.device) -> str | None:
+    """None when torch.compile can generate code for `device`, else the reason it cannot."""
+    if not hasattr(torch, "compile"):
+        return "this torch has no torch.compile"
+    if device.type == "cuda":
+        return None if importlib.util.find_spec("triton") else "triton is not installed"
+    if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        return "no C++ compiler (g++ / c++ / clang++) on PATH"
+    return None
+
+
+def switch_flag(name: str) -> str:
+    """The `lungbench bench` option of a Switches field (messages name what users type)."""
+    return "--optimizer-impl" if name == "optimizer" else "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The switches that will run on a device, what was asked, and why they differ."""
+
+    switches: Switches
+    requested: Switches
+    fallbacks: tuple[str, ...] = ()
+
+    def record(self) -> dict[str, Any]:
+        """Flat fields for a result record: NAME_used is what ran (as `threads_used`; the
+        config's own NAME fields keep what was asked), and the fallback messages."""
+        out: dict[str, Any] = {f"{k}_used": v for k, v in asdict(self.switches).items()}
+        out["switch_fallbacks"] = list(self.fallbacks)
+        return out
+
+
+def resolve(
+    requested: Switches,
+    device: torch.device,
+    input_ndim: int = 5,
+    strict: bool | Collection[str] = False,
+    warn: Callable[[str], None] | None = None,
+    probe: tuple[nn.Module, Sequence[torch.Tensor]] | None = None,
+) -> Resolved:
+    """What `requested` becomes on `device` for inputs of rank `input_ndim`.
+
+    "auto"/None take the device's fast default. A switch the device cannot do falls back
+    (to the plain setting) with a warning through `warn` (default: print), or raises
+    UsageError when the user forced it: `strict` is True (every switch given a value, not
+    "auto") or the names of the forced switches. A switch left on "auto" always falls back.
+    With `probe` (a model and example inputs) the model's layer shapes are checked against
+    known bad kernels (`cpu_bf16_unsafe`).
+    """
+    requested.validate()
+    given = {f.name for f in fields(Switches) if getattr(requested, f.name) not in (AUTO, None)}
+    forced = given if strict is True else given & set(strict or ())
+    fast = fast_defaults(device)
+    chosen = replace(
+        requested,
+        **{
+            f.name: getattr(fast, f.name)
+            for f in fields(Switches)
+            if getattr(requested, f.name) in (AUTO, None)
+        },
+    )
+    notes: list[str] = []
+
+    def fall_back(name: str, value: Any, reason: str) -> None:
+        nonlocal chosen
+        message = (
+            f"{switch_flag(name)} {_show(getattr(chosen, name))}: {reason}; "
+            f"running with {_show(value)}"
+        )
+        if name in forced:
+            raise UsageError(
+                f"{switch_flag(name)} {_show(getattr(chosen, name))}: "
+                f"{reason} on {device.type}; choose from: "
+                + ", ".join(_show(v) for v in _possible(name, device))
+            )
+        notes.append(message)
+        (warn or _print_warning)(f"warning: {message}")
+        chosen = replace(chosen, **{name: value})
+
+    cuda = device.type == "cuda"
+    chosen = replace(chosen, memory_format=_format_for_rank(chosen.memory_format, input_ndim))
+    if chosen.dtype == "bf16" and not bf16_supported(device):
+        fall_back("dtype", "fp32", f"{device.type} has no native bf16")
+    if chosen.dtype == "fp16" and not cuda:
+        fall_back("dtype", "fp32", "fp16 autocast with a grad scaler needs CUDA")
+    if chosen.tf32 and not cuda:
+        fall_back("tf32", False, "TF32 exists on CUDA only")
+    if chosen.cudnn_benchmark and not cuda:
+        fall_back("cudnn_benchmark", False, "cuDNN exists on CUDA only")
+    if chosen.compile != "off":
+        reason = compiler_available(device)
+        if reason:
+            fall_back("compile", "off", reason)
+    if chosen.cuda_graphs and not cuda:
+        fall_back("cuda_graphs", False, "CUDA graphs exist on CUDA only")
+    if chosen.cuda_graphs and chosen.dtype == "fp16":
+        fall_back("cuda_graphs", False, "the fp16 grad scaler's inf checks break graph capture")
+    if chosen.cuda_graphs and chosen.compile != "off":
+        fall_back("cuda_graphs", False, "torch.compile manages its own graphs")
+    if probe is not None and chosen.dtype == "bf16" and not cuda:
+        bad = cpu_bf16_unsafe(*probe)
+        if bad:
+            fall_back(
+                "dtype",
+                "fp32",
+                f"bf16 convolution backward on CPU returns garbage "
+                f"weight gradients for {bad} (torch {torch.__version__}, oneDNN)",
+            )
+    return Resolved(chosen, requested, tuple(notes))
+
+
+def cpu_bf16_unsafe(model: nn.Module, inputs: Sequence[torch.Tensor]) -> str | None:
+    """The first convolution whose input has a spatial size of 2 under a 3-wide kernel.
+
+    On this CPU's oneDNN (torch 2.13, AVX512-BF16) the bf16 Conv3d weight gradient of such
+    a layer reads uninitialised memory (different every run, sometimes NaN); found by the
+    ablation's accuracy check on the dey2018 preset (depth 5 -> 2 after one pooling). Sizes
+    1 and >= 3 are fine. One forward at batch 1 collects the shapes.
+    """
+    found: list[str] = []
+
+    def hook(module: nn.Module, args: tuple, _out: Any) -> None:
+        spatial = args[0].shape[2:]
+        kernel = module.kernel_size
+        if not found and any(s == 2 and k >= 3 for s, k in zip(spatial, kernel, strict=False)):
+            found.append(f"{type(module).__name__} on input {tuple(args[0].shape[1:])}")
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv3d, nn.Conv2d))
+    ]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(*[x[:1] for x in inputs])
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
+
+
+def _format_for_rank(name: str, ndim: int) -> str:
+    """channels_last / channels_last_3d follow the input's rank (4D / 5D); else contiguous."""
+    if name == "contiguous":
+        return name
+    return {4: "channels_last", 5: "channels_last_3d"}.get(ndim, "contiguous")
+
+
+def _possible(name: str, device: torch.device) -> Sequence[Any]:
+    cuda = device.type == "cuda"
+    if name == "dtype":
+        return [
+            d
+            for d in DTYPES
+            if d == "fp32" or (d == "bf16" and bf16_supported(device)) or (d == "fp16" and cuda)
+        ]
+    if name == "compile":
+        return ["off"]
+    return [False]
+
+
+def _show(value: Any) -> str:
+    return (
+        {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+    )
+
+
+def _print_warning(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
+
+
+def torch_memory_format(name: str, ndim: int) -> torch.memory_format:
+    """The torch memory format for a tensor of rank `ndim` (contiguous for other ranks)."""
+    if name == "contiguous" or ndim not in (4, 5):
+        return torch.contiguous_format
+    return torch.channels_last_3d if ndim == 5 else torch.channels_last
+
+
+def to_memory_format(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """`tensor` in memory format `name` (by its rank; other ranks are left as they are)."""
+    if name == "contiguous" or tensor.dim() not in (4, 5):
+        return tensor.contiguous() if name == "contiguous" else tensor
+    return tensor.contiguous(memory_format=torch_memory_format(name, tensor.dim()))
+
+
+def apply_memory_format(model: nn.Module, name: str) -> nn.Module:
+    """Convert 4D/5D parameters and buffers in place (each by its own rank).
+
+    `Module.to(memory_format=...)` would raise on a 4D weight in a 5D model (or the other
+    way round), so each tensor gets the format of its own rank.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = to_memory_format(tensor.data, name)
+    return model
+
+
+def make_optimizer(
+    params: Sequence[nn.Parameter] | Any,
+    switches: Switches,
+    lr: float = 1e-3,
+    capturable: bool = False,
+) -> torch.optim.Optimizer:
+    """Adam with the requested implementation (default = torch's own choice)."""
+    kwargs: dict[str, Any] = {"lr": lr}
+    if switches.optimizer == "foreach":
+        kwargs["foreach"] = True
+    elif switches.optimizer == "fused":
+        kwargs["fused"] = True
+    if capturable:
+        kwargs["capturable"] = True
+    return torch.optim.Adam(params, **kwargs)
+
+
+@contextlib.contextmanager
+def backend_flags(switches: Switches) -> Iterator[None]:
+    """Set the process-wide flags (TF32, cudnn.benchmark) for a block; restore them after."""
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    )
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = bool(switches.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(switches.tf32)
+        torch.backends.cudnn.benchmark = bool(switches.cudnn_benchmark)
+        yield
+    finally:
+        (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.benchmark,
+        ) = saved
+
+
+def autocast(switches: Switches, device: torch.device, cache: bool = True):
+    """The autocast context of the switches (a disabled one for fp32)."""
+    return torch.autocast(
+        device.type,
+        dtype=TORCH_DTYPES[switches.dtype],
+        enabled=switches.dtype != "fp32",
+        cache_enabled=cache,
+    )
+
+
+class _NoTimer:
+    """Stands in for a PhaseTimer when a step is run untimed."""
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        yield
+
+
+NO_TIMER = _NoTimer()
+
+
+class StepResult(NamedTuple):
+    """What one step returns: the loss (detached) and the model's output (detached)."""
+
+    loss: torch.Tensor
+    output: torch.Tensor
+
+
+@dataclass
+class TrainStep:
+    """One optimisation step of `model` with `switches` applied (phases timed).
+
+    The one step of lungbench: `lungbench bench` times it, the DDP bench scales it, the
+    ablation and the batch finder measure it, `lungbench profile` traces it and the training
+    engine and the LR finder train with it.
+
+    Construction applies the memory format (in place) and wraps the model in torch.compile.
+    The optimizer is Adam built here, so that fused / foreach / capturable match the switches,
+    unless one is given (the training engine's SGD / Adadelta / weight decay). Autocast runs
+    the forward pass; the loss is computed in FP32 outside it (small, numerically sensitive).
+    fp16 gets a grad scaler (disabled for the other dtypes, so checkpoints always hold one).
+    `grad_clip` clips the gradients' global norm (unscaled first); `after_step` runs after
+    every optimizer step (a per-step LR schedule such as one-cycle). Each phase runs inside
+    `timer.phase(name)`: a PhaseTimer times it, the profiler's timer labels it.
+    """
+
+    model: nn.Module
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    switches: Switches
+    device: torch.device
+    lr: float = 1e-3
+    optimizer: torch.optim.Optimizer | None = None  # None: Adam of the switches' implementation
+    grad_clip: float | None = None
+    after_step: Callable[[], Any] | None = None
+    forward: Callable[..., torch.Tensor] = field(init=False)
+    scaler: torch.amp.GradScaler = field(init=False)
+    _graph: Any = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        apply_memory_format(self.model, self.switches.memory_format)
+        if self.optimizer is None:
+            self.optimizer = make_optimizer(
+                self.model.parameters(),
+                self.switches,
+                self.lr,
+                capturable=bool(self.switches.cuda_graphs),
+            )
+        self.forward = self.model
+        if self.switches.compile != "off":
+            self.forward = torch.compile(self.model, mode=self.switches.compile)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.switches.dtype == "fp16")
+
+    def prepare_inputs(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Inputs in the step's memory format."""
+        return [to_memory_format(x, self.switches.memory_format) for x in inputs]
+
+    def __call__(
+        self, timer: Any, inputs: Sequence[torch.Tensor], target: torch.Tensor
+    ) -> torch.Tensor:
+        """Run one step and return its detached loss (see `run`)."""
+        return self.run(timer, inputs, target).loss
+
+    def run(self, timer: Any, inputs: Sequence[torch.Tensor], target: torch.Tensor) -> StepResult:
+        """One step; with CUDA graphs the first call captures and later calls replay."""
+        if self.switches.cuda_graphs:
+            return self._graphed(timer, inputs, target)
+        result = self.forward_backward(timer, inputs, target)
+        self.optimizer_step(timer)
+        return result
+
+    def forward_backward(
+        self,
+        timer: Any,
+        inputs: Sequence[torch.Tensor],
+        target: torch.Tensor,
+        sync: bool = True,
+    ) -> StepResult:
+        """Forward and backward; `sync=False` keeps a DDP model's gradients local (no_sync:
+        nothing is reduced, the compute alone)."""
+        local = not sync and isinstance(self.model, nn.parallel.DistributedDataParallel)
+        with self.model.no_sync() if local else contextlib.nullcontext():
+            with timer.phase("forward"):
+                with autocast(self.switches, self.device):
+                    out = self.forward(*inputs)
+                loss = self.loss_fn(out.float(), target)
+            with timer.phase("backward"):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+        return StepResult(loss.detach(), out.detach())
+
+    def optimizer_step(self, timer: Any) -> None:
+        """Clip (if asked), step the optimizer through the grad scaler, run `after_step`."""
+        with timer.phase("optimizer"):
+            if self.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.after_step is not None:
+                self.after_step()
+
+    def _graphed(
+        self, timer: Any, inputs: Sequence[torch.Tensor], target: torch.Tensor
+    ) -> StepResult:
+        # The whole step (forward, backward, Adam) is one graph: phases cannot be separated,
+        # so it is timed as a single "graph" phase. Inputs are copied into static buffers.
+        if self._graph is None:
+            self._graph = _capture(self, inputs, target)
+        graph, static_inputs, static_target, static_loss, static_out = self._graph
+        with timer.phase("graph"):
+            for dst, src in zip(static_inputs, inputs, strict=True):
+                if dst.data_ptr() != src.data_ptr():
+                    dst.copy_(src, non_blocking=True)
+            if static_target.data_ptr() != target.data_ptr():
+                static_target.copy_(target, non_blocking=True)
+            graph.replay()
+        return StepResult(static_loss.detach(), static_out.detach())
+
+
+def _capture(step: TrainStep, inputs: Sequence[torch.Tensor], target: torch.Tensor) -> tuple:
+    """Capture `step` as one CUDA graph (PyTorch's whole-network capture recipe)."""
+    static_inputs = [x.clone() for x in inputs]
+    static_target = target.clone()
+
+    def body() -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(step.switches, step.device, cache=False):  # no cache across capture
+            out = step.model(*static_inputs)
+        loss = step.loss_fn(out.float(), static_target)
+        loss.backward()
+        step.optimizer.step()
+        return loss, out
+
+    # Warm up on a side stream (allocator pools, cuDNN/cuBLAS handles, optimizer state),
+    # then put the weights back so the graphed run starts from the same state as eager.
+    saved = [t.detach().clone() for t in (*step.model.parameters(), *step.model.buffers())]
+    side = torch.cuda.Stream(step.device)
+    side.wait_stream(torch.cuda.current_stream(step.device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step.optimizer.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream(step.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    step.optimizer.zero_grad(set_to_none=True)  # grads are allocated inside the graph's pool
+    with torch.cuda.graph(graph):
+        static_loss, static_out = body()  # capture records kernels; nothing is executed
+    with torch.no_grad():
+        for tensor, value in zip(
+            (*step.model.parameters(), *step.model.buffers()), saved, strict=True
+        ):
+            tensor.copy_(value)  # in place: the graph keeps pointing at these tensors
+        for state in step.optimizer.state.values():
+            for value in state.values():
+                if torch.is_tensor(value):
+                    value.zero_()  # Adam's step count and moments, as before any step
+    return graph, static_inputs, static_target, static_loss, static_out
+
+
+def switch_fields() -> tuple[str, ...]:
+    """Names of the switch fields (BenchConfig carries the same names)."""
+    return tuple(f.name for f in fields(Switches))
+
+
+def switches_of(config: Any) -> Switches:
+    """The Switches held by any object with the same field names (e.g. BenchConfig)."""
+    return Switches(
+        **{name: getattr(config, name) for name in switch_fields() if hasattr(config, name)}
+    )
+
+
+def resolve_switches(
+    config: Any,
+    device: torch.device,
+    input_ndim: int = 5,
+    quiet: bool = False,
+    probe: tuple[nn.Module, Sequence[torch.Tensor]] | None = None,
+) -> Resolved:
+    """`resolve()` for a config carrying the switch fields (and `strict_switches`)."""
+    return resolve(
+        switches_of(config),
+        device,
+        input_ndim,
+        strict=getattr(config, "strict_switches", False),
+        warn=(lambda message: None) if quiet else None,
+        probe=probe,
+    )
+
+
+# Switches that exist on CUDA only: forced in a sweep over CPU and CUDA devices, they apply
+# to the CUDA rows and fall back with a warning on the CPU rows (the thesis's CPU vs GPU table).
+CUDA_ONLY_SWITCHES = ("tf32", "cudnn_benchmark", "cuda_graphs")
+
+
+# Fields a sweep request passes on to every BenchConfig.
+SWEEP_SWITCH_FIELDS = (
+    *(f.name for f in fields(Switches)),
+    "strict_switches",
+    "pin_memory",
+    "cache",
+)
+
+
+def check_switches(request: Any, devices: Sequence[str]) -> None:
+    """UsageError, before anything runs, when forced switches cannot run on a device."""
+    from lungbench.core.device import parse_device
+
+    switches = switches_of(request).validate()
+    strict = getattr(request, "strict_switches", False)
+    if strict:
+        for name in devices:
+            resolve(switches, parse_device(name), strict=strict, warn=lambda _: None)
+
+
+def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy on logits (B, 1) against targets (B,)."""
+    return F.binary_cross_entropy_with_logits(logits.reshape(target.shape), target)
