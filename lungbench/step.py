@@ -350,14 +350,26 @@ def apply_memory_format(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
+OPTIMIZERS = ("adam", "sgd", "adadelta")
+
+
 def make_optimizer(
     params: Sequence[nn.Parameter] | Any,
     switches: Switches,
     lr: float = 1e-3,
     capturable: bool = False,
+    name: str = "adam",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
 ) -> torch.optim.Optimizer:
-    """Adam with the requested implementation (default = torch's own choice)."""
-    kwargs: dict[str, Any] = {"lr": lr}
+    """The one optimizer factory: `name` (adam | sgd with `momentum` | adadelta) with the
+    switches' implementation for Adam (foreach / fused; default = torch's own choice)."""
+    kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
+    if name == "sgd":
+        return torch.optim.SGD(params, momentum=momentum, **kwargs)
+    if name == "adadelta":
+        return torch.optim.Adadelta(params, **kwargs)
+    look_up_option(name, OPTIMIZERS, what="optimizer")
     if switches.optimizer == "foreach":
         kwargs["foreach"] = True
     elif switches.optimizer == "fused":
@@ -572,7 +584,10 @@ def switch_fields() -> tuple[str, ...]:
 
 
 def switches_of(config: Any) -> Switches:
-    """The Switches held by any object with the same field names (e.g. BenchConfig)."""
+    """The Switches a config holds (its `switches` field), or built from its fields of the
+    same names (a request that carries them flat, e.g. BenchRequest)."""
+    if isinstance(getattr(config, "switches", None), Switches):
+        return config.switches
     return Switches(
         **{name: getattr(config, name) for name in switch_fields() if hasattr(config, name)}
     )
@@ -601,13 +616,6 @@ def resolve_switches(
 CUDA_ONLY_SWITCHES = ("tf32", "cudnn_benchmark", "cuda_graphs")
 
 
-# Fields a sweep request passes on to every BenchConfig.
-SWEEP_SWITCH_FIELDS = (
-    *(f.name for f in fields(Switches)),
-    "strict_switches",
-    "pin_memory",
-    "cache",
-)
 
 
 def check_switches(request: Any, devices: Sequence[str]) -> None:

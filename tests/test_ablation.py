@@ -15,13 +15,12 @@ from lungbench.measure.ablation import (
     ladder,
     run_ablation,
 )
+from lungbench.measure.workload import Workload
 from lungbench.step import bf16_supported, eager_fp32
 
 CPU = torch.device("cpu")
 TINY = AblationConfig(
-    preset="default",
-    filters=2,
-    batch_size=2,
+    Workload(preset="default", filters=2, batch_size=2),
     warmup=0,
     rounds=3,
     accuracy_steps=2,

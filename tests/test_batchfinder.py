@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 from torch import nn
@@ -13,6 +11,7 @@ from lungbench.core.errors import is_oom
 from lungbench.core.runs import read_records
 from lungbench.measure.batch_finder import cap_configs, family, find_max_batch, training_trial
 from lungbench.measure.sweep import BenchConfig
+from lungbench.measure.workload import Workload
 from lungbench.step import Switches
 
 CPU = torch.device("cpu")
@@ -93,10 +92,10 @@ def test_cpu_budget_refuses_a_batch_predicted_not_to_fit():
 
 
 def test_cap_configs_drops_larger_batches_and_adds_the_largest():
-    base = BenchConfig(filters=2)
-    configs = [replace(base, batch_size=b) for b in (2, 4, 8)]
+    base = BenchConfig(Workload(filters=2))
+    configs = [base.with_workload(batch_size=b) for b in (2, 4, 8)]
     capped = cap_configs(configs, {family(base): 5})
-    assert [c.batch_size for c in capped] == [2, 4, 5]
+    assert [c.workload.batch_size for c in capped] == [2, 4, 5]
 
 
 def test_cli_find_batch_bounds_the_sweep(tmp_path, capsys, tiny_store):

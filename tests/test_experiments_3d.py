@@ -70,7 +70,7 @@ def _run_dirs(root) -> set[str]:
     return {p.name for p in root.iterdir() if p.name != "data"}
 
 
-def _error_line(capsys) -> str:
+def _message_of(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert err, "expected an error message"
     return err[-1]
@@ -144,7 +144,7 @@ def test_store_of_the_wrong_kind(quick_cv, cv_stores, tmp_path, capsys):
     before = _run_dirs(root)
     code = main(["train", "lungx-cv", "--quick", "--store", str(store), "--out", str(root)])
     assert code == 2
-    assert "needs inputs ['context', 'zoom']" in _error_line(capsys)
+    assert "needs inputs ['context', 'zoom']" in _message_of(capsys)
     code = main(
         [
             "train",
@@ -156,9 +156,9 @@ def test_store_of_the_wrong_kind(quick_cv, cv_stores, tmp_path, capsys):
             str(root),
         ]
     )
-    assert code == 2 and "needs inputs ['volume']" in _error_line(capsys)
+    assert code == 2 and "needs inputs ['volume']" in _message_of(capsys)
     code = main(["train", "mosmed", "--store", str(store), "--out", str(root)])
-    assert code == 2 and "too small" in _error_line(capsys)  # 8 voxels, valid padding
+    assert code == 2 and "too small" in _message_of(capsys)  # 8 voxels, valid padding
     assert _run_dirs(root) == before  # bad input leaves no run folder behind
 
 
@@ -176,7 +176,7 @@ def test_checkpoint_for_another_architecture_or_grid(quick_cv, tmp_path, capsys)
     )
     code = main(["train", "lungx-cv", "--quick", "--pretrained", str(path), "--out", str(root)])
     assert code == 2
-    assert "checkpoint is for model 'mosmed3d'" in _error_line(capsys)
+    assert "checkpoint is for model 'mosmed3d'" in _message_of(capsys)
     kwargs = {"preset": "dey2018", "filters": 2, "depth": 2}
     dey = save_checkpoint(
         tmp_path / "dey.pt",
@@ -190,7 +190,7 @@ def test_checkpoint_for_another_architecture_or_grid(quick_cv, tmp_path, capsys)
         ["train", "lungx-cv", "--quick", "--synth-n", "6", "--pretrained", str(dey)]
         + ["--out", str(root)]
     )
-    assert code == 2 and "'dey2018' grid" in _error_line(capsys)
+    assert code == 2 and "'dey2018' grid" in _message_of(capsys)
 
 
 def test_fold_count_larger_than_a_class(quick_cv, cv_stores, capsys):
@@ -200,7 +200,7 @@ def test_fold_count_larger_than_a_class(quick_cv, cv_stores, capsys):
         + ["--out", str(run_dir.parent)]
     )
     assert code == 2
-    assert "larger than the smallest class" in _error_line(capsys)
+    assert "larger than the smallest class" in _message_of(capsys)
 
 
 def test_resume_from_a_corrupt_checkpoint(quick_cv, tmp_path, capsys):
@@ -212,15 +212,15 @@ def test_resume_from_a_corrupt_checkpoint(quick_cv, tmp_path, capsys):
     lidc = ["train", "lidc-pretrain", "--quick", "--out", str(root)]
     code = main([*lidc, "--resume", str(corrupt)])
     assert code == 2
-    line = _error_line(capsys)
+    line = _message_of(capsys)
     assert str(corrupt) in line and "not a PyTorch checkpoint (not a zip archive)" in line
     torch.save({"format": "something-else"}, corrupt)
     code = main([*lidc, "--resume", str(corrupt)])
-    assert code == 2 and "not a lungbench checkpoint" in _error_line(capsys)
+    assert code == 2 and "not a lungbench checkpoint" in _message_of(capsys)
     # Changed training options: rejected, listing each, before data or a run folder is made.
     last = run_dir / "lidc_pretrain" / "checkpoint_last.pt"
     code = main([*lidc, "--lr", "10", "--batch", "4", "--epochs", "5", "--resume", str(last)])
-    line = _error_line(capsys)
+    line = _message_of(capsys)
     assert code == 2 and "lr 0.003 -> 10.0" in line and "batch_size 16 -> 4" in line
     assert _run_dirs(root) == before
     assert set((root / "data").glob("*")) == data_before  # no data generated either
@@ -234,7 +234,7 @@ def test_lidc_store_on_another_grid_is_rejected_before_pretraining(cv_stores, tm
         ["train", "lungx-cv", "--quick", "--store", str(lungx), "--lidc-store", str(other)]
         + ["--out", str(tmp_path / "out")]
     )
-    assert code == 2 and "pre-train on the same grid" in _error_line(capsys)
+    assert code == 2 and "pre-train on the same grid" in _message_of(capsys)
     assert not (tmp_path / "out").exists() or not _run_dirs(tmp_path / "out")
 
 
@@ -370,7 +370,7 @@ def test_lungx_cv_folds_follow_seed_on_the_generated_store(tmp_path):
 
 def test_lungx_cv_write_folds_needs_a_store(tmp_path, capsys):
     code = main(["train", "lungx-cv", "--quick", "--write-folds", "--out", str(tmp_path)])
-    assert code == 2 and "--write-folds needs --store" in _error_line(capsys)
+    assert code == 2 and "--write-folds needs --store" in _message_of(capsys)
     assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
 
 
@@ -453,7 +453,7 @@ def test_single_process_experiments_refuse_a_launcher(experiment, tmp_path, caps
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("LUNGBENCH_LAUNCHER", raising=False)
     assert main(["train", experiment, "--quick", "--out", str(tmp_path)]) == 2
-    line = _error_line(capsys)
+    line = _message_of(capsys)
     assert f"lungbench train {experiment}: runs in one process; torchrun started 2" in line
     assert "lidc-pretrain" in line  # where DDP training is
     assert list(tmp_path.iterdir()) == []

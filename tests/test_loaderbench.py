@@ -19,6 +19,7 @@ from lungbench.data.store import StoreDataset
 from lungbench.measure.data_wait import DATA_BOUND_FRACTION, data_bound
 from lungbench.measure.loader import LoaderVariant, loader_table, run_loader_bench
 from lungbench.measure.sweep import BenchConfig, measure_epoch, train_split
+from lungbench.measure.workload import Protocol, Workload
 
 CPU = torch.device("cpu")
 
@@ -62,7 +63,9 @@ def test_data_bound_flag():
 def test_epoch_record_flags_data_bound_and_uses_the_cache(tiny_store):
     dataset = StoreDataset(tiny_store)
     indices = train_split(dataset.info, dataset.labels)
-    cfg = BenchConfig(preset="dey2018", filters=2, epoch_samples=6, cache=True)
+    cfg = BenchConfig(
+        Workload(preset="dey2018", filters=2), protocol=Protocol(epoch_samples=6), cache=True
+    )
     record = measure_epoch(cfg, dataset, indices, CPU)
     assert record["epoch_samples"] == 6 and isinstance(record["data_bound"], bool)
     assert record["data_bound"] == data_bound(record)

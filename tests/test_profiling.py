@@ -27,6 +27,7 @@ from lungbench.measure.trace import (
     phase_summary,
     union_length,
 )
+from lungbench.measure.workload import Workload
 
 SMALL = [
     "--preset",
@@ -119,7 +120,7 @@ def test_store_that_does_not_fit_is_one_line(tmp_path, capsys, tiny_store, argv,
 
 def test_store_batches_never_spin_on_an_empty_loader(tiny_store):
     # Past validate(): a loader that drops its only, partial batch ends in an error, not a hang.
-    cfg = ProfileConfig(preset="dey2018", batch_size=32, store=tiny_store)
+    cfg = ProfileConfig(Workload(preset="dey2018", batch_size=32), store=tiny_store)
     with pytest.raises(DataError, match="24 samples < --batch 32"):
         next(_batches(cfg, torch.device("cpu")))
 

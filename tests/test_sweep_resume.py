@@ -27,6 +27,7 @@ from lungbench.measure.sweep_state import (
     open_for_resume,
     repair_records,
 )
+from lungbench.measure.workload import Workload
 from lungbench.models import registry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -298,15 +299,18 @@ def test_killed_sweep_resumes_to_the_same_keys(tmp_path, tiny_store):
 
 
 def test_sweep_state_skips_larger_batches_of_the_same_kind_only():
-    oom = {"key": "k", "status": "oom", **BenchConfig(filters=8, batch_size=4).__dict__}
+    def config(**workload):
+        return BenchConfig(Workload(**workload))
+
+    oom = {"key": "k", "status": "oom", **config(filters=8, batch_size=4).record_fields()}
     state = SweepState.from_records([oom])
-    assert state.skip_record(BenchConfig(filters=8, batch_size=8))["status"] == "skipped"
-    assert state.skip_record(BenchConfig(filters=8, batch_size=2)) is None
-    assert state.skip_record(BenchConfig(filters=16, batch_size=8)) is None
-    assert state.skip_record(BenchConfig(filters=8, batch_size=8, device="cuda:1")) is None
-    assert family_key(BenchConfig(batch_size=2)) == family_key(BenchConfig(batch_size=64))
-    assert state.pending([BenchConfig(filters=8, batch_size=4)]) == [
-        BenchConfig(filters=8, batch_size=4)
+    assert state.skip_record(config(filters=8, batch_size=8))["status"] == "skipped"
+    assert state.skip_record(config(filters=8, batch_size=2)) is None
+    assert state.skip_record(config(filters=16, batch_size=8)) is None
+    assert state.skip_record(config(filters=8, batch_size=8, device="cuda:1")) is None
+    assert family_key(config(batch_size=2)) == family_key(config(batch_size=64))
+    assert state.pending([config(filters=8, batch_size=4)]) == [
+        config(filters=8, batch_size=4)
     ]  # its key is "k" here, not the config's
 
 

@@ -165,7 +165,9 @@ def test_power_is_integrated_without_an_energy_counter():
 
 def test_sweep_monitor_adds_summary_and_writes_series(tmp_path):
     cfg = SimpleNamespace(
-        device="cpu", batch_size=2, warmup=1, repeats=3, key=lambda: "dualpath3d|default|f8|b2|cpu"
+        workload=SimpleNamespace(device="cpu", batch_size=2),
+        protocol=SimpleNamespace(warmup=1, repeats=3),
+        key=lambda: "dualpath3d|default|f8|b2|cpu",
     )
     monitor = SweepMonitor(tmp_path / "telemetry", interval_s=0.05, run_dir=tmp_path)
     record = monitor(cfg, lambda: busy(0.2) or {"status": "ok", "epoch_samples": 6})

@@ -176,6 +176,15 @@ def switch_request_fields(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def switches_from_args(args: argparse.Namespace) -> tuple[Any, tuple[str, ...]]:
+    """The Switches of the options and the names of those the user forced."""
+    from lungbench.step import Switches
+
+    values = switch_request_fields(args)
+    strict = values.pop("strict_switches")
+    return Switches(**values), strict
+
+
 def speed_request_fields(args: argparse.Namespace) -> dict[str, Any]:
     """BenchRequest fields from the options (UsageError for --eager-fp32 with a switch)."""
     return {
@@ -213,6 +222,7 @@ def run_ablation_cli(args: argparse.Namespace) -> int:
     """`lungbench bench --ablation`."""
     from lungbench.experiments.speedup import BenchRequest, validate
     from lungbench.measure.ablation import AblationConfig, run_ablation_bench
+    from lungbench.measure.workload import Workload
 
     validate(
         BenchRequest(
@@ -224,17 +234,19 @@ def run_ablation_cli(args: argparse.Namespace) -> int:
     rung = {"auto": "default"}.get(args.compile, args.compile)
     configs = [
         AblationConfig(
-            model=args.model,
-            preset=args.preset,
-            filters=f,
-            batch_size=b,
-            device=d,
-            threads=(args.threads or [None])[0],
+            Workload(
+                model=args.model,
+                preset=args.preset,
+                filters=f,
+                batch_size=b,
+                device=d,
+                threads=(args.threads or [None])[0],
+                seed=args.seed,
+            ),
             warmup=args.warmup,
             rounds=args.repeats,
             accuracy_steps=args.accuracy_steps,
             compile_rung=rung,
-            seed=args.seed,
         )
         for d in args.device
         for f in filters

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from lungbench.commands._args import add_dist_timeout, non_negative_int, positive_int
-from lungbench.commands._speed import add_switch_options, switch_request_fields
+from lungbench.commands._speed import add_switch_options, switches_from_args
 
 DESCRIPTION = """\
 Run the training step of a model (default: the two-path 3D CNN, filters 16, batch 2) under
@@ -104,17 +104,24 @@ def _run(args: argparse.Namespace) -> int:
         parse_activities,
         run_profile,
     )
+    from lungbench.measure.workload import Workload
 
     activities = args.activities
     if activities is None:
         activities = "cpu,cuda" if args.device.startswith("cuda") else "cpu"
+    switches, strict = switches_from_args(args)
     cfg = ProfileConfig(
-        model=args.model,
-        preset=args.preset,
-        filters=args.filters,
-        batch_size=args.batch,
-        device=args.device,
-        threads=args.threads,
+        workload=Workload(
+            model=args.model,
+            preset=args.preset,
+            filters=args.filters,
+            batch_size=args.batch,
+            device=args.device,
+            threads=args.threads,
+            seed=args.seed,
+        ),
+        switches=switches,
+        strict_switches=strict,
         schedule=ProfileSchedule(args.wait, args.warmup, args.active, args.repeat),
         steps=args.steps,
         activities=parse_activities(activities, args.device),
@@ -123,8 +130,6 @@ def _run(args: argparse.Namespace) -> int:
         with_stack=args.with_stack,
         top=args.top,
         store=Path(args.store) if args.store else None,
-        seed=args.seed,
-        **switch_request_fields(args),
     )
     from lungbench.distributed.group import init_distributed, shutdown
 

@@ -152,12 +152,6 @@ def finish_run(run_dir: Path, status: str = "complete", **extra: Any) -> None:
     write_json(run_dir / RUN_FILE, info)
 
 
-def error_line(exc: BaseException) -> str:
-    """The one line of an exception's message (its type name if it has none); for an error
-    re-raised from a DataLoader worker, the worker's own message."""
-    return message_of(exc)
-
-
 @contextmanager
 def marking_run(
     run_dir: Path,
@@ -176,7 +170,7 @@ def marking_run(
         if interrupted and on_interrupt is not None:
             on_interrupt()
         status = "interrupted" if interrupted else "failed"
-        finish_run(run_dir, status, error=error_line(exc), **extra)
+        finish_run(run_dir, status, error=message_of(exc), **extra)
         raise
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungbench.core.errors import DataError
+from lungbench.core.errors import DataError, message_of
 
 # Files that sit next to DICOM slices in the archives and are not slices.
 IGNORED_SUFFIXES = {
@@ -98,7 +98,7 @@ def read_header(path: Path, pixels: bool = True):
     try:
         return pydicom.dcmread(path, stop_before_pixels=not pixels)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable DICOM file ({_first_line(exc)})") from None
+        raise DataError(f"{path}: not a readable DICOM file ({message_of(exc)})") from None
 
 
 def series_uid_of(folder: str | os.PathLike) -> str | None:
@@ -241,7 +241,7 @@ def _slice_hu(path: Path, ds, first) -> np.ndarray:
     try:
         pixels = ds.pixel_array.astype(np.float32)
     except Exception as exc:  # pydicom raises many types for broken or compressed pixels
-        raise DataError(f"{path}: cannot decode pixel data ({_first_line(exc)})") from None
+        raise DataError(f"{path}: cannot decode pixel data ({message_of(exc)})") from None
     hu = pixels * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
     return np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
 
@@ -251,7 +251,3 @@ def _pixel_spacing(path: Path, ds) -> tuple[float, float]:
     if spacing is None or len(spacing) != 2:
         raise DataError(f"{path}: DICOM slice without PixelSpacing")
     return float(spacing[0]), float(spacing[1])
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungbench.core.errors import DataError
+from lungbench.core.errors import DataError, message_of
 
 
 def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -37,7 +37,7 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float,
         image = nib.load(path)
         data = np.asarray(image.dataobj, dtype=np.float32)
     except (ImageFileError, OSError, ValueError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: not a readable NIfTI file ({_first_line(exc)})") from None
+        raise DataError(f"{path}: not a readable NIfTI file ({message_of(exc)})") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]  # a 4D file with one time point is a volume
     if data.ndim != 3:
@@ -56,10 +56,6 @@ def check_gzip(path: Path, chunk: int = 1 << 22) -> None:
                 pass
     except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise DataError(
-            f"{path}: not a readable NIfTI file (corrupted gzip data: {_first_line(exc)}; "
+            f"{path}: not a readable NIfTI file (corrupted gzip data: {message_of(exc)}; "
             f"the file is damaged or truncated)"
         ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

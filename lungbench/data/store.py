@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lungbench.core.errors import DataError
+from lungbench.core.errors import DataError, message_of
 
 FORMAT_NAME = "lungbench-store"
 FORMAT_VERSION = 1
@@ -226,7 +226,7 @@ def read_info(path: str | os.PathLike) -> StoreInfo:
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
         # A corrupted file can fail deep inside HDF5 (a bad heap index, an unreadable
         # attribute): one line naming the file, never a traceback.
-        raise DataError(f"{path}: malformed lungbench store ({_first_line(exc)})") from None
+        raise DataError(f"{path}: malformed lungbench store ({message_of(exc)})") from None
 
 
 def _read_info(path: str | os.PathLike) -> StoreInfo:
@@ -238,7 +238,7 @@ def _read_info(path: str | os.PathLike) -> StoreInfo:
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise DataError(f"{path}: not a readable HDF5 file ({_first_line(exc)})") from None
+        raise DataError(f"{path}: not a readable HDF5 file ({message_of(exc)})") from None
     with f:
         if f.attrs.get("format") != FORMAT_NAME:
             raise DataError(f"{path}: not a lungbench store (attribute 'format' missing)")
@@ -409,10 +409,6 @@ def _cast(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
         info = np.iinfo(dtype)
         return np.clip(np.rint(arr), info.min, info.max).astype(dtype)
     return arr.astype(dtype)
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _version() -> str:

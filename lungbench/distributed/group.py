@@ -38,7 +38,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from lungbench.core.errors import LungbenchError, UsageError, look_up_option
+from lungbench.core.errors import LungbenchError, UsageError, look_up_option, message_of
 from lungbench.distributed.launch import LaunchInfo, resolve_launch
 
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for Gloo and NCCL collectives
@@ -284,10 +284,9 @@ def _lost_rank_message(dist: DistContext, what: str, exc: BaseException) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    """The first line of the message without the C++ source location torch puts in front
+    """The one line of the message without the C++ source location torch puts in front
     ("[/path/gloo/transport/tcp/pair.cc:537] Read error ...")."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
+    text = message_of(exc)
     return re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", text).rstrip(".")
 
 

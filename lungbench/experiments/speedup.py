@@ -55,10 +55,11 @@ from lungbench.measure.sweep_state import (
     stop_on_sigterm,
 )
 from lungbench.measure.telemetry import SweepMonitor
+from lungbench.measure.workload import Protocol, Workload
 from lungbench.models import create_model, list_models
 from lungbench.report.bench_outputs import write_bench_outputs
 from lungbench.report.scaling import write_scaling_outputs
-from lungbench.step import SWEEP_SWITCH_FIELDS, check_switches
+from lungbench.step import check_switches, switches_of
 
 
 @dataclass(frozen=True)
@@ -100,15 +101,13 @@ class BenchRequest:
 
     def sweep(self) -> SweepSpec:
         base = BenchConfig(
-            model=self.model,
-            preset=self.preset,
-            warmup=self.warmup,
-            repeats=self.repeats,
-            epoch=self.epoch,
-            epoch_samples=self.epoch_samples,
+            workload=Workload(model=self.model, preset=self.preset, seed=self.seed),
+            switches=switches_of(self),
+            strict_switches=tuple(self.strict_switches),
+            protocol=Protocol(self.warmup, self.repeats, self.epoch, self.epoch_samples),
             num_workers=self.num_workers,
-            seed=self.seed,
-            **{name: getattr(self, name) for name in SWEEP_SWITCH_FIELDS},
+            pin_memory=self.pin_memory,
+            cache=self.cache,
         )
         return SweepSpec(
             base=base,
@@ -283,7 +282,8 @@ def run_bench(
             bar.update(1)
 
         def progress(cfg: BenchConfig) -> None:
-            bar.set_postfix_str(f"{cfg.device} f{cfg.filters} b{cfg.batch_size}")
+            w = cfg.workload
+            bar.set_postfix_str(f"{w.device} f{w.filters} b{w.batch_size}")
 
         with bar:
             run_sweep(

@@ -18,7 +18,7 @@ Output: results/<run-id>/{records.jsonl, tables/ablation.csv|.md, environment.js
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,13 @@ import pandas as pd
 import torch
 from torch import nn
 
+from lungbench.core.device import synchronize
 from lungbench.core.errors import UsageError
 from lungbench.measure.peak import attach_peak, device_peaks
 from lungbench.measure.stats import summarize
 from lungbench.measure.sweep import SINGLE_PROCESS
 from lungbench.measure.timing import STEP, PhaseTimer, set_threads, training_step_flops
-from lungbench.models import create_model
+from lungbench.measure.workload import Workload
 from lungbench.step import (
     Resolved,
     Switches,
@@ -63,19 +64,18 @@ class Variant:
 
 @dataclass(frozen=True)
 class AblationConfig:
-    """One ablation: a model, batch and device, and how long to measure."""
+    """One ablation: a workload (model, batch, device, ...), and how long to measure."""
 
-    model: str = "dualpath3d"
-    preset: str = "default"
-    filters: int = 16
-    batch_size: int = 2
-    device: str = "cpu"
-    threads: int | None = None
+    workload: Workload = field(default_factory=lambda: Workload(filters=16))
     warmup: int = 2  # untimed steps per variant after the accuracy steps
     rounds: int = 10  # interleaved timed rounds (one step of every variant per round)
     accuracy_steps: int = 5
     compile_rung: str = "default"  # mode of the torch.compile rung; "off" leaves it out
-    seed: int = 0
+
+    def record_fields(self) -> dict[str, Any]:
+        """Flat record fields (model, preset, filters, ..., rounds, ...)."""
+        fields_ = asdict(self)
+        return {**fields_.pop("workload"), **fields_}
 
 
 def tolerance(switches: Switches) -> float:
@@ -140,17 +140,6 @@ class _Runner:
             return self.step(timer, *batch)
 
 
-def _batches(
-    shapes: Sequence[tuple[int, ...]], batch: int, n: int, device: torch.device, seed: int
-) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        inputs = [torch.rand((batch, *s), generator=g).to(device) for s in shapes]
-        out.append((inputs, torch.randint(0, 2, (batch,), generator=g).float().to(device)))
-    return out
-
-
 def _no_dropout(model: nn.Module) -> nn.Module:
     # Dropout draws from different RNG streams eagerly and compiled: switch it off so that
     # every variant computes the same function and the accuracy check compares like with like.
@@ -178,7 +167,7 @@ def accuracy_run(runner: _Runner) -> float:
 
     for batch in runner.batches:
         runner.run(NO_TIMER, (runner.step.prepare_inputs(batch[0]), batch[1]))
-    _sync(runner.step.device)
+    synchronize(runner.step.device)
     return fp32_loss(runner.step.model, runner.batches[-1])
 
 
@@ -190,17 +179,16 @@ def run_ablation(
     """Measure every variant of `cfg` (default: `ladder()`); one record per variant."""
     from lungbench.core.device import parse_device
 
-    device = parse_device(cfg.device)
-    threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
+    w = cfg.workload
+    device = parse_device(w.device)
+    threads = set_threads(w.threads) if device.type == "cpu" else torch.get_num_threads()
     if cfg.rounds < 1:
         raise UsageError(f"--repeats must be >= 1 for an ablation, got {cfg.rounds}")
     variants = list(variants or ladder(device, cfg.compile_rung))
-    torch.manual_seed(cfg.seed)
-    reference = _no_dropout(create_model(cfg.model, preset=cfg.preset, filters=cfg.filters))
+    reference = _no_dropout(w.build_model(torch.device("cpu")))
     init = {k: v.clone() for k, v in reference.state_dict().items()}
-    shapes = _input_shapes(cfg)
-    batches = _batches(shapes, cfg.batch_size, cfg.accuracy_steps, device, cfg.seed)
-    timing_batch = _batches(shapes, cfg.batch_size, 1, device, cfg.seed + 1)[0]
+    batches = [w.random_batch(device, seed=w.seed + 2 + k) for k in range(cfg.accuracy_steps)]
+    timing_batch = w.random_batch(device, seed=w.seed + 1)
     flops = training_step_flops(reference.to(device), bce_loss, *timing_batch)
     # How far training moves the loss: a tolerance is only a check when the move is larger.
     initial = fp32_loss(reference.to(device), batches[-1])
@@ -226,7 +214,7 @@ def _make_runner(
     device: torch.device,
     log: Callable[[str], None],
 ) -> _Runner:
-    model = _no_dropout(create_model(cfg.model, preset=cfg.preset, filters=cfg.filters))
+    model = _no_dropout(cfg.workload.build_model(torch.device("cpu")))
     model.load_state_dict(init)
     model = model.to(device).train()
     inputs = timing_batch[0]
@@ -273,7 +261,7 @@ def _records(
         tol = tolerance(sw)
         records.append(
             {
-                **asdict(cfg),
+                **cfg.record_fields(),
                 "variant": runner.variant.name,
                 "added": runner.variant.added,
                 **asdict(runner.variant.switches),
@@ -283,7 +271,7 @@ def _records(
                 "status": "ok",
                 **stats.as_dict(prefix="step_s_"),
                 "samples_s": {STEP: list(times)},
-                "samples_per_s": cfg.batch_size / stats.median,
+                "samples_per_s": cfg.workload.batch_size / stats.median,
                 "speedup": float(np.median(base) / stats.median),
                 # Under heavy load the fastest step is the least disturbed one: report both.
                 "speedup_best": float(np.min(base) / stats.min),
@@ -356,19 +344,20 @@ def run_ablation_bench(
     )
 
     for cfg in configs:
-        parse_device(cfg.device)
+        parse_device(cfg.workload.device)
     run_dir = create_run_dir(out, "ablation", run_id)
     with marking_run(run_dir):  # a failure marks the run "failed", Ctrl-C "interrupted"
         write_json(run_dir / "config.json", {"ablation": list(configs), "tolerance": TOLERANCE})
         env = environment_record()
-        peaks = {d: device_peaks(parse_device(d)) for d in dict.fromkeys(c.device for c in configs)}
+        devices = dict.fromkeys(c.workload.device for c in configs)
+        peaks = {d: device_peaks(parse_device(d)) for d in devices}
         env["peak_flops"] = peaks
         write_json(run_dir / "environment.json", env)
         records: list[dict[str, Any]] = []
         texts = []
         for i, cfg in enumerate(configs):
             found = run_ablation(cfg, log=log)
-            attach_peaks(found, peaks[cfg.device])
+            attach_peaks(found, peaks[cfg.workload.device])
             for record in found:
                 append_record(run_dir, record)
             records += found
@@ -376,8 +365,9 @@ def run_ablation_bench(
             name = "ablation" if len(configs) == 1 else f"ablation_{i + 1}"
             write_table(run_dir, name, table)
             texts.append(
-                f"{cfg.model} {cfg.preset} filters {cfg.filters} batch "
-                f"{cfg.batch_size} on {cfg.device} ({cfg.rounds} interleaved rounds, "
+                f"{cfg.workload.model} {cfg.workload.preset} filters {cfg.workload.filters} "
+                f"batch {cfg.workload.batch_size} on {cfg.workload.device} ({cfg.rounds} "
+                "interleaved rounds, "
                 f"accuracy after {cfg.accuracy_steps} steps: the eager FP32 loss went from "
                 f"{found[0]['loss_initial']:.4f} to {found[0]['loss_after_n']:.4f})\n"
                 + markdown(table)
@@ -386,27 +376,9 @@ def run_ablation_bench(
     return run_dir, records, "\n\n".join(texts)
 
 
-def _input_shapes(cfg: AblationConfig) -> list[tuple[int, ...]]:
-    """Per-sample input shapes: the preset's grids for the two-path model, else the
-    registry's example inputs."""
-    if cfg.model == "dualpath3d":
-        from lungbench.data.geometry import geometry
-
-        geo = geometry(cfg.preset)
-        return [(1, *geo.context_grid), (1, *geo.zoom_grid)]
-    from lungbench.models import example_input_shapes
-
-    return [s[1:] for s in example_input_shapes(cfg.model, batch=1)]
-
-
 def _compiles(variant: Variant) -> bool:
     return variant.switches.compile != "off"
 
 
 def _percent(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.0f}%"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

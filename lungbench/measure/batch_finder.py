@@ -168,7 +168,8 @@ def training_trial(
 
 def family(cfg: Any) -> tuple:
     """What the largest batch depends on: model, preset (grid), filters, device, switches."""
-    return (cfg.model, cfg.preset, cfg.filters, cfg.device, cfg.dtype, cfg.memory_format)
+    w, sw = cfg.workload, cfg.switches
+    return (w.model, w.preset, w.filters, w.device, sw.dtype, sw.memory_format)
 
 
 def find_for_config(
@@ -176,24 +177,23 @@ def find_for_config(
 ) -> dict[str, Any]:
     """The search for one configuration family, as a record."""
     from lungbench.core.device import parse_device
-    from lungbench.models import create_model
 
-    device = parse_device(cfg.device)
+    w = cfg.workload
+    device = parse_device(w.device)
     limit = limit or DEFAULT_LIMIT[device.type]
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, **cfg.model_kwargs()).to(device)
+    model = w.build_model(device)
     probe = (model, [torch.zeros((1, *s), device=device) for s in shapes])
     resolved = resolve_switches(cfg, device, 1 + len(shapes[0]), quiet=True, probe=probe)
     search = find_max_batch(training_trial(model, shapes, device, resolved.switches), limit=limit)
     del model
     free_memory(device)
     return {
-        "model": cfg.model,
-        "preset": cfg.preset,
+        "model": w.model,
+        "preset": w.preset,
         "grid": "x".join(map(str, shapes[0][1:])),
-        "filters": cfg.filters,
-        "device": cfg.device,
-        "dtype": cfg.dtype,
+        "filters": w.filters,
+        "device": w.device,
+        "dtype": cfg.switches.dtype,
         "dtype_used": resolved.switches.dtype,
         "memory_format_used": resolved.switches.memory_format,
         "max_batch": search.largest,
@@ -207,15 +207,22 @@ def find_for_config(
 def cap_configs(configs: Sequence[Any], limits: dict[tuple, int]) -> list[Any]:
     """Configs with batch <= their family's largest batch, plus that largest batch itself
     (after the family's last kept config, so the sweep order is kept)."""
-    out = [c for c in configs if c.batch_size <= limits.get(family(c), c.batch_size)]
-    groups = {(family(c), c.threads): c for c in configs}  # last config of each group
+
+    def batch(c: Any) -> int:
+        return c.workload.batch_size
+
+    def group(c: Any) -> tuple:
+        return family(c), c.workload.threads
+
+    out = [c for c in configs if batch(c) <= limits.get(family(c), batch(c))]
+    groups = {group(c): c for c in configs}  # last config of each group
     for (fam, threads), cfg in groups.items():
         largest = limits.get(fam)
-        members = [i for i, c in enumerate(out) if (family(c), c.threads) == (fam, threads)]
-        if not largest or any(out[i].batch_size == largest for i in members):
+        members = [i for i, c in enumerate(out) if group(c) == (fam, threads)]
+        if not largest or any(batch(out[i]) == largest for i in members):
             continue
         at = members[-1] + 1 if members else len(out)
-        out.insert(at, replace(cfg, batch_size=largest))
+        out.insert(at, cfg.with_workload(batch_size=largest))
     return out
 
 
@@ -228,7 +235,8 @@ def apply_batch_finder(
     """`--find-batch`: search each family; the capped configs and the table (max_batch)."""
     rows, limits = [], {}
     for cfg in {family(c): c for c in configs}.values():
-        log(f"find-batch: {cfg.model} {cfg.preset} f{cfg.filters} on {cfg.device} ({cfg.dtype})")
+        w = cfg.workload
+        log(f"find-batch: {w.model} {w.preset} f{w.filters} on {w.device} ({cfg.switches.dtype})")
         row = find_for_config(cfg, shapes, limit)
         rows.append(row)
         limits[family(cfg)] = row["max_batch"]

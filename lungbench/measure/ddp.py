@@ -31,7 +31,7 @@ import re
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -42,8 +42,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from lungbench.core.errors import is_oom, look_up_option
-from lungbench.core.runs import error_line
+from lungbench.core.device import synchronize
+from lungbench.core.errors import is_oom, look_up_option, message_of
 from lungbench.data.loader import to_device
 from lungbench.data.store import StoreDataset, StoreInfo
 from lungbench.distributed.group import (
@@ -59,7 +59,7 @@ from lungbench.distributed.group import (
 )
 from lungbench.measure.data_wait import DeviceWaitClock, data_bound
 from lungbench.measure.stats import summarize
-from lungbench.measure.sweep import BenchConfig, measure, synthetic_batch, train_split
+from lungbench.measure.sweep import BenchConfig, measure, train_split
 from lungbench.measure.timing import (
     STEP,
     PhaseTimer,
@@ -67,7 +67,6 @@ from lungbench.measure.timing import (
     set_threads,
     training_step_flops,
 )
-from lungbench.models import create_model
 from lungbench.step import (
     NO_TIMER,
     TrainStep,
@@ -176,11 +175,11 @@ def time_allreduce(
     samples = []
     for i in range(warmup + repeats):
         barrier(dist)  # start together, so a late rank's skew is not counted as transfer
-        _sync(dist.device)
+        synchronize(dist.device)
         t0 = time.perf_counter()
         for tensor in tensors:
             tdist.all_reduce(tensor)
-        _sync(dist.device)  # note: CPU-GPU sync point, the clock stops when NCCL is done
+        synchronize(dist.device)  # note: CPU-GPU sync point, the clock stops when NCCL is done
         if i >= warmup:
             samples.append(time.perf_counter() - t0)
     return samples
@@ -209,10 +208,11 @@ def measure_ddp_step(
 ) -> dict[str, Any]:
     """This rank's DDP step timings, no_sync compute, isolated all-reduce, weight digest."""
     device = dist.device
-    torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP broadcasts them too)
-    model = create_model(cfg.model, **cfg.model_kwargs()).to(device).train()
+    w = cfg.workload
+    model = w.build_model(device)  # same initial weights everywhere (DDP broadcasts them too)
     # Different samples on every rank, as a DistributedSampler would give them.
-    inputs, target = synthetic_batch(info, per_rank, device, cfg.seed + 1000 * dist.rank)
+    shapes = list(info.inputs.values())
+    inputs, target = w.random_batch(device, w.seed + 1000 * dist.rank, per_rank, shapes)
     flops = training_step_flops(model, bce_loss, inputs, target)
     step_fn, ddp, switch_fields = ddp_train_step(cfg, model, dist, inputs)
     inputs = step_fn.prepare_inputs(inputs)
@@ -220,19 +220,23 @@ def measure_ddp_step(
     barrier(dist)
     with backend_flags(step_fn.switches):
         synced = run_protocol(
-            lambda t: step_fn(t, inputs, target), timer, warmup=cfg.warmup, repeats=cfg.repeats
+            lambda t: step_fn(t, inputs, target),
+            timer,
+            warmup=cfg.protocol.warmup,
+            repeats=cfg.protocol.repeats,
         )
         digest = parameter_digest(model)  # after identical updates: equal on every rank
         barrier(dist)
         local = run_protocol(
             lambda t: step_fn.forward_backward(t, inputs, target, sync=False),
             timer,
-            warmup=min(cfg.warmup, 1),
-            repeats=cfg.repeats,
+            warmup=min(cfg.protocol.warmup, 1),
+            repeats=cfg.protocol.repeats,
         )
     step_fn.optimizer.zero_grad(set_to_none=True)
     numels = bucket_numels(ddp, model)
-    reduce = time_allreduce(dist, numels, warmup=min(cfg.warmup, 2), repeats=cfg.repeats)
+    protocol = cfg.protocol
+    reduce = time_allreduce(dist, numels, warmup=min(protocol.warmup, 2), repeats=protocol.repeats)
     sync_fb = [f + b for f, b in zip(synced["forward"], synced["backward"], strict=True)]
     local_fb = [f + b for f, b in zip(local["forward"], local["backward"], strict=True)]
     optimizer_median = summarize(synced["optimizer"]).median
@@ -265,26 +269,25 @@ def measure_ddp_epoch(
 ) -> dict[str, Any]:
     """One DDP epoch over the training split, each rank on its DistributedSampler shard."""
     device = dist.device
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, **cfg.model_kwargs()).to(device).train()
+    model = cfg.workload.build_model(device)
     examples = [torch.zeros((1, *shape), device=device) for shape in info.inputs.values()]
     step_fn, _, _ = ddp_train_step(cfg, model, dist, examples)
-    if cfg.epoch_samples is not None:
-        indices = indices[: cfg.epoch_samples]
+    if cfg.protocol.epoch_samples is not None:
+        indices = indices[: cfg.protocol.epoch_samples]
     subset = Subset(dataset, indices.tolist())
     # Padding keeps the same number of steps on every rank (DDP needs matching collectives).
     sampler = DistributedSampler(
-        subset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed
+        subset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.workload.seed
     )
     sampler.set_epoch(0)
-    pin = cfg.pin_memory if getattr(cfg, "pin_memory", None) is not None else device.type == "cuda"
+    pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
     loader = DataLoader(
         subset, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin
     )
     steps = 0
     clock = DeviceWaitClock(device)
     barrier(dist)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     clock.start()
     with backend_flags(step_fn.switches):
@@ -294,7 +297,7 @@ def measure_ddp_epoch(
             step_fn(NO_TIMER, step_fn.prepare_inputs(inputs), target)
             clock.step_done()
             steps += 1
-    _sync(device)  # note: CPU-GPU sync point; the epoch ends when the last kernel does
+    synchronize(device)  # note: CPU-GPU sync point; the epoch ends when the last kernel does
     return {
         "epoch_s": time.perf_counter() - start,
         "epoch_data_wait_s": clock.seconds(),
@@ -315,7 +318,7 @@ def measure_rank(
     """This rank's part of one DDP measurement. A failed collective raises DistributedError
     (the job cannot go on); any other failure becomes this rank's status, as in harness."""
     threads = (
-        set_threads(cfg.threads or threads_per_rank(dist))
+        set_threads(cfg.workload.threads or threads_per_rank(dist))
         if dist.device.type == "cpu"
         else torch.get_num_threads()
     )
@@ -328,16 +331,16 @@ def measure_rank(
         "status": "ok",
         "error": None,
     }
-    what = f"DDP {scaling} scaling, filters {cfg.filters}, batch {cfg.batch_size}"
+    what = f"DDP {scaling} scaling, filters {cfg.workload.filters}, batch {cfg.workload.batch_size}"
     try:
         with collective_guard(dist, what):
             result.update(measure_ddp_step(cfg, per_rank, info, dist))
-            if cfg.epoch:
+            if cfg.protocol.epoch:
                 result.update(measure_ddp_epoch(cfg, per_rank, info, dataset, indices, dist))
     except DistributedError:
         raise
     except (MemoryError, RuntimeError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
-        result.update(status="oom" if is_oom(exc) else "error", error=error_line(exc))
+        result.update(status="oom" if is_oom(exc) else "error", error=message_of(exc))
     finally:
         if dist.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -369,10 +372,11 @@ def base_record(
     cfg: BenchConfig, scaling: str, per_rank: int | None, dist: DistContext
 ) -> dict[str, Any]:
     """The fields every DDP record has, measured or not."""
-    global_batch = cfg.batch_size * dist.world_size if scaling == "weak" else cfg.batch_size
+    batch = cfg.workload.batch_size
+    global_batch = batch * dist.world_size if scaling == "weak" else batch
     return {
         "key": f"{cfg.key()}|ddp{dist.world_size}|{scaling}",
-        **asdict(cfg),
+        **cfg.record_fields(),
         "device": dist.device.type,
         "platform": platform_label(dist, scaling),
         "scaling": scaling,
@@ -437,9 +441,9 @@ def baseline_config(cfg: BenchConfig, device: str) -> BenchConfig:
     """The world-size-1 reference of `cfg` on `device`: on CPU it gets every core this
     process may use (torchrun sets OMP_NUM_THREADS=1 for its workers, which would make the
     baseline look slow)."""
-    cfg = replace(cfg, device=device)
-    if cfg.threads is None and torch.device(device).type == "cpu":
-        cfg = replace(cfg, threads=_usable_cores())
+    cfg = cfg.with_workload(device=device)
+    if cfg.workload.threads is None and torch.device(device).type == "cpu":
+        cfg = cfg.with_workload(threads=_usable_cores())
     return cfg
 
 
@@ -454,12 +458,13 @@ def ddp_configs(configs: Sequence[BenchConfig], dist: DistContext) -> list[Bench
     sweep order), on the process group's device type."""
     unique: dict[tuple, BenchConfig] = {}
     for cfg in configs:
-        unique.setdefault(_group(cfg), replace(cfg, device=dist.device.type))
+        unique.setdefault(_group(cfg), cfg.with_workload(device=dist.device.type))
     return list(unique.values())
 
 
 def _group(cfg: BenchConfig) -> tuple:
-    return (cfg.threads, cfg.filters, cfg.batch_size)
+    w = cfg.workload
+    return (w.threads, w.filters, w.batch_size)
 
 
 def run_ddp_sweep(
@@ -475,7 +480,7 @@ def run_ddp_sweep(
     and in the returned list; the other ranks get an empty list. `monitor` (rank 0's
     lungbench.measure.telemetry.SweepMonitor) samples rank 0's GPU and CPU around each measurement."""
     dataset = StoreDataset(info.path)
-    indices = train_split(info, dataset.labels, seed=configs[0].seed if configs else 0)
+    indices = train_split(info, dataset.labels, seed=configs[0].workload.seed if configs else 0)
     records: list[dict[str, Any]] = []
 
     def emit(record: dict[str, Any]) -> None:
@@ -492,8 +497,9 @@ def run_ddp_sweep(
             if dist.is_main:
                 for c in same:
                     if progress:
-                        progress(f"1 process {c.device} f{c.filters} b{c.batch_size}")
-                    one = baseline_config(c, c.device)
+                        w = c.workload
+                        progress(f"1 process {w.device} f{w.filters} b{w.batch_size}")
+                    one = baseline_config(c, c.workload.device)
                     emit(measured(one, partial(baseline_record, one, info, dataset, indices)))
             barrier(
                 dist,
@@ -502,8 +508,9 @@ def run_ddp_sweep(
             )
         for scaling in options.scaling:
             if progress and dist.is_main:
-                progress(f"DDP x{dist.world_size} {scaling} f{cfg.filters} b{cfg.batch_size}")
-            per_rank, why = split_batch(scaling, cfg.batch_size, dist.world_size)
+                w = cfg.workload
+                progress(f"DDP x{dist.world_size} {scaling} f{w.filters} b{w.batch_size}")
+            per_rank, why = split_batch(scaling, cfg.workload.batch_size, dist.world_size)
             if per_rank is None:
                 if dist.is_main:
                     emit(
@@ -543,12 +550,7 @@ def baseline_record(
         nodes=1,
         backend="none",
         launcher="none",
-        per_rank_batch=cfg.batch_size,
-        global_batch=cfg.batch_size,
+        per_rank_batch=cfg.workload.batch_size,
+        global_batch=cfg.workload.batch_size,
     )
     return record
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lungbench.core.device import synchronize
 from lungbench.data.loader import (
     DeviceAugment,
     LoaderOptions,
@@ -114,13 +115,13 @@ def measure_loader(
     best = math.inf
     generator = torch.Generator().manual_seed(opts.seed)
     for _ in range(epochs):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         for batch in loader:
             inputs, _target = to_device(batch, device)
             if on_device is not None:
                 inputs = on_device(inputs, generator)
-        _sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     del loader
     return {
@@ -144,16 +145,11 @@ def step_samples_per_s(
 ) -> float:
     """The training step's samples/s (compute only, fast default switches) for comparison."""
     from lungbench.measure.sweep import BenchConfig, measure_compute
+    from lungbench.measure.workload import Protocol, Workload
 
     cfg = BenchConfig(
-        model=model,
-        preset=preset,
-        filters=filters,
-        batch_size=batch_size,
-        device=str(device),
-        warmup=2,
-        repeats=repeats,
-        epoch=False,
+        Workload(model, preset, filters, batch_size, str(device)),
+        protocol=Protocol(warmup=2, repeats=repeats, epoch=False),
     )
     return float(measure_compute(cfg, read_info(path), device)["samples_per_s"])
 
@@ -190,11 +186,6 @@ def run_loader_bench(
         record["x_step_rate"] = record["samples_per_s"] / step_rate if step_rate else None
         records.append(record)
     return records, loader_table(records, step_rate)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_loader_run(

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from lungbench.core.device import synchronize
 from lungbench.core.errors import UsageError, look_up_option
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -55,18 +56,13 @@ def matmul_peak_flops(
     b = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
     best = float("inf")
     for i in range(repeats + 1):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         torch.mm(a, b)
-        _sync(device)  # note: CPU-GPU sync point, so the clock sees the whole product
+        synchronize(device)  # note: CPU-GPU sync point, so the clock sees the whole product
         if i:  # the first product is a warm-up
             best = min(best, time.perf_counter() - t0)
     return 2.0 * size**3 / best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 5) -> float:
@@ -81,10 +77,10 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
     dst = torch.empty_like(src)
     best = float("inf")
     for i in range(repeats + 1):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         dst.copy_(src)
-        _sync(device)  # note: CPU-GPU sync point
+        synchronize(device)  # note: CPU-GPU sync point
         if i:  # the first copy is a warm-up (page faults on fresh CPU memory)
             best = min(best, time.perf_counter() - t0)
     return 2.0 * src.numel() * 4 / best

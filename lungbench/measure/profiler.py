@@ -34,13 +34,20 @@ import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, record_function
 
-from lungbench.core.errors import DataError, UsageError, look_up_option
+from lungbench.core.errors import DataError, UsageError, look_up_option, message_of
 from lungbench.distributed.group import DistContext
 from lungbench.measure.ddp import ddp_train_step
 from lungbench.measure.timing import training_step_flops
 from lungbench.measure.trace import load_trace, phase_summary, trace_files
-from lungbench.models import create_model
-from lungbench.step import TrainStep, backend_flags, bce_loss, resolve_switches
+from lungbench.measure.workload import Workload
+from lungbench.step import (
+    Switches,
+    TrainStep,
+    auto_switches,
+    backend_flags,
+    bce_loss,
+    resolve_switches,
+)
 
 ACTIVITIES = {"cpu": ProfilerActivity.CPU, "cuda": ProfilerActivity.CUDA}
 
@@ -85,12 +92,11 @@ class ProfileSchedule:
 class ProfileConfig:
     """One profiled workload. Every field is saved in config.json."""
 
-    model: str = "dualpath3d"
-    preset: str = "default"
-    filters: int = 16
-    batch_size: int = 2
-    device: str = "cpu"
-    threads: int | None = None
+    workload: Workload = field(default_factory=lambda: Workload(filters=16))
+    # The step's speed switches, as in lungbench bench ("auto" = the device's fast default,
+    # lungbench.step): the profiled step is the timed one.
+    switches: Switches = field(default_factory=auto_switches)
+    strict_switches: tuple[str, ...] = ()  # switches the user forced
     schedule: ProfileSchedule = field(default_factory=ProfileSchedule)
     steps: int | None = None  # run length; None = exactly the schedule
     activities: tuple[str, ...] = ("cpu",)
@@ -99,18 +105,6 @@ class ProfileConfig:
     with_stack: bool = False
     top: int = 25
     store: Path | None = None  # batches from this store through a DataLoader; else random
-    seed: int = 0
-    # The speed switches, as in lungbench bench (lungbench.step; "auto" = the device's fast
-    # default): the profiled step is the timed one.
-    dtype: str = "auto"
-    memory_format: str = "auto"
-    compile: str = "auto"
-    tf32: bool | None = None
-    cudnn_benchmark: bool | None = None
-    optimizer: str = "auto"
-    cuda_graphs: bool | None = None
-    ddp_bucket_mb: int = 25
-    strict_switches: tuple[str, ...] = ()
 
     @property
     def run_steps(self) -> int:
@@ -163,11 +157,11 @@ def _batches(cfg: ProfileConfig, device: torch.device) -> Iterator[tuple[list, t
 
         loader = DataLoader(
             StoreDataset(cfg.store),
-            batch_size=cfg.batch_size,
+            batch_size=cfg.workload.batch_size,
             shuffle=True,
             drop_last=True,
             pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(cfg.seed),
+            generator=torch.Generator().manual_seed(cfg.workload.seed),
         )
         while True:
             empty = True
@@ -177,45 +171,15 @@ def _batches(cfg: ProfileConfig, device: torch.device) -> Iterator[tuple[list, t
             if empty:  # drop_last with fewer samples than a batch: never spin on nothing
                 raise DataError(
                     f"--store {cfg.store}: {len(loader.dataset)} samples < --batch "
-                    f"{cfg.batch_size}; no full batch to profile"
+                    f"{cfg.workload.batch_size}; no full batch to profile"
                 )
-    shapes = input_shapes(cfg)
-    g = torch.Generator().manual_seed(cfg.seed)
     # A few distinct host batches, cycled: the "data" range then holds the host-to-device
     # copy, not random number generation.
-    pool = [
-        (
-            [torch.rand(shape, generator=g) for shape in shapes],
-            torch.randint(0, 2, (cfg.batch_size,), generator=g).float(),
-        )
-        for _ in range(2)
-    ]
+    cpu = torch.device("cpu")
+    pool = [cfg.workload.random_batch(cpu, seed=cfg.workload.seed + k) for k in range(2)]
     if device.type == "cuda":
         pool = [([x.pin_memory() for x in xs], y.pin_memory()) for xs, y in pool]
     yield from itertools.cycle(pool)
-
-
-def model_kwargs(cfg: ProfileConfig) -> dict[str, Any]:
-    """The options of `cfg` its model takes (preset and filters for the two-path model)."""
-    import inspect
-
-    from lungbench.models import model_builder
-
-    accepted = inspect.signature(model_builder(cfg.model)).parameters
-    return {k: v for k, v in (("preset", cfg.preset), ("filters", cfg.filters)) if k in accepted}
-
-
-def input_shapes(cfg: ProfileConfig) -> list[tuple[int, ...]]:
-    """Batched input shapes: the preset's grids for the two-path model, else the registry's
-    example inputs."""
-    if cfg.model == "dualpath3d":
-        from lungbench.data.geometry import geometry
-
-        geo = geometry(cfg.preset)
-        return [(cfg.batch_size, 1, *geo.context_grid), (cfg.batch_size, 1, *geo.zoom_grid)]
-    from lungbench.models import example_input_shapes
-
-    return list(example_input_shapes(cfg.model, cfg.batch_size))
 
 
 class RangeTimer:
@@ -236,11 +200,8 @@ def training_step_fn(
     the same way), preceded by a "data" range, and the record fields saying what ran. Under
     a launcher the model is DDP's (lungbench.measure.ddp), so communication shows in the trace.
     """
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, **model_kwargs(cfg)).to(device).train()
-    g = torch.Generator().manual_seed(cfg.seed)
-    examples = [torch.rand(shape, generator=g).to(device) for shape in input_shapes(cfg)]
-    target = torch.randint(0, 2, (cfg.batch_size,), generator=g).float().to(device)
+    model = cfg.workload.build_model(device)
+    examples, target = cfg.workload.random_batch(device)
     fields = {"flops_per_step": training_step_flops(model, bce_loss, examples, target)}
     if dist is not None and dist.is_distributed:
         step, _, switches = ddp_train_step(cfg, model, dist, examples)
@@ -377,10 +338,11 @@ def validate(cfg: ProfileConfig, out: Path) -> torch.device:
     from lungbench.data.geometry import GEOMETRY_PRESETS
     from lungbench.models import list_models
 
-    look_up_option(cfg.model, list_models(), what="--model")
-    look_up_option(cfg.preset, GEOMETRY_PRESETS, what="--preset")
-    device = parse_device(cfg.device)
-    parse_activities(cfg.activities, cfg.device)
+    w = cfg.workload
+    look_up_option(w.model, list_models(), what="--model")
+    look_up_option(w.preset, GEOMETRY_PRESETS, what="--preset")
+    device = parse_device(w.device)
+    parse_activities(cfg.activities, w.device)
     cfg.schedule.check(cfg.run_steps)
     if cfg.store is not None:
         check_store(cfg)
@@ -393,13 +355,14 @@ def check_store(cfg: ProfileConfig) -> None:
     from lungbench.data.store import read_info
 
     info = read_info(cfg.store)
-    if info.n < cfg.batch_size:
-        raise UsageError(f"--store {cfg.store}: {info.n} samples < --batch {cfg.batch_size}")
-    if cfg.model != "dualpath3d":
+    w = cfg.workload
+    if info.n < w.batch_size:
+        raise UsageError(f"--store {cfg.store}: {info.n} samples < --batch {w.batch_size}")
+    if w.model != "dualpath3d":
         return  # other models take any grid; their example shapes are no requirement
     from lungbench.data.geometry import preset_mismatch
 
-    reason = preset_mismatch(list(info.inputs.values()), cfg.preset)
+    reason = preset_mismatch(list(info.inputs.values()), w.preset)
     if reason:
         raise UsageError(f"--store {cfg.store}: {reason}")
 
@@ -422,7 +385,6 @@ def run_profile(
     from lungbench.core.environment import environment_record
     from lungbench.core.runs import (
         create_run_dir,
-        error_line,
         finish_run,
         marking_run,
         write_json,
@@ -431,11 +393,12 @@ def run_profile(
     from lungbench.distributed.group import all_gather, barrier, single_process
     from lungbench.measure.timing import set_threads
 
-    dist = dist or single_process(cfg.device)
+    w = cfg.workload
+    dist = dist or single_process(w.device)
     device = validate(cfg, Path(out))
     if dist.is_distributed:
         device = dist.device  # cuda:<local rank> on a GPU node
-    threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
+    threads = set_threads(w.threads) if device.type == "cpu" else torch.get_num_threads()
     made, failure = None, None
     if dist.is_main:
         try:
@@ -443,7 +406,7 @@ def run_profile(
         except Exception as exc:  # the other ranks must hear of it, not wait for the timeout
             failure = exc
     shared = all_gather(
-        dist, (str(made), error_line(failure) if failure else None), "sharing the run folder"
+        dist, (str(made), message_of(failure) if failure else None), "sharing the run folder"
     )[0]
     if failure is not None:
         raise failure
@@ -461,7 +424,7 @@ def run_profile(
         barrier(dist, "waiting for rank 0's run folder")
         trace_dir = run_dir / "traces"
         log(
-            f"profiling {cfg.model} f{cfg.filters} b{cfg.batch_size} on {device}"
+            f"profiling {w.model} f{w.filters} b{w.batch_size} on {device}"
             f"{f' (DDP x{dist.world_size}, {dist.backend})' if dist.is_distributed else ''}: "
             f"{cfg.run_steps} steps, schedule {cfg.schedule}"
         )

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lungbench.core.device import _first_line, _sync, parse_device
-from lungbench.core.errors import LungbenchError, is_oom
+from lungbench.core.device import parse_device, synchronize
+from lungbench.core.errors import LungbenchError, is_oom, message_of
 from lungbench.data.loader import LoaderOptions, make_loader, shared_dataset, to_device
 from lungbench.data.store import StoreDataset, StoreInfo
 from lungbench.measure.data_wait import DATA_BOUND_FRACTION, DeviceWaitClock
@@ -38,8 +38,16 @@ from lungbench.measure.timing import (
     set_threads,
     training_step_flops,
 )
-from lungbench.models import create_model
-from lungbench.step import NO_TIMER, TrainStep, backend_flags, bce_loss, resolve_switches
+from lungbench.measure.workload import Protocol, Workload, random_batch
+from lungbench.step import (
+    NO_TIMER,
+    Switches,
+    TrainStep,
+    auto_switches,
+    backend_flags,
+    bce_loss,
+    resolve_switches,
+)
 
 # The thesis's LIDC-IDRI set has 754 nodules; its 80/20 split trains on 603 per epoch.
 THESIS_N_NODULES = 754
@@ -50,43 +58,58 @@ TRAIN_FRACTION = 0.8
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One measured configuration. Every field is recorded with the result."""
+    """One measured configuration: a workload, the step's switches, the timing protocol and
+    the epoch's data path. `record_fields()` is how every record carries it (flat)."""
 
-    model: str = "dualpath3d"
-    preset: str = "default"
-    filters: int = 8
-    batch_size: int = 2
-    device: str = "cpu"
-    threads: int | None = None  # CPU intra-op threads; None = torch's default
+    workload: Workload = field(default_factory=Workload)
     # Speed switches (lungbench.step; "auto"/None = the device's measured fast default,
     # resolved per device; records hold what ran and the fallbacks, if any).
-    dtype: str = "auto"
-    memory_format: str = "auto"
-    compile: str = "auto"
-    tf32: bool | None = None
-    cudnn_benchmark: bool | None = None
-    optimizer: str = "auto"
-    cuda_graphs: bool | None = None
-    ddp_bucket_mb: int = 25
+    switches: Switches = field(default_factory=auto_switches)
     strict_switches: tuple[str, ...] = ()  # switches the user forced: UsageError, no fallback
-    warmup: int = 3
-    repeats: int = 10
-    epoch: bool = True  # also time one end-to-end epoch through the DataLoader
-    epoch_samples: int | None = None  # None = the store's training split
+    protocol: Protocol = field(default_factory=Protocol)
     num_workers: int = 0
     pin_memory: bool | None = None  # None = on for CUDA devices
-    cache: bool = False  # decode the store once into shared memory (lungbench.measure.loader)
-    seed: int = 0
+    cache: bool = False  # decode the store once into shared memory (lungbench.data.loader)
 
     def key(self) -> str:
         """Identifies the configuration (for resuming and comparing runs)."""
+        w, sw = self.workload, self.switches
         return (
-            f"{self.model}|{self.preset}|f{self.filters}|b{self.batch_size}|{self.device}"
-            f"|t{self.threads}|{self.dtype}|{self.memory_format}|{self.compile}"
+            f"{w.model}|{w.preset}|f{w.filters}|b{w.batch_size}|{w.device}"
+            f"|t{w.threads}|{sw.dtype}|{sw.memory_format}|{sw.compile}"
         )
 
-    def model_kwargs(self) -> dict[str, Any]:
-        return {"preset": self.preset, "filters": self.filters}
+    def with_workload(self, **changes: Any) -> BenchConfig:
+        """The same configuration with some workload fields changed."""
+        return replace(self, workload=replace(self.workload, **changes))
+
+    def record_fields(self) -> dict[str, Any]:
+        """The configuration as flat record fields (model, ..., dtype, ..., warmup, ...)."""
+        return {
+            **asdict(self.workload),
+            **asdict(self.switches),
+            "strict_switches": self.strict_switches,
+            **asdict(self.protocol),
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "cache": self.cache,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> BenchConfig:
+        """The configuration a record was measured with (fields it lacks keep defaults)."""
+
+        def part(kind: type, default: Any) -> Any:
+            names = {f.name for f in fields(kind)}
+            return replace(default, **{k: v for k, v in record.items() if k in names})
+
+        return cls(
+            workload=part(Workload, Workload()),
+            switches=part(Switches, auto_switches()),
+            strict_switches=tuple(record.get("strict_switches") or ()),  # JSON has no tuples
+            protocol=part(Protocol, Protocol()),
+            **{k: record[k] for k in ("num_workers", "pin_memory", "cache") if k in record},
+        )
 
 
 @dataclass(frozen=True)
@@ -102,7 +125,7 @@ class SweepSpec:
     def expand(self) -> list[BenchConfig]:
         """Configurations in run order: device, threads, filters, then batch size."""
         return [
-            replace(self.base, device=d, threads=t, filters=f, batch_size=b)
+            self.base.with_workload(device=d, threads=t, filters=f, batch_size=b)
             for d, t, f, b in itertools.product(
                 self.devices, self.threads, self.filters, self.batch_sizes
             )
@@ -125,17 +148,14 @@ def synthetic_batch(
     info: StoreInfo, batch: int, device: torch.device, seed: int
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Random inputs with the store's shapes and random 0/1 targets, resident on `device`."""
-    g = torch.Generator().manual_seed(seed)
-    inputs = [torch.rand((batch, *shape), generator=g).to(device) for shape in info.inputs.values()]
-    target = torch.randint(0, 2, (batch,), generator=g).float().to(device)
-    return inputs, target
+    return random_batch(list(info.inputs.values()), batch, device, seed)
 
 
 def measure_compute(cfg: BenchConfig, info: StoreInfo, device: torch.device) -> dict[str, Any]:
     """Time the training step on resident tensors; FLOPs, FLOP/s and peak memory."""
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, **cfg.model_kwargs()).to(device).train()
-    inputs, target = synthetic_batch(info, cfg.batch_size, device, cfg.seed)
+    w = cfg.workload
+    model = w.build_model(device)
+    inputs, target = w.random_batch(device, shapes=list(info.inputs.values()))
     flops = training_step_flops(model, bce_loss, inputs, target)
     resolved = resolve_switches(cfg, device, inputs[0].dim(), probe=(model, inputs))
     step_fn = TrainStep(model, bce_loss, resolved.switches, device)  # format, compile, optim
@@ -144,7 +164,10 @@ def measure_compute(cfg: BenchConfig, info: StoreInfo, device: torch.device) -> 
     timer = PhaseTimer(device)
     with backend_flags(resolved.switches):
         samples = run_protocol(
-            lambda t: step_fn(t, inputs, target), timer, warmup=cfg.warmup, repeats=cfg.repeats
+            lambda t: step_fn(t, inputs, target),
+            timer,
+            warmup=cfg.protocol.warmup,
+            repeats=cfg.protocol.repeats,
         )
     peak, peak_kind = peak_memory_bytes(device)
     step = summarize(samples[STEP])
@@ -152,7 +175,7 @@ def measure_compute(cfg: BenchConfig, info: StoreInfo, device: torch.device) -> 
         "parameters": sum(p.numel() for p in model.parameters()),
         "flops_per_step": flops,
         "achieved_flops": flops / step.median,
-        "samples_per_s": cfg.batch_size / step.median,
+        "samples_per_s": w.batch_size / step.median,
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
         "noisy": step.noisy,
@@ -168,30 +191,30 @@ def measure_epoch(
     cfg: BenchConfig, dataset: StoreDataset, indices: np.ndarray, device: torch.device
 ) -> dict[str, Any]:
     """Wall time of one training epoch through the DataLoader, data waits measured apart."""
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, **cfg.model_kwargs()).to(device).train()
+    w = cfg.workload
+    model = w.build_model(device)
     # The epoch's last batch may be smaller: CUDA graphs (fixed shapes) stay off here.
     probe = (model, [torch.zeros((1, *s), device=device) for s in dataset.info.inputs.values()])
     resolved = resolve_switches(cfg, device, 5, quiet=True, probe=probe)
     switches = replace(resolved.switches, cuda_graphs=False)
     step_fn = TrainStep(model, bce_loss, switches, device)
-    if cfg.epoch_samples is not None:
-        indices = indices[: cfg.epoch_samples]
+    if cfg.protocol.epoch_samples is not None:
+        indices = indices[: cfg.protocol.epoch_samples]
     if cfg.cache:
         dataset = shared_dataset(dataset.path)  # decoded once, in shared memory
     loader = make_loader(
         dataset,
         LoaderOptions(
-            batch_size=cfg.batch_size,
+            batch_size=w.batch_size,
             num_workers=cfg.num_workers,
             pin_memory=cfg.pin_memory,
-            seed=cfg.seed,
+            seed=w.seed,
         ),
         device,
         indices.tolist(),
     )
     clock = DeviceWaitClock(device)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     clock.start()
     with backend_flags(switches):
@@ -200,7 +223,7 @@ def measure_epoch(
             clock.batch_ready()
             step_fn(NO_TIMER, step_fn.prepare_inputs(inputs), target)
             clock.step_done()
-    _sync(device)  # note: CPU-GPU sync point; the epoch ends when the last kernel does
+    synchronize(device)  # note: CPU-GPU sync point; the epoch ends when the last kernel does
     elapsed = time.perf_counter() - start
     data_wait = clock.seconds()
     return {
@@ -221,11 +244,11 @@ def measure(
     cfg: BenchConfig, info: StoreInfo, dataset: StoreDataset, indices: np.ndarray
 ) -> dict[str, Any]:
     """One configuration's record; failures become a record with status oom / error."""
-    device = parse_device(cfg.device)
-    threads = set_threads(cfg.threads) if device.type == "cpu" else torch.get_num_threads()
+    device = parse_device(cfg.workload.device)
+    threads = set_threads(cfg.workload.threads) if device.type == "cpu" else torch.get_num_threads()
     record: dict[str, Any] = {
         "key": cfg.key(),
-        **asdict(cfg),
+        **cfg.record_fields(),
         "threads_used": threads,
         **SINGLE_PROCESS,
         "status": "ok",
@@ -233,17 +256,17 @@ def measure(
     }
     try:
         record.update(measure_compute(cfg, info, device))
-        if cfg.epoch:
+        if cfg.protocol.epoch:
             record.update(measure_epoch(cfg, dataset, indices, device))
     except (MemoryError, RuntimeError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
         # CUDA says "out of memory", the CPU allocator "can't allocate memory": both oom.
-        record.update(status="oom" if is_oom(exc) else "error", error=_first_line(exc))
+        record.update(status="oom" if is_oom(exc) else "error", error=message_of(exc))
     except LungbenchError:
         raise  # the user's input is wrong (a forced switch, a NaN in the store): stop, exit 2
     except Exception as exc:
         # Any other failure of one configuration is a result too; KeyboardInterrupt and
         # SIGTERM (lungbench.measure.sweep_state.SweepTerminated) are not Exceptions: they stop it.
-        record.update(status="error", error=f"{type(exc).__name__}: {_first_line(exc)}")
+        record.update(status="error", error=f"{type(exc).__name__}: {message_of(exc)}")
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -267,7 +290,7 @@ def run_sweep(
     batch larger than one that ran out of memory (lungbench.measure.sweep_state.SweepState).
     """
     dataset = StoreDataset(info.path)
-    indices = train_split(info, dataset.labels, seed=configs[0].seed if configs else 0)
+    indices = train_split(info, dataset.labels, seed=configs[0].workload.seed if configs else 0)
     records = []
     for cfg in configs:
         if progress is not None:

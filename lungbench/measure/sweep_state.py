@@ -21,7 +21,7 @@ import contextlib
 import os
 import signal
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -95,19 +95,12 @@ def signals_deferred() -> Iterator[None]:
 
 def family_key(cfg: BenchConfig) -> str:
     """The configuration's key with the batch size left out ("the same kind")."""
-    return replace(cfg, batch_size=0).key()
+    return cfg.with_workload(batch_size=0).key()
 
 
 def config_from_record(record: Mapping[str, Any]) -> BenchConfig:
     """Rebuild the BenchConfig a record was measured with (fields it lacks keep defaults)."""
-    names = {f.name for f in fields(BenchConfig)}
-    values = {k: v for k, v in record.items() if k in names}
-    for name in ("threads",):  # JSON has no None-vs-missing ambiguity, but keep the type
-        if name in values and values[name] is not None:
-            values[name] = int(values[name])
-    if isinstance(values.get("strict_switches"), list):  # JSON has no tuples
-        values["strict_switches"] = tuple(values["strict_switches"])
-    return BenchConfig(**values)
+    return BenchConfig.from_record(record)
 
 
 @dataclass
@@ -133,7 +126,8 @@ class SweepState:
             cfg = config_from_record(record)
             family = family_key(cfg)
             known = self.oom_batch.get(family)
-            self.oom_batch[family] = min(cfg.batch_size, known or cfg.batch_size)
+            batch = cfg.workload.batch_size
+            self.oom_batch[family] = min(batch, known or batch)
 
     def pending(self, configs: Sequence[BenchConfig]) -> list[BenchConfig]:
         """The configurations not measured yet, in sweep order."""
@@ -142,13 +136,13 @@ class SweepState:
     def skip_record(self, cfg: BenchConfig) -> dict[str, Any] | None:
         """A 'skipped' record if a smaller batch of the same kind ran out of memory."""
         limit = self.oom_batch.get(family_key(cfg))
-        if limit is None or cfg.batch_size <= limit:
+        if limit is None or cfg.workload.batch_size <= limit:
             return None
         reason = f"skipped: batch {limit} of the same configuration ran out of memory"
-        threads = cfg.threads or torch.get_num_threads()
+        threads = cfg.workload.threads or torch.get_num_threads()
         return {
             "key": cfg.key(),
-            **asdict(cfg),
+            **cfg.record_fields(),
             "threads_used": threads,
             "status": "skipped",
             "error": reason,

@@ -31,6 +31,10 @@ from typing import Any, Protocol
 
 import psutil
 
+from lungbench.core.errors import message_of
+from lungbench.measure.workload import Protocol as TimingProtocol
+from lungbench.measure.workload import Workload
+
 POWERCAP = Path("/sys/class/powercap")
 
 
@@ -156,14 +160,14 @@ class NvmlSource:
         try:
             pynvml.nvmlInit()
         except Exception as exc:  # no driver / library: a recorded fact, not an error
-            return None, f"unavailable: {_first_line(exc)}"
+            return None, f"unavailable: {message_of(exc)}"
         try:
             count = pynvml.nvmlDeviceGetCount()
             wanted = range(count) if indices is None else [i for i in indices if i < count]
             handles = [(i, pynvml.nvmlDeviceGetHandleByIndex(i)) for i in wanted]
         except Exception as exc:
             pynvml.nvmlShutdown()
-            return None, f"unavailable: {_first_line(exc)}"
+            return None, f"unavailable: {message_of(exc)}"
         if not handles:
             pynvml.nvmlShutdown()
             return None, f"unavailable: no GPU to watch ({count} visible to NVML)"
@@ -307,7 +311,7 @@ class TelemetrySampler:
             except Exception as exc:  # a source that fails mid-run is dropped, and says why
                 self._readers.remove(reader)
                 name = {RaplSource: "rapl", NvmlSource: "nvml"}.get(type(reader), "psutil")
-                self.sources[name] = f"failed during sampling: {_first_line(exc)}"
+                self.sources[name] = f"failed during sampling: {message_of(exc)}"
         self.samples.append(row)
 
     # -- results
@@ -426,11 +430,6 @@ def _max(values: Iterable[Any]) -> float | None:
     return max(kept) if kept else None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "zone"
 
@@ -438,10 +437,8 @@ def _slug(text: str) -> str:
 class MeasuredConfig(Protocol):
     """What SweepMonitor needs of a configuration (lungbench.measure.sweep.BenchConfig has it)."""
 
-    device: str
-    batch_size: int
-    warmup: int
-    repeats: int
+    workload: Workload
+    protocol: TimingProtocol
 
     def key(self) -> str: ...
 
@@ -511,7 +508,9 @@ class SweepMonitor:
         the series is named after the record's key. `per_sample=False` leaves out the energy
         per sample (a DDP record: this process sees its own GPU, not every rank's)."""
         sampler = TelemetrySampler(
-            self.interval_s, gpus=nvml_indices(device or cfg.device), powercap=self.powercap
+            self.interval_s,
+            gpus=nvml_indices(device or cfg.workload.device),
+            powercap=self.powercap,
         )
         with sampler:
             record = run()
@@ -519,7 +518,8 @@ class SweepMonitor:
         path = sampler.write_csv(self.folder / f"{file_name(key)}.csv")
         items = None
         if per_sample and record.get("status", "ok") == "ok":
-            items = cfg.batch_size * (1 + cfg.warmup + cfg.repeats)
+            protocol = cfg.protocol
+            items = cfg.workload.batch_size * (1 + protocol.warmup + protocol.repeats)
             items += int(record.get("epoch_samples") or 0)
         summary = sampler.summary(items)
         sources = summary.pop("sources")

@@ -7,6 +7,7 @@ built-in architecture.
 from lungbench.models.registry import (
     create_model,
     example_input_shapes,
+    input_shapes,
     list_models,
     model_builder,
     register_model,
@@ -20,6 +21,7 @@ from lungbench.models import backbones  # noqa: E402,F401  isort: skip
 __all__ = [
     "create_model",
     "example_input_shapes",
+    "input_shapes",
     "list_models",
     "model_builder",
     "register_model",

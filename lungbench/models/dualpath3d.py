@@ -11,6 +11,7 @@ Shapes: context (B, 1, *grid), zoom (B, 1, *zoom_grid) -> logits (B, out_channel
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,7 +96,13 @@ class DualPath3D(nn.Module):
         return self.head(features)
 
 
-@register_model(inputs=((1, 33, 34, 35), (1, 33, 34, 35)))
+def _cube_shapes(preset: str = "default", **_: Any) -> list[tuple[int, ...]]:
+    """Per-sample (C, D, H, W) of the context and zoom cubes of a geometry preset."""
+    geo = geometry(preset)
+    return [(1, *geo.context_grid), (1, *geo.zoom_grid)]
+
+
+@register_model(inputs=((1, 33, 34, 35), (1, 33, 34, 35)), shapes=_cube_shapes)
 def dualpath3d(
     preset: str = "default",
     filters: int = 8,

@@ -15,9 +15,7 @@ import pandas as pd
 import torch
 
 from lungbench.core.errors import UsageError, look_up_option
-
-OPTIMIZERS = ("adam", "sgd", "adadelta")
-
+from lungbench.step import OPTIMIZERS
 
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 

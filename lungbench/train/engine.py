@@ -50,10 +50,11 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from lungbench.core.device import parse_device
 from lungbench.core.errors import LungbenchError, UsageError
 from lungbench.data.transforms import sample_key
-from lungbench.distributed.group import DistContext, all_gather, single_process
-from lungbench.step import NO_TIMER, Switches, TrainStep, autocast
+from lungbench.distributed.group import DistContext, all_gather, single_process, wrap_model
+from lungbench.step import NO_TIMER, Switches, TrainStep, autocast, make_optimizer
 from lungbench.train.checkpoint import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
@@ -95,16 +96,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-    return torch.optim.Adadelta(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
@@ -433,7 +424,7 @@ def fit(
             metrics added to each history row as `val_<name>`.
     """
     dist = dist or single_process(config.device)
-    device = dist.device if dist.is_distributed else _device(config.device)
+    device = dist.device if dist.is_distributed else parse_device(config.device, what="device")
     run_dir = Path(run_dir) if run_dir is not None and dist.is_main else None
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -446,13 +437,18 @@ def fit(
     model = model.to(device)
     core = model
     if dist.is_distributed:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+        model = wrap_model(model, dist)
     steps_per_epoch = math.ceil(
         len(epoch_order(len(train_ds), 0, config, dist, True)) / config.batch_size
     )
-    optimizer = make_optimizer(core.parameters(), config)
+    optimizer = make_optimizer(
+        core.parameters(),
+        Switches(),
+        config.lr,
+        name=config.optimizer,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     step = TrainStep(
         model,
@@ -523,16 +519,6 @@ def fit(
     return _result(
         state, config, time.perf_counter() - start, run.memory, best_path, last_path, stopped_early
     )
-
-
-def _device(text: str) -> torch.device:
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise UsageError(f"device {text!r}: not a device; choose from: cpu, cuda, cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {text!r}: no CUDA device on this machine; choose from: cpu")
-    return device
 
 
 def _train_epoch(run: _Run, train_ds: Dataset, state: _State, stop: dict) -> dict | None:

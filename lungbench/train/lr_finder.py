@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lungbench.core.errors import UsageError
-from lungbench.step import NO_TIMER, Switches, TrainStep
+from lungbench.step import NO_TIMER, Switches, TrainStep, make_optimizer
 from lungbench.train.metrics import default_loss
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -68,7 +68,9 @@ def find_lr(
     torch.manual_seed(seed)
     model = model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(params, optimizer, start_lr)
+    if not params:
+        raise UsageError("LR finder: the model has no trainable parameters")
+    opt = make_optimizer(params, Switches(), start_lr, name=optimizer)
     # The training engine's step (lungbench.step.TrainStep), eager FP32, this optimizer.
     train_step = TrainStep(model, loss_fn, Switches(), torch.device(device), optimizer=opt)
 
@@ -145,16 +147,6 @@ def lr_finder_figure(result: LRFinderResult, title: str = "LR finder"):
     ax.set_title(title)
     ax.legend()
     return fig
-
-
-def _optimizer(params, name: str, lr: float) -> torch.optim.Optimizer:
-    if not params:
-        raise UsageError("LR finder: the model has no trainable parameters")
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    if name == "adadelta":
-        return torch.optim.Adadelta(params, lr=lr)
-    return torch.optim.Adam(params, lr=lr)
 
 
 def _cycle(loader: DataLoader):

@@ -1,0 +1,92 @@
+"""Layer 6 (measure): the workload of one measurement and the protocol that measures it.
+
+A `Workload` says what is trained: the model and its options, the batch, the device, the
+CPU threads and the seed; its input shapes come from the model registry's hook
+(lungbench.models.input_shapes: the preset's cube grids for the two-path model). Every
+measuring config composes one with the step's `Switches` (lungbench.step) and, for timing,
+a `Protocol`:
+
+    cfg = BenchConfig(Workload(filters=16, batch_size=2), auto_switches(), Protocol(repeats=20))
+    model = cfg.workload.build_model(device)
+    inputs, target = cfg.workload.random_batch(device)
+
+Records keep the fields flat (model, preset, filters, batch_size, ..., warmup, repeats, ...),
+as lungbench 0.1.0 wrote them, so `compare` and `report` read old and new run folders alike.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lungbench.models import create_model, input_shapes, model_builder
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one measurement trains (every field is recorded, flat, with the result)."""
+
+    model: str = "dualpath3d"
+    preset: str = "default"  # the two-path model's cube geometry (lungbench.data.geometry)
+    filters: int = 8  # base width
+    batch_size: int = 2
+    device: str = "cpu"
+    threads: int | None = None  # CPU intra-op threads; None = torch's default
+    seed: int = 0
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The options of this workload that its model's builder takes."""
+        accepted = inspect.signature(model_builder(self.model)).parameters
+        options = {"preset": self.preset, "filters": self.filters}
+        return {k: v for k, v in options.items() if k in accepted}
+
+    def input_shapes(self, batch: int | None = None) -> list[tuple[int, ...]]:
+        """Batched input shapes, one per forward argument, from the registry's hook."""
+        return list(input_shapes(self.model, batch or self.batch_size, **self.model_kwargs()))
+
+    def build_model(self, device: torch.device) -> nn.Module:
+        """The model with the seed's initial weights, on `device`, in training mode."""
+        torch.manual_seed(self.seed)
+        return create_model(self.model, **self.model_kwargs()).to(device).train()
+
+    def random_batch(
+        self,
+        device: torch.device,
+        seed: int | None = None,
+        batch: int | None = None,
+        shapes: Sequence[tuple[int, ...]] | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Random inputs (per-sample `shapes`, default: the registry's) and random 0/1
+        targets, resident on `device`; the same for the same seed."""
+        return random_batch(
+            shapes or [s[1:] for s in self.input_shapes(1)],
+            batch or self.batch_size,
+            device,
+            self.seed if seed is None else seed,
+        )
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a configuration is timed: warm-up steps off the clock, timed repeats, and one
+    end-to-end epoch through the DataLoader (or its first `epoch_samples` samples)."""
+
+    warmup: int = 3
+    repeats: int = 10
+    epoch: bool = True
+    epoch_samples: int | None = None  # None = the store's training split
+
+
+def random_batch(
+    shapes: Sequence[Sequence[int]], batch: int, device: torch.device, seed: int
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The one maker of random batches: inputs of per-sample `shapes` and 0/1 targets."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = [torch.rand((batch, *shape), generator=g).to(device) for shape in shapes]
+    target = torch.randint(0, 2, (batch,), generator=g).float().to(device)
+    return inputs, target
