@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from lungbench import __version__
+from lungbench.core.console import show_progress
 from lungbench.core.errors import LungbenchError, message_of
 
 # Order is the order shown by `lungbench --help`.
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    show_progress()  # progress messages (logging) on stderr; stdout keeps the tables
     try:
         return int(args.func(args) or 0)
     except LungbenchError as exc:

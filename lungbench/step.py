@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import shutil
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -48,6 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lungbench.core.errors import UsageError, look_up_option
+
+_log = logging.getLogger(__name__)  # fallback warnings (the CLI shows them on stderr)
 
 AUTO = "auto"
 
@@ -226,7 +229,7 @@ def resolve(
                 + ", ".join(_show(v) for v in _possible(name, device))
             )
         notes.append(message)
-        (warn or _print_warning)(f"warning: {message}")
+        (warn or _log.warning)(f"warning: {message}")
         chosen = replace(chosen, **{name: value})
 
     cuda = device.type == "cuda"
@@ -318,11 +321,6 @@ def _show(value: Any) -> str:
         {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
     )
 
-
-def _print_warning(message: str) -> None:
-    import sys
-
-    print(message, file=sys.stderr)
 
 
 def torch_memory_format(name: str, ndim: int) -> torch.memory_format:
@@ -614,8 +612,6 @@ def resolve_switches(
 # Switches that exist on CUDA only: forced in a sweep over CPU and CUDA devices, they apply
 # to the CUDA rows and fall back with a warning on the CPU rows (the thesis's CPU vs GPU table).
 CUDA_ONLY_SWITCHES = ("tf32", "cudnn_benchmark", "cuda_graphs")
-
-
 
 
 def check_switches(request: Any, devices: Sequence[str]) -> None:

@@ -52,7 +52,7 @@ def test_compile_rung_is_last_when_asked():
 
 @pytest.fixture(scope="module")
 def records():
-    return run_ablation(TINY, log=lambda text: None)
+    return run_ablation(TINY)
 
 
 def test_every_variant_is_timed_in_every_round_and_passes_accuracy(records):

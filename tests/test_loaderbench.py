@@ -81,9 +81,7 @@ def test_loader_benchmark_produces_its_figures(tiny_store):
             LoaderOptions(batch_size=4, cache=True, augment="flips", augment_on="device"),
         ),
     ]
-    records, table = run_loader_bench(
-        tiny_store, CPU, variants, samples=12, step_rate=10.0, log=lambda text: None
-    )
+    records, table = run_loader_bench(tiny_store, CPU, variants, samples=12, step_rate=10.0)
     assert [r["variant"] for r in records] == [v.name for v in variants]
     for r in records:
         assert r["samples"] == 12 and r["samples_per_s"] > 0 and r["startup_s"] >= 0

@@ -49,7 +49,7 @@ def bench_run(tmp_path_factory, tiny_store):
             out=out,
             run_id="bench-tiny",
         )
-        run = speedup.run_bench(request, log=lambda _: None).run_dir
+        run = speedup.run_bench(request).run_dir
     finally:
         speedup.measure_peaks = saved
     (run / "telemetry").mkdir(exist_ok=True)

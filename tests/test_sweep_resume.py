@@ -136,7 +136,7 @@ def test_planted_oom_is_recorded_and_larger_batches_skipped(
     tmp_path, tiny_store, probe_model, planted
 ):
     model = probe_model(f"oom_probe3d_{planted.__name__}", planted)
-    result = run_bench(_request(tmp_path, tiny_store, model, "oom"), log=lambda _: None)
+    result = run_bench(_request(tmp_path, tiny_store, model, "oom"))
     status = {(r["filters"], r["batch_size"]): r["status"] for r in result.records}
     assert status == {
         (2, 1): "ok",
@@ -158,9 +158,7 @@ def test_planted_oom_is_recorded_and_larger_batches_skipped(
 
 def test_other_errors_are_recorded_and_the_sweep_goes_on(tmp_path, tiny_store, probe_model):
     model = probe_model("error_probe3d", _error_at_filters_4)
-    result = run_bench(
-        _request(tmp_path, tiny_store, model, "err", batch_sizes=(1, 2)), log=lambda _: None
-    )
+    result = run_bench(_request(tmp_path, tiny_store, model, "err", batch_sizes=(1, 2)))
     failed = [r for r in result.records if r["status"] != "ok"]
     assert [(r["filters"], r["batch_size"], r["status"]) for r in failed] == [(4, 2, "error")]
     assert failed[0]["error"] == "ValueError: planted failure"

@@ -5,7 +5,6 @@ the data path (issue 8). Parsing only: the work is in lungbench.step, .ablation,
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -252,7 +251,7 @@ def run_ablation_cli(args: argparse.Namespace) -> int:
         for f in filters
         for b in batches
     ]
-    run_dir, records, text = run_ablation_bench(configs, Path(args.out), args.run_id, log=_log)
+    run_dir, records, text = run_ablation_bench(configs, Path(args.out), args.run_id)
     print(text)
     print(f"\nresults: {run_dir}")
     return 0
@@ -290,7 +289,7 @@ def run_loader_cli(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     validate(request)
-    info = prepare_store(request, _log)
+    info = prepare_store(request)
     filters, batches = _reference(args)
     run_dir, text = run_loader_run(
         info.path,
@@ -303,12 +302,7 @@ def run_loader_cli(args: argparse.Namespace) -> int:
         samples=args.loader_samples,
         out=Path(args.out),
         run_id=args.run_id,
-        log=_log,
     )
     print(text)
     print(f"\nresults: {run_dir}")
     return 0
-
-
-def _log(text: str) -> None:
-    print(text, file=sys.stderr)

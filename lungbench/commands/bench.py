@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from lungbench.commands._args import add_dist_timeout, non_negative_int, positive_int
@@ -228,7 +227,6 @@ def _run(args: argparse.Namespace) -> int:
     try:
         result = run_bench(
             request,
-            log=lambda text: print(text, file=sys.stderr),
             resume=resume,
             dist=dist,
             ddp=ddp,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from lungbench.commands._args import add_dist_timeout, non_negative_int, positive_int
@@ -140,7 +139,6 @@ def _run(args: argparse.Namespace) -> int:
             cfg,
             Path(args.out),
             args.run_id,
-            log=lambda text: print(text, file=sys.stderr) if dist.is_main else None,
             dist=dist,
         )
     finally:

@@ -38,6 +38,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from lungbench.core.console import quiet_unless_main
 from lungbench.core.errors import LungbenchError, UsageError, look_up_option, message_of
 from lungbench.distributed.launch import LaunchInfo, resolve_launch
 
@@ -175,6 +176,7 @@ def init_distributed(
     master = f"{info.master_addr}:{info.master_port}"
     with rendezvous_watchdog(info, master, timeout_s):
         _join(info, backend, dev, timeout_s, master)
+    quiet_unless_main(info.rank == 0)  # rank 0 alone reports progress
     return DistContext(
         rank=info.rank,
         world_size=info.world_size,

@@ -24,6 +24,7 @@ made; a run that fails later is marked "failed" in run.json.
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -47,6 +48,8 @@ from lungbench.train.engine import fit, predict
 from lungbench.train.losses import WeightedBCE
 from lungbench.train.metrics import classification_metrics
 from lungbench.train.transfer import Method
+
+log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 NAME = "chestxray"
 HELP = "seed 004: transfer methods A-D x pretrained weights, weighted BCE, 5-fold CV, costs"
@@ -354,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
         kwargs = c2d.model_kwargs(cfg.model, in_channels, len(columns), cfg.dropout)
         c2d.check_weights(cfg.model, kwargs, cfg.weights)
     run_dir = c3d.start_run(args.out, args.run_id, {"chestxray": asdict(cfg)})
-    c3d.log(f"config: {cfg}")
+    log.info(f"config: {cfg}")
     with c3d.marking_run(run_dir, _data_note(cfg)):  # a later failure marks the run "failed"
         _experiment(cfg, methods, run_dir)
     print(f"\nresults: {run_dir}")
@@ -362,8 +365,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _experiment(cfg: ChestXrayConfig, methods: list[Method], run_dir: Path) -> None:
-    log = c3d.log
-    store = _store(cfg, run_dir, log)
+    store = _store(cfg, run_dir)
     info = _check_store(store)
     columns = c2d.select_labels(info.label_names, cfg.labels, str(store))
     dataset = c2d.LabelColumns(StoreDataset(store, cache=True), columns)
@@ -372,15 +374,13 @@ def _experiment(cfg: ChestXrayConfig, methods: list[Method], run_dir: Path) -> N
     sample_shape = info.inputs["image"]
     note = _data_note(cfg)
     if cfg.cost_only:
-        tables = {
-            m: cost_table(m, cfg, dataset, labels, sample_shape, log) for m in cfg.cost_models
-        }
+        tables = {m: cost_table(m, cfg, dataset, labels, sample_shape) for m in cfg.cost_models}
         for model_name, table in tables.items():
-            _write_cost(run_dir, model_name, table, cfg, note, log)
+            _write_cost(run_dir, model_name, table, cfg, note)
         finish_run(run_dir, data=note)
         return
     splits = _splits(labels, cfg)
-    sources = list(cfg.weights) or [_pretrain(cfg, run_dir, sample_shape, log)]
+    sources = list(cfg.weights) or [_pretrain(cfg, run_dir, sample_shape)]
     folds = cross_validate(cfg, dataset, labels, sample_shape, methods, sources, splits, run_dir)
     write_table(run_dir, "folds", folds, index=False)
     shown = [m.label for m in methods if m.name != "D"]
@@ -399,8 +399,8 @@ def _experiment(cfg: ChestXrayConfig, methods: list[Method], run_dir: Path) -> N
             f"\n{title} on the test folds, {cfg.model}, {cfg.folds}-fold CV, "
             f"labels {', '.join(names)} ({note}):\n{markdown(table)}"
         )
-    cost = cost_table(cfg.model, cfg, dataset, labels, sample_shape, log, methods)
-    _write_cost(run_dir, cfg.model, cost, cfg, note, log)
+    cost = cost_table(cfg.model, cfg, dataset, labels, sample_shape, methods)
+    _write_cost(run_dir, cfg.model, cost, cfg, note)
     finish_run(run_dir, data=note)
 
 
@@ -452,7 +452,7 @@ def _data_note(cfg: ChestXrayConfig) -> str:
     return "generated chest X-rays (not ChestX-ray8)" if cfg.generated else str(cfg.store)
 
 
-def _store(cfg: ChestXrayConfig, run_dir: Path, log) -> Path:
+def _store(cfg: ChestXrayConfig, run_dir: Path) -> Path:
     if cfg.store is not None:
         return Path(cfg.store)
     from lungbench.data.synth2d import write_chestxray_store
@@ -462,11 +462,11 @@ def _store(cfg: ChestXrayConfig, run_dir: Path, log) -> Path:
         write_chestxray_store(
             path, cfg.n, seed=cfg.train.seed, size=cfg.image_size, progress=bar.update
         )
-    log(f"data: {cfg.n} generated chest X-rays, {cfg.image_size}x{cfg.image_size} -> {path}")
+    log.info(f"data: {cfg.n} generated chest X-rays, {cfg.image_size}x{cfg.image_size} -> {path}")
     return path
 
 
-def _pretrain(cfg: ChestXrayConfig, run_dir: Path, sample_shape, log) -> tuple[str, str]:
+def _pretrain(cfg: ChestXrayConfig, run_dir: Path, sample_shape) -> tuple[str, str]:
     """No --weights: pretrain on generated nodule slices (a weight chain's first link)."""
     from lungbench.data.synth2d import write_nodule2d_store
 
@@ -477,7 +477,7 @@ def _pretrain(cfg: ChestXrayConfig, run_dir: Path, sample_shape, log) -> tuple[s
     val = max(2, n // 10)
     kwargs = c2d.model_kwargs(cfg.model, sample_shape[0], 1, cfg.dropout)
     built = c2d.build_transfer_model(cfg.model, kwargs, Method("D"), None, cfg.train.seed)
-    log(
+    log.info(
         f"pretraining {cfg.model} on {n} generated nodule slices for {cfg.pretrain_epochs} "
         "epoch(s) (no --weights given)"
     )
@@ -590,7 +590,6 @@ def cost_table(
     dataset,
     labels: np.ndarray,
     sample_shape,
-    log,
     methods: list[Method] | None = None,
 ) -> pd.DataFrame:
     """Time training per method on the same `cost_samples` images (the seed's layout).
@@ -647,7 +646,7 @@ def cost_table(
         for m, b, secs, peak in zip(unique, built, seconds, peaks, strict=True)
     ]
     for row in rows:
-        log(
+        log.info(
             f"cost {model_name} {row['method']}: {row['time_per_epoch_s']:.2f} s/epoch, "
             f"{row['trainable_parameters']:,} trainable"
         )
@@ -655,7 +654,7 @@ def cost_table(
 
 
 def _write_cost(
-    run_dir: Path, model_name: str, table: pd.DataFrame, cfg: ChestXrayConfig, note: str, log
+    run_dir: Path, model_name: str, table: pd.DataFrame, cfg: ChestXrayConfig, note: str
 ) -> None:
     write_table(run_dir, f"cost_{model_name}", table, index=False)
     append_record(

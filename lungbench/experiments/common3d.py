@@ -7,6 +7,7 @@ under OUT/data/, store checks (kind, inputs, grid), and the run-folder preamble.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -24,13 +25,10 @@ from lungbench.data.store import StoreDataset, StoreInfo
 from lungbench.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from lungbench.train.engine import TrainingInterrupted
 
+log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
+
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "patience")
 CACHE_LIMIT_BYTES = 1 << 30  # keep a split in memory when it is smaller than this
-
-
-def log(text: str) -> None:
-    """Progress messages go to stderr; stdout keeps the result tables."""
-    print(text, file=sys.stderr, flush=True)
 
 
 def add_train_arguments(
@@ -156,7 +154,7 @@ def cached_store(out: Path, name: str, n: int, make: Callable[[Path, Callable], 
     """OUT/data/NAME.h5, generated once with `make(path, progress)` and reused later."""
     path = Path(out) / "data" / f"{name}.h5"
     if not path.exists():
-        log(f"generating {n} samples into {path} (generated data; reused by later runs)")
+        log.info(f"generating {n} samples into {path} (generated data; reused by later runs)")
         with tqdm(total=n, desc="generate data", unit="sample", file=sys.stderr) as bar:
             make(path, bar.update)
     return path
@@ -207,7 +205,7 @@ def start_run(out: str | Path, run_id: str | None, config: Mapping[str, Any]) ->
     run_dir = create_run_dir(out, "train", run_id)
     write_json(run_dir / "config.json", config)
     write_json(run_dir / "environment.json", environment_record())
-    log(f"run folder {run_dir}")
+    log.info(f"run folder {run_dir}")
     return run_dir
 
 

@@ -19,6 +19,7 @@ Default data: a generated LIDC-like store (lungbench.data.synth), cached in OUT/
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,13 +43,14 @@ from lungbench.distributed.group import (
     single_process,
 )
 from lungbench.experiments import common3d
-from lungbench.experiments.common3d import log
 from lungbench.measure.sweep import default_store_path
 from lungbench.models import create_model
 from lungbench.report.training import loss_curves_plot, roc_plot
 from lungbench.train.checkpoint import load_resume_checkpoint
 from lungbench.train.config import FitResult, TrainConfig
 from lungbench.train.engine import fit, predict
+
+log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 NAME = "lidc-pretrain"
 HELP = "seed 000: pre-train the two-path 3D CNN on LIDC (20%% validation, batch 16)"
@@ -243,7 +245,7 @@ def pretrain(
     labels = read_meta(info.path)["label"]
     train_idx, val_idx = stratified_split(range(info.n), labels, cfg.val_fraction, cfg.train.seed)
     if dist.is_main:
-        log(
+        log.info(
             f"LIDC pre-training: {len(train_idx)} train / {len(val_idx)} validation nodules, "
             f"grid {info.grid}, {MODEL} {cfg.model_kwargs}"
             + (f", DDP x{dist.world_size} ({dist.backend})" if dist.is_distributed else "")
@@ -350,7 +352,7 @@ def _run(args: argparse.Namespace, cfg: PretrainConfig, dist: DistContext) -> in
             "distributed": dist.describe(),
         },
     )
-    log(f"config: {cfg}")
+    log.info(f"config: {cfg}")
     with common3d.marking_run(run_dir, note):
         result = pretrain(cfg, info, run_dir, resume=args.resume, dist=dist)
     finish_run(run_dir, "complete", data=note, best_checkpoint=result.checkpoint)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
@@ -35,13 +36,14 @@ from lungbench.core.runs import finish_run, save_figure, write_table
 from lungbench.data.splits import Split, cv_splits, stored_folds, stratified_kfold
 from lungbench.data.store import StoreInfo, read_meta, write_folds
 from lungbench.experiments import common3d, lidc_pretrain
-from lungbench.experiments.common3d import log
 from lungbench.models import create_model
 from lungbench.report.training import auc_table, confusion_table, loss_curves_plot, roc_plot
 from lungbench.train.checkpoint import load_model_from_checkpoint
 from lungbench.train.config import TrainConfig
 from lungbench.train.engine import fit, predict, seed_everything
 from lungbench.train.metrics import classification_metrics
+
+log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 NAME = "lungx-cv"
 HELP = "seed 000: LUNGx 3-fold CV, LIDC only / w/o / w/ pre-training (AUC table, confusion)"
@@ -209,13 +211,13 @@ def fold_assignment(cfg: CVConfig, info: StoreInfo) -> tuple[np.ndarray, str]:
     if cfg.store is not None:
         folds = stored_folds(info.path, k)
         if folds is not None:
-            log(f"using the {k} folds stored in {info.path} (not --seed)")
+            log.info(f"using the {k} folds stored in {info.path} (not --seed)")
             return folds, f"stored in {info.path}"
     how = f"stratified {k}-fold, seed {seed}"
     folds = stratified_kfold(read_meta(info.path)["label"], k, seed)
     if cfg.write_folds and cfg.store is not None:
         write_folds(info.path, folds, how=how)
-        log(f"saved the folds ({how}) into {info.path}")
+        log.info(f"saved the folds ({how}) into {info.path}")
     return folds, how
 
 
@@ -283,7 +285,7 @@ def cross_validate(
     splits = cv_splits(labels, cfg.folds, cfg.val_fraction, cfg.train.seed, folds=folds)
     predictions, histories, aucs = [], [], {r: [] for r in REGIMES}
     for split in splits:
-        log(
+        log.info(
             f"fold {split.fold + 1}/{cfg.folds}: {len(split.train)} train, {len(split.val)} "
             f"validation, {len(split.test)} test nodules"
         )
@@ -380,7 +382,7 @@ def _pretrain_first(cfg: CVConfig, info: StoreInfo, run_dir: Path) -> str:
     sub = run_dir / "lidc_pretrain"
     (sub / "tables").mkdir(parents=True, exist_ok=True)
     (sub / "plots").mkdir(exist_ok=True)
-    log("no --pretrained checkpoint: pre-training on LIDC first")
+    log.info("no --pretrained checkpoint: pre-training on LIDC first")
     result = lidc_pretrain.pretrain(pcfg, info, sub)
     write_table(run_dir, "pretrain_summary", result.summary)
     return str(result.checkpoint)
@@ -405,7 +407,7 @@ def run(args: argparse.Namespace) -> int:
         args.run_id,
         {"experiment": NAME, "config": cfg, "store": info.path, "data": note, "folds": folds_how},
     )
-    log(f"config: {cfg}")
+    log.info(f"config: {cfg}")
     with common3d.marking_run(run_dir, note):
         pretrained = cfg.pretrained or _pretrain_first(cfg, lidc, run_dir)
         kwargs = kwargs or check_pretrained(pretrained, info)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
@@ -24,7 +25,6 @@ from lungbench.core.runs import finish_run, save_figure, write_table
 from lungbench.data.splits import stratified_split
 from lungbench.data.store import StoreInfo, read_info, read_meta
 from lungbench.experiments import common3d
-from lungbench.experiments.common3d import log
 from lungbench.models import create_model
 from lungbench.models.mosmed3d import KERAS_FILTERS, VARIANTS, keras_parameter_count
 from lungbench.report.training import metric_curves_plot
@@ -32,11 +32,14 @@ from lungbench.train.config import TrainConfig
 from lungbench.train.costs import MIB, estimate_memory
 from lungbench.train.engine import fit, seed_everything
 
+log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
+
 NAME = "mosmed"
 HELP = "seed 002: CT-0 vs CT-2/3 with the MosMed 3D CNN and its six modifications"
 DESCRIPTION = """\
 Seed 002's practical: tell CT-0 from CT-2/3 studies with the Keras "3D image classification
 from CT scans" network (conv blocks 64, 64, 128, 256; global pooling; dense 512; dropout 0.3;
+
 128x128x64 input) and each of its six modifications: dense100 (extra dense 100 + ReLU),
 double_conv (a second conv per level), sigmoid (sigmoid activations), avgpool (average
 pooling), residual (residual blocks), res_inception (residual inception blocks). 30% of the
@@ -250,7 +253,7 @@ def train_variant(
     kwargs = cfg.model_kwargs(variant)
     seed_everything(cfg.train.seed)
     model = create_model(MODEL, **kwargs)
-    log(f"variant {variant}: {keras_parameter_count(model):,} parameters")
+    log.info(f"variant {variant}: {keras_parameter_count(model):,} parameters")
     result = fit(
         model,
         common3d.split_dataset(info, train_idx),
@@ -309,7 +312,7 @@ def compare(cfg: MosmedConfig, info: StoreInfo, run_dir: Path) -> pd.DataFrame:
     """Every variant on one split; writes the table, metrics.csv and the curves."""
     labels = read_meta(info.path)["label"]
     train_idx, val_idx = stratified_split(range(info.n), labels, cfg.val_fraction, cfg.train.seed)
-    log(
+    log.info(
         f"MosMed task: {len(train_idx)} train / {len(val_idx)} validation studies, grid {info.grid}"
     )
     rows, histories = [], {}
@@ -349,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = common3d.start_run(
         args.out, args.run_id, {"experiment": NAME, "config": cfg, "store": info.path, "data": note}
     )
-    log(f"config: {cfg}")
+    log.info(f"config: {cfg}")
     with common3d.marking_run(run_dir, note):
         table = compare(cfg, info, run_dir)
     wall = time.perf_counter() - started

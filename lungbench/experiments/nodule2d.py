@@ -18,6 +18,7 @@ training's checkpoint_best.pt / metrics.csv under train/.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ from lungbench.train.engine import fit, predict
 from lungbench.train.lr_finder import find_lr, lr_finder_figure
 from lungbench.train.transfer import parse_method
 from lungbench.train.tta import DEFAULT_VIEWS, tta_predict
+
+log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 NAME = "nodule2d"
 HELP = "seed 001: 2D nodule crops, LR finder, cosine/one-cycle, rotation aug, TTA, Grad-CAM"
@@ -284,10 +287,10 @@ def _experiment(
         save_figure(run_dir, "lr_finder", lr_finder_figure(sweep, f"LR finder, {cfg.model}"))
         cfg = make_config(args, lr=sweep.suggestion)
         finder = {"suggestion": sweep.suggestion, "lrs": sweep.lrs, "smoothed": sweep.smoothed}
-        c3d.log(f"LR finder suggests {sweep.suggestion:.2e}; training with lr {cfg.train.lr:.2e}")
+        log.info(f"LR finder suggests {sweep.suggestion:.2e}; training with lr {cfg.train.lr:.2e}")
     else:
-        c3d.log(f"--lr {cfg.train.lr:.2e} given: LR finder skipped")
-    c3d.log(f"config: {cfg}")
+        log.info(f"--lr {cfg.train.lr:.2e} given: LR finder skipped")
+    log.info(f"config: {cfg}")
     write_json(run_dir / "config.json", {"nodule2d": asdict(cfg), "lr_finder": finder})
 
     result = fit(

@@ -6,8 +6,8 @@ leaves nothing behind; a run that fails or is interrupted later is marked so in 
 
 from __future__ import annotations
 
+import logging
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,8 @@ from lungbench.models import create_model, list_models
 from lungbench.report.bench_outputs import write_bench_outputs
 from lungbench.report.scaling import write_scaling_outputs
 from lungbench.step import check_switches, switches_of
+
+log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,7 @@ def check_store_fits_model(request: BenchRequest, info: StoreInfo) -> None:
         ) from None
 
 
-def prepare_store(request: BenchRequest, log: Callable[[str], None]) -> StoreInfo:
+def prepare_store(request: BenchRequest) -> StoreInfo:
     """The user's store, or the generated default (made once, then reused from OUT/data/)."""
     if request.store is not None:
         return read_info(request.store)
@@ -175,7 +177,7 @@ def prepare_store(request: BenchRequest, log: Callable[[str], None]) -> StoreInf
     if not path.exists():
         from lungbench.data.synth import write_synthetic_store
 
-        log(f"generating {request.synth_n} LIDC-like nodules into {path} (once; reused later)")
+        log.info(f"generating {request.synth_n} LIDC-like nodules into {path} (once; reused later)")
         with tqdm(total=request.synth_n, desc="generate data", unit="nodule") as bar:
             write_synthetic_store(
                 path,
@@ -204,7 +206,6 @@ def record_peaks(env: dict[str, Any], peaks: dict[str, dict[str, float]]) -> Non
 
 def run_bench(
     request: BenchRequest,
-    log: Callable[[str], None] = print,
     resume: ResumePoint | None = None,
     dist: Any = None,
     ddp: Any = None,
@@ -220,14 +221,14 @@ def run_bench(
     only rank 0 writes.
     """
     if dist is not None and dist.is_distributed:
-        return run_ddp_bench(request, dist, ddp or DDPOptions(), log)
+        return run_ddp_bench(request, dist, ddp or DDPOptions())
     validate(request)
-    info = prepare_store(request, log)
+    info = prepare_store(request)
     configs = request.sweep().expand()
     batch_limits = None
     if request.find_batch:  # the largest batch that fits bounds the sweep
         configs, batch_limits = apply_batch_finder(
-            configs, list(info.inputs.values()), request.max_batch, log
+            configs, list(info.inputs.values()), request.max_batch
         )
     state = SweepState.from_records(resume.records if resume else [])
     pending = state.pending(configs)
@@ -236,7 +237,7 @@ def run_bench(
     else:
         run_dir = resume.run_dir
         start_resume(run_dir)
-        log(
+        log.info(
             f"resuming {run_dir}: {len(configs) - len(pending)} of {len(configs)} "
             "configurations already measured"
         )
@@ -245,9 +246,7 @@ def run_bench(
     # measured or the tables written too, not only during the sweep)
     with (
         stop_on_sigterm(),
-        marking_run(
-            run_dir, on_interrupt=lambda: rebuild_outputs(run_dir, write_bench_outputs, log)
-        ),
+        marking_run(run_dir, on_interrupt=lambda: rebuild_outputs(run_dir, write_bench_outputs)),
     ):
         if batch_limits is not None:
             write_table(run_dir, "max_batch", batch_limits, index=False)
@@ -314,9 +313,7 @@ def _platform(record: dict[str, Any], device: torch.device) -> str:
     return describe_device(device)
 
 
-def run_ddp_bench(
-    request, dist: DistContext, options: DDPOptions, log: Callable[[str], None] = print
-):
+def run_ddp_bench(request, dist: DistContext, options: DDPOptions):
     """`lungbench bench` with several processes: every rank calls it; rank 0 writes the run
     folder and returns the BenchResult with the tables, the others a result without them."""
     validate(request)  # every rank: bad input ends every rank with the same message
@@ -332,7 +329,7 @@ def run_ddp_bench(
         )
     # Rank 0 generates the default data set if it is missing; the others then read it
     # (or, on nodes without a shared file system, generate the same deterministic file).
-    info = prepare_store(request, log) if dist.is_main else None
+    info = prepare_store(request) if dist.is_main else None
     barrier(dist, "waiting for rank 0 to prepare the data set")
     info = info or prepare_store(request, lambda text: None)
     configs = request.sweep().expand()

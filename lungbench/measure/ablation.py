@@ -17,7 +17,8 @@ Output: results/<run-id>/{records.jsonl, tables/ablation.csv|.md, environment.js
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ from lungbench.step import (
     eager_fp32,
     resolve,
 )
+
+log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 # Loss after `accuracy_steps` steps may differ from the eager FP32 baseline by at most this
 # (absolute; the BCE loss starts near 0.69). FP32 variants reorder sums (channels-last
@@ -174,7 +177,6 @@ def accuracy_run(runner: _Runner) -> float:
 def run_ablation(
     cfg: AblationConfig,
     variants: Sequence[Variant] | None = None,
-    log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Measure every variant of `cfg` (default: `ladder()`); one record per variant."""
     from lungbench.core.device import parse_device
@@ -195,10 +197,10 @@ def run_ablation(
 
     runners, losses = [], []
     for variant in variants:
-        log(
+        log.info(
             f"ablation: {variant.name} (accuracy steps{', compiling' if _compiles(variant) else ''})"
         )
-        runner = _make_runner(cfg, variant, init, batches, timing_batch, device, log)
+        runner = _make_runner(cfg, variant, init, batches, timing_batch, device)
         losses.append(accuracy_run(runner))
         runners.append(runner)
     samples = _interleaved(runners, cfg.warmup, cfg.rounds, device)
@@ -212,13 +214,14 @@ def _make_runner(
     batches: list,
     timing_batch: tuple,
     device: torch.device,
-    log: Callable[[str], None],
 ) -> _Runner:
     model = _no_dropout(cfg.workload.build_model(torch.device("cpu")))
     model.load_state_dict(init)
     model = model.to(device).train()
     inputs = timing_batch[0]
-    resolved = resolve(variant.switches, device, inputs[0].dim(), warn=log, probe=(model, inputs))
+    resolved = resolve(
+        variant.switches, device, inputs[0].dim(), warn=log.info, probe=(model, inputs)
+    )
     step = TrainStep(model, bce_loss, resolved.switches, device)
     inputs, target = timing_batch
     return _Runner(variant, resolved, step, batches, (step.prepare_inputs(inputs), target))
@@ -328,7 +331,6 @@ def run_ablation_bench(
     configs: Sequence[AblationConfig],
     out: Path,
     run_id: str | None = None,
-    log: Callable[[str], None] = print,
 ) -> tuple[Path, list[dict[str, Any]], str]:
     """The whole `--ablation` run: one ablation per config, written to a run folder."""
     from lungbench.core.device import parse_device
@@ -356,7 +358,7 @@ def run_ablation_bench(
         records: list[dict[str, Any]] = []
         texts = []
         for i, cfg in enumerate(configs):
-            found = run_ablation(cfg, log=log)
+            found = run_ablation(cfg)
             attach_peaks(found, peaks[cfg.workload.device])
             for record in found:
                 append_record(run_dir, record)

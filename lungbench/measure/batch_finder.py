@@ -20,6 +20,7 @@ batch) exceeds CPU_RAM_FRACTION of the available RAM counts as "does not fit" un
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -31,6 +32,8 @@ from torch import nn
 
 from lungbench.core.errors import is_oom
 from lungbench.step import NO_TIMER, Switches, TrainStep, backend_flags, resolve_switches
+
+log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 # A CPU trial may use at most this share of the available RAM (predicted; see the docstring).
 CPU_RAM_FRACTION = 0.5
@@ -230,17 +233,18 @@ def apply_batch_finder(
     configs: Sequence[Any],
     shapes: Sequence[tuple[int, ...]],
     limit: int | None = None,
-    log: Callable[[str], None] = print,
 ) -> tuple[list[Any], pd.DataFrame]:
     """`--find-batch`: search each family; the capped configs and the table (max_batch)."""
     rows, limits = [], {}
     for cfg in {family(c): c for c in configs}.values():
         w = cfg.workload
-        log(f"find-batch: {w.model} {w.preset} f{w.filters} on {w.device} ({cfg.switches.dtype})")
+        log.info(
+            f"find-batch: {w.model} {w.preset} f{w.filters} on {w.device} ({cfg.switches.dtype})"
+        )
         row = find_for_config(cfg, shapes, limit)
         rows.append(row)
         limits[family(cfg)] = row["max_batch"]
-        log(
+        log.info(
             f"find-batch: largest batch {row['max_batch']}"
             + (
                 f" (limit {row['limit']} reached)"

@@ -22,9 +22,10 @@ waiting for data is flagged `data_bound` in its record.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ from lungbench.data.loader import (
     to_device,
 )
 from lungbench.data.store import read_info
+
+log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 
 @dataclass(frozen=True)
@@ -175,12 +178,11 @@ def run_loader_bench(
     variants: Sequence[LoaderVariant],
     samples: int = 256,
     step_rate: float | None = None,
-    log: Callable[[str], None] = print,
 ) -> tuple[list[dict[str, Any]], pd.DataFrame]:
     """Measure every loader variant; records and the table (vs. `step_rate` samples/s)."""
     records = []
     for variant in variants:
-        log(f"loader: {variant.name}")
+        log.info(f"loader: {variant.name}")
         record = measure_loader(path, variant, device, samples)
         record["step_samples_per_s"] = step_rate
         record["x_step_rate"] = record["samples_per_s"] / step_rate if step_rate else None
@@ -199,7 +201,6 @@ def run_loader_run(
     samples: int,
     out: Path,
     run_id: str | None = None,
-    log: Callable[[str], None] = print,
 ) -> tuple[Path, str]:
     """`lungbench bench --loader`: the loader table next to the step's rate, in a run folder."""
     from lungbench.core.device import parse_device
@@ -218,10 +219,12 @@ def run_loader_run(
     run_dir = create_run_dir(out, "loader", run_id)
     with marking_run(run_dir):  # a failure marks the run "failed", Ctrl-C "interrupted"
         write_json(run_dir / "environment.json", environment_record())
-        log(f"training step: {model} {preset} filters {filters} batch {batch_size} on {device}")
+        log.info(
+            f"training step: {model} {preset} filters {filters} batch {batch_size} on {device}"
+        )
         rate = step_samples_per_s(path, model, preset, filters, batch_size, dev)
         variants = default_variants(batch_size, workers)
-        records, table = run_loader_bench(path, dev, variants, samples, rate, log)
+        records, table = run_loader_bench(path, dev, variants, samples, rate)
         write_json(
             run_dir / "config.json",
             {

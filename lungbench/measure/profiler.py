@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ from lungbench.step import (
     bce_loss,
     resolve_switches,
 )
+
+log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 ACTIVITIES = {"cpu": ProfilerActivity.CPU, "cuda": ProfilerActivity.CUDA}
 
@@ -371,7 +374,6 @@ def run_profile(
     cfg: ProfileConfig,
     out: Path = Path("results"),
     run_id: str | None = None,
-    log: Callable[[str], None] = print,
     dist: DistContext | None = None,
 ) -> ProfileResult | None:
     """Profile `cfg`'s training step and write traces, tables and profile.json.
@@ -423,7 +425,7 @@ def run_profile(
             (run_dir / "traces").mkdir()
         barrier(dist, "waiting for rank 0's run folder")
         trace_dir = run_dir / "traces"
-        log(
+        log.info(
             f"profiling {w.model} f{w.filters} b{w.batch_size} on {device}"
             f"{f' (DDP x{dist.world_size}, {dist.backend})' if dist.is_distributed else ''}: "
             f"{cfg.run_steps} steps, schedule {cfg.schedule}"

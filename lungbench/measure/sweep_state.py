@@ -18,6 +18,7 @@ everything here is derived from it:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,6 +31,8 @@ import torch
 from lungbench.core.errors import DataError, UsageError
 from lungbench.core.runs import RECORDS_FILE, RUN_FILE, read_json, read_records, utc_now, write_json
 from lungbench.measure.sweep import BenchConfig
+
+log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 # Exit codes of a process ended by SIGINT / SIGTERM (128 + signal number), as shells report.
 EXIT_SIGINT = 128 + signal.SIGINT
@@ -248,15 +251,15 @@ def environment_file(run_dir: Path, resumed: bool) -> str:
     return f"environment-resume{n}.json"
 
 
-def rebuild_outputs(run_dir: Path, write_outputs, log=print) -> None:
+def rebuild_outputs(run_dir: Path, write_outputs) -> None:
     """Rebuild tables and plots from records.jsonl after an interruption (never raises
     again: the records are what matters, and a second failure must not hide the first)."""
     records = read_records(run_dir)
     try:
         write_outputs(run_dir, records)
     except Exception as exc:  # the interrupt is the error to report, not this one
-        log(f"could not rebuild the tables of {run_dir}: {exc}")
-    log(
+        log.info(f"could not rebuild the tables of {run_dir}: {exc}")
+    log.info(
         f"interrupted: {len(records)} configuration(s) saved in {run_dir}; continue with: "
         f"lungbench bench --resume {run_dir}"
     )
