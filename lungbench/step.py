@@ -322,7 +322,6 @@ def _show(value: Any) -> str:
     )
 
 
-
 def torch_memory_format(name: str, ndim: int) -> torch.memory_format:
     """The torch memory format for a tensor of rank `ndim` (contiguous for other ranks)."""
     if name == "contiguous" or ndim not in (4, 5):

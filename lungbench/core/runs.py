@@ -20,7 +20,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -172,6 +172,46 @@ def marking_run(
         status = "interrupted" if interrupted else "failed"
         finish_run(run_dir, status, error=message_of(exc), **extra)
         raise
+
+
+@dataclass
+class RunFolder:
+    """An open run folder: its path, and the fields run.json gets when the run completes."""
+
+    path: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def run_folder(
+    out_root: str | os.PathLike,
+    kind: str,
+    run_id: str | None = None,
+    config: Any = None,
+    *,
+    environment: Mapping[str, Any] | None = None,
+    interrupted_by: tuple[type[BaseException], ...] = (KeyboardInterrupt,),
+    on_interrupt: Callable[[], None] | None = None,
+    **extra: Any,
+) -> Iterator[RunFolder]:
+    """The whole life of a run folder in one block: create OUT/<run-id>/, write config.json
+    and environment.json (when given), and mark run.json "complete" (with `summary`) when the
+    block ends, "interrupted" or "failed" when it raises (marking_run); `extra` goes into
+    run.json either way.
+
+        with run_folder(out, "ablation", run_id, config, environment=env) as run:
+            ...                              # write records and tables into run.path
+            run.summary["wall_s"] = wall     # into run.json on completion
+    """
+    path = create_run_dir(out_root, kind, run_id)
+    run = RunFolder(path)
+    with marking_run(path, interrupted_by, on_interrupt, **extra):
+        if config is not None:
+            write_json(path / "config.json", config)
+        if environment is not None:
+            write_json(path / "environment.json", environment)
+        yield run
+    finish_run(path, "complete", **extra, **run.summary)
 
 
 def _plain_markdown(table: pd.DataFrame, index: bool) -> str:

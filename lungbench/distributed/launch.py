@@ -8,6 +8,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import hostlist
+
 from lungbench.core.errors import UsageError, look_up_option
 
 LAUNCHERS = ("torchrun", "mpi", "slurm", "none")
@@ -39,64 +41,14 @@ def parse_nodelist(text: str) -> list[str]:
     """Expand a SLURM host list: "node[01-03,07]" -> node01 node02 node03 node07,
     "a1,b[2-3]" -> a1 b2 b3, "r[1-2]-n[1-2]" -> r1-n1 r1-n2 r2-n1 r2-n2. Zero padding is kept.
 
-    The same expansion `scontrol show hostnames` does (scontrol is not on every node).
-    Raises ValueError on unbalanced brackets or a bad range.
+    The same expansion `scontrol show hostnames` does (scontrol is not on every node), by
+    python-hostlist (the expander of NSC's SLURM tools). Raises ValueError naming the list
+    on unbalanced brackets or a bad range.
     """
-    hosts: list[str] = []
-    for item in _split_top_level(text.strip()):
-        if item:
-            hosts.extend(_expand_host(item))
-    return hosts
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas outside brackets."""
-    parts, depth, current = [], 0, []
-    for char in text:
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"node list {text!r}: unbalanced ']'")
-        if char == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    if depth != 0:
-        raise ValueError(f"node list {text!r}: unbalanced '['")
-    parts.append("".join(current))
-    return parts
-
-
-def _expand_host(item: str) -> list[str]:
-    """One host pattern (possibly with several bracket groups) -> host names."""
-    match = re.search(r"\[([^\]]*)\]", item)
-    if match is None:
-        return [item]
-    head, tail = item[: match.start()], item[match.end() :]
-    return [
-        head + value + rest
-        for value in _expand_ranges(match.group(1), item)
-        for rest in _expand_host(tail)
-    ]
-
-
-def _expand_ranges(body: str, item: str) -> list[str]:
-    values = []
-    for part in body.split(","):
-        lo, sep, hi = part.partition("-")
-        if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise ValueError(f"node list {item!r}: bad range {part!r}")
-        if not sep:
-            values.append(lo)
-            continue
-        if int(hi) < int(lo):
-            raise ValueError(f"node list {item!r}: range {part!r} runs backwards")
-        width = len(lo)  # "01-03" keeps two digits
-        values.extend(str(i).zfill(width) for i in range(int(lo), int(hi) + 1))
-    return values
+    try:
+        return list(hostlist.expand_hostlist(text.strip()))
+    except hostlist.BadHostlist as exc:
+        raise ValueError(f"node list {text!r}: {exc}") from None
 
 
 def slurm_port(job_id: str | int | None) -> int:

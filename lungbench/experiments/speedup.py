@@ -25,6 +25,7 @@ from lungbench.core.runs import (
     finish_run,
     marking_run,
     read_records,
+    run_folder,
     write_json,
     write_table,
 )
@@ -331,27 +332,25 @@ def run_ddp_bench(request, dist: DistContext, options: DDPOptions):
     # (or, on nodes without a shared file system, generate the same deterministic file).
     info = prepare_store(request) if dist.is_main else None
     barrier(dist, "waiting for rank 0 to prepare the data set")
-    info = info or prepare_store(request, lambda text: None)
+    info = info or prepare_store(request)  # quiet: only rank 0 reports (init_distributed)
     configs = request.sweep().expand()
     hosts = all_gather(dist, socket.gethostname(), "exchanging host names")
     if not dist.is_main:
         run_ddp_sweep(configs, info, dist, options, on_record=lambda r: None)
         return BenchResult(None, [], "")  # type: ignore[arg-type]
 
-    run_dir = create_run_dir(request.out, "bench", request.run_id)
-    with marking_run(run_dir):  # a failure marks the run "failed", Ctrl-C "interrupted"
-        write_json(
-            run_dir / "config.json",
-            {
-                "request": request,
-                "ddp": options,
-                "distributed": dist.describe(),
-                "store": str(info.path),
-                "store_inputs": info.inputs,
-                "store_kind": info.kind,
-                "configs": len(configs),
-            },
-        )
+    config = {
+        "request": request,
+        "ddp": options,
+        "distributed": dist.describe(),
+        "store": str(info.path),
+        "store_inputs": info.inputs,
+        "store_kind": info.kind,
+        "configs": len(configs),
+    }
+    # a failure marks the run "failed", Ctrl-C "interrupted"
+    with run_folder(request.out, "bench", request.run_id, config) as run:
+        run_dir = run.path
         peaks = measure_peaks(tuple(request.devices), request.dtype)
         env = environment_record()
         record_peaks(env, peaks)
@@ -376,5 +375,4 @@ def run_ddp_bench(request, dist: DistContext, options: DDPOptions):
         flat = [{k: v for k, v in r.items() if k != "ranks"} for r in records]
         table_text = write_bench_outputs(run_dir, flat)
         table_text += "\n\n" + write_scaling_outputs(run_dir, records)
-    finish_run(run_dir, "complete")
     return BenchResult(run_dir, records, table_text)

@@ -337,19 +337,18 @@ def run_ablation_bench(
     from lungbench.core.environment import environment_record
     from lungbench.core.runs import (
         append_record,
-        create_run_dir,
-        finish_run,
         markdown,
-        marking_run,
+        run_folder,
         write_json,
         write_table,
     )
 
     for cfg in configs:
         parse_device(cfg.workload.device)
-    run_dir = create_run_dir(out, "ablation", run_id)
-    with marking_run(run_dir):  # a failure marks the run "failed", Ctrl-C "interrupted"
-        write_json(run_dir / "config.json", {"ablation": list(configs), "tolerance": TOLERANCE})
+    config = {"ablation": list(configs), "tolerance": TOLERANCE}
+    # a failure marks the run "failed", Ctrl-C "interrupted"
+    with run_folder(out, "ablation", run_id, config) as run:
+        run_dir = run.path
         env = environment_record()
         devices = dict.fromkeys(c.workload.device for c in configs)
         peaks = {d: device_peaks(parse_device(d)) for d in devices}
@@ -374,7 +373,6 @@ def run_ablation_bench(
                 f"{found[0]['loss_initial']:.4f} to {found[0]['loss_after_n']:.4f})\n"
                 + markdown(table)
             )
-    finish_run(run_dir, "complete")
     return run_dir, records, "\n\n".join(texts)
 
 

@@ -207,18 +207,16 @@ def run_loader_run(
     from lungbench.core.environment import environment_record
     from lungbench.core.runs import (
         append_record,
-        create_run_dir,
-        finish_run,
         markdown,
-        marking_run,
+        run_folder,
         write_json,
         write_table,
     )
 
     dev = parse_device(device)
-    run_dir = create_run_dir(out, "loader", run_id)
-    with marking_run(run_dir):  # a failure marks the run "failed", Ctrl-C "interrupted"
-        write_json(run_dir / "environment.json", environment_record())
+    # a failure marks the run "failed", Ctrl-C "interrupted"
+    with run_folder(out, "loader", run_id, environment=environment_record()) as run:
+        run_dir = run.path
         log.info(
             f"training step: {model} {preset} filters {filters} batch {batch_size} on {device}"
         )
@@ -241,7 +239,6 @@ def run_loader_run(
         for record in records:
             append_record(run_dir, record)
         write_table(run_dir, "loader", table)
-    finish_run(run_dir, "complete")
     text = (
         f"training step (compute only, fast defaults): {rate:.1f} samples/s; loader "
         f"goal: >= {5 * rate:.1f} samples/s (5x)\n" + markdown(table)

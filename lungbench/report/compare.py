@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from lungbench.report.runview import RunView
 
@@ -111,17 +112,30 @@ def bootstrap_ratio_ci(
     confidence: float = DEFAULT_CONFIDENCE,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of median(b) / median(a), resampling both samples."""
+    """Percentile bootstrap interval of median(b) / median(a), resampling both samples
+    independently (scipy.stats.bootstrap). A one-sample side has nothing to resample: the
+    interval is then the point ratio (a caller must not read it as a verdict)."""
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if x.size == 0 or y.size == 0:
         raise ValueError("bootstrap needs at least one sample on each side")
-    rng = np.random.default_rng(seed)
-    med_a = np.median(x[rng.integers(0, x.size, (n_boot, x.size))], axis=1)
-    med_b = np.median(y[rng.integers(0, y.size, (n_boot, y.size))], axis=1)
-    ratios = med_b / med_a
-    tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(ratios, [tail, 1.0 - tail])
-    return float(low), float(high)
+    if x.size < 2 or y.size < 2:
+        ratio = float(np.median(y) / np.median(x))
+        return ratio, ratio
+    result = stats.bootstrap(
+        (x, y),
+        _median_ratio,
+        vectorized=True,
+        paired=False,
+        n_resamples=n_boot,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def _median_ratio(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.median(y, axis=axis) / np.median(x, axis=axis)
 
 
 def verdict(ratio: float, low: float | None, high: float | None, threshold: float) -> str:

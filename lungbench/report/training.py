@@ -47,15 +47,20 @@ def confusion_table(
 ) -> pd.DataFrame:
     """Counts with totals in the thesis's layout: predictions in rows, true diagnosis in
     columns. A probability >= `threshold` predicts the second class."""
+    names = list(class_names)
     y_true = np.asarray(y_true).astype(int).reshape(-1)
     y_pred = (np.asarray(y_prob).reshape(-1) >= threshold).astype(int)
-    counts = np.zeros((2, 2), dtype=int)
-    for p, t in zip(y_pred, y_true, strict=True):
-        counts[p, t] += 1
-    names = list(class_names)
-    table = pd.DataFrame(counts, index=[f"Predictions {n}" for n in names], columns=names)
-    table["Total"] = table.sum(axis=1)
-    table.loc["Total"] = table.sum(axis=0)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"{y_true.size} labels but {y_pred.size} probabilities")
+    table = pd.crosstab(
+        pd.Categorical(y_pred, categories=[0, 1]),
+        pd.Categorical(y_true, categories=[0, 1]),
+        margins=True,
+        margins_name="Total",
+        dropna=False,
+    )
+    table.index = [f"Predictions {n}" for n in names] + ["Total"]
+    table.columns = [*names, "Total"]
     table.columns.name = "True diagnosis"
     return table
 
