@@ -1,4 +1,4 @@
-"""lungbench: benchmarking and HPC profiling for deep learning on 3D lung CT.
+"""Layer 0 (root): lungbench: benchmarking and HPC profiling for deep learning on 3D lung CT.
 
 Layer 0: the version string only. The layers, lowest first (an import may only point down;
 tests/test_layers.py checks every import, function-local ones too):

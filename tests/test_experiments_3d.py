@@ -243,21 +243,22 @@ def test_default_pretraining_store_is_on_the_lungx_grid_with_other_nodules(tmp_p
 
     import h5py
 
+    from lungbench.commands.train import lungx_cv as command
     from lungbench.experiments import common3d, lidc_pretrain, lungx_cv
 
     monkeypatch.setitem(lidc_pretrain.QUICK, "synth_n", 6)  # tiny n
     parser = argparse.ArgumentParser()
-    lungx_cv.add_arguments(parser)
+    command.add_arguments(parser)
     args = parser.parse_args(["--quick", "--synth-n", "6", "--out", str(tmp_path)])
-    cfg = lungx_cv.make_config(args)
+    cfg = command.make_config(args)
     lungx = lidc_pretrain.nodule_store(None, 6, "lungx", tmp_path, args.data_seed, "lungx-cv")
-    lidc = lungx_cv.lidc_store(args, cfg, common3d.nodule_preset(lungx))
+    lidc = lungx_cv.lidc_store(cfg, common3d.nodule_preset(lungx), tmp_path, args.data_seed)
     assert lidc.provenance["seed"] != lungx.provenance["seed"]
     with h5py.File(lungx.path, "r") as a, h5py.File(lidc.path, "r") as b:
         ours, theirs = a["context"][:], b["context"][:]
     for cube in ours:
         assert not any(np.array_equal(cube, other) for other in theirs)
-    dey = lungx_cv.lidc_store(args, cfg, "dey2018")  # generated on the LUNGx store's grid
+    dey = lungx_cv.lidc_store(cfg, "dey2018", tmp_path, args.data_seed)  # the LUNGx grid
     assert common3d.nodule_preset(dey) == "dey2018"
 
 
@@ -304,13 +305,14 @@ def test_mosmed_memory_is_measured_on_cuda_and_estimated_on_cpu(tmp_path):
     import argparse
     from pathlib import Path
 
+    from lungbench.commands.train import mosmed as command
     from lungbench.data.store import StoreInfo
     from lungbench.experiments import mosmed
     from lungbench.train.costs import estimate_memory
 
     parser = argparse.ArgumentParser()
-    mosmed.add_arguments(parser)
-    cfg = mosmed.make_config(parser.parse_args(["--quick", "--out", str(tmp_path)]))
+    command.add_arguments(parser)
+    cfg = command.make_config(parser.parse_args(["--quick", "--out", str(tmp_path)]))
     info = StoreInfo(Path("x.h5"), "mosmed", "binary", 1, {"volume": (1, 16, 32, 32)}, {}, [])
     model = create_model("mosmed3d", **cfg.model_kwargs("baseline"))
     cuda = mosmed.training_memory(cfg, model, info, 12345, "cuda_max_allocated")
@@ -332,11 +334,11 @@ def test_mosmed_full_defaults_can_stop_early_or_run_all_epochs():
 def _cv_config(tmp_path, *argv):
     import argparse
 
-    from lungbench.experiments import lungx_cv
+    from lungbench.commands.train import lungx_cv as command
 
     parser = argparse.ArgumentParser()
-    lungx_cv.add_arguments(parser)
-    return lungx_cv.make_config(parser.parse_args([*argv, "--out", str(tmp_path)]))
+    command.add_arguments(parser)
+    return command.make_config(parser.parse_args([*argv, "--out", str(tmp_path)]))
 
 
 def test_lungx_cv_folds_follow_seed_on_the_generated_store(tmp_path):

@@ -1,4 +1,4 @@
-"""Argument types shared by the commands (argparse turns their errors into exit code 2)."""
+"""Layer 10 (commands): Argument types shared by the commands (argparse turns their errors into exit code 2)."""
 
 from __future__ import annotations
 

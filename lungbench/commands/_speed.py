@@ -1,4 +1,4 @@
-"""`lungbench bench` options for the speed switches, the ablation, the batch-size finder and
+"""Layer 10 (commands): `lungbench bench` options for the speed switches, the ablation, the batch-size finder and
 the data path (issue 8). Parsing only: the work is in lungbench.step, .ablation,
 .batchfinder and .loaderbench."""
 

@@ -1,4 +1,4 @@
-"""`lungbench bench`: the speed-up sweep (batch size x filters x device) of seed 000."""
+"""Layer 10 (commands): `lungbench bench`: the speed-up sweep (batch size x filters x device) of seed 000."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`lungbench env`: print the environment record (what every run saves as environment.json)."""
+"""Layer 10 (commands): `lungbench env`: print the environment record (what every run saves as environment.json)."""
 
 from __future__ import annotations
 

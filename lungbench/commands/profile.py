@@ -1,4 +1,4 @@
-"""`lungbench profile`: a training step under torch.profiler; traces for TensorBoard/Perfetto."""
+"""Layer 10 (commands): `lungbench profile`: a training step under torch.profiler; traces for TensorBoard/Perfetto."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The environment record: everything needed to interpret or reproduce a measurement.
+"""Layer 1 (core): The environment record: everything needed to interpret or reproduce a measurement.
 
 Library versions, CPU model, cores and threads, GPU model, driver, CUDA/cuDNN, git commit,
 host, SLURM job and UTC time. Saved as environment.json in every run folder and printed by

@@ -1,4 +1,4 @@
-"""Error types that the CLI turns into one-line messages.
+"""Layer 1 (core): Error types that the CLI turns into one-line messages.
 
 `UsageError` means the user asked for something invalid (exit code 2); `DataError`
 means an input file is missing or malformed (exit code 2 too: it is the user's input).

@@ -1,4 +1,4 @@
-"""Result paths stay inside the output folder the user chose.
+"""Layer 1 (core): Result paths stay inside the output folder the user chose.
 
 A run id or any other name that becomes a path component under `--out` must be one plain
 name: no path separators, no '..', no absolute paths, no control characters. Checked before

@@ -1,4 +1,4 @@
-"""Run folders: where every command writes what it measured, in one layout.
+"""Layer 1 (core): Run folders: where every command writes what it measured, in one layout.
 
     results/<run-id>/
         run.json            kind (bench | train | profile), command line, status, timestamps

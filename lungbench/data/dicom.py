@@ -1,4 +1,4 @@
-"""DICOM CT series -> a HU volume with its voxel spacing (pydicom).
+"""Layer 3 (data): DICOM CT series -> a HU volume with its voxel spacing (pydicom).
 
     series = load_series("LIDC-IDRI-0078/.../1.3.6.1...")      # one folder = one series
     series.hu          # (D, H, W) int16 Hounsfield units, slices sorted along the slice normal

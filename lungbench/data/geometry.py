@@ -1,4 +1,9 @@
-"""Split out of lungbench.models.dualpath3d."""
+"""Layer 3 (data): the cube geometry of the two-path model's inputs.
+
+Where the context and zoom cubes come from (grid in voxels, field of view in mm) for each
+preset; the data readers and generators cut cubes on these grids and the model
+(lungbench.models.dualpath3d) is built for them.
+"""
 
 from __future__ import annotations
 

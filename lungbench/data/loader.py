@@ -1,4 +1,9 @@
-"""Split out of lungbench.measure.loader."""
+"""Layer 3 (data): the production loader, the one `bench`'s epoch and training read through.
+
+A DataLoader over a store (or a decoded copy of it in shared memory when it fits), seeded
+workers, pinned memory on CUDA, non-blocking copies to the device, and augmentation on the
+CPU (lungbench.data.transforms) or on the device (DeviceAugment).
+"""
 
 from __future__ import annotations
 

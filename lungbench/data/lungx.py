@@ -1,4 +1,4 @@
-"""LUNGx challenge (SPIE-AAPM Lung CT Challenge): DICOM series + the nodule spreadsheet.
+"""Layer 3 (data): LUNGx challenge (SPIE-AAPM Lung CT Challenge): DICOM series + the nodule spreadsheet.
 
     rows = read_spreadsheet("TestSet_NoduleData_PublicRelease_wTruth.xlsx")
     write_lungx_store("LUNGx/", rows, "lungx.h5", geometry("default"))

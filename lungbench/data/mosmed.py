@@ -1,4 +1,4 @@
-"""MosMedData (COVID-19 chest CT): NIfTI studies in CT-0 .. CT-4 folders -> a `volume` store.
+"""Layer 3 (data): MosMedData (COVID-19 chest CT): NIfTI studies in CT-0 .. CT-4 folders -> a `volume` store.
 
     write_mosmed_store("MosMedData/studies", "mosmed.h5", task="binary")
 

@@ -1,4 +1,4 @@
-"""NIfTI volumes (nibabel) -> (D, H, W) arrays in lungbench's (z, y, x) order.
+"""Layer 3 (data): NIfTI volumes (nibabel) -> (D, H, W) arrays in lungbench's (z, y, x) order.
 
     volume, spacing = load_nifti("CT-0/study_0001.nii.gz")   # (D, H, W) float32, (dz, dy, dx)
 

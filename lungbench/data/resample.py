@@ -1,4 +1,4 @@
-"""Resampling in millimetres: isotropic volumes and cubes around a point, HU preserved.
+"""Layer 3 (data): Resampling in millimetres: isotropic volumes and cubes around a point, HU preserved.
 
     iso, new_spacing = resample_isotropic(series.hu, series.spacing, 1.0)
     cubes = cut_cubes(series.hu, series.spacing, centre_vox, geometry("default"))

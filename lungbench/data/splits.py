@@ -1,4 +1,4 @@
-"""Train/validation/test splits: stratified, seeded, and storable in the HDF5 store.
+"""Layer 3 (data): Train/validation/test splits: stratified, seeded, and storable in the HDF5 store.
 
     folds = stratified_kfold(labels, k=3, seed=0)          # (N,) fold index per sample
     train, val = stratified_split(np.arange(N), labels, 0.2, seed=0)   # seed 000: 20% val

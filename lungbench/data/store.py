@@ -1,4 +1,4 @@
-"""The lungbench HDF5 store: one file per data set.
+"""Layer 3 (data): The lungbench HDF5 store: one file per data set.
 
 Format (version 1), documented in docs/store-format.md:
 

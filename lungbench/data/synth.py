@@ -1,4 +1,4 @@
-"""Generated lung nodules: seeded, deterministic, HU-realistic.
+"""Layer 3 (data): Generated lung nodules: seeded, deterministic, HU-realistic.
 
 Each sample is rendered once in millimetre space around the nodule (at the zoom spacing, over
 the context field of view) and then resampled into the two cubes of a geometry preset:

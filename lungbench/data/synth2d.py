@@ -1,4 +1,4 @@
-"""Generated 2D data for offline transfer-learning runs: seeded and deterministic.
+"""Layer 3 (data): Generated 2D data for offline transfer-learning runs: seeded and deterministic.
 
 nodule slices (seed 001): the central axial slice through a generated nodule of
     lungbench.data.synth (benign: small, round, smooth, sometimes calcified; malignant:

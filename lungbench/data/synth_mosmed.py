@@ -1,4 +1,4 @@
-"""Generated whole-lung CT volumes for the MosMed task (seed 002): CT-0 vs CT-2/3.
+"""Layer 3 (data): Generated whole-lung CT volumes for the MosMed task (seed 002): CT-0 vs CT-2/3.
 
 The real MosMedData archive is not available at run time, so the default data set is drawn
 here: a chest cross-section (air outside, soft tissue body, two lung ellipsoids filled with

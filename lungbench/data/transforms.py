@@ -1,4 +1,4 @@
-"""Seeded 3D and 2D augmentation: rotations, flips, small shifts.
+"""Layer 3 (data): Seeded 3D and 2D augmentation: rotations, flips, small shifts.
 
 A transform receives the tuple of arrays one StoreDataset item holds (numpy, float32, each
 `(C, D, H, W)` for 3D or `(C, H, W)` for 2D) and returns a tuple of the same shapes. One

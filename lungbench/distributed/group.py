@@ -1,4 +1,4 @@
-"""Process-group set-up for torchrun, SLURM srun, mpiexec, or a single process.
+"""Layer 2 (distributed): Process-group set-up for torchrun, SLURM srun, mpiexec, or a single process.
 
 `init_distributed()` returns a DistContext; every other module takes that object and never
 reads launcher environment variables itself. The same command works under every launcher:

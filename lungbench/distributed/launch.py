@@ -1,4 +1,8 @@
-"""Split out of lungbench.distributed.group."""
+"""Layer 2 (distributed): how this process was launched (torchrun, srun, mpiexec, or alone).
+
+Reads the launcher's environment into a LaunchInfo (rank, world size, local rank, nodes,
+rendezvous address); lungbench.distributed.group then joins the process group.
+"""
 
 from __future__ import annotations
 

@@ -1,153 +1,29 @@
-"""Pieces shared by the 3D experiments (lidc-pretrain, lungx-cv, mosmed).
+"""Layer 9 (experiments): Pieces shared by the 3D experiments (lidc-pretrain, lungx-cv, mosmed).
 
-Training options with a full and a `--quick` default each, generated default stores cached
-under OUT/data/, store checks (kind, inputs, grid), and the run-folder preamble.
+Generated default stores cached under OUT/data/, store checks (kind, inputs, grid), and the
+run-folder preamble. Their command-line options are in lungbench.commands.train._common.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from lungbench.commands._args import non_negative_float, non_negative_int, positive_int
-from lungbench.core import runs as results
 from lungbench.core.errors import UsageError
-from lungbench.core.runs import create_run_dir, write_json
+from lungbench.core.runs import RunFolder, run_folder
 from lungbench.data.store import StoreDataset, StoreInfo
-from lungbench.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
 from lungbench.train.engine import TrainingInterrupted
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
-TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "patience")
 CACHE_LIMIT_BYTES = 1 << 30  # keep a split in memory when it is smaller than this
-
-
-def add_train_arguments(
-    p: argparse.ArgumentParser, full: Mapping[str, Any], quick: Mapping[str, Any]
-) -> None:
-    """The engine's options; each default is `full[name]`, or `quick[name]` with --quick."""
-
-    def shown(value: Any) -> str:
-        return "off" if value is None else str(value)
-
-    def default(name: str) -> str:
-        return f"(default: {shown(full[name])}; --quick: {shown(quick[name])})"
-
-    g = p.add_argument_group("training")
-    g.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny smoke run (small data, grid and model, few epochs; about a "
-        "minute on 2 CPU cores)",
-    )
-    g.add_argument("--epochs", type=positive_int, default=None, help=f"epochs {default('epochs')}")
-    g.add_argument(
-        "--batch",
-        dest="batch_size",
-        type=positive_int,
-        default=None,
-        help=f"batch size {default('batch_size')}",
-    )
-    g.add_argument("--lr", type=float, default=None, help=f"learning rate {default('lr')}")
-    g.add_argument(
-        "--optimizer", choices=OPTIMIZERS, default=None, help=f"optimizer {default('optimizer')}"
-    )
-    g.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default=None,
-        help=f"learning-rate schedule {default('schedule')}",
-    )
-    g.add_argument(
-        "--patience",
-        type=positive_int,
-        default=None,
-        help=f"early stopping: epochs without a lower validation loss {default('patience')}",
-    )
-    g.add_argument(
-        "--amp",
-        action="store_true",
-        help="mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA) (default: off)",
-    )
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    g.add_argument(
-        "--workers",
-        type=non_negative_int,
-        default=0,
-        help="DataLoader worker processes (default: 0)",
-    )
-    g.add_argument(
-        "--seed",
-        type=non_negative_int,
-        default=0,
-        help="seed of splits, initialisation and shuffling (default: 0)",
-    )
-    add_telemetry_argument(g)
-    o = p.add_argument_group("output")
-    o.add_argument("--out", default="results", help="output root (default: results)")
-    o.add_argument(
-        "--run-id", default=None, help="run folder name (default: train-<UTC time>-<host>)"
-    )
-    o.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        help="no progress bars; the one-line summary per epoch stays (default: bars shown)",
-    )
-
-
-def add_telemetry_argument(group) -> None:
-    """--telemetry-interval: GPU/CPU telemetry beside every fit that has a run folder."""
-    group.add_argument(
-        "--telemetry-interval",
-        type=non_negative_float,
-        default=1.0,
-        metavar="SECONDS",
-        help="sample GPU (NVML) / CPU (psutil, RAPL) telemetry every SECONDS into each "
-        "training folder's telemetry.csv, with utilisation, peak memory and energy per "
-        "sample per epoch in metrics.csv; 0 = off (default: 1)",
-    )
-
-
-def resolve(
-    args: argparse.Namespace, name: str, full: Mapping[str, Any], quick: Mapping[str, Any]
-) -> Any:
-    """The user's value of option `name`, else the --quick or the full default."""
-    value = getattr(args, name, None)
-    if value is not None:
-        return value
-    return quick[name] if args.quick else full[name]
-
-
-def train_config(
-    args: argparse.Namespace, full: Mapping[str, Any], quick: Mapping[str, Any], **overrides: Any
-) -> TrainConfig:
-    """A TrainConfig from the parsed options (UsageError for impossible values)."""
-    from lungbench.core.device import parse_device
-
-    parse_device(args.device)
-    values = {name: resolve(args, name, full, quick) for name in TRAIN_OPTIONS}
-    if values["lr"] <= 0:
-        raise UsageError(f"--lr must be > 0, got {values['lr']}")
-    return TrainConfig(
-        **values,
-        amp=args.amp,
-        seed=args.seed,
-        num_workers=args.workers,
-        device=args.device,
-        progress=args.progress,
-        telemetry_interval=args.telemetry_interval,
-        **overrides,
-    )
 
 
 def cached_store(out: Path, name: str, n: int, make: Callable[[Path, Callable], None]) -> Path:
@@ -198,23 +74,27 @@ def split_dataset(info: StoreInfo, indices: np.ndarray) -> StoreDataset:
     )
 
 
-def start_run(out: str | Path, run_id: str | None, config: Mapping[str, Any]) -> Path:
-    """results/<run-id>/ with config.json and environment.json; the config is logged."""
+@contextmanager
+def training_run(
+    out: str | Path, run_id: str | None, config: Mapping[str, Any], note: str
+) -> Iterator[RunFolder]:
+    """The recipe's run folder (lungbench.core.runs.run_folder): config.json and
+    environment.json written, the folder logged; run.json "complete" (with `data` and the
+    run's summary) at the end of the block, "interrupted" after a stop signal or Ctrl-C,
+    "failed" (with the error's first line) after any other exception."""
     from lungbench.core.environment import environment_record
 
-    run_dir = create_run_dir(out, "train", run_id)
-    write_json(run_dir / "config.json", config)
-    write_json(run_dir / "environment.json", environment_record())
-    log.info(f"run folder {run_dir}")
-    return run_dir
-
-
-def marking_run(run_dir: Path, note: str) -> AbstractContextManager[None]:
-    """Mark run_dir "interrupted" (signal, Ctrl-C) or "failed" (any other exception, with
-    its first line) when the block raises, so that no run folder is left "running"."""
-    return results.marking_run(
-        run_dir, interrupted_by=(TrainingInterrupted, KeyboardInterrupt), data=note
-    )
+    with run_folder(
+        out,
+        "train",
+        run_id,
+        config,
+        environment=environment_record(),
+        interrupted_by=(TrainingInterrupted, KeyboardInterrupt),
+        data=note,
+    ) as run:
+        log.info(f"run folder {run.path}")
+        yield run
 
 
 def data_word(info: StoreInfo) -> str:

@@ -1,4 +1,4 @@
-"""`lungbench train lidc-pretrain`: seed 000's pre-training of the two-path 3D CNN on LIDC-IDRI.
+"""Layer 9 (experiments): the recipe of `lungbench train lidc-pretrain`, seed 000's pre-training of the two-path 3D CNN on LIDC-IDRI.
 
 Protocol (the thesis): 20% of the nodules for validation (stratified), batch 16, the best
 epoch by validation loss; report accuracy and AUC on the validation set at that epoch (the
@@ -18,28 +18,19 @@ Default data: a generated LIDC-like store (lungbench.data.synth), cached in OUT/
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from lungbench.commands._args import (
-    add_dist_timeout,
-    non_negative_int,
-    positive_int,
-    unit_fraction,
-)
-from lungbench.core.runs import finish_run, save_figure, write_table
+from lungbench.core.runs import save_figure, write_table
 from lungbench.data.splits import stratified_split
 from lungbench.data.store import StoreInfo, read_info, read_meta
 from lungbench.distributed.group import (
     DistContext,
     barrier,
     collective_guard,
-    init_distributed,
-    shutdown,
     single_process,
 )
 from lungbench.experiments import common3d
@@ -53,29 +44,6 @@ from lungbench.train.engine import fit, predict
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 NAME = "lidc-pretrain"
-HELP = "seed 000: pre-train the two-path 3D CNN on LIDC (20%% validation, batch 16)"
-DESCRIPTION = """\
-Pre-train the two-path 3D CNN (dualpath3d) of seed 000 on LIDC-IDRI nodules: a stratified
-20% of the nodules for validation, batch 16, Adam; the best epoch is the one with the lowest
-validation loss, and its accuracy and AUC on the validation set are reported (the thesis:
-epoch 63, accuracy 0.78, AUC 0.90). Default data: generated LIDC-like nodules (not the real
-archive); --store uses a real store (`lungbench data ...`). The checkpoint of the best epoch
-(RUN/checkpoint_best.pt) is what `lungbench train lungx-cv --pretrained` fine-tunes.
-SIGTERM/SIGUSR1 (SLURM before a time limit) write a checkpoint and exit with code 143;
---resume RUN/checkpoint_last.pt continues exactly.
-
-examples:
-  lungbench train lidc-pretrain --quick
-  lungbench train lidc-pretrain --epochs 100 --patience 20 --device cuda
-  lungbench train lidc-pretrain --store lidc.h5 --resume results/RUN/checkpoint_last.pt
-  torchrun --nproc_per_node 4 -m lungbench train lidc-pretrain --device cuda --batch 4
-
-Under torchrun / srun / mpiexec it trains with DDP (NCCL on GPUs, Gloo on CPUs): --batch is
-per process (4 x 4 = the thesis's 16), only rank 0 writes and prints."""
-
-# lungbench.commands.train: this experiment joins the launcher's process group itself.
-DISTRIBUTED = True
-
 FULL = {
     "epochs": 30,
     "batch_size": 16,
@@ -125,68 +93,6 @@ class PretrainResult:
     checkpoint: Path | None
     summary: pd.DataFrame
     model_kwargs: dict
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    d = p.add_argument_group("data and model")
-    d.add_argument(
-        "--store",
-        default=None,
-        help="nodule store with context/zoom cubes (default: generated LIDC-like "
-        "nodules, cached in OUT/data/)",
-    )
-    d.add_argument(
-        "--synth-n",
-        type=positive_int,
-        default=None,
-        help=f"generated nodules when no --store (default: {FULL['synth_n']}, the "
-        f"thesis's LIDC count; --quick: {QUICK['synth_n']})",
-    )
-    d.add_argument(
-        "--val-fraction",
-        type=unit_fraction,
-        default=0.2,
-        help="stratified validation share (default: 0.2, the thesis)",
-    )
-    d.add_argument(
-        "--filters",
-        type=positive_int,
-        default=None,
-        help=f"base width of dualpath3d (default: {FULL['filters']}; --quick: {QUICK['filters']})",
-    )
-    d.add_argument(
-        "--depth",
-        type=positive_int,
-        default=None,
-        help=f"conv levels per path (default: {FULL['depth']}; --quick: {QUICK['depth']})",
-    )
-    d.add_argument(
-        "--resume",
-        default=None,
-        help="continue exactly from a checkpoint_last.pt (default: start afresh); under a "
-        "launcher, with the number of processes that wrote it",
-    )
-    d.add_argument(
-        "--data-seed",
-        type=non_negative_int,
-        default=0,
-        help="seed of the generated data set (default: 0)",
-    )
-    common3d.add_train_arguments(p, FULL, QUICK)
-    add_dist_timeout(p.add_argument_group("under a launcher (DDP)"))
-
-
-def make_config(args: argparse.Namespace) -> PretrainConfig:
-    return PretrainConfig(
-        train=common3d.train_config(args, FULL, QUICK),
-        store=args.store,
-        synth_n=common3d.resolve(args, "synth_n", FULL, QUICK),
-        filters=common3d.resolve(args, "filters", FULL, QUICK),
-        depth=common3d.resolve(args, "depth", FULL, QUICK),
-        val_fraction=args.val_fraction,
-        quick=args.quick,
-    )
 
 
 def nodule_store(
@@ -311,55 +217,57 @@ def pretrain(
     return PretrainResult(result, result.best_checkpoint, summary, cfg.model_kwargs)
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = make_config(args)
-    # world size 1 without a launcher
-    dist = init_distributed(cfg.train.device, timeout_s=args.dist_timeout)
-    try:
-        return _run(args, cfg, dist)
-    finally:
-        shutdown(dist)
+@dataclass
+class PretrainRun:
+    """What a lidc-pretrain run produced (rank 0's; the other ranks get None)."""
+
+    run_dir: Path
+    result: PretrainResult
+    data: str
 
 
-def _run(args: argparse.Namespace, cfg: PretrainConfig, dist: DistContext) -> int:
-    if args.resume is not None:
+def run(
+    cfg: PretrainConfig,
+    out: str | Path,
+    run_id: str | None = None,
+    data_seed: int = 0,
+    resume: str | None = None,
+    dist: DistContext | None = None,
+) -> PretrainRun | None:
+    """Pre-train as `cfg` says into OUT/<run-id>/ (continuing `resume` exactly). Under a
+    launcher (`dist` of several ranks) every rank trains its DDP shard; rank 0 generates the
+    data, writes the run folder and returns the result, the others return None."""
+    dist = dist or single_process(cfg.train.device)
+    if resume is not None:
         # A corrupt file or changed training options fail before data or a run folder is
         # made; under a launcher every rank reads the file (a shared file system, as for the
         # data), and the engine checks the world size is the one that wrote it.
-        load_resume_checkpoint(args.resume, cfg.train)
-    out = Path(args.out)
+        load_resume_checkpoint(resume, cfg.train)
     # Every rank checks a given store itself (a bad one fails everywhere at once); a generated
     # one is made by rank 0 while the others wait, then read by all.
     generate_first = dist.is_distributed and cfg.store is None
     if generate_first and not dist.is_main:
         barrier(dist, "waiting for rank 0 to generate the data")
-    info = nodule_store(cfg.store, cfg.synth_n, "lidc", out, args.data_seed, NAME)
+    info = nodule_store(cfg.store, cfg.synth_n, "lidc", Path(out), data_seed, NAME)
     if generate_first and dist.is_main:
         barrier(dist, "waiting for rank 0 to generate the data")
     cfg = PretrainConfig(**{**_shallow(cfg), "preset": common3d.nodule_preset(info)})
     note = common3d.data_note(info)
     if not dist.is_main:
-        pretrain(cfg, info, None, resume=args.resume, dist=dist)  # every rank resumes
-        return 0
-    run_dir = common3d.start_run(
-        args.out,
-        args.run_id,
-        {
-            "experiment": NAME,
-            "config": cfg,
-            "store": info.path,
-            "data": note,
-            "distributed": dist.describe(),
-        },
-    )
-    log.info(f"config: {cfg}")
-    with common3d.marking_run(run_dir, note):
-        result = pretrain(cfg, info, run_dir, resume=args.resume, dist=dist)
-    finish_run(run_dir, "complete", data=note, best_checkpoint=result.checkpoint)
-    print(f"LIDC pre-training on {note}")
-    print(result.summary.T.to_string())
-    print(f"\nresults: {run_dir}\nbest checkpoint: {result.checkpoint}")
-    return 0
+        pretrain(cfg, info, None, resume=resume, dist=dist)  # every rank resumes
+        return None
+    config = {
+        "experiment": NAME,
+        "config": cfg,
+        "store": info.path,
+        "data": note,
+        "distributed": dist.describe(),
+    }
+    with common3d.training_run(out, run_id, config, note) as folder:
+        log.info(f"config: {cfg}")
+        result = pretrain(cfg, info, folder.path, resume=resume, dist=dist)
+        folder.summary["best_checkpoint"] = result.checkpoint
+    return PretrainRun(folder.path, result, note)
 
 
 def _shallow(cfg: PretrainConfig) -> dict:

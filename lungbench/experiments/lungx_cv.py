@@ -1,4 +1,4 @@
-"""`lungbench train lungx-cv`: seed 000's 3-fold cross-validation on LUNGx, three regimes.
+"""Layer 9 (experiments): the recipe of `lungbench train lungx-cv`: seed 000's 3-fold cross-validation on LUNGx, three regimes.
 
 Per fold one subset is the test set, 10% of the other two the validation set and the rest
 the training set. Regimes (the thesis):
@@ -21,7 +21,6 @@ shared by runs with any --seed) is never given folds, so each run's folds follow
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import time
@@ -30,9 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lungbench.commands._args import non_negative_int, positive_int, unit_fraction
 from lungbench.core.errors import UsageError
-from lungbench.core.runs import finish_run, save_figure, write_table
+from lungbench.core.runs import save_figure, write_table
 from lungbench.data.splits import Split, cv_splits, stored_folds, stratified_kfold
 from lungbench.data.store import StoreInfo, read_meta, write_folds
 from lungbench.experiments import common3d, lidc_pretrain
@@ -46,33 +44,6 @@ from lungbench.train.metrics import classification_metrics
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 NAME = "lungx-cv"
-HELP = "seed 000: LUNGx 3-fold CV, LIDC only / w/o / w/ pre-training (AUC table, confusion)"
-DESCRIPTION = """\
-Seed 000's transfer-learning study on LUNGx: stratified 3-fold cross-validation (per fold one
-subset for testing, 10% of the other two for validation, the rest for training), batch 8, in
-three regimes: LIDC only (the pre-trained model as is), w/o pre-training (from scratch) and
-w/ pre-training (fine-tuned from the LIDC checkpoint). Writes the AUC table (rows: regimes;
-columns: fold 1-3, average), the confusion matrices with totals (threshold 0.5, pooled over
-folds), loss curves per fold and ROC curves. Without --pretrained it first runs
-lidc-pretrain (into RUN/lidc_pretrain/). Default data: generated LUNGx-like and LIDC-like
-nodules (not the real archives).
-
-folds: stratified --folds folds seeded by --seed; only a --store whose /meta/fold already
-assigns exactly --folds folds keeps its own (--seed then still seeds the validation split,
-initialisation and shuffling). The generated default store is shared by runs in OUT/data/
-and never stores folds, so runs on it with another --seed get other folds.
-
-outputs (in OUT/RUN-ID/): tables/auc.csv and .md, tables/confusion_REGIME.csv and .md,
-tables/predictions.csv (fold, regime, id, label, probability of every test nodule),
-metrics.csv, plots/loss_foldK.png, plots/roc.png, folds/foldK/REGIME/ (metrics.csv and
-checkpoints), without --pretrained lidc_pretrain/ and tables/pretrain_summary.csv,
-config.json, environment.json, run.json (config.json and run.json say how folds were made).
-
-examples:
-  lungbench train lungx-cv --quick
-  lungbench train lungx-cv --pretrained results/RUN/checkpoint_best.pt
-  lungbench train lungx-cv --store lungx.h5 --lidc-store lidc.h5 --device cuda"""
-
 FULL = {
     "epochs": 30,
     "batch_size": 8,
@@ -114,92 +85,6 @@ class CVConfig:
     pretrained: str | None = None
     write_folds: bool = False
     quick: bool = False
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    d = p.add_argument_group("data and model")
-    d.add_argument(
-        "--store",
-        default=None,
-        help="LUNGx nodule store (default: generated LUNGx-like nodules, where both "
-        "classes have the same sizes, cached in OUT/data/)",
-    )
-    d.add_argument(
-        "--synth-n",
-        type=positive_int,
-        default=None,
-        help=f"generated LUNGx nodules when no --store (default: {FULL['synth_n']}, "
-        f"the challenge's count; --quick: {QUICK['synth_n']})",
-    )
-    d.add_argument(
-        "--folds",
-        type=positive_int,
-        default=3,
-        help="cross-validation folds (default: 3), stratified and seeded by --seed; a "
-        "--store whose /meta/fold assigns exactly these folds keeps its own",
-    )
-    d.add_argument(
-        "--val-fraction",
-        type=unit_fraction,
-        default=0.1,
-        help="validation share of the non-test folds (default: 0.1)",
-    )
-    d.add_argument(
-        "--write-folds",
-        action="store_true",
-        help="save the seeded fold assignment into --store's /meta/fold, so that later "
-        "runs on it keep these folds whatever their --seed (default: no; needs --store)",
-    )
-    d.add_argument(
-        "--pretrained",
-        default=None,
-        help="LIDC checkpoint of dualpath3d (checkpoint_best.pt of lidc-pretrain) "
-        "(default: run lidc-pretrain first)",
-    )
-    d.add_argument(
-        "--lidc-store",
-        default=None,
-        help="LIDC store for that pre-training (default: generated LIDC-like)",
-    )
-    d.add_argument(
-        "--finetune-lr",
-        type=float,
-        default=None,
-        help=f"learning rate of the w/ pre-training regime (default: "
-        f"{FULL['finetune_lr']}; --quick: {QUICK['finetune_lr']})",
-    )
-    d.add_argument(
-        "--data-seed",
-        type=non_negative_int,
-        default=0,
-        help="seed of the generated LUNGx-like set; the generated LIDC-like set for the "
-        "pre-training uses this + 1 (default: 0)",
-    )
-    common3d.add_train_arguments(p, FULL, QUICK)
-
-
-def make_config(args: argparse.Namespace) -> CVConfig:
-    finetune_lr = common3d.resolve(args, "finetune_lr", FULL, QUICK)
-    if finetune_lr <= 0:
-        raise UsageError(f"--finetune-lr must be > 0, got {finetune_lr}")
-    if args.write_folds and args.store is None:
-        raise UsageError(
-            "--write-folds needs --store: the generated default store is a cache shared by "
-            "runs with any --seed and keeps no folds (each run's folds are in its "
-            "tables/predictions.csv)"
-        )
-    return CVConfig(
-        train=common3d.train_config(args, FULL, QUICK),
-        finetune_lr=finetune_lr,
-        folds=args.folds,
-        val_fraction=args.val_fraction,
-        store=args.store,
-        synth_n=common3d.resolve(args, "synth_n", FULL, QUICK),
-        pretrained=args.pretrained,
-        write_folds=args.write_folds,
-        quick=args.quick,
-    )
 
 
 def fold_assignment(cfg: CVConfig, info: StoreInfo) -> tuple[np.ndarray, str]:
@@ -342,19 +227,21 @@ def _lidc_sizes(cfg: CVConfig) -> dict:
     return lidc_pretrain.QUICK if cfg.quick else lidc_pretrain.FULL
 
 
-def lidc_store(args: argparse.Namespace, cfg: CVConfig, preset: str) -> StoreInfo:
-    """The store to pre-train on: --lidc-store (on the LUNGx store's grid `preset`) or
-    generated LIDC-like nodules on that grid.
+def lidc_store(
+    cfg: CVConfig, preset: str, out: str | Path, data_seed: int = 0, store: str | None = None
+) -> StoreInfo:
+    """The store to pre-train on: `store` (--lidc-store, on the LUNGx store's grid `preset`)
+    or generated LIDC-like nodules on that grid.
 
     The generated set uses --data-seed + 1, so that it never shares a seed (and thereby
     nodules) with the generated LUNGx-like store of the same run.
     """
     info = lidc_pretrain.nodule_store(
-        args.lidc_store,
+        store,
         _lidc_sizes(cfg)["synth_n"],
         "lidc",
-        Path(args.out),
-        args.data_seed + 1,
+        Path(out),
+        data_seed + 1,
         NAME,
         preset=preset,
     )
@@ -388,35 +275,43 @@ def _pretrain_first(cfg: CVConfig, info: StoreInfo, run_dir: Path) -> str:
     return str(result.checkpoint)
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclasses.dataclass
+class CVRun:
+    """What a lungx-cv run produced."""
+
+    run_dir: Path
+    tables: dict[str, pd.DataFrame]  # "auc" and "confusion_<regime>"
+    data: str
+    folds: str  # how the folds were made
+    wall_s: float
+
+
+def run(
+    cfg: CVConfig,
+    out: str | Path,
+    run_id: str | None = None,
+    data_seed: int = 0,
+    lidc_store_path: str | None = None,
+) -> CVRun:
+    """The three regimes over the folds into OUT/<run-id>/ (pre-training on LIDC first when
+    `cfg.pretrained` is None, from `lidc_store_path` or generated nodules)."""
     started = time.perf_counter()
-    cfg = make_config(args)
     if cfg.pretrained:  # a wrong file or architecture fails before any data is generated
         load_model_from_checkpoint(cfg.pretrained, expected_model_name=MODEL)
-    info = lidc_pretrain.nodule_store(
-        cfg.store, cfg.synth_n, "lungx", Path(args.out), args.data_seed, NAME
-    )
+    info = lidc_pretrain.nodule_store(cfg.store, cfg.synth_n, "lungx", Path(out), data_seed, NAME)
     folds, folds_how = fold_assignment(cfg, info)
     kwargs = check_pretrained(cfg.pretrained, info) if cfg.pretrained else None
     # Without --pretrained, pre-train on the LUNGx store's grid (checked or generated now,
     # not after a whole pre-training).
-    lidc = None if cfg.pretrained else lidc_store(args, cfg, common3d.nodule_preset(info))
+    preset = common3d.nodule_preset(info)
+    lidc = None if cfg.pretrained else lidc_store(cfg, preset, out, data_seed, lidc_store_path)
     note = common3d.data_note(info)
-    run_dir = common3d.start_run(
-        args.out,
-        args.run_id,
-        {"experiment": NAME, "config": cfg, "store": info.path, "data": note, "folds": folds_how},
-    )
-    log.info(f"config: {cfg}")
-    with common3d.marking_run(run_dir, note):
-        pretrained = cfg.pretrained or _pretrain_first(cfg, lidc, run_dir)
+    config = {"experiment": NAME, "config": cfg, "store": info.path, "data": note}
+    with common3d.training_run(out, run_id, {**config, "folds": folds_how}, note) as folder:
+        log.info(f"config: {cfg}")
+        pretrained = cfg.pretrained or _pretrain_first(cfg, lidc, folder.path)
         kwargs = kwargs or check_pretrained(pretrained, info)
-        tables = cross_validate(cfg, info, folds, pretrained, kwargs, run_dir)
-    wall = time.perf_counter() - started
-    finish_run(run_dir, "complete", data=note, wall_s=wall, pretrained=pretrained, folds=folds_how)
-    print(f"LUNGx {cfg.folds}-fold cross-validation on {note}; folds: {folds_how}\n")
-    print(tables["auc"].round(3).to_string())
-    for regime, name in REGIMES.items():
-        print(f"\n{name}\n{tables[f'confusion_{regime}'].to_string()}")
-    print(f"\nwall time {wall:.1f} s\nresults: {run_dir}")
-    return 0
+        tables = cross_validate(cfg, info, folds, pretrained, kwargs, folder.path)
+        wall = time.perf_counter() - started
+        folder.summary.update(wall_s=wall, pretrained=pretrained, folds=folds_how)
+    return CVRun(folder.path, tables, note, folds_how, wall)

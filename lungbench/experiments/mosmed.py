@@ -1,4 +1,4 @@
-"""`lungbench train mosmed`: seed 002's CT-0 vs CT-2/3 task with the MosMed 3D CNN and each of
+"""Layer 9 (experiments): the recipe of `lungbench train mosmed`, seed 002's CT-0 vs CT-2/3 task with the MosMed 3D CNN and each of
 its six modifications; one comparison table (accuracy, AUC, parameters, time per epoch, peak
 memory: measured on CUDA, estimated on CPU) and the curves of every variant.
 
@@ -11,7 +11,6 @@ Default data: generated whole-lung volumes (lungbench.data.synth_mosmed), not Mo
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import time
@@ -19,9 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from lungbench.commands._args import non_negative_int, positive_int, unit_fraction
 from lungbench.core.errors import UsageError
-from lungbench.core.runs import finish_run, save_figure, write_table
+from lungbench.core.runs import save_figure, write_table
 from lungbench.data.splits import stratified_split
 from lungbench.data.store import StoreInfo, read_info, read_meta
 from lungbench.experiments import common3d
@@ -35,35 +33,6 @@ from lungbench.train.engine import fit, seed_everything
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 NAME = "mosmed"
-HELP = "seed 002: CT-0 vs CT-2/3 with the MosMed 3D CNN and its six modifications"
-DESCRIPTION = """\
-Seed 002's practical: tell CT-0 from CT-2/3 studies with the Keras "3D image classification
-from CT scans" network (conv blocks 64, 64, 128, 256; global pooling; dense 512; dropout 0.3;
-
-128x128x64 input) and each of its six modifications: dense100 (extra dense 100 + ReLU),
-double_conv (a second conv per level), sigmoid (sigmoid activations), avgpool (average
-pooling), residual (residual blocks), res_inception (residual inception blocks). 30% of the
-studies (stratified) validate; each variant's best epoch by validation loss is reported in
-one table: accuracy, AUC, parameters, time per epoch, samples/s and peak memory. Peak memory
-on CUDA is measured (the allocator's peak, column "peak memory, measured (MiB)"); on CPU it
-is estimated (column "peak memory, estimated (MiB)": fp32 weights + gradients + optimizer
-state + the activations autograd saves for one batch, as the 2D cost tables count it),
-since the process memory does not separate variants trained one after another. Full
-defaults: 10 epochs (seed 002: "at least 10"), no early stopping (the Keras example's
-patience of 15 needs more epochs, e.g. --epochs 100 --patience 15). Default data: generated
-whole-lung volumes with ground-glass patches (not MosMedData). --quick shrinks the grid to
-16x32x32, the widths to 8, 8, 16, 32 with "same" padding, and the data to 32 studies.
-
-outputs (in OUT/RUN-ID/): tables/variants.csv and .md (the comparison, with a note on how
-memory was counted), metrics.csv (every variant's epochs), plots/val_loss.png, val_auc.png
-and train_loss.png, variants/VARIANT/ (each variant's metrics.csv and checkpoints),
-config.json, environment.json, run.json.
-
-examples:
-  lungbench train mosmed --quick
-  lungbench train mosmed --variants baseline residual res_inception --epochs 20
-  lungbench train mosmed --store mosmed.h5 --device cuda --amp"""
-
 FULL = {
     "epochs": 10,
     "batch_size": 2,
@@ -115,92 +84,6 @@ class MosmedConfig:
             "dense": self.dense,
             "padding": self.padding,
         }
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    d = p.add_argument_group("data and model")
-    d.add_argument(
-        "--variants",
-        nargs="+",
-        choices=VARIANTS,
-        default=list(VARIANTS),
-        help="variants to train (default: all seven: " + " ".join(VARIANTS) + ")",
-    )
-    d.add_argument(
-        "--store",
-        default=None,
-        help="whole-CT store with one 'volume' input (default: generated CT-0 / "
-        "CT-2/3 volumes, cached in OUT/data/)",
-    )
-    d.add_argument(
-        "--synth-n",
-        type=positive_int,
-        default=None,
-        help=f"generated studies when no --store (default: {FULL['synth_n']}; "
-        f"--quick: {QUICK['synth_n']})",
-    )
-    d.add_argument(
-        "--grid",
-        type=positive_int,
-        nargs=3,
-        metavar=("D", "H", "W"),
-        default=None,
-        help=f"grid of the generated volumes (default: {' '.join(map(str, FULL['grid']))}"
-        f", Keras's 128x128x64; --quick: {' '.join(map(str, QUICK['grid']))})",
-    )
-    d.add_argument(
-        "--filters",
-        type=positive_int,
-        nargs="+",
-        default=None,
-        help=f"conv widths per level (default: {' '.join(map(str, FULL['filters']))}; "
-        f"--quick: {' '.join(map(str, QUICK['filters']))})",
-    )
-    d.add_argument(
-        "--dense",
-        type=positive_int,
-        default=None,
-        help=f"hidden dense width (default: {FULL['dense']}; --quick: {QUICK['dense']})",
-    )
-    d.add_argument(
-        "--padding",
-        choices=("valid", "same"),
-        default=None,
-        help=f"conv padding (default: {FULL['padding']}, as Keras, needs >= 46 voxels "
-        f"per axis; --quick: {QUICK['padding']})",
-    )
-    d.add_argument(
-        "--val-fraction",
-        type=unit_fraction,
-        default=0.3,
-        help="stratified validation share (default: 0.3, as the Keras example)",
-    )
-    d.add_argument(
-        "--data-seed",
-        type=non_negative_int,
-        default=0,
-        help="seed of the generated data set (default: 0)",
-    )
-    common3d.add_train_arguments(p, FULL, QUICK)
-
-
-def make_config(args: argparse.Namespace) -> MosmedConfig:
-    def get(name):
-        return common3d.resolve(args, name, FULL, QUICK)
-
-    return MosmedConfig(
-        train=common3d.train_config(args, FULL, QUICK),
-        variants=tuple(dict.fromkeys(args.variants)),
-        store=args.store,
-        synth_n=get("synth_n"),
-        grid=tuple(get("grid")),
-        filters=tuple(get("filters")),
-        dense=get("dense"),
-        padding=get("padding"),
-        val_fraction=args.val_fraction,
-        quick=args.quick,
-    )
 
 
 def volume_store(cfg: MosmedConfig, out: Path, data_seed: int) -> StoreInfo:
@@ -344,21 +227,27 @@ def memory_note(table: pd.DataFrame) -> str:
     return "\n".join(MEMORY_NOTES[k] for k in kinds)
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclasses.dataclass
+class MosmedRun:
+    """What a mosmed run produced."""
+
+    run_dir: Path
+    table: pd.DataFrame  # one row per variant (best epoch by validation loss)
+    data: str  # what the data were (generated or the store)
+    wall_s: float
+
+
+def run(
+    cfg: MosmedConfig, out: str | Path, run_id: str | None = None, data_seed: int = 0
+) -> MosmedRun:
+    """Train every variant of `cfg` and write the comparison into OUT/<run-id>/."""
     started = time.perf_counter()
-    cfg = make_config(args)
-    info = volume_store(cfg, Path(args.out), args.data_seed)
+    info = volume_store(cfg, Path(out), data_seed)
     note = common3d.data_note(info)
-    run_dir = common3d.start_run(
-        args.out, args.run_id, {"experiment": NAME, "config": cfg, "store": info.path, "data": note}
-    )
-    log.info(f"config: {cfg}")
-    with common3d.marking_run(run_dir, note):
-        table = compare(cfg, info, run_dir)
-    wall = time.perf_counter() - started
-    finish_run(run_dir, "complete", data=note, wall_s=wall)
-    print(f"MosMed CT-0 vs CT-2/3 on {note} (best epoch by validation loss)\n")
-    print(table.drop(columns="memory measure").round(3).to_string())
-    print(f"\n{memory_note(table)}\nwall time {wall:.1f} s")
-    print(f"results: {run_dir}")
-    return 0
+    config = {"experiment": NAME, "config": cfg, "store": info.path, "data": note}
+    with common3d.training_run(out, run_id, config, note) as folder:
+        log.info(f"config: {cfg}")
+        table = compare(cfg, info, folder.path)
+        wall = time.perf_counter() - started
+        folder.summary["wall_s"] = wall
+    return MosmedRun(folder.path, table, note, wall)

@@ -1,4 +1,4 @@
-"""`lungbench train nodule2d`: seed 001's fine-tuning recipe on 64x64 nodule crops.
+"""Layer 9 (experiments): `lungbench train nodule2d`: seed 001's fine-tuning recipe on 64x64 nodule crops.
 
 LR range test (its plot and the suggestion at the steepest descent) -> training with cosine
 annealing or one-cycle and random-rotation augmentation -> test accuracy with and without
@@ -17,10 +17,9 @@ training's checkpoint_best.pt / metrics.csv under train/.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +28,8 @@ import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from lungbench.commands._args import non_negative_int, positive_int
-from lungbench.core.errors import UsageError
 from lungbench.core.runs import (
     append_record,
-    finish_run,
     markdown,
     save_figure,
     write_json,
@@ -45,27 +41,15 @@ from lungbench.experiments import common2d as c2d
 from lungbench.experiments import common3d as c3d
 from lungbench.report.training import confusion_table
 from lungbench.train.cam import cam_overlay_figure, grad_cam
-from lungbench.train.config import SCHEDULES, TrainConfig
+from lungbench.train.config import TrainConfig
 from lungbench.train.engine import fit, predict
 from lungbench.train.lr_finder import find_lr, lr_finder_figure
 from lungbench.train.transfer import parse_method
-from lungbench.train.tta import DEFAULT_VIEWS, tta_predict
+from lungbench.train.tta import tta_predict
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 NAME = "nodule2d"
-HELP = "seed 001: 2D nodule crops, LR finder, cosine/one-cycle, rotation aug, TTA, Grad-CAM"
-DESCRIPTION = __doc__.split("\n\n")[1]
-EPILOG = """\
-examples:
-  lungbench train nodule2d --quick
-  lungbench train nodule2d --model resnet34 --epochs 50 --schedule onecycle
-  lungbench train nodule2d --weights weights/resnet50-tv.pth --method A   (head only)
-  lungbench train nodule2d --store crops.h5 --lr 1e-3     (a given --lr skips the LR finder)
-
-Store: `lungbench data images --csv labels.csv ...` converts a folder of crops; without
---store the crops are generated slices through generated nodules (results say so)."""
-
 QUICK = {"model": "resnet18", "n": 80, "epochs": 2, "lr_iters": 20}
 DEFAULTS = {"model": "resnet50", "n": 600, "epochs": 30, "lr_iters": 100}
 GRID = 8  # images per grid
@@ -86,156 +70,19 @@ class Nodule2DConfig:
     tta_views: tuple[str, ...]
     generated: bool
     train: TrainConfig
+    find_lr: bool = True  # run the LR finder and train at its suggestion (no --lr given)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.epilog = EPILOG
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--store",
-        default=None,
-        help="binary image store of crops (default: generated nodule slices)",
-    )
-    g.add_argument(
-        "--n", type=positive_int, default=None, help="generated crops (default: 600; --quick: 80)"
-    )
-    g.add_argument(
-        "--image-size",
-        type=positive_int,
-        default=64,
-        help="generated crop size in pixels (default: 64, as the seed)",
-    )
-    g.add_argument(
-        "--augmentation",
-        default="rotation_only",
-        help="training augmentation preset of lungbench.data.transforms: none, "
-        "rotation_only, flips, standard (default: rotation_only, as the seed)",
-    )
-    m = p.add_argument_group("model")
-    m.add_argument(
-        "--model",
-        choices=c2d.BACKBONES,
-        default=None,
-        help="network (default: resnet50, the seed's choice; --quick: resnet18)",
-    )
-    m.add_argument(
-        "--method",
-        default="C",
-        help="transfer method A, B_<depth>, C or D (default: C; without --weights "
-        "C starts from random weights)",
-    )
-    m.add_argument(
-        "--weights",
-        default=None,
-        help="local pretrained weights (torchvision/MONAI .pth or lungbench "
-        "checkpoint; default: none)",
-    )
-    t = p.add_argument_group("training")
-    t.add_argument(
-        "--epochs", type=positive_int, default=None, help="epochs (default: 30; --quick: 2)"
-    )
-    t.add_argument("--batch-size", type=positive_int, default=32, help="batch size (default: 32)")
-    t.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="learning rate; given, the LR finder is skipped (default: run the LR finder and "
-        "train with its suggestion)",
-    )
-    t.add_argument(
-        "--lr-iters",
-        type=positive_int,
-        default=None,
-        help="LR finder steps, >= 5, without --lr (default: 100; --quick: 20)",
-    )
-    t.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default="cosine",
-        help="LR schedule (default: cosine annealing, as the seed)",
-    )
-    t.add_argument(
-        "--tta",
-        nargs="+",
-        default=list(DEFAULT_VIEWS),
-        help=f"TTA views (default: all 8: {' '.join(DEFAULT_VIEWS)})",
-    )
-    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    t.add_argument(
-        "--workers", type=non_negative_int, default=0, help="DataLoader workers (default: 0)"
-    )
-    t.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
-    c3d.add_telemetry_argument(t)
-    o = p.add_argument_group("output")
-    o.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run: 80 crops, resnet18, 2 epochs, 20 LR-finder steps",
-    )
-    o.add_argument("--out", default="results", help="output root (default: results)")
-    o.add_argument("--run-id", default=None, help="run folder name (default: train-<UTC>-<host>)")
+@dataclass
+class Nodule2DRun:
+    """What a nodule2d run produced: its folder and the tables to show, as text."""
+
+    run_dir: Path
+    text: str
 
 
-def make_config(args: argparse.Namespace, lr: float | None = None) -> Nodule2DConfig:
-    base = QUICK if args.quick else DEFAULTS
-
-    def pick(name):
-        value = getattr(args, name)
-        return base[name] if value is None else value
-
-    parse_method(args.method)
-    from lungbench.core.device import parse_device
-    from lungbench.core.errors import look_up_option
-    from lungbench.data.transforms import PRESETS
-    from lungbench.train.tta import VIEWS
-
-    parse_device(args.device)
-    if args.lr is not None and not args.lr > 0:
-        raise UsageError(f"--lr must be > 0, got {args.lr}")
-    if args.lr is None and pick("lr_iters") < 5:
-        raise UsageError(
-            f"--lr-iters: the LR finder needs at least 5 steps, got {pick('lr_iters')}"
-        )
-    if args.store is None:
-        if args.image_size < 32:
-            raise UsageError(
-                f"--image-size must be >= 32 pixels (the networks downsample 32x), "
-                f"got {args.image_size}"
-            )
-        if pick("n") < 10:
-            raise UsageError(f"--n: nodule2d needs at least 10 crops, got {pick('n')}")
-    look_up_option(args.augmentation, PRESETS, what="augmentation preset")
-    for view in args.tta:
-        look_up_option(view, VIEWS, what="TTA view")
-    train = TrainConfig(
-        epochs=pick("epochs"),
-        batch_size=args.batch_size,
-        lr=lr or args.lr or 1e-3,
-        schedule=args.schedule,
-        seed=args.seed,
-        num_workers=args.workers,
-        device=args.device,
-        tensorboard=False,
-        telemetry_interval=args.telemetry_interval,
-    )
-    return Nodule2DConfig(
-        model=pick("model"),
-        method=args.method,
-        weights=args.weights,
-        store=args.store,
-        n=pick("n"),
-        image_size=args.image_size,
-        augmentation=args.augmentation,
-        lr_iters=pick("lr_iters"),
-        tta_views=tuple(args.tta),
-        generated=args.store is None,
-        train=train,
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = make_config(args)
+def run(cfg: Nodule2DConfig, out: str | Path, run_id: str | None = None) -> Nodule2DRun:
+    """LR finder (unless cfg.find_lr is off), training, TTA, Grad-CAM into OUT/<run-id>/."""
     # Everything the user gave is checked before the run folder exists: the store (a 2D
     # binary image store, enough crops of each class to split), the weights and method.
     in_channels = 1  # the generated crops are grey
@@ -246,20 +93,20 @@ def run(args: argparse.Namespace) -> int:
     kwargs = c2d.model_kwargs(cfg.model, in_channels, 1, 0.0)
     method = parse_method(cfg.method)
     built = c2d.build_transfer_model(cfg.model, kwargs, method, cfg.weights, cfg.train.seed)
-    run_dir = c3d.start_run(args.out, args.run_id, {"nodule2d": asdict(cfg), "lr_finder": None})
-    with c3d.marking_run(run_dir, _data_note(cfg)):  # a later failure marks the run "failed"
-        _experiment(args, cfg, run_dir, built, kwargs)
-    print(f"\nresults: {run_dir}")
-    return 0
+    config = {"nodule2d": asdict(cfg), "lr_finder": None}
+    # a later failure marks the run "failed"
+    with c3d.training_run(out, run_id, config, _data_note(cfg)) as folder:
+        text = _experiment(cfg, folder.path, built, kwargs)
+    return Nodule2DRun(folder.path, text)
 
 
 def _experiment(
-    args: argparse.Namespace,
     cfg: Nodule2DConfig,
     run_dir: Path,
     built: c2d.BuiltModel,
     kwargs: dict,
-) -> None:
+) -> str:
+    """The study into `run_dir`; the tables to show, as text."""
     store = _store(cfg, run_dir)
     info = _check_store(store)
     note = _data_note(cfg)
@@ -275,7 +122,7 @@ def _experiment(
     method = built.plan.method
 
     finder = None
-    if args.lr is None:
+    if cfg.find_lr:
         sweep = find_lr(
             built.model,
             train_ds,
@@ -285,7 +132,7 @@ def _experiment(
             seed=cfg.train.seed,
         )
         save_figure(run_dir, "lr_finder", lr_finder_figure(sweep, f"LR finder, {cfg.model}"))
-        cfg = make_config(args, lr=sweep.suggestion)
+        cfg = replace(cfg, train=replace(cfg.train, lr=sweep.suggestion))
         finder = {"suggestion": sweep.suggestion, "lrs": sweep.lrs, "smoothed": sweep.smoothed}
         log.info(f"LR finder suggests {sweep.suggestion:.2e}; training with lr {cfg.train.lr:.2e}")
     else:
@@ -333,9 +180,8 @@ def _experiment(
     write_table(run_dir, "confusion_matrix", confusion)
     save_figure(run_dir, "confusion_matrix", _confusion_figure(confusion))
     _case_grids(run_dir, built.model, test_ds, tta_probs, targets, info.label_names)
-    finish_run(run_dir, data=note)
-    print(
-        f"\nTest accuracy, {cfg.model} method {method.label} ({note}):\n"
+    return (
+        f"Test accuracy, {cfg.model} method {method.label} ({note}):\n"
         f"{markdown(accuracy, index=False)}\n\nConfusion matrix (TTA):\n{markdown(confusion)}"
     )
 

@@ -1,4 +1,4 @@
-"""A whole `lungbench bench` run: validate, prepare data, sweep, write and publish results.
+"""Layer 9 (experiments): A whole `lungbench bench` run: validate, prepare data, sweep, write and publish results.
 
 Everything the user asked for is checked before the run folder is created, so bad input
 leaves nothing behind; a run that fails or is interrupted later is marked so in run.json.

@@ -1,4 +1,4 @@
-"""`lungbench bench --ablation`: which speed switch buys how much.
+"""Layer 6 (measure): `lungbench bench --ablation`: which speed switch buys how much.
 
 The same model, batch and data are run with each switch added in turn (a cumulative ladder
 from the eager FP32 contiguous baseline), timed in interleaved rounds (round r times one step

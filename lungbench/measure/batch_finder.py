@@ -1,4 +1,4 @@
-"""The largest batch that fits: doubling, then bisection, with out-of-memory caught.
+"""Layer 6 (measure): The largest batch that fits: doubling, then bisection, with out-of-memory caught.
 
 `find_max_batch(fits)` needs only a predicate "does a training step at batch b fit?":
 batches 1, 2, 4, ... are tried until one fails (or `limit` is reached), then the gap between

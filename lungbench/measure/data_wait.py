@@ -1,4 +1,8 @@
-"""Split out of lungbench.measure.loader."""
+"""Layer 6 (measure): how long the device waited for data in an epoch.
+
+On CPU the host clock between a step's end and the next batch's arrival; on CUDA events on
+the device's own timeline, so loader time hidden behind running kernels does not count.
+"""
 
 from __future__ import annotations
 

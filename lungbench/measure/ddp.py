@@ -1,4 +1,4 @@
-"""Distributed (DDP) benchmark measurements: `lungbench bench` under a launcher.
+"""Layer 6 (measure): Distributed (DDP) benchmark measurements: `lungbench bench` under a launcher.
 
     torchrun --nproc_per_node 2 -m lungbench bench --preset dey2018 --batch 2 4 --filters 8
     mpiexec -n 2 python -m lungbench bench --scaling weak --dist-timeout 120

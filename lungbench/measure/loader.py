@@ -1,4 +1,4 @@
-"""The data path: a DataLoader that keeps the device fed, and a benchmark of its throughput.
+"""Layer 6 (measure): The data path: a DataLoader that keeps the device fed, and a benchmark of its throughput.
 
 `make_loader()` builds the loader every lungbench run uses: workers, pinned memory (on by
 default for CUDA), persistent workers and prefetch when there are workers, and optionally

@@ -1,4 +1,4 @@
-"""The device's measured peak: what a large matrix product reaches on this machine.
+"""Layer 6 (measure): The device's measured peak: what a large matrix product reaches on this machine.
 
 Every measurement's achieved FLOP/s is reported as a fraction of this number, measured on
 the same device and dtype, not taken from a data sheet.

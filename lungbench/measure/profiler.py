@@ -1,4 +1,4 @@
-"""Where the time goes: a training step under torch.profiler, traces and summaries.
+"""Layer 6 (measure): Where the time goes: a training step under torch.profiler, traces and summaries.
 
 The workload (the two-path model's training step, as the bench harness measures it) runs
 under `torch.profiler` with an explicit schedule: `wait` steps ignored, `warmup` steps

@@ -1,4 +1,4 @@
-"""Summary statistics of repeated timings: small, pure and checked by hand in tests.
+"""Layer 6 (measure): Summary statistics of repeated timings: small, pure and checked by hand in tests.
 
 Percentiles use linear interpolation between order statistics (numpy's default, "type 7"),
 so for samples [1, 2, 3, 4] the median is 2.5, Q1 1.75, Q3 3.25, IQR 1.5 and p90 3.7.

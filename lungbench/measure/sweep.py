@@ -1,4 +1,4 @@
-"""The benchmark sweep: configurations x devices -> self-describing measurement records.
+"""Layer 6 (measure): The benchmark sweep: configurations x devices -> self-describing measurement records.
 
 For each configuration (model, filters, batch size, device, threads, ...):
   1. compute-only: a training step on tensors already resident on the device, timed by the

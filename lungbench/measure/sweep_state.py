@@ -1,4 +1,4 @@
-"""Sweeps that survive: resume a run folder, skip what cannot fit, stop cleanly on a signal.
+"""Layer 6 (measure): Sweeps that survive: resume a run folder, skip what cannot fit, stop cleanly on a signal.
 
 A sweep's truth is its records.jsonl (one fsynced JSON line per finished configuration);
 everything here is derived from it:

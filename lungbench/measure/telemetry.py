@@ -1,4 +1,4 @@
-"""Telemetry: what the machine did while a benchmark or training run was measured.
+"""Layer 6 (measure): Telemetry: what the machine did while a benchmark or training run was measured.
 
 A background thread samples, every `interval_s` seconds:
   - NVIDIA GPUs through nvidia-ml-py (`pynvml`): utilisation, memory used, power, the

@@ -1,4 +1,4 @@
-"""The measurement protocol: warm-up off the clock, then timed repeats of a step whose
+"""Layer 6 (measure): The measurement protocol: warm-up off the clock, then timed repeats of a step whose
 phases (forward, backward, optimizer) are timed separately and as a whole.
 
 CPU: `time.perf_counter` around each phase. CUDA: a pair of CUDA events per phase, and one

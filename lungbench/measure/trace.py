@@ -1,4 +1,8 @@
-"""Split out of lungbench.measure.profiler."""
+"""Layer 6 (measure): reading profiler traces (Chrome-trace JSON).
+
+Per-phase time from the record_function ranges (data, forward, backward, optimizer), the
+communication spans (NCCL / Gloo / c10d) and how much of them overlapped with compute.
+"""
 
 from __future__ import annotations
 

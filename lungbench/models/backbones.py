@@ -1,4 +1,4 @@
-"""ResNet 18/34/50/101/152 and DenseNet121 for the transfer-learning studies (seeds 001, 004).
+"""Layer 4 (models): ResNet 18/34/50/101/152 and DenseNet121 for the transfer-learning studies (seeds 001, 004).
 
 The networks are MONAI's (no torchvision needed), in 2D by default and 3D with
 `spatial_dims=3`, with any number of outputs. Parameter names follow torchvision's for ResNet

@@ -1,4 +1,4 @@
-"""The two-path 3D CNN of seed 000 (after Dey, Lu & Hong 2018, "Diagnostic classification
+"""Layer 4 (models): The two-path 3D CNN of seed 000 (after Dey, Lu & Hong 2018, "Diagnostic classification
 of lung nodules using 3D neural networks").
 
 Two near-identical convolutional paths look at the same nodule: the *context* path sees a

@@ -1,4 +1,4 @@
-"""The MosMed 3D CNN of seed 002 (Keras example "3D image classification from CT scans").
+"""Layer 4 (models): The MosMed 3D CNN of seed 002 (Keras example "3D image classification from CT scans").
 
 Baseline, as in Keras: four levels of Conv3d(k3, valid) + ReLU -> MaxPool3d(2) -> BatchNorm
 with 64, 64, 128, 256 filters, global average pooling, Dense 512 + ReLU, Dropout 0.3 and one

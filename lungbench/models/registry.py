@@ -1,4 +1,4 @@
-"""A small model registry in the style of timm's `_registry.py`.
+"""Layer 4 (models): A small model registry in the style of timm's `_registry.py`.
 
     @register_model
     def dualpath3d(**kw) -> nn.Module: ...

@@ -1,4 +1,4 @@
-"""Benchmark tables: the long-form summary and the thesis's speed-up table.
+"""Layer 8 (report): Benchmark tables: the long-form summary and the thesis's speed-up table.
 
 The speed-up table of seed 000 (one per batch size):
 

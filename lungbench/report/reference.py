@@ -1,4 +1,4 @@
-"""The seeds' published tables (results/reference/), matched to a run's tables by name.
+"""Layer 8 (report): The seeds' published tables (results/reference/), matched to a run's tables by name.
 
 A reference file `seedNNN_NAME.csv` belongs next to a run's `tables/NAME.csv`: e.g.
 `seed000_speedup_b2.csv` (the thesis's speed-up table) next to `speedup_b2.csv`, and

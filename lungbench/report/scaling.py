@@ -1,4 +1,4 @@
-"""Scaling tables and plots of DDP runs: efficiency per world size, and where the time goes.
+"""Layer 8 (report): Scaling tables and plots of DDP runs: efficiency per world size, and where the time goes.
 
     records = combine_runs([Path("results/run-1proc"), Path("results/run-2proc")])
     print(format_scaling_markdown(scaling_table(records)))

@@ -1,4 +1,4 @@
-"""What a training run is asked to do (TrainConfig) and what it returns (FitResult).
+"""Layer 7 (train): What a training run is asked to do (TrainConfig) and what it returns (FitResult).
 
 Layer 7 (train): imported by the engine, the checkpoints and the experiments.
 """

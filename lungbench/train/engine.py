@@ -1,4 +1,4 @@
-"""The training engine: one plain, readable loop shared by every experiment.
+"""Layer 7 (train): The training engine: one plain, readable loop shared by every experiment.
 
     config = TrainConfig(epochs=30, batch_size=16, lr=1e-3)
     result = fit(model, train_ds, val_ds, config, run_dir=run_dir,

@@ -1,4 +1,4 @@
-"""Learning-rate range test (Smith 2017; fastai's `lr_find`, used by seed 001).
+"""Layer 7 (train): Learning-rate range test (Smith 2017; fastai's `lr_find`, used by seed 001).
 
     result = find_lr(model, train_ds, loss_fn=None, start_lr=1e-7, end_lr=10, num_iter=100)
     result.suggestion          # the LR at the steepest descent of the smoothed loss

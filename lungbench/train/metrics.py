@@ -1,4 +1,8 @@
-"""Split out of lungbench.train.engine."""
+"""Layer 7 (train): what a prediction scores, and the default loss.
+
+The default loss follows the target (BCE-with-logits for float targets, cross-entropy for
+int64 ones), probabilities from logits per task, and accuracy and AUC for validation.
+"""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
-"""`lungbench train EXPERIMENT`: the training recipes that reproduce the seeds.
+"""Layer 10 (commands): `lungbench train EXPERIMENT`, the training recipes of the seeds.
 
-Each experiment module in EXPERIMENT_MODULES exposes NAME, HELP, DESCRIPTION,
-`add_arguments(parser)` and `run(args) -> int`; one that sets DISTRIBUTED = True joins the
-launcher's process group itself (DDP), the others refuse to run under a launcher.
+Each command module in EXPERIMENT_MODULES (one per recipe of lungbench.experiments) exposes
+NAME, HELP, DESCRIPTION, `add_arguments(parser)` and `main(args) -> int`, which builds the
+recipe's config from the options, runs the recipe and prints its tables; one that sets
+DISTRIBUTED = True joins the launcher's process group itself (DDP), the others refuse to run
+under a launcher.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ import argparse
 import importlib
 
 EXPERIMENT_MODULES: list[str] = [
-    "lungbench.experiments.chestxray",
-    "lungbench.experiments.nodule2d",
-    "lungbench.experiments.lidc_pretrain",
-    "lungbench.experiments.lungx_cv",
-    "lungbench.experiments.mosmed",
+    "lungbench.commands.train.chestxray",
+    "lungbench.commands.train.nodule2d",
+    "lungbench.commands.train.lidc_pretrain",
+    "lungbench.commands.train.lungx_cv",
+    "lungbench.commands.train.mosmed",
 ]
 
 
@@ -31,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         module = importlib.import_module(name)
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.DESCRIPTION)
         module.add_arguments(p)
-        run = module.run if getattr(module, "DISTRIBUTED", False) else _single(module)
+        run = module.main if getattr(module, "DISTRIBUTED", False) else _single(module)
         p.set_defaults(func=_out_checked(run))
 
 
@@ -49,7 +51,7 @@ def _out_checked(run):
 
 
 def _single(module):
-    """module.run, refused under a multi-process launcher (it trains in one process)."""
+    """module.main, refused under a multi-process launcher (it trains in one process)."""
 
     def run(args: argparse.Namespace) -> int:
         from lungbench.distributed.launch import require_single_process
@@ -58,6 +60,6 @@ def _single(module):
             f"lungbench train {module.NAME}",
             "; DDP training: `lungbench train lidc-pretrain` under the launcher",
         )
-        return module.run(args)
+        return module.main(args)
 
     return run
