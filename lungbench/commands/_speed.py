@@ -278,6 +278,7 @@ def run_loader_cli(args: argparse.Namespace) -> int:
     """`lungbench bench --loader`."""
     from lungbench.experiments.speedup import BenchRequest, prepare_store, validate
     from lungbench.measure.loader import run_loader_run
+    from lungbench.measure.workload import Workload
 
     request = BenchRequest(
         model=args.model,
@@ -291,13 +292,17 @@ def run_loader_cli(args: argparse.Namespace) -> int:
     validate(request)
     info = prepare_store(request)
     filters, batches = _reference(args)
-    run_dir, text = run_loader_run(
-        info.path,
+    workload = Workload(
         model=args.model,
         preset=args.preset,
         filters=filters[0],
         batch_size=batches[0],
         device=args.device[0],
+        seed=args.seed,
+    )
+    run_dir, text = run_loader_run(
+        info.path,
+        workload,
         workers=args.workers or 2,
         samples=args.loader_samples,
         out=Path(args.out),

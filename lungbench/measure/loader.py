@@ -43,6 +43,7 @@ from lungbench.data.loader import (
     to_device,
 )
 from lungbench.data.store import read_info
+from lungbench.measure.workload import Protocol, Workload
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
@@ -138,22 +139,12 @@ def measure_loader(
 
 
 def step_samples_per_s(
-    path: str | Path,
-    model: str,
-    preset: str,
-    filters: int,
-    batch_size: int,
-    device: torch.device,
-    repeats: int = 5,
+    path: str | Path, workload: Workload, device: torch.device, repeats: int = 5
 ) -> float:
     """The training step's samples/s (compute only, fast default switches) for comparison."""
     from lungbench.measure.sweep import BenchConfig, measure_compute
-    from lungbench.measure.workload import Protocol, Workload
 
-    cfg = BenchConfig(
-        Workload(model, preset, filters, batch_size, str(device)),
-        protocol=Protocol(warmup=2, repeats=repeats, epoch=False),
-    )
+    cfg = BenchConfig(workload, protocol=Protocol(warmup=2, repeats=repeats, epoch=False))
     return float(measure_compute(cfg, read_info(path), device)["samples_per_s"])
 
 
@@ -192,11 +183,7 @@ def run_loader_bench(
 
 def run_loader_run(
     path: str | Path,
-    model: str,
-    preset: str,
-    filters: int,
-    batch_size: int,
-    device: str,
+    workload: Workload,
     workers: int,
     samples: int,
     out: Path,
@@ -213,25 +200,22 @@ def run_loader_run(
         write_table,
     )
 
-    dev = parse_device(device)
+    w = workload
+    dev = parse_device(w.device)
     # a failure marks the run "failed", Ctrl-C "interrupted"
     with run_folder(out, "loader", run_id, environment=environment_record()) as run:
         run_dir = run.path
         log.info(
-            f"training step: {model} {preset} filters {filters} batch {batch_size} on {device}"
+            f"training step: {w.model} {w.preset} filters {w.filters} batch {w.batch_size} on {w.device}"
         )
-        rate = step_samples_per_s(path, model, preset, filters, batch_size, dev)
-        variants = default_variants(batch_size, workers)
+        rate = step_samples_per_s(path, w, dev)
+        variants = default_variants(w.batch_size, workers)
         records, table = run_loader_bench(path, dev, variants, samples, rate)
         write_json(
             run_dir / "config.json",
             {
                 "store": str(path),
-                "model": model,
-                "preset": preset,
-                "filters": filters,
-                "batch_size": batch_size,
-                "device": device,
+                **asdict(w),
                 "workers": workers,
                 "samples": samples,
             },
