@@ -10,7 +10,11 @@ back with a printed warning (or raises UsageError when `strict`, i.e. the user f
 Every result record carries the request (fields `dtype`, ...) and `Resolved.record()`: what
 ran (`dtype_used`, ...) and why it differs (`switch_fallbacks`).
 
-Fast defaults (chosen by `lungbench bench --ablation` measurements; docs/performance.md):
+"auto" is chosen by measurement where the run happens: `lungbench bench` and `profile` run a
+short tuning pass per workload and device (lungbench.measure.tuning) and pass its choice as
+`fast`. The table below (`fast_defaults`) is only the fallback when no pass ran (--no-tune,
+under a launcher); it was measured on one machine and can be slower elsewhere (an Intel Xeon
+with AVX512-BF16 but no AMX ran bf16 autocast at 0.89x of eager FP32):
 
     cpu   contiguous, bf16 autocast where the CPU has native bf16 (AVX512-BF16 / AMX; else
           fp32), foreach Adam, compile off. Measured on the 2-core AMD EPYC (AVX512-BF16) dev
@@ -192,11 +196,13 @@ def resolve(
     strict: bool | Collection[str] = False,
     warn: Callable[[str], None] | None = None,
     probe: tuple[nn.Module, Sequence[torch.Tensor]] | None = None,
+    fast: Switches | None = None,
 ) -> Resolved:
     """What `requested` becomes on `device` for inputs of rank `input_ndim`.
 
-    "auto"/None take the device's fast default. A switch the device cannot do falls back
-    (to the plain setting) with a warning through `warn` (default: print), or raises
+    "auto"/None take `fast`, the measured fast choice for this workload on this device
+    (lungbench.measure.tuning), or without one the device's table (fast_defaults). A switch
+    the device cannot do falls back (to the plain setting) with a warning through `warn` (default: print), or raises
     UsageError when the user forced it: `strict` is True (every switch given a value, not
     "auto") or the names of the forced switches. A switch left on "auto" always falls back.
     With `probe` (a model and example inputs) the model's layer shapes are checked against
@@ -205,7 +211,7 @@ def resolve(
     requested.validate()
     given = {f.name for f in fields(Switches) if getattr(requested, f.name) not in (AUTO, None)}
     forced = given if strict is True else given & set(strict or ())
-    fast = fast_defaults(device)
+    fast = fast or fast_defaults(device)
     chosen = replace(
         requested,
         **{
@@ -575,6 +581,11 @@ def _capture(step: TrainStep, inputs: Sequence[torch.Tensor], target: torch.Tens
     return graph, static_inputs, static_target, static_loss, static_out
 
 
+def has_auto(switches: Switches) -> bool:
+    """True when some switch is left to the device ("auto" / None)."""
+    return any(getattr(switches, f.name) in (AUTO, None) for f in fields(Switches))
+
+
 def switch_fields() -> tuple[str, ...]:
     """Names of the switch fields (BenchConfig carries the same names)."""
     return tuple(f.name for f in fields(Switches))
@@ -605,6 +616,7 @@ def resolve_switches(
         strict=getattr(config, "strict_switches", False),
         warn=(lambda message: None) if quiet else None,
         probe=probe,
+        fast=getattr(config, "fast", None),
     )
 
 

@@ -9,6 +9,15 @@ from lungbench.data.geometry import geometry
 from lungbench.data.synth import write_synthetic_store
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _tuning_cache(tmp_path_factory):
+    """The tuning pass's cache lives in the session's temporary folder, never in ~/.cache."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LUNGBENCH_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(autouse=True)
 def _two_threads():
     # Keep tests predictable on shared 2-core CI machines.

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lungbench.core.errors import UsageError
-from lungbench.measure.ablation import bce_loss, tolerance
+from lungbench.measure.ablation import tolerance
 from lungbench.models import create_model
 from lungbench.models.dualpath3d import DualPath3D
 from lungbench.step import (
@@ -19,6 +19,7 @@ from lungbench.step import (
     apply_memory_format,
     auto_switches,
     backend_flags,
+    bce_loss,
     bf16_supported,
     compiler_available,
     eager_fp32,

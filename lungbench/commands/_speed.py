@@ -95,6 +95,25 @@ def add_switch_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the plain baseline: eager, FP32, contiguous, torch's default Adam",
     )
+    s.add_argument(
+        "--no-tune",
+        dest="tune",
+        action="store_false",
+        help="'auto' takes the device's table instead of a measurement here (default: a "
+        "short tuning pass per workload measures eager FP32 and each switch, interleaved, "
+        "and picks the fastest that passes an accuracy check; cached per host, device, "
+        "torch version and workload)",
+    )
+    s.add_argument(
+        "--retune",
+        action="store_true",
+        help="run the tuning pass again though its choice is cached",
+    )
+    s.add_argument(
+        "--tune-compile",
+        action="store_true",
+        help="let the tuning pass try torch.compile (its first step costs minutes on a CPU)",
+    )
 
 
 def _add_other_speed_options(p: argparse.ArgumentParser) -> None:
@@ -175,6 +194,16 @@ def switch_request_fields(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def tuning_fields(args: argparse.Namespace) -> dict[str, bool]:
+    """--no-tune / --retune / --tune-compile (UsageError when they contradict)."""
+    from lungbench.core.errors import UsageError
+
+    if not args.tune and (args.retune or args.tune_compile):
+        flag = "--retune" if args.retune else "--tune-compile"
+        raise UsageError(f"--no-tune skips the tuning pass; drop {flag}")
+    return {"tune": args.tune, "retune": args.retune, "tune_compile": args.tune_compile}
+
+
 def switches_from_args(args: argparse.Namespace) -> tuple[Any, tuple[str, ...]]:
     """The Switches of the options and the names of those the user forced."""
     from lungbench.step import Switches
@@ -188,6 +217,7 @@ def speed_request_fields(args: argparse.Namespace) -> dict[str, Any]:
     """BenchRequest fields from the options (UsageError for --eager-fp32 with a switch)."""
     return {
         **switch_request_fields(args),
+        **tuning_fields(args),
         "pin_memory": args.pin_memory,
         "cache": args.cache,
         "find_batch": args.find_batch,

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from lungbench.commands._args import add_dist_timeout, non_negative_int, positive_int
-from lungbench.commands._speed import add_switch_options, switches_from_args
+from lungbench.commands._speed import add_switch_options, switches_from_args, tuning_fields
 
 DESCRIPTION = """\
 Run the training step of a model (default: the two-path 3D CNN, filters 16, batch 2) under
@@ -129,6 +129,7 @@ def _run(args: argparse.Namespace) -> int:
         with_stack=args.with_stack,
         top=args.top,
         store=Path(args.store) if args.store else None,
+        **tuning_fields(args),
     )
     from lungbench.distributed.group import init_distributed, shutdown
 

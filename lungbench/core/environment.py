@@ -77,7 +77,7 @@ def library_versions() -> dict[str, str | None]:
 
 def cpu_info() -> dict[str, Any]:
     return {
-        "model": _cpu_model(),
+        "model": cpu_model(),
         "machine": platform.machine(),
         "physical_cores": psutil.cpu_count(logical=False),
         "logical_cores": psutil.cpu_count(logical=True),
@@ -90,7 +90,7 @@ def cpu_info() -> dict[str, Any]:
     }
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith(("model name", "cpu model", "cpu\t")):

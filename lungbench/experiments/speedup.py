@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +56,12 @@ from lungbench.measure.sweep_state import (
     stop_on_sigterm,
 )
 from lungbench.measure.telemetry import SweepMonitor
+from lungbench.measure.tuning import Tuner, TuningOptions, untuned
 from lungbench.measure.workload import Protocol, Workload
 from lungbench.models import create_model, list_models
 from lungbench.report.bench_outputs import write_bench_outputs
 from lungbench.report.scaling import write_scaling_outputs
-from lungbench.step import check_switches, switches_of
+from lungbench.step import check_switches, has_auto, switches_of
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
@@ -101,6 +102,11 @@ class BenchRequest:
     cache: bool = False
     find_batch: bool = False  # search the largest batch first; it bounds the sweep
     max_batch: int | None = None  # ceiling of that search (None: 64 on CPU, 4096 on CUDA)
+    # "auto" switches by measurement (lungbench.measure.tuning): a short pass per workload,
+    # cached; False = the device's table
+    tune: bool = True
+    retune: bool = False  # measure again though the cache has a choice
+    tune_compile: bool = False  # torch.compile among the candidates (minutes on a CPU)
 
     def sweep(self) -> SweepSpec:
         base = BenchConfig(
@@ -262,6 +268,7 @@ def run_bench(
                     "configs": len(configs),
                 },
             )
+        pending, tunings = tuned(pending, request)
         env = environment_record()
         peaks = saved_peaks(run_dir) if resume else None
         peaks = peaks or measure_peaks(request.devices, request.dtype)
@@ -276,6 +283,7 @@ def run_bench(
             device = torch.device(record["device"])
             record["platform"] = _platform(record, device)
             attach_peak(record, peaks.get(record["device"]))
+            record.update(tunings.get(record["key"]) or {})
             state.note(record)
             with signals_deferred():  # a signal now would tear the line
                 append_record(run_dir, record)
@@ -298,6 +306,28 @@ def run_bench(
         table_text = write_bench_outputs(run_dir, records)
     finish_run(run_dir, "complete")
     return BenchResult(run_dir, records, table_text)
+
+
+def tuned(
+    configs: list[BenchConfig], request: BenchRequest
+) -> tuple[list[BenchConfig], dict[str, dict[str, Any]]]:
+    """Each configuration with "auto" switches gets the measured fast choice for its
+    workload on its device (one tuning pass per workload; lungbench.measure.tuning), and
+    the record fields saying what was chosen among which measured alternatives."""
+    tuner = Tuner(TuningOptions(retune=request.retune, allow_compile=request.tune_compile))
+    out, fields = [], {}
+    for cfg in configs:
+        if not has_auto(cfg.switches):
+            out.append(cfg)
+            continue
+        if not request.tune:
+            out.append(cfg)
+            fields[cfg.key()] = untuned("--no-tune: the device's table (lungbench.step)")
+            continue
+        tuning = tuner(cfg.workload, parse_device(cfg.workload.device))
+        out.append(replace(cfg, fast=tuning.switches))
+        fields[cfg.key()] = tuning.record()
+    return out, fields
 
 
 def _telemetry_monitor(request: BenchRequest, run_dir: Path) -> Any:
@@ -362,6 +392,8 @@ def run_ddp_bench(request, dist: DistContext, options: DDPOptions):
             if record.get("scaling") == "none":
                 record["platform"] = _platform(record, torch.device(record["device"]))
             attach_peak(record, peaks.get(record["device"]))
+            # every rank must run the same switches: no tuning pass under a launcher
+            record.update(untuned("under a launcher: the device's table (tune in one process)"))
             append_record(run_dir, record)
             bar.update(1)
 

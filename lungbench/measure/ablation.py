@@ -40,6 +40,7 @@ from lungbench.step import (
     Switches,
     TrainStep,
     backend_flags,
+    bce_loss,
     bf16_supported,
     compiler_available,
     eager_fp32,
@@ -152,11 +153,6 @@ def _no_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy on logits (B, 1) against targets (B,)."""
-    return nn.functional.binary_cross_entropy_with_logits(logits.reshape(target.shape), target)
-
-
 def fp32_loss(model: nn.Module, batch: tuple[list[torch.Tensor], torch.Tensor]) -> float:
     """The loss of `model` on `batch` in eager FP32 (training-mode BatchNorm, no update)."""
     inputs, target = batch
@@ -177,8 +173,10 @@ def accuracy_run(runner: _Runner) -> float:
 def run_ablation(
     cfg: AblationConfig,
     variants: Sequence[Variant] | None = None,
+    label: str = "ablation",
 ) -> list[dict[str, Any]]:
-    """Measure every variant of `cfg` (default: `ladder()`); one record per variant."""
+    """Measure every variant of `cfg` (default: `ladder()`); one record per variant.
+    `label` begins the progress lines (the tuning pass runs variants too)."""
     from lungbench.core.device import parse_device
 
     w = cfg.workload
@@ -197,8 +195,9 @@ def run_ablation(
 
     runners, losses = [], []
     for variant in variants:
-        log.info(
-            f"ablation: {variant.name} (accuracy steps{', compiling' if _compiles(variant) else ''})"
+        # the ablation shows each variant (a compile takes minutes); the tuning pass its table
+        (log.info if label == "ablation" else log.debug)(
+            f"{label}: {variant.name} (accuracy steps{', compiling' if _compiles(variant) else ''})"
         )
         runner = _make_runner(cfg, variant, init, batches, timing_batch, device)
         losses.append(accuracy_run(runner))

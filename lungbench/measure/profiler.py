@@ -27,7 +27,7 @@ import itertools
 import logging
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from lungbench.distributed.group import DistContext
 from lungbench.measure.ddp import ddp_train_step
 from lungbench.measure.timing import training_step_flops
 from lungbench.measure.trace import load_trace, phase_summary, trace_files
+from lungbench.measure.tuning import TuningOptions, tune, untuned
 from lungbench.measure.workload import Workload
 from lungbench.step import (
     Switches,
@@ -47,6 +48,7 @@ from lungbench.step import (
     auto_switches,
     backend_flags,
     bce_loss,
+    has_auto,
     resolve_switches,
 )
 
@@ -108,6 +110,11 @@ class ProfileConfig:
     with_stack: bool = False
     top: int = 25
     store: Path | None = None  # batches from this store through a DataLoader; else random
+    # "auto" by measurement, as in lungbench bench (lungbench.measure.tuning)
+    tune: bool = True
+    retune: bool = False
+    tune_compile: bool = False
+    fast: Switches | None = None  # the tuned choice the "auto" switches take
 
     @property
     def run_steps(self) -> int:
@@ -183,6 +190,22 @@ def _batches(cfg: ProfileConfig, device: torch.device) -> Iterator[tuple[list, t
     if device.type == "cuda":
         pool = [([x.pin_memory() for x in xs], y.pin_memory()) for xs, y in pool]
     yield from itertools.cycle(pool)
+
+
+def _tuned(
+    cfg: ProfileConfig, device: torch.device, dist: DistContext
+) -> tuple[ProfileConfig, dict[str, Any]]:
+    """`cfg` with the tuned choice for its "auto" switches (the one `lungbench bench` uses,
+    from the same cache) and the record fields saying so."""
+    if not has_auto(cfg.switches):
+        return cfg, {}
+    if not cfg.tune:
+        return cfg, untuned("--no-tune: the device's table (lungbench.step)")
+    if dist.is_distributed:  # every rank must run the same switches: no per-rank timing
+        return cfg, untuned("under a launcher: the device's table (tune in one process)")
+    options = TuningOptions(retune=cfg.retune, allow_compile=cfg.tune_compile)
+    tuning = tune(cfg.workload, device, options)
+    return replace(cfg, fast=tuning.switches), tuning.record()
 
 
 class RangeTimer:
@@ -430,7 +453,9 @@ def run_profile(
             f"{f' (DDP x{dist.world_size}, {dist.backend})' if dist.is_distributed else ''}: "
             f"{cfg.run_steps} steps, schedule {cfg.schedule}"
         )
+        cfg, tuning = _tuned(cfg, device, dist)
         step, step_fields = training_step_fn(cfg, device, dist)
+        step_fields.update(tuning)
         totals = profile_steps(
             step,
             cfg.run_steps,

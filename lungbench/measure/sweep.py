@@ -70,6 +70,9 @@ class BenchConfig:
     num_workers: int = 0
     pin_memory: bool | None = None  # None = on for CUDA devices
     cache: bool = False  # decode the store once into shared memory (lungbench.data.loader)
+    # The measured fast choice for this workload here (lungbench.measure.tuning): what the
+    # "auto" switches take; None = the device's table. Not part of the key: the request is.
+    fast: Switches | None = None
 
     def key(self) -> str:
         """Identifies the configuration (for resuming and comparing runs)."""

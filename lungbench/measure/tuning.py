@@ -1,0 +1,294 @@
+"""Layer 6 (measure): the "auto" switches, chosen by measurement where the run happens.
+
+A fixed per-device table cannot know that bf16 autocast is 1.2x on one CPU and 0.89x on
+another (AVX512-BF16 without AMX). So for a workload left on "auto", a short tuning pass
+measures the candidate recipes on this device, interleaved (lungbench.measure.ablation's
+runners: the same initial weights and batches for every candidate), checks each one's loss
+after a few steps against eager FP32, and picks the fastest that passes:
+
+  1. eager FP32 and each single switch on its own (channels_last_3d, foreach / fused Adam,
+     bf16 / fp16 autocast where the device has them, TF32 + cudnn.benchmark and CUDA graphs
+     on CUDA, torch.compile only when allowed: its first step costs minutes on a small CPU);
+  2. when two or more singles beat eager, their combination, against eager and the best
+     single, in a second interleaved pass.
+
+Eager FP32 is always a candidate, so the choice is never slower than it beyond the noise of
+the pass. The choice is cached per host, device, torch version and workload in
+`$LUNGBENCH_CACHE_DIR/tuning.json` (default ~/.cache/lungbench) and reused; `lungbench bench
+--retune` measures again. Every record carries the choice and the measured alternatives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lungbench.core.environment import cpu_model
+from lungbench.core.runs import to_jsonable, utc_now
+from lungbench.measure.ablation import AblationConfig, Variant, run_ablation
+from lungbench.measure.workload import Workload
+from lungbench.step import (
+    Switches,
+    bf16_supported,
+    compiler_available,
+    eager_fp32,
+)
+
+log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
+
+CACHE_FILE = "tuning.json"
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TuningOptions:
+    """How hard to tune: rounds of the interleaved pass, the accuracy steps, and whether
+    torch.compile may be a candidate (its compile time is paid during tuning)."""
+
+    rounds: int = 5
+    warmup: int = 1
+    accuracy_steps: int = 3
+    allow_compile: bool = False
+    retune: bool = False  # measure again even if the cache has a choice
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The measured fast choice for one workload on one device."""
+
+    choice: str  # candidate name, e.g. "eager_fp32", "+bf16", "+bf16+foreach"
+    switches: Switches
+    source: str  # "measured" | "cache"
+    alternatives: tuple[dict[str, Any], ...] = ()  # name, step_ms, speedup, accuracy_ok
+    note: str = ""
+
+    def record(self) -> dict[str, Any]:
+        """Flat fields for a result record."""
+        return {
+            "tuning_choice": self.choice,
+            "tuning_source": self.source,
+            "tuning_alternatives": list(self.alternatives),
+            "tuning_note": self.note,
+        }
+
+
+def candidates(device: torch.device, ndim: int = 5, allow_compile: bool = False) -> list[Variant]:
+    """Eager FP32 and every single switch this device can run, each on its own."""
+    cuda = device.type == "cuda"
+    base = eager_fp32()
+    singles: list[tuple[str, str, dict[str, Any]]] = []
+    if ndim in (4, 5):
+        fmt = "channels_last_3d" if ndim == 5 else "channels_last"
+        singles.append((fmt, fmt, {"memory_format": fmt}))
+    impl = "fused" if cuda else "foreach"
+    singles.append((impl, f"{impl} Adam", {"optimizer": impl}))
+    if bf16_supported(device):
+        singles.append(("bf16", "bf16 autocast", {"dtype": "bf16"}))
+    if cuda:
+        singles.append(("fp16", "fp16 autocast + grad scaler", {"dtype": "fp16"}))
+        singles.append(("tf32", "TF32 + cudnn.benchmark", {"tf32": True, "cudnn_benchmark": True}))
+        singles.append(("cuda_graphs", "CUDA graphs", {"cuda_graphs": True}))
+    if allow_compile and compiler_available(device) is None:
+        singles.append(("compile", "torch.compile", {"compile": "default"}))
+    return [Variant("eager_fp32", "baseline", base)] + [
+        Variant(f"+{name}", added, replace(base, **change)) for name, added, change in singles
+    ]
+
+
+def combine(variants: Sequence[Variant]) -> Variant:
+    """One variant with the switches of all of `variants` (each differs from eager FP32)."""
+    base = eager_fp32()
+    changes: dict[str, Any] = {}
+    for v in variants:
+        for name, value in asdict(v.switches).items():
+            if value != getattr(base, name):
+                changes[name] = value
+    if changes.get("dtype") == "fp16" or changes.get("compile", "off") != "off":
+        changes.pop("cuda_graphs", None)  # graphs cannot capture the scaler or compile's own
+    name = "+" + "+".join(v.name.lstrip("+") for v in variants)
+    return Variant(name, " + ".join(v.added for v in variants), replace(base, **changes))
+
+
+def pick(measured: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest candidate (median step) whose accuracy check passed; eager FP32 (the
+    first) when none beats it. `measured`: ablation records (variant, step_s_median,
+    accuracy_ok)."""
+    accurate = [m for m in measured if m["accuracy_ok"] or m is measured[0]]
+    return min(accurate, key=lambda m: m["step_s_median"])
+
+
+def tune(
+    workload: Workload, device: torch.device, options: TuningOptions = TuningOptions()
+) -> Tuning:
+    """The measured fast choice for `workload` on `device`, from the cache when it has one
+    (unless `options.retune`)."""
+    key = cache_key(workload, device)
+    cache = _read_cache()
+    entry = cache.get(key)
+    if entry is None:
+        _note_other_versions(cache, key)
+    if entry is not None and not options.retune:
+        return Tuning(
+            entry["choice"],
+            Switches(**entry["switches"]),
+            "cache",
+            tuple(entry.get("alternatives", ())),
+            f"measured {entry.get('measured_utc', '?')}; --retune measures again",
+        )
+    tuning = _measure(workload, device, options)
+    cache[key] = {
+        "choice": tuning.choice,
+        "switches": asdict(tuning.switches),
+        "alternatives": list(tuning.alternatives),
+        "measured_utc": utc_now(),
+        "torch": torch.__version__,
+    }
+    _write_cache(cache)
+    return tuning
+
+
+def _measure(workload: Workload, device: torch.device, options: TuningOptions) -> Tuning:
+    ndim = len(workload.input_shapes(1)[0])
+    config = AblationConfig(
+        workload,
+        warmup=options.warmup,
+        rounds=options.rounds,
+        accuracy_steps=options.accuracy_steps,
+    )
+    w = workload
+    log.info(
+        f"tuning {w.model} {w.preset} f{w.filters} b{w.batch_size} on {w.device}: which "
+        "switches are fastest here (once; cached, --retune measures again)"
+    )
+    first = run_ablation(config, candidates(device, ndim, options.allow_compile), label="tuning")
+    # each row's speed-up is against eager FP32 of its own interleaved pass
+    rows = {r["variant"]: _row(r, first[0]["step_s_median"]) for r in first}
+    eager = first[0]
+    winners = [
+        r for r in first[1:] if r["accuracy_ok"] and r["step_s_median"] < eager["step_s_median"]
+    ]
+    chosen = pick(first)
+    if len(winners) >= 2:
+        by_name = {v.name: v for v in candidates(device, ndim, options.allow_compile)}
+        best = min(winners, key=lambda r: r["step_s_median"])
+        combo = combine([by_name[r["variant"]] for r in winners])
+        second = run_ablation(
+            config,
+            [by_name["eager_fp32"], by_name[best["variant"]], combo],
+            label="tuning",
+        )
+        # The second pass's times are comparable among themselves: it decides, and its
+        # times are the ones shown for the three it measured.
+        rows.update({r["variant"]: _row(r, second[0]["step_s_median"]) for r in second})
+        chosen = pick(second)
+    rows = tuple(rows.values())
+    switches = _switches_of(chosen)
+    text = ", ".join(
+        f"{r['name']} {r['step_ms']:.1f} ms{'' if r['accuracy_ok'] else ' (FAIL)'}" for r in rows
+    )
+    log.info(f"tuning: {text} -> {chosen['variant']}")
+    return Tuning(chosen["variant"], switches, "measured", rows)
+
+
+def _row(record: dict[str, Any], eager_s: float) -> dict[str, Any]:
+    return {
+        "name": record["variant"],
+        "step_ms": 1e3 * record["step_s_median"],
+        "speedup_vs_eager": eager_s / record["step_s_median"],
+        "accuracy_ok": bool(record["accuracy_ok"]),
+        "loss_delta": record["loss_delta"],
+    }
+
+
+def _switches_of(record: dict[str, Any]) -> Switches:
+    """What the candidate really ran (after any fallback, e.g. bf16 on an unsafe layer)."""
+    names = [f.name for f in fields(Switches)]
+    return Switches(**{n: record[f"{n}_used"] for n in names if f"{n}_used" in record})
+
+
+# ------------------------------------------------------------------------------- the cache
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LUNGBENCH_CACHE_DIR") or Path.home() / ".cache" / "lungbench")
+
+
+def cache_key(workload: Workload, device: torch.device) -> str:
+    """Host, device, torch version and workload: a choice is reused only where it was made."""
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu {cpu_model()} x{torch.get_num_threads()}"
+    )
+    w = workload
+    return (
+        f"{socket.gethostname()}|{where}|torch {torch.__version__}|{w.model}|{w.preset}"
+        f"|f{w.filters}|b{w.batch_size}|t{w.threads}"
+    )
+
+
+def _note_other_versions(cache: dict[str, Any], key: str) -> None:
+    """Say so when this workload was tuned here with another torch (that choice is not used)."""
+    host, where, _, rest = key.split("|", 3)
+    for other in cache:
+        o_host, o_where, o_torch, o_rest = (other.split("|", 3) + ["", "", "", ""])[:4]
+        if (o_host, o_where, o_rest) == (host, where, rest):
+            log.info(f"note: this workload was tuned here with {o_torch}; tuning again")
+            return
+
+
+def _read_cache() -> dict[str, Any]:
+    path = cache_dir() / CACHE_FILE
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
+            raise ValueError("unknown layout")
+        return data["entries"]
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning(f"note: tuning cache {path} is unreadable ({exc}); it will be replaced")
+        return {}
+
+
+def _write_cache(entries: dict[str, Any]) -> None:
+    path = cache_dir() / CACHE_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(to_jsonable({"version": CACHE_VERSION, "entries": entries})))
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only home: tune again next time, say so
+        log.warning(f"note: could not write the tuning cache {path} ({exc})")
+
+
+@dataclass
+class Tuner:
+    """Tunes each workload of a sweep once per device (a sweep repeats workloads)."""
+
+    options: TuningOptions = field(default_factory=TuningOptions)
+    done: dict[str, Tuning] = field(default_factory=dict)
+
+    def __call__(self, workload: Workload, device: torch.device) -> Tuning:
+        key = cache_key(workload, device)
+        if key not in self.done:
+            self.done[key] = tune(workload, device, self.options)
+        return self.done[key]
+
+
+def untuned(why: str) -> dict[str, Any]:
+    """The record fields of a run whose "auto" switches took the device's table."""
+    return {
+        "tuning_choice": None,
+        "tuning_source": "table",
+        "tuning_alternatives": [],
+        "tuning_note": why,
+    }

@@ -1,0 +1,122 @@
+"""The tuning pass: "auto" switches chosen by measurement on the device where the run happens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lungbench.cli import main
+from lungbench.core.runs import read_records
+from lungbench.measure import tuning
+from lungbench.measure.tuning import TuningOptions, cache_dir, candidates, combine, pick, tune
+from lungbench.measure.workload import Workload
+from lungbench.step import eager_fp32
+
+CPU = torch.device("cpu")
+TINY = Workload(preset="dey2018", filters=2, batch_size=2)
+
+
+def _record(name, ms, ok=True, **switches):
+    record = {"variant": name, "step_s_median": ms / 1e3, "accuracy_ok": ok, "loss_delta": 0.0}
+    base = {**vars(eager_fp32()), **switches}
+    record.update({f"{k}_used": v for k, v in base.items()})
+    return record
+
+
+def test_pick_takes_the_fastest_accurate_candidate():
+    eager, slow = _record("eager_fp32", 30), _record("+slow", 60)  # planted: made slow
+    fast_wrong = _record("+bf16", 10, ok=False, dtype="bf16")  # fastest, fails its check
+    fast = _record("+foreach", 25, optimizer="foreach")
+    assert pick([eager, slow])["variant"] == "eager_fp32"
+    assert pick([eager, slow, fast_wrong, fast])["variant"] == "+foreach"
+    assert pick([eager, fast_wrong])["variant"] == "eager_fp32"  # never a failed check
+
+
+def test_tune_chooses_by_measurement_combines_winners_and_caches(monkeypatch):
+    passes = []
+
+    def planted(config, variants, label="ablation"):
+        # bf16 and foreach each beat eager; together they are fastest; channels_last is slow
+        times = {"eager_fp32": 30, "+channels_last_3d": 45, "+foreach": 28, "+bf16": 24}
+        passes.append([v.name for v in variants])
+        out = []
+        for v in variants:
+            ms = times.get(v.name, 20)  # the combination
+            out.append(
+                _record(
+                    v.name,
+                    ms,
+                    **{k: getattr(v.switches, k) for k in ("dtype", "optimizer", "memory_format")},
+                )
+            )
+        return out
+
+    monkeypatch.setattr(tuning, "run_ablation", planted)
+    monkeypatch.setattr(tuning, "bf16_supported", lambda device: True)
+    workload = Workload(preset="dey2018", filters=3, batch_size=3)
+    first = tune(workload, CPU)
+    assert first.source == "measured" and first.choice == "+foreach+bf16"
+    assert (first.switches.dtype, first.switches.optimizer) == ("bf16", "foreach")
+    assert len(passes) == 2 and passes[1] == ["eager_fp32", "+bf16", "+foreach+bf16"]
+    names = [r["name"] for r in first.alternatives]
+    assert {"eager_fp32", "+channels_last_3d", "+foreach", "+bf16", "+foreach+bf16"} <= set(names)
+    again = tune(workload, CPU)
+    assert again.source == "cache" and again.switches == first.switches and len(passes) == 2
+    retuned = tune(workload, CPU, TuningOptions(retune=True))
+    assert retuned.source == "measured" and len(passes) == 4
+
+
+def test_a_corrupt_cache_is_replaced_not_fatal(caplog):
+    path = cache_dir() / "tuning.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{not json")
+    result = tune(TINY, CPU, TuningOptions(rounds=2, accuracy_steps=2))
+    assert result.source == "measured"
+    assert "unreadable" in caplog.text
+    assert json.loads(path.read_text())["version"] == tuning.CACHE_VERSION
+
+
+def test_a_choice_made_with_another_torch_is_not_used(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="lungbench")
+    key = tuning.cache_key(TINY, CPU)
+    host, where, _, rest = key.split("|", 3)
+    other = f"{host}|{where}|torch 0.0.1|{rest}"
+    entry = {"choice": "+bf16", "switches": vars(eager_fp32()), "alternatives": []}
+    tuning._write_cache({other: entry})
+    result = tune(Workload(preset="dey2018", filters=2, batch_size=2), CPU, TuningOptions(rounds=2))
+    assert result.source == "measured"
+    assert "tuned here with torch 0.0.1" in caplog.text
+
+
+def test_candidates_start_with_eager_and_differ_by_one_switch():
+    found = candidates(CPU, 5)
+    assert found[0].name == "eager_fp32" and found[0].switches == eager_fp32()
+    for variant in found[1:]:
+        changed = [k for k, v in vars(variant.switches).items() if v != getattr(eager_fp32(), k)]
+        assert len(changed) == 1, variant.name
+    both = combine(found[1:3])
+    assert both.name == f"+{found[1].name[1:]}+{found[2].name[1:]}"
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-tune"]])
+def test_bench_records_say_how_auto_was_chosen(tmp_path, capsys, tiny_store, extra):
+    argv = ["bench", "--preset", "dey2018", "--filters", "2", "--batch", "2", "--repeats", "2"]
+    argv += ["--no-epoch", "--store", str(tiny_store), "--out", str(tmp_path), "--run-id", "t"]
+    assert main([*argv, *extra]) == 0
+    (record,) = read_records(tmp_path / "t")
+    if extra:
+        assert record["tuning_source"] == "table"
+    else:
+        assert record["tuning_source"] in ("measured", "cache")
+        assert record["tuning_alternatives"][0]["name"] == "eager_fp32"
+        chosen = {r["name"]: r for r in record["tuning_alternatives"]}[record["tuning_choice"]]
+        assert chosen["accuracy_ok"]
+
+
+def test_no_tune_with_retune_is_a_usage_error(tmp_path, capsys):
+    assert main(["bench", "--no-tune", "--retune", "--out", str(tmp_path)]) == 2
+    assert "--no-tune skips the tuning pass; drop --retune" in capsys.readouterr().err
