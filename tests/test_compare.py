@@ -72,8 +72,43 @@ def test_planted_20_percent_slowdown_is_flagged_and_0_percent_is_not(seed):
         if c.metric == "step":
             assert c.ci_low < 1.2 < c.ci_high and c.ci_low > 1.0
             assert c.change_pct == pytest.approx(20, abs=4)
-    assert slower.counts("epoch") == {"faster": 0, "slower": 4, "same": 0}
+    # one epoch each: a ratio, but no verdict without a spread to judge it by
+    assert slower.counts("epoch") == {"faster": 0, "slower": 0, "same": 0, "unreliable": 4}
+    assert {c.why for c in slower.changes if c.metric == "epoch"} == {"one epoch each"}
     assert slower.regressions(10) and not slower.regressions(30) and not same.regressions(0)
+
+
+def test_no_verdict_on_a_busy_machine_epochs_of_other_sizes_or_one_sample():
+    a, b = _records(1.0, 0), _records(1.5, 1)
+    b[0]["busy"] = True  # measured while other processes used the cores
+    for r in a:
+        r["epoch_samples"] = 64
+    for r in b:
+        r["epoch_samples"] = 604
+    b[1]["samples_s"] = {"step": b[1]["samples_s"]["step"][:1]}  # a single step
+    result = compare_records(a, b)
+    step = {c.key: c for c in result.changes if c.metric == "step"}
+    assert (step[KEYS[0]].verdict, step[KEYS[0]].why) == ("unreliable", "busy machine")
+    assert (step[KEYS[1]].verdict, step[KEYS[1]].why) == ("unreliable", "one sample")
+    assert step[KEYS[2]].verdict == "slower"
+    epochs = [c for c in result.changes if c.metric == "epoch"]
+    assert {c.verdict for c in epochs} == {"not comparable"}
+    assert epochs[0].why == "epochs of 64 and 604 samples"
+    assert {c.key for c in result.regressions(10)} == set(KEYS[2:])  # busy: not gated
+
+
+def test_compare_warns_about_an_incomplete_or_busy_run(tmp_path, capsys):
+    a = _run(tmp_path, "a", _records(1.0, 0))
+    busy = _records(1.0, 1)
+    busy[0]["busy"] = True
+    b = _run(tmp_path, "b", busy)
+    (b / "run.json").write_text((b / "run.json").read_text().replace('"complete"', '"running"'))
+    assert main(["compare", str(a), str(b)]) == 0
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "is 'running', not complete" in text
+    assert "measured on a busy machine: no verdict on them" in text
+    assert "unreliable (busy machine)" in text
 
 
 def test_faster_only_in_one_run_and_failed_records():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -268,7 +269,6 @@ def run_bench(
                     "configs": len(configs),
                 },
             )
-        pending, tunings = tuned(pending, request)
         env = environment_record()
         peaks = saved_peaks(run_dir) if resume else None
         peaks = peaks or measure_peaks(request.devices, request.dtype)
@@ -283,11 +283,19 @@ def run_bench(
             device = torch.device(record["device"])
             record["platform"] = _platform(record, device)
             attach_peak(record, peaks.get(record["device"]))
-            record.update(tunings.get(record["key"]) or {})
+            record.update(tunings.pop(record["key"], None) or {})
+            if record.get("busy"):
+                log.warning(
+                    f"warning: the machine is busy: {record['busy_reason']} "
+                    f"({record['key']}); its times are not trustworthy"
+                )
             state.note(record)
             with signals_deferred():  # a signal now would tear the line
                 append_record(run_dir, record)
             bar.update(1)
+
+        tunings: dict[str, dict[str, Any]] = {}  # key -> record fields of its tuning
+        prepare = tuned(request, list(info.inputs.values()), tunings)
 
         def progress(cfg: BenchConfig) -> None:
             w = cfg.workload
@@ -301,6 +309,7 @@ def run_bench(
                 progress,
                 skip=state.skip_record,
                 monitor=_telemetry_monitor(request, run_dir),
+                prepare=prepare,
             )
         records = read_records(run_dir)  # with those of earlier attempts when resumed
         table_text = write_bench_outputs(run_dir, records)
@@ -309,25 +318,25 @@ def run_bench(
 
 
 def tuned(
-    configs: list[BenchConfig], request: BenchRequest
-) -> tuple[list[BenchConfig], dict[str, dict[str, Any]]]:
-    """Each configuration with "auto" switches gets the measured fast choice for its
-    workload on its device (one tuning pass per workload; lungbench.measure.tuning), and
-    the record fields saying what was chosen among which measured alternatives."""
+    request: BenchRequest, shapes: list[tuple[int, ...]], fields: dict[str, dict[str, Any]]
+) -> Callable[[BenchConfig], BenchConfig]:
+    """The sweep's `prepare`: a configuration with "auto" switches gets the measured fast
+    choice for its workload on its device (one tuning pass per workload, just before its
+    first measurement; lungbench.measure.tuning), and `fields[key]` the record fields saying
+    what was chosen among which measured alternatives."""
     tuner = Tuner(TuningOptions(retune=request.retune, allow_compile=request.tune_compile))
-    out, fields = [], {}
-    for cfg in configs:
+
+    def prepare(cfg: BenchConfig) -> BenchConfig:
         if not has_auto(cfg.switches):
-            out.append(cfg)
-            continue
+            return cfg
         if not request.tune:
-            out.append(cfg)
             fields[cfg.key()] = untuned("--no-tune: the device's table (lungbench.step)")
-            continue
-        tuning = tuner(cfg.workload, parse_device(cfg.workload.device))
-        out.append(replace(cfg, fast=tuning.switches))
+            return cfg
+        tuning = tuner(cfg.workload, parse_device(cfg.workload.device), shapes)
         fields[cfg.key()] = tuning.record()
-    return out, fields
+        return replace(cfg, fast=tuning.switches)
+
+    return prepare
 
 
 def _telemetry_monitor(request: BenchRequest, run_dir: Path) -> Any:

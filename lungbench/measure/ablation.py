@@ -75,10 +75,13 @@ class AblationConfig:
     rounds: int = 10  # interleaved timed rounds (one step of every variant per round)
     accuracy_steps: int = 5
     compile_rung: str = "default"  # mode of the torch.compile rung; "off" leaves it out
+    # per-sample input shapes (a store's); None = the model registry's for the workload
+    input_shapes: tuple[tuple[int, ...], ...] | None = None
 
     def record_fields(self) -> dict[str, Any]:
         """Flat record fields (model, preset, filters, ..., rounds, ...)."""
         fields_ = asdict(self)
+        fields_.pop("input_shapes")
         return {**fields_.pop("workload"), **fields_}
 
 
@@ -187,8 +190,12 @@ def run_ablation(
     variants = list(variants or ladder(device, cfg.compile_rung))
     reference = _no_dropout(w.build_model(torch.device("cpu")))
     init = {k: v.clone() for k, v in reference.state_dict().items()}
-    batches = [w.random_batch(device, seed=w.seed + 2 + k) for k in range(cfg.accuracy_steps)]
-    timing_batch = w.random_batch(device, seed=w.seed + 1)
+    shapes = cfg.input_shapes
+    batches = [
+        w.random_batch(device, seed=w.seed + 2 + k, shapes=shapes)
+        for k in range(cfg.accuracy_steps)
+    ]
+    timing_batch = w.random_batch(device, seed=w.seed + 1, shapes=shapes)
     flops = training_step_flops(reference.to(device), bce_loss, *timing_batch)
     # How far training moves the loss: a tolerance is only a check when the move is larger.
     initial = fp32_loss(reference.to(device), batches[-1])

@@ -27,6 +27,7 @@ from lungbench.core.device import parse_device, synchronize
 from lungbench.core.errors import LungbenchError, is_oom, message_of
 from lungbench.data.loader import LoaderOptions, make_loader, shared_dataset, to_device
 from lungbench.data.store import StoreDataset, StoreInfo
+from lungbench.measure.contention import ContentionWatch
 from lungbench.measure.data_wait import DATA_BOUND_FRACTION, DeviceWaitClock
 from lungbench.measure.stats import summarize
 from lungbench.measure.timing import (
@@ -257,6 +258,7 @@ def measure(
         "status": "ok",
         "error": None,
     }
+    watch = ContentionWatch().start()  # what else ran on the CPU meanwhile
     try:
         record.update(measure_compute(cfg, info, device))
         if cfg.protocol.epoch:
@@ -273,6 +275,7 @@ def measure(
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    record.update(watch.stop())
     return record
 
 
@@ -283,6 +286,7 @@ def run_sweep(
     progress: Callable[[BenchConfig], None] | None = None,
     skip: Callable[[BenchConfig], dict[str, Any] | None] | None = None,
     monitor: Callable[[BenchConfig, Callable[[], dict[str, Any]]], dict[str, Any]] | None = None,
+    prepare: Callable[[BenchConfig], BenchConfig] | None = None,
 ) -> list[dict[str, Any]]:
     """Measure each configuration in order, handing each record to `on_record` at once.
 
@@ -291,6 +295,9 @@ def run_sweep(
 
     `skip(cfg)` may return a ready record (status "skipped") instead of measuring, e.g. a
     batch larger than one that ran out of memory (lungbench.measure.sweep_state.SweepState).
+
+    `prepare(cfg)` may complete a configuration just before it is measured, e.g. with the
+    tuned choice of its "auto" switches (lungbench.measure.tuning).
     """
     dataset = StoreDataset(info.path)
     indices = train_split(info, dataset.labels, seed=configs[0].workload.seed if configs else 0)
@@ -301,6 +308,13 @@ def run_sweep(
         skipped = skip(cfg) if skip is not None else None
         if skipped is not None:
             record = skipped
+        elif prepare is not None:
+            ready = prepare(cfg)
+            record = (
+                monitor(ready, lambda c=ready: measure(c, info, dataset, indices))
+                if monitor is not None
+                else measure(ready, info, dataset, indices)
+            )
         elif monitor is not None:
             record = monitor(cfg, lambda c=cfg: measure(c, info, dataset, indices))
         else:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from lungbench.core.environment import cpu_model
+from lungbench.core.errors import message_of
 from lungbench.core.runs import to_jsonable, utc_now
 from lungbench.measure.ablation import AblationConfig, Variant, run_ablation
 from lungbench.measure.workload import Workload
@@ -40,6 +41,7 @@ from lungbench.step import (
     bf16_supported,
     compiler_available,
     eager_fp32,
+    fast_defaults,
 )
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
@@ -126,10 +128,15 @@ def pick(measured: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def tune(
-    workload: Workload, device: torch.device, options: TuningOptions = TuningOptions()
+    workload: Workload,
+    device: torch.device,
+    options: TuningOptions = TuningOptions(),
+    shapes: Sequence[tuple[int, ...]] | None = None,
 ) -> Tuning:
     """The measured fast choice for `workload` on `device`, from the cache when it has one
-    (unless `options.retune`)."""
+    (unless `options.retune`). `shapes`: per-sample input shapes (a store's; default: the
+    registry's). A pass that fails (out of memory, a model that cannot run) is no choice:
+    the device's table then, said in the note; the measurement itself records the failure."""
     key = cache_key(workload, device)
     cache = _read_cache()
     entry = cache.get(key)
@@ -143,7 +150,13 @@ def tune(
             tuple(entry.get("alternatives", ())),
             f"measured {entry.get('measured_utc', '?')}; --retune measures again",
         )
-    tuning = _measure(workload, device, options)
+    try:
+        tuning = _measure(workload, device, options, shapes)
+    except Exception as exc:  # noqa: BLE001 - reported as the record's note, never fatal
+        log.warning(f"note: tuning failed ({message_of(exc)}); 'auto' takes the device's table")
+        return Tuning(
+            "table", fast_defaults(device), "table", (), f"tuning failed: {message_of(exc)}"
+        )
     cache[key] = {
         "choice": tuning.choice,
         "switches": asdict(tuning.switches),
@@ -155,13 +168,20 @@ def tune(
     return tuning
 
 
-def _measure(workload: Workload, device: torch.device, options: TuningOptions) -> Tuning:
-    ndim = len(workload.input_shapes(1)[0])
+def _measure(
+    workload: Workload,
+    device: torch.device,
+    options: TuningOptions,
+    shapes: Sequence[tuple[int, ...]] | None,
+) -> Tuning:
+    shapes = tuple(tuple(s) for s in shapes) if shapes else None
+    ndim = 1 + len(shapes[0] if shapes else workload.input_shapes(1)[0][1:])
     config = AblationConfig(
         workload,
         warmup=options.warmup,
         rounds=options.rounds,
         accuracy_steps=options.accuracy_steps,
+        input_shapes=shapes,
     )
     w = workload
     log.info(
@@ -277,10 +297,15 @@ class Tuner:
     options: TuningOptions = field(default_factory=TuningOptions)
     done: dict[str, Tuning] = field(default_factory=dict)
 
-    def __call__(self, workload: Workload, device: torch.device) -> Tuning:
+    def __call__(
+        self,
+        workload: Workload,
+        device: torch.device,
+        shapes: Sequence[tuple[int, ...]] | None = None,
+    ) -> Tuning:
         key = cache_key(workload, device)
         if key not in self.done:
-            self.done[key] = tune(workload, device, self.options)
+            self.done[key] = tune(workload, device, self.options, shapes)
         return self.done[key]
 
 

@@ -42,7 +42,28 @@ def write_bench_outputs(run_dir: Path, records: Sequence[dict[str, Any]]) -> str
         # table of n/a but nothing to plot.
         if (summary.loc[summary["batch_size"] == batch, "status"] == "ok").any():
             save_figure(run_dir, name, plots.speedup_plot(table))
-    save_figure(run_dir, "step_time", plots.step_time_plot(summary))
-    save_figure(run_dir, "throughput", plots.throughput_plot(summary))
+    banner = busy_banner(records)
+    for name, fig in (
+        ("step_time", plots.step_time_plot(summary)),
+        ("throughput", plots.throughput_plot(summary)),
+    ):
+        if banner:  # on the plot too: a picture travels without its table
+            fig.text(0.01, 0.99, "machine busy: times not trustworthy", color="red", va="top")
+        save_figure(run_dir, name, fig)
     what = "one training epoch" if epoch_measured else "one training step (compute only)"
-    return f"Exec. time = wall time of {what}.\n\n" + "\n\n".join(printed)
+    text = f"Exec. time = wall time of {what}.\n\n" + "\n\n".join(printed)
+    warning = busy_banner(records)
+    return f"{warning}\n\n{text}" if warning else text
+
+
+def busy_banner(records: Sequence[dict[str, Any]]) -> str | None:
+    """One sentence when some configurations were measured on a busy machine, else None."""
+    busy = [r for r in records if r.get("busy")]
+    if not busy:
+        return None
+    reasons = sorted({str(r.get("busy_reason")) for r in busy})
+    return (
+        f"WARNING: the machine was busy during {len(busy)} of {len(records)} "
+        f"configurations ({'; '.join(reasons)}): their times are not trustworthy; "
+        "measure again on a quiet machine."
+    )

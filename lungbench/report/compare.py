@@ -45,7 +45,8 @@ class Change:
     ci_high: float | None
     n_a: int
     n_b: int
-    verdict: str  # "faster" | "slower" | "same"
+    verdict: str  # "faster" | "slower" | "same" | "unreliable" | "not comparable"
+    why: str = ""  # why no verdict: "busy machine", "one epoch each", ...
 
     @property
     def change_pct(self) -> float:
@@ -66,11 +67,11 @@ class Comparison:
     warnings: list[str] = field(default_factory=list)
 
     def counts(self, metric: str = "step") -> dict[str, int]:
-        out = {"faster": 0, "slower": 0, "same": 0}
+        out = {"faster": 0, "slower": 0, "same": 0, "unreliable": 0, "not comparable": 0}
         for c in self.changes:
             if c.metric == metric:
                 out[c.verdict] += 1
-        return out
+        return {k: v for k, v in out.items() if v or k in ("faster", "slower", "same")}
 
     def regressions(self, above_pct: float) -> list[Change]:
         """Step-time changes slower by more than `above_pct` percent whose interval excludes
@@ -79,6 +80,7 @@ class Comparison:
             c
             for c in self.changes
             if c.metric == "step"
+            and not c.why  # no verdict (busy machine, one sample): not a gate either
             and c.change_pct > above_pct
             and (c.ci_low is None or c.ci_low > 1.0)
         ]
@@ -101,6 +103,7 @@ class Comparison:
             "n_a",
             "n_b",
             "verdict",
+            "why",
         ]
         return pd.DataFrame(rows, columns=columns)
 
@@ -167,10 +170,13 @@ def compare_records(
     )
     for key in (k for k in by_a if k in by_b):
         ra, rb = by_a[key], by_b[key]
+        busy = "busy machine" if ra.get("busy") or rb.get("busy") else ""
         sa, sb = _step_samples(ra), _step_samples(rb)
         if sa and sb:
             low, high = bootstrap_ratio_ci(sa, sb, n_boot, confidence, seed)
             ratio = float(np.median(sb) / np.median(sa))
+            why = busy or ("one sample" if min(len(sa), len(sb)) < 2 else "")
+            said = "unreliable" if why else verdict(ratio, low, high, threshold)
             result.changes.append(
                 Change(
                     key,
@@ -182,26 +188,20 @@ def compare_records(
                     high,
                     len(sa),
                     len(sb),
-                    verdict(ratio, low, high, threshold),
+                    said,
+                    why,
                 )
             )
         ea, eb = ra.get("epoch_s"), rb.get("epoch_s")
         if _positive(ea) and _positive(eb):
             ratio = float(eb) / float(ea)
-            result.changes.append(
-                Change(
-                    key,
-                    "epoch",
-                    float(ea),
-                    float(eb),
-                    ratio,
-                    None,
-                    None,
-                    1,
-                    1,
-                    verdict(ratio, None, None, threshold),
-                )
-            )
+            na, nb = ra.get("epoch_samples"), rb.get("epoch_samples")
+            if na is not None and nb is not None and na != nb:
+                said, why = "not comparable", f"epochs of {na} and {nb} samples"
+            else:  # one epoch each: no spread to judge a change by
+                said, why = "unreliable", busy or "one epoch each"
+            change = Change(key, "epoch", float(ea), float(eb), ratio, None, None, 1, 1, said, why)
+            result.changes.append(change)
     return result
 
 
@@ -209,6 +209,16 @@ def compare_runs(a: RunView, b: RunView, **kw: Any) -> Comparison:
     """compare_records on two run folders, with environment warnings."""
     result = compare_records(a.records, b.records, names=(a.name, b.name), **kw)
     result.warnings = environment_differences(a.environment, b.environment)
+    for view in (a, b):
+        if view.status != "complete":
+            result.warnings.append(
+                f"run {view.name} is {view.status!r}, not complete: it may lack configurations"
+            )
+    busy = [c.key for c in result.changes if c.metric == "step" and c.why == "busy machine"]
+    if busy:
+        result.warnings.append(
+            f"{len(busy)} configuration(s) were measured on a busy machine: no verdict on them"
+        )
     if not a.records or not b.records:
         empty = a.name if not a.records else b.name
         result.warnings.append(f"run {empty} has no measurement records")
@@ -261,9 +271,10 @@ def format_comparison(result: Comparison) -> str:
     ]
     for c in result.changes:
         ci = f"[{c.ci_low:.3f}, {c.ci_high:.3f}]" if c.ci_low is not None else "n=1"
+        said = f"{c.verdict} ({c.why})" if c.why else c.verdict
         lines.append(
             f"| {_cell(c.key)} | {c.metric} | {_ms(c.a_s)} | {_ms(c.b_s)} | {c.ratio:.3f} "
-            f"| {ci} | {c.verdict} |"
+            f"| {ci} | {said} |"
         )
     if not result.changes:
         lines.append("| (no configuration measured in both runs) | | | | | | |")

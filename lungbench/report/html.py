@@ -32,6 +32,7 @@ from lungbench.core.errors import DataError, UsageError
 from lungbench.core.paths import check_out_dir
 from lungbench.core.runs import markdown, save_figure, utc_now
 from lungbench.report import figures
+from lungbench.report.bench_outputs import busy_banner
 from lungbench.report.reference import default_reference_dir, reference_tables
 from lungbench.report.runview import MAX_TABLE_ROWS, RunView, load_run, read_table
 
@@ -147,6 +148,9 @@ def overview_blocks(view: RunView) -> list[Block]:
         "records": ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or None,
     }
     blocks = [Block("table", table=_key_values(rows))]
+    banner = busy_banner(view.records)
+    if banner:
+        blocks.insert(0, Block("text", text=banner))
     if view.status != "complete":
         hint = (
             f" Continue it with `lungbench bench --resume {view.path}`."
