@@ -13,6 +13,7 @@ import os
 import platform
 import socket
 import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +151,7 @@ def _nvml_driver_version() -> str | None:
 
 def git_info() -> dict[str, Any] | None:
     """Commit and dirty flag of the lungbench checkout (None when installed from a wheel)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # lungbench/core/environment.py -> checkout
     if not (root / ".git").exists():
         return None
     try:
@@ -172,6 +173,21 @@ def git_info() -> dict[str, Any] | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit, "dirty": bool(dirty.strip())}
+
+
+def provenance(env: dict[str, Any], environment_file: str = "environment.json") -> dict[str, Any]:
+    """What every record carries of where it comes from: its run's environment record (the
+    file), the git commit and lungbench version that measured it, and when (UTC)."""
+    from lungbench import __version__
+
+    git = env.get("git") or {}
+    return {
+        "environment_file": environment_file,
+        "git_commit": git.get("commit"),
+        "git_dirty": git.get("dirty"),
+        "lungbench_version": __version__,
+        "measured_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def describe_device(device: torch.device) -> str:

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from lungbench.core.device import parse_device
-from lungbench.core.environment import describe_device, environment_record
+from lungbench.core.environment import describe_device, environment_record, provenance
 from lungbench.core.errors import DataError, UsageError, look_up_option
 from lungbench.core.paths import check_name, check_out_dir
 from lungbench.core.runs import (
@@ -273,7 +273,8 @@ def run_bench(
         peaks = saved_peaks(run_dir) if resume else None
         peaks = peaks or measure_peaks(request.devices, request.dtype)
         record_peaks(env, peaks)
-        write_json(run_dir / environment_file(run_dir, resume is not None), env)
+        env_file = environment_file(run_dir, resume is not None)
+        write_json(run_dir / env_file, env)
 
         bar = tqdm(
             total=len(configs), initial=len(configs) - len(pending), desc="bench", unit="config"
@@ -284,6 +285,7 @@ def run_bench(
             record["platform"] = _platform(record, device)
             attach_peak(record, peaks.get(record["device"]))
             record.update(tunings.pop(record["key"], None) or {})
+            record.update(provenance(env, env_file))
             if record.get("busy"):
                 log.warning(
                     f"warning: the machine is busy: {record['busy_reason']} "
@@ -403,6 +405,7 @@ def run_ddp_bench(request, dist: DistContext, options: DDPOptions):
             attach_peak(record, peaks.get(record["device"]))
             # every rank must run the same switches: no tuning pass under a launcher
             record.update(untuned("under a launcher: the device's table (tune in one process)"))
+            record.update(provenance(env))
             append_record(run_dir, record)
             bar.update(1)
 

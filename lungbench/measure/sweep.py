@@ -202,6 +202,7 @@ def measure_epoch(
     resolved = resolve_switches(cfg, device, 5, quiet=True, probe=probe)
     switches = replace(resolved.switches, cuda_graphs=False)
     step_fn = TrainStep(model, bce_loss, switches, device)
+    split = len(indices)  # the training split: a full epoch
     if cfg.protocol.epoch_samples is not None:
         indices = indices[: cfg.protocol.epoch_samples]
     if cfg.cache:
@@ -233,6 +234,8 @@ def measure_epoch(
     return {
         "epoch_s": elapsed,
         "epoch_samples": len(indices),
+        "epoch_split_samples": split,
+        "epoch_partial": len(indices) < split,  # --epoch-samples: not the thesis's full epoch
         "epoch_data_wait_s": data_wait,
         "epoch_samples_per_s": len(indices) / elapsed,
         "data_bound": data_wait / elapsed > DATA_BOUND_FRACTION,  # the device waited on data

@@ -24,7 +24,8 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -120,11 +121,15 @@ def combine(variants: Sequence[Variant]) -> Variant:
 
 
 def pick(measured: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The fastest candidate (median step) whose accuracy check passed; eager FP32 (the
-    first) when none beats it. `measured`: ablation records (variant, step_s_median,
-    accuracy_ok)."""
-    accurate = [m for m in measured if m["accuracy_ok"] or m is measured[0]]
-    return min(accurate, key=lambda m: m["step_s_median"])
+    """The fastest candidate (median step) whose accuracy check passed and that ran as
+    named (no fallback); eager FP32 (the first) when none beats it. `measured`: ablation
+    records (variant, step_s_median, accuracy_ok, switch_fallbacks)."""
+    fit = [
+        m
+        for m in measured
+        if m is measured[0] or (m["accuracy_ok"] and not m.get("switch_fallbacks"))
+    ]
+    return min(fit, key=lambda m: m["step_s_median"])
 
 
 def tune(
@@ -188,32 +193,40 @@ def _measure(
         f"tuning {w.model} {w.preset} f{w.filters} b{w.batch_size} on {w.device}: which "
         "switches are fastest here (once; cached, --retune measures again)"
     )
-    first = run_ablation(config, candidates(device, ndim, options.allow_compile), label="tuning")
+    with _quiet_ablation():
+        first = run_ablation(
+            config, candidates(device, ndim, options.allow_compile), label="tuning"
+        )
     # each row's speed-up is against eager FP32 of its own interleaved pass
     rows = {r["variant"]: _row(r, first[0]["step_s_median"]) for r in first}
     eager = first[0]
+    # a candidate that fell back (bf16 on a layer its kernels get wrong, say) ran something
+    # else than its name: it is shown, never chosen
     winners = [
-        r for r in first[1:] if r["accuracy_ok"] and r["step_s_median"] < eager["step_s_median"]
+        r
+        for r in first[1:]
+        if r["accuracy_ok"]
+        and not r.get("switch_fallbacks")
+        and r["step_s_median"] < eager["step_s_median"]
     ]
     chosen = pick(first)
     if len(winners) >= 2:
         by_name = {v.name: v for v in candidates(device, ndim, options.allow_compile)}
         best = min(winners, key=lambda r: r["step_s_median"])
         combo = combine([by_name[r["variant"]] for r in winners])
-        second = run_ablation(
-            config,
-            [by_name["eager_fp32"], by_name[best["variant"]], combo],
-            label="tuning",
-        )
+        with _quiet_ablation():
+            second = run_ablation(
+                config,
+                [by_name["eager_fp32"], by_name[best["variant"]], combo],
+                label="tuning",
+            )
         # The second pass's times are comparable among themselves: it decides, and its
         # times are the ones shown for the three it measured.
         rows.update({r["variant"]: _row(r, second[0]["step_s_median"]) for r in second})
         chosen = pick(second)
     rows = tuple(rows.values())
     switches = _switches_of(chosen)
-    text = ", ".join(
-        f"{r['name']} {r['step_ms']:.1f} ms{'' if r['accuracy_ok'] else ' (FAIL)'}" for r in rows
-    )
+    text = ", ".join(f"{r['name']} {r['step_ms']:.1f} ms{_flag(r)}" for r in rows)
     log.info(f"tuning: {text} -> {chosen['variant']}")
     return Tuning(chosen["variant"], switches, "measured", rows)
 
@@ -225,7 +238,27 @@ def _row(record: dict[str, Any], eager_s: float) -> dict[str, Any]:
         "speedup_vs_eager": eager_s / record["step_s_median"],
         "accuracy_ok": bool(record["accuracy_ok"]),
         "loss_delta": record["loss_delta"],
+        "fell_back": "; ".join(record.get("switch_fallbacks") or ()) or None,
     }
+
+
+@contextmanager
+def _quiet_ablation() -> Iterator[None]:
+    """The tuning pass prints its table, not each candidate's progress or fallback note
+    (a fallback is in the table's `fell_back` column)."""
+    logger = logging.getLogger("lungbench.measure.ablation")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _flag(row: dict[str, Any]) -> str:
+    if row["fell_back"]:
+        return " (fell back: not used)"
+    return "" if row["accuracy_ok"] else " (accuracy FAIL)"
 
 
 def _switches_of(record: dict[str, Any]) -> Switches:

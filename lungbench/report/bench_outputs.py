@@ -11,6 +11,7 @@ from lungbench.report import plots
 from lungbench.report.bench_tables import (
     flatten_columns,
     format_speedup_markdown,
+    measurements_long,
     records_frame,
     speedup_table,
     summary_table,
@@ -22,7 +23,8 @@ def write_bench_outputs(run_dir: Path, records: Sequence[dict[str, Any]]) -> str
     to print (the speed-up tables in Markdown)."""
     if not records:
         return "no configuration was measured"
-    write_table(run_dir, "measurements", records_frame(records), index=False)
+    write_table(run_dir, "measurements", measurements_long(records), index=False)
+    write_table(run_dir, "configurations", records_frame(records), index=False)
     summary = summary_table(records)
     write_table(run_dir, "summary", summary, index=False)
     if not (summary["status"] == "ok").any():
@@ -50,10 +52,23 @@ def write_bench_outputs(run_dir: Path, records: Sequence[dict[str, Any]]) -> str
         if banner:  # on the plot too: a picture travels without its table
             fig.text(0.01, 0.99, "machine busy: times not trustworthy", color="red", va="top")
         save_figure(run_dir, name, fig)
-    what = "one training epoch" if epoch_measured else "one training step (compute only)"
+    what = _timed(records) if epoch_measured else "one training step (compute only)"
     text = f"Exec. time = wall time of {what}.\n\n" + "\n\n".join(printed)
     warning = busy_banner(records)
     return f"{warning}\n\n{text}" if warning else text
+
+
+def _timed(records: Sequence[dict[str, Any]]) -> str:
+    """What the Exec. time column is: a full epoch, or (said plainly) a partial one."""
+    partial = [r for r in records if r.get("epoch_partial")]
+    if not partial:
+        return "one training epoch"
+    r = partial[0]
+    return (
+        f"a PARTIAL training epoch ({r.get('epoch_samples')} of "
+        f"{r.get('epoch_split_samples')} training samples, --epoch-samples); the thesis's "
+        "times are of full epochs"
+    )
 
 
 def busy_banner(records: Sequence[dict[str, Any]]) -> str | None:

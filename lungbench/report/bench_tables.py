@@ -58,6 +58,60 @@ def records_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# What each long-form row repeats of its configuration.
+MEASUREMENT_COLUMNS = (
+    "key",
+    "model",
+    "preset",
+    "filters",
+    "batch_size",
+    "device",
+    "platform",
+    "threads_used",
+    "dtype_used",
+    "memory_format_used",
+    "world_size",
+    "scaling",
+    "status",
+    "busy",
+)
+LONG_COLUMNS = (
+    *MEASUREMENT_COLUMNS,
+    "phase",
+    "repeat",
+    "value",
+    "unit",
+    "epoch_samples",
+    "epoch_partial",
+)
+
+
+def measurements_long(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """The tidy form: one row per configuration x phase x repeat (seconds), and one row per
+    measured epoch (with its size and whether it was a partial epoch), so pandas, R or a
+    plotting tool read every timing without reshaping."""
+    rows = []
+    for r in records:
+        base = {c: r.get(c) for c in MEASUREMENT_COLUMNS}
+        samples = r.get("samples_s") or {}
+        for phase, values in samples.items():
+            for i, value in enumerate(values):
+                rows.append({**base, "phase": phase, "repeat": i, "value": value, "unit": "s"})
+        if r.get("epoch_s") is not None:
+            rows.append(
+                {
+                    **base,
+                    "phase": "epoch",
+                    "repeat": 0,
+                    "value": r["epoch_s"],
+                    "unit": "s",
+                    "epoch_samples": r.get("epoch_samples"),
+                    "epoch_partial": r.get("epoch_partial"),
+                }
+            )
+    return pd.DataFrame(rows, columns=list(LONG_COLUMNS))
+
+
 def summary_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """The columns most people want, in a stable order (missing ones are left out)."""
     frame = records_frame(records)

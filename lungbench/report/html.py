@@ -39,7 +39,7 @@ from lungbench.report.runview import MAX_TABLE_ROWS, RunView, load_run, read_tab
 FILES_DIR = "report_files"
 MAX_TELEMETRY_FILES = 8
 # Tables with one row per record or prediction: pointed to, not shown.
-LONG_TABLES = ("measurements",)
+LONG_TABLES = ("measurements", "configurations")
 TRAINING_TABLE = re.compile(r"^(auc|confusion|methods|pretrain|folds|cost|cv|mosmed|metrics)")
 TRAINING_PLOT = re.compile(r"^(loss|roc|auc|confusion|lr|cam|accuracy|metrics)")
 SCALING_NAME = re.compile(r"(scaling|breakdown|ddp|weak|strong|world)")
