@@ -93,3 +93,18 @@ def test_threads_are_set_and_reported():
 def test_cpu_peak_memory_is_process_rss():
     peak, kind = peak_memory_bytes(torch.device("cpu"))
     assert kind == "process_peak_rss" and peak > 10 * 2**20
+
+
+def test_progress_inside_a_configuration_is_reported():
+    """Warm-up and repeats are reported to whoever shows progress (a bar), throttled."""
+    from lungbench.measure.timing import report, reporting
+
+    shown: list[str] = []
+    report("nobody listens")  # no reporter: nothing happens
+    with reporting(shown.append, every_s=0.0):
+        run_protocol(lambda t: None, PhaseTimer(torch.device("cpu")), warmup=2, repeats=3)
+    assert shown == ["warm-up 1/2", "warm-up 2/2", "repeat 1/3", "repeat 2/3", "repeat 3/3"]
+    throttled: list[str] = []
+    with reporting(throttled.append, every_s=60.0):
+        run_protocol(lambda t: None, PhaseTimer(torch.device("cpu")), warmup=2, repeats=3)
+    assert throttled == ["warm-up 1/2"]

@@ -57,6 +57,7 @@ from lungbench.measure.sweep_state import (
     stop_on_sigterm,
 )
 from lungbench.measure.telemetry import SweepMonitor
+from lungbench.measure.timing import reporting
 from lungbench.measure.tuning import Tuner, TuningOptions, untuned
 from lungbench.measure.workload import Protocol, Workload
 from lungbench.models import create_model, list_models
@@ -299,11 +300,17 @@ def run_bench(
         tunings: dict[str, dict[str, Any]] = {}  # key -> record fields of its tuning
         prepare = tuned(request, list(info.inputs.values()), tunings)
 
+        current = [""]
+
         def progress(cfg: BenchConfig) -> None:
             w = cfg.workload
-            bar.set_postfix_str(f"{w.device} f{w.filters} b{w.batch_size}")
+            current[0] = f"{w.device} f{w.filters} b{w.batch_size}"
+            bar.set_postfix_str(current[0])
 
-        with bar:
+        def inside(text: str) -> None:  # warm-up, repeats, epoch batches of the config
+            bar.set_postfix_str(f"{current[0]}: {text}")
+
+        with bar, reporting(inside):
             run_sweep(
                 pending,
                 info,

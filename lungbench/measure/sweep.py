@@ -34,6 +34,7 @@ from lungbench.measure.timing import (
     STEP,
     PhaseTimer,
     peak_memory_bytes,
+    report,
     reset_peak_memory,
     run_protocol,
     set_threads,
@@ -222,8 +223,10 @@ def measure_epoch(
     synchronize(device)
     start = time.perf_counter()
     clock.start()
+    batches = len(loader)
     with backend_flags(switches):
-        for batch in loader:
+        for k, batch in enumerate(loader):
+            report(f"epoch batch {k + 1}/{batches}")
             inputs, target = to_device(batch, device)
             clock.batch_ready()
             step_fn(NO_TIMER, step_fn.prepare_inputs(inputs), target)

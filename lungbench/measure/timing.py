@@ -18,6 +18,7 @@ import contextlib
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 
 import psutil
 import torch
@@ -76,6 +77,36 @@ class PhaseTimer:
         return times
 
 
+# Where progress inside a configuration goes (warm-up, repeats, epoch): set by the caller
+# that shows it (lungbench bench's progress bar), so a slow machine is visibly working.
+_REPORT: ContextVar[Callable[[str], None] | None] = ContextVar("lungbench_report", default=None)
+
+
+@contextlib.contextmanager
+def reporting(show: Callable[[str], None], every_s: float = 0.5) -> Iterator[None]:
+    """Send progress inside each configuration to `show` (at most every `every_s` s)."""
+    last = [0.0]
+
+    def throttled(text: str) -> None:
+        now = time.perf_counter()
+        if now - last[0] >= every_s:
+            last[0] = now
+            show(text)
+
+    token = _REPORT.set(throttled)
+    try:
+        yield
+    finally:
+        _REPORT.reset(token)
+
+
+def report(text: str) -> None:
+    """Progress inside a configuration ("repeat 3/10"); nothing unless someone shows it."""
+    show = _REPORT.get()
+    if show is not None:
+        show(text)
+
+
 def run_protocol(
     step: Callable[[PhaseTimer], None],
     timer: PhaseTimer,
@@ -88,12 +119,14 @@ def run_protocol(
     """
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
-    for _ in range(warmup):
+    for i in range(warmup):
+        report(f"warm-up {i + 1}/{warmup}")
         timer.start()
         step(timer)
         timer.finish()
     samples: dict[str, list[float]] = {}
-    for _ in range(repeats):
+    for i in range(repeats):
+        report(f"repeat {i + 1}/{repeats}")
         timer.start()
         step(timer)
         for name, seconds in timer.finish().items():
