@@ -107,3 +107,46 @@ def test_saved_peaks_reads_runs_of_the_fp32_only_format(tmp_path):
         json.dumps({"peak_flops": {"cpu": {"fp32": 2e11, "bf16": 5e11}}})
     )
     assert saved_peaks(tmp_path) == {"cpu": {"fp32": 2e11, "bf16": 5e11}}
+
+
+def test_peak_fraction_never_exceeds_one_and_the_roofline_is_stated():
+    peaks = {"fp32": 100e9, "copy_bytes_per_s": 10e9}
+    fast = {
+        "dtype_used": "fp32",
+        "achieved_flops": 150e9,  # above the measured peak: a peak measured on a busy machine
+        "flops_per_step": 3e9,
+        "bytes_per_step": 0.1e9,
+        "step_s_median": 0.02,
+    }
+    attach_peak(fast, peaks)
+    assert fast["peak_fraction"] == 1.0 and fast["peak_exceeded"] is True
+    # compute 3e9 / 100e9 = 30 ms, memory 0.1e9 / 10e9 = 10 ms: compute bound, capped at 1
+    assert fast["roofline_bound"] == "compute" and fast["roofline_s"] == pytest.approx(0.03)
+    slow = {**fast, "achieved_flops": 30e9, "step_s_median": 0.1, "bytes_per_step": 2e9}
+    attach_peak(slow, peaks)
+    assert slow["peak_exceeded"] is False and slow["peak_fraction"] == pytest.approx(0.3)
+    # memory 2e9 / 10e9 = 200 ms > compute 30 ms: memory bound; the step is at its bound
+    assert slow["roofline_bound"] == "memory" and slow["roofline_fraction"] == 1.0
+
+
+def test_bytes_moved_grow_with_the_batch_and_cover_the_weights():
+    from lungbench.measure.timing import training_step_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+
+    def loss(out, y):
+        return ((out.squeeze(1) - y) ** 2).mean()
+
+    small = training_step_bytes(model, loss, [torch.randn(4, 64)], torch.randn(4))
+    large = training_step_bytes(model, loss, [torch.randn(64, 64)], torch.randn(64))
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    assert weights < small < large
+
+
+def test_device_peaks_report_their_spread_and_bandwidth(monkeypatch):
+    from lungbench.measure import peak as peak_module
+
+    monkeypatch.setattr(peak_module, "matmul_peak_stats", lambda d, dt, *a: (100.0, 90.0))
+    monkeypatch.setattr(peak_module, "copy_bandwidth", lambda d, *a: 5.0)
+    found = peak_module.device_peaks(torch.device("cpu"), ("fp32",))
+    assert found == {"fp32": 100.0, "fp32_spread": pytest.approx(0.1), "copy_bytes_per_s": 5.0}

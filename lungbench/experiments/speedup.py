@@ -39,7 +39,7 @@ from lungbench.distributed.group import (
 )
 from lungbench.measure.batch_finder import apply_batch_finder
 from lungbench.measure.ddp import DDPOptions, run_ddp_sweep
-from lungbench.measure.peak import attach_peak, device_peaks
+from lungbench.measure.peak import attach_peak, device_peaks, matmul_peak_stats
 from lungbench.measure.sweep import (
     BenchConfig,
     SweepSpec,
@@ -207,6 +207,22 @@ def measure_peaks(devices: tuple[str, ...], dtype: str = "auto") -> dict[str, di
     return {d: device_peaks(parse_device(d), dtypes) for d in dict.fromkeys(devices)}
 
 
+def remeasure_peak(record: dict[str, Any], peaks: dict[str, dict[str, float]]) -> None:
+    """A step above the measured peak means the peak was measured low (a busy machine while
+    it ran): measure it again, longer, keep the higher one, and say so in the record."""
+    device, dtype = record["device"], record["peak_dtype"]
+    best, _ = matmul_peak_stats(parse_device(device), dtype, repeats=10)
+    old = peaks[device][dtype]
+    peaks[device][dtype] = max(old, best)
+    attach_peak(record, peaks[device])
+    record["peak_note"] = (
+        f"achieved FLOP/s was above the {dtype} peak of {old / 1e9:.1f} GFLOP/s; measured "
+        f"again: {best / 1e9:.1f} GFLOP/s"
+        + ("; still above it: fraction capped at 1" if record.get("peak_exceeded") else "")
+    )
+    log.warning(f"note: {record['key']}: {record['peak_note']}")
+
+
 def record_peaks(env: dict[str, Any], peaks: dict[str, dict[str, float]]) -> None:
     """Store the peaks in the environment record: all of them, and FP32 alone as before."""
     env["peak_flops"] = peaks
@@ -285,6 +301,8 @@ def run_bench(
             device = torch.device(record["device"])
             record["platform"] = _platform(record, device)
             attach_peak(record, peaks.get(record["device"]))
+            if record.get("peak_exceeded"):
+                remeasure_peak(record, peaks)
             record.update(tunings.pop(record["key"], None) or {})
             record.update(provenance(env, env_file))
             if record.get("busy"):

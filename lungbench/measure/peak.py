@@ -6,6 +6,7 @@ the same device and dtype, not taken from a data sheet.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -50,19 +51,28 @@ def matmul_peak_flops(
     device: torch.device, dtype: str = "fp32", size: int | None = None, repeats: int = 5
 ) -> float:
     """Best FLOP/s of `size` x `size` matrix products (2 n^3 FLOPs each) on `device`."""
+    return matmul_peak_stats(device, dtype, size, repeats)[0]
+
+
+def matmul_peak_stats(
+    device: torch.device, dtype: str = "fp32", size: int | None = None, repeats: int = 5
+) -> tuple[float, float]:
+    """(best, median) FLOP/s of `repeats` matrix products: the best is the peak, and how far
+    the median falls below it is the spread a busy or throttling machine shows."""
     if size is None:
         size = default_matmul_size(device)
     a = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
     b = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
-    best = float("inf")
+    times = []
     for i in range(repeats + 1):
         synchronize(device)
         t0 = time.perf_counter()
         torch.mm(a, b)
         synchronize(device)  # note: CPU-GPU sync point, so the clock sees the whole product
         if i:  # the first product is a warm-up
-            best = min(best, time.perf_counter() - t0)
-    return 2.0 * size**3 / best
+            times.append(time.perf_counter() - t0)
+    flops = 2.0 * size**3
+    return flops / min(times), flops / statistics.median(times)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 5) -> float:
@@ -93,22 +103,44 @@ def device_peaks(
     native bf16 arithmetic; fp16 on CUDA only (CPU has no fast fp16 kernels)."""
     from lungbench.step import bf16_supported
 
-    peaks = {"fp32": matmul_peak_flops(device, "fp32")}
+    wanted = ["fp32"]
     if "bf16" in dtypes and bf16_supported(device):
-        peaks["bf16"] = matmul_peak_flops(device, "bf16")
+        wanted.append("bf16")
     if "fp16" in dtypes and device.type == "cuda":
-        peaks["fp16"] = matmul_peak_flops(device, "fp16")
+        wanted.append("fp16")
+    peaks: dict[str, float] = {}
+    for dtype in wanted:
+        best, median = matmul_peak_stats(device, dtype)
+        peaks[dtype] = best
+        peaks[f"{dtype}_spread"] = 1.0 - median / best  # 0 on a quiet, steady machine
+    peaks["copy_bytes_per_s"] = copy_bandwidth(device)
     return peaks
 
 
 def attach_peak(record: dict, peaks: dict[str, float] | None) -> None:
     """Set a record's `peak_flops`, `peak_dtype` and `peak_fraction`: its achieved FLOP/s
-    against the peak of the dtype its math ran in (FP32, or the autocast dtype)."""
+    against the peak of the dtype its math ran in (FP32, or the autocast dtype), never above
+    1: a step faster than the measured peak means the peak was measured low (a busy
+    machine); the record is then flagged (`peak_exceeded`) and its fraction capped. With the
+    copy bandwidth and the step's bytes moved, also its roofline bound: the larger of the
+    compute time (FLOPs / peak) and the memory time (bytes / bandwidth), and how far the
+    step is from it."""
     dtype = record.get("dtype_used") or "fp32"
-    peak = (peaks or {}).get(dtype)
+    peaks = peaks or {}
+    peak = peaks.get(dtype)
     if record.get("achieved_flops") and peak:
         record["peak_flops"], record["peak_dtype"] = peak, dtype
-        record["peak_fraction"] = record["achieved_flops"] / peak
+        fraction = record["achieved_flops"] / peak
+        record["peak_exceeded"] = fraction > 1.0
+        record["peak_fraction"] = min(fraction, 1.0)
+    bandwidth = peaks.get("copy_bytes_per_s")
+    step = record.get("step_s_median")
+    if peak and bandwidth and step and record.get("bytes_per_step"):
+        compute_s = record["flops_per_step"] / peak
+        memory_s = record["bytes_per_step"] / bandwidth
+        record["roofline_bound"] = "compute" if compute_s >= memory_s else "memory"
+        record["roofline_s"] = max(compute_s, memory_s)
+        record["roofline_fraction"] = min(max(compute_s, memory_s) / step, 1.0)
 
 
 def peak_record(

@@ -38,6 +38,7 @@ from lungbench.measure.timing import (
     reset_peak_memory,
     run_protocol,
     set_threads,
+    training_step_bytes,
     training_step_flops,
 )
 from lungbench.measure.workload import Protocol, Workload, random_batch
@@ -162,6 +163,7 @@ def measure_compute(cfg: BenchConfig, info: StoreInfo, device: torch.device) -> 
     model = w.build_model(device)
     inputs, target = w.random_batch(device, shapes=list(info.inputs.values()))
     flops = training_step_flops(model, bce_loss, inputs, target)
+    bytes_moved = training_step_bytes(model, bce_loss, inputs, target)
     resolved = resolve_switches(cfg, device, inputs[0].dim(), probe=(model, inputs))
     step_fn = TrainStep(model, bce_loss, resolved.switches, device)  # format, compile, optim
     inputs = step_fn.prepare_inputs(inputs)
@@ -179,6 +181,7 @@ def measure_compute(cfg: BenchConfig, info: StoreInfo, device: torch.device) -> 
     record: dict[str, Any] = {
         "parameters": sum(p.numel() for p in model.parameters()),
         "flops_per_step": flops,
+        "bytes_per_step": bytes_moved,  # FP32 operators' traffic (lungbench.measure.timing)
         "achieved_flops": flops / step.median,
         "samples_per_s": w.batch_size / step.median,
         "peak_memory_bytes": peak,

@@ -165,6 +165,37 @@ def training_step_flops(
     return int(counter.get_total_flops())
 
 
+def training_step_bytes(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    target: torch.Tensor,
+) -> int:
+    """Bytes the operators of one forward + backward read and write: the tensors each aten
+    operator takes and returns, as if nothing stayed in a cache (views move nothing and are
+    skipped). The memory side of the roofline: an upper estimate of the traffic."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class ByteCounter(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not getattr(func, "is_view", False):
+                for x in tree_flatten((args, kwargs, out))[0]:
+                    if isinstance(x, torch.Tensor):
+                        self.total += x.numel() * x.element_size()
+            return out
+
+    counter = ByteCounter()
+    with counter:
+        loss = loss_fn(model(*inputs), target)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.total)
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
