@@ -26,6 +26,7 @@ from lungbench.report.scaling import (
     breakdown_table,
     combine_runs,
     format_breakdown,
+    format_scaling_markdown,
     scaling_notes,
     scaling_table,
     write_scaling_outputs,
@@ -403,3 +404,35 @@ def test_bucket_sizes_are_the_buckets_ddp_runs():
     total, *buckets = (int(v) for v in out.stdout.split())
     assert len(buckets) >= 2 and sum(buckets) == total
     assert max(buckets) * 4 <= 1.5 * 2**20  # each about the 1 MB cap (fp32 gradients)
+
+
+def test_the_why_column_names_each_measured_loss():
+    """Weak x2 at 57%: of a 0.35 s step, 0.10 s is exposed all-reduce (29%), the compute
+    (0.25 s) is 1.25x the 1-process step at the same threads (0.2 s: shared cores), the
+    slowest rank waited 10% of its epoch for data and ran 20% behind the fastest."""
+    from lungbench.report.scaling import explain
+
+    base = _record(1, "none", 4, 0.2, threads_used=1)
+    weak = _record(
+        2,
+        "weak",
+        4,
+        0.35,
+        compute_s_median=0.25,
+        comm_overhead_s=0.10,
+        epoch_s=10.0,
+        epoch_data_wait_s=1.0,
+        step_imbalance=0.2,
+        threads_used=1,
+    )
+    why = explain(weak, "weak", base)
+    assert why == (
+        "exposed all-reduce 29% of the step; compute 1.25x slower than one process alone "
+        "(shared cores); data waits 10% of the epoch; slowest rank 20% behind the fastest"
+    )
+    table = scaling_table([base, weak])
+    assert table.loc[table["world_size"] == 2, "why"].item() == why
+    assert "| Why |" in format_scaling_markdown(table)
+    # strong scaling: the ideal compute per rank is the reference step / world size
+    strong = _record(2, "strong", 4, 0.15, compute_s_median=0.1, comm_overhead_s=0.05)
+    assert explain(strong, "strong", base).startswith("exposed all-reduce 33% of the step")

@@ -26,7 +26,6 @@ so a job that fails later keeps everything measured before.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import time
@@ -421,6 +420,8 @@ def _timings(ranks: Sequence[dict[str, Any]], global_batch: int, world_size: int
             slowest["allreduce_bytes"] / reduce * 2 * (world_size - 1) / world_size
         ),
         "params_identical": len({r["param_digest"] for r in ranks}) == 1,
+        # how far the fastest rank's step is ahead of the slowest one's (load imbalance)
+        "step_imbalance": 1.0 - min(r["step_s"].median for r in ranks) / step.median,
         "samples_s": slowest["samples_s"],
     }
     if all("epoch_s" in r for r in ranks):
@@ -437,20 +438,14 @@ def _timings(ranks: Sequence[dict[str, Any]], global_batch: int, world_size: int
     return out
 
 
-def baseline_config(cfg: BenchConfig, device: str) -> BenchConfig:
-    """The world-size-1 reference of `cfg` on `device`: on CPU it gets every core this
-    process may use (torchrun sets OMP_NUM_THREADS=1 for its workers, which would make the
-    baseline look slow)."""
+def baseline_config(cfg: BenchConfig, device: str, rank_threads: int) -> BenchConfig:
+    """The world-size-1 reference of `cfg` on `device`: on CPU with the threads each rank
+    has (`rank_threads`), so that the speed-up compares like with like. (A reference with
+    every core against ranks of one thread each gave efficiencies of 388-4408%.)"""
     cfg = cfg.with_workload(device=device)
     if cfg.workload.threads is None and torch.device(device).type == "cpu":
-        cfg = cfg.with_workload(threads=_usable_cores())
+        cfg = cfg.with_workload(threads=rank_threads)
     return cfg
-
-
-def _usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 def ddp_configs(configs: Sequence[BenchConfig], dist: DistContext) -> list[BenchConfig]:
@@ -499,7 +494,7 @@ def run_ddp_sweep(
                     if progress:
                         w = c.workload
                         progress(f"1 process {w.device} f{w.filters} b{w.batch_size}")
-                    one = baseline_config(c, c.workload.device)
+                    one = baseline_config(c, c.workload.device, threads_per_rank(dist))
                     emit(measured(one, partial(baseline_record, one, info, dataset, indices)))
             barrier(
                 dist,

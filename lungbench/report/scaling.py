@@ -57,6 +57,7 @@ SCALING_COLUMNS = [
     "data_wait_s",
     "params_identical",
     "status",
+    "why",
 ]
 
 
@@ -126,10 +127,46 @@ def _row(record: dict[str, Any], scaling: str, ref: dict[str, Any] | None) -> di
         ref_batch = ref.get("global_batch") or ref.get("batch_size")
         row["speedup"] = row["samples_per_s"] / (ref_batch / ref_step)
         row["efficiency"] = row["speedup"] / ws
+    if ws > 1:
+        row["why"] = explain(record, scaling, ref)
     if ref and ref.get("epoch_s") and record.get("epoch_s"):
         row["epoch_speedup"] = ref["epoch_s"] / record["epoch_s"]
         row["epoch_efficiency"] = row["epoch_speedup"] / ws
     return row
+
+
+def explain(record: dict[str, Any], scaling: str, ref: dict[str, Any] | None) -> str:
+    """Why a DDP row is not at 100%: each measured loss as a share, in words.
+
+    - exposed all-reduce: the part of the step the gradient communication did not hide
+      (DDP step - no_sync compute), as a share of the step;
+    - shared cores: the ranks' compute against one process alone with the same threads
+      (weak scaling: the same per-rank batch; strong: the reference's step / world size);
+    - data waits: the slowest rank's time waiting for its DataLoader, share of the epoch;
+    - load imbalance: how far the fastest rank's step is ahead of the slowest one's.
+    """
+    step = record.get("step_s_median")
+    if record.get("status") != "ok" or not step:
+        return ""
+    parts = []
+    comm = record.get("comm_overhead_s")
+    if comm is not None:
+        parts.append(f"exposed all-reduce {comm / step:.0%} of the step")
+    compute = record.get("compute_s_median")
+    if ref and ref.get("status") == "ok" and ref.get("step_s_median") and compute:
+        ideal = ref["step_s_median"] / (1 if scaling == "weak" else world_size(record))
+        ratio = compute / ideal
+        if ratio > 1.05:
+            parts.append(f"compute {ratio:.2f}x slower than one process alone (shared cores)")
+        elif ratio < 0.95:
+            parts.append(f"compute {1 / ratio:.2f}x faster than one process alone (caches)")
+    wait, epoch = record.get("epoch_data_wait_s"), record.get("epoch_s")
+    if wait is not None and epoch:
+        parts.append(f"data waits {wait / epoch:.0%} of the epoch")
+    imbalance = record.get("step_imbalance")
+    if imbalance is not None and imbalance > 0.05:
+        parts.append(f"slowest rank {imbalance:.0%} behind the fastest")
+    return "; ".join(parts)
 
 
 def scaling_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -162,7 +199,7 @@ def format_scaling_markdown(table: pd.DataFrame) -> str:
     header = (
         "| Scaling | World size | Filters | Batch (per rank / global) | Step | Samples/s | "
         "Speed-up | Efficiency | Compute | Comm. overhead | All-reduce (isolated) | "
-        "Epoch | Epoch speed-up | Data wait |"
+        "Epoch | Epoch speed-up | Data wait | Why |"
     )
     lines = [header, _rule(header)]
     for _, r in table.iterrows():
@@ -184,6 +221,7 @@ def format_scaling_markdown(table: pd.DataFrame) -> str:
                     _sec(r["epoch_s"]),
                     _ratio(r["epoch_speedup"]),
                     _sec(r["data_wait_s"]),
+                    str(r["why"]) if isinstance(r["why"], str) else "",
                 ]
             )
             + " |"
