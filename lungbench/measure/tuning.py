@@ -198,7 +198,7 @@ def _measure(
             config, candidates(device, ndim, options.allow_compile), label="tuning"
         )
     # each row's speed-up is against eager FP32 of its own interleaved pass
-    rows = {r["variant"]: _row(r, first[0]["step_s_median"]) for r in first}
+    rows = [_row(r, first[0]["step_s_median"], 1) for r in first]
     eager = first[0]
     # a candidate that fell back (bf16 on a layer its kernels get wrong, say) ran something
     # else than its name: it is shown, never chosen
@@ -220,20 +220,25 @@ def _measure(
                 [by_name["eager_fp32"], by_name[best["variant"]], combo],
                 label="tuning",
             )
-        # The second pass's times are comparable among themselves: it decides, and its
-        # times are the ones shown for the three it measured.
-        rows.update({r["variant"]: _row(r, second[0]["step_s_median"]) for r in second})
+        # The second pass's times are comparable among themselves: it decides (times differ
+        # a little from pass to pass; each row says its pass).
+        rows += [_row(r, second[0]["step_s_median"], 2) for r in second]
         chosen = pick(second)
-    rows = tuple(rows.values())
+    rows = tuple(rows)
     switches = _switches_of(chosen)
-    text = ", ".join(f"{r['name']} {r['step_ms']:.1f} ms{_flag(r)}" for r in rows)
+    text = " | recheck: ".join(
+        ", ".join(f"{r['name']} {r['step_ms']:.1f} ms{_flag(r)}" for r in rows if r["pass"] == n)
+        for n in (1, 2)
+        if any(r["pass"] == n for r in rows)
+    )
     log.info(f"tuning: {text} -> {chosen['variant']}")
     return Tuning(chosen["variant"], switches, "measured", rows)
 
 
-def _row(record: dict[str, Any], eager_s: float) -> dict[str, Any]:
+def _row(record: dict[str, Any], eager_s: float, pass_: int) -> dict[str, Any]:
     return {
         "name": record["variant"],
+        "pass": pass_,  # 1: eager and each switch alone; 2: eager, the best, the winners together
         "step_ms": 1e3 * record["step_s_median"],
         "speedup_vs_eager": eager_s / record["step_s_median"],
         "accuracy_ok": bool(record["accuracy_ok"]),
