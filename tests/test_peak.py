@@ -150,3 +150,18 @@ def test_device_peaks_report_their_spread_and_bandwidth(monkeypatch):
     monkeypatch.setattr(peak_module, "copy_bandwidth", lambda d, *a: 5.0)
     found = peak_module.device_peaks(torch.device("cpu"), ("fp32",))
     assert found == {"fp32": 100.0, "fp32_spread": pytest.approx(0.1), "copy_bytes_per_s": 5.0}
+
+
+def test_peaks_are_kept_per_host_and_a_busy_moment_cannot_lower_them(monkeypatch, tmp_path):
+    from lungbench.measure import peak_cache
+
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))  # an empty cache of its own
+    measured = iter([{"fp32": 100.0, "fp32_spread": 0.1}, {"fp32": 60.0, "fp32_spread": 0.4}])
+    monkeypatch.setattr(peak_cache, "device_peaks", lambda device, dtypes: next(measured))
+    busy = iter([False, True])
+    monkeypatch.setattr(peak_cache.ContentionWatch, "stop", lambda self: {"busy": next(busy)})
+    cpu = torch.device("cpu")
+    first, source = peak_cache.robust_peaks(cpu, ("fp32",))
+    assert first["fp32"] == 100.0 and source.startswith("measured quiet")
+    second, source = peak_cache.robust_peaks(cpu, ("fp32",))  # busy now: 60 would be low
+    assert second["fp32"] == 100.0 and source == "cache (machine busy now)"

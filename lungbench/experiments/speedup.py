@@ -39,7 +39,8 @@ from lungbench.distributed.group import (
 )
 from lungbench.measure.batch_finder import apply_batch_finder
 from lungbench.measure.ddp import DDPOptions, run_ddp_sweep
-from lungbench.measure.peak import attach_peak, device_peaks, matmul_peak_stats
+from lungbench.measure.peak import attach_peak, matmul_peak_stats
+from lungbench.measure.peak_cache import robust_peaks
 from lungbench.measure.sweep import (
     BenchConfig,
     SweepSpec,
@@ -204,7 +205,11 @@ def measure_peaks(devices: tuple[str, ...], dtype: str = "auto") -> dict[str, di
     (a record is compared with the peak of the dtype its math ran in). Only the dtypes
     `dtype` ("auto" or a fixed one) can lead to are measured."""
     dtypes = ("fp32", "bf16", "fp16") if dtype == "auto" else ("fp32", dtype)
-    return {d: device_peaks(parse_device(d), dtypes) for d in dict.fromkeys(devices)}
+    peaks = {}
+    for name in dict.fromkeys(devices):
+        found, source = robust_peaks(parse_device(name), dtypes)
+        peaks[name] = {**found, "source": source}
+    return peaks
 
 
 def remeasure_peak(record: dict[str, Any], peaks: dict[str, dict[str, float]]) -> None:

@@ -27,13 +27,13 @@ import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from lungbench.core.environment import cpu_model
 from lungbench.core.errors import message_of
+from lungbench.core.paths import cache_dir
 from lungbench.core.runs import to_jsonable, utc_now
 from lungbench.measure.ablation import AblationConfig, Variant, run_ablation
 from lungbench.measure.workload import Workload
@@ -273,10 +273,6 @@ def _switches_of(record: dict[str, Any]) -> Switches:
 
 
 # ------------------------------------------------------------------------------- the cache
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LUNGBENCH_CACHE_DIR") or Path.home() / ".cache" / "lungbench")
 
 
 def cache_key(workload: Workload, device: torch.device) -> str:

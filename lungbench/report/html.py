@@ -204,8 +204,18 @@ def environment_blocks(view: RunView) -> list[Block]:
         d: {"fp32": v} for d, v in (env.get("peak_flops_fp32") or {}).items()
     }
     for name, by_dtype in peaks.items():
-        for dtype, value in by_dtype.items():
-            rows[f"measured peak {dtype}, {name} (GFLOP/s)"] = f"{value / 1e9:.1f}"
+        for dtype in ("fp32", "bf16", "fp16"):
+            value = by_dtype.get(dtype)
+            if isinstance(value, (int, float)):
+                spread = by_dtype.get(f"{dtype}_spread")
+                rows[f"measured peak {dtype}, {name} (GFLOP/s)"] = f"{value / 1e9:.1f}" + (
+                    f" (median {100 * spread:.0f}% below)" if isinstance(spread, float) else ""
+                )
+        bandwidth = by_dtype.get("copy_bytes_per_s")
+        if isinstance(bandwidth, (int, float)):
+            rows[f"measured copy bandwidth, {name} (GB/s)"] = f"{bandwidth / 1e9:.1f}"
+        if by_dtype.get("source"):
+            rows[f"peaks of {name}"] = by_dtype["source"]
     libraries = {k: v for k, v in (env.get("libraries") or {}).items() if v}
     if libraries:
         rows["libraries"] = ", ".join(f"{k} {v}" for k, v in libraries.items())
