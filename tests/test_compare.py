@@ -189,3 +189,17 @@ def test_cli_fail_above_and_environment_warning(tmp_path, capsys):
     capsys.readouterr()
     assert main(["compare", str(a), str(tmp_path / "nope")]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_runs_that_ran_other_switches_are_not_compared():
+    """Keys say "auto"; when the switches that ran differ (tuned here, the table there), the
+    times measure two recipes: no verdict, and no CI gate."""
+    a, b = _records(1.0, 0), _records(1.5, 1)
+    for r in a:
+        r["dtype_used"] = "bf16"
+    for r in b:
+        r["dtype_used"] = "fp32"
+    result = compare_records(a, b)
+    assert {c.verdict for c in result.changes} == {"not comparable"}
+    assert "other switches ran (dtype bf16 vs fp32)" in {c.why for c in result.changes}
+    assert result.regressions(10) == []

@@ -51,3 +51,11 @@ def test_judge_rules():
     assert judge(0.5, 0.0, 64, 0.5)["busy"] is False  # daemons on a big node
     stolen = judge(0.0, 0.2, 2, 0.5)
     assert stolen["busy"] is True and "stole 20%" in stolen["busy_reason"]
+
+
+def test_our_reaped_children_are_not_someone_else():
+    """A worker that did its work and exited before the watch stopped (a DataLoader's) is
+    ours: its CPU time is not counted as contention."""
+    with ContentionWatch() as watch:
+        subprocess.run([sys.executable, "-c", SPIN.replace("20", "1")], check=True)
+    assert watch.result["busy"] is False, watch.result

@@ -28,24 +28,40 @@ BUSY_STEAL_SHARE = 0.10  # share of CPU time the hypervisor may steal
 
 
 def _tree_cpu_seconds(proc: psutil.Process) -> float:
-    """CPU seconds of this process and its live children (DataLoader workers are ours)."""
+    """CPU seconds of this process, its live children and the children it already reaped
+    (DataLoader workers that exited before the watch stopped are ours too)."""
     total = 0.0
     for p in [proc, *proc.children(recursive=True)]:
         try:
             t = p.cpu_times()
             total += t.user + t.system
+            if p is proc:
+                total += t.children_user + t.children_system
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return total
 
 
+def _allowed_cpus() -> list[int]:
+    """The cores this process may run on (a SLURM allocation, a container's share)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
 def _system() -> tuple[float, float, float]:
-    """(busy, steal, total) CPU seconds over all cores since boot."""
-    t = psutil.cpu_times()
-    idle = t.idle + getattr(t, "iowait", 0.0)
-    steal = getattr(t, "steal", 0.0)
-    total = sum(t)
-    return total - idle - steal, steal, total
+    """(busy, steal, total) CPU seconds since boot over the cores this process may use:
+    another job on the other cores of a shared node is not contention for us."""
+    per_cpu = psutil.cpu_times(percpu=True)
+    allowed = [i for i in _allowed_cpus() if i < len(per_cpu)]
+    chosen = [per_cpu[i] for i in allowed] or per_cpu
+    busy = steal = total = 0.0
+    for t in chosen:
+        idle = t.idle + getattr(t, "iowait", 0.0)
+        stolen = getattr(t, "steal", 0.0)
+        whole = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+        busy += whole - idle - stolen
+        steal += stolen
+        total += whole
+    return busy, steal, total
 
 
 @dataclass

@@ -420,8 +420,9 @@ def _timings(ranks: Sequence[dict[str, Any]], global_batch: int, world_size: int
             slowest["allreduce_bytes"] / reduce * 2 * (world_size - 1) / world_size
         ),
         "params_identical": len({r["param_digest"] for r in ranks}) == 1,
-        # how far the fastest rank's step is ahead of the slowest one's (load imbalance)
-        "step_imbalance": 1.0 - min(r["step_s"].median for r in ranks) / step.median,
+        # load imbalance: how far the fastest rank's own compute (no_sync forward + backward
+        # + optimizer) is ahead of the slowest one's (the synchronised steps are in lockstep)
+        "step_imbalance": 1.0 - min(r["compute_s_median"] for r in ranks) / compute,
         "samples_s": slowest["samples_s"],
     }
     if all("epoch_s" in r for r in ranks):

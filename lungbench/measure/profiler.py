@@ -233,6 +233,8 @@ def training_step_fn(
         step, _, switches = ddp_train_step(cfg, model, dist, examples)
     else:
         resolved = resolve_switches(cfg, device, examples[0].dim(), probe=(model, examples))
+        # one CUDA graph would hide the phases the trace is for: the profile runs without it
+        resolved = replace(resolved, switches=replace(resolved.switches, cuda_graphs=False))
         step = TrainStep(model, bce_loss, resolved.switches, device)
         switches = resolved.record()
     fields.update(switches)

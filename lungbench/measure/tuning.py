@@ -120,6 +120,16 @@ def combine(variants: Sequence[Variant]) -> Variant:
     return Variant(name, " + ".join(v.added for v in variants), replace(base, **changes))
 
 
+def _one_dtype(winners: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The winners without a second autocast dtype (bf16 and fp16 both beating eager on a
+    GPU): only the faster one is combined, so the combination runs what its name says."""
+    dtypes = [r for r in winners if r.get("dtype_used", "fp32") != "fp32"]
+    if len(dtypes) < 2:
+        return winners
+    keep = min(dtypes, key=lambda r: r["step_s_median"])
+    return [r for r in winners if r not in dtypes or r is keep]
+
+
 def pick(measured: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The fastest candidate (median step) whose accuracy check passed and that ran as
     named (no fallback); eager FP32 (the first) when none beats it. `measured`: ablation
@@ -142,19 +152,22 @@ def tune(
     (unless `options.retune`). `shapes`: per-sample input shapes (a store's; default: the
     registry's). A pass that fails (out of memory, a model that cannot run) is no choice:
     the device's table then, said in the note; the measurement itself records the failure."""
-    key = cache_key(workload, device)
+    key = cache_key(workload, device, options.allow_compile, shapes)
     cache = _read_cache()
     entry = cache.get(key)
     if entry is None:
         _note_other_versions(cache, key)
     if entry is not None and not options.retune:
-        return Tuning(
-            entry["choice"],
-            Switches(**entry["switches"]),
-            "cache",
-            tuple(entry.get("alternatives", ())),
-            f"measured {entry.get('measured_utc', '?')}; --retune measures again",
-        )
+        try:
+            return Tuning(
+                entry["choice"],
+                Switches(**entry["switches"]),
+                "cache",
+                tuple(entry.get("alternatives", ())),
+                f"measured {entry.get('measured_utc', '?')}; --retune measures again",
+            )
+        except (KeyError, TypeError, AttributeError):  # an entry of another layout
+            log.warning("note: a tuning cache entry is unreadable; tuning again")
     try:
         tuning = _measure(workload, device, options, shapes)
     except Exception as exc:  # noqa: BLE001 - reported as the record's note, never fatal
@@ -210,6 +223,7 @@ def _measure(
         and r["step_s_median"] < eager["step_s_median"]
     ]
     chosen = pick(first)
+    winners = _one_dtype(winners)
     if len(winners) >= 2:
         by_name = {v.name: v for v in candidates(device, ndim, options.allow_compile)}
         best = min(winners, key=lambda r: r["step_s_median"])
@@ -275,8 +289,17 @@ def _switches_of(record: dict[str, Any]) -> Switches:
 # ------------------------------------------------------------------------------- the cache
 
 
-def cache_key(workload: Workload, device: torch.device) -> str:
-    """Host, device, torch version and workload: a choice is reused only where it was made."""
+def cache_key(
+    workload: Workload,
+    device: torch.device,
+    allow_compile: bool = False,
+    shapes: Sequence[tuple[int, ...]] | None = None,
+) -> str:
+    """Host, device, torch version and workload (with its input shapes and whether compile
+    competed): a choice is reused only where and for what it was made. Without `shapes`
+    the registry's for the workload (the same key as a store of those shapes)."""
+    if not shapes:
+        shapes = [s[1:] for s in workload.input_shapes(1)]
     where = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -286,6 +309,8 @@ def cache_key(workload: Workload, device: torch.device) -> str:
     return (
         f"{socket.gethostname()}|{where}|torch {torch.__version__}|{w.model}|{w.preset}"
         f"|f{w.filters}|b{w.batch_size}|t{w.threads}"
+        f"|{'x'.join(map(str, shapes[0]))}"
+        f"|{'compile' if allow_compile else 'eager'}"
     )
 
 
@@ -317,7 +342,7 @@ def _write_cache(entries: dict[str, Any]) -> None:
     path = cache_dir() / CACHE_FILE
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two writers never share a file
         tmp.write_text(json.dumps(to_jsonable({"version": CACHE_VERSION, "entries": entries})))
         os.replace(tmp, path)
     except OSError as exc:  # a read-only home: tune again next time, say so
@@ -337,7 +362,7 @@ class Tuner:
         device: torch.device,
         shapes: Sequence[tuple[int, ...]] | None = None,
     ) -> Tuning:
-        key = cache_key(workload, device)
+        key = cache_key(workload, device, self.options.allow_compile, shapes)
         if key not in self.done:
             self.done[key] = tune(workload, device, self.options, shapes)
         return self.done[key]

@@ -134,7 +134,8 @@ def bootstrap_ratio_ci(
         method="percentile",
         rng=np.random.default_rng(seed),
     )
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+    low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    return min(low, high), max(low, high)  # a constant sample: equal up to rounding
 
 
 def _median_ratio(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -171,12 +172,17 @@ def compare_records(
     for key in (k for k in by_a if k in by_b):
         ra, rb = by_a[key], by_b[key]
         busy = "busy machine" if ra.get("busy") or rb.get("busy") else ""
+        recipe = _recipe_difference(ra, rb)
         sa, sb = _step_samples(ra), _step_samples(rb)
         if sa and sb:
             low, high = bootstrap_ratio_ci(sa, sb, n_boot, confidence, seed)
             ratio = float(np.median(sb) / np.median(sa))
-            why = busy or ("one sample" if min(len(sa), len(sb)) < 2 else "")
-            said = "unreliable" if why else verdict(ratio, low, high, threshold)
+            why = recipe or busy or ("one sample" if min(len(sa), len(sb)) < 2 else "")
+            said = (
+                "not comparable"
+                if recipe
+                else ("unreliable" if why else verdict(ratio, low, high, threshold))
+            )
             result.changes.append(
                 Change(
                     key,
@@ -196,7 +202,9 @@ def compare_records(
         if _positive(ea) and _positive(eb):
             ratio = float(eb) / float(ea)
             na, nb = ra.get("epoch_samples"), rb.get("epoch_samples")
-            if na is not None and nb is not None and na != nb:
+            if recipe:
+                said, why = "not comparable", recipe
+            elif na is not None and nb is not None and na != nb:
                 said, why = "not comparable", f"epochs of {na} and {nb} samples"
             else:  # one epoch each: no spread to judge a change by
                 said, why = "unreliable", busy or "one epoch each"
@@ -286,6 +294,28 @@ def format_comparison(result: Comparison) -> str:
         if keys:
             lines += ["", f"{label}: " + ", ".join(f"`{k}`" for k in keys)]
     return "\n".join(lines)
+
+
+# What ran, beyond the key (which says "auto" for a switch left to the device).
+RAN_FIELDS = (
+    "dtype_used",
+    "memory_format_used",
+    "compile_used",
+    "optimizer_used",
+    "tf32_used",
+    "cudnn_benchmark_used",
+    "cuda_graphs_used",
+)
+
+
+def _recipe_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+    """'' when both ran the same switches, else which differ: times of two recipes measure
+    the recipes, not the change between the runs."""
+    differ = [f for f in RAN_FIELDS if f in a and f in b and a[f] != b[f]]
+    if not differ:
+        return ""
+    name = differ[0].removesuffix("_used")
+    return f"other switches ran ({name} {a[differ[0]]} vs {b[differ[0]]})"
 
 
 def _ok_by_key(records: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:

@@ -91,9 +91,19 @@ def _reference(
             all(single.get(k) == record.get(k) for k in MATCH)
             and _device_type(single) == _device_type(record)
             and single.get("batch_size") == batch
+            and _same_recipe(single, record)
         ):
             return single
     return None
+
+
+RAN = ("dtype_used", "memory_format_used", "optimizer_used", "compile_used")
+
+
+def _same_recipe(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Both ran the same switches (where both records say): a reference of another recipe
+    would credit the recipe to the scaling."""
+    return all(a[k] == b[k] for k in RAN if k in a and k in b)
 
 
 def _row(record: dict[str, Any], scaling: str, ref: dict[str, Any] | None) -> dict[str, Any]:

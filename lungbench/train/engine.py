@@ -463,6 +463,7 @@ def fit(
     state = _State()
     if resume is not None:
         state = _restore(Path(resume), run)
+    run.memory = _PeakMemory(device)  # from here: loading a checkpoint is not training
 
     writer = _tensorboard(run_dir, config)
     telemetry = _Telemetry(run_dir, config, device)
