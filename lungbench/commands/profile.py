@@ -163,6 +163,14 @@ def _run(args: argparse.Namespace) -> int:
         f"traces:  tensorboard --logdir {result.run_dir}  (or open "
         f"{result.traces[0] if result.traces else 'the trace'} in https://ui.perfetto.dev)"
     )
+    summary = result.summary
+    if "dtype_used" in summary:  # the step bench times: say which switches it ran
+        tuned = summary.get("tuning_choice")
+        print(
+            f"step:    dtype {summary['dtype_used']}, {summary['memory_format_used']}, "
+            f"Adam {summary['optimizer_used']}, compile {summary['compile_used']}"
+            + (f" (tuned here: {tuned}, {summary.get('tuning_source')})" if tuned else "")
+        )
     keys = (
         "profiled_steps",
         "step_ms",
