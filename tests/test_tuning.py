@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from lungbench.cli import main
+from lungbench.core.cache import VERSION, cache_dir, write_cache
 from lungbench.core.runs import read_records
 from lungbench.measure import tuning
-from lungbench.measure.tuning import TuningOptions, cache_dir, candidates, combine, pick, tune
+from lungbench.measure.tuning import TuningOptions, candidates, combine, pick, tune
 from lungbench.measure.workload import Workload
 from lungbench.step import eager_fp32
 
@@ -75,7 +76,7 @@ def test_a_corrupt_cache_is_replaced_not_fatal(caplog):
     result = tune(TINY, CPU, TuningOptions(rounds=2, accuracy_steps=2))
     assert result.source == "measured"
     assert "unreadable" in caplog.text
-    assert json.loads(path.read_text())["version"] == tuning.CACHE_VERSION
+    assert json.loads(path.read_text())["version"] == VERSION
 
 
 def test_a_choice_made_with_another_torch_is_not_used(caplog):
@@ -86,7 +87,7 @@ def test_a_choice_made_with_another_torch_is_not_used(caplog):
     host, where, _, rest = key.split("|", 3)
     other = f"{host}|{where}|torch 0.0.1|{rest}"
     entry = {"choice": "+bf16", "switches": vars(eager_fp32()), "alternatives": []}
-    tuning._write_cache({other: entry})
+    write_cache(tuning.CACHE_FILE, {other: entry})
     result = tune(Workload(preset="dey2018", filters=2, batch_size=2), CPU, TuningOptions(rounds=2))
     assert result.source == "measured"
     assert "tuned here with torch 0.0.1" in caplog.text

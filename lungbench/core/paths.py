@@ -63,9 +63,3 @@ def check_out_dir(path: str | os.PathLike, what: str = "--out") -> Path:
             raise UsageError(f"{what} {path}: {existing} is not writable")
         break
     return path
-
-
-def cache_dir() -> Path:
-    """Where lungbench keeps what it measured about this host between runs (the tuning
-    choices, the peaks): $LUNGBENCH_CACHE_DIR, else ~/.cache/lungbench."""
-    return Path(os.environ.get("LUNGBENCH_CACHE_DIR") or Path.home() / ".cache" / "lungbench")

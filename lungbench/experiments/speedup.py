@@ -59,12 +59,12 @@ from lungbench.measure.sweep_state import (
 )
 from lungbench.measure.telemetry import SweepMonitor
 from lungbench.measure.timing import reporting
-from lungbench.measure.tuning import Tuner, TuningOptions, untuned
+from lungbench.measure.tuning import Tuner, TuningOptions, fast_choice, untuned
 from lungbench.measure.workload import Protocol, Workload
 from lungbench.models import create_model, list_models
 from lungbench.report.bench_outputs import write_bench_outputs
 from lungbench.report.scaling import write_scaling_outputs
-from lungbench.step import check_switches, has_auto, switches_of
+from lungbench.step import check_switches, switches_of
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
@@ -359,14 +359,12 @@ def tuned(
     tuner = Tuner(TuningOptions(retune=request.retune, allow_compile=request.tune_compile))
 
     def prepare(cfg: BenchConfig) -> BenchConfig:
-        if not has_auto(cfg.switches):
-            return cfg
-        if not request.tune:
-            fields[cfg.key()] = untuned("--no-tune: the device's table (lungbench.step)")
-            return cfg
-        tuning = tuner(cfg.workload, parse_device(cfg.workload.device), shapes)
-        fields[cfg.key()] = tuning.record()
-        return replace(cfg, fast=tuning.switches)
+        device = parse_device(cfg.workload.device)
+        skip = None if request.tune else "--no-tune"
+        fast, fields[cfg.key()] = fast_choice(
+            cfg.switches, cfg.workload, device, tuner, skip, shapes
+        )
+        return replace(cfg, fast=fast)
 
     return prepare
 

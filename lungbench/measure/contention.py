@@ -68,13 +68,7 @@ def _system() -> tuple[float, float, float]:
 class ContentionWatch:
     """Measures what else ran on the CPU between `start()` and `stop()` (or as a context)."""
 
-    cores: int = field(
-        default_factory=lambda: (
-            len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity")
-            else (os.cpu_count() or 1)
-        )
-    )
+    cores: int = field(default_factory=lambda: len(_allowed_cpus()) or os.cpu_count() or 1)
     _proc: psutil.Process = field(default_factory=psutil.Process, repr=False)
     _start: tuple[float, float, float, float, float] | None = field(default=None, repr=False)
     result: dict[str, Any] = field(default_factory=dict)

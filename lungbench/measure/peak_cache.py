@@ -9,15 +9,11 @@ used, and the environment record says which (`peak_source`).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import socket
 
 import torch
 
-from lungbench.core.environment import cpu_model
-from lungbench.core.paths import cache_dir
+from lungbench.core.cache import read_cache, where_key, write_cache
 from lungbench.measure.contention import ContentionWatch
 from lungbench.measure.peak import device_peaks
 
@@ -26,23 +22,14 @@ log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 CACHE_FILE = "peaks.json"
 
 
-def peak_key(device: torch.device) -> str:
-    where = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu {cpu_model()} x{torch.get_num_threads()}"
-    )
-    return f"{socket.gethostname()}|{where}|torch {torch.__version__}"
-
-
 def robust_peaks(device: torch.device, dtypes: tuple[str, ...]) -> tuple[dict[str, float], str]:
     """(peaks, source): this run's measurement merged with the host's cached best when the
     machine is quiet; the cached peaks when it is busy (this run's if there are none)."""
     watch = ContentionWatch().start()
     fresh = device_peaks(device, dtypes)
     busy = watch.stop()["busy"]
-    cache = _read()
-    key = peak_key(device)
+    cache = read_cache(CACHE_FILE)
+    key = where_key(device)
     cached = cache.get(key, {})
     if busy:
         if cached:
@@ -55,28 +42,5 @@ def robust_peaks(device: torch.device, dtypes: tuple[str, ...]) -> tuple[dict[st
         if not name.endswith("_spread") and value > merged.get(name, 0.0):
             merged[name] = value  # the best this host has done, quiet
     cache[key] = merged
-    _write(cache)
+    write_cache(CACHE_FILE, cache)
     return merged, "measured quiet; best of this run and the host's cache"
-
-
-def _read() -> dict[str, dict[str, float]]:
-    path = cache_dir() / CACHE_FILE
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        log.warning(f"note: peak cache {path} is unreadable ({exc}); it will be replaced")
-        return {}
-
-
-def _write(cache: dict[str, dict[str, float]]) -> None:
-    path = cache_dir() / CACHE_FILE
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.warning(f"note: could not write the peak cache {path} ({exc})")

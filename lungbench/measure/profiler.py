@@ -40,7 +40,7 @@ from lungbench.distributed.group import DistContext
 from lungbench.measure.ddp import ddp_train_step
 from lungbench.measure.timing import training_step_flops
 from lungbench.measure.trace import load_trace, phase_summary, trace_files
-from lungbench.measure.tuning import TuningOptions, tune, untuned
+from lungbench.measure.tuning import Tuner, TuningOptions, fast_choice
 from lungbench.measure.workload import Workload
 from lungbench.step import (
     Switches,
@@ -48,7 +48,6 @@ from lungbench.step import (
     auto_switches,
     backend_flags,
     bce_loss,
-    has_auto,
     resolve_switches,
 )
 
@@ -197,15 +196,14 @@ def _tuned(
 ) -> tuple[ProfileConfig, dict[str, Any]]:
     """`cfg` with the tuned choice for its "auto" switches (the one `lungbench bench` uses,
     from the same cache) and the record fields saying so."""
-    if not has_auto(cfg.switches):
-        return cfg, {}
+    skip = None
     if not cfg.tune:
-        return cfg, untuned("--no-tune: the device's table (lungbench.step)")
-    if dist.is_distributed:  # every rank must run the same switches: no per-rank timing
-        return cfg, untuned("under a launcher: the device's table (tune in one process)")
-    options = TuningOptions(retune=cfg.retune, allow_compile=cfg.tune_compile)
-    tuning = tune(cfg.workload, device, options)
-    return replace(cfg, fast=tuning.switches), tuning.record()
+        skip = "--no-tune"
+    elif dist.is_distributed:  # every rank must run the same switches: no per-rank timing
+        skip = "under a launcher (tune in one process)"
+    tuner = Tuner(TuningOptions(retune=cfg.retune, allow_compile=cfg.tune_compile))
+    fast, fields = fast_choice(cfg.switches, cfg.workload, device, tuner, skip)
+    return replace(cfg, fast=fast), fields
 
 
 class RangeTimer:

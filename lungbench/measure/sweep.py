@@ -38,8 +38,7 @@ from lungbench.measure.timing import (
     reset_peak_memory,
     run_protocol,
     set_threads,
-    training_step_bytes,
-    training_step_flops,
+    training_step_cost,
 )
 from lungbench.measure.workload import Protocol, Workload, random_batch
 from lungbench.step import (
@@ -162,8 +161,7 @@ def measure_compute(cfg: BenchConfig, info: StoreInfo, device: torch.device) -> 
     w = cfg.workload
     model = w.build_model(device)
     inputs, target = w.random_batch(device, shapes=list(info.inputs.values()))
-    flops = training_step_flops(model, bce_loss, inputs, target)
-    bytes_moved = training_step_bytes(model, bce_loss, inputs, target)
+    flops, bytes_moved = training_step_cost(model, bce_loss, inputs, target)
     resolved = resolve_switches(cfg, device, inputs[0].dim(), probe=(model, inputs))
     step_fn = TrainStep(model, bce_loss, resolved.switches, device)  # format, compile, optim
     inputs = step_fn.prepare_inputs(inputs)
@@ -317,17 +315,12 @@ def run_sweep(
         skipped = skip(cfg) if skip is not None else None
         if skipped is not None:
             record = skipped
-        elif prepare is not None:
-            ready = prepare(cfg)
-            record = (
-                monitor(ready, lambda c=ready: measure(c, info, dataset, indices))
-                if monitor is not None
-                else measure(ready, info, dataset, indices)
-            )
-        elif monitor is not None:
-            record = monitor(cfg, lambda c=cfg: measure(c, info, dataset, indices))
         else:
-            record = measure(cfg, info, dataset, indices)
+            ready = prepare(cfg) if prepare is not None else cfg
+            if monitor is not None:
+                record = monitor(ready, lambda c=ready: measure(c, info, dataset, indices))
+            else:
+                record = measure(ready, info, dataset, indices)
         on_record(record)
         records.append(record)
     return records

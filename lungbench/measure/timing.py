@@ -171,11 +171,26 @@ def training_step_bytes(
     inputs: Sequence[torch.Tensor],
     target: torch.Tensor,
 ) -> int:
-    """Bytes the operators of one forward + backward read and write: the tensors each aten
-    operator takes and returns, as if nothing stayed in a cache (views move nothing and are
-    skipped). The memory side of the roofline: an upper estimate of the traffic."""
+    """Bytes the operators of one forward + backward read and write (see
+    training_step_cost)."""
+    return training_step_cost(model, loss_fn, inputs, target)[1]
+
+
+def training_step_cost(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    target: torch.Tensor,
+) -> tuple[int, int]:
+    """(FLOPs, bytes moved) of one forward + backward, counted in the same pass.
+
+    FLOPs as training_step_flops. Bytes: the tensors each aten operator takes and returns,
+    as if nothing stayed in a cache (views move nothing and are skipped): the memory side
+    of the roofline, an upper estimate of the traffic.
+    """
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
+    from torch.utils.flop_counter import FlopCounterMode
 
     class ByteCounter(TorchDispatchMode):
         total = 0
@@ -188,12 +203,12 @@ def training_step_bytes(
                         self.total += x.numel() * x.element_size()
             return out
 
-    counter = ByteCounter()
-    with counter:
+    flops, moved = FlopCounterMode(display=False), ByteCounter()
+    with flops, moved:
         loss = loss_fn(model(*inputs), target)
         loss.backward()
     model.zero_grad(set_to_none=True)
-    return int(counter.total)
+    return int(flops.get_total_flops()), int(moved.total)
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -20,10 +20,7 @@ the pass. The choice is cached per host, device, torch version and workload in
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -31,10 +28,9 @@ from typing import Any
 
 import torch
 
-from lungbench.core.environment import cpu_model
+from lungbench.core.cache import read_cache, where_key, write_cache
 from lungbench.core.errors import message_of
-from lungbench.core.paths import cache_dir
-from lungbench.core.runs import to_jsonable, utc_now
+from lungbench.core.runs import utc_now
 from lungbench.measure.ablation import AblationConfig, Variant, run_ablation
 from lungbench.measure.workload import Workload
 from lungbench.step import (
@@ -43,12 +39,12 @@ from lungbench.step import (
     compiler_available,
     eager_fp32,
     fast_defaults,
+    has_auto,
 )
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 CACHE_FILE = "tuning.json"
-CACHE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -153,7 +149,7 @@ def tune(
     registry's). A pass that fails (out of memory, a model that cannot run) is no choice:
     the device's table then, said in the note; the measurement itself records the failure."""
     key = cache_key(workload, device, options.allow_compile, shapes)
-    cache = _read_cache()
+    cache = read_cache(CACHE_FILE)
     entry = cache.get(key)
     if entry is None:
         _note_other_versions(cache, key)
@@ -182,7 +178,7 @@ def tune(
         "measured_utc": utc_now(),
         "torch": torch.__version__,
     }
-    _write_cache(cache)
+    write_cache(CACHE_FILE, cache)
     return tuning
 
 
@@ -300,14 +296,9 @@ def cache_key(
     the registry's for the workload (the same key as a store of those shapes)."""
     if not shapes:
         shapes = [s[1:] for s in workload.input_shapes(1)]
-    where = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu {cpu_model()} x{torch.get_num_threads()}"
-    )
     w = workload
     return (
-        f"{socket.gethostname()}|{where}|torch {torch.__version__}|{w.model}|{w.preset}"
+        f"{where_key(device)}|{w.model}|{w.preset}"
         f"|f{w.filters}|b{w.batch_size}|t{w.threads}"
         f"|{'x'.join(map(str, shapes[0]))}"
         f"|{'compile' if allow_compile else 'eager'}"
@@ -322,31 +313,6 @@ def _note_other_versions(cache: dict[str, Any], key: str) -> None:
         if (o_host, o_where, o_rest) == (host, where, rest):
             log.info(f"note: this workload was tuned here with {o_torch}; tuning again")
             return
-
-
-def _read_cache() -> dict[str, Any]:
-    path = cache_dir() / CACHE_FILE
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-        if data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
-            raise ValueError("unknown layout")
-        return data["entries"]
-    except (OSError, ValueError, AttributeError) as exc:
-        log.warning(f"note: tuning cache {path} is unreadable ({exc}); it will be replaced")
-        return {}
-
-
-def _write_cache(entries: dict[str, Any]) -> None:
-    path = cache_dir() / CACHE_FILE
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two writers never share a file
-        tmp.write_text(json.dumps(to_jsonable({"version": CACHE_VERSION, "entries": entries})))
-        os.replace(tmp, path)
-    except OSError as exc:  # a read-only home: tune again next time, say so
-        log.warning(f"note: could not write the tuning cache {path} ({exc})")
 
 
 @dataclass
@@ -366,6 +332,25 @@ class Tuner:
         if key not in self.done:
             self.done[key] = tune(workload, device, self.options, shapes)
         return self.done[key]
+
+
+def fast_choice(
+    switches: Switches,
+    workload: Workload,
+    device: torch.device,
+    tuner: Tuner,
+    skip: str | None = None,
+    shapes: Sequence[tuple[int, ...]] | None = None,
+) -> tuple[Switches | None, dict[str, Any]]:
+    """What a config's "auto" switches take, and the record fields saying so: the tuned
+    choice for the workload on the device, or None (the device's table) when nothing is
+    left to the device or the pass is skipped (`skip`: why, e.g. "--no-tune")."""
+    if not has_auto(switches):
+        return None, {}
+    if skip is not None:
+        return None, untuned(f"{skip}: the device's table (lungbench.step)")
+    tuning = tuner(workload, device, shapes)
+    return tuning.switches, tuning.record()
 
 
 def untuned(why: str) -> dict[str, Any]:

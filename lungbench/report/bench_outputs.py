@@ -54,8 +54,7 @@ def write_bench_outputs(run_dir: Path, records: Sequence[dict[str, Any]]) -> str
         save_figure(run_dir, name, fig)
     what = _timed(records) if epoch_measured else "one training step (compute only)"
     text = f"Exec. time = wall time of {what}.\n\n" + "\n\n".join(printed)
-    warning = busy_banner(records)
-    return f"{warning}\n\n{text}" if warning else text
+    return f"{banner}\n\n{text}" if banner else text
 
 
 def _timed(records: Sequence[dict[str, Any]]) -> str:

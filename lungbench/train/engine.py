@@ -187,10 +187,6 @@ def training_switches(config: TrainConfig, device: torch.device) -> Switches:
     return Switches(dtype="fp16" if device.type == "cuda" else "bf16")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 @contextmanager
 def stop_on_signals():
     """Yield a dict whose 'signal' is set when SIGTERM/SIGUSR1 arrives (main thread only)."""
