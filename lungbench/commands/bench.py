@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from lungbench.commands._args import add_dist_timeout, non_negative_int, positive_int
@@ -38,7 +39,12 @@ examples:
                                   or mpiexec: see hpc/README.md (scaling tables added)
 
 output: results/<run-id>/{run.json, config.json, environment.json, records.jsonl,
-        tables/{summary,measurements,speedup_b<B>}.csv|.md, plots/*.png}"""
+        tables/{summary,measurements,speedup_b<B>}.csv|.md, plots/*.png}
+
+memory: a configuration whose step cannot fit (an FP32 estimate of weights, gradients,
+optimizer state and activations against the device's free memory) is not run: it is
+recorded "oom" with the estimate and the largest batch that fits. LUNGBENCH_MEMORY_LIMIT
+(e.g. 8GiB) sets the memory to plan with. Exit status 1 when every configuration failed."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -239,14 +245,13 @@ def _run(args: argparse.Namespace) -> int:
         return 0  # only rank 0 prints and writes
     print(result.table_text)
     print(f"\nresults: {result.run_dir}")
-    print(
-        json.dumps(
-            {
-                "configs": len(result.records),
-                "failed": sum(r["status"] != "ok" for r in result.records),
-            }
+    failed = sum(r["status"] != "ok" for r in result.records)
+    print(json.dumps({"configs": len(result.records), "failed": failed}))
+    if result.records and failed == len(result.records):
+        print(
+            "error: every configuration failed (see above); nothing was measured", file=sys.stderr
         )
-    )
+        return 1
     return 0
 
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from lungbench.core.device import synchronize
 from lungbench.core.errors import UsageError
+from lungbench.measure.memory import refusal as memory_refusal
 from lungbench.measure.peak import attach_peak, device_peaks
 from lungbench.measure.stats import summarize
 from lungbench.measure.sweep import SINGLE_PROCESS
@@ -187,6 +188,9 @@ def run_ablation(
     threads = set_threads(w.threads) if device.type == "cpu" else torch.get_num_threads()
     if cfg.rounds < 1:
         raise UsageError(f"--repeats must be >= 1 for an ablation, got {cfg.rounds}")
+    too_big = memory_refusal(w, cfg.input_shapes)
+    if too_big:
+        raise UsageError(f"--batch {w.batch_size}: {too_big}")
     variants = list(variants or ladder(device, cfg.compile_rung))
     reference = _no_dropout(w.build_model(torch.device("cpu")))
     init = {k: v.clone() for k, v in reference.state_dict().items()}

@@ -49,6 +49,7 @@ from lungbench.distributed.group import (
     DEFAULT_TIMEOUT_S,
     DistContext,
     DistributedError,
+    all_gather,
     barrier,
     collective_guard,
     gather_records,
@@ -57,8 +58,9 @@ from lungbench.distributed.group import (
     wrap_model,
 )
 from lungbench.measure.data_wait import DeviceWaitClock, data_bound
+from lungbench.measure.memory import refusal as memory_refusal
 from lungbench.measure.stats import summarize
-from lungbench.measure.sweep import BenchConfig, measure, train_split
+from lungbench.measure.sweep import BenchConfig, measure, refused_for_memory, train_split
 from lungbench.measure.timing import (
     STEP,
     PhaseTimer,
@@ -513,11 +515,28 @@ def run_ddp_sweep(
                         {**base_record(cfg, scaling, None, dist), "status": "skipped", "error": why}
                     )
                 continue
+            refused = _memory_refusal(cfg, per_rank, list(info.inputs.values()), dist)
+            if refused is not None:
+                if dist.is_main:
+                    record = base_record(cfg, scaling, per_rank, dist)
+                    emit({**record, "status": "oom", "error": refused, "memory_refused": True})
+                continue
             ddp = partial(ddp_record, cfg, scaling, per_rank, info, dataset, indices, dist)
             record = measured(cfg, ddp, device=str(dist.device), per_sample=False)
             if dist.is_main:
                 emit(record)
     return records
+
+
+def _memory_refusal(
+    cfg: BenchConfig, per_rank: int, shapes: list[tuple[int, ...]], dist: DistContext
+) -> str | None:
+    """Why a rank's step cannot fit in its device's memory, or None; every rank learns the
+    same answer (a rank that measured alone would wait for the others forever)."""
+    rank_workload = replace(cfg.workload, batch_size=per_rank, device=str(dist.device))
+    why = memory_refusal(rank_workload, shapes)
+    reasons = [r for r in all_gather(dist, why, "checking the ranks' memory") if r]
+    return f"refused before running: rank memory: {reasons[0]}" if reasons else None
 
 
 def ddp_record(
@@ -538,8 +557,10 @@ def ddp_record(
 def baseline_record(
     cfg: BenchConfig, info: StoreInfo, dataset: StoreDataset, indices: np.ndarray
 ) -> dict[str, Any]:
-    """harness.measure in this process, labelled as world size 1."""
-    record = measure(cfg, info, dataset, indices)
+    """The sweep's measure in this process (or its refusal when it cannot fit in memory),
+    labelled as world size 1."""
+    shapes = list(info.inputs.values())
+    record = refused_for_memory(cfg, shapes) or measure(cfg, info, dataset, indices)
     record.update(
         scaling="none",
         world_size=1,

@@ -372,8 +372,21 @@ def validate(cfg: ProfileConfig, out: Path) -> torch.device:
     cfg.schedule.check(cfg.run_steps)
     if cfg.store is not None:
         check_store(cfg)
+    check_fits(cfg)
     check_writable(out)
     return device
+
+
+def check_fits(cfg: ProfileConfig) -> None:
+    """UsageError when the profiled step cannot fit in the device's memory (with the
+    estimate and the largest batch that would)."""
+    from lungbench.data.store import read_info
+    from lungbench.measure.memory import refusal
+
+    shapes = list(read_info(cfg.store).inputs.values()) if cfg.store is not None else None
+    too_big = refusal(cfg.workload, shapes)
+    if too_big:
+        raise UsageError(f"--batch {cfg.workload.batch_size}: {too_big}")
 
 
 def check_store(cfg: ProfileConfig) -> None:

@@ -14,6 +14,7 @@ everything that finished. Runs: see `lungbench bench --help`.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -29,6 +30,7 @@ from lungbench.data.loader import LoaderOptions, make_loader, shared_dataset, to
 from lungbench.data.store import StoreDataset, StoreInfo
 from lungbench.measure.contention import ContentionWatch
 from lungbench.measure.data_wait import DATA_BOUND_FRACTION, DeviceWaitClock
+from lungbench.measure.memory import refusal as memory_refusal
 from lungbench.measure.stats import summarize
 from lungbench.measure.timing import (
     STEP,
@@ -50,6 +52,8 @@ from lungbench.step import (
     bce_loss,
     resolve_switches,
 )
+
+log = logging.getLogger(__name__)
 
 # The thesis's LIDC-IDRI set has 754 nodules; its 80/20 split trains on 603 per epoch.
 THESIS_N_NODULES = 754
@@ -257,14 +261,7 @@ def measure(
     """One configuration's record; failures become a record with status oom / error."""
     device = parse_device(cfg.workload.device)
     threads = set_threads(cfg.workload.threads) if device.type == "cpu" else torch.get_num_threads()
-    record: dict[str, Any] = {
-        "key": cfg.key(),
-        **cfg.record_fields(),
-        "threads_used": threads,
-        **SINGLE_PROCESS,
-        "status": "ok",
-        "error": None,
-    }
+    record = base_record(cfg, threads)
     watch = ContentionWatch().start()  # what else ran on the CPU meanwhile
     try:
         record.update(measure_compute(cfg, info, device))
@@ -283,6 +280,31 @@ def measure(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     record.update(watch.stop())
+    return record
+
+
+def base_record(cfg: BenchConfig, threads: int | None) -> dict[str, Any]:
+    """The fields every record of `cfg` starts with: what was measured, status "ok"."""
+    return {
+        "key": cfg.key(),
+        **cfg.record_fields(),
+        "threads_used": threads,
+        **SINGLE_PROCESS,
+        "status": "ok",
+        "error": None,
+    }
+
+
+def refused_for_memory(cfg: BenchConfig, shapes: Sequence[Sequence[int]]) -> dict[str, Any] | None:
+    """An "oom" record, without running anything, for a configuration whose step cannot fit
+    in the device's memory (lungbench.measure.memory); None when it may fit."""
+    why = memory_refusal(cfg.workload, shapes)
+    if why is None:
+        return None
+    log.warning(f"warning: {cfg.key()} not measured: {why}")
+    threads = cfg.workload.threads or torch.get_num_threads()  # what it would have run with
+    record = base_record(cfg, threads if cfg.workload.device == "cpu" else None)
+    record.update(status="oom", error=f"refused before running: {why}", memory_refused=True)
     return record
 
 
@@ -305,14 +327,20 @@ def run_sweep(
 
     `prepare(cfg)` may complete a configuration just before it is measured, e.g. with the
     tuned choice of its "auto" switches (lungbench.measure.tuning).
+
+    A configuration whose step cannot fit in its device's memory is recorded "oom" before
+    anything runs (lungbench.measure.memory), tuning included.
     """
     dataset = StoreDataset(info.path)
+    shapes = list(info.inputs.values())  # per sample
     indices = train_split(info, dataset.labels, seed=configs[0].workload.seed if configs else 0)
     records = []
     for cfg in configs:
         if progress is not None:
             progress(cfg)
         skipped = skip(cfg) if skip is not None else None
+        if skipped is None:
+            skipped = refused_for_memory(cfg, shapes)
         if skipped is not None:
             record = skipped
         else:

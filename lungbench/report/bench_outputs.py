@@ -54,7 +54,20 @@ def write_bench_outputs(run_dir: Path, records: Sequence[dict[str, Any]]) -> str
         save_figure(run_dir, name, fig)
     what = _timed(records) if epoch_measured else "one training step (compute only)"
     text = f"Exec. time = wall time of {what}.\n\n" + "\n\n".join(printed)
+    failed = failures(records)
+    if failed:
+        text += "\n\n" + failed
     return f"{banner}\n\n{text}" if banner else text
+
+
+def failures(records: Sequence[dict[str, Any]]) -> str | None:
+    """What the n/a cells of the tables are: each configuration that did not run, and why."""
+    lines = [
+        f"- {r.get('key')}: {r.get('status')}: {r.get('error')}"
+        for r in records
+        if r.get("status") not in ("ok", None)
+    ]
+    return "not measured (n/a above):\n" + "\n".join(lines) if lines else None
 
 
 def _timed(records: Sequence[dict[str, Any]]) -> str:

@@ -21,11 +21,10 @@ saves no activations before the first trainable layer (so no backward runs throu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 
-import torch
-from torch import nn
+from lungbench.measure.memory import MemoryEstimate, estimate_memory, saved_activation_bytes
+
+__all__ = ["MemoryEstimate", "estimate_memory", "min_gpus", "saved_activation_bytes"]
 
 GIB = 1024**3
 
@@ -34,75 +33,6 @@ MIB = 1024**2
 
 
 GPU_HEADROOM = 0.9  # CUDA context, allocator fragmentation, cuDNN workspaces
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes for one data-parallel replica: `static` + `per_sample` x samples on it."""
-
-    weights: int
-    gradients: int
-    optimizer: int
-    per_sample: int
-
-    @property
-    def static(self) -> int:
-        return self.weights + self.gradients + self.optimizer
-
-    def total(self, batch_size: int) -> int:
-        return self.static + self.per_sample * batch_size
-
-
-def saved_activation_bytes(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
-    """Bytes of the tensors autograd saves for backward in one training-mode forward.
-
-    Each storage counts once (a view of a saved tensor adds nothing); parameters are not
-    activations and are left out.
-    """
-    params = {p.data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-
-    was_training = model.training
-    model.train()
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(*inputs)
-        del out
-    finally:
-        model.train(was_training)
-    return sum(seen.values())
-
-
-def estimate_memory(
-    model: nn.Module,
-    sample_shapes: Sequence[Sequence[int]],
-    optimizer: str = "adam",
-    probe_batch: int = 2,
-) -> MemoryEstimate:
-    """Training memory of `model` for inputs of per-sample `sample_shapes` (fp32).
-
-    Frozen batch norms stay in eval mode here as in training (lungbench.train.transfer's hook), so
-    the probe sees what the real step sees. BatchNorm statistics do not mix samples at
-    inference, but do in training; activations still scale linearly with the batch.
-    """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    grads = sum(p.numel() * p.element_size() for p in trainable)
-    moments = {"adam": 2, "sgd": 1, "adadelta": 2}.get(optimizer, 2)
-    device = next(model.parameters()).device
-    inputs = [torch.zeros(probe_batch, *s, device=device) for s in sample_shapes]
-    state = {k: v.clone() for k, v in model.state_dict().items()}  # BN statistics move
-    try:
-        activations = saved_activation_bytes(model, inputs)
-    finally:
-        model.load_state_dict(state)
-    return MemoryEstimate(weights, grads, grads * moments, math.ceil(activations / probe_batch))
 
 
 def min_gpus(estimate: MemoryEstimate, batch_size: int, gpu_memory_gb: float) -> int | None:
