@@ -15,6 +15,7 @@ from lungbench.commands._args import positive_int
 SWEEP_DEFAULT_FILTERS = [8, 16]
 SWEEP_DEFAULT_BATCH = [2, 4, 8]
 REFERENCE = (16, 2)
+ABLATION_ROUNDS = 10  # interleaved rounds of an ablation when --repeats is not given
 
 # Switch options: (dest, default meaning "auto"); explicit values are forced (strict).
 _AUTO_DEFAULTS = {
@@ -273,7 +274,7 @@ def run_ablation_cli(args: argparse.Namespace) -> int:
                 seed=args.seed,
             ),
             warmup=args.warmup,
-            rounds=args.repeats,
+            rounds=args.repeats or ABLATION_ROUNDS,
             accuracy_steps=args.accuracy_steps,
             compile_rung=rung,
         )

@@ -7,7 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-from lungbench.commands._args import add_dist_timeout, non_negative_int, positive_int
+from lungbench.commands._args import (
+    add_dist_timeout,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from lungbench.commands._speed import (
     add_speed_options,
     run_ablation_cli,
@@ -105,8 +110,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument(
         "--repeats",
         type=positive_int,
-        default=10,
-        help="timed steps per configuration (default: 10)",
+        default=None,
+        help="timed steps per configuration, exactly N (default: adaptive: at least 10, "
+        "then on until the median step time's 95%% confidence interval is within "
+        "+-CI-TARGET%%, or --max-repeats, or --time-budget; each record says which)",
+    )
+    m.add_argument(
+        "--ci-target",
+        type=positive_float,
+        default=3.0,
+        metavar="PERCENT",
+        help="adaptive repeats: the half-width of the median's 95%% confidence interval to "
+        "reach, in percent of the median (default: 3)",
+    )
+    m.add_argument(
+        "--max-repeats",
+        type=positive_int,
+        default=100,
+        help="adaptive repeats: at most this many timed steps (default: 100)",
+    )
+    m.add_argument(
+        "--time-budget",
+        type=positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="adaptive repeats: stop after this many seconds of timed steps (default: 30)",
     )
     m.add_argument(
         "--no-epoch",
@@ -207,6 +235,9 @@ def _run(args: argparse.Namespace) -> int:
         threads=_unique(args.threads) if args.threads else (None,),
         warmup=args.warmup,
         repeats=args.repeats,
+        ci_target_pct=args.ci_target,
+        max_repeats=args.max_repeats,
+        time_budget_s=args.time_budget,
         epoch=args.epoch,
         epoch_samples=args.epoch_samples,
         num_workers=args.workers,

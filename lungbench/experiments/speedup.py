@@ -80,7 +80,12 @@ class BenchRequest:
     devices: tuple[str, ...] = ("cpu",)
     threads: tuple[int | None, ...] = (None,)
     warmup: int = 3
-    repeats: int = 10
+    repeats: int | None = None  # exactly this many; None = adaptive (below)
+    # Adaptive repeats: at least ADAPTIVE_MIN_REPEATS, then on until the median's 95% CI is
+    # within +-ci_target_pct percent, max_repeats are timed or time_budget_s has passed.
+    ci_target_pct: float = 3.0
+    max_repeats: int = 100
+    time_budget_s: float = 30.0
     epoch: bool = True
     epoch_samples: int | None = None
     num_workers: int = 0
@@ -116,7 +121,7 @@ class BenchRequest:
             workload=Workload(model=self.model, preset=self.preset, seed=self.seed),
             switches=switches_of(self),
             strict_switches=tuple(self.strict_switches),
-            protocol=Protocol(self.warmup, self.repeats, self.epoch, self.epoch_samples),
+            protocol=self.protocol(),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             cache=self.cache,
@@ -128,6 +133,24 @@ class BenchRequest:
             devices=self.devices,
             threads=self.threads,
         )
+
+    def protocol(self) -> Protocol:
+        """The timing protocol: `repeats` exactly, or adaptive repeats when it is None."""
+        adaptive = self.repeats is None
+        return Protocol(
+            self.warmup,
+            ADAPTIVE_MIN_REPEATS if adaptive else self.repeats,
+            self.epoch,
+            self.epoch_samples,
+            ci_target=self.ci_target_pct / 100 if adaptive else None,
+            max_repeats=max(self.max_repeats, ADAPTIVE_MIN_REPEATS),
+            budget_s=self.time_budget_s,
+        )
+
+
+# The fewest repeats of an adaptive protocol: the median's 95% interval needs 6, and 10 were
+# the fixed default before repeats adapted (and stay what each DDP rank times).
+ADAPTIVE_MIN_REPEATS = 10
 
 
 @dataclass

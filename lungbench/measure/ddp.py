@@ -387,6 +387,10 @@ def base_record(
         "launcher": dist.launcher,
         "per_rank_batch": per_rank,
         "global_batch": global_batch,
+        # Every rank must time the same steps (each has collectives): no adaptive repeats.
+        "ci_target": None,
+        "repeats_used": cfg.protocol.repeats,
+        "repeats_stop": "fixed",
         "status": "ok",
         "error": None,
     }

@@ -7,8 +7,8 @@ the refusal of a configuration that cannot fit.
 
 The estimate (the counting of seed 004's cost table, lungbench.train.costs): weights,
 gradients and optimizer state, plus per sample the activations autograd saves for backward
-(counted with saved_tensors_hooks over a training forward of 2 samples on the CPU, so no
-device memory is touched) times ACTIVATION_FACTOR, plus a fixed RUNTIME_OVERHEAD. It is an
+(counted with saved_tensors_hooks over a training forward of 2 samples, or 1 for batch 1, on
+the CPU, so no device memory is touched) times ACTIVATION_FACTOR, plus a fixed RUNTIME_OVERHEAD. It is an
 upper estimate for FP32 (autocast saves smaller activations); it exists to refuse work that
 cannot fit (`lungbench bench --batch 100000` would otherwise grow until the kernel kills it),
 not to tune a batch to the last MiB: the batch finder (lungbench.measure.batch_finder) does that.
@@ -141,15 +141,16 @@ def step_memory(workload: Workload, shapes: Sequence[Sequence[int]] | None = Non
 
     `shapes`: per-sample input shapes (default: the model registry's)."""
     sample_shapes = tuple(tuple(s) for s in shapes or [s[1:] for s in workload.input_shapes(1)])
-    # The batch, device and threads do not change what one sample needs: probe once per model.
-    probe = replace(workload, batch_size=1, device="cpu", threads=None)
+    # The device and threads do not change what one sample needs: probe once per model, with
+    # 2 samples (a batch the step itself would run: no batch the user did not ask for).
+    probe = replace(workload, batch_size=min(2, workload.batch_size), device="cpu", threads=None)
     return StepMemory(_estimate(probe, sample_shapes))
 
 
 @functools.lru_cache(maxsize=64)
 def _estimate(workload: Workload, shapes: tuple[tuple[int, ...], ...]) -> MemoryEstimate:
     model = workload.build_model(torch.device("cpu"))
-    return estimate_memory(model, shapes, "adam")
+    return estimate_memory(model, shapes, "adam", probe_batch=workload.batch_size)
 
 
 def parse_size(text: str, what: str = LIMIT_VARIABLE) -> int:
@@ -194,7 +195,10 @@ def refusal(workload: Workload, shapes: Sequence[Sequence[int]] | None = None) -
     device = torch.device(workload.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         return None  # the device check reports that, in its own words
-    need = step_memory(workload, shapes)
+    try:
+        need = step_memory(workload, shapes)
+    except Exception:  # noqa: BLE001 - a model that fails here fails in the measurement too,
+        return None  # which records its error in its own words
     limit, source = memory_limit(device)
     wanted = need.bytes(workload.batch_size)
     if wanted <= HEADROOM * limit:

@@ -73,6 +73,31 @@ def summarize(samples: Sequence[float]) -> Stats:
     )
 
 
+CONFIDENCE = 0.95
+
+
+def median_ci(samples: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The distribution-free confidence interval of the median (order statistics, by
+    scipy.stats.quantile_test): (nan, nan) when there are too few samples for it (< 6 at 95%)."""
+    from scipy.stats import quantile_test
+
+    x = np.asarray(samples, dtype=np.float64)
+    if x.size < 2:
+        return math.nan, math.nan
+    ci = quantile_test(x, q=float(np.median(x)), p=0.5).confidence_interval(confidence)
+    return float(ci.low), float(ci.high)
+
+
+def median_ci_relative(samples: Sequence[float], confidence: float = CONFIDENCE) -> float:
+    """Half the width of the median's confidence interval over the median (0.03 = +-3%);
+    nan with too few samples."""
+    low, high = median_ci(samples, confidence)
+    median = float(np.median(np.asarray(samples, dtype=np.float64)))
+    if math.isnan(low) or math.isnan(high) or median <= 0:
+        return math.nan
+    return (high - low) / 2 / median
+
+
 def ratio_of_medians(a: Sequence[float], b: Sequence[float]) -> float:
     """median(b) / median(a): > 1 means b is slower than a."""
     return float(np.median(np.asarray(b)) / np.median(np.asarray(a)))

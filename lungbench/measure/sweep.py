@@ -31,14 +31,15 @@ from lungbench.data.store import StoreDataset, StoreInfo
 from lungbench.measure.contention import ContentionWatch
 from lungbench.measure.data_wait import DATA_BOUND_FRACTION, DeviceWaitClock
 from lungbench.measure.memory import refusal as memory_refusal
-from lungbench.measure.stats import summarize
+from lungbench.measure.stats import median_ci, median_ci_relative, summarize
 from lungbench.measure.timing import (
     STEP,
     PhaseTimer,
+    StopRule,
     peak_memory_bytes,
     report,
     reset_peak_memory,
-    run_protocol,
+    run_until,
     set_threads,
     training_step_cost,
 )
@@ -172,15 +173,22 @@ def measure_compute(cfg: BenchConfig, info: StoreInfo, device: torch.device) -> 
     reset_peak_memory(device)
     timer = PhaseTimer(device)
     with backend_flags(resolved.switches):
-        samples = run_protocol(
+        samples, stop = run_until(
             lambda t: step_fn(t, inputs, target),
             timer,
             warmup=cfg.protocol.warmup,
             repeats=cfg.protocol.repeats,
+            until=stop_rule(cfg.protocol),
         )
     peak, peak_kind = peak_memory_bytes(device)
     step = summarize(samples[STEP])
+    low, high = median_ci(samples[STEP])
     record: dict[str, Any] = {
+        "repeats_used": step.n,
+        "repeats_stop": stop,  # lungbench.measure.timing.STOPS says what each means
+        "step_s_ci_low": low,  # the median's 95% confidence interval (nan: < 6 repeats)
+        "step_s_ci_high": high,
+        "step_s_ci_rel": median_ci_relative(samples[STEP]),
         "parameters": sum(p.numel() for p in model.parameters()),
         "flops_per_step": flops,
         "bytes_per_step": bytes_moved,  # FP32 operators' traffic (lungbench.measure.timing)
@@ -195,6 +203,13 @@ def measure_compute(cfg: BenchConfig, info: StoreInfo, device: torch.device) -> 
     for phase, values in samples.items():
         record.update(summarize(values).as_dict(prefix=f"{phase}_s_"))
     return record
+
+
+def stop_rule(protocol: Protocol) -> StopRule | None:
+    """The adaptive repeats' stop rule of `protocol` (None: a fixed number of repeats)."""
+    if protocol.ci_target is None:
+        return None
+    return StopRule(protocol.ci_target, protocol.max_repeats, protocol.budget_s)
 
 
 def measure_epoch(

@@ -46,6 +46,7 @@ POSITIVE = (
     "batch_sizes",
     "threads",
     "repeats",
+    "max_repeats",
     "epoch_samples",
     "synth_n",
     "max_batch",

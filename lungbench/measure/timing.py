@@ -19,10 +19,13 @@ import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import psutil
 import torch
 from torch import nn
+
+from lungbench.measure.stats import median_ci_relative
 
 PHASES = ("forward", "backward", "optimizer")
 
@@ -117,6 +120,38 @@ def run_protocol(
 
     Returns {phase: [seconds per repeat]} including STEP for the whole step.
     """
+    return run_until(step, timer, warmup, repeats)[0]
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When adaptive repeats end: the median's CI within +-`ci_target`, or `max_repeats`
+    timed, or `budget_s` seconds of timed repeats, whichever comes first."""
+
+    ci_target: float
+    max_repeats: int = 100
+    budget_s: float = 30.0
+
+
+# Why the timed repeats ended (the record's repeats_stop).
+STOPS = {
+    "fixed": "the number of repeats asked for",
+    "ci": "the median's 95% confidence interval reached the target",
+    "max": "the repeat limit (the interval did not reach the target)",
+    "budget": "the time budget (the interval did not reach the target)",
+}
+
+
+def run_until(
+    step: Callable[[PhaseTimer], None],
+    timer: PhaseTimer,
+    warmup: int,
+    repeats: int,
+    until: StopRule | None = None,
+) -> tuple[dict[str, list[float]], str]:
+    """`warmup` calls off the clock, then timed calls: exactly `repeats` without `until`,
+    else at least `repeats` and on until `until` says stop. Returns ({phase: seconds per
+    repeat}, why it stopped: a key of STOPS)."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     for i in range(warmup):
@@ -125,13 +160,30 @@ def run_protocol(
         step(timer)
         timer.finish()
     samples: dict[str, list[float]] = {}
-    for i in range(repeats):
-        report(f"repeat {i + 1}/{repeats}")
+    started = time.perf_counter()
+    done = 0
+    while True:
+        done += 1
+        report(f"repeat {done}/{repeats}" if until is None else f"repeat {done}")
         timer.start()
         step(timer)
         for name, seconds in timer.finish().items():
             samples.setdefault(name, []).append(seconds)
-    return samples
+        stop = _stop(samples[STEP], repeats, until, time.perf_counter() - started)
+        if stop is not None:
+            return samples, stop
+
+
+def _stop(step_s: list[float], repeats: int, until: StopRule | None, spent: float) -> str | None:
+    if len(step_s) < repeats:
+        return None
+    if until is None:
+        return "fixed"
+    if median_ci_relative(step_s) <= until.ci_target:  # nan (too few) compares False
+        return "ci"
+    if len(step_s) >= until.max_repeats:
+        return "max"
+    return "budget" if spent >= until.budget_s else None
 
 
 def set_threads(threads: int | None) -> int:

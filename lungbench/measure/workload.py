@@ -73,13 +73,20 @@ class Workload:
 
 @dataclass(frozen=True)
 class Protocol:
-    """How a configuration is timed: warm-up steps off the clock, timed repeats, and one
-    end-to-end epoch through the DataLoader (or its first `epoch_samples` samples)."""
+    """How a configuration is timed: warm-up steps off the clock, timed repeats (a fixed
+    number, or until the median is known well enough), and one end-to-end epoch through the
+    DataLoader (or its first `epoch_samples` samples)."""
 
     warmup: int = 3
-    repeats: int = 10
+    repeats: int = 10  # exactly this many; with ci_target, at least this many
     epoch: bool = True
     epoch_samples: int | None = None  # None = the store's training split
+    # Adaptive repeats: go on until the median's 95% confidence interval is within
+    # +-ci_target of it (0.03 = +-3%), `max_repeats` are timed or `budget_s` seconds of
+    # repeats have passed, whichever comes first. None: exactly `repeats`.
+    ci_target: float | None = None
+    max_repeats: int = 100
+    budget_s: float = 30.0
 
 
 def random_batch(

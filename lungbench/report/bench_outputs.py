@@ -54,10 +54,28 @@ def write_bench_outputs(run_dir: Path, records: Sequence[dict[str, Any]]) -> str
         save_figure(run_dir, name, fig)
     what = _timed(records) if epoch_measured else "one training step (compute only)"
     text = f"Exec. time = wall time of {what}.\n\n" + "\n\n".join(printed)
-    failed = failures(records)
-    if failed:
-        text += "\n\n" + failed
+    for note in (imprecise(records), failures(records)):
+        if note:
+            text += "\n\n" + note
     return f"{banner}\n\n{text}" if banner else text
+
+
+def imprecise(records: Sequence[dict[str, Any]]) -> str | None:
+    """The configurations whose adaptive repeats stopped before the median's confidence
+    interval reached its target (the time budget or the repeat limit came first)."""
+    short = [r for r in records if r.get("repeats_stop") in ("max", "budget")]
+    if not short:
+        return None
+    lines = [
+        f"- {r.get('key')}: +-{100 * r['step_s_ci_rel']:.1f}% after {r.get('repeats_used')} "
+        f"repeats (target +-{100 * r['ci_target']:.0f}%; stopped by "
+        f"{'the repeat limit' if r['repeats_stop'] == 'max' else 'the time budget'})"
+        for r in short
+    ]
+    return (
+        "note: the median step time of these configurations is less certain than asked "
+        "(95% confidence interval of the median):\n" + "\n".join(lines)
+    )
 
 
 def failures(records: Sequence[dict[str, Any]]) -> str | None:
