@@ -9,10 +9,12 @@ The Markdown twin links the same images as files (the run's plots/*.png, and the
 report draws into report_files/). Runs appear side by side, one column per run.
 
 What goes in, for each run, when it has it: overview (status, command line), environment,
-configuration, the speed-up and scaling tables (the seed's published table beside ours,
-from results/reference/), step time vs batch size and filters, memory, telemetry
-timelines, the training tables and curves, other tables and plots, and failed
-configurations. Everything read from a run is escaped: a run folder is data, not markup.
+configuration, the speed-up and scaling tables, step time vs batch size and filters, memory,
+telemetry timelines, the training tables and curves, other tables and plots, failed
+configurations, and the list of published tables shown. Every table with a published one in
+results/reference/ (lungbench.report.reference) has it beside, in the same layout; a
+reference that is missing or malformed is named in a note (and on the console) instead.
+Everything read from a run is escaped: a run folder is data, not markup.
 """
 
 from __future__ import annotations
@@ -33,14 +35,18 @@ from lungbench.core.paths import check_out_dir
 from lungbench.core.runs import markdown, save_figure, utc_now
 from lungbench.report import figures
 from lungbench.report.bench_outputs import busy_banner
-from lungbench.report.reference import default_reference_dir, reference_tables
+from lungbench.report.beside import derived_tables, pair, pairings, summary_table
+from lungbench.report.reference import ReferenceSet, default_reference_dir, load_references
 from lungbench.report.runview import MAX_TABLE_ROWS, RunView, load_run, read_table
 
 FILES_DIR = "report_files"
 MAX_TELEMETRY_FILES = 8
 # Tables with one row per record or prediction: pointed to, not shown.
 LONG_TABLES = ("measurements", "configurations")
-TRAINING_TABLE = re.compile(r"^(auc|confusion|methods|pretrain|folds|cost|cv|mosmed|metrics)")
+TRAINING_TABLE = re.compile(
+    r"^(auc|confusion|methods|pretrain|folds|cost|cv|mosmed|metrics"
+    r"|variants|accuracy|history|transfer)"
+)
 TRAINING_PLOT = re.compile(r"^(loss|roc|auc|confusion|lr|cam|accuracy|metrics)")
 SCALING_NAME = re.compile(r"(scaling|breakdown|ddp|weak|strong|world)")
 BENCH_PLOTS = ("step_time", "throughput")
@@ -50,12 +56,13 @@ BENCH_PLOTS = ("step_time", "throughput")
 class Block:
     """One item of a report: a paragraph, a table or an image (with an optional caption)."""
 
-    kind: str  # "text" | "table" | "image"
+    kind: str  # "text" | "table" | "image" | "group" (its children side by side)
     caption: str = ""
     text: str = ""
     table: pd.DataFrame | None = None
     image: Path | None = None
     note: str = ""
+    children: list[Block] = field(default_factory=list)
 
 
 @dataclass
@@ -74,6 +81,7 @@ class Section:
 class ReportFiles:
     html: Path
     markdown: Path
+    warnings: tuple[str, ...] = ()  # published tables missing, malformed or not shown
 
 
 # ----------------------------------------------------------------------------- building
@@ -93,21 +101,37 @@ def write_report(
     out_dir = Path(out) if out is not None else views[0].path
     check_out_dir(out_dir)
     (out_dir / FILES_DIR).mkdir(parents=True, exist_ok=True)
-    ref_dir = None
+    references = ReferenceSet(None)
     if use_reference:
         ref_dir = Path(reference) if reference is not None else default_reference_dir()
-    sections = build_sections(views, out_dir / FILES_DIR, reference_tables(ref_dir))
+        references = load_references(ref_dir)
+    sections = build_sections(views, out_dir / FILES_DIR, references)
     stem = "report" if len(views) == 1 else "report-side-by-side"
     title = "lungbench report: " + ", ".join(v.name for v in views)
     html_path = out_dir / f"{stem}.html"
     md_path = out_dir / f"{stem}.md"
     _write_text(html_path, render_html(title, views, sections))
     _write_text(md_path, render_markdown(title, views, sections, out_dir))
-    return ReportFiles(html_path, md_path)
+    return ReportFiles(html_path, md_path, reference_warnings(views, references))
+
+
+def reference_warnings(views: Sequence[RunView], references: ReferenceSet) -> tuple[str, ...]:
+    """The reference folder's problems, then each published table kept from beside a run's
+    table for another reason (its layout)."""
+    warnings = list(references.problems)
+    for view in views:
+        for pairing in pairings(view, references):
+            for published in pairing.published:
+                if published.problem and not published.reference.problem:
+                    warnings.append(
+                        f"{view.name}: {published.reference.path} beside {pairing.name}: "
+                        f"{published.problem}"
+                    )
+    return tuple(warnings)
 
 
 def build_sections(
-    views: Sequence[RunView], figure_dir: Path, references: dict[str, list[tuple[str, Path]]]
+    views: Sequence[RunView], figure_dir: Path, references: ReferenceSet
 ) -> list[Section]:
     """Every section with at least one block for one of the runs, in reading order."""
     builders: list[tuple[str, Callable[[RunView, Path], list[Block]]]] = [
@@ -122,6 +146,7 @@ def build_sections(
         ("Training", lambda v, d: training_blocks(v, d, references)),
         ("Other tables and plots", lambda v, d: other_blocks(v, references)),
         ("Failed configurations", lambda v, d: failure_blocks(v)),
+        ("Published tables", lambda v, d: reference_blocks(v, references, v is views[0])),
     ]
     sections = []
     for title, build in builders:
@@ -234,22 +259,60 @@ def config_blocks(view: RunView) -> list[Block]:
 
 
 def table_blocks(
-    view: RunView, names: Sequence[str], references: dict[str, list[tuple[str, Path]]]
+    view: RunView, names: Sequence[str], references: ReferenceSet, suffix: str = " (this run)"
 ) -> list[Block]:
-    """The named tables of the run, each followed by its published reference if any."""
+    """The named tables of the run, each with its published tables beside it."""
     blocks = []
     for name in names:
-        blocks.append(_table_block(view.tables[name], f"{name} (this run)"))
-        for seed, path in references.get(name, []):
-            blocks.append(
-                _table_block(
-                    path, f"{name}: published ({seed.replace('seed', 'seed ')}, {path.name})"
-                )
-            )
+        blocks += beside_blocks(
+            view, name, _table_block(view.tables[name], f"{name}{suffix}"), references
+        )
     return blocks
 
 
-def scaling_blocks(view: RunView, references: dict[str, list[tuple[str, Path]]]) -> list[Block]:
+def beside_blocks(view: RunView, name: str, ours: Block, references: ReferenceSet) -> list[Block]:
+    """Our table `name` and the published tables of the same layout side by side (one group),
+    then a note for each published table that cannot be shown, saying which and why."""
+    if ours.kind != "table" or ours.table is None:
+        return [ours]
+    pairing = pair(view, name, ours.table, references)
+    shown, notes = [], []
+    for published in pairing.published:
+        ref = published.reference
+        if published.problem:
+            notes.append(
+                Block(
+                    "text",
+                    text=f"Published table {ref.path.name} ({ref.seed_label}) is not shown "
+                    f"beside {name}: {published.problem}.",
+                )
+            )
+            continue
+        table, cut = _head(ref.frame, ref.path.name)
+        caption = f"{name}: published ({ref.seed_label}, {ref.path.name})"
+        note = "; ".join(n for n in (ref.describe(), cut) if n)
+        shown.append(Block("table", caption=caption, table=table, note=note))
+    group = Block("group", children=[ours, *shown]) if shown else ours
+    if pairing.note and shown:  # published for another network: said before the numbers
+        return [Block("text", text=f"Beside {name}: {pairing.note}."), group, *notes]
+    return [group, *notes]
+
+
+def reference_blocks(view: RunView, references: ReferenceSet, first: bool) -> list[Block]:
+    """Which published tables stand beside this run's, from where, shown or why not; and (in
+    the first run's column) the problems of the reference folder."""
+    blocks = []
+    table = summary_table(view, references)
+    if not table.empty:
+        blocks.append(
+            Block("table", caption=f"published tables ({references.folder})", table=table)
+        )
+    if first and references.problems:
+        blocks += [Block("text", text=f"Reference problem: {p}") for p in references.problems]
+    return blocks
+
+
+def scaling_blocks(view: RunView, references: ReferenceSet) -> list[Block]:
     """DDP tables (weak / strong scaling, time breakdown) and their plots."""
     blocks = table_blocks(view, _scaling_names(view), references)
     return blocks + [Block("image", caption=n, image=view.plots[n]) for n in _scaling_plots(view)]
@@ -309,11 +372,12 @@ def telemetry_blocks(view: RunView, figure_dir: Path) -> list[Block]:
     return blocks
 
 
-def training_blocks(
-    view: RunView, figure_dir: Path, references: dict[str, list[tuple[str, Path]]]
-) -> list[Block]:
+def training_blocks(view: RunView, figure_dir: Path, references: ReferenceSet) -> list[Block]:
     names = [n for n in view.tables if TRAINING_TABLE.match(n)]
     blocks = table_blocks(view, names, references)
+    for name, (table, how) in derived_tables(view).items():
+        ours = Block("table", caption=f"{name} (this run)", table=table, note=how)
+        blocks += beside_blocks(view, name, ours, references)
     plots = [n for n in view.plots if TRAINING_PLOT.match(n)]
     blocks += [Block("image", caption=n, image=view.plots[n]) for n in plots]
     if view.metrics is not None and not any(n.startswith("loss") for n in plots):
@@ -329,7 +393,7 @@ def training_blocks(
     return blocks
 
 
-def other_blocks(view: RunView, references: dict[str, list[tuple[str, Path]]]) -> list[Block]:
+def other_blocks(view: RunView, references: ReferenceSet) -> list[Block]:
     shown = {
         *_names(view.tables, "speedup"),
         *_scaling_names(view),
@@ -347,7 +411,7 @@ def other_blocks(view: RunView, references: dict[str, list[tuple[str, Path]]]) -
                 )
             )
             continue
-        blocks.append(_table_block(view.tables[name], name))
+        blocks += table_blocks(view, [name], references, suffix="")
     shown_plots = {
         *_scaling_plots(view),
         *BENCH_PLOTS,
@@ -379,7 +443,8 @@ h3{font-size:1em;margin:.3em 0}.row{display:flex;gap:1.5em;align-items:flex-star
 .col{flex:1 1 0;min-width:0;overflow-x:auto}table{border-collapse:collapse;font-size:.85em;
 margin:.4em 0 1em}th,td{border:1px solid #ddd;padding:.2em .5em;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
-.kv td{text-align:left}img{max-width:100%;height:auto}figure{margin:.3em 0 1em}figcaption,.note{font-size:.8em;
+.kv td{text-align:left}.pair{display:flex;flex-wrap:wrap;gap:0 1.5em}
+.pair>div{flex:1 1 24em;min-width:0;overflow-x:auto}img{max-width:100%;height:auto}figure{margin:.3em 0 1em}figcaption,.note{font-size:.8em;
 color:#555}code{background:#f3f3f3;padding:0 .2em}
 """
 
@@ -410,6 +475,9 @@ def render_html(title: str, views: Sequence[RunView], sections: Sequence[Section
 
 
 def _html_block(block: Block) -> str:
+    if block.kind == "group":
+        cells = "".join(f"<div>{_html_block(child)}</div>" for child in block.children)
+        return f'<div class="pair">{cells}</div>'
     if block.kind == "text":
         return f"<p>{_inline_code(_e(block.text))}</p>"
     caption = f"<figcaption>{_e(block.caption)}</figcaption>" if block.caption else ""
@@ -448,6 +516,8 @@ def render_markdown(
 
 
 def _markdown_block(block: Block, out_dir: Path) -> str:
+    if block.kind == "group":
+        return "\n\n".join(_markdown_block(child, out_dir) for child in block.children)
     if block.kind == "text":
         return block.text
     if block.kind == "image" and block.image is not None:
@@ -480,12 +550,17 @@ def _table_block(path: Path, caption: str) -> Block:
         table = read_table(path)
     except DataError as exc:
         return Block("text", text=str(exc))
-    note = ""
-    if len(table) > MAX_TABLE_ROWS:
-        note = f"first {MAX_TABLE_ROWS} of {len(table)} rows; all in {path.name}"
-        table = table.head(MAX_TABLE_ROWS)
+    table, note = _head(table, path.name)
     table = table.rename(columns=lambda c: "" if str(c).startswith("Unnamed: ") else c)
     return Block("table", caption=caption, table=table, note=note)
+
+
+def _head(table: pd.DataFrame, file_name: str) -> tuple[pd.DataFrame, str]:
+    """The first MAX_TABLE_ROWS rows, and a note when there were more."""
+    if len(table) <= MAX_TABLE_ROWS:
+        return table, ""
+    note = f"first {MAX_TABLE_ROWS} of {len(table)} rows; all in {file_name}"
+    return table.head(MAX_TABLE_ROWS), note
 
 
 def _names(items, prefix: str) -> list[str]:

@@ -70,10 +70,11 @@ def load_run(path: str | os.PathLike) -> RunView:
     )
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """A results CSV as a DataFrame (DataError naming the file if it cannot be parsed)."""
+def read_table(path: Path, dtype: Any = None) -> pd.DataFrame:
+    """A results CSV as a DataFrame (DataError naming the file if it cannot be parsed);
+    `dtype=str` keeps every cell as written (a published 1194.03 or 0.9 stays that text)."""
     try:
-        return pd.read_csv(path)
+        return pd.read_csv(path, dtype=dtype)
     except (
         pd.errors.ParserError,
         pd.errors.EmptyDataError,

@@ -5,6 +5,8 @@ auc_table({"LIDC only": [..], "w/o pre-training": [..], "w/ pre-training": [..]}
 confusion_table(y_true, y_prob, threshold=0.5)
     rows: Predictions Benign / Predictions Malignant / Total;
     columns: Benign / Malignant / Total (the true diagnosis)
+transfer_table(folds)   (seed 004, from a chestxray run's folds.csv)
+    rows: Without / With Transfer Learning; columns: Binary Accuracy, AUC ("mean% (+/- std%)")
 loss_curves_plot({"w/o pre-training": history, ...}), roc_plot({...}),
 metric_curves_plot({...}, "val_auc")
 """
@@ -22,6 +24,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 CLASS_NAMES = ("Benign", "Malignant")
+# seed 004's with/without transfer-learning table: its columns and the folds.csv metric of each
+TRANSFER_COLUMNS = {"Binary Accuracy": "binary_accuracy", "AUC": "auc"}
+WITHOUT_TRANSFER = "D"  # method D: random init, trained from scratch
 
 
 def auc_table(aucs: Mapping[str, Sequence[float]]) -> pd.DataFrame:
@@ -63,6 +68,52 @@ def confusion_table(
     table.columns = [*names, "Total"]
     table.columns.name = "True diagnosis"
     return table
+
+
+def mean_std_cell(values: Sequence[float]) -> str:
+    """'87.14% (+/- 5.65%)' as seed 004 writes it (population std over the folds)."""
+    v = np.asarray([x for x in values if x == x], dtype=float)
+    if len(v) == 0:
+        return "n/a"
+    return f"{100 * v.mean():.2f}% (+/- {100 * v.std():.2f}%)"
+
+
+def transfer_table(folds: pd.DataFrame) -> tuple[pd.DataFrame, str] | None:
+    """Seed 004's "Without / With Transfer Learning" table from per-fold results (columns
+    weights, method, fold, binary_accuracy, auc), and a note saying where each cell comes from.
+
+    Without: method D (random init). With: for each metric, the (weights, method) of the run
+    with the best mean over the folds (the seed's own "with" row takes its accuracy and its
+    AUC from different cells too). None when `folds` lacks the columns or has no rows.
+    """
+    needed = {"weights", "method", *TRANSFER_COLUMNS.values()}
+    if not needed <= set(folds.columns) or folds.empty:
+        return None
+    rows: dict[str, dict[str, str]] = {}
+    notes = []
+    scratch = folds[folds["method"] == WITHOUT_TRANSFER]
+    if not scratch.empty:
+        rows["Without Transfer Learning"] = {
+            column: mean_std_cell(scratch[metric].tolist())
+            for column, metric in TRANSFER_COLUMNS.items()
+        }
+        notes.append("Without: method D (random init)")
+    transfer = folds[folds["method"] != WITHOUT_TRANSFER]
+    if not transfer.empty:
+        cells = transfer.groupby(["weights", "method"])
+        best = {}
+        for column, metric in TRANSFER_COLUMNS.items():
+            means = cells[metric].mean()
+            if means.isna().all():
+                best[column] = "n/a"
+                continue
+            weights, method = means.idxmax()
+            best[column] = mean_std_cell(cells.get_group((weights, method))[metric].tolist())
+            notes.append(f"With, {column}: the best mean of this run, {weights} method {method}")
+        rows["With Transfer Learning"] = best
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=list(TRANSFER_COLUMNS))
+    table.index.name = "transfer learning"
+    return table, "; ".join(notes)
 
 
 def loss_curves_plot(histories: Mapping[str, pd.DataFrame], title: str):
