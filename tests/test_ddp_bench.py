@@ -80,6 +80,10 @@ def check_two_rank_records(records, launcher: str) -> None:
         assert r["step_s_median"] == max(k["step_s_median"] for k in r["ranks"])
         assert r["allreduce_s_median"] > 0 and r["allreduce_bytes"] > 0 and r["buckets"] >= 1
         assert r["platform"].startswith("cpu x2 (DDP, gloo")
+        # the alpha-beta fit from single all-reduces at three sizes (None: too noisy to fit)
+        assert len(r["allreduce_probe_bytes"]) == len(r["allreduce_probe_s"]) == 3
+        if "allreduce_model_s" in r:
+            assert r["allreduce_alpha_s"] >= 0 and r["allreduce_beta_bytes_per_s"] > 0
 
 
 # ---------------------------------------------------------------------------- real launchers
@@ -100,6 +104,8 @@ def test_bench_under_torchrun(tmp_path, tiny_store):
         "--dist-timeout",
         "120",
     )
+    at = argv.index("--threads")
+    del argv[at : at + 2]  # each rank takes its share of the cores; rank 0 alone takes all
     proc = subprocess.run(
         [
             sys.executable,
@@ -122,11 +128,21 @@ def test_bench_under_torchrun(tmp_path, tiny_store):
     assert read_json(run / "run.json")["status"] == "complete"
     assert read_json(run / "config.json")["distributed"]["world_size"] == 2
     records = read_records(run)
+    # On a machine with more cores than one rank's share, rank 0 also measures one process
+    # with every core: labelled "whole machine", never the reference of the efficiency.
+    whole = [r for r in records if r.get("reference") == "whole machine"]
+    cores = len(os.sched_getaffinity(0))
+    assert len(whole) == (1 if cores > cores // 2 >= 1 else 0)
+    for r in whole:
+        assert r["threads_used"] == len(os.sched_getaffinity(0)) and r["world_size"] == 1
+    records = [r for r in records if r not in whole]
     assert [(r["world_size"], r["scaling"]) for r in records] == [
         (1, "none"),
         (2, "weak"),
         (2, "strong"),
     ]
+    assert records[0]["reference"] == "rank threads"
+    assert records[0]["threads_used"] == max(1, cores // 2)
     check_two_rank_records(records, "torchrun")
     weak, strong = records[1], records[2]
     for field in ("dtype_used", "memory_format_used", "optimizer_used"):  # same switches
@@ -140,6 +156,10 @@ def test_bench_under_torchrun(tmp_path, tiny_store):
     assert (strong["per_rank_batch"], strong["global_batch"]) == (1, 2)
     assert weak["epoch_samples"] == 8 and weak["epoch_steps"] == 2  # 4 samples per rank
     scaling = pd.read_csv(run / "tables" / "scaling.csv")
+    if whole:
+        assert (scaling.loc[scaling["reference"] == "whole machine", "world_size"] == 1).all()
+        assert scaling.loc[scaling["world_size"] == 2, "vs_whole_machine"].notna().all()
+        scaling = scaling[scaling["reference"] != "whole machine"]
     assert sorted(zip(scaling["scaling"], scaling["world_size"], strict=True)) == [
         ("strong", 1),
         ("strong", 2),
@@ -150,6 +170,7 @@ def test_bench_under_torchrun(tmp_path, tiny_store):
     speedup = pd.read_csv(run / "tables" / "speedup_b2.csv", index_col=0)
     assert list(speedup.index) == [
         records[0]["platform"],
+        *[r["platform"] for r in whole],  # e.g. "cpu (2 threads)": one process, every core
         "cpu x2 (DDP, gloo)",
         "cpu x2 (DDP, gloo, strong)",
     ]
@@ -436,3 +457,76 @@ def test_the_why_column_names_each_measured_loss():
     # strong scaling: the ideal compute per rank is the reference step / world size
     strong = _record(2, "strong", 4, 0.15, compute_s_median=0.1, comm_overhead_s=0.05)
     assert explain(strong, "strong", base).startswith("exposed all-reduce 33% of the step")
+
+
+def test_the_whole_machine_row_is_labelled_and_compared_not_the_reference():
+    """Rank threads: batch 4 in 0.2 s (20/s); whole machine (2 threads): 0.125 s (32/s).
+    Weak x2 at 0.25 s = 32/s: speed-up x1.6 (80%) against the reference, x1.0 against the
+    whole machine; strong x2 at 0.2 s = 20/s: one process with every core is 1.6x faster."""
+    from lungbench.report.scaling import explain
+
+    base = _record(1, "none", 4, 0.2, threads_used=1, reference="rank threads")
+    whole = _record(1, "none", 4, 0.125, threads_used=2, reference="whole machine")
+    whole["platform"] = "p1whole"
+    weak = _record(2, "weak", 4, 0.25, compute_s_median=0.2, comm_overhead_s=0.05)
+    strong = _record(2, "strong", 4, 0.2, compute_s_median=0.15, comm_overhead_s=0.05)
+    table = scaling_table([base, whole, weak, strong])
+    rows = table.set_index(["scaling", "world_size", "reference"], drop=False)
+    assert rows.loc[("weak", 2, None), "efficiency"].item() == pytest.approx(0.8)
+    assert rows.loc[("weak", 2, None), "vs_whole_machine"].item() == pytest.approx(1.0)
+    assert rows.loc[("strong", 2, None), "vs_whole_machine"].item() == pytest.approx(0.625)
+    assert rows.loc[("weak", 1, "rank threads"), "efficiency"].item() == pytest.approx(1.0)
+    assert pd.isna(rows.loc[("weak", 1, "whole machine"), "efficiency"].item())
+    text = format_scaling_markdown(table)
+    assert "| weak | 1 (whole machine, 2 threads) |" in text
+    assert "one process with every core is 1.60x faster" in explain(strong, "strong", base, 0.625)
+    assert "every core" not in explain(weak, "weak", base, 1.0)
+
+
+def test_the_why_column_sets_the_alpha_beta_model_beside_the_measured_all_reduce():
+    base = _record(1, "none", 4, 0.2)
+    weak = _record(
+        2,
+        "weak",
+        4,
+        0.25,
+        compute_s_median=0.2,
+        comm_overhead_s=0.05,
+        allreduce_s_median=0.004,
+        allreduce_model_s=0.003,
+        allreduce_alpha_s=50e-6,
+        allreduce_beta_bytes_per_s=2e9,
+    )
+    why = explain_of(weak, base)
+    assert "all-reduce 4.0 ms measured vs 3.0 ms alpha-beta (latency 50 us, 2000 MB/s)" in why
+    table = scaling_table([base, weak])
+    assert table.loc[table["world_size"] == 2, "allreduce_model_s"].item() == 0.003
+
+
+def explain_of(record, ref):
+    from lungbench.report.scaling import explain
+
+    return explain(record, record["scaling"], ref)
+
+
+def test_ring_allreduce_hand_worked():
+    """N = 4, alpha = 10 us, beta = 1 GB/s, 1 MB: 2(N-1) = 6 messages of latency (60 us)
+    and 2(N-1)/N = 1.5 x 1 MB at 1 GB/s (1.5 ms): 1.56 ms."""
+    from lungbench.measure.allreduce import AlphaBeta
+
+    model = AlphaBeta(10e-6, 1e9)
+    assert model.allreduce_s(1e6, 4) == pytest.approx(1.56e-3)
+    assert model.allreduce_s(1e6, 1) == 0.0
+    assert model.buckets_s([0.5e6, 0.5e6], 4) == pytest.approx(2 * (60e-6 + 0.75e-3))
+
+
+def test_alpha_beta_fit_recovers_the_planted_values_and_refuses_nonsense():
+    from lungbench.measure.allreduce import AlphaBeta, fit_alpha_beta
+
+    planted = AlphaBeta(25e-6, 3e9)
+    sizes = [1e3, 2.5e5, 1e6]
+    fit = fit_alpha_beta(sizes, [planted.allreduce_s(n, 2) for n in sizes], 2)
+    assert fit.alpha_s == pytest.approx(25e-6) and fit.beta_bytes_per_s == pytest.approx(3e9)
+    assert fit_alpha_beta([1e3, 1e6], [2e-3, 1e-3], 2) is None  # larger was faster: noise
+    assert fit_alpha_beta([1e3, 1e3], [1e-3, 1e-3], 2) is None  # one size: no slope
+    assert fit_alpha_beta(sizes, [1e-3] * 3, 1) is None

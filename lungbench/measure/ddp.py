@@ -26,6 +26,7 @@ so a job that fails later keeps everything measured before.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import time
@@ -57,6 +58,7 @@ from lungbench.distributed.group import (
     threads_per_rank,
     wrap_model,
 )
+from lungbench.measure.allreduce import fit_alpha_beta
 from lungbench.measure.data_wait import DeviceWaitClock, data_bound
 from lungbench.measure.memory import refusal as memory_refusal
 from lungbench.measure.stats import summarize
@@ -186,6 +188,35 @@ def time_allreduce(
     return samples
 
 
+# The sizes (elements) of the single all-reduces the alpha-beta model is fitted from: one
+# small enough to be all latency, and the step's whole gradient as one tensor and a quarter
+# of it, to see the bandwidth.
+PROBE_ELEMENTS = 256
+
+
+def allreduce_model(
+    dist: DistContext, numels: Sequence[int], element_size: int, repeats: int
+) -> dict[str, Any]:
+    """The alpha-beta fit (lungbench.measure.allreduce) of isolated all-reduces of one tensor
+    at three sizes, and what it predicts for the step's buckets: record fields."""
+    total = sum(numels)
+    sizes = sorted({PROBE_ELEMENTS, max(total // 4, PROBE_ELEMENTS + 1), max(total, 2)})
+    medians = [
+        summarize(time_allreduce(dist, [n], warmup=1, repeats=max(repeats, 5))).median
+        for n in sizes
+    ]
+    nbytes = [n * element_size for n in sizes]
+    fit = fit_alpha_beta(nbytes, medians, dist.world_size)
+    fields: dict[str, Any] = {"allreduce_probe_bytes": nbytes, "allreduce_probe_s": medians}
+    if fit is not None:
+        fields.update(
+            allreduce_alpha_s=fit.alpha_s,
+            allreduce_beta_bytes_per_s=fit.beta_bytes_per_s,
+            allreduce_model_s=fit.buckets_s([n * element_size for n in numels], dist.world_size),
+        )
+    return fields
+
+
 def ddp_train_step(
     cfg: BenchConfig, model: nn.Module, dist: DistContext, inputs: Sequence[torch.Tensor]
 ) -> tuple[TrainStep, DistributedDataParallel, dict[str, Any]]:
@@ -238,6 +269,8 @@ def measure_ddp_step(
     numels = bucket_numels(ddp, model)
     protocol = cfg.protocol
     reduce = time_allreduce(dist, numels, warmup=min(protocol.warmup, 2), repeats=protocol.repeats)
+    element = next(model.parameters()).element_size()
+    model_fields = allreduce_model(dist, numels, element, protocol.repeats)
     sync_fb = [f + b for f, b in zip(synced["forward"], synced["backward"], strict=True)]
     local_fb = [f + b for f, b in zip(local["forward"], local["backward"], strict=True)]
     optimizer_median = summarize(synced["optimizer"]).median
@@ -255,6 +288,7 @@ def measure_ddp_step(
         "optimizer_s_median": optimizer_median,
         "compute_s_median": summarize(local_fb).median + optimizer_median,
         "allreduce_s_median": summarize(reduce).median,
+        **model_fields,
         "switches": switch_fields,
         "samples_s": {**synced, LOCAL: local_fb, "allreduce": reduce},
     }
@@ -401,6 +435,15 @@ def _rank_step(result: dict[str, Any]) -> dict[str, Any]:
     return step.as_dict(prefix="step_s_") if step is not None else {}
 
 
+ALPHA_BETA_FIELDS = (
+    "allreduce_alpha_s",
+    "allreduce_beta_bytes_per_s",
+    "allreduce_model_s",
+    "allreduce_probe_bytes",
+    "allreduce_probe_s",
+)
+
+
 def _timings(ranks: Sequence[dict[str, Any]], global_batch: int, world_size: int) -> dict[str, Any]:
     slowest = max(ranks, key=lambda r: r["step_s"].median)
     step = slowest["step_s"]
@@ -425,6 +468,8 @@ def _timings(ranks: Sequence[dict[str, Any]], global_batch: int, world_size: int
         "allreduce_busbw_bytes_per_s": (
             slowest["allreduce_bytes"] / reduce * 2 * (world_size - 1) / world_size
         ),
+        # the alpha-beta model of the same buckets, fitted from single all-reduces
+        **{k: slowest[k] for k in ALPHA_BETA_FIELDS if k in slowest},
         "params_identical": len({r["param_digest"] for r in ranks}) == 1,
         # load imbalance: how far the fastest rank's own compute (no_sync forward + backward
         # + optimizer) is ahead of the slowest one's (the synchronised steps are in lockstep)
@@ -453,6 +498,23 @@ def baseline_config(cfg: BenchConfig, device: str, rank_threads: int) -> BenchCo
     if cfg.workload.threads is None and torch.device(device).type == "cpu":
         cfg = cfg.with_workload(threads=rank_threads)
     return cfg
+
+
+# What a world-size-1 record is the reference of (its "reference" field).
+RANK_THREADS = "rank threads"  # the threads of one rank: the reference of the efficiency
+WHOLE = "whole machine"  # every core this process may use: what one process could do alone
+
+
+def whole_machine_config(cfg: BenchConfig, dist: DistContext) -> BenchConfig | None:
+    """The 1-process run of `cfg` with every core this process may use, when that is more
+    than a rank's share (CPU, threads not fixed by the user); else None. It answers "would
+    one process with all the cores beat the ranks?", which the efficiency does not."""
+    if torch.device(cfg.workload.device).type != "cpu" or cfg.workload.threads is not None:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if not cores or cores <= threads_per_rank(dist):
+        return None
+    return cfg.with_workload(threads=cores)
 
 
 def ddp_configs(configs: Sequence[BenchConfig], dist: DistContext) -> list[BenchConfig]:
@@ -503,6 +565,10 @@ def run_ddp_sweep(
                         progress(f"1 process {w.device} f{w.filters} b{w.batch_size}")
                     one = baseline_config(c, c.workload.device, threads_per_rank(dist))
                     emit(measured(one, partial(baseline_record, one, info, dataset, indices)))
+                    whole = whole_machine_config(c, dist)
+                    if whole is not None:  # labelled: not the reference of the efficiency
+                        run = partial(baseline_record, whole, info, dataset, indices, WHOLE)
+                        emit(measured(whole, run))
             barrier(
                 dist,
                 "waiting for rank 0's 1-process baseline (raise --dist-timeout or "
@@ -559,7 +625,11 @@ def ddp_record(
 
 
 def baseline_record(
-    cfg: BenchConfig, info: StoreInfo, dataset: StoreDataset, indices: np.ndarray
+    cfg: BenchConfig,
+    info: StoreInfo,
+    dataset: StoreDataset,
+    indices: np.ndarray,
+    reference: str = RANK_THREADS,
 ) -> dict[str, Any]:
     """The sweep's measure in this process (or its refusal when it cannot fit in memory),
     labelled as world size 1."""
@@ -573,5 +643,6 @@ def baseline_record(
         launcher="none",
         per_rank_batch=cfg.workload.batch_size,
         global_batch=cfg.workload.batch_size,
+        reference=reference,
     )
     return record

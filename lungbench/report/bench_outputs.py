@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from lungbench.core.runs import save_figure, write_table
 from lungbench.report import plots
 from lungbench.report.bench_tables import (
@@ -33,8 +35,12 @@ def write_bench_outputs(run_dir: Path, records: Sequence[dict[str, Any]]) -> str
     printed = []
     epoch_measured = "epoch_s" in summary and summary["epoch_s"].notna().any()
     time_column = "epoch_s" if epoch_measured else "step_s_median"
-    for batch in sorted(summary["batch_size"].unique()):
-        table = speedup_table(records, int(batch), time_column=time_column)
+    tables = {
+        int(batch): speedup_table(records, int(batch), time_column=time_column)
+        for batch in sorted(summary["batch_size"].unique())
+    }
+    ymax = _longest_time(tables.values())  # one time axis for the plots side by side
+    for batch, table in tables.items():
         name = f"speedup_b{batch}"
         write_table(run_dir, name, flatten_columns(table))
         text = format_speedup_markdown(table)
@@ -43,7 +49,7 @@ def write_bench_outputs(run_dir: Path, records: Sequence[dict[str, Any]]) -> str
         # A batch size where every configuration failed (out of memory, skipped) has a
         # table of n/a but nothing to plot.
         if (summary.loc[summary["batch_size"] == batch, "status"] == "ok").any():
-            save_figure(run_dir, name, plots.speedup_plot(table))
+            save_figure(run_dir, name, plots.speedup_plot(table, ymax=ymax))
     banner = busy_banner(records)
     for name, fig in (
         ("step_time", plots.step_time_plot(summary)),
@@ -86,6 +92,14 @@ def failures(records: Sequence[dict[str, Any]]) -> str | None:
         if r.get("status") not in ("ok", None)
     ]
     return "not measured (n/a above):\n" + "\n".join(lines) if lines else None
+
+
+def _longest_time(tables) -> float | None:
+    """The longest time in the speed-up tables (None when none was measured)."""
+    longest = max(
+        (t.xs("Exec. time (s)", axis=1, level=1).max().max() for t in tables), default=None
+    )
+    return None if longest is None or pd.isna(longest) else float(longest)
 
 
 def _timed(records: Sequence[dict[str, Any]]) -> str:

@@ -63,9 +63,11 @@ def throughput_plot(summary: pd.DataFrame):
     return fig
 
 
-def speedup_plot(table: pd.DataFrame):
+def speedup_plot(table: pd.DataFrame, ymax: float | None = None):
     """Grouped bars of the time per platform and filter count on a linear scale, each bar
-    labelled with its time and speed-up (a log scale shrinks the differences it shows)."""
+    labelled with its time and speed-up (a log scale shrinks the differences it shows).
+    `ymax`: the top of the time axis, the same for plots shown side by side (one per batch
+    size) so that equal heights mean equal times."""
     groups = list(dict.fromkeys(c[0] for c in table.columns))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     width = 0.8 / max(1, len(table.index))
@@ -84,7 +86,7 @@ def speedup_plot(table: pd.DataFrame):
                     fontsize=7,
                 )
     ax.set_xticks([j + width * (len(table.index) - 1) / 2 for j in range(len(groups))], groups)
-    ax.set_ylim(0, ax.get_ylim()[1] * 1.15)  # room for the labels
+    ax.set_ylim(0, (ymax or ax.get_ylim()[1]) * 1.15)  # room for the labels
     ax.set_ylabel("Exec. time (s), linear scale")
     ax.set_title(f"Exec. time, {table.index.name.lower()}")
     ax.legend(fontsize=8)

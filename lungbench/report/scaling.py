@@ -5,8 +5,10 @@
     print(format_breakdown(records))
 
 The reference (world size 1) of each configuration is the one-process record with the same
-model, preset, filters and device type: the baseline that a DDP run measures on rank 0, or
-the records of a separate one-process run read in with `combine_runs`.
+model, preset, filters and device type and the threads of one rank: the baseline that a DDP
+run measures on rank 0, or the records of a separate one-process run read in with
+`combine_runs`. On a CPU, rank 0 also measures one process with every core ("whole
+machine", labelled, column "vs whole machine"): whether the ranks beat it at all.
 
 Throughput is global samples per second of the training step (global batch / step time);
 speed-up = throughput(W) / throughput(1); efficiency = speed-up / W. That one formula covers
@@ -29,6 +31,7 @@ import pandas as pd
 
 from lungbench.core.errors import DataError
 from lungbench.core.runs import RECORDS_FILE, read_records, save_figure, write_table
+from lungbench.measure.ddp import RANK_THREADS, WHOLE
 from lungbench.measure.stats import format_seconds
 from lungbench.report import plots  # its import selects matplotlib's headless backend
 
@@ -51,12 +54,15 @@ SCALING_COLUMNS = [
     "comm_overhead_s",
     "allreduce_s",
     "allreduce_bytes",
+    "allreduce_model_s",
+    "vs_whole_machine",
     "epoch_s",
     "epoch_speedup",
     "epoch_efficiency",
     "data_wait_s",
     "params_identical",
     "status",
+    "reference",
     "why",
 ]
 
@@ -83,12 +89,15 @@ def _device_type(record: dict[str, Any]) -> str:
 
 
 def _reference(
-    record: dict[str, Any], singles: Sequence[dict[str, Any]], batch: int
+    record: dict[str, Any], singles: Sequence[dict[str, Any]], batch: int, kind: str = RANK_THREADS
 ) -> dict[str, Any] | None:
-    """The one-process record this DDP record is compared with (None if there is none)."""
+    """The one-process record this DDP record is compared with (None if there is none):
+    `kind` RANK_THREADS, the reference of the efficiency (a run without the field is one),
+    or WHOLE, the same process with every core."""
     for single in singles:
         if (
-            all(single.get(k) == record.get(k) for k in MATCH)
+            single.get("reference", RANK_THREADS) == kind
+            and all(single.get(k) == record.get(k) for k in MATCH)
             and _device_type(single) == _device_type(record)
             and single.get("batch_size") == batch
             and _same_recipe(single, record)
@@ -106,7 +115,13 @@ def _same_recipe(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(a[k] == b[k] for k in RAN if k in a and k in b)
 
 
-def _row(record: dict[str, Any], scaling: str, ref: dict[str, Any] | None) -> dict[str, Any]:
+def _row(
+    record: dict[str, Any],
+    scaling: str,
+    ref: dict[str, Any] | None,
+    whole: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One table row; `ref` the reference of its efficiency, `whole` the whole-machine run."""
     ws = world_size(record)
     per_rank = record.get("per_rank_batch") or record.get("batch_size")
     global_batch = record.get("global_batch") or record.get("batch_size")
@@ -127,25 +142,35 @@ def _row(record: dict[str, Any], scaling: str, ref: dict[str, Any] | None) -> di
         "comm_overhead_s": record.get("comm_overhead_s", 0.0 if ws == 1 else None),
         "allreduce_s": record.get("allreduce_s_median", 0.0 if ws == 1 else None),
         "allreduce_bytes": record.get("allreduce_bytes"),
+        "allreduce_model_s": record.get("allreduce_model_s"),
         "epoch_s": record.get("epoch_s"),
         "data_wait_s": record.get("epoch_data_wait_s"),
         "params_identical": record.get("params_identical"),
         "status": record.get("status"),
+        "reference": record.get("reference", RANK_THREADS) if ws == 1 else None,
     }
     ref_step = ref.get("step_s_median") if ref and ref.get("status") == "ok" else None
     if ref_step and step:
         ref_batch = ref.get("global_batch") or ref.get("batch_size")
         row["speedup"] = row["samples_per_s"] / (ref_batch / ref_step)
         row["efficiency"] = row["speedup"] / ws
+    if whole and whole.get("status") == "ok" and whole.get("step_s_median") and step:
+        whole_batch = whole.get("global_batch") or whole.get("batch_size")
+        row["vs_whole_machine"] = row["samples_per_s"] / (whole_batch / whole["step_s_median"])
     if ws > 1:
-        row["why"] = explain(record, scaling, ref)
+        row["why"] = explain(record, scaling, ref, row.get("vs_whole_machine"))
     if ref and ref.get("epoch_s") and record.get("epoch_s"):
         row["epoch_speedup"] = ref["epoch_s"] / record["epoch_s"]
         row["epoch_efficiency"] = row["epoch_speedup"] / ws
     return row
 
 
-def explain(record: dict[str, Any], scaling: str, ref: dict[str, Any] | None) -> str:
+def explain(
+    record: dict[str, Any],
+    scaling: str,
+    ref: dict[str, Any] | None,
+    vs_whole: float | None = None,
+) -> str:
     """Why a DDP row is not at 100%: each measured loss as a share, in words.
 
     - exposed all-reduce: the part of the step the gradient communication did not hide
@@ -153,7 +178,10 @@ def explain(record: dict[str, Any], scaling: str, ref: dict[str, Any] | None) ->
     - shared cores: the ranks' compute against one process alone with the same threads
       (weak scaling: the same per-rank batch; strong: the reference's step / world size);
     - data waits: the slowest rank's time waiting for its DataLoader, share of the epoch;
-    - load imbalance: how far the fastest rank's step is ahead of the slowest one's.
+    - load imbalance: how far the fastest rank's step is ahead of the slowest one's;
+    - the isolated all-reduce against its alpha-beta model (latency and bandwidth fitted
+      from single all-reduces at three sizes, lungbench.measure.allreduce);
+    - against one process with every core (`vs_whole`, when it was measured).
     """
     step = record.get("step_s_median")
     if record.get("status") != "ok" or not step:
@@ -176,6 +204,15 @@ def explain(record: dict[str, Any], scaling: str, ref: dict[str, Any] | None) ->
     imbalance = record.get("step_imbalance")
     if imbalance is not None and imbalance > 0.05:
         parts.append(f"slowest rank {imbalance:.0%} behind the fastest")
+    model, measured = record.get("allreduce_model_s"), record.get("allreduce_s_median")
+    if model is not None and measured:
+        parts.append(
+            f"all-reduce {format_seconds(measured)} measured vs {format_seconds(model)} "
+            f"alpha-beta (latency {format_seconds(record['allreduce_alpha_s'])}, "
+            f"{record['allreduce_beta_bytes_per_s'] / 1e6:.0f} MB/s)"
+        )
+    if vs_whole is not None and vs_whole < 0.95:
+        parts.append(f"one process with every core is {1 / vs_whole:.2f}x faster")
     return "; ".join(parts)
 
 
@@ -190,9 +227,12 @@ def scaling_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
             continue
         # weak: compared with one process at the per-process batch; strong: at the global one
         ref = _reference(record, singles, record["batch_size"])
+        whole = _reference(record, singles, record["batch_size"], WHOLE)
         if ref is not None:
-            rows.append(_row(ref, scaling, ref))
-        rows.append(_row(record, scaling, ref))
+            rows.append(_row(ref, scaling, ref, whole))
+        if whole is not None:
+            rows.append(_row(whole, scaling, None, whole))  # labelled; no efficiency
+        rows.append(_row(record, scaling, ref, whole))
     if not rows:
         return pd.DataFrame(columns=SCALING_COLUMNS)
     frame = pd.DataFrame(rows).drop_duplicates(
@@ -208,8 +248,9 @@ def format_scaling_markdown(table: pd.DataFrame) -> str:
     """The scaling table as Markdown, seconds in readable units, ratios as x1.83 / 92%."""
     header = (
         "| Scaling | World size | Filters | Batch (per rank / global) | Step | Samples/s | "
-        "Speed-up | Efficiency | Compute | Comm. overhead | All-reduce (isolated) | "
-        "Epoch | Epoch speed-up | Data wait | Why |"
+        "Speed-up | Efficiency | vs whole machine | Compute | Comm. overhead | "
+        "All-reduce (isolated) | All-reduce (alpha-beta) | Epoch | Epoch speed-up | "
+        "Data wait | Why |"
     )
     lines = [header, _rule(header)]
     for _, r in table.iterrows():
@@ -225,9 +266,11 @@ def format_scaling_markdown(table: pd.DataFrame) -> str:
                     _num(r["samples_per_s"]),
                     _ratio(r["speedup"]),
                     _pct(r["efficiency"]),
+                    _ratio(r["vs_whole_machine"]),
                     _sec(r["compute_s"]),
                     _sec(r["comm_overhead_s"]),
                     _sec(r["allreduce_s"]),
+                    _sec(r["allreduce_model_s"]),
                     _sec(r["epoch_s"]),
                     _ratio(r["epoch_speedup"]),
                     _sec(r["data_wait_s"]),
@@ -245,6 +288,8 @@ def _rule(header: str) -> str:
 
 def _world(r: pd.Series) -> str:
     nodes = r.get("nodes")
+    if r.get("reference") == WHOLE:
+        return f"{r['world_size']} ({WHOLE}, {_int(r['threads'])} threads)"
     return f"{r['world_size']}" + (f" ({int(nodes)} nodes)" if nodes and nodes > 1 else "")
 
 
@@ -346,6 +391,7 @@ def _share(part: float, whole: float) -> str:
 def scaling_plot(table: pd.DataFrame):
     """Throughput (samples/s) and efficiency vs world size, one line per mode x config."""
     fig, (ax_t, ax_e) = plots.plt.subplots(1, 2, figsize=(10, 4))
+    table = table[table["reference"] != WHOLE]  # a point beside the lines, not on them
     for (scaling, filters, batch), group in table.groupby(
         ["scaling", "filters", "batch_size"], sort=False
     ):
