@@ -25,7 +25,7 @@ test: install
 	$(BIN)/python -m pytest
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow and not distributed"
+	$(BIN)/python -m pytest -m "not slow and not distributed and not exhaustive"
 
 lint: install
 	$(BIN)/ruff check lungbench tests bench

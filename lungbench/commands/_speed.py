@@ -321,7 +321,7 @@ def run_loader_cli(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     validate(request)
-    info = prepare_store(request)
+    info = prepare_store(request, reads=args.loader_samples)  # generates only those
     filters, batches = _reference(args)
     workload = Workload(
         model=args.model,

@@ -174,7 +174,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--synth-n",
         type=positive_int,
         default=754,
-        help="size of the generated set when no --store (default: 754)",
+        help="size of the generated set when no --store (default: 754); only the samples "
+        "the run reads are generated: with --epoch-samples E the first ceil(E/0.8)+2, with "
+        "--no-epoch 2, with --loader its --loader-samples",
     )
     d.add_argument("--out", default="results", help="output root (default: results)")
     d.add_argument("--run-id", default=None, help="run folder name (default: bench-<UTC>-<host>)")

