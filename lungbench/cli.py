@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from lungbench import __version__
-from lungbench.core.console import show_progress
+from lungbench.core.console import capture_foreign_messages, show_progress
 from lungbench.core.errors import LungbenchError, message_of
 
 # Order is the order shown by `lungbench --help`.
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     show_progress()  # progress messages (logging) on stderr; stdout keeps the tables
+    capture_foreign_messages()  # third-party warnings into the log, not on the terminal
     try:
         return int(args.func(args) or 0)
     except LungbenchError as exc:

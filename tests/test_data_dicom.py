@@ -206,3 +206,202 @@ def test_dataset_written_is_valid_dicom(tmp_path):
     write_series(tmp_path / "s", _volume((3, 8, 8)))
     ds = pydicom.dcmread(next((tmp_path / "s").iterdir()))
     assert ds.Modality == "CT" and ds.pixel_array.shape == (8, 8)
+
+
+# --- the CT volume check: one test per case of issue #17 ----------------------------------
+
+NAMES = [f"s{k}.dcm" for k in range(6)]  # slice k at position z0 + k * step
+
+
+def edit_slices(folder, edit, names=None):
+    """Apply `edit(ds)` to the slices called `names` (every slice by default); save them."""
+    for path in sorted(folder.iterdir()):
+        if names is None or path.name in names:
+            ds = pydicom.dcmread(path)
+            edit(ds)
+            ds.save_as(path)
+
+
+def _series(tmp_path, **kw):
+    folder = tmp_path / "s"
+    write_series(folder, _volume(), names=NAMES, **kw)
+    return folder
+
+
+def _refused(folder, pattern, **kw) -> str:
+    with pytest.raises(DataError, match=pattern) as error:
+        load_series(folder, **kw)
+    message = str(error.value)
+    assert "\n" not in message and "force=True" not in message
+    return message
+
+
+def test_pixel_spacing_of_one_slice_is_named_even_when_it_sorts_first(tmp_path):
+    # The first slice's PixelSpacing used to be the volume's: a store at the wrong mm scale.
+    folder = _series(tmp_path)
+    edit_slices(folder, lambda ds: setattr(ds, "PixelSpacing", [0.9, 0.9]), ["s0.dcm"])
+    message = _refused(folder, "PixelSpacing")
+    assert message.startswith(f"{folder / 's0.dcm'}: PixelSpacing [0.9, 0.9] differs from")
+    assert "the series' [0.7, 0.8] (5 of 6 slices" in message
+
+
+def test_pixel_spacing_within_tolerance_is_one_grid(tmp_path):
+    folder = _series(tmp_path)
+    edit_slices(folder, lambda ds: setattr(ds, "PixelSpacing", [0.7004, 0.8]), ["s0.dcm"])
+    assert load_series(folder).spacing == pytest.approx((2.5, 0.7, 0.8), abs=1e-3)
+
+
+def _rgb(ds):
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelData = bytes(ds.Rows * ds.Columns * 3)
+
+
+def test_colour_slice_is_refused(tmp_path):
+    # RGB came back as a 4-D "volume" and crashed later with a traceback.
+    folder = _series(tmp_path)
+    edit_slices(folder, _rgb)
+    _refused(folder, r"SamplesPerPixel 3, PhotometricInterpretation RGB: not a grayscale")
+
+
+def test_multi_frame_file_is_refused(tmp_path):
+    folder = tmp_path / "mf"
+    write_series(folder, _volume((1, 16, 20)), names=["all.dcm"])
+
+    def frames(ds):
+        ds.NumberOfFrames = 6
+        ds.PixelData = ds.PixelData * 6
+
+    edit_slices(folder, frames)
+    _refused(folder, r"all.dcm: NumberOfFrames 6: a multi-frame image")
+
+
+def test_dose_grid_is_not_converted_to_hu(tmp_path):
+    # An RTDOSE grid was written as "HU", clipped to a constant.
+    folder = _series(tmp_path)
+
+    def dose(ds):
+        ds.Modality = "RTDOSE"
+        ds.BitsAllocated = ds.BitsStored = 32
+        ds.HighBit = 31
+        ds.PixelData = bytes(ds.Rows * ds.Columns * 4)
+
+    edit_slices(folder, dose)
+    _refused(folder, r"s0.dcm: Modality 'RTDOSE' is not CT: only CT pixel values are Hounsfield")
+
+
+def test_mr_is_refused_unless_allowed(tmp_path):
+    folder = _series(tmp_path)
+    edit_slices(folder, lambda ds: setattr(ds, "Modality", "MR"))
+    _refused(folder, r"Modality 'MR' is not CT.*allow it with --allow-modality MR")
+    assert load_series(folder, modalities=("CT", "MR")).hu.shape == (6, 16, 20)
+
+
+def test_non_axial_slice_is_named_not_a_missing_slice(tmp_path):
+    # A sagittal slice in an axial series was reported as a "missing slice".
+    folder = _series(tmp_path)
+    edit_slices(folder, lambda ds: setattr(ds, "ImageOrientationPatient", [0, 1, 0, 0, 0, -1]))
+    _refused(
+        folder, r"ImageOrientationPatient \[0, 1, 0, 0, 0, -1\] is not axial \(slice normal 90"
+    )
+    edit_slices(
+        folder, lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), NAMES[1:]
+    )
+    message = _refused(folder, "s0.dcm: ImageOrientationPatient")
+    assert "differs from the series' [1, 0, 0, 0, 1, 0]" in message
+    assert "missing" not in message
+
+
+def test_in_plane_shift_is_refused(tmp_path):
+    folder = _series(tmp_path)
+    edit_slices(
+        folder, lambda ds: setattr(ds, "ImagePositionPatient", [-47.0, -60.0, -92.5]), ["s3.dcm"]
+    )
+    message = _refused(folder, r"s3.dcm: ImagePositionPatient \[-47, -60, -92.5\] lies 3.00 mm off")
+    assert "a slice shifted in-plane" in message
+
+
+def test_gantry_tilt_is_refused(tmp_path):
+    # Tilt in the header ...
+    folder = _series(tmp_path)
+    edit_slices(folder, lambda ds: setattr(ds, "GantryDetectorTilt", 15.0))
+    _refused(folder, r"GantryDetectorTilt 15 degrees: a tilted acquisition")
+    # ... or only in the positions: they drift along y as the table moves (tan 15 deg).
+    folder = tmp_path / "drift"
+    write_series(folder, _volume(), names=NAMES)
+    for k, name in enumerate(NAMES):
+        y = -60.0 + k * 2.5 * np.tan(np.radians(15))
+        edit_slices(
+            folder,
+            lambda ds, y=y: setattr(ds, "ImagePositionPatient", [-50, y, ds[0x200032].value[2]]),
+            [name],
+        )
+    _refused(folder, r"drift in-plane by 0.268 mm per mm .* gantry tilt of about 15.0 degrees")
+
+
+def test_stored_values_beyond_bits_stored_are_refused(tmp_path):
+    # pydicom returns unsigned values unmasked and signed ones sign-extended from HighBit:
+    # when the values need more bits than BitsStored, the header does not describe them.
+    folder = tmp_path / "s"
+    write_series(folder, np.full((3, 4, 5), 3000, np.int16))  # stored 4024 < 2**12
+
+    def bits(ds):
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, 1
+
+    edit_slices(folder, bits)
+    _refused(folder, r"stored pixel values 4024..4024 do not fit BitsStored 12 \(signed")
+
+
+def test_pixel_data_longer_than_rows_say_is_refused(tmp_path):
+    # pydicom read the first rows of the data as the image, with only a warning.
+    folder = _series(tmp_path)
+    edit_slices(folder, lambda ds: setattr(ds, "Rows", 8))
+    _refused(folder, r"PixelData has 640 bytes, Rows x Columns 8x20 at 16 bits needs 320")
+
+
+def test_unreadable_file_message_has_no_force_advice(tmp_path):
+    folder = _series(tmp_path)
+    (folder / "notes").write_bytes(b"plain text, not DICOM")
+    message = _refused(folder, r"notes: not a readable DICOM file \(no 'DICM' marker")
+    assert "force" not in message
+
+
+def test_foreign_warnings_go_to_our_log_not_the_terminal(capsys):
+    # pydicom's "use force=True" and matplotlib's warnings reached the terminal.
+    import logging
+    import sys
+    import warnings
+
+    from lungbench.core.console import FOREIGN, capture_foreign_messages
+
+    def to_stderr(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    seen = []
+    relay = logging.Handler(logging.DEBUG)
+    relay.emit = lambda record: seen.append(record.getMessage())
+    foreign = logging.getLogger(FOREIGN)
+    foreign.addHandler(relay)
+    level, foreign.level = foreign.level, logging.DEBUG
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = to_stderr  # what a terminal gets outside pytest
+            logging.captureWarnings(False)  # forget the state an earlier CLI call saved
+            capture_foreign_messages()
+            try:
+                warnings.warn_explicit("Use force=True", UserWarning, "pydicom/filereader.py", 1)
+                logging.getLogger("matplotlib.font_manager").warning("building the font cache")
+                logging.getLogger("nibabel.global").warning("setting 0 dims to 1")
+            finally:
+                logging.captureWarnings(False)
+    finally:
+        foreign.removeHandler(relay)
+        foreign.level = level
+    assert capsys.readouterr().err == ""
+    assert any("py.warnings:" in m and "Use force=True" in m for m in seen), seen
+    assert "matplotlib.font_manager: building the font cache" in seen
+    assert "nibabel.global: setting 0 dims to 1" in seen

@@ -90,7 +90,7 @@ def test_unexpected_shape_named_and_no_store(tmp_path):
     write_study(tmp_path / "CT-0" / "thin.nii.gz", np.zeros((10, 10, 1)))
     out = tmp_path / "m.h5"
     with pytest.raises(DataError, match="thin.nii.gz: unexpected shape"):
-        write_mosmed_store(tmp_path, out, "binary", size=(4, 8, 8))
+        write_mosmed_store(tmp_path, out, "binary", size=(4, 8, 8), allow_missing_classes=True)
     assert list(tmp_path.glob("m.h5*")) == []
 
 
@@ -105,13 +105,13 @@ def test_unreadable_and_missing_layout(tmp_path):
     (tmp_path / "CT-0").mkdir()
     (tmp_path / "CT-0" / "bad.nii.gz").write_bytes(b"garbage")
     with pytest.raises(DataError, match="bad.nii.gz"):
-        write_mosmed_store(tmp_path, tmp_path / "m.h5")
+        write_mosmed_store(tmp_path, tmp_path / "m.h5", allow_missing_classes=True)
     with pytest.raises(DataError, match="no CT-0"):
         list_studies(tmp_path / "CT-0", "binary")
 
 
-def _convert(root, out) -> int:
-    return main(["data", "mosmed", str(root), "--size", "4", "8", "8", "--out", str(out)])
+def _convert(root, out, *options) -> int:
+    return main(["data", "mosmed", str(root), "--size", "4", "8", "8", "--out", str(out), *options])
 
 
 def test_corrupted_gzip_is_named_and_leaves_no_store(tmp_path, capsys):
@@ -148,8 +148,53 @@ def test_duplicate_study_id_names_the_store_and_leaves_none(tmp_path, capsys):
     for name in ("study.nii", "study.nii.gz"):
         write_study(tmp_path / "CT-0" / name, np.zeros((10, 10, 6)))
     out = tmp_path / "m.h5"
-    assert _convert(tmp_path, out) == 2
+    assert _convert(tmp_path, out, "--allow-missing-classes") == 2
     error = cli_error(capsys)
     assert f"{out}: duplicate sample id 'CT-0/study'" in error
     assert str(tmp_path / "CT-0" / "study.nii.gz") in error  # the second file is named too
     assert list(tmp_path.glob("m.h5*")) == []
+
+
+# --- issue #17: layouts that cannot train, upper-case names, header fixes -----------------
+
+
+def test_one_class_layout_is_refused_before_reading_unless_asked(tmp_path, capsys):
+    # Studies in CT-0 only wrote a one-class store (exit 0) that no model can learn from.
+    rng = np.random.default_rng(2)
+    for i in range(2):
+        write_study(tmp_path / "CT-0" / f"s{i}.nii.gz", rng.integers(-1000, 400, (10, 10, 6)))
+    (tmp_path / "CT-2").mkdir()
+    out = tmp_path / "m.h5"
+    assert _convert(tmp_path, out) == 2
+    error = cli_error(capsys)
+    assert f"{tmp_path}: no sample of class CT-2/3 (samples per class: CT-0 2, CT-2/3 0)" in error
+    assert list(tmp_path.glob("m.h5*")) == []
+    assert _convert(tmp_path, out, "--allow-missing-classes") == 0
+    assert list(read_meta(out)["label"]) == [0, 0]
+
+
+def test_upper_case_extensions_are_studies(studies, tmp_path):
+    # STUDY.NII.GZ was skipped without a word.
+    (studies / "CT-2" / "study_2000.nii.gz").rename(studies / "CT-2" / "STUDY_2000.NII.GZ")
+    write_study(studies / "CT-3" / "PLAIN.NII", np.zeros((10, 10, 6)))
+    found = [(p.name, label) for p, _, label in list_studies(studies, "binary")]
+    assert ("STUDY_2000.NII.GZ", 1) in found and ("PLAIN.NII", 1) in found and len(found) == 5
+    out = tmp_path / "m.h5"
+    assert write_mosmed_store(studies, out, "binary", size=(4, 8, 8)) == 5
+    assert "CT-2/STUDY_2000" in list(read_meta(out)["id"])
+
+
+def test_zero_voxel_size_is_refused_not_set_to_one(tmp_path):
+    # nibabel replaces a zero pixdim by 1 (and says so on stderr): a spacing never stored.
+    image = nib.Nifti1Image(np.zeros((6, 6, 6), np.int16), np.eye(4))
+    image.header.set_zooms((0.0, 0.8, 2.0))
+    nib.save(image, tmp_path / "z.nii.gz")
+    with pytest.raises(DataError, match=r"z.nii.gz: voxel sizes \(pixdim\) \[0.0, 0.8"):
+        load_nifti(tmp_path / "z.nii.gz")
+
+
+def test_rgb_nifti_is_one_line(tmp_path):
+    rgb = np.zeros((4, 4, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii")
+    with pytest.raises(DataError, match="rgb.nii: not a readable NIfTI file"):
+        load_nifti(tmp_path / "rgb.nii")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import h5py
 import numpy as np
 import pytest
@@ -82,7 +84,7 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert not list(tmp_path.iterdir()), "no temporary file left behind either"
 
 
-@pytest.mark.parametrize("label", [2, -1, [0, 1]])
+@pytest.mark.parametrize("label", [2, -1, [0, 1], 0.5, float("nan"), "1"])
 def test_label_outside_allowed_set(tmp_path, label):
     with (
         pytest.raises(DataError, match="outside the allowed set"),
@@ -194,3 +196,116 @@ def test_dataset_with_worker_processes(tiny_store):
     assert target.tolist() == [0.0, 1.0, 0.0, 1.0]
     # Workers read the same bytes as the main process.
     assert torch.equal(ctx[2], ds[2][0][0])
+
+
+# --- issue #17: stores validated when opened ---------------------------------------------
+
+
+def _float_store(path, n=4, **kw):
+    """A store of float32 'normalized' volumes (the kind other tools write), labels 0, 1, ..."""
+    with StoreWriter(
+        path, kind="t", inputs={"volume": SHAPE}, label_names=["a", "b"], units="normalized", **kw
+    ) as w:
+        for i in range(n):
+            w.append({"volume": np.full(SHAPE, i / n, np.float32)}, label=i % 2, id=f"s{i}")
+    return path
+
+
+def _replace(path, name, values):
+    with h5py.File(path, "r+") as f:
+        del f[name]
+        f[name] = values
+
+
+def test_fractional_label_fails_validation(tmp_path):
+    # The check was 0 <= label < 2: 0.5 passed, and trained as "benign" or as 0.5.
+    path = _float_store(tmp_path / "s.h5")
+    _replace(path, "label", np.array([0.0, 0.5, 1.0, 0.0]))
+    with pytest.raises(DataError) as error:
+        read_info(path)
+    assert str(error.value) == (
+        f"{path}: dataset 'label' has values outside the allowed set "
+        f"(binary: integers 0..1 (a, b)): 0.5 at row 1"
+    )
+
+
+def test_float_typed_integer_labels_open_and_data_info_counts_them(tmp_path, capsys):
+    # `lungbench data info` crashed on float-typed labels (a float as a list index).
+    from lungbench.cli import main
+
+    path = _float_store(tmp_path / "s.h5")
+    _replace(path, "label", np.array([0.0, 1.0, 1.0, 1.0], np.float32))
+    assert read_info(path).n == 4
+    assert main(["data", "info", str(path)]) == 0
+    assert "labels     {'a': 1, 'b': 3}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.float16, np.float64, np.bool_])
+def test_data_info_on_every_numeric_dtype(tmp_path, capsys, dtype):
+    from lungbench.cli import main
+
+    path = _float_store(tmp_path / "s.h5")
+    _replace(path, "volume", np.ones((4, *SHAPE), dtype))
+    assert main(["data", "info", str(path)]) == 0
+    assert "input      volume: (1, 3, 4, 5)" in capsys.readouterr().out
+    ctx, _ = StoreDataset(path)[0]
+    assert ctx[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "expected"),
+    [
+        ("volume", np.zeros((4, 1, 0, 4, 5), np.float32), "has shape (4, 1, 0, 4, 5), expected"),
+        ("volume", np.zeros((4, *SHAPE), np.complex64), "has dtype complex64, expected"),
+        ("label", np.array([b"a", b"b", b"a", b"b"]), "dataset 'label' has shape (4,) and dtype"),
+        ("meta/fold", np.array([0, 0.5, 1, 2]), "dataset 'meta/fold' has shape (4,) and dtype"),
+        ("meta/spacing", np.ones((4, 2), np.float32), "dataset 'meta/spacing' has shape (4, 2)"),
+    ],
+)
+def test_shapes_and_dtypes_are_checked(tmp_path, name, values, expected):
+    path = _float_store(tmp_path / "s.h5")
+    _replace(path, name, values)
+    with pytest.raises(DataError, match=re.escape(expected)):
+        read_info(path)
+
+
+def test_nan_is_found_when_opened_by_a_chunked_scan(tmp_path, monkeypatch):
+    # NaN was found only when its row was read: after the step timing or a whole CV fold.
+    import lungbench.data.store as store
+
+    monkeypatch.setattr(store, "SCAN_BYTES", 2 * 60 * 4)  # two rows per read
+    path = _float_store(tmp_path / "s.h5", n=7)
+    with h5py.File(path, "r+") as f:
+        f["volume"][5, 0, 2, 3, 4] = np.inf
+    with pytest.raises(DataError) as error:
+        StoreDataset(path)
+    assert str(error.value) == (
+        f"{path}: dataset 'volume' row 5 has NaN or Inf values; rebuild the store from its source"
+    )
+
+
+def test_nan_store_stops_bench_before_any_run_folder(tmp_path, capsys):
+    from test_data_dicom import cli_error
+
+    from lungbench.cli import main
+
+    path = _float_store(tmp_path / "s.h5")
+    with h5py.File(path, "r+") as f:
+        f["volume"][2, 0, 0, 0, 0] = np.nan
+    runs = tmp_path / "runs"
+    assert main(["bench", "--store", str(path), "--out", str(runs)]) == 2
+    assert "dataset 'volume' row 2 has NaN or Inf values" in cli_error(capsys)
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_writer_asked_for_every_class_refuses_one(tmp_path):
+    path = tmp_path / "one.h5"
+    with (
+        pytest.raises(DataError, match="no sample of class b .*samples per class: a 2, b 0"),
+        StoreWriter(
+            path, kind="t", inputs={"x": SHAPE}, label_names=["a", "b"], require_all_classes=True
+        ) as w,
+    ):
+        for i in range(2):
+            w.append({"x": np.zeros(SHAPE)}, label=0, id=f"s{i}")
+    assert list(tmp_path.iterdir()) == []

@@ -91,9 +91,7 @@ def register_info(sub: argparse._SubParsersAction) -> None:
 def _run_info(args: argparse.Namespace) -> int:
     import json
 
-    import numpy as np
-
-    from lungbench.data.store import read_meta
+    from lungbench.data.store import class_counts, read_meta
 
     info = read_info(args.store)
     meta = read_meta(args.store)
@@ -102,13 +100,8 @@ def _run_info(args: argparse.Namespace) -> int:
     print(f"samples    {info.n}")
     for name, shape in info.inputs.items():
         print(f"input      {name}: {shape} ({info.units[name]})")
-    labels = meta["label"]
-    if labels.ndim == 1:
-        values, freq = np.unique(labels, return_counts=True)
-        counts = {info.label_names[k]: int(v) for k, v in zip(values, freq, strict=True)}
-    else:
-        counts = dict(zip(info.label_names, labels.sum(axis=0).tolist(), strict=True))
-    print(f"labels     {counts}")
+    # read_info has checked the labels: float-typed ones hold class indices too.
+    print(f"labels     {class_counts(meta['label'], info.task, info.label_names)}")
     print(f"provenance {json.dumps(info.provenance)[:300]}")
     return 0
 
@@ -282,6 +275,20 @@ def register_lungx(sub: argparse._SubParsersAction) -> None:
         default="default",
         help="geometry preset of the two cubes (default: default)",
     )
+    p.add_argument(
+        "--allow-modality",
+        action="append",
+        default=[],
+        metavar="MODALITY",
+        help="a DICOM Modality to convert besides CT, e.g. MR; repeat for several (default: "
+        "CT only; only CT values are Hounsfield units)",
+    )
+    p.add_argument(
+        "--allow-missing-classes",
+        action="store_true",
+        help="write the store even if a class has no sample (default: refuse; such a store "
+        "cannot train a classifier)",
+    )
     p.add_argument("--out", required=True, help="output store (.h5)")
     p.set_defaults(func=_run_lungx)
 
@@ -293,7 +300,15 @@ def _run_lungx(args: argparse.Namespace) -> int:
     out = _output_path(args.out)
     rows = read_spreadsheet(args.spreadsheet)
     with tqdm(total=len(rows), desc="lungx", unit="nodule") as bar:
-        write_lungx_store(args.root, rows, out, geometry(args.grid), progress=bar.update)
+        write_lungx_store(
+            args.root,
+            rows,
+            out,
+            geometry(args.grid),
+            progress=bar.update,
+            modalities=("CT", *args.allow_modality),
+            allow_missing_classes=args.allow_missing_classes,
+        )
     info = read_info(out)
     print(f"wrote {out}: {info.n} samples, inputs {info.inputs}, labels {info.label_names}")
     return 0
@@ -327,6 +342,12 @@ def register_mosmed(sub: argparse._SubParsersAction) -> None:
         metavar=("D", "H", "W"),
         help="output grid (default: 64 128 128)",
     )
+    p.add_argument(
+        "--allow-missing-classes",
+        action="store_true",
+        help="write the store even if a class has no sample (default: refuse; such a store "
+        "cannot train a classifier)",
+    )
     p.add_argument("--out", required=True, help="output store (.h5)")
     p.set_defaults(func=_run_mosmed)
 
@@ -337,7 +358,14 @@ def _run_mosmed(args: argparse.Namespace) -> int:
     out = _output_path(args.out)
     total = len(list_studies(args.root, args.task))
     with tqdm(total=total, desc="mosmed", unit="study") as bar:
-        write_mosmed_store(args.root, out, args.task, args.size, progress=bar.update)
+        write_mosmed_store(
+            args.root,
+            out,
+            args.task,
+            args.size,
+            progress=bar.update,
+            allow_missing_classes=args.allow_missing_classes,
+        )
     info = read_info(out)
     print(f"wrote {out}: {info.n} samples, inputs {info.inputs}, labels {info.label_names}")
     return 0

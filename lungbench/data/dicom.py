@@ -4,23 +4,41 @@
     series.hu          # (D, H, W) int16 Hounsfield units, slices sorted along the slice normal
     series.spacing     # (dz, dy, dx) mm: slice step from the positions, rows/cols PixelSpacing
 
-Checks, each a DataError naming the folder or file: no DICOM files, an unreadable file, a
-file without SeriesInstanceUID, image size or pixels (a truncated slice), several series
-(different SeriesInstanceUID) in one folder, slices of different size, duplicate slice
-positions, missing slices (a gap of about twice the step), and non-uniform slice spacing
-beyond `spacing_tolerance` (relative).
+Every series passes a CT volume check before any pixel is converted; each failure is a
+DataError of one line naming the file (or the folder), the DICOM attribute and its values:
+
+* files: no DICOM files, an unreadable file, a file without SeriesInstanceUID, image size or
+  pixels (a truncated slice), several series (different SeriesInstanceUID) in one folder;
+* kind: Modality CT (others only when listed in `modalities`, e.g. `--allow-modality MR`),
+  single-frame grayscale (SamplesPerPixel 1, PhotometricInterpretation MONOCHROME1/2,
+  NumberOfFrames absent or 1), 16-bit pixels as the CT Image IOD requires (BitsAllocated 16,
+  BitsStored 12..16, HighBit = BitsStored - 1, stored values that fit BitsStored), pixel
+  data of the size Rows x Columns says, a usable RescaleSlope / RescaleIntercept;
+* one grid: the same Rows x Columns, PixelSpacing (within `PIXEL_SPACING_TOLERANCE_MM`) and
+  ImageOrientationPatient (within `ORIENTATION_TOLERANCE`) on every slice, the one that
+  differs from the series' value named;
+* axial: the slice normal within `AXIAL_TOLERANCE_DEG` of the patient's z axis;
+* no tilt: GantryDetectorTilt within `TILT_TOLERANCE_DEG`, and every ImagePositionPatient on
+  one line along the slice normal (in-plane offsets within `IN_PLANE_TOLERANCE_PX` pixels):
+  a tilted or sheared series would be cut as if its slices were stacked straight;
+* steps: no duplicate slice positions, no missing slices (a gap of about twice the step),
+  no non-uniform slice spacing beyond `spacing_tolerance` (relative).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lungbench.core.errors import DataError, message_of
+
+log = logging.getLogger(__name__)
 
 # Files that sit next to DICOM slices in the archives and are not slices.
 IGNORED_SUFFIXES = {
@@ -38,6 +56,16 @@ IGNORED_SUFFIXES = {
     ".gz",
     ".h5",
 }
+
+# Tolerances of the CT volume check. Headers store decimal strings, so equal values can
+# differ in the last digits; anything beyond these is a different grid.
+PIXEL_SPACING_TOLERANCE_MM = 1e-3  # PixelSpacing of each slice vs the series'
+ORIENTATION_TOLERANCE = 1e-3  # direction cosines: vs the series', unit length, orthogonal
+AXIAL_TOLERANCE_DEG = 1.0  # slice normal vs the patient's z (head-feet) axis
+TILT_TOLERANCE_DEG = 0.1  # |GantryDetectorTilt|
+IN_PLANE_TOLERANCE_PX = 0.5  # a slice position off the line along the normal, in pixels
+GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+CT_BITS_STORED = range(12, 17)  # the CT Image IOD: BitsAllocated 16, BitsStored 12..16
 
 
 @dataclass(frozen=True)
@@ -65,6 +93,16 @@ class Series:
         )
 
 
+@dataclass(frozen=True)
+class _Grid:
+    """The pixel grid every slice of a series shares."""
+
+    pixel_spacing: tuple[float, float]  # (dy, dx) mm: between rows, between columns
+    row: np.ndarray  # unit vector along a row (increasing column), patient mm
+    column: np.ndarray  # unit vector along a column (increasing row)
+    normal: np.ndarray  # row x column
+
+
 # Header elements every CT slice has; a slice cut short (a truncated download) lacks them.
 REQUIRED_ELEMENTS = ("SeriesInstanceUID", "Rows", "Columns", "PixelData")
 
@@ -73,8 +111,8 @@ def is_slice_name(name: str) -> bool:
     """Whether a file name can be a DICOM slice: not hidden, not a known non-DICOM type.
 
     Archives name slices `1-001.dcm`, by UID (`1.3.6.1...`) or without an extension, so
-    every other name is a candidate. The one rule for `dicom_files` and the folder searches
-    of the LIDC and LUNGx readers.
+    every other name is a candidate (extensions in any letter case). The one rule for
+    `dicom_files` and the folder searches of the LIDC and LUNGx readers.
     """
     return not name.startswith(".") and Path(name).suffix.lower() not in IGNORED_SUFFIXES
 
@@ -97,8 +135,22 @@ def read_header(path: Path, pixels: bool = True):
 
     try:
         return pydicom.dcmread(path, stop_before_pixels=not pixels)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable DICOM file ({message_of(exc)})") from None
+    except InvalidDicomError:
+        # pydicom's message ends in "use force=True", advice for programmers, not users.
+        raise DataError(
+            f"{path}: not a readable DICOM file (no 'DICM' marker after the 128-byte "
+            f"preamble: not DICOM, or damaged)"
+        ) from None
+    except (OSError, ValueError, EOFError, TypeError, KeyError) as exc:
+        raise DataError(f"{path}: not a readable DICOM file ({_our_words(exc)})") from None
+
+
+def _our_words(exc: BaseException) -> str:
+    """A third-party error message without advice the user cannot act on (pydicom's
+    "use force=True", "pass 'allow_excess_frames=False'": options of a Python call)."""
+    text = message_of(exc)
+    kept = [s for s in text.split(". ") if "force=True" not in s and "pass '" not in s]
+    return ". ".join(kept).strip() or type(exc).__name__
 
 
 def series_uid_of(folder: str | os.PathLike) -> str | None:
@@ -121,6 +173,7 @@ def load_series(
     folder: str | os.PathLike,
     series_uid: str | None = None,
     spacing_tolerance: float = 0.1,
+    modalities: Collection[str] = ("CT",),
 ) -> Series:
     """Read every slice of one series in `folder` into a HU volume (see module docstring).
 
@@ -128,28 +181,33 @@ def load_series(
         folder: a directory holding the slices of one series.
         series_uid: keep only this series when the folder holds several (else DataError).
         spacing_tolerance: largest relative deviation of a slice step from the median step.
+        modalities: the DICOM Modality values accepted; only CT values are Hounsfield units.
     """
     folder = Path(folder)
     datasets = [(p, read_header(p)) for p in dicom_files(folder)]
     for path, ds in datasets:
         _check_complete(path, ds)
     datasets = _one_series(folder, datasets, series_uid)
-    positions = np.array([_position(p, ds) for p, ds in datasets])
+    check_ct_slices(datasets, modalities)
+    grid = series_grid(datasets)
+    ipp = np.stack([_floats(p, ds, "ImagePositionPatient", 3) for p, ds in datasets])
+    positions = ipp @ grid.normal
     order = np.argsort(positions, kind="stable")
     datasets = [datasets[i] for i in order]
-    positions = positions[order]
-    dz = _check_steps(folder, positions, [p.name for p, _ in datasets], spacing_tolerance)
-    hu = np.stack([_slice_hu(p, ds, datasets[0][1]) for p, ds in datasets])
-    dy, dx = _pixel_spacing(datasets[0][0], datasets[0][1])
-    instance = np.array([int(ds.get("InstanceNumber", -1) or -1) for _, ds in datasets])
+    positions, ipp = positions[order], ipp[order]
+    names = [p.name for p, _ in datasets]
+    dz = _check_steps(folder, positions, names, spacing_tolerance)
+    _check_one_line(datasets, ipp, positions, grid)
+    hu = np.stack([_slice_hu(p, ds) for p, ds in datasets])
+    instance = np.array([_instance_number(ds) for _, ds in datasets])
     return Series(
         hu=hu,
-        spacing=(dz, dy, dx),
+        spacing=(dz, *grid.pixel_spacing),
         positions=positions,
         instance_numbers=instance,
         series_uid=str(datasets[0][1].get("SeriesInstanceUID", "")),
         path=folder,
-        files=tuple(p.name for p, _ in datasets),
+        files=tuple(names),
     )
 
 
@@ -188,14 +246,183 @@ def _one_series(folder: Path, datasets: list, series_uid: str | None) -> list:
     return datasets
 
 
-def _position(path: Path, ds) -> float:
-    """Slice position in mm along the normal of the image plane."""
-    ipp = ds.get("ImagePositionPatient")
-    if ipp is None:
-        raise DataError(f"{path}: DICOM slice without ImagePositionPatient")
-    iop = ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])
-    normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
-    return float(np.dot(np.asarray(ipp, float), normal))
+# --- the CT volume check: what each slice is ---------------------------------------------
+
+
+def check_ct_slices(datasets: Sequence[tuple[Path, object]], modalities: Collection[str]) -> None:
+    """DataError naming the first slice that is not a single-frame 16-bit grayscale image of
+    an allowed modality, whose pixel data do not match its header, or whose slice size
+    differs from the series'."""
+    allowed = {m.strip().upper() for m in modalities}
+    for path, ds in datasets:
+        _check_modality(path, ds, allowed)
+        _check_grayscale_single_frame(path, ds)
+        _check_bits(path, ds)
+        _check_pixel_bytes(path, ds)
+    sizes = [(_integer(p, ds, "Rows"), _integer(p, ds, "Columns")) for p, ds in datasets]
+    usual = max(set(sizes), key=sizes.count)
+    for (path, _), size in zip(datasets, sizes, strict=True):
+        if size != usual:
+            raise DataError(
+                f"{path}: Rows x Columns {size[0]}x{size[1]} differs from the series' "
+                f"{usual[0]}x{usual[1]} ({sizes.count(usual)} of {len(sizes)} slices)"
+            )
+    others = allowed - {"CT"}
+    if others:
+        found = {str(ds.get("Modality", "")).strip().upper() for _, ds in datasets} - {"CT"}
+        if found:
+            log.warning(
+                f"{datasets[0][0].parent}: Modality {', '.join(sorted(found))} allowed; "
+                f"its values are not Hounsfield units"
+            )
+
+
+def _check_modality(path: Path, ds, allowed: set[str]) -> None:
+    modality = str(ds.get("Modality", "")).strip().upper()
+    if modality in allowed:
+        return
+    expected = " or ".join(sorted(allowed))
+    if not modality:
+        raise DataError(f"{path}: Modality missing (expected {expected}); not a CT slice")
+    raise DataError(
+        f"{path}: Modality {modality!r} is not {expected}: only CT pixel values are "
+        f"Hounsfield units; allow it with --allow-modality {modality}"
+    )
+
+
+def _check_grayscale_single_frame(path: Path, ds) -> None:
+    samples = _integer(path, ds, "SamplesPerPixel", default=1)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if samples != 1 or photometric not in GRAYSCALE:
+        raise DataError(
+            f"{path}: SamplesPerPixel {samples}, PhotometricInterpretation "
+            f"{photometric or 'missing'}: not a grayscale CT slice (expected 1 sample, "
+            f"{' or '.join(GRAYSCALE)}; colour images such as screenshots are not CT data)"
+        )
+    frames = _integer(path, ds, "NumberOfFrames", default=1)
+    if frames != 1:
+        raise DataError(
+            f"{path}: NumberOfFrames {frames}: a multi-frame image (an enhanced CT, a dose "
+            f"grid or a cine loop); lungbench reads series of single-frame slices"
+        )
+
+
+def _check_bits(path: Path, ds) -> None:
+    allocated = _integer(path, ds, "BitsAllocated", default=0)
+    stored = _integer(path, ds, "BitsStored", default=0)
+    high = _integer(path, ds, "HighBit", default=-1)
+    sign = _integer(path, ds, "PixelRepresentation", default=0)
+    if allocated != 16 or stored not in CT_BITS_STORED or high != stored - 1 or sign not in (0, 1):
+        raise DataError(
+            f"{path}: BitsAllocated {allocated}, BitsStored {stored}, HighBit {high}, "
+            f"PixelRepresentation {sign}: not the pixel format of a CT slice (BitsAllocated "
+            f"16, BitsStored 12..16, HighBit = BitsStored - 1, PixelRepresentation 0 or 1)"
+        )
+
+
+def _check_pixel_bytes(path: Path, ds) -> None:
+    """Uncompressed pixel data must be exactly Rows x Columns 16-bit values: more would be
+    read as the first rows of a wrong image, and stored values that do not fit BitsStored
+    mean that the header does not describe the data."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or syntax.is_encapsulated or not syntax.is_little_endian:
+        return  # compressed: the decoder checks the size
+    rows, columns = _integer(path, ds, "Rows"), _integer(path, ds, "Columns")
+    expected = rows * columns * 2
+    data = ds.PixelData
+    if len(data) not in (expected, expected + 1):  # one pad byte keeps the length even
+        raise DataError(
+            f"{path}: PixelData has {len(data)} bytes, Rows x Columns {rows}x{columns} at "
+            f"16 bits needs {expected}: the header does not describe the pixels"
+        )
+    stored = _integer(path, ds, "BitsStored")
+    if stored == 16:
+        return
+    signed = _integer(path, ds, "PixelRepresentation", default=0) == 1
+    raw = np.frombuffer(data, dtype="<i2" if signed else "<u2", count=rows * columns)
+    lo, hi = (-(2 ** (stored - 1)), 2 ** (stored - 1) - 1) if signed else (0, 2**stored - 1)
+    if raw.min() < lo or raw.max() > hi:
+        raise DataError(
+            f"{path}: stored pixel values {int(raw.min())}..{int(raw.max())} do not fit "
+            f"BitsStored {stored} ({'signed' if signed else 'unsigned'}: {lo}..{hi}); "
+            f"the header does not describe the pixels"
+        )
+
+
+# --- the CT volume check: one grid, axial, untilted --------------------------------------
+
+
+def series_grid(datasets: Sequence[tuple[Path, object]]) -> _Grid:
+    """The PixelSpacing and orientation every slice shares; DataError naming a slice that
+    differs from the series, a non-axial series or a tilted gantry."""
+    spacings = np.stack([_pixel_spacing(p, ds) for p, ds in datasets])
+    orientations = np.stack([_orientation(p, ds) for p, ds in datasets])
+    spacing = _shared(datasets, spacings, "PixelSpacing", PIXEL_SPACING_TOLERANCE_MM, " mm")
+    iop = _shared(datasets, orientations, "ImageOrientationPatient", ORIENTATION_TOLERANCE, "")
+    row, column = iop[:3], iop[3:]
+    normal = np.cross(row, column)
+    angle = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
+    if angle > AXIAL_TOLERANCE_DEG:
+        raise DataError(
+            f"{datasets[0][0]}: ImageOrientationPatient {_show(iop)} is not axial (slice "
+            f"normal {angle:.1f} degrees from the patient's head-feet axis, tolerance "
+            f"{AXIAL_TOLERANCE_DEG:g}); lungbench reads axial CT series"
+        )
+    for path, ds in datasets:
+        tilt = _float(path, ds, "GantryDetectorTilt", default=0.0)
+        if abs(tilt) > TILT_TOLERANCE_DEG:
+            raise DataError(
+                f"{path}: GantryDetectorTilt {tilt:g} degrees: a tilted acquisition, whose "
+                f"slices are sheared (tolerance {TILT_TOLERANCE_DEG:g}); resample it to an "
+                f"untilted grid first"
+            )
+    return _Grid((float(spacing[0]), float(spacing[1])), row, column, normal)
+
+
+def _shared(datasets, values: np.ndarray, tag: str, tolerance: float, unit: str) -> np.ndarray:
+    """The value of `tag` that the series shares: the slice's value nearest the median of
+    all (so that one odd slice is named, even when it sorts first); DataError naming the
+    first slice farther than `tolerance` from it."""
+    median = np.median(values, axis=0)
+    reference = values[np.argmin(np.abs(values - median).max(axis=1))]
+    off = np.abs(values - reference).max(axis=1)
+    bad = np.flatnonzero(off > tolerance)
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(
+            f"{datasets[i][0]}: {tag} {_show(values[i])} differs from the series' "
+            f"{_show(reference)} ({len(values) - bad.size} of {len(values)} slices; "
+            f"tolerance {tolerance:g}{unit}); one series must have one pixel grid"
+        )
+    return reference
+
+
+def _check_one_line(datasets, ipp: np.ndarray, positions: np.ndarray, grid: _Grid) -> None:
+    """DataError when the slice positions leave the line along the slice normal: their
+    in-plane drift is a gantry tilt (or a sheared series), a single offset a shifted slice."""
+    inplane = np.stack([ipp @ grid.row, ipp @ grid.column], axis=1)  # (D, 2) mm
+    offsets = inplane - np.median(inplane, axis=0)
+    distance = np.hypot(offsets[:, 0], offsets[:, 1])
+    tolerance = IN_PLANE_TOLERANCE_PX * min(grid.pixel_spacing)
+    if distance.max() <= tolerance:
+        return
+    i = int(np.argmax(distance))
+    slope = np.polyfit(positions - positions.mean(), inplane, 1)[0]  # (2,) mm per mm
+    fitted = (positions - positions.mean())[:, None] * slope + inplane.mean(axis=0)
+    drifting = np.hypot(*(inplane - fitted).T).max() <= tolerance
+    what = (
+        f"the positions drift in-plane by {np.hypot(*slope):.3f} mm per mm along the slice "
+        f"normal, a gantry tilt of about {math.degrees(math.atan(np.hypot(*slope))):.1f} "
+        f"degrees or a sheared series"
+        if drifting
+        else "a slice shifted in-plane"
+    )
+    raise DataError(
+        f"{datasets[i][0]}: ImagePositionPatient {_show(ipp[i])} lies {distance[i]:.2f} mm "
+        f"off the line of the series' slices along their normal (tolerance {tolerance:.2f} "
+        f"mm, {IN_PLANE_TOLERANCE_PX:g} pixel): {what}; lungbench reads slices stacked "
+        f"straight along their normal"
+    )
 
 
 def _check_steps(
@@ -229,25 +456,108 @@ def _check_steps(
     return step
 
 
-def _slice_hu(path: Path, ds, first) -> np.ndarray:
+# --- pixels -------------------------------------------------------------------------------
+
+
+def _slice_hu(path: Path, ds) -> np.ndarray:
     """Pixels of one slice in HU (RescaleSlope / RescaleIntercept applied), int16."""
-    if "PixelData" not in ds:
-        raise DataError(f"{path}: DICOM file without pixel data")
-    if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
-        raise DataError(
-            f"{path}: slice size {ds.Rows}x{ds.Columns} differs from the series "
-            f"({first.Rows}x{first.Columns})"
-        )
     try:
         pixels = ds.pixel_array.astype(np.float32)
     except Exception as exc:  # pydicom raises many types for broken or compressed pixels
-        raise DataError(f"{path}: cannot decode pixel data ({message_of(exc)})") from None
-    hu = pixels * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
-    return np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
+        raise DataError(f"{path}: cannot decode pixel data ({_our_words(exc)})") from None
+    shape = (_integer(path, ds, "Rows"), _integer(path, ds, "Columns"))
+    if pixels.shape != shape:
+        raise DataError(
+            f"{path}: decoded pixels have shape {pixels.shape}, Rows x Columns says {shape}"
+        )
+    slope = _float(path, ds, "RescaleSlope", default=1.0)
+    intercept = _float(path, ds, "RescaleIntercept", default=0.0)
+    if slope == 0:
+        raise DataError(f"{path}: RescaleSlope 0 maps every pixel to one value")
+    hu = np.rint(pixels * slope + intercept)
+    if hu.min() < -32768 or hu.max() > 32767:
+        raise DataError(
+            f"{path}: RescaleSlope {slope:g}, RescaleIntercept {intercept:g} give values "
+            f"{hu.min():g}..{hu.max():g}, outside the int16 range of Hounsfield units"
+        )
+    return hu.astype(np.int16)
 
 
-def _pixel_spacing(path: Path, ds) -> tuple[float, float]:
-    spacing = ds.get("PixelSpacing")
-    if spacing is None or len(spacing) != 2:
-        raise DataError(f"{path}: DICOM slice without PixelSpacing")
-    return float(spacing[0]), float(spacing[1])
+# --- header values as numbers, in one line when they are not -------------------------------
+
+
+def _raw(ds, name: str):
+    try:
+        return ds.get(name)
+    except Exception:  # a malformed value can fail to decode
+        return "<unreadable>"
+
+
+def _floats(path: Path, ds, name: str, count: int) -> np.ndarray:
+    value = _raw(ds, name)
+    if value is None or value == "":
+        raise DataError(f"{path}: DICOM slice without {name}")
+    try:
+        numbers = np.array([float(v) for v in value], dtype=float)
+    except (TypeError, ValueError):
+        numbers = np.array([])
+    if numbers.shape != (count,) or not np.isfinite(numbers).all():
+        raise DataError(f"{path}: {name} {value!s} is not {count} finite numbers")
+    return numbers
+
+
+def _float(path: Path, ds, name: str, default: float) -> float:
+    value = _raw(ds, name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not math.isfinite(number):
+        raise DataError(f"{path}: {name} {value!s} is not a finite number")
+    return number
+
+
+def _integer(path: Path, ds, name: str, default: int | None = None) -> int:
+    value = _raw(ds, name)
+    if value is None or value == "":
+        if default is None:
+            raise DataError(f"{path}: DICOM slice without {name}")
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: {name} {value!s} is not an integer") from None
+
+
+def _instance_number(ds) -> int:
+    try:
+        return int(ds.get("InstanceNumber", -1) or -1)
+    except (TypeError, ValueError):
+        return -1  # only used to find a slice by number; positions order the volume
+
+
+def _pixel_spacing(path: Path, ds) -> np.ndarray:
+    spacing = _floats(path, ds, "PixelSpacing", 2)
+    if (spacing <= 0).any():
+        raise DataError(f"{path}: PixelSpacing {_show(spacing)} is not two positive numbers")
+    return spacing
+
+
+def _orientation(path: Path, ds) -> np.ndarray:
+    iop = _floats(path, ds, "ImageOrientationPatient", 6)
+    row, column = iop[:3], iop[3:]
+    lengths = np.array([np.linalg.norm(row), np.linalg.norm(column)])
+    if np.abs(lengths - 1).max() > ORIENTATION_TOLERANCE or abs(row @ column) > (
+        ORIENTATION_TOLERANCE
+    ):
+        raise DataError(
+            f"{path}: ImageOrientationPatient {_show(iop)} is not two orthogonal unit "
+            f"vectors (tolerance {ORIENTATION_TOLERANCE:g})"
+        )
+    return iop
+
+
+def _show(values: np.ndarray) -> str:
+    return "[" + ", ".join(f"{float(v):.6g}" for v in values) + "]"

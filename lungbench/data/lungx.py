@@ -19,7 +19,9 @@ and `*`:
 
 Known cell quirks are tolerated: stray spaces, any letter case ("Benign ", "malignant"),
 numbers stored as text, "12.0" for 12. A position outside the scan is a DataError naming
-the spreadsheet and its row.
+the spreadsheet and its row. Each series passes the CT volume check of `dicom.load_series`
+(other modalities only when listed in `modalities`). A spreadsheet whose rows are all of
+one class is refused before any scan is read, unless `allow_missing_classes`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from lungbench.core.errors import DataError
 from lungbench.data.dicom import Series, is_slice_name, load_series
 from lungbench.data.geometry import Geometry
 from lungbench.data.resample import cut_cubes
-from lungbench.data.store import StoreWriter
+from lungbench.data.store import StoreWriter, require_classes
 
 LABEL_NAMES = ("benign", "malignant")
 
@@ -232,11 +234,19 @@ def write_lungx_store(
     out: str | os.PathLike,
     geo: Geometry,
     progress: Callable[[int], None] | None = None,
+    modalities: Collection[str] = ("CT",),
+    allow_missing_classes: bool = False,
 ) -> int:
-    """Cut the context and zoom cubes of every spreadsheet row into a store at `out`."""
+    """Cut the context and zoom cubes of every spreadsheet row into a store at `out`.
+
+    `modalities`: the DICOM Modality values accepted (CT; e.g. add MR explicitly).
+    `allow_missing_classes`: write a store although a class has no row (else DataError).
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: LUNGx folder not found")
+    if not allow_missing_classes:
+        require_classes(rows[0].file, np.array([r.label for r in rows]), "binary", LABEL_NAMES)
     inputs = {"context": (1, *geo.context_grid), "zoom": (1, *geo.zoom_grid)}
     provenance = {
         "source": "LUNGx",
@@ -246,10 +256,15 @@ def write_lungx_store(
         "position": "x, y 0-based pixels; slice = InstanceNumber",
     }
     with StoreWriter(
-        out, kind="lungx", inputs=inputs, label_names=LABEL_NAMES, provenance=provenance
+        out,
+        kind="lungx",
+        inputs=inputs,
+        label_names=LABEL_NAMES,
+        provenance=provenance,
+        require_all_classes=not allow_missing_classes,
     ) as writer:
         for scan in dict.fromkeys(r.scan for r in rows):  # spreadsheet order, each scan once
-            series = load_series(find_scan_folder(root, scan))
+            series = load_series(find_scan_folder(root, scan), modalities=modalities)
             for row in (r for r in rows if r.scan == scan):
                 centre = nodule_centre(series, row)
                 writer.append(

@@ -11,6 +11,10 @@ units "normalized".
 Tasks:
     binary      CT-0 (label 0) vs CT-2 and CT-3 (label 1); CT-1 and CT-4 are left out (seed 002)
     multiclass  all five classes, label k for CT-k
+
+Studies are `*.nii` / `*.nii.gz` in any letter case. Every class of the task needs a study
+(checked before any is read): a store without one cannot train, unless
+`allow_missing_classes` (`--allow-missing-classes`) asks for it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from scipy import ndimage
 
 from lungbench.core.errors import DataError, UsageError, look_up_option
 from lungbench.data.nifti import load_nifti
-from lungbench.data.store import HU_WINDOW, StoreWriter
+from lungbench.data.store import HU_WINDOW, StoreWriter, require_classes
 
 CLASSES = ("CT-0", "CT-1", "CT-2", "CT-3", "CT-4")
 TASKS = {
@@ -34,6 +38,12 @@ TASKS = {
 }
 DEFAULT_SIZE = (64, 128, 128)
 MIN_AXIS = 4  # a study thinner than this on any axis is not a chest CT volume
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti_name(name: str) -> bool:
+    """Whether a file name is a NIfTI study, in any letter case (`STUDY_0001.NII.GZ`)."""
+    return not name.startswith(".") and name.lower().endswith(NIFTI_SUFFIXES)
 
 
 def list_studies(root: str | os.PathLike, task: str) -> list[tuple[Path, str, int]]:
@@ -48,7 +58,9 @@ def list_studies(root: str | os.PathLike, task: str) -> list[tuple[Path, str, in
     labels, _ = TASKS[task]
     studies = []
     for folder in sorted(set(present) & set(labels)):
-        files = sorted(p for p in (root / folder).iterdir() if p.name.endswith((".nii", ".nii.gz")))
+        files = sorted(
+            p for p in (root / folder).iterdir() if p.is_file() and is_nifti_name(p.name)
+        )
         studies += [(p, folder, labels[folder]) for p in files]
     if not studies:
         raise DataError(
@@ -73,13 +85,21 @@ def write_mosmed_store(
     task: str = "binary",
     size: Sequence[int] = DEFAULT_SIZE,
     progress: Callable[[int], None] | None = None,
+    allow_missing_classes: bool = False,
 ) -> int:
-    """Convert the studies of `task` under `root` into a store at `out`; returns the count."""
+    """Convert the studies of `task` under `root` into a store at `out`; returns the count.
+
+    DataError before any study is read when a class of the task has no study, unless
+    `allow_missing_classes`.
+    """
     size = tuple(int(s) for s in size)
     if len(size) != 3 or min(size) < 1:
         raise UsageError(f"--size needs three positive integers D H W, got {size}")
     studies = list_studies(root, task)
     labels, names = TASKS[task]
+    store_task = "binary" if task == "binary" else "multiclass"
+    if not allow_missing_classes:
+        require_classes(root, np.array([s[2] for s in studies]), store_task, names)
     provenance = {
         "source": "MosMedData",
         "root": str(root),
@@ -93,9 +113,10 @@ def write_mosmed_store(
         kind="mosmed",
         inputs={"volume": (1, *size)},
         label_names=names,
-        task="binary" if task == "binary" else "multiclass",
+        task=store_task,
         units="normalized",
         provenance=provenance,
+        require_all_classes=not allow_missing_classes,
     ) as writer:
         for path, folder, label in studies:
             volume, spacing = load_nifti(path)

@@ -6,6 +6,10 @@ NIfTI stores data as (x, y, z) with an affine; the data are transposed to (z, y,
 spacing read from the header zooms. Scaling (scl_slope / scl_inter) is applied by nibabel, so
 CT studies come out in HU.
 
+A file name's extension is matched in any letter case (`.NII.GZ`). The volume must be 3D
+(or 4D with one time point), of real numbers without NaN/Inf (not RGB or complex), with
+positive finite voxel sizes.
+
 A `.gz` file is first decompressed to its end, which checks the gzip CRC and length: nibabel
 reads only as far as the data go, so a damaged stream would otherwise pass unnoticed and
 yield garbage values.
@@ -36,16 +40,32 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float,
     try:
         image = nib.load(path)
         data = np.asarray(image.dataobj, dtype=np.float32)
-    except (ImageFileError, OSError, ValueError, EOFError, zlib.error) as exc:
+    except (ImageFileError, OSError, ValueError, TypeError, EOFError, zlib.error) as exc:
+        # TypeError: an RGB or complex volume that has no float value per voxel.
         raise DataError(f"{path}: not a readable NIfTI file ({message_of(exc)})") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]  # a 4D file with one time point is a volume
     if data.ndim != 3:
         raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
-    zooms = [float(z) for z in image.header.get_zooms()[:3]]
+    zooms = _stored_zooms(path, image)
+    if not all(np.isfinite(z) and z > 0 for z in zooms):
+        raise DataError(f"{path}: voxel sizes (pixdim) {zooms} mm are not three positive numbers")
     if not np.all(np.isfinite(data)):
         raise DataError(f"{path}: volume has NaN or Inf values")
     return np.ascontiguousarray(data.transpose(2, 1, 0)), (zooms[2], zooms[1], zooms[0])
+
+
+def _stored_zooms(path: Path, image) -> list[float]:
+    """The voxel sizes as the file stores them. nibabel's loader replaces a zero pixdim by 1
+    (and says so on stderr): a spacing the file never had, so read the header unfixed."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(path) as stream:
+            header = type(image.header).from_fileobj(stream, check=False)
+        return [float(z) for z in header.get_zooms()[:3]]
+    except (AttributeError, TypeError, ValueError):  # a header type nibabel cannot re-read
+        return [float(z) for z in image.header.get_zooms()[:3]]
 
 
 def check_gzip(path: Path, chunk: int = 1 << 22) -> None:

@@ -5,6 +5,7 @@
     for split in cv_splits(labels, k=3, val_fraction=0.1):  # the thesis's LUNGx scheme
         split.train, split.val, split.test                  # disjoint index arrays
     store_folds(path, k=3, seed=0)                          # persist in /meta/fold
+    check_fold_classes(labels, folds, ["benign", "malignant"])  # every fold can be scored
 
 Labels are a class index per sample (N,) or multi-label one-hot (N, K); multi-label sets are
 stratified on each sample's rarest positive label (or "no finding").
@@ -13,11 +14,12 @@ stratified on each sample's rarest positive label (or "no finding").
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from lungbench.core.errors import UsageError
+from lungbench.core.errors import DataError, UsageError
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,43 @@ def cv_splits(
         )
         splits.append(Split(fold, train, val, test))
     return splits
+
+
+def check_fold_classes(
+    labels: np.ndarray,
+    folds: np.ndarray,
+    label_names: Sequence[str] | None = None,
+    where: str | os.PathLike = "",
+) -> None:
+    """DataError naming the first fold (1-based, as the AUC table counts them) whose test
+    or training part lacks a class of single-label `labels`: a one-class test set has no
+    AUC (the run would end "complete" with NaN), and a model never shown a class learns
+    nothing of it. Classes: 0..len(label_names)-1, else those in `labels` (at least two).
+    Call it before the run folder is made, so that nothing is left behind."""
+    labels, folds = np.asarray(labels), np.asarray(folds)
+    names = list(label_names) if label_names else [str(c) for c in range(int(labels.max()) + 1)]
+    prefix = f"{where}: " if str(where) else ""
+
+    def shown(mask: np.ndarray) -> str:
+        counts = np.bincount(labels[mask].astype(int), minlength=len(names))
+        return ", ".join(f"{name} {int(c)}" for name, c in zip(names, counts, strict=False))
+
+    present = set(np.unique(labels).astype(int).tolist())
+    if len(names) < 2 or not set(range(len(names))) <= present:
+        raise DataError(
+            f"{prefix}the labels lack a class (samples per class: {shown(labels >= 0)}); "
+            f"cross-validation needs every class in every fold"
+        )
+    ids = np.unique(folds)
+    for number, fold in enumerate(ids, start=1):
+        for part, mask in (("test", folds == fold), ("training", folds != fold)):
+            lacking = [n for c, n in enumerate(names) if not np.any(labels[mask] == c)]
+            if lacking:
+                raise DataError(
+                    f"{prefix}fold {number} of {len(ids)}: its {part} set has no sample of "
+                    f"class {', '.join(lacking)} ({shown(mask)}); every fold needs every "
+                    f"class: reassign the folds (/meta/fold) or add samples"
+                )
 
 
 def store_folds(path: str | os.PathLike, k: int, seed: int = 0) -> np.ndarray:

@@ -17,6 +17,13 @@ Format (version 1), documented in docs/store-format.md:
 
 Files are written to a temporary name and renamed when complete, so a failed or
 interrupted conversion never leaves a store that looks finished.
+
+`read_info` validates a store before anything uses it (every StoreDataset, every benchmark
+and training run opens it through `read_info`): the attributes, each dataset's rows, shape
+and dtype, labels that are integers of the task's classes (0.5 is not a class), integer
+folds, and a chunked scan of every float input for NaN/Inf (once per file version and
+process), so that a bad value is found before any timing or training starts, not when
+its row is read.
 """
 
 from __future__ import annotations
@@ -41,8 +48,11 @@ FORMAT_VERSION = 1
 TASKS = ("binary", "multiclass", "multilabel")
 META_FIELDS = ("id", "source", "spacing", "diameter", "fold")
 HU_WINDOW = (-1000.0, 400.0)
+SCAN_BYTES = 64 << 20  # rows read at once by the NaN/Inf scan (decompressed size)
+NUMERIC_KINDS = "biuf"  # numpy dtype kinds a model input or a label can be
 
 _STR = h5py.string_dtype("utf-8")
+_SCANNED: set[tuple] = set()  # (file, size, mtime) of the stores found free of NaN/Inf
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,7 @@ class StoreWriter:
         units: str | Mapping[str, str] = "HU",
         provenance: Mapping[str, Any] | None = None,
         compression: str | None = "lzf",
+        require_all_classes: bool = False,
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -98,6 +109,9 @@ class StoreWriter:
         self.label_names = list(label_names)
         self.units = {k: (units if isinstance(units, str) else units[k]) for k in inputs}
         self.n = 0
+        # A conversion of a data set to train on: a class without samples is an error at
+        # close (a one-class store trains nothing and its AUC is NaN).
+        self.require_all_classes = require_all_classes
         self._ids: set[str] = set()
         self._file = h5py.File(self.tmp_path, "w")
         f = self._file
@@ -190,10 +204,12 @@ class StoreWriter:
     def _check_label(self, label, id: str) -> None:
         k = len(self.label_names)
         values = np.atleast_1d(np.asarray(label))
-        if self.task == "multilabel":
-            ok = values.shape == (k,) and set(np.unique(values)) <= {0, 1}
-        else:
-            ok = values.shape == (1,) and 0 <= int(values[0]) < k
+        if values.dtype.kind not in NUMERIC_KINDS:
+            ok = False
+        elif self.task == "multilabel":
+            ok = values.shape == (k,) and bool(np.isin(values, (0, 1)).all())
+        else:  # int(0.5) is 0: the value itself must be one of the class indices
+            ok = values.shape == (1,) and bool(np.isin(values, np.arange(k)).all())
         if not ok:
             raise DataError(
                 f"{self.path}: sample {id!r} has label {label!r} outside the allowed set "
@@ -204,7 +220,14 @@ class StoreWriter:
         """Finish: publish the file on success, delete the temporary file otherwise."""
         if self._file.id.valid:
             self._file.attrs["n"] = self.n
+            labels = self._file["label"][:]
             self._file.close()
+            if ok and self.n > 0 and self.require_all_classes:
+                try:
+                    require_classes(self.path, labels, self.task, self.label_names)
+                except DataError:
+                    self.tmp_path.unlink(missing_ok=True)
+                    raise
         if ok and self.n > 0:
             os.replace(self.tmp_path, self.path)
         else:
@@ -254,28 +277,29 @@ def _read_info(path: str | os.PathLike) -> StoreInfo:
             provenance = json.loads(f.attrs.get("provenance", "{}"))
         except (KeyError, json.JSONDecodeError) as exc:
             raise DataError(f"{path}: malformed store attributes ({exc})") from None
+        task = str(f.attrs.get("task", "binary"))
+        _check_attributes(path, input_names, label_names, task)
         required = [*input_names, "label", *(f"meta/{m}" for m in META_FIELDS)]
         missing = [name for name in required if name not in f]
         if missing:
             raise DataError(f"{path}: dataset '{missing[0]}' missing from the store")
-        n = f["label"].shape[0]
+        n = _rows(f["label"])
         if n == 0:
             raise DataError(f"{path}: the store is empty (0 samples)")
         for name in required:
-            if f[name].shape[0] != n:
+            if _rows(f[name]) != n:
                 raise DataError(
-                    f"{path}: dataset '{name}' has {f[name].shape[0]} rows, 'label' has {n}"
+                    f"{path}: dataset '{name}' has {_rows(f[name])} rows, 'label' has {n}"
                 )
         for name in input_names:
-            if f[name].ndim < 3:
-                raise DataError(
-                    f"{path}: dataset '{name}' has shape {f[name].shape}, expected (N, C, *spatial)"
-                )
-        _check_labels(path, f["label"][:], str(f.attrs.get("task", "binary")), label_names)
+            _check_input(path, name, f[name])
+        _check_labels(path, f["label"][:], task, label_names)
+        _check_meta(path, f, n)
+        _scan_finite(path, f, input_names)
         return StoreInfo(
             path=path,
             kind=str(f.attrs.get("kind", "unknown")),
-            task=str(f.attrs.get("task", "binary")),
+            task=task,
             n=n,
             inputs={name: tuple(f[name].shape[1:]) for name in input_names},
             units={name: str(f[name].attrs.get("units", "normalized")) for name in input_names},
@@ -283,6 +307,85 @@ def _read_info(path: str | os.PathLike) -> StoreInfo:
             provenance=provenance,
             format_version=version,
         )
+
+
+def _rows(ds: h5py.Dataset) -> int:
+    return ds.shape[0] if ds.ndim else 0  # a scalar dataset has no rows
+
+
+def _check_attributes(path: Path, input_names, label_names, task: str) -> None:
+    """DataError unless the attributes name inputs and classes as lists of strings."""
+    if task not in TASKS:
+        raise DataError(f"{path}: attribute 'task' is {task!r}, expected one of {', '.join(TASKS)}")
+    for attr, names in (("inputs", input_names), ("label_names", label_names)):
+        if not isinstance(names, list) or not names or not all(isinstance(x, str) for x in names):
+            raise DataError(
+                f"{path}: attribute '{attr}' is {names!r}, expected a non-empty list of names"
+            )
+
+
+def _check_input(path: Path, name: str, ds: h5py.Dataset) -> None:
+    """An input is (N, C, *spatial) numbers, every axis at least one long."""
+    if ds.ndim < 3 or min(ds.shape[1:]) < 1:
+        raise DataError(
+            f"{path}: dataset '{name}' has shape {ds.shape}, expected (N, C, *spatial) "
+            f"with every axis at least 1"
+        )
+    if ds.dtype.kind not in NUMERIC_KINDS:
+        raise DataError(
+            f"{path}: dataset '{name}' has dtype {ds.dtype}, expected integer or float values"
+        )
+
+
+def _check_meta(path: Path, f: h5py.File, n: int) -> None:
+    """Spacing (N, 3) numbers; folds integers (-1 = unassigned)."""
+    spacing, fold = f["meta/spacing"], f["meta/fold"]
+    if spacing.shape != (n, 3) or spacing.dtype.kind not in NUMERIC_KINDS:
+        raise DataError(
+            f"{path}: dataset 'meta/spacing' has shape {spacing.shape} and dtype "
+            f"{spacing.dtype}, expected ({n}, 3) numbers"
+        )
+    folds = fold[:]
+    if folds.shape != (n,) or not _integral(folds):
+        raise DataError(
+            f"{path}: dataset 'meta/fold' has shape {folds.shape} and dtype {folds.dtype}, "
+            f"expected {n} integers (-1 = unassigned)"
+        )
+
+
+def _scan_finite(path: Path, f: h5py.File, input_names: Sequence[str]) -> None:
+    """DataError naming the dataset and first row with NaN or Inf, read in chunks of about
+    SCAN_BYTES. Integer inputs cannot hold either; a file already scanned (same size and
+    modification time) is not scanned again by this process."""
+    key = _file_key(path)
+    if key in _SCANNED:
+        return
+    for name in input_names:
+        ds = f[name]
+        if ds.dtype.kind != "f":
+            continue
+        step = max(1, SCAN_BYTES // max(1, int(np.prod(ds.shape[1:])) * ds.dtype.itemsize))
+        for start in range(0, ds.shape[0], step):
+            try:
+                block = ds[start : start + step]
+            except OSError as exc:  # a damaged chunk: HDF5's filter or checksum fails
+                raise DataError(
+                    f"{path}: dataset '{name}' rows {start}..{start + step - 1} cannot be read "
+                    f"({message_of(exc)[:120]}); the file is damaged: rebuild it"
+                ) from None
+            finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+            if not finite.all():
+                row = start + int(np.argmin(finite))
+                raise DataError(
+                    f"{path}: dataset '{name}' row {row} has NaN or Inf values; "
+                    f"rebuild the store from its source"
+                )
+    _SCANNED.add(key)
+
+
+def _file_key(path: Path) -> tuple:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -337,7 +440,10 @@ class StoreDataset(Dataset):
         self._pid: int | None = None
         self._cache: dict[int, tuple] | None = {} if cache else None
         with h5py.File(self.path, "r") as f:
-            self.labels = f["label"][:]
+            labels = f["label"][:]
+        # read_info has checked that they are class indices (or 0/1 rows) whatever their
+        # dtype: one dtype per task, so float, int8 or bool labels read as the writer's.
+        self.labels = labels.astype(np.uint8 if self.info.task == "multilabel" else np.int64)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -390,18 +496,69 @@ class StoreDataset(Dataset):
 
 
 def _check_labels(path: Path, labels: np.ndarray, task: str, label_names: list) -> None:
-    """DataError unless every label is in the allowed set of the store's task."""
+    """DataError unless every label is in the allowed set of the store's task: integers
+    (any numeric dtype, but integral values) 0..K-1, or for multilabel (N, K) rows of 0/1."""
     k = len(label_names)
     if task == "multilabel":
-        ok = labels.ndim == 2 and labels.shape[1] == k and bool(np.isin(labels, (0, 1)).all())
+        shape_ok = labels.ndim == 2 and labels.shape[1] == k
         allowed = f"rows of {k} values in {{0, 1}}"
+        valid = np.isin(labels, (0, 1)) if labels.dtype.kind in NUMERIC_KINDS else None
     else:
-        ok = labels.ndim == 1 and bool(((labels >= 0) & (labels < k)).all())
-        allowed = f"0..{k - 1} ({', '.join(map(str, label_names))})"
-    if not ok:
+        shape_ok = labels.ndim == 1
+        allowed = f"integers 0..{k - 1} ({', '.join(map(str, label_names))})"
+        valid = np.isin(labels, np.arange(k)) if labels.dtype.kind in NUMERIC_KINDS else None
+    if not shape_ok or valid is None:
         raise DataError(
-            f"{path}: dataset 'label' has values outside the allowed set ({task}: {allowed})"
+            f"{path}: dataset 'label' has shape {labels.shape} and dtype {labels.dtype}, "
+            f"expected {task} labels ({allowed})"
         )
+    if not valid.all():
+        row = int(np.argmin(valid.reshape(len(labels), -1).all(axis=1)))
+        raise DataError(
+            f"{path}: dataset 'label' has values outside the allowed set ({task}: {allowed}): "
+            f"{_show(labels[row])} at row {row}"
+        )
+
+
+def class_counts(labels: np.ndarray, task: str, label_names: Sequence[str]) -> dict[str, int]:
+    """Samples per class (multilabel: positives per label), every class listed; `labels`
+    already validated, so float-typed ones hold integers."""
+    labels = np.asarray(labels)
+    if task == "multilabel":
+        totals = labels.astype(np.int64).sum(axis=0)
+    else:
+        totals = np.bincount(labels.astype(np.int64), minlength=len(label_names))
+    return {name: int(t) for name, t in zip(label_names, totals, strict=True)}
+
+
+def require_classes(
+    where: str | os.PathLike, labels: np.ndarray, task: str, label_names: Sequence[str]
+) -> None:
+    """DataError naming the classes without a sample (a data set that cannot train): a model
+    that never sees a class learns nothing about it, and its AUC is NaN."""
+    counts = class_counts(labels, task, label_names)
+    empty = [name for name, c in counts.items() if c == 0]
+    if empty:
+        shown = ", ".join(f"{name} {c}" for name, c in counts.items())
+        raise DataError(
+            f"{where}: no sample of class {', '.join(empty)} (samples per class: {shown}); "
+            f"a data set needs every class to train; add samples of it, or pass "
+            f"--allow-missing-classes to write it anyway"
+        )
+
+
+def _integral(values: np.ndarray) -> bool:
+    """Whether every value is an integer (integer dtype, or floats without a fraction)."""
+    if values.dtype.kind in "biu":
+        return True
+    if values.dtype.kind != "f":
+        return False
+    return bool(np.isfinite(values).all() and (values == np.round(values)).all())
+
+
+def _show(value) -> str:
+    value = np.asarray(value)
+    return str(value.tolist()) if value.ndim else f"{value.item()!r}"
 
 
 def _cast(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
