@@ -18,11 +18,13 @@ from lungbench.core.errors import LungbenchError, message_of
 COMMAND_MODULES = [
     "lungbench.commands.bench",
     "lungbench.commands.train",
+    "lungbench.commands.reproduce",
     "lungbench.commands.profile",
     "lungbench.commands.data",
     "lungbench.commands.env",
     "lungbench.commands.report",
     "lungbench.commands.compare",
+    "lungbench.commands.predict",
 ]
 
 EPILOG = """\
@@ -33,6 +35,7 @@ examples:
   lungbench bench --ablation              which speed switch buys how much
   lungbench profile --filters 16 --batch 2                       torch.profiler trace
   lungbench train lungx-cv --quick        LUNGx 3-fold CV: AUC table, confusion matrices
+  lungbench reproduce --quick             every seed's twin, one report beside the published tables
   lungbench data synth --kind lidc --n 754 --out results/data/lidc-synth.h5
   lungbench report results/<run-id>       one self-contained HTML file + Markdown
   lungbench compare results/<a> results/<b> --fail-above 10

@@ -15,11 +15,13 @@ so it is called once per timed step, never inside a phase.
 from __future__ import annotations
 
 import contextlib
+import functools
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 import torch
@@ -240,27 +242,109 @@ def training_step_cost(
     as if nothing stayed in a cache (views move nothing and are skipped): the memory side
     of the roofline, an upper estimate of the traffic.
     """
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
     from torch.utils.flop_counter import FlopCounterMode
 
-    class ByteCounter(TorchDispatchMode):
-        total = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if not getattr(func, "is_view", False):
-                for x in tree_flatten((args, kwargs, out))[0]:
-                    if isinstance(x, torch.Tensor):
-                        self.total += x.numel() * x.element_size()
-            return out
-
-    flops, moved = FlopCounterMode(display=False), ByteCounter()
+    flops, moved = FlopCounterMode(display=False), operator_counter()
     with flops, moved:
         loss = loss_fn(model(*inputs), target)
         loss.backward()
     model.zero_grad(set_to_none=True)
-    return int(flops.get_total_flops()), int(moved.total)
+    return int(flops.get_total_flops()), int(moved.total_bytes)
+
+
+@dataclass
+class OpCall:
+    """One aten operator call of a step: FLOPs (torch's flop registry: matmul and
+    convolution, 2 per multiply-add), bytes its tensors take and return, the dtype its
+    math ran in, the step phase it ran in, and its measured seconds (0 when not timed)."""
+
+    name: str
+    flops: float
+    bytes: float
+    dtype: str
+    phase: str = ""
+    seconds: float = 0.0
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _math_dtype(tensors: Sequence[object]) -> str:
+    """The dtype an operator computes in: its first floating-point tensor's."""
+    for x in tensors:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            return _DTYPE_NAMES.get(x.dtype, "fp32")
+    return "fp32"
+
+
+def operator_counter(
+    record: bool = False, timed: bool = False, device: torch.device | None = None
+) -> Any:
+    """A TorchDispatchMode that sums the bytes every aten operator moves (the tensors it
+    takes and returns, views skipped: they move nothing) in `.total_bytes` and, with
+    `record=True`, keeps one OpCall per operator call in `.calls`: its FLOPs from torch's
+    flop registry (what FlopCounterMode counts), bytes, dtype, the `.phase` the caller set
+    and, with `timed=True`, its seconds (on CUDA synchronized around each call: the op's
+    work, while the whole step runs slower than a real one).
+
+        with operator_counter(record=True, timed=True) as ops:
+            step()
+        ops.calls   # [OpCall("aten.convolution", 5.1e8, 7.1e6, "bf16", "forward", 0.012), ...]
+    """
+    return _operator_counter_class()(record=record, timed=timed, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _operator_counter_class() -> type:
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from torch.utils.flop_counter import flop_registry
+
+    class _OperatorCounter(TorchDispatchMode):
+        def __init__(self, record: bool, timed: bool, device: torch.device | None) -> None:
+            super().__init__()
+            self.record, self.timed = record, timed
+            self.cuda = device is not None and device.type == "cuda"
+            self.total_bytes = 0
+            self.calls: list[OpCall] = []
+            self.phase = ""
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if self.timed and self.cuda:
+                torch.cuda.synchronize()  # note: CPU-GPU sync point, so the clock sees one op
+            t0 = time.perf_counter()
+            out = func(*args, **kwargs)
+            if self.timed and self.cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0 if self.timed else 0.0
+            if getattr(func, "is_view", False):
+                return out
+            tensors = tree_flatten((args, kwargs, out))[0]
+            moved = sum(
+                x.numel() * x.element_size() for x in tensors if isinstance(x, torch.Tensor)
+            )
+            self.total_bytes += moved
+            if self.record:
+                packet = func.overloadpacket
+                flops = (
+                    flop_registry[packet](*args, **kwargs, out_val=out)
+                    if packet in flop_registry
+                    else 0
+                )
+                self.calls.append(
+                    OpCall(
+                        str(packet),
+                        float(flops),
+                        float(moved),
+                        _math_dtype(tensors),
+                        self.phase,
+                        seconds,
+                    )
+                )
+            return out
+
+    return _OperatorCounter
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -1,0 +1,317 @@
+"""Layer 10 (commands): `lungbench predict`: step and epoch time of configurations not run,
+projected from a measured bench run, and `--validate`, which measures the model's error here."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lungbench.commands._args import positive_int
+
+DESCRIPTION = """\
+Project the training step and epoch time of a measured `lungbench bench` run to other batch
+sizes, widths (filters), CPU thread counts, numbers of DDP ranks and devices, before you
+book them. Each operator of the measured step is scaled by its FLOPs and bytes on source and
+target (compute or memory bound), the gradient all-reduce of N ranks is a ring over DDP's
+real buckets (latency and bandwidth fitted from Gloo all-reduces here, or a device
+profile's NVLink/PCIe), and every row says what limits it: compute, memory bandwidth,
+launch/latency, communication or data. Intervals come from `predict --validate` runs."""
+
+EPILOG = """\
+examples:
+  lungbench predict --from results/default-a --batch 16 32
+  lungbench predict --from results/default-a --ranks 2 4 --scaling strong --batch 8
+  lungbench predict --from results/default-a --device v100-sxm2 a100-sxm-80gb h100-sxm
+  lungbench predict --from results/default-a --thesis     seed 000's M100 rows, projected
+  lungbench predict --validate                           predict, measure, compare (minutes)
+  lungbench predict --list-devices
+
+devices: cpu (this machine, measured) and the shipped profiles (vendor data sheets; each
+value names its source: --list-devices); add your own with --device-file FILE.toml."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="project step/epoch time to other batch, filters, threads, ranks, devices",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--from", dest="run", metavar="RUN", help="a lungbench bench run folder")
+    p.add_argument("--batch", type=positive_int, nargs="+", help="batch sizes (per rank, weak)")
+    p.add_argument("--filters", type=positive_int, nargs="+", help="base widths")
+    p.add_argument("--threads", type=positive_int, nargs="+", help="CPU threads (per rank)")
+    p.add_argument("--ranks", type=positive_int, nargs="+", default=[1], help="DDP ranks")
+    p.add_argument(
+        "--scaling",
+        choices=["weak", "strong"],
+        default="weak",
+        help="weak: the batch is per rank; strong: the batch is global, split (default: weak)",
+    )
+    p.add_argument("--device", nargs="+", help="device profiles (default: the run's device)")
+    p.add_argument("--device-file", nargs="+", default=[], help="your own profiles (TOML)")
+    p.add_argument("--json", action="store_true", help="one JSON object per prediction")
+    p.add_argument("--thesis", action="store_true", help="seed 000's M100 rows, projected")
+    p.add_argument("--list-devices", action="store_true", help="the known device profiles")
+    p.add_argument("--validate", action="store_true", help="predict, measure and compare here")
+    p.add_argument("--quick", action="store_true", help="--validate on a tiny model (tests)")
+    p.add_argument("--no-ddp", dest="ddp", action="store_false", help="--validate without DDP")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lungbench.core.errors import UsageError
+
+    if args.list_devices:
+        return _list_devices(args)
+    if args.validate:
+        return _validate(args)
+    if not args.run:
+        raise UsageError("give --from RUN (a lungbench bench run folder), or --validate")
+    from lungbench.measure.predict.devices import load_profiles, look_up_device
+
+    profiles = load_profiles(args.device_file)
+    for name in args.device or []:
+        look_up_device(name, profiles)  # an unknown name fails before anything is measured
+    records, environment = _read_run(Path(args.run))
+    if args.thesis:
+        return _thesis(args, records, environment)
+    return _predict(args, records, environment)
+
+
+def _read_run(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The run's single-process ok records and its environment (DataError: what to run)."""
+    from lungbench.core.errors import DataError
+    from lungbench.core.runs import read_json, read_records
+
+    if not run.is_dir():
+        raise DataError(f"--from {run}: no such run folder; run `lungbench bench` first")
+    if not (run / "records.jsonl").is_file():
+        what = "a profile run" if (run / "profile.json").is_file() else "not a bench run"
+        raise DataError(
+            f"--from {run}: no records.jsonl ({what}); predict needs measured steps: "
+            f"run `lungbench bench --out {run.parent}` first"
+        )
+    records = [
+        r for r in read_records(run) if r.get("status") == "ok" and r.get("world_size", 1) == 1
+    ]
+    if not records:
+        raise DataError(
+            f"--from {run}: no single-process configuration ran ok; run `lungbench bench` first"
+        )
+    env_path = run / "environment.json"
+    environment = read_json(env_path) if env_path.is_file() else {}
+    return records, environment
+
+
+class _Sources:
+    """Sources made on demand (a probe costs seconds), the nearest record for each target."""
+
+    def __init__(self, records: list[dict[str, Any]], environment: dict[str, Any], where: str):
+        self.records, self.environment, self.where = records, environment, where
+        self.made: dict[str, Any] = {}
+
+    def nearest(self, batch: int | None, filters: int | None, threads: int | None = None):
+        from lungbench.measure.predict.forecast import source_from_record
+
+        def distance(r: dict[str, Any]) -> float:
+            terms = [(batch, r.get("batch_size")), (filters, r.get("filters"))]
+            terms.append((threads, r.get("threads_used")))
+            return sum(abs(math.log(a / b)) for a, b in terms if a and b)
+
+        record = min(self.records, key=distance)
+        if record["key"] not in self.made:
+            self.made[record["key"]] = source_from_record(record, self.environment, self.where)
+        return self.made[record["key"]]
+
+
+def _targets(args: argparse.Namespace):
+    from lungbench.measure.predict.forecast import Target
+
+    for batch, filters, threads, ranks, device in itertools.product(
+        args.batch or [None],
+        args.filters or [None],
+        args.threads or [None],
+        args.ranks,
+        args.device or [None],
+    ):
+        yield Target(batch, filters, threads, ranks, args.scaling, device)
+
+
+def _predict(args, records, environment) -> int:
+    from lungbench.measure.predict.forecast import Predictor
+
+    predictor = Predictor(tuple(args.device_file))
+    sources = _Sources(records, environment, str(args.run))
+    predictions = []
+    for target in _targets(args):
+        source = sources.nearest(target.batch, target.filters, target.threads)
+        predictions.append(predictor.predict(source, target))
+    if args.json:
+        for pred in predictions:
+            print(json.dumps(pred.as_dict()))
+        return 0
+    print(format_predictions(predictions))
+    print(f"\nintervals: {predictor.calibration_source}")
+    return 0
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+BOUND_WORDS = {
+    "compute": "compute",
+    "memory": "memory bandwidth",
+    "latency": "launch/latency",
+    "communication": "communication",
+    "data": "data",
+    "memory size": "does not fit in memory",
+}
+
+
+def format_predictions(predictions) -> str:
+    """A Markdown table, one row per prediction, saying what limits each."""
+    head = "| device | ranks | batch | filters | threads | step | interval | epoch | samples/s | limited by |"
+    lines = [head, "|" + "---|" * 10]
+    for p in predictions:
+        interval = f"{_seconds(p.interval[0])}-{_seconds(p.interval[1])}" if p.interval else "n/a"
+        if p.status == "oom":
+            interval = p.notes[0] if p.notes else "-"
+        rate = f"{p.samples_per_s:.1f}" if p.samples_per_s else "-"
+        ranks = f"{p.ranks} ({p.scaling})" if p.ranks > 1 else "1"
+        lines.append(
+            f"| {p.device} | {ranks} | {p.batch} | {p.filters} | {p.threads or '-'} | "
+            f"{_seconds(p.step_s)} | {interval} | {_seconds(p.epoch_s)} | {rate} | "
+            f"{BOUND_WORDS.get(p.bound or '', p.bound)} |"
+        )
+    notes = sorted({n for p in predictions for n in p.notes if p.status == "ok"})
+    return "\n".join(lines + [f"note: {n}" for n in notes])
+
+
+def _thesis(args, records, environment) -> int:
+    from lungbench.measure.predict.forecast import Predictor
+    from lungbench.measure.predict.thesis import THESIS_FILTERS, project_m100
+    from lungbench.measure.predict.thesis import __doc__ as unknowns
+
+    predictor = Predictor(tuple(args.device_file))
+    sources = _Sources(records, environment, str(args.run))
+    rows = project_m100([], predictor, lambda _s, b, f: sources.nearest(b, f, None))
+    published = _published_m100()
+    if args.json:
+        for row in rows:
+            print(
+                json.dumps(
+                    {**row, "published_epoch_s": published.get((row["platform"], row["filters"]))}
+                )
+            )
+        return 0
+    print("Seed 000, batch 2: Marconi100 rows PROJECTED from this run (not measured) beside the")
+    print("published ones. Exec. time = one training epoch (603 samples).\n")
+    cols = " | ".join(
+        f"Filters = {f}: projected | Filters = {f}: published" for f in THESIS_FILTERS
+    )
+    print(f"| Batch size = 2 | {cols} | limited by |")
+    print("|---|" + "---|" * (2 * len(THESIS_FILTERS) + 1))
+    for platform in dict.fromkeys(r["platform"] for r in rows):
+        cells, bounds = [], []
+        for f in THESIS_FILTERS:
+            row = next(r for r in rows if r["platform"] == platform and r["filters"] == f)
+            cells += [_seconds(row["epoch_s"]), published.get((platform, f), "-")]
+            bounds.append(BOUND_WORDS.get(row["bound"] or "", row["bound"]))
+        print(
+            f"| {platform} (projected) | {' | '.join(cells)} | {', '.join(dict.fromkeys(bounds))} |"
+        )
+    sources_used = sorted({r["source"] for r in rows})
+    print(f"\nsource configurations: {', '.join(sources_used)}")
+    print("\n" + " ".join(unknowns.split("\n\n", 1)[1].split()))
+    return 0
+
+
+def _published_m100() -> dict[tuple[str, int], str]:
+    """(platform, filters) -> the published epoch time, from results/reference/."""
+    from lungbench.core.errors import DataError
+    from lungbench.report.reference import default_reference_dir, read_reference
+
+    folder = default_reference_dir()
+    if folder is None:
+        return {}
+    try:
+        table = read_reference(folder / "seed000_speedup_b2.csv")
+    except DataError:
+        return {}
+    found = {}
+    for _, row in table.iterrows():
+        for f in (8, 16):
+            found[(str(row.iloc[0]), f)] = f"{row[f'Filters = {f} | Exec. time (s)']} s"
+    return found
+
+
+def _list_devices(args) -> int:
+    from lungbench.measure.predict.devices import load_profiles
+
+    for name, profile in sorted(load_profiles(args.device_file).items()):
+        peaks = ", ".join(f"{d} {v / 1e12:g} TFLOP/s" for d, v in profile.peak_flops.items() if v)
+        what = "measured on this machine when used" if profile.measured else peaks
+        print(f"{name}: {profile.title}: {what}")
+        if args.json:
+            for key, source in profile.sources.items():
+                print(f"    {key}: {source}")
+    return 0
+
+
+def _validate(args) -> int:
+    from dataclasses import replace
+
+    from lungbench.measure.predict.validate import DEFAULT, QUICK, dumps, run_validation
+
+    plan = QUICK if args.quick else DEFAULT
+    plan = replace(plan, ddp=args.ddp)
+    cases = run_validation(plan)
+    if args.json:
+        print(dumps(cases))
+        return 0
+    print(format_validation(cases))
+    return 0
+
+
+def format_validation(cases: list[dict[str, Any]]) -> str:
+    from lungbench.measure.predict.validate import summary
+
+    source = cases[0]
+    lines = [
+        f"source (measured): {source['target']}: step {_seconds(source['measured_s'])}",
+        f"note: {source.get('note', '')} (a shared machine drifts)",
+        "",
+        "| kind | target | predicted | measured | error | interval covers | limited by |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in cases[1:]:
+        error = f"{100 * c['error']:+.1f}%" if c.get("error") is not None else "not measured"
+        covers = {True: "yes", False: "no", None: "n/a"}[c.get("inside")]
+        lines.append(
+            f"| {c['kind']} | {c['target']} | {_seconds(c['predicted_s'])} | "
+            f"{_seconds(c['measured_s'])} | {error} | {covers} | {c['bound']} |"
+        )
+    s = summary(cases)
+    if s["median_abs_error"] is not None:
+        lines.append(
+            f"\nmedian |error|: {100 * s['median_abs_error']:.1f}% over {s['cases']} cases"
+        )
+        per_kind = ", ".join(
+            f"{k} {100 * v:.1f}%" for k, v in s["median_abs_error_by_kind"].items()
+        )
+        lines.append(f"by kind: {per_kind}")
+    if s["interval_coverage"] is not None:
+        lines.append(
+            f"intervals (from the previous validation) covered {100 * s['interval_coverage']:.0f}%"
+        )
+    lines.append("errors stored: later predictions' intervals come from them")
+    return "\n".join(lines)

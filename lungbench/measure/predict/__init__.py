@@ -1,0 +1,12 @@
+"""Layer 6 (measure): `lungbench predict`: step and epoch time on other batch sizes, filters,
+thread counts, ranks and devices, projected from one measured run, with its error measured.
+
+    operators.py  each operator call of the step: FLOPs, bytes, dtype, phase, measured time
+    model.py      per-operator scaling: measured time x (target bound / source bound)
+    comm.py       ring all-reduce of DDP's buckets, alpha-beta fitted from Gloo all-reduces
+    devices.py    device profiles (TOML, vendor data sheets) and this machine's measured peaks
+    forecast.py   a bench run folder -> predictions (step, epoch, bound, interval)
+    calibration.py  the validation errors the intervals come from
+    validate.py   `lungbench predict --validate`: predict, measure, compare on this machine
+    thesis.py     seed 000's M100 rows projected from a run on this machine
+"""

@@ -1,0 +1,207 @@
+"""Layer 6 (measure): device profiles: what a device can do, each number with its source.
+
+Profiles are small TOML files shipped in `lungbench/measure/predict/devices/` (V100 SXM2,
+A100 SXM 40/80 GB, H100 SXM, H200, L40S: vendor data sheets) plus `cpu`, this machine's CPU,
+whose numbers are measured when it is used (lungbench.measure.peak, the same measurement as
+`lungbench env --peak`). A user's own profile is a TOML file of the same layout
+(`lungbench predict --device-file my-gpu.toml`):
+
+    name = "my-gpu"
+    kind = "cuda"
+    [peak_flops]
+    fp32 = { value = 19.5e12, source = "vendor data sheet, FP32" }
+    [memory]
+    bandwidth = { value = 1.555e12, source = "..." }
+    size = { value = 40e9, source = "..." }
+    [interconnect]
+    bandwidth = { value = 600e9, source = "..." }   # aggregate, both directions
+    latency = { value = 10e-6, source = "..." }
+    [launch]
+    kernel = { value = 5e-6, source = "..." }
+    [efficiency]                                    # fraction of peak a kernel reaches
+    compute = { value = 0.5, source = "..." }
+    memory = { value = 0.8, source = "..." }
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lungbench.core.errors import DataError, UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 needs the backport
+    import tomli as tomllib
+
+REQUIRED = (
+    ("memory", "bandwidth"),
+    ("memory", "size"),
+    ("interconnect", "bandwidth"),
+    ("interconnect", "latency"),
+    ("launch", "kernel"),
+    ("efficiency", "compute"),
+    ("efficiency", "memory"),
+)
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Peaks (FLOP/s per dtype), memory bandwidth and size, interconnect, launch cost and
+    the fraction of peak kernels reach, with the source of each (`sources[name]`)."""
+
+    name: str
+    title: str
+    kind: str  # "cpu" or "cuda"
+    peak_flops: dict[str, float]
+    memory_bandwidth: float  # bytes/s
+    memory_size: float  # bytes
+    link_bandwidth: float  # bytes/s, aggregate both directions (vendor figure)
+    link_latency_s: float
+    kernel_launch_s: float
+    compute_efficiency: float
+    memory_efficiency: float
+    link_name: str = ""
+    measured: bool = False  # numbers measured on this machine when used
+    sources: dict[str, str] = field(default_factory=dict)
+    threads: int | None = None  # CPU profiles: the thread count the peaks were measured at
+
+    def peak(self, dtype: str) -> float:
+        """FLOP/s of `dtype` math; a dtype the device lacks runs at its FP32 peak."""
+        return self.peak_flops.get(dtype) or self.peak_flops["fp32"]
+
+    @property
+    def ring_bandwidth(self) -> float:
+        """Bytes/s one rank sends in a ring: half the vendor's both-directions figure."""
+        return self.link_bandwidth / 2 if not self.measured else self.link_bandwidth
+
+
+def _value(table: dict[str, Any], section: str, key: str, where: str) -> tuple[float, str]:
+    try:
+        entry = table[section][key]
+        value, source = float(entry["value"]), str(entry["source"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(
+            f'{where}: [{section}] {key} needs {{ value = NUMBER, source = "..." }} ({exc})'
+        ) from None
+    if not source.strip():
+        raise DataError(f"{where}: [{section}] {key} has no source")
+    return value, source
+
+
+def parse_profile(text: str, where: str) -> DeviceProfile:
+    """A DeviceProfile from TOML text (DataError naming `where` when malformed)."""
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise DataError(f"{where}: not valid TOML ({exc})") from None
+    for key in ("name", "kind"):
+        if not isinstance(table.get(key), str):
+            raise DataError(f"{where}: needs a string '{key}'")
+    if table["kind"] not in ("cpu", "cuda"):
+        raise DataError(f"{where}: kind must be 'cpu' or 'cuda', got {table['kind']!r}")
+    sources: dict[str, str] = {}
+    peaks: dict[str, float] = {}
+    for dtype in table.get("peak_flops") or {}:
+        peaks[dtype], sources[f"peak_flops.{dtype}"] = _value(table, "peak_flops", dtype, where)
+    if "fp32" not in peaks:
+        raise DataError(f"{where}: [peak_flops] needs fp32")
+    values = {}
+    for section, key in REQUIRED:
+        values[f"{section}.{key}"], sources[f"{section}.{key}"] = _value(table, section, key, where)
+    return DeviceProfile(
+        name=table["name"],
+        title=str(table.get("title", table["name"])),
+        kind=table["kind"],
+        peak_flops=peaks,
+        memory_bandwidth=values["memory.bandwidth"],
+        memory_size=values["memory.size"],
+        link_bandwidth=values["interconnect.bandwidth"],
+        link_latency_s=values["interconnect.latency"],
+        kernel_launch_s=values["launch.kernel"],
+        compute_efficiency=values["efficiency.compute"],
+        memory_efficiency=values["efficiency.memory"],
+        link_name=str((table.get("interconnect") or {}).get("name", "")),
+        measured=bool(table.get("measured", False)),
+        sources=sources,
+    )
+
+
+def shipped_profiles() -> dict[str, DeviceProfile]:
+    """The profiles shipped with lungbench, by name."""
+    folder = resources.files("lungbench.measure.predict") / "devices"
+    found = {}
+    for item in sorted(folder.iterdir(), key=lambda p: p.name):
+        if item.name.endswith(".toml"):
+            profile = parse_profile(item.read_text(), f"lungbench profile {item.name}")
+            found[profile.name] = profile
+    return found
+
+
+def load_profiles(files: list[str] | tuple[str, ...] = ()) -> dict[str, DeviceProfile]:
+    """The shipped profiles and the user's `files` (a user's profile replaces a shipped one
+    of the same name)."""
+    profiles = shipped_profiles()
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise UsageError(f"--device-file {path}: no such file")
+        profile = parse_profile(path.read_text(), str(path))
+        profiles[profile.name] = profile
+    return profiles
+
+
+def look_up_device(name: str, profiles: dict[str, DeviceProfile]) -> DeviceProfile:
+    """The profile called `name`; a one-line UsageError listing the known ones otherwise."""
+    if name in profiles:
+        return profiles[name]
+    raise UsageError(
+        f"--device {name}: unknown device; known: {', '.join(sorted(profiles))} "
+        "(add one with --device-file FILE.toml)"
+    )
+
+
+def measured_cpu(
+    base: DeviceProfile,
+    threads: int,
+    peaks: dict[str, float],
+    memory_bytes: float,
+    alpha_s: float = 0.0,
+    beta_bytes_per_s: float = 0.0,
+    call_latency_s: float = 0.0,
+) -> DeviceProfile:
+    """The `cpu` profile filled with this machine's measured numbers at `threads` threads."""
+    from dataclasses import replace
+
+    found = {d: peaks[d] for d in ("fp32", "bf16", "fp16") if peaks.get(d)}
+    return replace(
+        base,
+        peak_flops=found,
+        memory_bandwidth=peaks["copy_bytes_per_s"],
+        memory_size=memory_bytes,
+        link_bandwidth=beta_bytes_per_s,
+        link_latency_s=alpha_s,
+        kernel_launch_s=call_latency_s,
+        threads=threads,
+    )
+
+
+def measure_cpu_peaks(threads: int) -> dict[str, float]:
+    """FP32/bf16 matrix-product peaks and copy bandwidth at `threads` threads, through the
+    per-host cache (a busy moment cannot lower them: lungbench.measure.peak_cache)."""
+    from lungbench.measure.peak_cache import robust_peaks
+    from lungbench.measure.timing import set_threads
+
+    before = torch.get_num_threads()
+    set_threads(threads)
+    try:
+        peaks, _source = robust_peaks(torch.device("cpu"), ("fp32", "bf16"))
+    finally:
+        set_threads(before)
+    return peaks

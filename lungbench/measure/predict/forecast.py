@@ -1,0 +1,448 @@
+"""Layer 6 (measure): predictions from a measured run: step, epoch, what limits them, and an
+interval from the validation errors.
+
+    source = source_from_record(record, environment)     # one measured configuration
+    pred = predict(source, Target(batch=8, filters=16, threads=1, ranks=2, device="cpu"))
+    pred.step_s, pred.epoch_s, pred.bound, pred.interval
+
+The step: the source's operator calls (probed on this machine when it measured the run,
+else the measured step shared out by the roofline) scaled call by call to the target's
+counts and device (lungbench.measure.predict.model), anchored to the record's measured step
+(the probe's own step only sets the ratios), plus the exposed all-reduce of N ranks
+(lungbench.measure.predict.comm). The epoch: steps per rank x step, plus the source's time per
+sample outside the steps (data loading, the loop), which the target keeps.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import socket
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+
+from lungbench.core.errors import DataError, UsageError
+from lungbench.measure.allreduce import AlphaBeta
+from lungbench.measure.memory import HEADROOM, memory_limit, step_memory
+from lungbench.measure.predict import calibration
+from lungbench.measure.predict.comm import bucket_bytes, comm_estimate, fit_gloo
+from lungbench.measure.predict.devices import (
+    DeviceProfile,
+    load_profiles,
+    look_up_device,
+    measure_cpu_peaks,
+    measured_cpu,
+)
+from lungbench.measure.predict.model import StepEstimate, roofline_calls, scale_step
+from lungbench.measure.predict.operators import (
+    OperatorTable,
+    call_latency,
+    count_operators,
+    probe_operators,
+)
+from lungbench.measure.sweep import THESIS_N_NODULES, TRAIN_FRACTION
+from lungbench.measure.workload import Workload
+from lungbench.step import Switches, fast_defaults
+
+log = logging.getLogger(__name__)
+
+# The thesis's epoch: the 80% training split of 754 nodules.
+DEFAULT_EPOCH_SAMPLES = round(TRAIN_FRACTION * THESIS_N_NODULES)
+SCALINGS = ("weak", "strong")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to predict. None keeps the source's value; `batch` is per rank in weak scaling
+    and the global batch in strong scaling; `dtype` overrides the autocast dtype."""
+
+    batch: int | None = None
+    filters: int | None = None
+    threads: int | None = None
+    ranks: int = 1
+    scaling: str = "weak"
+    device: str | None = None
+    dtype: str | None = None
+
+
+@dataclass
+class Source:
+    """One measured configuration and what the model needs of it."""
+
+    key: str
+    workload: Workload
+    switches: Switches
+    step_s: float  # the measured median step
+    device: DeviceProfile
+    table: OperatorTable
+    probed: bool  # operator times measured here (else shared out by the roofline)
+    epoch_samples: int
+    outside_s_per_sample: float | None  # epoch time outside the steps, per sample
+    host: str = ""
+
+
+@dataclass
+class Prediction:
+    """One predicted configuration: seconds, what limits it, and how sure."""
+
+    source: str
+    device: str
+    batch: int  # per rank
+    global_batch: int
+    filters: int
+    threads: int | None
+    ranks: int
+    scaling: str
+    status: str = "ok"  # ok | oom
+    step_s: float | None = None
+    epoch_s: float | None = None
+    samples_per_s: float | None = None
+    bound: str | None = None
+    parts_s: dict[str, float] = field(default_factory=dict)
+    interval: tuple[float, float] | None = None  # of step_s
+    epoch_interval: tuple[float, float] | None = None
+    interval_basis: str = ""
+    kinds: tuple[str, ...] = ()
+    memory_need_bytes: int | None = None
+    memory_limit_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- sources -------------------------------------------------------------------------------
+
+
+def switches_of_record(record: Mapping[str, Any]) -> Switches:
+    """The switches a record's step ran with (its *_used fields), else the device's table."""
+    base = fast_defaults(torch.device("cuda" if "cuda" in str(record.get("device")) else "cpu"))
+    used = {
+        name: record[f"{name}_used"]
+        for name in asdict(base)
+        if record.get(f"{name}_used") is not None
+    }
+    return replace(base, **used)
+
+
+def workload_of_record(record: Mapping[str, Any]) -> Workload:
+    names = {f for f in asdict(Workload())}
+    fields_ = {k: record[k] for k in names if k in record}
+    if record.get("threads_used"):
+        fields_["threads"] = int(record["threads_used"])
+    return Workload(**fields_)
+
+
+def check_record(record: Mapping[str, Any], where: str) -> None:
+    """DataError saying what to run first when a record lacks what the model needs."""
+    if record.get("status") != "ok":
+        raise DataError(f"{where}: configuration {record.get('key')} did not run ok")
+    for name, why in (
+        ("step_s_median", "a measured step time"),
+        ("flops_per_step", "FLOPs per step"),
+        ("model", "the model it measured"),
+    ):
+        if record.get(name) is None:
+            raise DataError(
+                f"{where}: record {record.get('key')} has no {name} ({why}); "
+                "run `lungbench bench` (a current version) first"
+            )
+
+
+def epoch_outside(record: Mapping[str, Any]) -> tuple[int, float | None]:
+    """(epoch samples, seconds per sample an epoch spends outside the training steps)."""
+    samples = int(record.get("epoch_split_samples") or DEFAULT_EPOCH_SAMPLES)
+    if not record.get("epoch_s") or not record.get("epoch_samples"):
+        return samples, None
+    steps = math.ceil(record["epoch_samples"] / record["batch_size"])
+    outside = record["epoch_s"] - steps * record["step_s_median"]
+    return samples, max(outside, 0.0) / record["epoch_samples"]
+
+
+def cpu_here(threads: int, latency_s: float = 0.0, comm: AlphaBeta | None = None) -> DeviceProfile:
+    """This machine's CPU at `threads` threads, measured (peaks cached per host)."""
+    base = load_profiles()["cpu"]
+    limit, _ = memory_limit(torch.device("cpu"))
+    comm = comm or AlphaBeta(0.0, 0.0)
+    return measured_cpu(
+        base,
+        threads,
+        measure_cpu_peaks(threads),
+        limit,
+        comm.alpha_s,
+        comm.beta_bytes_per_s,
+        latency_s,
+    )
+
+
+def source_from_record(
+    record: Mapping[str, Any], environment: Mapping[str, Any], where: str = "run"
+) -> Source:
+    """The model's view of one bench record: probed on this machine when this machine
+    measured it (same host, a CPU record), else the measured step shared by the roofline."""
+    check_record(record, where)
+    workload = workload_of_record(record)
+    switches = switches_of_record(record)
+    samples, outside = epoch_outside(record)
+    host = str(environment.get("host", ""))
+    here = host == socket.gethostname() and workload.device == "cpu"
+    if here:
+        return source_here(
+            record["key"], workload, switches, float(record["step_s_median"]), samples, outside
+        )
+    device = _recorded_device(record, environment, where)
+    calls = count_operators(workload, switches)
+    shared = roofline_calls(calls, float(record["step_s_median"]), device)
+    table = OperatorTable(tuple(shared), float(record["step_s_median"]), 0.0, call_latency(shared))
+    return Source(
+        record["key"],
+        workload,
+        switches,
+        float(record["step_s_median"]),
+        device,
+        table,
+        False,
+        samples,
+        outside,
+        host,
+    )
+
+
+def source_here(
+    key: str,
+    workload: Workload,
+    switches: Switches,
+    step_s: float,
+    epoch_samples: int = DEFAULT_EPOCH_SAMPLES,
+    outside_s_per_sample: float | None = None,
+) -> Source:
+    """A source measured on this machine's CPU: its operators probed now."""
+    log.info(f"probing the operators of {key} on this machine")
+    table = probe_operators(workload, switches)
+    device = cpu_here(workload.threads or torch.get_num_threads(), table.call_latency_s)
+    return Source(
+        key,
+        workload,
+        switches,
+        step_s,
+        device,
+        table,
+        True,
+        epoch_samples,
+        outside_s_per_sample,
+        socket.gethostname(),
+    )
+
+
+def _recorded_device(
+    record: Mapping[str, Any], environment: Mapping[str, Any], where: str
+) -> DeviceProfile:
+    """The source device from the peaks its run measured (environment.json)."""
+    peaks = (environment.get("peak_flops") or {}).get(record.get("device"))
+    if not peaks or not peaks.get("fp32") or not peaks.get("copy_bytes_per_s"):
+        raise DataError(
+            f"{where}: environment.json has no measured peaks for {record.get('device')}; "
+            "rerun `lungbench bench` there (it measures them) to predict from this run"
+        )
+    base = load_profiles()["cpu"]
+    kind = "cuda" if "cuda" in str(record.get("device")) else "cpu"
+    return replace(
+        measured_cpu(base, int(record.get("threads_used") or 1), peaks, 0.0),
+        kind=kind,
+        name=f"{record.get('device')}@{environment.get('host', 'elsewhere')}",
+        title=f"{record.get('device')} of {environment.get('host', 'the run')} (measured)",
+    )
+
+
+# ---- predictions -------------------------------------------------------------------------
+
+
+def per_rank_batch(target: Target, batch: int) -> int:
+    if target.scaling == "weak" or target.ranks == 1:
+        return batch
+    if batch % target.ranks:
+        raise UsageError(
+            f"--scaling strong: global batch {batch} does not split over {target.ranks} ranks"
+        )
+    return batch // target.ranks
+
+
+def changed_kinds(source: Source, target: Target, workload: Workload, device: DeviceProfile):
+    kinds = []
+    if workload.batch_size != source.workload.batch_size:
+        kinds.append("batch")
+    if workload.filters != source.workload.filters:
+        kinds.append("filters")
+    if device.kind == "cpu" and workload.threads != source.workload.threads:
+        kinds.append("threads")
+    if target.ranks > 1:
+        kinds.append("ranks")
+    if device.name != source.device.name:
+        kinds.append("device")
+    return tuple(kinds)
+
+
+class Predictor:
+    """Predictions from sources, with the device profiles, the Gloo fit and the operator
+    counts measured once and reused."""
+
+    def __init__(self, device_files: tuple[str, ...] = (), refit_comm: bool = False) -> None:
+        self.profiles = load_profiles(device_files)
+        self.refit_comm = refit_comm
+        self._cpu: dict[int, DeviceProfile] = {}
+        self._gloo: AlphaBeta | None = None
+        cases, self.calibration_source = calibration.load_cases()
+        self.quantiles = calibration.error_quantiles(cases)
+
+    def device(self, name: str | None, source: Source, threads: int) -> DeviceProfile:
+        """The target device: the source's (re-measured at `threads` when it is this
+        machine's CPU), a shipped or user profile, or `cpu`: this machine, measured."""
+        if name is None:
+            return self.cpu(threads, source) if source.probed else source.device
+        profile = look_up_device(name, self.profiles)
+        return self.cpu(threads, source) if profile.measured else profile
+
+    def cpu(self, threads: int, source: Source) -> DeviceProfile:
+        # The source's own peaks at its thread count: the same numbers on both sides of
+        # every ratio, so an unchanged target predicts the measured step.
+        if source.probed and source.device.threads == threads:
+            return source.device
+        if threads not in self._cpu:
+            self._cpu[threads] = cpu_here(threads, source.table.call_latency_s)
+        return self._cpu[threads]
+
+    def gloo(self) -> AlphaBeta:
+        if self._gloo is None:
+            self._gloo = fit_gloo(refit=self.refit_comm)
+        return self._gloo
+
+    def predict(self, source: Source, target: Target) -> Prediction:
+        base = source.workload
+        batch = target.batch or base.batch_size
+        rank_batch = per_rank_batch(target, batch)
+        cores = source.workload.threads or torch.get_num_threads()
+        threads = target.threads or (max(1, cores // target.ranks) if target.ranks > 1 else cores)
+        device = self.device(target.device, source, threads)
+        workload = replace(
+            base,
+            batch_size=rank_batch,
+            filters=target.filters or base.filters,
+            threads=threads if device.kind == "cpu" else None,
+        )
+        pred = Prediction(
+            source=source.key,
+            device=device.name,
+            batch=rank_batch,
+            global_batch=rank_batch * target.ranks,
+            filters=workload.filters,
+            threads=workload.threads,
+            ranks=target.ranks,
+            scaling=target.scaling,
+            kinds=changed_kinds(source, target, workload, device),
+        )
+        if not self._fits(pred, workload, device):
+            return pred
+        switches = replace(source.switches, dtype=target.dtype or source.switches.dtype)
+        estimate = self._step(source, workload, switches, device)
+        self._finish(pred, source, estimate, workload, device, target)
+        return pred
+
+    def _fits(self, pred: Prediction, workload: Workload, device: DeviceProfile) -> bool:
+        need = step_memory(replace(workload, device="cpu")).bytes(workload.batch_size)
+        limit = device.memory_size
+        pred.memory_need_bytes, pred.memory_limit_bytes = int(need), int(limit)
+        if limit and need > HEADROOM * limit:
+            pred.status, pred.bound = "oom", "memory size"
+            pred.notes.append(
+                f"needs about {need / 2**30:.1f} GiB (FP32 estimate), "
+                f"{device.name} has {limit / 2**30:.1f} GiB"
+            )
+            return False
+        return True
+
+    def _step(
+        self, source: Source, workload: Workload, switches: Switches, device: DeviceProfile
+    ) -> StepEstimate:
+        calls = _counted(workload, switches)
+        table = source.table
+        estimate = scale_step(
+            table.calls,
+            source.device,
+            calls,
+            device,
+            table.overhead_s,
+            table.call_latency_s,
+            table.reference,
+        )
+        if device.kind != source.device.kind:
+            return estimate
+        # The probe's own step sets the ratios; the record's measured step sets the scale.
+        anchor = source.step_s / (table.calls_s + table.overhead_s)
+        return StepEstimate(
+            estimate.step_s * anchor,
+            {k: v * anchor for k, v in estimate.parts.items()},
+            {k: v * anchor for k, v in estimate.phases.items()},
+        )
+
+    def _finish(
+        self,
+        pred: Prediction,
+        source: Source,
+        estimate: StepEstimate,
+        workload: Workload,
+        device: DeviceProfile,
+        target: Target,
+    ) -> None:
+        parts = dict(estimate.parts)
+        step = estimate.step_s
+        if target.ranks > 1:
+            cpu = device.kind == "cpu"
+            link = self.gloo() if cpu else AlphaBeta(device.link_latency_s, device.ring_bandwidth)
+            if cpu and target.ranks > 2:
+                pred.notes.append("all-reduce fitted on 2 ranks, extrapolated by the ring formula")
+            model = workload.build_model(torch.device("cpu"))
+            comm = comm_estimate(
+                bucket_bytes(model, source.switches.ddp_bucket_mb),
+                target.ranks,
+                link,
+                estimate.phases.get("backward", 0.0),
+                overlap=0.0 if cpu else 1.0,
+            )
+            parts["communication"] = comm.exposed_s
+            step += comm.exposed_s
+        per_rank_samples = math.ceil(source.epoch_samples / target.ranks)
+        steps = math.ceil(per_rank_samples / workload.batch_size)
+        pred.step_s = step
+        pred.samples_per_s = pred.global_batch / step
+        if source.outside_s_per_sample is None:
+            pred.epoch_s = steps * step
+            pred.notes.append("epoch: steps only (the run measured no epoch)")
+        else:
+            outside = source.outside_s_per_sample * per_rank_samples
+            pred.epoch_s = steps * step + outside
+            parts["data"] = outside / steps
+            if device.kind != source.device.kind:
+                pred.notes.append("epoch: data path assumed as fast as on the source machine")
+        pred.parts_s = parts
+        pred.bound = max(parts, key=parts.get)
+        width = calibration.relative_width(pred.kinds, self.quantiles)
+        pred.interval = calibration.interval(step, width)
+        pred.epoch_interval = calibration.interval(pred.epoch_s, width)
+        pred.interval_basis = (
+            f"90th percentile of |error| of {', '.join(pred.kinds) or 'no change'} "
+            f"({self.calibration_source})"
+            if width is not None
+            else f"none: {', '.join(k for k in pred.kinds if k not in self.quantiles)} "
+            "predictions not validated"
+        )
+        if not source.probed:
+            pred.notes.append("operator times shared by the roofline (run measured elsewhere)")
+
+
+@functools.lru_cache(maxsize=64)
+def _counted(workload: Workload, switches: Switches):
+    return tuple(count_operators(workload, switches))

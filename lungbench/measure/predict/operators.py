@@ -1,0 +1,171 @@
+"""Layer 6 (measure): the operators of one training step, counted and timed.
+
+A step is the sequence of aten operator calls that lungbench's TrainStep dispatches (forward,
+backward, optimizer). The sequence is the same for every batch size and width of a model, so
+call i of one workload matches call i of another: the model (lungbench.measure.predict.model)
+scales each call by its own FLOPs and bytes.
+
+    table = probe_operators(workload, switches)      # timed, on the workload's device
+    calls = count_operators(workload, switches)      # counted only, on the CPU
+
+Timing: each call inside a TorchDispatchMode is timed with perf_counter (CPU operators are
+synchronous). What the step spends outside the calls (Python, autograd's engine, the
+dispatcher) is `overhead_s`: a plain step's median minus the sum of the calls' medians.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from lungbench.core.device import synchronize
+from lungbench.measure.timing import OpCall, operator_counter, set_threads
+from lungbench.measure.workload import Workload
+from lungbench.step import NO_TIMER, Switches, TrainStep, backend_flags, bce_loss
+
+# A call moving fewer bytes than this is pure fixed cost (dispatch, a thread-pool wake-up):
+# the median time of such calls is the per-call latency.
+TINY_CALL_BYTES = 4096
+DEFAULT_CALL_LATENCY_S = 2e-6
+
+
+@dataclass(frozen=True)
+class OperatorTable:
+    """The measured step of one workload: its calls (with seconds), the plain step's median
+    and what the step spends outside the calls."""
+
+    calls: tuple[OpCall, ...]
+    step_s: float
+    overhead_s: float
+    call_latency_s: float
+    # The same step probed at a second batch size: per call, two (size, time) points split
+    # its time into a fixed cost and a part that grows with its bounds (the model's fit).
+    reference: tuple[OpCall, ...] | None = None
+
+    @property
+    def calls_s(self) -> float:
+        return sum(c.seconds for c in self.calls)
+
+
+class _PhaseTags:
+    """A TrainStep timer that only names the phase the counter's calls belong to."""
+
+    def __init__(self, counter) -> None:
+        self.counter = counter
+
+    def phase(self, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def tagged():
+            self.counter.phase = name
+            yield
+
+        return tagged()
+
+
+def _train_step(workload: Workload, switches: Switches, device: torch.device):
+    model = workload.build_model(device)
+    inputs, target = workload.random_batch(device)
+    step = TrainStep(model, bce_loss, switches, device)
+    return step, step.prepare_inputs(inputs), target
+
+
+def record_calls(
+    workload: Workload, switches: Switches, device: torch.device, timed: bool, repeats: int = 1
+) -> list[list[OpCall]]:
+    """The operator calls of `repeats` training steps (after one untimed step, which builds
+    the optimizer state: Adam's first step allocates its moments)."""
+    step, inputs, target = _train_step(workload, switches, device)
+    runs = []
+    with backend_flags(switches):
+        step(NO_TIMER, inputs, target)
+        for _ in range(repeats):
+            counter = operator_counter(record=True, timed=timed, device=device)
+            with counter:
+                step(_PhaseTags(counter), inputs, target)
+            runs.append(counter.calls)
+    return runs
+
+
+def count_operators(workload: Workload, switches: Switches) -> list[OpCall]:
+    """FLOPs, bytes, dtype and phase of every call of `workload`'s step, counted on the CPU
+    (shapes decide them; the CPU has every operator the count needs)."""
+    cpu = replace(workload, device="cpu")
+    cpu_switches = replace(switches, tf32=False, cudnn_benchmark=False, cuda_graphs=False)
+    if switches.dtype == "fp16":  # CPU autocast runs bf16: the same bytes per element
+        cpu_switches = replace(cpu_switches, dtype="bf16")
+    if switches.optimizer == "fused":
+        cpu_switches = replace(cpu_switches, optimizer="foreach")
+    return record_calls(cpu, cpu_switches, torch.device("cpu"), timed=False)[0]
+
+
+def probe_operators(
+    workload: Workload,
+    switches: Switches,
+    repeats: int = 3,
+    warmup: int = 2,
+    reference_batch: int | None = -1,
+) -> OperatorTable:
+    """Time `workload`'s step: plain steps (their median is the step), then `repeats` steps
+    with every call timed (per call, the median over the repeats); and the calls again at
+    `reference_batch` (-1: twice the batch; None: no second probe)."""
+    device = torch.device(workload.device)
+    if device.type == "cpu":
+        set_threads(workload.threads)
+    plain = _plain_step_s(workload, switches, device, warmup, max(repeats, 3))
+    calls = timed_calls(workload, switches, device, repeats)
+    calls_s = sum(c.seconds for c in calls)
+    reference = None
+    if reference_batch is not None:
+        batch = 2 * workload.batch_size if reference_batch == -1 else reference_batch
+        reference = tuple(
+            timed_calls(replace(workload, batch_size=batch), switches, device, repeats)
+        )
+    return OperatorTable(
+        tuple(calls), plain, max(plain - calls_s, 0.0), call_latency(calls), reference
+    )
+
+
+def timed_calls(
+    workload: Workload, switches: Switches, device: torch.device, repeats: int
+) -> list[OpCall]:
+    """The step's calls, each with its median seconds over `repeats` timed steps."""
+    runs = record_calls(workload, switches, device, timed=True, repeats=repeats)
+    return [
+        replace(first, seconds=statistics.median(run[i].seconds for run in runs))
+        for i, first in enumerate(runs[0])
+    ]
+
+
+def _plain_step_s(
+    workload: Workload, switches: Switches, device: torch.device, warmup: int, repeats: int
+) -> float:
+    step, inputs, target = _train_step(workload, switches, device)
+    times = []
+    with backend_flags(switches):
+        for i in range(warmup + repeats):
+            synchronize(device)
+            t0 = time.perf_counter()
+            step(NO_TIMER, inputs, target)
+            synchronize(device)  # note: CPU-GPU sync point, the step ends with its last kernel
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def call_latency(calls: Sequence[OpCall]) -> float:
+    """The fixed cost of one call: the median time of the calls that move almost nothing."""
+    tiny = [c.seconds for c in calls if c.bytes < TINY_CALL_BYTES and c.seconds > 0]
+    return statistics.median(tiny) if tiny else DEFAULT_CALL_LATENCY_S
+
+
+def matching(source: Sequence[OpCall], target: Sequence[OpCall]) -> bool:
+    """True when two workloads' steps call the same operators in the same order."""
+    return len(source) == len(target) and all(
+        a.name == b.name for a, b in zip(source, target, strict=True)
+    )

@@ -1,0 +1,225 @@
+"""Layer 6 (measure): `lungbench predict --validate`: predict, then measure, on this machine.
+
+From one measured source configuration (CPU, 1 thread: steady on a shared machine) the
+model predicts other batch sizes, widths, thread counts and a 2-rank DDP run (Gloo, weak
+and strong scaling); then each is measured with the same protocol and the predicted and
+measured step times are set side by side with the error. Every prediction is made before
+any target is measured. The cases are stored (lungbench.measure.predict.calibration): the
+intervals of later predictions come from them.
+
+    cases = run_validation(QUICK)      # a minute on 2 cores; DEFAULT: a few minutes
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from lungbench.core.runs import read_records, utc_now
+from lungbench.measure.predict import calibration
+from lungbench.measure.predict.forecast import Prediction, Predictor, Target, source_here
+from lungbench.measure.predict.operators import _plain_step_s
+from lungbench.measure.workload import Workload
+from lungbench.step import fast_defaults
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The source and the targets of one validation."""
+
+    preset: str = "default"
+    filters: int = 8
+    batch: int = 4
+    threads: int = 1
+    batches: tuple[int, ...] = (2, 8)
+    widths: tuple[int, ...] = (4, 16)
+    thread_counts: tuple[int, ...] = (2,)
+    ddp: bool = True
+    warmup: int = 2
+    repeats: int = 10
+
+    def source(self) -> Workload:
+        return Workload(
+            preset=self.preset, filters=self.filters, batch_size=self.batch, threads=self.threads
+        )
+
+    def targets(self) -> list[tuple[str, Target]]:
+        cases = [("batch", Target(batch=b)) for b in self.batches]
+        cases += [("filters", Target(filters=f)) for f in self.widths]
+        cases += [("threads", Target(threads=t)) for t in self.thread_counts]
+        if self.ddp:
+            cases.append(("ranks", Target(ranks=2, threads=1, scaling="weak")))
+            if self.batch % 2 == 0:
+                cases.append(("ranks", Target(ranks=2, threads=1, scaling="strong")))
+        return cases
+
+
+DEFAULT = Plan()
+QUICK = Plan(preset="dey2018", filters=2, batch=2, batches=(4,), widths=(4,), repeats=6, warmup=1)
+
+
+def target_workload(source: Workload, target: Target) -> Workload:
+    return replace(
+        source,
+        batch_size=target.batch or source.batch_size,
+        filters=target.filters or source.filters,
+        threads=target.threads or source.threads,
+    )
+
+
+def measure_step_s(workload: Workload, plan: Plan) -> float:
+    """The median step of `workload` on this CPU (the bench's switches, fixed repeats)."""
+    switches = fast_defaults(torch.device("cpu"))
+    torch.set_num_threads(workload.threads or torch.get_num_threads())
+    return _plain_step_s(workload, switches, torch.device("cpu"), plan.warmup, plan.repeats)
+
+
+def run_validation(plan: Plan = DEFAULT, out: Path | None = None) -> list[dict[str, Any]]:
+    """Measure the source, predict every target, measure the targets; the cases."""
+    switches = fast_defaults(torch.device("cpu"))
+    source_workload = plan.source()
+    log.info(f"validation source: {describe(source_workload)}")
+    step = measure_step_s(source_workload, plan)
+    source = source_here("source", source_workload, switches, step)
+    predictor = Predictor()
+    targets = plan.targets()
+    predictions = [(kind, t, predictor.predict(source, t)) for kind, t in targets]
+    cases = []
+    # A shared machine's speed drifts (2x within minutes on the dev box): the source is
+    # measured again beside each target, and the prediction (a ratio to the source) is
+    # taken against the source's step of the same moment.
+    before = measure_step_s(source_workload, plan) if plan.ddp else step
+    ddp_steps = measure_ddp(plan, out) if plan.ddp else {}
+    ddp_source = (before + measure_step_s(source_workload, plan)) / 2 if plan.ddp else step
+    for kind, target, pred in tqdm(predictions, desc="measuring targets", leave=False):
+        if kind == "ranks":
+            measured, now = ddp_steps.get(target.scaling), ddp_source
+        else:
+            now, measured = measure_pair(
+                source_workload, target_workload(source_workload, target), plan
+            )
+        cases.append(
+            case(kind, describe_target(target, pred), rescaled(pred, now / step), measured)
+        )
+    torch.set_num_threads(plan.threads)
+    cases.insert(
+        0,
+        {
+            "kind": "source",
+            "target": describe(source_workload),
+            "measured_s": step,
+            "note": "each prediction is scaled by the source's step measured beside its target",
+        },
+    )
+    calibration.save_cases([c for c in cases if c["kind"] != "source"], utc_now())
+    return cases
+
+
+def measure_pair(source: Workload, target: Workload, plan: Plan) -> tuple[float, float]:
+    """(source step, target step), measured in alternation, two rounds each."""
+    half = replace(plan, repeats=max(plan.repeats // 2, 3))
+    pairs = [(measure_step_s(source, half), measure_step_s(target, half)) for _ in range(2)]
+    return (
+        statistics.mean(p[0] for p in pairs),
+        statistics.mean(p[1] for p in pairs),
+    )
+
+
+def rescaled(pred: Prediction, factor: float) -> Prediction:
+    """The prediction against the source as fast as it measured beside the target."""
+    if pred.step_s is None:
+        return pred
+    low_high = pred.interval and (pred.interval[0] * factor, pred.interval[1] * factor)
+    return replace(pred, step_s=pred.step_s * factor, interval=low_high or None)
+
+
+def case(kind: str, label: str, pred: Prediction, measured: float | None) -> dict[str, Any]:
+    error = pred.step_s / measured - 1 if measured and pred.step_s else None
+    inside = None
+    if pred.interval is not None and measured:
+        inside = pred.interval[0] <= measured <= pred.interval[1]
+    return {
+        "kind": kind,
+        "target": label,
+        "predicted_s": pred.step_s,
+        "measured_s": measured,
+        "error": error,
+        "bound": pred.bound,
+        "interval": pred.interval,
+        "inside": inside,
+    }
+
+
+def describe(w: Workload) -> str:
+    return f"{w.preset} f{w.filters} b{w.batch_size} t{w.threads}"
+
+
+def describe_target(target: Target, pred: Prediction) -> str:
+    text = f"f{pred.filters} b{pred.batch} t{pred.threads}"
+    return text + (f" x{pred.ranks} ranks ({pred.scaling})" if pred.ranks > 1 else "")
+
+
+def measure_ddp(plan: Plan, out: Path | None) -> dict[str, float]:
+    """Median DDP step of 2 Gloo ranks (1 thread each), weak and strong, measured by
+    `lungbench bench` under torchrun: {scaling: seconds}."""
+    log.info("measuring the 2-rank DDP run (torchrun, Gloo)")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(out) if out is not None else Path(tmp)
+        argv = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            "2", "-m", "lungbench", "bench", "--preset", plan.preset, "--filters",
+            str(plan.filters), "--batch", str(plan.batch), "--threads", "1", "--no-epoch",
+            "--no-baseline", "--scaling", "both", "--warmup", str(plan.warmup),
+            "--repeats", str(plan.repeats), "--telemetry-interval", "0",
+            "--out", str(root), "--run-id", "predict-validate-ddp",
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not _launcher_variable(k)}
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            log.warning(f"note: the DDP run failed: {done.stderr.strip().splitlines()[-1:]}")
+            return {}
+        records = read_records(root / "predict-validate-ddp")
+    return {
+        r["scaling"]: r["step_s_median"]
+        for r in records
+        if r.get("world_size") == 2 and r.get("status") == "ok"
+    }
+
+
+def _launcher_variable(name: str) -> bool:
+    """Variables of an outer launcher that would confuse the inner torchrun."""
+    return name in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} or (
+        name.startswith(("SLURM_", "PMI_", "OMPI_", "TORCHELASTIC_"))
+    )
+
+
+def summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median |error| per kind and overall, and the intervals' coverage."""
+    scored = [c for c in cases if c.get("error") is not None]
+    by_kind: dict[str, list[float]] = {}
+    for c in scored:
+        by_kind.setdefault(c["kind"], []).append(abs(c["error"]))
+    covered = [c["inside"] for c in scored if c.get("inside") is not None]
+    return {
+        "median_abs_error": statistics.median(abs(c["error"]) for c in scored) if scored else None,
+        "median_abs_error_by_kind": {k: statistics.median(v) for k, v in by_kind.items()},
+        "interval_coverage": sum(covered) / len(covered) if covered else None,
+        "cases": len(scored),
+    }
+
+
+def dumps(cases: list[dict[str, Any]]) -> str:
+    return json.dumps({"cases": cases, "summary": summary(cases)}, indent=2)

@@ -1,0 +1,239 @@
+"""`lungbench predict`: the per-operator model on planted tables, per-operator counts against
+FlopCounterMode, the ring all-reduce, the alpha-beta fit, the device profiles, the bad
+inputs, and `predict --validate --quick` end to end."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lungbench.cli import OneLineParser
+from lungbench.commands import predict as predict_command
+from lungbench.core.errors import DataError, UsageError
+from lungbench.measure.allreduce import AlphaBeta, fit_alpha_beta
+from lungbench.measure.predict.comm import bucket_bytes, comm_estimate, ring_allreduce_s
+from lungbench.measure.predict.devices import (
+    DeviceProfile,
+    load_profiles,
+    look_up_device,
+    parse_profile,
+    shipped_profiles,
+)
+from lungbench.measure.predict.model import fixed_costs, roof_s, scale_step
+from lungbench.measure.predict.operators import count_operators
+from lungbench.measure.timing import OpCall
+from lungbench.measure.workload import Workload
+from lungbench.step import Switches
+
+TINY = Workload(preset="dey2018", filters=2, batch_size=2)
+
+
+def device(peak: float, bandwidth: float, kind: str = "cpu", name: str = "d") -> DeviceProfile:
+    return DeviceProfile(
+        name=name, title=name, kind=kind, peak_flops={"fp32": peak},
+        memory_bandwidth=bandwidth, memory_size=0.0, link_bandwidth=0.0, link_latency_s=0.0,
+        kernel_launch_s=1e-6, compute_efficiency=0.5, memory_efficiency=1.0,
+    )  # fmt: skip
+
+
+# ---- the per-operator model on planted tables ----------------------------------------------
+
+
+def test_bounds_of_a_planted_call_by_hand():
+    call = OpCall("aten.convolution", flops=2e9, bytes=1e8, dtype="fp32")
+    # 2 GFLOP at 100 GFLOP/s = 20 ms; 100 MB at 10 GB/s = 10 ms
+    assert roof_s(call, device(100e9, 10e9)) == pytest.approx((0.02, 0.01))
+
+
+def test_planted_table_scaled_by_the_limiting_bound():
+    src = device(100e9, 10e9)
+    calls = [
+        OpCall("aten.convolution", 2e9, 1e8, "fp32", "forward", 0.040),  # compute: 20 ms bound
+        OpCall("aten.relu", 0.0, 2e8, "fp32", "forward", 0.030),  # memory: 20 ms bound
+    ]
+    target = [
+        OpCall("aten.convolution", 4e9, 2e8, "fp32", "forward"),  # twice the batch
+        OpCall("aten.relu", 0.0, 4e8, "fp32", "forward"),
+    ]
+    est = scale_step(calls, src, target, src, overhead_s=0.005, call_latency_s=0.0)
+    # each call's measured time doubles with its limiting bound; the overhead stays
+    assert est.step_s == pytest.approx(0.005 + 2 * 0.040 + 2 * 0.030)
+    assert est.parts == pytest.approx({"compute": 0.08, "memory": 0.06, "latency": 0.005})
+    assert est.bound == "compute"
+    # a device with twice the peak halves the compute-bound call only (its new bound, 10 ms,
+    # still limits it); the relu's bound is unchanged
+    fast = device(200e9, 10e9)
+    est = scale_step(calls, src, calls, fast, overhead_s=0.0, call_latency_s=0.0)
+    assert est.step_s == pytest.approx(0.020 + 0.030)
+
+
+def test_fixed_cost_from_two_probe_sizes():
+    src = device(1e9, 1e12)
+    small = [OpCall("aten.mm", 1e6, 0.0, "fp32", "", 0.003)]  # roof 1 ms
+    large = [OpCall("aten.mm", 2e6, 0.0, "fp32", "", 0.004)]  # roof 2 ms
+    # line through (1 ms, 3 ms) and (2 ms, 4 ms): slope 1, intercept 2 ms
+    assert fixed_costs(small, large, src, 0.0) == pytest.approx([0.002])
+    target = [OpCall("aten.mm", 4e6, 0.0, "fp32")]  # roof 4 ms -> 2 + 4 = 6 ms
+    est = scale_step(small, src, target, src, 0.0, 0.0, reference=large)
+    assert est.step_s == pytest.approx(0.006)
+
+
+def test_across_kinds_is_launch_bound_when_the_host_is_slower():
+    calls = [OpCall("aten.add", 1.0, 1e3, "fp32", "forward", 1e-5)] * 10
+    gpu = device(1e13, 1e12, kind="cuda", name="gpu")
+    est = scale_step(calls, device(1e9, 1e9), calls, gpu, overhead_s=1e-4, call_latency_s=1e-5)
+    # host: 10 calls x (10 us + 100 us / 10) = 200 us; kernels: 10 x 1 us + tiny
+    assert est.step_s == pytest.approx(2e-4)
+    assert est.bound == "latency"
+
+
+# ---- per-operator counts against FlopCounterMode -------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [2, 4])
+def test_per_operator_flops_match_flop_counter_mode(batch):
+    work = Workload(preset="dey2018", filters=2, batch_size=batch)
+    calls = count_operators(work, Switches())
+    model = work.build_model(torch.device("cpu"))
+    inputs, target = work.random_batch(torch.device("cpu"))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        torch.nn.functional.binary_cross_entropy_with_logits(
+            model(*inputs).reshape(target.shape), target
+        ).backward()
+    expected = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    ours: dict[str, float] = {}
+    for c in calls:
+        if c.flops:
+            ours[c.name] = ours.get(c.name, 0) + c.flops
+    assert ours == pytest.approx(expected)
+
+
+def test_batch_scaling_of_flops_and_bytes_per_operator():
+    two = count_operators(TINY, Switches())
+    four = count_operators(Workload(preset="dey2018", filters=2, batch_size=4), Switches())
+    assert [c.name for c in two] == [c.name for c in four]
+    convs = [(a, b) for a, b in zip(two, four, strict=True) if a.name == "aten.convolution"]
+    assert convs and all(b.flops == pytest.approx(2 * a.flops) for a, b in convs)
+    # bytes grow with the batch, but less than 2x: the weights do not grow
+    assert all(a.bytes < b.bytes < 2 * a.bytes for a, b in convs)
+    adam = [(a, b) for a, b in zip(two, four, strict=True) if a.phase == "optimizer"]
+    assert adam and all(a.bytes == b.bytes for a, b in adam)  # optimizer state: no batch
+
+
+# ---- communication --------------------------------------------------------------------------
+
+
+def test_ring_allreduce_hand_worked():
+    # 4 ranks, 100 MB, 10 GB/s, 10 us: 2*3/4 * 100e6 / 10e9 + 2*3 * 10 us = 15 ms + 60 us
+    assert ring_allreduce_s(100e6, 4, 10e-6, 10e9) == pytest.approx(0.01506)
+    assert ring_allreduce_s(100e6, 1, 10e-6, 10e9) == 0.0
+
+
+def test_exposed_communication_hides_all_but_the_last_bucket():
+    link = AlphaBeta(0.0, 1e9)
+    # 2 ranks: t = bytes / beta; buckets 1 MB and 3 MB -> 1 ms + 3 ms
+    full = comm_estimate([1e6, 3e6], 2, link, backward_s=1.0, overlap=1.0)
+    assert (full.total_s, full.exposed_s) == pytest.approx((0.004, 0.003))
+    none = comm_estimate([1e6, 3e6], 2, link, backward_s=1.0, overlap=0.0)
+    assert none.exposed_s == pytest.approx(0.004)
+
+
+def test_alpha_beta_fit_on_synthetic_points():
+    alpha, beta = 50e-6, 2e9
+    sizes = [1e3, 1e5, 1e6, 1e7]
+    times = [AlphaBeta(alpha, beta).allreduce_s(n, 2) for n in sizes]
+    fit = fit_alpha_beta(sizes, times, 2)
+    assert fit.alpha_s == pytest.approx(alpha)
+    assert fit.beta_bytes_per_s == pytest.approx(beta)
+
+
+def test_buckets_cover_every_gradient():
+    model = TINY.build_model(torch.device("cpu"))
+    assert sum(bucket_bytes(model)) == 4 * sum(p.numel() for p in model.parameters())
+
+
+# ---- device profiles -----------------------------------------------------------------------
+
+
+EXPECTED = {"v100-sxm2", "a100-sxm-40gb", "a100-sxm-80gb", "h100-sxm", "h200", "l40s", "cpu"}
+
+
+def test_every_shipped_profile_parses_and_names_its_sources():
+    profiles = shipped_profiles()
+    assert set(profiles) >= EXPECTED
+    for profile in profiles.values():
+        assert profile.sources and all(s.strip() for s in profile.sources.values())
+        if not profile.measured:
+            assert profile.peak_flops["fp32"] > 0 and profile.memory_bandwidth > 0
+            assert any("data sheet" in s for s in profile.sources.values())
+    assert shipped_profiles()["v100-sxm2"].peak_flops["fp32"] == 15.7e12
+    assert shipped_profiles()["a100-sxm-80gb"].memory_bandwidth == 2039e9
+
+
+def test_unknown_device_lists_the_known_ones():
+    with pytest.raises(UsageError, match="known: .*v100-sxm2"):
+        look_up_device("v1000", load_profiles())
+
+
+def test_a_user_profile_and_a_malformed_one(tmp_path):
+    good = tmp_path / "mine.toml"
+    text = (Path(__file__).parents[1] / "lungbench/measure/predict/devices/l40s.toml").read_text()
+    good.write_text(text.replace('name = "l40s"', 'name = "mine"'))
+    assert "mine" in load_profiles([str(good)])
+    with pytest.raises(DataError, match="source"):
+        parse_profile('name = "x"\nkind = "cuda"\n[peak_flops]\nfp32 = { value = 1 }\n', "x.toml")
+
+
+# ---- the command -----------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> int:
+    """`lungbench predict ...` as the CLI runs it (errors: one line, exit 2), with only this
+    command registered, so the test does not depend on the other commands' modules."""
+    parser = OneLineParser(prog="lungbench")
+    predict_command.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, DataError) as exc:
+        print(f"lungbench predict: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def test_run_folder_without_records_says_what_to_run(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main(["predict", "--from", str(tmp_path / "run"), "--batch", "4"]) == 2
+    assert "run `lungbench bench" in capsys.readouterr().err
+
+
+def test_record_without_flops_says_what_to_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    record = {"key": "k", "status": "ok", "world_size": 1, "step_s_median": 0.1, "model": "m"}
+    (run / "records.jsonl").write_text(json.dumps(record) + "\n")
+    assert main(["predict", "--from", str(run), "--batch", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "flops_per_step" in err and "lungbench bench" in err and len(err.splitlines()) == 1
+
+
+def test_unknown_device_on_the_command_line(tmp_path, capsys):
+    assert main(["predict", "--from", str(tmp_path), "--device", "tpu"]) == 2
+    assert "known:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_validate_quick_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
+    assert main(["predict", "--validate", "--quick", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    kinds = {c["kind"] for c in out["cases"]}
+    assert {"source", "batch", "filters", "threads", "ranks"} <= kinds
+    assert all(c["predicted_s"] > 0 for c in out["cases"][1:])
+    assert out["summary"]["median_abs_error"] is not None
+    assert (tmp_path / "predict_validation.json").is_file()
