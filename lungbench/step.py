@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lungbench.core.errors import UsageError, look_up_option
+from lungbench.core.options import ON_OFF, option, positive_int, spec_of
 
 _log = logging.getLogger(__name__)  # fallback warnings (the CLI shows them on stderr)
 
@@ -120,6 +121,100 @@ def auto_switches() -> Switches:
     )
 
 
+# The --help section of SwitchRequest's options.
+SWITCH_OPTIONS = (
+    "speed switches (default 'auto': the device's measured fast choice; a value given here is "
+    "forced: a device that cannot do it is an error; see docs/performance.md)"
+)
+
+
+@dataclass(frozen=True)
+class SwitchRequest:
+    """The speed switches as a user asks for them: the options of `lungbench bench` and
+    `lungbench profile` (declared with lungbench.core.options), every one "auto" (or None)
+    unless given. Flat fields, so that a request inheriting them (BenchRequest) saves them
+    flat in config.json; `switches_of(request)` gives the Switches.
+
+    "auto" takes the fast choice that a short tuning pass per workload measures where the
+    run happens (lungbench.measure.tuning; `tune`, `retune`, `tune_compile`), or the table
+    `fast_defaults` with tune=False. strict_switches: the switches the user forced (no
+    fallback: a device that cannot do one is an error).
+    """
+
+    dtype: str = option(
+        AUTO,
+        choices=(AUTO, *DTYPES),
+        group=SWITCH_OPTIONS,
+        help="autocast dtype; fp16 uses a grad scaler (CUDA only)",
+    )
+    memory_format: str = option(
+        AUTO,
+        choices=(AUTO, *MEMORY_FORMATS),
+        group=SWITCH_OPTIONS,
+        help="tensor layout; channels_last* follow the input rank",
+    )
+    compile: str = option(
+        AUTO,
+        choices=(AUTO, *COMPILE_MODES),
+        group=SWITCH_OPTIONS,
+        help="torch.compile mode (auto: off; the first compiled step costs minutes on a small CPU)",
+    )
+    tf32: bool | None = option(
+        None,
+        action=ON_OFF,
+        group=SWITCH_OPTIONS,
+        default_text="auto = on for CUDA",
+        help="CUDA TF32 matmul/conv",
+    )
+    cudnn_benchmark: bool | None = option(
+        None,
+        action=ON_OFF,
+        group=SWITCH_OPTIONS,
+        default_text="auto = on for CUDA",
+        help="cuDNN autotuning",
+    )
+    optimizer: str = option(
+        AUTO,
+        flag="--optimizer-impl",
+        choices=(AUTO, *OPTIMIZER_IMPLS),
+        group=SWITCH_OPTIONS,
+        default_text="auto = foreach on CPU, fused on CUDA",
+        help="Adam implementation",
+    )
+    cuda_graphs: bool | None = option(
+        None,
+        action=ON_OFF,
+        group=SWITCH_OPTIONS,
+        help="capture the fixed-shape step as one CUDA graph",
+    )
+    ddp_bucket_mb: int = option(
+        25,
+        type=positive_int,
+        group=SWITCH_OPTIONS,
+        help="DDP gradient bucket size in MB, under a launcher",
+    )
+    strict_switches: tuple[str, ...] = ()
+    tune: bool = option(
+        True,
+        flag="--no-tune",
+        group=SWITCH_OPTIONS,
+        default_text="a short tuning pass per workload measures eager FP32 and each switch, "
+        "interleaved, and picks the fastest that passes an accuracy check; cached per host, "
+        "device, torch version and workload",
+        help="'auto' takes the device's table instead of a measurement here",
+    )
+    retune: bool = option(  # measure again though the cache has a choice
+        False,
+        group=SWITCH_OPTIONS,
+        help="run the tuning pass again though its choice is cached",
+    )
+    tune_compile: bool = option(  # torch.compile among the candidates (minutes on a CPU)
+        False,
+        group=SWITCH_OPTIONS,
+        help="let the tuning pass try torch.compile (its first step costs minutes on a CPU)",
+    )
+
+
 def fast_defaults(device: torch.device) -> Switches:
     """The measured fast choice for `device` (see the module docstring)."""
     if device.type == "cuda":
@@ -170,7 +265,8 @@ def compiler_available(device: torch.device) -> str | None:
 
 def switch_flag(name: str) -> str:
     """The `lungbench bench` option of a Switches field (messages name what users type)."""
-    return "--optimizer-impl" if name == "optimizer" else "--" + name.replace("_", "-")
+    spec = next((spec_of(f) for f in fields(SwitchRequest) if f.name == name), None)
+    return spec.flag_of(name) if spec is not None else "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)

@@ -1,61 +1,38 @@
-"""Layer 10 (commands): Argument types shared by the commands (argparse turns their errors into exit code 2)."""
+"""Layer 10 (commands): Argument types shared by the commands (argparse turns their errors into exit code 2).
+
+The value parsers themselves live in lungbench.core.options (config fields declare them);
+here they raise argparse's error type, so that argparse shows their message as it is.
+"""
 
 from __future__ import annotations
 
 import argparse
-import math
+import functools
 from collections.abc import Callable
+from typing import Any
+
+from lungbench.core import options
 
 
-def _parsed(
-    text: str,
-    cast: Callable[[str], float],
-    valid: Callable[[float], bool],
-    expected: str,
-    bound: str,
-):
-    """`cast(text)` if `valid`, else argparse's error: 'expected EXPECTED' / 'must be BOUND'."""
-    try:
-        value = cast(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-    if not valid(value):
-        raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
-    return value
+def for_argparse(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` as an argparse type: its OptionValueError becomes argparse's one-line error."""
+
+    @functools.wraps(parse)
+    def typed(text: str) -> Any:
+        try:
+            return parse(text)
+        except options.OptionValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return typed
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    return _parsed(text, int, lambda v: v >= 1, "an integer >= 1", ">= 1")
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _parsed(text, int, lambda v: v >= 0, "an integer >= 0", ">= 0")
-
-
-def unit_fraction(text: str) -> float:
-    """argparse type: a float in (0, 1)."""
-    return _parsed(text, float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)", "in (0, 1)")
-
-
-def percent(text: str) -> float:
-    """argparse type: a percentage in [0, 1000)."""
-    return _parsed(text, float, lambda v: 0.0 <= v < 1000.0, "a percentage", "in [0, 1000)")
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    return _parsed(
-        text, float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0", "a finite number >= 0"
-    )
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    return _parsed(
-        text, float, lambda v: v > 0 and math.isfinite(v), "a number > 0", "a finite number > 0"
-    )
+positive_int = for_argparse(options.positive_int)
+non_negative_int = for_argparse(options.non_negative_int)
+unit_fraction = for_argparse(options.unit_fraction)
+percent = for_argparse(options.percent)
+non_negative_float = for_argparse(options.non_negative_float)
+positive_float = for_argparse(options.positive_float)
 
 
 def add_dist_timeout(group) -> None:

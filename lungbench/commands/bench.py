@@ -5,20 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from lungbench.commands._args import (
-    add_dist_timeout,
-    non_negative_int,
-    positive_float,
-    positive_int,
-)
+from lungbench.commands._args import add_dist_timeout
+from lungbench.commands._options import add_config_options, config_from_args, section
 from lungbench.commands._speed import (
-    add_speed_options,
+    MODES,
+    add_eager_fp32,
+    add_mode_options,
+    asked_switches,
     run_ablation_cli,
     run_loader_cli,
-    speed_request_fields,
 )
+from lungbench.experiments.speedup import DATA, FINDER, HOW, WHAT, BenchRequest, run_bench
+from lungbench.step import SWITCH_OPTIONS
+
+LAUNCHER = "under a launcher (torchrun, srun, mpiexec; see hpc/README.md)"
 
 DESCRIPTION = """\
 Measure how fast a 3D CNN trains: for every combination of filters x batch size x device
@@ -60,126 +61,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    g = p.add_argument_group("what to measure")
-    g.add_argument(
-        "--model",
-        default="dualpath3d",
-        help="registered model (default: dualpath3d; see `--list-models`)",
+    for title in (WHAT, HOW, DATA, LAUNCHER, SWITCH_OPTIONS, MODES, FINDER):
+        section(p, title)  # the --help sections in this order
+    # Every BenchRequest field declared with option(...): its flag, parser, default, help.
+    add_config_options(p, BenchRequest, {}, {}, quick_help=None)
+    section(p, WHAT).add_argument(
+        "--list-models", action="store_true", help="list registered models and exit"
     )
-    g.add_argument(
-        "--preset",
-        default="default",
-        help="geometry preset of the two-path model: default (32^3), iso64 (64^3), "
-        "dey2018 (5x50x50) (default: default)",
-    )
-    g.add_argument(
-        "--filters",
-        type=positive_int,
-        nargs="+",
-        default=[8, 16],
-        help="base widths to sweep (default: 8 16, as the thesis)",
-    )
-    g.add_argument(
-        "--batch",
-        type=positive_int,
-        nargs="+",
-        default=[2, 4, 8],
-        help="batch sizes to sweep (default: 2 4 8)",
-    )
-    g.add_argument(
-        "--device",
-        nargs="+",
-        default=["cpu"],
-        help="devices: cpu, cuda, cuda:N (default: cpu); the first is the speed-up baseline",
-    )
-    g.add_argument(
-        "--threads",
-        type=positive_int,
-        nargs="+",
-        default=None,
-        help="CPU intra-op thread counts to sweep (default: torch's, all cores)",
-    )
-    g.add_argument("--list-models", action="store_true", help="list registered models and exit")
-    m = p.add_argument_group("how to measure")
-    m.add_argument(
-        "--warmup",
-        type=non_negative_int,
-        default=3,
-        help="warm-up steps off the clock (default: 3)",
-    )
-    m.add_argument(
-        "--repeats",
-        type=positive_int,
-        default=None,
-        help="timed steps per configuration, exactly N (default: adaptive: at least 10, "
-        "then on until the median step time's 95%% confidence interval is within "
-        "+-CI-TARGET%%, or --max-repeats, or --time-budget; each record says which)",
-    )
-    m.add_argument(
-        "--ci-target",
-        type=positive_float,
-        default=3.0,
-        metavar="PERCENT",
-        help="adaptive repeats: the half-width of the median's 95%% confidence interval to "
-        "reach, in percent of the median (default: 3)",
-    )
-    m.add_argument(
-        "--max-repeats",
-        type=positive_int,
-        default=100,
-        help="adaptive repeats: at most this many timed steps (default: 100)",
-    )
-    m.add_argument(
-        "--time-budget",
-        type=positive_float,
-        default=30.0,
-        metavar="SECONDS",
-        help="adaptive repeats: stop after this many seconds of timed steps (default: 30)",
-    )
-    m.add_argument(
-        "--no-epoch",
-        dest="epoch",
-        action="store_false",
-        help="skip the end-to-end epoch; the table then uses the step time",
-    )
-    m.add_argument(
-        "--epoch-samples",
-        type=positive_int,
-        default=None,
-        help="samples per timed epoch (default: the whole 80%% training split)",
-    )
-    m.add_argument(
-        "--workers",
-        type=non_negative_int,
-        default=0,
-        help="DataLoader worker processes for the epoch (default: 0)",
-    )
-    m.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
-    m.add_argument(
-        "--telemetry-interval",
-        type=float,
-        default=0.5,
-        metavar="SECONDS",
-        help="GPU/CPU telemetry sampling interval per configuration, saved to "
-        "telemetry/<config>.csv with a summary in each record; 0 = off (default: 0.5)",
-    )
-    d = p.add_argument_group("data and output")
-    d.add_argument(
-        "--store",
-        default=None,
-        help="HDF5 store to train the epoch on (default: generated LIDC-like set, "
-        "cached in OUT/data/)",
-    )
-    d.add_argument(
-        "--synth-n",
-        type=positive_int,
-        default=754,
-        help="size of the generated set when no --store (default: 754); only the samples "
-        "the run reads are generated: with --epoch-samples E the first ceil(E/0.8)+2, with "
-        "--no-epoch 2, with --loader its --loader-samples",
-    )
-    d.add_argument("--out", default="results", help="output root (default: results)")
-    d.add_argument("--run-id", default=None, help="run folder name (default: bench-<UTC>-<host>)")
+    d = section(p, DATA)
     d.add_argument(
         "--resume",
         default=None,
@@ -194,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="read the sweep from a TOML file (e.g. bench/sweeps/thesis.toml); "
         "options given on the command line override it",
     )
-    dd = p.add_argument_group("under a launcher (torchrun, srun, mpiexec; see hpc/README.md)")
+    dd = section(p, LAUNCHER)
     dd.add_argument(
         "--scaling",
         choices=["weak", "strong", "both"],
@@ -209,7 +98,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="skip the 1-process reference that rank 0 measures first",
     )
     add_dist_timeout(dd)
-    add_speed_options(p)  # switches, --ablation, --find-batch, --loader, data path
+    add_eager_fp32(p)
+    add_mode_options(p)  # --ablation, --loader
     p.set_defaults(func=_run)
 
 
@@ -219,37 +109,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.list_models:
         print("\n".join(list_models()))
         return 0
+    request = config_from_args(args, BenchRequest, {}, {})
     if args.ablation or args.loader:
         from lungbench.distributed.launch import require_single_process
 
         require_single_process("--ablation" if args.ablation else "--loader")
-        return run_ablation_cli(args) if args.ablation else run_loader_cli(args)
-    from lungbench.experiments.speedup import BenchRequest, run_bench
-
-    request = BenchRequest(
-        **speed_request_fields(args),
-        model=args.model,
-        preset=args.preset,
-        # A value given twice would measure (and record) one configuration twice.
-        filters=_unique(args.filters),
-        batch_sizes=_unique(args.batch),
-        devices=_unique(args.device),
-        threads=_unique(args.threads) if args.threads else (None,),
-        warmup=args.warmup,
-        repeats=args.repeats,
-        ci_target_pct=args.ci_target,
-        max_repeats=args.max_repeats,
-        time_budget_s=args.time_budget,
-        epoch=args.epoch,
-        epoch_samples=args.epoch_samples,
-        num_workers=args.workers,
-        seed=args.seed,
-        store=Path(args.store) if args.store else None,
-        synth_n=args.synth_n,
-        out=Path(args.out),
-        run_id=args.run_id,
-        telemetry_interval=args.telemetry_interval,
-    )
+        run_mode = run_ablation_cli if args.ablation else run_loader_cli
+        return run_mode(request, args)
+    request = asked_switches(request, args.eager_fp32, request.devices)
     from lungbench.measure.sweep_state import apply_resume_and_config, interrupt_exit_code
 
     request, resume = apply_resume_and_config(request, BenchRequest(), args.config, args.resume)
@@ -295,8 +162,3 @@ def _group_device(devices) -> str:
 
     wants_cuda = any(d.startswith("cuda") for d in devices)
     return "cuda" if wants_cuda and torch.cuda.is_available() else "cpu"
-
-
-def _unique(values) -> tuple:
-    """The values in the order given, each once."""
-    return tuple(dict.fromkeys(values))

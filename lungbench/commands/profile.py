@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from lungbench.commands._args import add_dist_timeout, non_negative_int, positive_int
-from lungbench.commands._speed import add_switch_options, switches_from_args, tuning_fields
+from lungbench.commands._speed import add_switch_options, switch_request
 
 DESCRIPTION = """\
 Run the training step of a model (default: the two-path 3D CNN, filters 16, batch 2) under
@@ -104,11 +104,12 @@ def _run(args: argparse.Namespace) -> int:
         run_profile,
     )
     from lungbench.measure.workload import Workload
+    from lungbench.step import switches_of
 
     activities = args.activities
     if activities is None:
         activities = "cpu,cuda" if args.device.startswith("cuda") else "cpu"
-    switches, strict = switches_from_args(args)
+    asked = switch_request(args, [args.device])  # the switch options, as in bench
     cfg = ProfileConfig(
         workload=Workload(
             model=args.model,
@@ -119,8 +120,8 @@ def _run(args: argparse.Namespace) -> int:
             threads=args.threads,
             seed=args.seed,
         ),
-        switches=switches,
-        strict_switches=strict,
+        switches=switches_of(asked),
+        strict_switches=asked.strict_switches,
         schedule=ProfileSchedule(args.wait, args.warmup, args.active, args.repeat),
         steps=args.steps,
         activities=parse_activities(activities, args.device),
@@ -129,7 +130,9 @@ def _run(args: argparse.Namespace) -> int:
         with_stack=args.with_stack,
         top=args.top,
         store=Path(args.store) if args.store else None,
-        **tuning_fields(args),
+        tune=asked.tune,
+        retune=asked.retune,
+        tune_compile=asked.tune_compile,
     )
     from lungbench.distributed.group import init_distributed, shutdown
 

@@ -20,6 +20,13 @@ from tqdm import tqdm
 from lungbench.core.device import parse_device
 from lungbench.core.environment import describe_device, environment_record, provenance
 from lungbench.core.errors import DataError, UsageError, look_up_option
+from lungbench.core.options import (
+    ON_OFF,
+    non_negative_int,
+    option,
+    positive_float,
+    positive_int,
+)
 from lungbench.core.paths import check_name, check_out_dir
 from lungbench.core.runs import (
     append_record,
@@ -66,57 +73,197 @@ from lungbench.measure.workload import Protocol, Workload
 from lungbench.models import create_model, list_models
 from lungbench.report.bench_outputs import write_bench_outputs
 from lungbench.report.scaling import write_scaling_outputs
-from lungbench.step import check_switches, switches_of
+from lungbench.step import SwitchRequest, check_switches, switches_of
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 
-@dataclass(frozen=True)
-class BenchRequest:
-    """What the user asked `lungbench bench` for (saved as config.json)."""
+# The fewest repeats of an adaptive protocol: the median's 95% interval needs 6, and 10 were
+# the fixed default before repeats adapted (and stay what each DDP rank times).
+ADAPTIVE_MIN_REPEATS = 10
 
-    model: str = "dualpath3d"
-    preset: str = "default"
-    filters: tuple[int, ...] = (8, 16)
-    batch_sizes: tuple[int, ...] = (2, 4, 8)
-    devices: tuple[str, ...] = ("cpu",)
-    threads: tuple[int | None, ...] = (None,)
-    warmup: int = 3
-    repeats: int | None = None  # exactly this many; None = adaptive (below)
+
+# The --help sections of BenchRequest's options (`lungbench bench`), in their order there.
+WHAT = "what to measure"
+HOW = "how to measure"
+DATA = "data and output"
+FINDER = "batch-size finder and data path"
+
+
+def _unique(values: Any) -> tuple:
+    """The values in the order given, each once (a value given twice would measure, and
+    record, one configuration twice)."""
+    return tuple(dict.fromkeys(values))
+
+
+def _path_or_none(text: str) -> Path | None:
+    """A path option's value; an empty one means the default (None)."""
+    return Path(text) if text else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchRequest(SwitchRequest):
+    """What the user asked `lungbench bench` for (saved as config.json, flat: the speed
+    switches, inherited from SwitchRequest, beside the fields below). The fields with
+    option(...) are the command's options (lungbench.commands._options builds the parser
+    and the request from them); `--config` sweep files use the same names."""
+
+    model: str = option(
+        "dualpath3d", group=WHAT, default_note="see `--list-models`", help="registered model"
+    )
+    preset: str = option(
+        "default",
+        group=WHAT,
+        help="geometry preset of the two-path model: default (32^3), iso64 (64^3), "
+        "dey2018 (5x50x50)",
+    )
+    filters: tuple[int, ...] = option(
+        (8, 16),
+        type=positive_int,
+        nargs="+",
+        group=WHAT,
+        convert=_unique,
+        default_note="as the thesis",
+        help="base widths to sweep",
+    )
+    batch_sizes: tuple[int, ...] = option(
+        (2, 4, 8),
+        flag="--batch",
+        type=positive_int,
+        nargs="+",
+        metavar="BATCH",
+        group=WHAT,
+        convert=_unique,
+        help="batch sizes to sweep",
+    )
+    devices: tuple[str, ...] = option(
+        ("cpu",),
+        flag="--device",
+        nargs="+",
+        metavar="DEVICE",
+        group=WHAT,
+        convert=_unique,
+        help="devices: cpu, cuda, cuda:N; the first is the speed-up baseline",
+    )
+    threads: tuple[int | None, ...] = option(
+        (None,),
+        type=positive_int,
+        nargs="+",
+        group=WHAT,
+        convert=_unique,
+        default_text="torch's, all cores",
+        help="CPU intra-op thread counts to sweep",
+    )
+    warmup: int = option(3, type=non_negative_int, group=HOW, help="warm-up steps off the clock")
+    repeats: int | None = option(  # exactly this many; None = adaptive (below)
+        None,
+        type=positive_int,
+        group=HOW,
+        default_text=f"adaptive: at least {ADAPTIVE_MIN_REPEATS}, then on until the median "
+        "step time's 95% confidence interval is within +-CI-TARGET%, or --max-repeats, or "
+        "--time-budget; each record says which",
+        help="timed steps per configuration, exactly N",
+    )
     # Adaptive repeats: at least ADAPTIVE_MIN_REPEATS, then on until the median's 95% CI is
     # within +-ci_target_pct percent, max_repeats are timed or time_budget_s has passed.
-    ci_target_pct: float = 3.0
-    max_repeats: int = 100
-    time_budget_s: float = 30.0
-    epoch: bool = True
-    epoch_samples: int | None = None
-    num_workers: int = 0
-    seed: int = 0
-    store: Path | None = None
-    synth_n: int = 754
-    out: Path = Path("results")
-    run_id: str | None = None
-    telemetry_interval: float = 0.5  # seconds between telemetry samples; 0 = no telemetry
-    # Speed switches and data path (lungbench.step, lungbench.measure.loader): "auto" / None
-    # = the device's fast default; strict_switches = the ones the user forced (no fallback).
-    dtype: str = "auto"
-    memory_format: str = "auto"
-    compile: str = "auto"
-    tf32: bool | None = None
-    cudnn_benchmark: bool | None = None
-    optimizer: str = "auto"
-    cuda_graphs: bool | None = None
-    ddp_bucket_mb: int = 25
-    strict_switches: tuple[str, ...] = ()
-    pin_memory: bool | None = None
-    cache: bool = False
-    find_batch: bool = False  # search the largest batch first; it bounds the sweep
-    max_batch: int | None = None  # ceiling of that search (None: 64 on CPU, 4096 on CUDA)
-    # "auto" switches by measurement (lungbench.measure.tuning): a short pass per workload,
-    # cached; False = the device's table
-    tune: bool = True
-    retune: bool = False  # measure again though the cache has a choice
-    tune_compile: bool = False  # torch.compile among the candidates (minutes on a CPU)
+    ci_target_pct: float = option(
+        3.0,
+        flag="--ci-target",
+        type=positive_float,
+        metavar="PERCENT",
+        group=HOW,
+        help="adaptive repeats: the half-width of the median's 95% confidence interval to "
+        "reach, in percent of the median",
+    )
+    max_repeats: int = option(
+        100, type=positive_int, group=HOW, help="adaptive repeats: at most this many timed steps"
+    )
+    time_budget_s: float = option(
+        30.0,
+        flag="--time-budget",
+        type=positive_float,
+        metavar="SECONDS",
+        group=HOW,
+        help="adaptive repeats: stop after this many seconds of timed steps",
+    )
+    epoch: bool = option(
+        True,
+        flag="--no-epoch",
+        group=HOW,
+        default_text="the epoch is timed",
+        help="skip the end-to-end epoch; the table then uses the step time",
+    )
+    epoch_samples: int | None = option(
+        None,
+        type=positive_int,
+        group=HOW,
+        default_text="the whole 80% training split",
+        help="samples per timed epoch",
+    )
+    num_workers: int = option(
+        0,
+        flag="--workers",
+        type=non_negative_int,
+        metavar="WORKERS",
+        group=HOW,
+        help="DataLoader worker processes for the epoch",
+    )
+    seed: int = option(0, type=non_negative_int, group=HOW, help="random seed")
+    telemetry_interval: float = option(  # seconds between samples; 0 = off (checked: >= 0)
+        0.5,
+        type=float,
+        metavar="SECONDS",
+        group=HOW,
+        help="GPU/CPU telemetry sampling interval per configuration, saved to "
+        "telemetry/<config>.csv with a summary in each record; 0 = off",
+    )
+    store: Path | None = option(
+        None,
+        group=DATA,
+        convert=_path_or_none,
+        default_text="generated LIDC-like set, cached in OUT/data/",
+        help="HDF5 store to train the epoch on",
+    )
+    synth_n: int = option(
+        754,
+        type=positive_int,
+        group=DATA,
+        default_note="only the samples the run reads are generated: with --epoch-samples E "
+        "the first ceil(E/0.8)+2, with --no-epoch 2, with --loader its --loader-samples",
+        help="size of the generated set when no --store",
+    )
+    out: Path = option(Path("results"), group=DATA, convert=Path, help="output root")
+    run_id: str | None = option(
+        None, group=DATA, default_text="bench-<UTC>-<host>", help="run folder name"
+    )
+    # The data path (lungbench.measure.loader) and the batch-size finder; the speed
+    # switches are SwitchRequest's.
+    pin_memory: bool | None = option(
+        None,
+        action=ON_OFF,
+        group=FINDER,
+        default_text="on for CUDA",
+        help="pinned host memory for the epoch's batches",
+    )
+    cache: bool = option(
+        False,
+        group=FINDER,
+        help="decode the store once into shared memory for the epoch (when it fits in a "
+        "quarter of the free RAM)",
+    )
+    find_batch: bool = option(  # search the largest batch first; it bounds the sweep
+        False,
+        group=FINDER,
+        help="first find the largest batch that fits per model, filters, grid and dtype "
+        "(tables/max_batch.csv); the sweep drops larger batches and adds it",
+    )
+    max_batch: int | None = option(  # ceiling of that search (None: 64 on CPU, 4096 on CUDA)
+        None,
+        type=positive_int,
+        group=FINDER,
+        default_text="64 on CPU, 4096 on CUDA",
+        help="ceiling of the search",
+    )
 
     def sweep(self) -> SweepSpec:
         base = BenchConfig(
@@ -148,11 +295,6 @@ class BenchRequest:
             max_repeats=max(self.max_repeats, ADAPTIVE_MIN_REPEATS),
             budget_s=self.time_budget_s,
         )
-
-
-# The fewest repeats of an adaptive protocol: the median's 95% interval needs 6, and 10 were
-# the fixed default before repeats adapted (and stay what each DDP rank times).
-ADAPTIVE_MIN_REPEATS = 10
 
 
 @dataclass

@@ -1,0 +1,211 @@
+"""Layer 10 (commands): argparse options made from a config's field declarations, and the config made back from them.
+
+A recipe declares its options on its frozen config (lungbench.core.options: `option`,
+`nested`) and its full and --quick values in two dicts, FULL and QUICK (the quick overlay:
+a key missing there keeps the full value). `add_config_options` adds one option per declared
+field, its help text ending with both defaults; `config_from_args` builds the config: the
+user's value, else the --quick one (with --quick), else the full one, else the field's
+default.
+
+    add_config_options(parser, MosmedConfig, FULL, QUICK, quick_help="tiny smoke run")
+    cfg = config_from_args(parser.parse_args(argv), MosmedConfig, FULL, QUICK)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from lungbench.commands._args import for_argparse
+from lungbench.core.options import ON_OFF, Nested, Option, field_default, spec_of
+
+
+@dataclasses.dataclass(frozen=True)
+class Shown:
+    """One option of a config: its field `name` (also argparse's dest), its declaration (a
+    nested field's group and overrides applied) and its field default."""
+
+    name: str
+    option: Option
+    default: Any
+
+
+def shown_options(cls: type) -> Iterator[Shown]:
+    """The options of config `cls` in field order, a nested config's shown fields in place."""
+    for f in dataclasses.fields(cls):
+        spec = spec_of(f)
+        if isinstance(spec, Option):
+            yield Shown(f.name, spec, field_default(f))
+        elif isinstance(spec, Nested):
+            inner = {g.name: g for g in dataclasses.fields(spec.cls)}
+            for name, changes in spec.show.items():
+                base = spec_of(inner[name]) if name in inner else None
+                if not isinstance(base, Option):
+                    raise TypeError(f"{spec.cls.__name__}.{name} declares no option")
+                if base.group is None:  # the nested field's section, unless it has its own
+                    changes = {"group": spec.group, **changes}
+                yield Shown(name, dataclasses.replace(base, **changes), field_default(inner[name]))
+
+
+def check_overlays(cls: type, full: Mapping[str, Any], quick: Mapping[str, Any]) -> None:
+    """TypeError when FULL/QUICK name no field of `cls` or of a nested config, or when a name
+    is a field of both (the flat overlays and argparse's dests need one meaning per name)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for f in dataclasses.fields(cls):
+        spec = spec_of(f)
+        if isinstance(spec, Nested):
+            names += [g.name for g in dataclasses.fields(spec.cls)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise TypeError(f"{cls.__name__}: fields of the config and a nested one share {twice}")
+    unknown = sorted((set(full) | set(quick)) - set(names))
+    if unknown:
+        raise TypeError(f"{cls.__name__}: FULL/QUICK name no field: {unknown}")
+
+
+def shown_value(value: Any) -> str:
+    """A default as --help says it: None/False 'off', True 'on', sequences space-separated."""
+    if value is None or value is False:
+        return "off"
+    if value is True:
+        return "on"
+    if isinstance(value, (tuple, list)):
+        return " ".join(map(shown_value, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def help_text(option: Option, full: Any, quick: Any = dataclasses.MISSING) -> str:
+    """The option's help and '(default: FULL[, note][; --quick: QUICK])'."""
+    said = option.default_text or shown_value(full)
+    if option.default_note:
+        said += f", {option.default_note}"
+    if quick is not dataclasses.MISSING and not option.default_text:
+        said += f"; --quick: {shown_value(quick)}"
+    return f"{option.help} (default: {said})"
+
+
+def section(parser: argparse.ArgumentParser, title: str | None) -> Any:
+    """The parser's argument group `title` (made on first use); None: the parser itself."""
+    if title is None:
+        return parser
+    for group in parser._action_groups:
+        if group.title == title:
+            return group
+    return parser.add_argument_group(title)
+
+
+def add_config_options(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    full: Mapping[str, Any],
+    quick: Mapping[str, Any],
+    *,
+    quick_help: str | None,
+) -> None:
+    """--quick (unless `quick_help` is None: a config without a quick overlay) and one
+    option per declared field of `cls` (nested ones included); every option's argparse
+    default is None, so that config_from_args sees what the user gave."""
+    check_overlays(cls, full, quick)
+    if quick_help is not None:
+        parser.add_argument("--quick", action="store_true", help=quick_help)
+    for shown in shown_options(cls):
+        option, name = shown.option, shown.name
+        value = full.get(name, shown.default)
+        if value is dataclasses.MISSING:
+            raise TypeError(f"{cls.__name__}: option {name} has no default in FULL or the field")
+        flag = option.flag_of(name)
+        text = help_text(option, value, quick.get(name, dataclasses.MISSING))
+        how: dict[str, Any] = {"dest": name, "default": None, "help": text.replace("%", "%%")}
+        switch = isinstance(value, bool) and option.choices is None and option.type is None
+        if option.action is None and switch:
+            how["action"] = "store_false" if flag.startswith("--no-") else "store_true"
+        elif option.action == ON_OFF:
+            how["action"] = argparse.BooleanOptionalAction
+        else:
+            if option.action is not None:
+                how["action"] = option.action
+            if option.type is not None:
+                how["type"] = for_argparse(option.type)
+            for key in ("choices", "nargs", "metavar"):
+                if getattr(option, key) is not None:
+                    how[key] = getattr(option, key)
+        section(parser, option.group).add_argument(flag, **how)
+
+
+def config_from_args(
+    args: argparse.Namespace,
+    cls: type,
+    full: Mapping[str, Any],
+    quick: Mapping[str, Any],
+    **fixed: Any,
+) -> Any:
+    """Config `cls` from options added by add_config_options: per field the user's value
+    (converted), else QUICK's (with --quick), else FULL's, else the field's default; `fixed`
+    sets fields (of `cls` or a nested config) outright."""
+    check_overlays(cls, full, quick)
+    mode = {**full, **quick} if getattr(args, "quick", False) else dict(full)
+    given = {}
+    for shown in shown_options(cls):
+        value = getattr(args, shown.name, None)
+        if value is not None:
+            if shown.option.convert is not None:
+                value = shown.option.convert(value)
+            given[shown.name] = tuple(value) if isinstance(value, list) else value
+    return _build(cls, {**mode, **given, **fixed})
+
+
+def _build(cls: type, values: Mapping[str, Any]) -> Any:
+    """`cls` from the flat `values` (a nested config built from them too); fields missing
+    there keep their defaults."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        spec = spec_of(f)
+        if not f.init:
+            continue
+        if f.name in values:
+            kwargs[f.name] = values[f.name]
+        elif isinstance(spec, Nested):
+            kwargs[f.name] = _build(spec.cls, values)
+    return cls(**kwargs)
+
+
+def given_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The options of `cls` the user gave (argparse defaults are None), converted."""
+    given = {}
+    for shown in shown_options(cls):
+        value = getattr(args, shown.name, None)
+        if value is not None:
+            if shown.option.convert is not None:
+                value = shown.option.convert(value)
+            given[shown.name] = tuple(value) if isinstance(value, list) else value
+    return given
+
+
+def flat_values(cfg: Any) -> dict[str, Any]:
+    """A config's field values by name, a nested config's fields in place of it (the flat
+    names of FULL/QUICK and of the options)."""
+    values = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(spec_of(f), Nested):
+            values.update(flat_values(value))
+        else:
+            values[f.name] = value
+    return values
+
+
+def replaced(cfg: Any, changes: Mapping[str, Any]) -> Any:
+    """`cfg` with the flat `changes` (fields of it or of a nested config) applied."""
+    return _build(type(cfg), {**flat_values(cfg), **changes})
+
+
+def flag_of(cls: type, name: str) -> str:
+    """The command-line flag of option `name` of config `cls`."""
+    for shown in shown_options(cls):
+        if shown.name == name:
+            return shown.option.flag_of(name)
+    return "--" + name.replace("_", "-")
