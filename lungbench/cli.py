@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         if distributed is not None and distributed.group_is_broken():
             distributed.exit_now(exc.exit_code)  # a lost peer: no clean teardown is possible
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C: 130; SIGTERM turned into one (SweepTerminated): 143
         print(f"lungbench {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return int(getattr(exc, "exit_code", 130))
 
 
 if __name__ == "__main__":

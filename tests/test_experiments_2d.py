@@ -264,6 +264,21 @@ def test_nodule2d_given_lr_skips_the_finder(tmp_path, monkeypatch):
     assert not (run / "plots" / "lr_finder.png").exists()
 
 
+def test_cam_share_on_the_nodule():
+    """The Grad-CAM measure of tables/gradcam_nodule: a map spread evenly has a lift of 1, a
+    map inside the nodule disc 1 / the disc's share of the crop; a flat map is NaN."""
+    masks = nodule2d.nodule_masks((16, 16), np.array([4.0, 4.0, 4.0]), margin=0.0)
+    assert masks.shape == (3, 16, 16) and masks[0].sum() == 12  # radius 2 about (7.5, 7.5)
+    cams = np.stack([np.ones((16, 16)), masks[1].astype(float), np.zeros((16, 16))])
+    table = nodule2d.cam_on_masks(cams, masks)
+    area = 12 / 256
+    assert table["nodule_share_of_crop"].tolist() == pytest.approx([area] * 3)
+    assert table["lift"].iloc[0] == pytest.approx(1.0)
+    assert table["lift"].iloc[1] == pytest.approx(1 / area)
+    assert table["peak_in_nodule"].iloc[1] == 1.0
+    assert np.isnan(table["lift"].iloc[2]) and np.isnan(table["peak_in_nodule"].iloc[2])
+
+
 def test_case_indices_pick_right_wrong_and_uncertain_cases():
     targets = np.array([1, 1, 0, 0, 1, 0])
     probs = np.array([0.95, 0.20, 0.10, 0.90, 0.55, 0.40])

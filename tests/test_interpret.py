@@ -10,7 +10,7 @@ from torch import nn
 
 from lungbench.core.errors import UsageError
 from lungbench.models import create_model
-from lungbench.train.cam import cam_layer_name, grad_cam
+from lungbench.train.cam import cam_layer_name, grad_cam, stage_layer_for_size
 from lungbench.train.lr_finder import find_lr, lr_finder_figure
 from lungbench.train.transfer import apply_method, parse_method
 from lungbench.train.tta import tta_probabilities
@@ -88,6 +88,35 @@ def test_cam_shapes_for_the_backbones(name):
     cam = grad_cam(model, (torch.rand(2, 1, 64, 48),), target=2)
     assert cam.shape == (2, 64, 48) and float(cam.min()) >= 0 and float(cam.max()) <= 1
     assert model.training  # mode restored
+
+
+def test_small_crops_explain_the_deepest_stage_with_enough_cells():
+    """ResNet's last stage sees a 64 px crop as 2x2 cells, which cannot point at the centre:
+    min_size=7 explains the deepest stage of at least 7x7 cells instead (layer4 at 224 px,
+    as Grad-CAM's own networks; layer2 at 64 px; the shallowest when none is that wide)."""
+    model = create_model("resnet18", in_channels=1)
+    assert stage_layer_for_size(model, (torch.rand(1, 1, 224, 224),), 7) == "layer4"
+    assert stage_layer_for_size(model, (torch.rand(1, 1, 64, 64),), 7) == "layer2"
+    assert stage_layer_for_size(model, (torch.rand(1, 1, 32, 32),), 7) == "layer1"
+    assert stage_layer_for_size(BrightnessNet(), (torch.rand(1, 1, 8, 8),), 7) == "conv2"
+    model.train()
+    cam = grad_cam(model, (torch.rand(2, 1, 64, 64),), min_size=7)
+    assert cam.shape == (2, 64, 64) and model.training
+
+
+def test_negative_explains_the_other_class_of_a_one_logit_model():
+    """A one-logit model's logit is evidence for its second class; `negative` explains minus
+    it, per image: the planted object is evidence against a model whose logit is minus the
+    brightness, so its map is found only when the first class is explained."""
+    image = torch.rand(2, 1, 48, 48) * 0.05
+    image[..., 30:36, 8:14] = 1.0
+    model = BrightnessNet()
+    with torch.no_grad():
+        model.head.weight.fill_(-1.0)  # logit = -brightness
+    cam = grad_cam(model, (image,), negative=[True, False])
+    row, col = divmod(int(cam[0].argmax()), 48)
+    assert 30 <= row < 36 and 8 <= col < 14  # image 0: the first class, found
+    assert float(cam[1].max()) == 0.0  # image 1: no evidence for the second class anywhere
 
 
 def test_cam_layer_override_and_bad_names():

@@ -130,6 +130,60 @@ def test_optimizers_and_schedules_run(optimizer, schedule):
         assert all(0 < lr <= 0.01 + 1e-12 for lr in lrs)
 
 
+def test_onecycle_lr_per_step_peaks_where_the_schedule_says(tmp_path):
+    """One-cycle moves the learning rate every step, so the engine logs the lr each step ran
+    with (FitResult.lr_steps, RUN/lr_steps.csv): warm-up from max_lr / 25 to max_lr at
+    pct_start (30%) of the steps, then annealing, exactly as torch's OneCycleLR lays it out."""
+    config = _config(epochs=2, batch_size=4, lr=0.01, schedule="onecycle")
+    result = fit(_model(), BlobSet(40, 0), BlobSet(8, 1), config, run_dir=tmp_path)
+    steps, total = result.lr_steps, 2 * 10
+    assert list(steps["step"]) == list(range(1, total + 1))
+    assert list(steps["epoch"]) == [1] * 10 + [2] * 10
+    lrs = steps["lr"].to_numpy()
+    peak = int(np.argmax(lrs))
+    # warm-up ends at OneCycleLR's step_num pct_start * total - 1 = 5: the 6th step's lr
+    assert steps["step"].iloc[peak] == round(0.3 * total) == 6
+    assert lrs[peak] == pytest.approx(0.01)
+    assert lrs[0] == pytest.approx(0.01 / 25)  # div_factor
+    assert lrs[-1] == pytest.approx(0.01 / 25 / 1e4)  # final_div_factor
+    assert (np.diff(lrs[: peak + 1]) > 0).all() and (np.diff(lrs[peak:]) < 0).all()
+    # step for step what the schedule itself gives
+    optimizer = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=total)
+    expected = []
+    for _ in range(total):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    np.testing.assert_allclose(lrs, expected)
+    # written beside metrics.csv (whose one lr per epoch is the lr after its last step)
+    assert pd.read_csv(tmp_path / "lr_steps.csv")["lr"].tolist() == pytest.approx(list(lrs))
+
+
+def test_recalibrated_batchnorm_has_the_datasets_statistics():
+    """Precise BN: the running statistics become the data's (one batch: its mean and unbiased
+    variance), frozen norms keep theirs, mode and momentum are restored; before_eval runs
+    once per epoch on the unwrapped model."""
+    from lungbench.train.batchnorm import recalibrate_batchnorm
+
+    g = torch.Generator().manual_seed(0)
+    x = 3.0 + 2.0 * torch.randn(16, 2, 5, 5, generator=g)
+    model = nn.Sequential(nn.BatchNorm2d(2), nn.BatchNorm2d(2))
+    model[1].weight.requires_grad_(False)
+    model[1].bias.requires_grad_(False)
+    model.train()
+    data = [((x[i],), torch.tensor(0.0)) for i in range(16)]
+    assert recalibrate_batchnorm(model, data, batch_size=16) == 1
+    assert torch.allclose(model[0].running_mean, x.mean(dim=(0, 2, 3)))
+    assert torch.allclose(model[0].running_var, x.var(dim=(0, 2, 3), unbiased=True))
+    assert torch.equal(model[1].running_mean, torch.zeros(2))  # frozen: untouched
+    assert model.training and model[0].momentum == 0.1
+
+    seen = []
+    fit(_model(), BlobSet(16, 0), BlobSet(8, 1), _config(epochs=2), before_eval=seen.append)
+    assert len(seen) == 2 and isinstance(seen[0], TinyNet)
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
 def test_resume_refuses_new_length_for_length_bound_schedules(tmp_path, schedule):
     """cosine and one-cycle are laid out over the planned epochs: a longer resume is refused
@@ -218,6 +272,8 @@ def test_resume_after_interrupted_epoch_matches_uninterrupted(tmp_path):
         resume=info.value.checkpoint,
     )
     assert list(result.history["epoch"]) == [1, 2, 3]
+    # the per-step learning rates of the steps before the signal came back with the checkpoint
+    assert list(result.lr_steps["step"]) == list(range(1, 3 * 4 + 1))
     for (name, a), b in zip(
         reference.state_dict().items(), resumed.state_dict().values(), strict=True
     ):

@@ -154,9 +154,10 @@ def test_weighted_bce_dataset_counts_differ_from_per_label_counts():
 
 def chestxray_default_is_dataset_counts() -> bool:
     from lungbench.cli import build_parser
+    from lungbench.commands.train.chestxray import make_config
 
     args = build_parser().parse_args(["train", "chestxray", "--quick"])
-    return args.class_weights == "dataset"
+    return make_config(args).per_label_weights is False  # --class-weights dataset
 
 
 def test_weighted_bce_global_counts_and_binary_shapes():

@@ -8,9 +8,13 @@ validation; early-stopping picks the best epoch) and evaluate binary accuracy an
 AUC over labels on the held-out fold. Then time one short training per method for the cost
 table (time per epoch, trainable parameters, memory, GPUs needed).
 
-    lungbench train chestxray --quick                  generated X-rays, minutes on a laptop
+    lungbench train chestxray --quick                  generated X-rays, about 2 minutes on 2 cores
     lungbench train chestxray --weights ImageNet=resnet50-imagenet.pth --store cxr.h5
     lungbench train chestxray --cost-only --quick      the cost table alone
+    lungbench train chestxray --resume results/RUN     continue a stopped run
+
+--quick shrinks the grid, not only the data: 2 folds, one B depth (the middle stage
+boundary) instead of every one, so A, B, C and D are each trained twice (8 fits, not 30).
 
 Outputs in results/<run-id>/: tables/methods_binary_accuracy, tables/methods_auc (rows:
 weights, columns: methods, "mean% (+/- std%)"), tables/folds (every fold), tables/cost_<model>,
@@ -18,7 +22,10 @@ plus run.json, config.json, environment.json, records.jsonl, data/ (generated st
 pretrain/ (the checkpoint of the generated-data pretraining when no --weights are given) and,
 with --save-models, models/ (every fold's best model, the next link of a weight chain).
 Options, the store, the folds and every --weights file are checked before the run folder is
-made; a run that fails later is marked "failed" in run.json.
+made; a run that fails later is marked "failed" in run.json. Every fit, the pretraining and
+each cost table append a record to records.jsonl as they finish, and the tables are built
+from the records: a stopped run (Ctrl-C, SIGTERM, an error) has the tables of the fits that
+finished, and --resume RUN trains only the fits it lacks (lungbench.experiments.resumable).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +42,13 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from lungbench.core.errors import UsageError
-from lungbench.core.runs import append_record, markdown, write_table
+from lungbench.core.options import nested, option, positive_int, unit_fraction
+from lungbench.core.runs import append_record, markdown, read_records, write_table
 from lungbench.data.splits import Split, cv_splits
 from lungbench.data.store import StoreDataset, StoreInfo, read_info
 from lungbench.experiments import common2d as c2d
 from lungbench.experiments import common3d as c3d
+from lungbench.experiments.resumable import ResumePoint, checkpoint_to_resume
 from lungbench.train.checkpoint import save_checkpoint
 from lungbench.train.config import TrainConfig
 from lungbench.train.engine import fit, predict
@@ -50,17 +59,20 @@ from lungbench.train.transfer import Method
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 NAME = "chestxray"
+# Quick: every table of the full run from 8 short fits (2 folds x A, one B, C, D), not 30.
 QUICK = {
     "model": "resnet18",
     "n": 60,
     "image_size": 32,
     "epochs": 1,
     "batch_size": 8,
+    "folds": 2,
     "pretrain_epochs": 1,
-    "cost_samples": 32,
+    "cost_samples": 16,
     "cost_epochs": 2,
+    "quick": True,
 }
-DEFAULTS = {
+FULL = {
     "model": "resnet50",
     "n": 400,
     "image_size": 64,
@@ -69,34 +81,162 @@ DEFAULTS = {
     "pretrain_epochs": 5,
     "cost_samples": 64,
     "cost_epochs": 3,
+    "optimizer": "adam",  # seed 004: Adam at 1e-4
+    "lr": 1e-4,
+    "progress": False,  # dozens of fits (methods x folds); each prints its own summary
+    "log_epochs": False,
+    "tensorboard": False,
+    "telemetry_interval": 1.0,  # fits with a folder: the pretraining
 }
+# The --help sections of the options below.
+DATA, MODEL, TRAINING, COST = (
+    "data",
+    "model and methods",
+    "training (seed 004: Adam, lr 1e-4, 30 epochs)",
+    "cost table",
+)
 
 
-@dataclass(frozen=True)
+def _per_label(text: str) -> bool:
+    return text == "per-label"
+
+
+@dataclass(frozen=True, kw_only=True)
 class ChestXrayConfig:
-    """Everything the run does (saved to config.json)."""
+    """Everything the run does (saved to config.json); the fields with option(...) are the
+    command's options, with FULL and QUICK as their defaults."""
 
-    model: str
-    methods: tuple[str, ...]
-    weights: tuple[tuple[str, str], ...]
-    store: str | None
-    n: int
-    image_size: int
-    labels: tuple[str, ...]
-    folds: int
-    val_fraction: float
-    dropout: float
-    per_label_weights: bool
-    save_models: bool
-    pretrain_epochs: int
-    cost_models: tuple[str, ...]
-    cost_samples: int
-    cost_epochs: int
-    gpu_memory_gb: float
-    cost_only: bool
-    generated: bool
-    train: TrainConfig
-    freeze: tuple[str, ...] = ()  # B_k depths asked for (--freeze); () = the seed's
+    store: str | None = option(
+        None,
+        group=DATA,
+        default_text="generated chest X-rays in the run's data/",
+        help="multi-label image store",
+    )
+    n: int = option(type=positive_int, group=DATA, help="generated images")
+    image_size: int = option(
+        type=positive_int, group=DATA, help="generated image size in pixels, >= 32"
+    )
+    labels: tuple[str, ...] = option(
+        (),
+        nargs="+",
+        group=DATA,
+        default_text="all of them",
+        help="train on these labels of the store only",
+    )
+    model: str = option(
+        choices=c2d.BACKBONES,
+        group=MODEL,
+        default_note="with Keras-compatible conv biases",
+        help="network",
+    )
+    methods: tuple[str, ...] = option(
+        ("A", "B", "C", "D"),
+        nargs="+",
+        group=MODEL,
+        help="transfer methods: A, B (every --freeze depth) or B_<depth>, C, D",
+    )
+    freeze: tuple[str, ...] = option(  # B_k depths asked for; () = the seed's
+        (),
+        nargs="+",
+        group=MODEL,
+        default_text="resnet50 10 22 40, densenet121 14 39 88, other networks every stage "
+        "boundary; --quick: the middle one of those",
+        help="B depths: layer counts or stage names",
+    )
+    weights: tuple[tuple[str, str], ...] = option(
+        (),
+        action="append",
+        metavar="NAME=PATH",
+        group=MODEL,
+        convert=c2d.parse_weights,
+        default_text="pretrain on generated nodule slices",
+        help="a pretrained-weights source (repeat for several)",
+    )
+    dropout: float = option(0.2, type=float, group=MODEL, help="dropout before the output layer")
+    train: TrainConfig = nested(
+        TrainConfig,
+        group=TRAINING,
+        show={
+            "epochs": {"help": "epochs per fold"},
+            "batch_size": {"flag": "--batch-size"},
+            "lr": {},
+            "patience": {},
+            "device": {},
+            "telemetry_interval": {},
+            "num_workers": {},
+            "seed": {},
+        },
+    )
+    folds: int = option(
+        5,
+        type=positive_int,
+        group=TRAINING,
+        help="cross-validation folds, >= 2, stratified by each image's rarest finding",
+    )
+    quick: bool = False  # --quick: one B depth (the middle one) unless --freeze says
+    val_fraction: float = option(
+        0.1, type=unit_fraction, group=TRAINING, help="validation share of each training part"
+    )
+    per_label_weights: bool = option(
+        False,
+        flag="--class-weights",
+        choices=("dataset", "per-label"),
+        convert=_per_label,
+        group=TRAINING,
+        default_text="dataset",
+        help="weighted BCE's beta_P/beta_N: 'dataset' counts the 1s and 0s of all labels "
+        "together, as seed 004 defines them; 'per-label' gives each finding its own",
+    )
+    save_models: bool = option(
+        False,
+        group=TRAINING,
+        help="keep every fold's best model as models/<weights>_<method>_fold<k>.pt, to start "
+        "a weight chain from (--weights ChestX-ray8=that file in a later run)",
+    )
+    pretrain_epochs: int = option(
+        type=positive_int,
+        group=TRAINING,
+        help="epochs of generated-data pretraining without --weights",
+    )
+    cost_only: bool = option(
+        False, group=COST, help="only measure the cost table (for --cost-models), no CV"
+    )
+    cost_models: tuple[str, ...] = option(
+        ("resnet50", "densenet121"),
+        nargs="+",
+        choices=c2d.BACKBONES,
+        group=COST,
+        help="networks of --cost-only",
+    )
+    cost_samples: int = option(
+        type=positive_int, group=COST, help="training samples per timed epoch"
+    )
+    cost_epochs: int = option(
+        type=positive_int, group=COST, help="timed epochs per method, the first is warm-up"
+    )
+    gpu_memory_gb: float = option(
+        16.0, type=float, group=COST, help="memory per GPU for the 'min GPUs' column"
+    )
+    generated: bool = field(init=False)  # no store: generated chest X-rays
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "generated", self.store is None)
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.gpu_memory_gb <= 0:
+            raise UsageError(f"--gpu-memory-gb must be > 0, got {self.gpu_memory_gb}")
+        if self.folds < 2:
+            raise UsageError(
+                f"--folds must be >= 2 (each fold is the test set once), got {self.folds}"
+            )
+        if self.generated:
+            if self.image_size < 32:
+                raise UsageError(
+                    "--image-size must be >= 32 pixels (the networks downsample 32x), "
+                    f"got {self.image_size}"
+                )
+            if self.folds > self.n:
+                raise UsageError(f"--folds {self.folds} is more than the {self.n} images (--n)")
 
 
 @dataclass
@@ -107,13 +247,29 @@ class ChestXrayRun:
     sections: list[str]
 
 
-def run(cfg: ChestXrayConfig, out: str | Path, run_id: str | None = None) -> ChestXrayRun:
-    """The methods x weights cross-validation and the cost tables into OUT/<run-id>/."""
+def methods_of(cfg: ChestXrayConfig) -> list[Method]:
+    """The methods to train, B expanded into its depths (with --quick and no --freeze only
+    the middle one of the default depths)."""
+    methods = c2d.expand_methods(cfg.model, cfg.methods, list(cfg.freeze) or None)
+    depths = [m for m in methods if m.name == "B"]
+    if cfg.quick and not cfg.freeze and len(depths) > 1:
+        middle = depths[(len(depths) - 1) // 2]
+        methods = [m for m in methods if m.name != "B" or m == middle]
+    return methods
+
+
+def run(
+    cfg: ChestXrayConfig,
+    out: str | Path,
+    run_id: str | None = None,
+    resume: ResumePoint | None = None,
+) -> ChestXrayRun:
+    """The methods x weights cross-validation and the cost tables into OUT/<run-id>/ (or,
+    with `resume`, the fits and tables that run folder lacks)."""
     # Everything the user gave is checked before the run folder exists: methods and freeze
     # depths, the store, labels and folds, and that every --weights file loads into the
     # chosen network.
-    freeze = list(cfg.freeze) or None
-    methods = [] if cfg.cost_only else c2d.expand_methods(cfg.model, cfg.methods, freeze)
+    methods = [] if cfg.cost_only else methods_of(cfg)
     if cfg.store is not None:
         info = _check_store(Path(cfg.store))
         columns = c2d.select_labels(info.label_names, cfg.labels, str(info.path))
@@ -128,15 +284,25 @@ def run(cfg: ChestXrayConfig, out: str | Path, run_id: str | None = None) -> Che
     if not cfg.cost_only:
         kwargs = c2d.model_kwargs(cfg.model, in_channels, len(columns), cfg.dropout)
         c2d.check_weights(cfg.model, kwargs, cfg.weights)
-    # a later failure marks the run "failed"
-    with c3d.training_run(out, run_id, {"chestxray": asdict(cfg)}, _data_note(cfg)) as folder:
+    # a later failure marks the run "failed", a stop "interrupted"; either way the tables of
+    # the fits that finished are written first
+    with c3d.training_run(
+        out,
+        run_id,
+        {"chestxray": asdict(cfg)},
+        _data_note(cfg),
+        resume=resume,
+        on_stop=lambda run_dir: write_tables(run_dir, cfg, methods),
+    ) as folder:
         log.info(f"config: {cfg}")
-        sections = _experiment(cfg, methods, folder.path)
+        sections = _experiment(cfg, methods, folder.path, resume)
     return ChestXrayRun(folder.path, sections)
 
 
-def _experiment(cfg: ChestXrayConfig, methods: list[Method], run_dir: Path) -> list[str]:
-    """Run the study into `run_dir`; the tables to show, as text."""
+def _experiment(
+    cfg: ChestXrayConfig, methods: list[Method], run_dir: Path, resume: ResumePoint | None
+) -> list[str]:
+    """Run the study into `run_dir` (what a resumed run lacks); the tables to show, as text."""
     store = _store(cfg, run_dir)
     info = _check_store(store)
     columns = c2d.select_labels(info.label_names, cfg.labels, str(store))
@@ -144,33 +310,81 @@ def _experiment(cfg: ChestXrayConfig, methods: list[Method], run_dir: Path) -> l
     labels = dataset.dataset.labels[:, columns]
     names = [info.label_names[i] for i in columns]
     sample_shape = info.inputs["image"]
-    note = _data_note(cfg)
+    costs = {r["model"] for r in (resume.records if resume else []) if r.get("kind") == "cost"}
     if cfg.cost_only:
-        tables = {m: cost_table(m, cfg, dataset, labels, sample_shape) for m in cfg.cost_models}
-        return [_write_cost(run_dir, name, table, cfg, note) for name, table in tables.items()]
+        for model_name in cfg.cost_models:
+            if model_name not in costs:
+                _record_cost(
+                    run_dir, model_name, cost_table(model_name, cfg, dataset, labels, sample_shape)
+                )
+        return write_tables(run_dir, cfg, methods, names)
     splits = _splits(labels, cfg)
-    sources = list(cfg.weights) or [_pretrain(cfg, run_dir, sample_shape)]
-    folds = cross_validate(cfg, dataset, labels, sample_shape, methods, sources, splits, run_dir)
+    sources = list(cfg.weights) or [_pretrain(cfg, run_dir, sample_shape, resume)]
+    cross_validate(cfg, dataset, labels, sample_shape, methods, sources, splits, run_dir, resume)
+    if cfg.model not in costs:
+        cost = cost_table(cfg.model, cfg, dataset, labels, sample_shape, methods)
+        _record_cost(run_dir, cfg.model, cost)
+    return write_tables(run_dir, cfg, methods, names)
+
+
+def fit_key(record: dict) -> tuple[str, str, int]:
+    """(weights, method, fold): what a fold record is the result of."""
+    return (str(record["weights"]), str(record["method"]), int(record["fold"]))
+
+
+def write_tables(
+    run_dir: Path,
+    cfg: ChestXrayConfig,
+    methods: list[Method],
+    names: list[str] | None = None,
+) -> list[str]:
+    """Every table from the run's records (the fits and cost tables that finished): folds,
+    methods_binary_accuracy and methods_auc (rows: weights, columns: methods), cost_<model>;
+    the tables to show, as text (`names`: the labels trained on)."""
+    records = read_records(run_dir)
+    note = _data_note(cfg)
+    sections = []
+    fits = {fit_key(r): r for r in records if r.get("kind") == "fold"}
+    if fits and not cfg.cost_only:
+        sections += _methods_tables(run_dir, cfg, methods, list(fits.values()), names, note)
+    costs = {r["model"]: r["rows"] for r in records if r.get("kind") == "cost"}
+    for model_name, rows in costs.items():
+        sections.append(_write_cost(run_dir, model_name, pd.DataFrame(rows), cfg, note))
+    return sections
+
+
+def _methods_tables(
+    run_dir: Path,
+    cfg: ChestXrayConfig,
+    methods: list[Method],
+    fits: list[dict],
+    names: list[str] | None,
+    note: str,
+) -> list[str]:
+    columns = ["weights", "method", "fold", *FOLD_COLUMNS]
+    folds = pd.DataFrame([{k: r.get(k) for k in columns} for r in fits], columns=columns)
     write_table(run_dir, "folds", folds, index=False)
     shown = [m.label for m in methods if m.name != "D"]
-    source_names = [s for s, _ in sources]
+    source_names = list(dict.fromkeys(folds.loc[folds["method"] != "D", "weights"]))
+    source_names = [s for s, _ in cfg.weights] or source_names or [PRETRAINED_HERE]
     has_d = any(m.name == "D" for m in methods)
+    planned = cfg.folds * (len(source_names) * len(shown) + has_d)
+    done = "" if len(folds) >= planned else f"; {len(folds)} of {planned} fits finished"
+    labels = f", labels {', '.join(names)}" if names else ""
     sections = []
     for metric, title in (("binary_accuracy", "Binary accuracy"), ("auc", "AUC")):
         table = c2d.methods_table(folds, metric, shown, source_names)
         if has_d:
             table["D"] = ""
             d_rows = folds[folds["method"] == "D"]
-            table.loc["none (random init)"] = [""] * len(shown) + [
-                c2d.mean_std_cell(d_rows[metric].tolist())
+            table.loc[RANDOM_INIT] = [""] * len(shown) + [
+                c2d.mean_std_cell(d_rows[metric].tolist()) if len(d_rows) else ""
             ]
         write_table(run_dir, f"methods_{metric}", table)
         sections.append(
-            f"{title} on the test folds, {cfg.model}, {cfg.folds}-fold CV, "
-            f"labels {', '.join(names)} ({note}):\n{markdown(table)}"
+            f"{title} on the test folds, {cfg.model}, {cfg.folds}-fold CV{labels} "
+            f"({note}{done}):\n{markdown(table)}"
         )
-    cost = cost_table(cfg.model, cfg, dataset, labels, sample_shape, methods)
-    sections.append(_write_cost(run_dir, cfg.model, cost, cfg, note))
     return sections
 
 
@@ -224,6 +438,8 @@ def _store(cfg: ChestXrayConfig, run_dir: Path) -> Path:
     from lungbench.data.synth2d import write_chestxray_store
 
     path = run_dir / "data" / "chestxray-synth.h5"
+    if path.exists():  # a resumed run's (stores are written whole: a temporary file, renamed)
+        return path
     with tqdm(total=cfg.n, desc="generate chest X-rays", unit="image", file=sys.stderr) as bar:
         write_chestxray_store(
             path, cfg.n, seed=cfg.train.seed, size=cfg.image_size, progress=bar.update
@@ -232,13 +448,21 @@ def _store(cfg: ChestXrayConfig, run_dir: Path) -> Path:
     return path
 
 
-def _pretrain(cfg: ChestXrayConfig, run_dir: Path, sample_shape) -> tuple[str, str]:
-    """No --weights: pretrain on generated nodule slices (a weight chain's first link)."""
+def _pretrain(
+    cfg: ChestXrayConfig, run_dir: Path, sample_shape, resume: ResumePoint | None
+) -> tuple[str, str]:
+    """No --weights: pretrain on generated nodule slices (a weight chain's first link); a
+    resumed run's finished pretraining is used again, an unfinished one continued."""
     from lungbench.data.synth2d import write_nodule2d_store
 
+    done = resume.finished("pretrain", lambda r: "pretrain") if resume else {}
+    if "pretrain" in done and Path(done["pretrain"]["checkpoint"]).is_file():
+        log.info(f"pretraining done before: {done['pretrain']['checkpoint']}")
+        return PRETRAINED_HERE, done["pretrain"]["checkpoint"]
     path = run_dir / "data" / "nodule2d-synth.h5"
     n = max(2 * cfg.train.batch_size, cfg.n // 2)
-    write_nodule2d_store(path, n, seed=cfg.train.seed + 1, size=sample_shape[-1])
+    if not path.exists():
+        write_nodule2d_store(path, n, seed=cfg.train.seed + 1, size=sample_shape[-1])
     ds = StoreDataset(path, cache=True)
     val = max(2, n // 10)
     kwargs = c2d.model_kwargs(cfg.model, sample_shape[0], 1, cfg.dropout)
@@ -253,6 +477,7 @@ def _pretrain(cfg: ChestXrayConfig, run_dir: Path, sample_shape) -> tuple[str, s
         Subset(ds, range(val)),
         replace(cfg.train, epochs=cfg.pretrain_epochs),
         run_dir=run_dir / "pretrain",
+        resume=checkpoint_to_resume(run_dir / "pretrain", resume),
         checkpoint_meta={
             "model_name": cfg.model,
             "model_kwargs": kwargs,
@@ -260,7 +485,24 @@ def _pretrain(cfg: ChestXrayConfig, run_dir: Path, sample_shape) -> tuple[str, s
             "data": "generated nodule slices",
         },
     )
-    return "generated nodules (pretrained here)", str(result.best_checkpoint)
+    append_record(run_dir, {"kind": "pretrain", "checkpoint": str(result.best_checkpoint)})
+    return PRETRAINED_HERE, str(result.best_checkpoint)
+
+
+PRETRAINED_HERE = "generated nodules (pretrained here)"
+RANDOM_INIT = "none (random init)"
+# A fold record's results, after its key (weights, method, fold): the columns of folds.csv.
+FOLD_COLUMNS = (
+    "binary_accuracy",
+    "auc",
+    "best_epoch",
+    "best_val_loss",
+    "mean_epoch_s",
+    "trainable_parameters",
+    "n_train",
+    "n_val",
+    "n_test",
+)
 
 
 def cross_validate(
@@ -272,16 +514,29 @@ def cross_validate(
     sources: list[tuple[str, str]],
     splits: list[Split],
     run_dir: Path,
+    resume: ResumePoint | None = None,
 ) -> pd.DataFrame:
-    """Every (weights source, method, fold) -> one row with test binary accuracy and AUC."""
+    """Every (weights source, method, fold) -> one row with test binary accuracy and AUC,
+    appended to the run's records as it finishes (a resumed run's finished fits are kept)."""
     kwargs = c2d.model_kwargs(cfg.model, sample_shape[0], labels.shape[1], cfg.dropout)
     jobs = [(s, m) for s in sources for m in methods if m.name != "D"]
     if any(m.name == "D" for m in methods):
-        jobs.append((("none (random init)", None), Method("D")))
+        jobs.append(((RANDOM_INIT, None), Method("D")))
+    done = resume.finished("fold", fit_key) if resume else {}
     rows = []
-    bar = tqdm(total=len(jobs) * len(splits), desc="cross-validation", unit="fit", file=sys.stderr)
+    total = len(jobs) * len(splits)
+    bar = tqdm(total=total, desc="cross-validation", unit="fit", file=sys.stderr)
     for (source, weights), method in jobs:
         for k, split in enumerate(splits, start=1):
+            if (source, method.label, k) in done:
+                rows.append(
+                    {
+                        c: done[(source, method.label, k)].get(c)
+                        for c in ("weights", "method", "fold", *FOLD_COLUMNS)
+                    }
+                )
+                bar.update(1)
+                continue
             train_idx, val_idx, test_idx = split.train, split.val, split.test
             bar.set_postfix_str(f"{source[:20]} {method.label} fold {k}")
             built = c2d.build_transfer_model(cfg.model, kwargs, method, weights, cfg.train.seed + k)
@@ -327,6 +582,8 @@ def cross_validate(
             rows.append(row)
             bar.update(1)
     bar.close()
+    if done:
+        log.info(f"resumed: {len(done)} of {total} fits were done before")
     return pd.DataFrame(rows)
 
 
@@ -419,14 +676,18 @@ def cost_table(
     return pd.DataFrame(rows)
 
 
+def _record_cost(run_dir: Path, model_name: str, table: pd.DataFrame) -> None:
+    """One cost table into the records (write_tables makes tables/cost_<model> of it)."""
+    append_record(
+        run_dir, {"kind": "cost", "model": model_name, "rows": table.to_dict(orient="records")}
+    )
+
+
 def _write_cost(
     run_dir: Path, model_name: str, table: pd.DataFrame, cfg: ChestXrayConfig, note: str
 ) -> str:
     """Write one cost table; its text."""
     write_table(run_dir, f"cost_{model_name}", table, index=False)
-    append_record(
-        run_dir, {"kind": "cost", "model": model_name, "rows": table.to_dict(orient="records")}
-    )
     shown = c2d.fmt_parameters(table)[
         [
             "method",

@@ -1,29 +1,48 @@
 """Layer 9 (experiments): Pieces shared by the 3D experiments (lidc-pretrain, lungx-cv, mosmed).
 
 Generated default stores cached under OUT/data/, store checks (kind, inputs, grid), and the
-run-folder preamble. Their command-line options are in lungbench.commands.train._common.
+run-folder preamble (training_run, from lungbench.experiments.resumable: stopped runs keep
+the tables of what finished and can be resumed), and the TrainConfig fields they offer as
+command-line options.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from lungbench.core.errors import UsageError
-from lungbench.core.runs import RunFolder, run_folder
 from lungbench.data.store import StoreDataset, StoreInfo
-from lungbench.train.engine import TrainingInterrupted
+from lungbench.experiments.resumable import training_run  # noqa: F401 - the recipes' run folder
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 CACHE_LIMIT_BYTES = 1 << 30  # keep a split in memory when it is smaller than this
+
+# The TrainConfig fields that lidc-pretrain, lungx-cv and mosmed offer as options, as
+# declared on TrainConfig (lungbench.core.options.nested).
+TRAIN_OPTIONS: dict[str, dict] = {
+    name: {}
+    for name in (
+        "epochs",
+        "batch_size",
+        "lr",
+        "optimizer",
+        "schedule",
+        "patience",
+        "amp",
+        "device",
+        "num_workers",
+        "seed",
+        "telemetry_interval",
+        "progress",
+    )
+}
 
 
 def cached_store(out: Path, name: str, n: int, make: Callable[[Path, Callable], None]) -> Path:
@@ -72,29 +91,6 @@ def split_dataset(info: StoreInfo, indices: np.ndarray) -> StoreDataset:
     return StoreDataset(
         info.path, indices=indices, cache=sample_bytes * len(indices) < CACHE_LIMIT_BYTES
     )
-
-
-@contextmanager
-def training_run(
-    out: str | Path, run_id: str | None, config: Mapping[str, Any], note: str
-) -> Iterator[RunFolder]:
-    """The recipe's run folder (lungbench.core.runs.run_folder): config.json and
-    environment.json written, the folder logged; run.json "complete" (with `data` and the
-    run's summary) at the end of the block, "interrupted" after a stop signal or Ctrl-C,
-    "failed" (with the error's first line) after any other exception."""
-    from lungbench.core.environment import environment_record
-
-    with run_folder(
-        out,
-        "train",
-        run_id,
-        config,
-        environment=environment_record(),
-        interrupted_by=(TrainingInterrupted, KeyboardInterrupt),
-        data=note,
-    ) as run:
-        log.info(f"run folder {run.path}")
-        yield run
 
 
 def data_word(info: StoreInfo) -> str:

@@ -8,12 +8,15 @@ thesis: epoch 63, accuracy 0.78, AUC 0.90 on the real LIDC-IDRI).
     lungbench train lidc-pretrain --epochs 100 --patience 20
     lungbench train lidc-pretrain --store lidc.h5 --device cuda
     lungbench train lidc-pretrain --resume results/<run>/checkpoint_last.pt
+    lungbench train lidc-pretrain --resume results/<run>       the same run folder continued
     torchrun --nproc_per_node 4 -m lungbench train lidc-pretrain --device cuda
 
 Under a launcher (torchrun, srun, mpiexec) it trains with DDP (lungbench.distributed.group):
 --batch is per process, rank 0 generates the data, writes the run folder and prints.
 
 Default data: a generated LIDC-like store (lungbench.data.synth), cached in OUT/data/.
+A run that stops (a signal, Ctrl-C, an error) writes tables/pretrain_summary of the epochs
+that finished (the best so far) before run.json says "interrupted" or "failed".
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lungbench.core.options import nested, option, positive_int, unit_fraction
 from lungbench.core.runs import save_figure, write_table
 from lungbench.data.splits import stratified_split
 from lungbench.data.store import StoreInfo, read_info, read_meta
@@ -34,12 +38,13 @@ from lungbench.distributed.group import (
     single_process,
 )
 from lungbench.experiments import common3d
+from lungbench.experiments.resumable import ResumePoint, checkpoint_to_resume
 from lungbench.measure.sweep import default_store_path
 from lungbench.models import create_model
 from lungbench.report.training import loss_curves_plot, roc_plot
 from lungbench.train.checkpoint import load_resume_checkpoint
 from lungbench.train.config import FitResult, TrainConfig
-from lungbench.train.engine import fit, predict
+from lungbench.train.engine import METRICS_FILE, fit, predict
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
@@ -54,6 +59,8 @@ FULL = {
     "synth_n": 754,
     "filters": 8,
     "depth": 4,
+    "telemetry_interval": 1.0,
+    "quick": False,
 }
 QUICK = {
     "epochs": 3,
@@ -65,22 +72,44 @@ QUICK = {
     "synth_n": 48,
     "filters": 4,
     "depth": 3,
+    "quick": True,
 }
 MODEL = "dualpath3d"
 
 
-@dataclass(frozen=True)
-class PretrainConfig:
-    """What lidc-pretrain does (saved as config.json)."""
+DATA = "data and model"  # the --help section of the options below
 
-    train: TrainConfig
-    store: str | None = None
-    synth_n: int = 754
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    """What lidc-pretrain does (saved as config.json); the fields with option(...) are the
+    command's options, with FULL and QUICK as their defaults."""
+
+    store: str | None = option(
+        None,
+        group=DATA,
+        default_text="generated LIDC-like nodules, cached in OUT/data/",
+        help="nodule store with context/zoom cubes",
+    )
+    synth_n: int = option(
+        754,
+        type=positive_int,
+        group=DATA,
+        default_note="the thesis's LIDC count",
+        help="generated nodules when no --store",
+    )
     preset: str = "default"
-    filters: int = 8
-    depth: int = 4
-    val_fraction: float = 0.2
+    filters: int = option(8, type=positive_int, group=DATA, help="base width of dualpath3d")
+    depth: int = option(4, type=positive_int, group=DATA, help="conv levels per path")
+    val_fraction: float = option(
+        0.2,
+        type=unit_fraction,
+        group=DATA,
+        default_note="the thesis",
+        help="stratified validation share",
+    )
     quick: bool = False
+    train: TrainConfig = nested(TrainConfig, group="training", show=common3d.TRAIN_OPTIONS)
 
     @property
     def model_kwargs(self) -> dict:
@@ -179,23 +208,7 @@ def pretrain(
         )
     if not dist.is_main:
         return None
-    best = result.best_row
-    summary = pd.DataFrame(
-        [
-            {
-                "best epoch": result.best_epoch,
-                "val loss": result.best_val_loss,
-                "val accuracy": best["val_accuracy"],
-                "val AUC": best["val_auc"],
-                "epochs run": len(result.history),
-                "train nodules": len(train_idx),
-                "val nodules": len(val_idx),
-                "time per epoch (s)": result.mean_epoch_s,
-                "samples/s": result.samples_per_s,
-            }
-        ],
-        index=pd.Index(["LIDC pre-training"], name="run"),
-    )
+    summary = pretrain_summary(result.history, len(train_idx), len(val_idx))
     write_table(run_dir, "pretrain_summary", summary)
     save_figure(
         run_dir,
@@ -217,6 +230,48 @@ def pretrain(
     return PretrainResult(result, result.best_checkpoint, summary, cfg.model_kwargs)
 
 
+def pretrain_summary(history: pd.DataFrame, n_train: int, n_val: int) -> pd.DataFrame:
+    """The thesis's pre-training line from the epochs' history: the best epoch by validation
+    loss, its loss, accuracy and AUC, and how long the epochs took."""
+    best = history.loc[history["val_loss"].idxmin()]
+    return pd.DataFrame(
+        [
+            {
+                "best epoch": int(best["epoch"]),
+                "val loss": best["val_loss"],
+                "val accuracy": best["val_accuracy"],
+                "val AUC": best["val_auc"],
+                "epochs run": len(history),
+                "train nodules": n_train,
+                "val nodules": n_val,
+                "time per epoch (s)": history["epoch_s"].mean(),
+                "samples/s": history["samples_per_s"].mean(),
+            }
+        ],
+        index=pd.Index(["LIDC pre-training"], name="run"),
+    )
+
+
+def summary_after_stop(run_dir: Path, cfg: PretrainConfig, info: StoreInfo) -> None:
+    """tables/pretrain_summary and the loss curves of the epochs that finished."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return
+    history = pd.read_csv(path)
+    if history.empty:
+        return
+    labels = read_meta(info.path)["label"]
+    train_idx, val_idx = stratified_split(range(info.n), labels, cfg.val_fraction, cfg.train.seed)
+    write_table(
+        run_dir, "pretrain_summary", pretrain_summary(history, len(train_idx), len(val_idx))
+    )
+    save_figure(
+        run_dir,
+        "loss_curves",
+        loss_curves_plot({"LIDC": history}, f"LIDC pre-training ({common3d.data_word(info)})"),
+    )
+
+
 @dataclass
 class PretrainRun:
     """What a lidc-pretrain run produced (rank 0's; the other ranks get None)."""
@@ -231,13 +286,19 @@ def run(
     out: str | Path,
     run_id: str | None = None,
     data_seed: int = 0,
-    resume: str | None = None,
+    resume: str | ResumePoint | None = None,
     dist: DistContext | None = None,
 ) -> PretrainRun | None:
-    """Pre-train as `cfg` says into OUT/<run-id>/ (continuing `resume` exactly). Under a
-    launcher (`dist` of several ranks) every rank trains its DDP shard; rank 0 generates the
-    data, writes the run folder and returns the result, the others return None."""
+    """Pre-train as `cfg` says into OUT/<run-id>/ (continuing `resume` exactly: a
+    checkpoint_last.pt into a new run folder, or a stopped run folder (ResumePoint) in
+    place, from its checkpoint_last.pt when it has one). Under a launcher (`dist` of several
+    ranks) every rank trains its DDP shard; rank 0 generates the data, writes the run folder
+    and returns the result, the others return None."""
     dist = dist or single_process(cfg.train.device)
+    point = resume if isinstance(resume, ResumePoint) else None
+    if point is not None:
+        found = checkpoint_to_resume(point.run_dir, point)
+        resume = str(found) if found is not None else None
     if resume is not None:
         # A corrupt file or changed training options fail before data or a run folder is
         # made; under a launcher every rank reads the file (a shared file system, as for the
@@ -261,9 +322,17 @@ def run(
         "config": cfg,
         "store": info.path,
         "data": note,
+        "data_seed": data_seed,
         "distributed": dist.describe(),
     }
-    with common3d.training_run(out, run_id, config, note) as folder:
+    with common3d.training_run(
+        out,
+        run_id,
+        config,
+        note,
+        resume=point,
+        on_stop=lambda run_dir: summary_after_stop(run_dir, cfg, info),
+    ) as folder:
         log.info(f"config: {cfg}")
         result = pretrain(cfg, info, folder.path, resume=resume, dist=dist)
         folder.summary["best_checkpoint"] = result.checkpoint

@@ -17,6 +17,12 @@ shared by runs with any --seed) is never given folds, so each run's folds follow
 
     lungbench train lungx-cv --quick
     lungbench train lungx-cv --pretrained results/RUN/checkpoint_best.pt --store lungx.h5
+    lungbench train lungx-cv --resume results/RUN        continue a stopped run
+
+Each fold (its three regimes) and the pre-training append a record as they finish, and the
+tables are built from the records: a stopped run has the AUC and confusion tables of the
+folds that finished, and --resume RUN runs the others (unfinished fits continue from their
+checkpoints; lungbench.experiments.resumable).
 """
 
 from __future__ import annotations
@@ -30,15 +36,23 @@ import numpy as np
 import pandas as pd
 
 from lungbench.core.errors import UsageError
-from lungbench.core.runs import save_figure, write_table
-from lungbench.data.splits import Split, cv_splits, stored_folds, stratified_kfold
+from lungbench.core.options import nested, option, positive_float, positive_int, unit_fraction
+from lungbench.core.runs import append_record, read_records, save_figure, write_table
+from lungbench.data.splits import (
+    Split,
+    check_fold_classes,
+    cv_splits,
+    stored_folds,
+    stratified_kfold,
+)
 from lungbench.data.store import StoreInfo, read_meta, write_folds
 from lungbench.experiments import common3d, lidc_pretrain
+from lungbench.experiments.resumable import ResumePoint, checkpoint_to_resume
 from lungbench.models import create_model
 from lungbench.report.training import auc_table, confusion_table, loss_curves_plot, roc_plot
 from lungbench.train.checkpoint import load_model_from_checkpoint
 from lungbench.train.config import TrainConfig
-from lungbench.train.engine import fit, predict, seed_everything
+from lungbench.train.engine import METRICS_FILE, fit, predict, seed_everything
 from lungbench.train.metrics import classification_metrics
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
@@ -53,6 +67,8 @@ FULL = {
     "patience": None,
     "synth_n": 73,
     "finetune_lr": 1e-4,
+    "telemetry_interval": 1.0,
+    "quick": False,
 }
 QUICK = {
     "epochs": 2,
@@ -63,6 +79,7 @@ QUICK = {
     "patience": None,
     "synth_n": 36,
     "finetune_lr": 1e-3,
+    "quick": True,
 }
 REGIMES = {
     "lidc_only": "LIDC only",
@@ -72,19 +89,67 @@ REGIMES = {
 MODEL = lidc_pretrain.MODEL
 
 
-@dataclasses.dataclass(frozen=True)
-class CVConfig:
-    """What lungx-cv does (saved as config.json)."""
+DATA = "data and model"  # the --help section of the options below
 
-    train: TrainConfig
-    finetune_lr: float
-    folds: int = 3
-    val_fraction: float = 0.1
-    store: str | None = None
-    synth_n: int = 73
-    pretrained: str | None = None
-    write_folds: bool = False
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CVConfig:
+    """What lungx-cv does (saved as config.json); the fields with option(...) are the
+    command's options, with FULL and QUICK as their defaults."""
+
+    store: str | None = option(
+        None,
+        group=DATA,
+        default_text="generated LUNGx-like nodules, where both classes have the same sizes, "
+        "cached in OUT/data/",
+        help="LUNGx nodule store",
+    )
+    synth_n: int = option(
+        73,
+        type=positive_int,
+        group=DATA,
+        default_note="the challenge's count",
+        help="generated LUNGx nodules when no --store",
+    )
+    folds: int = option(
+        3,
+        type=positive_int,
+        group=DATA,
+        help="cross-validation folds, stratified and seeded by --seed; a --store whose "
+        "/meta/fold assigns exactly these folds keeps its own",
+    )
+    val_fraction: float = option(
+        0.1, type=unit_fraction, group=DATA, help="validation share of the non-test folds"
+    )
+    write_folds: bool = option(
+        False,
+        group=DATA,
+        default_text="no",
+        default_note="needs --store",
+        help="save the seeded fold assignment into --store's /meta/fold, so that later "
+        "runs on it keep these folds whatever their --seed",
+    )
+    pretrained: str | None = option(
+        None,
+        group=DATA,
+        default_text="run lidc-pretrain first",
+        help="LIDC checkpoint of dualpath3d (checkpoint_best.pt of lidc-pretrain)",
+    )
+    finetune_lr: float = option(
+        type=positive_float, group=DATA, help="learning rate of the w/ pre-training regime"
+    )
     quick: bool = False
+    train: TrainConfig = nested(TrainConfig, group="training", show=common3d.TRAIN_OPTIONS)
+
+    def __post_init__(self) -> None:
+        if not self.finetune_lr > 0:
+            raise UsageError(f"--finetune-lr must be > 0, got {self.finetune_lr}")
+        if self.write_folds and self.store is None:
+            raise UsageError(
+                "--write-folds needs --store: the generated default store is a cache shared "
+                "by runs with any --seed and keeps no folds (each run's folds are in its "
+                "tables/predictions.csv)"
+            )
 
 
 def fold_assignment(cfg: CVConfig, info: StoreInfo) -> tuple[np.ndarray, str]:
@@ -120,9 +185,16 @@ def check_pretrained(path: str, info: StoreInfo) -> dict:
 
 
 def run_fold(
-    cfg: CVConfig, info: StoreInfo, split: Split, pretrained: str, kwargs: dict, fold_dir: Path
+    cfg: CVConfig,
+    info: StoreInfo,
+    split: Split,
+    pretrained: str,
+    kwargs: dict,
+    fold_dir: Path,
+    resume: ResumePoint | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, pd.DataFrame]]:
-    """The three regimes on one fold: test probabilities and training histories per regime."""
+    """The three regimes on one fold: test probabilities and training histories per regime
+    (a resumed run's fits continue from their checkpoints)."""
     train_ds = common3d.split_dataset(info, split.train)
     val_ds = common3d.split_dataset(info, split.val)
     test_ds = common3d.split_dataset(info, split.test)
@@ -139,6 +211,7 @@ def run_fold(
         val_ds,
         cfg.train,
         run_dir=fold_dir / "without_pretraining",
+        resume=checkpoint_to_resume(fold_dir / "without_pretraining", resume),
         checkpoint_meta=meta,
     )
     histories["without_pretraining"] = result.history
@@ -154,6 +227,7 @@ def run_fold(
         val_ds,
         finetune_cfg,
         run_dir=fold_dir / "with_pretraining",
+        resume=checkpoint_to_resume(fold_dir / "with_pretraining", resume),
         checkpoint_meta=meta,
     )
     histories["with_pretraining"] = result.history
@@ -162,35 +236,30 @@ def run_fold(
 
 
 def cross_validate(
-    cfg: CVConfig, info: StoreInfo, folds: np.ndarray, pretrained: str, kwargs: dict, run_dir: Path
+    cfg: CVConfig,
+    info: StoreInfo,
+    folds: np.ndarray,
+    pretrained: str,
+    kwargs: dict,
+    run_dir: Path,
+    resume: ResumePoint | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """All folds and regimes; writes the tables and plots, returns the tables by name."""
+    """All folds and regimes (those a resumed run lacks), each fold appended to the records
+    as it finishes; writes the tables and plots, returns the tables by name."""
     meta = read_meta(info.path)
     labels = meta["label"]
     splits = cv_splits(labels, cfg.folds, cfg.val_fraction, cfg.train.seed, folds=folds)
-    predictions, histories, aucs = [], [], {r: [] for r in REGIMES}
+    done = resume.finished("fold", lambda r: int(r["fold"])) if resume else {}
     for split in splits:
+        if split.fold + 1 in done:
+            log.info(f"fold {split.fold + 1}/{cfg.folds}: done before")
+            continue
         log.info(
             f"fold {split.fold + 1}/{cfg.folds}: {len(split.train)} train, {len(split.val)} "
             f"validation, {len(split.test)} test nodules"
         )
         fold_dir = run_dir / "folds" / f"fold{split.fold + 1}"
-        probs, fold_histories = run_fold(cfg, info, split, pretrained, kwargs, fold_dir)
-        for regime, p in probs.items():
-            aucs[regime].append(classification_metrics(p, labels[split.test])["auc"])
-            predictions.append(
-                pd.DataFrame(
-                    {
-                        "fold": split.fold + 1,
-                        "regime": REGIMES[regime],
-                        "id": meta["id"][split.test],
-                        "label": labels[split.test],
-                        "probability": p,
-                    }
-                )
-            )
-        for regime, history in fold_histories.items():
-            histories.append(history.assign(fold=split.fold + 1, regime=REGIMES[regime]))
+        probs, fold_histories = run_fold(cfg, info, split, pretrained, kwargs, fold_dir, resume)
         save_figure(
             run_dir,
             f"loss_fold{split.fold + 1}",
@@ -199,6 +268,47 @@ def cross_validate(
                 f"Fold {split.fold + 1} ({common3d.data_word(info)})",
             ),
         )
+        append_record(
+            run_dir,
+            {
+                "kind": "fold",
+                "fold": split.fold + 1,
+                "id": meta["id"][split.test].tolist(),
+                "label": labels[split.test].tolist(),
+                "probability": {r: np.asarray(p).tolist() for r, p in probs.items()},
+            },
+        )
+    return write_outputs(run_dir, info)
+
+
+def write_outputs(run_dir: Path, info: StoreInfo) -> dict[str, pd.DataFrame]:
+    """The AUC and confusion tables, predictions, metrics.csv and the ROC curves of the
+    folds whose records are in the run (all of them when it completes, those that finished
+    when it stops); the tables by name (none without a finished fold)."""
+    records = {int(r["fold"]): r for r in read_records(run_dir) if r.get("kind") == "fold"}
+    predictions, histories, aucs = [], [], {r: [] for r in REGIMES}
+    for fold, record in sorted(records.items()):
+        labels = np.asarray(record["label"])
+        for regime, p in record["probability"].items():
+            p = np.asarray(p, dtype=float)
+            aucs[regime].append(classification_metrics(p, labels)["auc"])
+            predictions.append(
+                pd.DataFrame(
+                    {
+                        "fold": fold,
+                        "regime": REGIMES[regime],
+                        "id": record["id"],
+                        "label": labels,
+                        "probability": p,
+                    }
+                )
+            )
+        for regime in ("without_pretraining", "with_pretraining"):
+            path = run_dir / "folds" / f"fold{fold}" / regime / METRICS_FILE
+            if path.exists():
+                histories.append(pd.read_csv(path).assign(fold=fold, regime=REGIMES[regime]))
+    if not predictions:
+        return {}
     pred = pd.concat(predictions, ignore_index=True)
     tables = {"auc": auc_table({REGIMES[r]: v for r, v in aucs.items()})}
     for regime, name in REGIMES.items():
@@ -207,7 +317,8 @@ def cross_validate(
     for name, table in tables.items():
         write_table(run_dir, name, table)
     write_table(run_dir, "predictions", pred, index=False)
-    pd.concat(histories, ignore_index=True).to_csv(run_dir / "metrics.csv", index=False)
+    if histories:
+        pd.concat(histories, ignore_index=True).to_csv(run_dir / "metrics.csv", index=False)
     curves = {
         name: (
             pred.loc[pred["regime"] == name, "label"].to_numpy(),
@@ -253,8 +364,15 @@ def lidc_store(
     return info
 
 
-def _pretrain_first(cfg: CVConfig, info: StoreInfo, run_dir: Path) -> str:
-    """Run lidc-pretrain on `info` into RUN/lidc_pretrain/ and return its best checkpoint."""
+def _pretrain_first(
+    cfg: CVConfig, info: StoreInfo, run_dir: Path, resume: ResumePoint | None = None
+) -> str:
+    """Run lidc-pretrain on `info` into RUN/lidc_pretrain/ and return its best checkpoint
+    (a resumed run's finished pre-training is used again, an unfinished one continued)."""
+    done = resume.finished("pretrain", lambda r: "pretrain") if resume else {}
+    if "pretrain" in done and Path(done["pretrain"]["checkpoint"]).is_file():
+        log.info(f"pre-training done before: {done['pretrain']['checkpoint']}")
+        return done["pretrain"]["checkpoint"]
     sizes = _lidc_sizes(cfg)
     train = dataclasses.replace(cfg.train, epochs=sizes["epochs"], batch_size=16, lr=sizes["lr"])
     pcfg = lidc_pretrain.PretrainConfig(
@@ -270,8 +388,10 @@ def _pretrain_first(cfg: CVConfig, info: StoreInfo, run_dir: Path) -> str:
     (sub / "tables").mkdir(parents=True, exist_ok=True)
     (sub / "plots").mkdir(exist_ok=True)
     log.info("no --pretrained checkpoint: pre-training on LIDC first")
-    result = lidc_pretrain.pretrain(pcfg, info, sub)
+    last = checkpoint_to_resume(sub, resume)
+    result = lidc_pretrain.pretrain(pcfg, info, sub, resume=str(last) if last else None)
     write_table(run_dir, "pretrain_summary", result.summary)
+    append_record(run_dir, {"kind": "pretrain", "checkpoint": str(result.checkpoint)})
     return str(result.checkpoint)
 
 
@@ -292,26 +412,45 @@ def run(
     run_id: str | None = None,
     data_seed: int = 0,
     lidc_store_path: str | None = None,
+    resume: ResumePoint | None = None,
 ) -> CVRun:
     """The three regimes over the folds into OUT/<run-id>/ (pre-training on LIDC first when
-    `cfg.pretrained` is None, from `lidc_store_path` or generated nodules)."""
+    `cfg.pretrained` is None, from `lidc_store_path` or generated nodules); with `resume`,
+    the folds (and pre-training) that run folder lacks."""
     started = time.perf_counter()
     if cfg.pretrained:  # a wrong file or architecture fails before any data is generated
         load_model_from_checkpoint(cfg.pretrained, expected_model_name=MODEL)
     info = lidc_pretrain.nodule_store(cfg.store, cfg.synth_n, "lungx", Path(out), data_seed, NAME)
     folds, folds_how = fold_assignment(cfg, info)
+    # A fold without both classes ends in a NaN AUC: refuse it before any run folder exists.
+    check_fold_classes(read_meta(info.path)["label"], folds, info.label_names, info.path)
     kwargs = check_pretrained(cfg.pretrained, info) if cfg.pretrained else None
     # Without --pretrained, pre-train on the LUNGx store's grid (checked or generated now,
     # not after a whole pre-training).
     preset = common3d.nodule_preset(info)
     lidc = None if cfg.pretrained else lidc_store(cfg, preset, out, data_seed, lidc_store_path)
     note = common3d.data_note(info)
-    config = {"experiment": NAME, "config": cfg, "store": info.path, "data": note}
-    with common3d.training_run(out, run_id, {**config, "folds": folds_how}, note) as folder:
+    config = {
+        "experiment": NAME,
+        "config": cfg,
+        "store": info.path,
+        "data": note,
+        "data_seed": data_seed,
+        "lidc_store": lidc_store_path,
+        "folds": folds_how,
+    }
+    with common3d.training_run(
+        out,
+        run_id,
+        config,
+        note,
+        resume=resume,
+        on_stop=lambda run_dir: write_outputs(run_dir, info),
+    ) as folder:
         log.info(f"config: {cfg}")
-        pretrained = cfg.pretrained or _pretrain_first(cfg, lidc, folder.path)
+        pretrained = cfg.pretrained or _pretrain_first(cfg, lidc, folder.path, resume)
         kwargs = kwargs or check_pretrained(pretrained, info)
-        tables = cross_validate(cfg, info, folds, pretrained, kwargs, folder.path)
+        tables = cross_validate(cfg, info, folds, pretrained, kwargs, folder.path, resume)
         wall = time.perf_counter() - started
         folder.summary.update(wall_s=wall, pretrained=pretrained, folds=folds_how)
     return CVRun(folder.path, tables, note, folds_how, wall)

@@ -5,8 +5,12 @@ memory: measured on CUDA, estimated on CPU) and the curves of every variant.
     lungbench train mosmed --quick
     lungbench train mosmed --variants baseline residual --epochs 20 --device cuda
     lungbench train mosmed --store mosmed.h5
+    lungbench train mosmed --resume results/RUN         continue a stopped run
 
 Default data: generated whole-lung volumes (lungbench.data.synth_mosmed), not MosMedData.
+Each variant appends a record as it finishes and the table is built from the records: a
+stopped run has the rows of the variants that finished, and --resume RUN trains the others
+(an unfinished one continues from its checkpoint; lungbench.experiments.resumable).
 """
 
 from __future__ import annotations
@@ -19,16 +23,18 @@ from pathlib import Path
 import pandas as pd
 
 from lungbench.core.errors import UsageError
-from lungbench.core.runs import save_figure, write_table
+from lungbench.core.options import nested, option, positive_int, unit_fraction
+from lungbench.core.runs import append_record, read_records, save_figure, write_table
 from lungbench.data.splits import stratified_split
 from lungbench.data.store import StoreInfo, read_info, read_meta
 from lungbench.experiments import common3d
+from lungbench.experiments.resumable import ResumePoint, checkpoint_to_resume
 from lungbench.models import create_model
 from lungbench.models.mosmed3d import KERAS_FILTERS, VARIANTS, keras_parameter_count
 from lungbench.report.training import metric_curves_plot
 from lungbench.train.config import TrainConfig
 from lungbench.train.costs import MIB, estimate_memory
-from lungbench.train.engine import fit, seed_everything
+from lungbench.train.engine import METRICS_FILE, fit, seed_everything
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
@@ -45,6 +51,8 @@ FULL = {
     "filters": KERAS_FILTERS,
     "dense": 512,
     "padding": "valid",
+    "telemetry_interval": 1.0,
+    "quick": False,
 }
 QUICK = {
     "epochs": 2,
@@ -58,24 +66,71 @@ QUICK = {
     "filters": (8, 8, 16, 32),
     "dense": 64,
     "padding": "same",
+    "quick": True,
 }
 MODEL = "mosmed3d"
 
 
-@dataclasses.dataclass(frozen=True)
-class MosmedConfig:
-    """What the mosmed experiment does (saved as config.json)."""
+DATA = "data and model"  # the --help section of the options below
 
-    train: TrainConfig
-    variants: tuple[str, ...] = VARIANTS
-    store: str | None = None
-    synth_n: int = 200
-    grid: tuple[int, int, int] = (64, 128, 128)
-    filters: tuple[int, ...] = KERAS_FILTERS
-    dense: int = 512
-    padding: str = "valid"
-    val_fraction: float = 0.3
+
+def _once(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The names in order, each once (--variants baseline baseline trains it once)."""
+    return tuple(dict.fromkeys(names))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MosmedConfig:
+    """What the mosmed experiment does (saved as config.json); the fields with option(...)
+    are the command's options, with FULL and QUICK as their defaults."""
+
+    variants: tuple[str, ...] = option(
+        VARIANTS,
+        nargs="+",
+        choices=VARIANTS,
+        group=DATA,
+        convert=_once,
+        default_text="all seven: " + " ".join(VARIANTS),
+        help="variants to train",
+    )
+    store: str | None = option(
+        None,
+        group=DATA,
+        default_text="generated CT-0 / CT-2/3 volumes, cached in OUT/data/",
+        help="whole-CT store with one 'volume' input",
+    )
+    synth_n: int = option(
+        200, type=positive_int, group=DATA, help="generated studies when no --store"
+    )
+    grid: tuple[int, int, int] = option(
+        (64, 128, 128),
+        type=positive_int,
+        nargs=3,
+        metavar=("D", "H", "W"),
+        group=DATA,
+        default_note="Keras's 128x128x64",
+        help="grid of the generated volumes",
+    )
+    filters: tuple[int, ...] = option(
+        KERAS_FILTERS, type=positive_int, nargs="+", group=DATA, help="conv widths per level"
+    )
+    dense: int = option(512, type=positive_int, group=DATA, help="hidden dense width")
+    padding: str = option(
+        "valid",
+        choices=("valid", "same"),
+        group=DATA,
+        default_note="as Keras, needs >= 46 voxels per axis",
+        help="conv padding",
+    )
+    val_fraction: float = option(
+        0.3,
+        type=unit_fraction,
+        group=DATA,
+        default_note="as the Keras example",
+        help="stratified validation share",
+    )
     quick: bool = False
+    train: TrainConfig = nested(TrainConfig, group="training", show=common3d.TRAIN_OPTIONS)
 
     def model_kwargs(self, variant: str) -> dict:
         return {
@@ -130,9 +185,16 @@ def check_grid(info: StoreInfo, cfg: MosmedConfig) -> None:
 
 
 def train_variant(
-    cfg: MosmedConfig, variant: str, info: StoreInfo, train_idx, val_idx, run_dir: Path
+    cfg: MosmedConfig,
+    variant: str,
+    info: StoreInfo,
+    train_idx,
+    val_idx,
+    run_dir: Path,
+    resume: ResumePoint | None = None,
 ) -> tuple[dict, pd.DataFrame]:
-    """Train one variant; returns its comparison row and history."""
+    """Train one variant (a resumed run's unfinished one from its checkpoint); returns its
+    comparison row and history."""
     kwargs = cfg.model_kwargs(variant)
     seed_everything(cfg.train.seed)
     model = create_model(MODEL, **kwargs)
@@ -143,6 +205,7 @@ def train_variant(
         common3d.split_dataset(info, val_idx),
         cfg.train,
         run_dir=run_dir / "variants" / variant,
+        resume=checkpoint_to_resume(run_dir / "variants" / variant, resume),
         checkpoint_meta={"model_name": MODEL, "model_kwargs": kwargs},
     )
     memory, kind = training_memory(
@@ -191,21 +254,45 @@ def training_memory(
     return estimate.total(cfg.train.batch_size), "estimated"
 
 
-def compare(cfg: MosmedConfig, info: StoreInfo, run_dir: Path) -> pd.DataFrame:
-    """Every variant on one split; writes the table, metrics.csv and the curves."""
+def compare(
+    cfg: MosmedConfig, info: StoreInfo, run_dir: Path, resume: ResumePoint | None = None
+) -> pd.DataFrame:
+    """Every variant on one split (those a resumed run lacks), each appended to the records
+    as it finishes; writes the table, metrics.csv and the curves."""
     labels = read_meta(info.path)["label"]
     train_idx, val_idx = stratified_split(range(info.n), labels, cfg.val_fraction, cfg.train.seed)
     log.info(
         f"MosMed task: {len(train_idx)} train / {len(val_idx)} validation studies, grid {info.grid}"
     )
-    rows, histories = [], {}
+    done = resume.finished("variant", lambda r: r["row"]["variant"]) if resume else {}
     for variant in cfg.variants:
-        row, histories[variant] = train_variant(cfg, variant, info, train_idx, val_idx, run_dir)
-        rows.append(row)
-    table = pd.DataFrame(rows).set_index("variant")
+        if variant in done:
+            log.info(f"variant {variant}: trained before")
+            continue
+        row, _ = train_variant(cfg, variant, info, train_idx, val_idx, run_dir, resume)
+        append_record(run_dir, {"kind": "variant", "row": row})
+    return write_outputs(run_dir, info)
+
+
+def write_outputs(run_dir: Path, info: StoreInfo) -> pd.DataFrame:
+    """The comparison table, metrics.csv and the curves of the variants whose records are
+    in the run (all of them when it completes, those that finished when it stops)."""
+    rows = {
+        r["row"]["variant"]: r["row"] for r in read_records(run_dir) if r.get("kind") == "variant"
+    }
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(list(rows.values())).set_index("variant")
+    histories = {
+        v: pd.read_csv(run_dir / "variants" / v / METRICS_FILE)
+        for v in rows
+        if (run_dir / "variants" / v / METRICS_FILE).exists()
+    }
     write_table(run_dir, "variants", table)
     with open(run_dir / "tables" / "variants.md", "a") as f:
         f.write("\n" + memory_note(table) + "\n")
+    if not histories:
+        return table
     pd.concat([h.assign(variant=v) for v, h in histories.items()], ignore_index=True).to_csv(
         run_dir / "metrics.csv", index=False
     )
@@ -238,16 +325,34 @@ class MosmedRun:
 
 
 def run(
-    cfg: MosmedConfig, out: str | Path, run_id: str | None = None, data_seed: int = 0
+    cfg: MosmedConfig,
+    out: str | Path,
+    run_id: str | None = None,
+    data_seed: int = 0,
+    resume: ResumePoint | None = None,
 ) -> MosmedRun:
-    """Train every variant of `cfg` and write the comparison into OUT/<run-id>/."""
+    """Train every variant of `cfg` and write the comparison into OUT/<run-id>/ (with
+    `resume`, the variants that run folder lacks)."""
     started = time.perf_counter()
     info = volume_store(cfg, Path(out), data_seed)
     note = common3d.data_note(info)
-    config = {"experiment": NAME, "config": cfg, "store": info.path, "data": note}
-    with common3d.training_run(out, run_id, config, note) as folder:
+    config = {
+        "experiment": NAME,
+        "config": cfg,
+        "store": info.path,
+        "data": note,
+        "data_seed": data_seed,
+    }
+    with common3d.training_run(
+        out,
+        run_id,
+        config,
+        note,
+        resume=resume,
+        on_stop=lambda run_dir: write_outputs(run_dir, info),
+    ) as folder:
         log.info(f"config: {cfg}")
-        table = compare(cfg, info, folder.path)
+        table = compare(cfg, info, folder.path, resume)
         wall = time.perf_counter() - started
         folder.summary["wall_s"] = wall
     return MosmedRun(folder.path, table, note, wall)

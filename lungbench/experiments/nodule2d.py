@@ -6,20 +6,33 @@ test-time augmentation -> Grad-CAM overlays, the most confidently right, most wr
 uncertain test crops, and the confusion matrix. Split 80/10/10 as the seed, stratified by
 class. A given --lr skips the LR finder.
 
-    lungbench train nodule2d --quick                       generated slices, about a minute
+    lungbench train nodule2d --quick                       generated slices, about 2 minutes
     lungbench train nodule2d --weights resnet50-tv.pth --method A --epochs 200
     lungbench train nodule2d --store crops.h5 --schedule onecycle
+    lungbench train nodule2d --resume results/RUN          continue a stopped run
 
-Outputs in results/<run-id>/: plots/{lr_finder, loss, gradcam, most_correct, most_incorrect,
-most_uncertain, confusion_matrix}.png, tables/{accuracy, confusion_matrix, history}, and the
-training's checkpoint_best.pt / metrics.csv under train/.
+Outputs in results/<run-id>/: plots/{lr_finder, lr_schedule, loss, gradcam, most_correct,
+most_incorrect, most_uncertain, confusion_matrix}.png, tables/{accuracy, confusion_matrix,
+history, gradcam_nodule}, and the training's checkpoint_best.pt, metrics.csv and lr_steps.csv
+(the learning rate of every step) under train/.
+
+Shown working: plots/lr_schedule.png draws the learning rate of every optimizer step (the
+quick run trains with one-cycle: warm-up to the peak at 30% of the steps, then annealing);
+tables/gradcam_nodule says how much of each Grad-CAM map falls on the nodule (generated
+crops are centred on it, and their diameter is known) against the nodule's share of the crop.
+Two choices make the maps mean something on small crops: the explained layer is the
+deepest stage with maps of at least 7x7 cells (at 64 pixels ResNet's last stage is 2x2
+cells, which cannot point at the centre), and each crop's map explains its predicted class.
+The batch-norm statistics are recomputed for each epoch's weights before validation
+(--no-precise-bn: off): after a few hundred steps the running averages trail the weights
+and the evaluated network would call every crop benign (lungbench.train.batchnorm).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +41,8 @@ import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
+from lungbench.core.errors import UsageError, look_up_option
+from lungbench.core.options import nested, option, positive_int
 from lungbench.core.runs import (
     append_record,
     markdown,
@@ -39,38 +54,145 @@ from lungbench.data.splits import stratified_split
 from lungbench.data.store import StoreDataset, StoreInfo, read_info
 from lungbench.experiments import common2d as c2d
 from lungbench.experiments import common3d as c3d
-from lungbench.report.training import confusion_table
+from lungbench.experiments.resumable import ResumePoint, checkpoint_to_resume
+from lungbench.report.training import confusion_table, lr_schedule_plot
+from lungbench.train.batchnorm import recalibrate_batchnorm
 from lungbench.train.cam import cam_overlay_figure, grad_cam
 from lungbench.train.config import TrainConfig
-from lungbench.train.engine import fit, predict
+from lungbench.train.engine import LR_STEPS_FILE, METRICS_FILE, fit, predict
 from lungbench.train.lr_finder import find_lr, lr_finder_figure
 from lungbench.train.transfer import parse_method
-from lungbench.train.tta import tta_predict
+from lungbench.train.tta import DEFAULT_VIEWS, VIEWS, tta_predict
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 NAME = "nodule2d"
-QUICK = {"model": "resnet18", "n": 80, "epochs": 2, "lr_iters": 20}
-DEFAULTS = {"model": "resnet50", "n": 600, "epochs": 30, "lr_iters": 100}
+# Quick: enough steps (4 epochs of 128 crops, batch 16) for the network to tell the classes
+# apart and for Grad-CAM to find the nodule; one-cycle, so its shape shows in lr_schedule.png.
+QUICK = {
+    "model": "resnet18",
+    "n": 160,
+    "epochs": 4,
+    "batch_size": 16,
+    "schedule": "onecycle",
+    "lr_iters": 20,
+}
+FULL = {
+    "model": "resnet50",
+    "n": 600,
+    "epochs": 30,
+    "lr_iters": 100,
+    "batch_size": 32,
+    "schedule": "cosine",
+    "lr": 1e-3,  # replaced by the LR finder's suggestion when find_lr (no --lr given)
+    "tensorboard": False,
+    "telemetry_interval": 1.0,
+}
 GRID = 8  # images per grid
+CAM_MIN_SIZE = 7  # Grad-CAM explains the deepest stage with maps of >= 7x7 cells
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Nodule2DConfig:
-    """Everything the run does (saved to config.json)."""
+    """Everything the run does (saved to config.json); the fields with option(...) are the
+    command's options, with FULL and QUICK as their defaults."""
 
-    model: str
-    method: str
-    weights: str | None
-    store: str | None
-    n: int
-    image_size: int
-    augmentation: str
-    lr_iters: int
-    tta_views: tuple[str, ...]
-    generated: bool
-    train: TrainConfig
+    store: str | None = option(
+        None,
+        group="data",
+        default_text="generated nodule slices",
+        help="binary image store of crops",
+    )
+    n: int = option(type=positive_int, group="data", help="generated crops")
+    image_size: int = option(
+        64,
+        type=positive_int,
+        group="data",
+        default_note="as the seed",
+        help="generated crop size in pixels",
+    )
+    augmentation: str = option(
+        "rotation_only",
+        group="data",
+        default_note="as the seed",
+        help="training augmentation preset of lungbench.data.transforms: none, "
+        "rotation_only, flips, standard",
+    )
+    model: str = option(
+        choices=c2d.BACKBONES, group="model", default_note="the seed's choice", help="network"
+    )
+    method: str = option(
+        "C",
+        group="model",
+        default_note="without --weights C starts from random weights",
+        help="transfer method A, B_<depth>, C or D",
+    )
+    weights: str | None = option(
+        None,
+        group="model",
+        default_text="none",
+        help="local pretrained weights (torchvision/MONAI .pth or lungbench checkpoint)",
+    )
+    train: TrainConfig = nested(
+        TrainConfig,
+        group="training",
+        show={
+            "epochs": {},
+            "batch_size": {"flag": "--batch-size"},
+            "lr": {
+                "help": "learning rate; given, the LR finder is skipped",
+                "default_text": "run the LR finder and train with its suggestion",
+            },
+            "schedule": {"default_note": "as the seed"},
+            "device": {},
+            "num_workers": {},
+            "seed": {},
+            "telemetry_interval": {},
+        },
+    )
+    lr_iters: int = option(
+        type=positive_int, group="training", help="LR finder steps, >= 5, without --lr"
+    )
+    tta_views: tuple[str, ...] = option(
+        DEFAULT_VIEWS,
+        flag="--tta",
+        nargs="+",
+        metavar="TTA",
+        group="training",
+        default_text=f"all 8: {' '.join(DEFAULT_VIEWS)}",
+        help="TTA views",
+    )
+    precise_bn: bool = option(
+        True,
+        flag="--no-precise-bn",
+        group="training",
+        default_text="on",
+        help="do not recompute the batch-norm statistics for each epoch's weights before "
+        "validation (lungbench.train.batchnorm)",
+    )
     find_lr: bool = True  # run the LR finder and train at its suggestion (no --lr given)
+    generated: bool = field(init=False)  # no store: generated nodule slices
+
+    def __post_init__(self) -> None:
+        from lungbench.data.transforms import PRESETS
+
+        object.__setattr__(self, "generated", self.store is None)
+        parse_method(self.method)
+        if self.find_lr and self.lr_iters < 5:
+            raise UsageError(
+                f"--lr-iters: the LR finder needs at least 5 steps, got {self.lr_iters}"
+            )
+        if self.generated:
+            if self.image_size < 32:
+                raise UsageError(
+                    f"--image-size must be >= 32 pixels (the networks downsample 32x), "
+                    f"got {self.image_size}"
+                )
+            if self.n < 10:
+                raise UsageError(f"--n: nodule2d needs at least 10 crops, got {self.n}")
+        look_up_option(self.augmentation, PRESETS, what="augmentation preset")
+        for view in self.tta_views:
+            look_up_option(view, VIEWS, what="TTA view")
 
 
 @dataclass
@@ -81,8 +203,15 @@ class Nodule2DRun:
     text: str
 
 
-def run(cfg: Nodule2DConfig, out: str | Path, run_id: str | None = None) -> Nodule2DRun:
-    """LR finder (unless cfg.find_lr is off), training, TTA, Grad-CAM into OUT/<run-id>/."""
+def run(
+    cfg: Nodule2DConfig,
+    out: str | Path,
+    run_id: str | None = None,
+    resume: ResumePoint | None = None,
+) -> Nodule2DRun:
+    """LR finder (unless cfg.find_lr is off), training, TTA, Grad-CAM into OUT/<run-id>/;
+    with `resume`, that folder continued: the LR finder's result kept, the training
+    continued from its last checkpoint, the evaluation done again."""
     # Everything the user gave is checked before the run folder exists: the store (a 2D
     # binary image store, enough crops of each class to split), the weights and method.
     in_channels = 1  # the generated crops are grey
@@ -94,10 +223,25 @@ def run(cfg: Nodule2DConfig, out: str | Path, run_id: str | None = None) -> Nodu
     method = parse_method(cfg.method)
     built = c2d.build_transfer_model(cfg.model, kwargs, method, cfg.weights, cfg.train.seed)
     config = {"nodule2d": asdict(cfg), "lr_finder": None}
-    # a later failure marks the run "failed"
-    with c3d.training_run(out, run_id, config, _data_note(cfg)) as folder:
-        text = _experiment(cfg, folder.path, built, kwargs)
+    # a later failure marks the run "failed", a stop "interrupted"; the training history so
+    # far is written first
+    with c3d.training_run(
+        out, run_id, config, _data_note(cfg), resume=resume, on_stop=_history_after_stop
+    ) as folder:
+        text = _experiment(cfg, folder.path, built, kwargs, resume)
     return Nodule2DRun(folder.path, text)
+
+
+def _history_after_stop(run_dir: Path) -> None:
+    """tables/history and the loss and learning-rate plots of the epochs that finished."""
+    metrics = run_dir / "train" / METRICS_FILE
+    if metrics.exists():
+        history = pd.read_csv(metrics)
+        write_table(run_dir, "history", history, index=False)
+        save_figure(run_dir, "loss", _loss_figure(history))
+    steps = run_dir / "train" / LR_STEPS_FILE
+    if steps.exists():
+        save_figure(run_dir, "lr_schedule", lr_schedule_plot(pd.read_csv(steps), "learning rate"))
 
 
 def _experiment(
@@ -105,6 +249,7 @@ def _experiment(
     run_dir: Path,
     built: c2d.BuiltModel,
     kwargs: dict,
+    resume: ResumePoint | None = None,
 ) -> str:
     """The study into `run_dir`; the tables to show, as text."""
     store = _store(cfg, run_dir)
@@ -121,8 +266,10 @@ def _experiment(
     val_ds, test_ds = Subset(plain, val_idx.tolist()), Subset(plain, test_idx.tolist())
     method = built.plan.method
 
-    finder = None
-    if cfg.find_lr:
+    finder = resume.config.get("lr_finder") if resume else None
+    if finder:  # a resumed run's LR finder had finished: its lr is in the saved config
+        log.info(f"LR finder done before: training with lr {cfg.train.lr:.2e}")
+    elif cfg.find_lr:
         sweep = find_lr(
             built.model,
             train_ds,
@@ -140,12 +287,24 @@ def _experiment(
     log.info(f"config: {cfg}")
     write_json(run_dir / "config.json", {"nodule2d": asdict(cfg), "lr_finder": finder})
 
+    # Precise BN on the training crops without augmentation, as validation and test see them.
+    plain_train = Subset(plain, train_idx.tolist())
     result = fit(
         built.model,
         train_ds,
         val_ds,
         cfg.train,
         run_dir=run_dir / "train",
+        resume=checkpoint_to_resume(run_dir / "train", resume),
+        before_eval=(
+            (
+                lambda model: recalibrate_batchnorm(
+                    model, plain_train, cfg.train.batch_size, cfg.train.device
+                )
+            )
+            if cfg.precise_bn
+            else None
+        ),
         checkpoint_meta={
             "model_name": cfg.model,
             "model_kwargs": kwargs,
@@ -155,6 +314,14 @@ def _experiment(
     )
     write_table(run_dir, "history", result.history, index=False)
     save_figure(run_dir, "loss", _loss_figure(result.history))
+    save_figure(
+        run_dir,
+        "lr_schedule",
+        lr_schedule_plot(
+            result.lr_steps,
+            f"learning rate per step, {cfg.train.schedule} (peak {cfg.train.lr:.2e})",
+        ),
+    )
     probs, targets = predict(built.model, test_ds, cfg.train.batch_size, cfg.train.device)
     tta_probs, _ = tta_predict(
         built.model, test_ds, "binary", cfg.train.batch_size, cfg.train.device, cfg.tta_views
@@ -180,10 +347,18 @@ def _experiment(
     write_table(run_dir, "confusion_matrix", confusion)
     save_figure(run_dir, "confusion_matrix", _confusion_figure(confusion))
     _case_grids(run_dir, built.model, test_ds, tta_probs, targets, info.label_names)
-    return (
+    text = (
         f"Test accuracy, {cfg.model} method {method.label} ({note}):\n"
         f"{markdown(accuracy, index=False)}\n\nConfusion matrix (TTA):\n{markdown(confusion)}"
     )
+    if cfg.generated:  # centred on the nodule, its diameter known: where does Grad-CAM look?
+        summary = nodule_cam_table(run_dir, built.model, store, test_idx, tta_probs)
+        append_record(run_dir, {"kind": "gradcam_nodule", **summary.iloc[0].to_dict()})
+        text += (
+            "\n\nGrad-CAM on the nodule (test crops; a map spread evenly would have a "
+            f"lift of 1):\n{markdown(summary, index=False)}"
+        )
+    return text
 
 
 def _check_store(path: Path) -> StoreInfo:
@@ -205,6 +380,8 @@ def _store(cfg: Nodule2DConfig, run_dir: Path) -> Path:
     from lungbench.data.synth2d import write_nodule2d_store
 
     path = run_dir / "data" / "nodule2d-synth.h5"
+    if path.exists():  # a resumed run's (stores are written whole: a temporary file, renamed)
+        return path
     with tqdm(total=cfg.n, desc="generate nodule slices", unit="crop", file=sys.stderr) as bar:
         write_nodule2d_store(
             path, cfg.n, seed=cfg.train.seed, size=cfg.image_size, progress=bar.update
@@ -237,20 +414,94 @@ def case_indices(probs: np.ndarray, targets: np.ndarray, k: int) -> dict[str, np
     }
 
 
+def predicted_class_cams(model, images: torch.Tensor, probs: np.ndarray) -> np.ndarray:
+    """Grad-CAM (N, H, W) of each crop's predicted class, on the deepest stage with maps of
+    at least CAM_MIN_SIZE cells (lungbench.train.cam)."""
+    negative = torch.as_tensor(np.asarray(probs) < 0.5)
+    return grad_cam(model, (images,), target=0, min_size=CAM_MIN_SIZE, negative=negative).numpy()
+
+
 def _case_grids(run_dir: Path, model, test_ds, probs, targets, names) -> None:
     cases = case_indices(probs, targets, GRID)
     for name, positions in cases.items():
         if len(positions) == 0:
             continue
         images = torch.stack([test_ds[int(i)][0][0] for i in positions])
-        cams = grad_cam(model, (images,), target=0).numpy()  # images on CPU, maps too
+        cams = predicted_class_cams(model, images, probs[positions])  # on CPU, as the images
         titles = [f"{names[int(targets[i] >= 0.5)]}: p(mal)={probs[i]:.2f}" for i in positions]
         save_figure(run_dir, name, cam_overlay_figure(images[:, 0].numpy(), cams, titles))
     first = np.arange(min(GRID, len(targets)))
     images = torch.stack([test_ds[int(i)][0][0] for i in first])
-    cams = grad_cam(model, (images,), target=0).numpy()
+    cams = predicted_class_cams(model, images, probs[first])
     titles = [f"{names[int(targets[i] >= 0.5)]}: p={probs[i]:.2f}" for i in first]
     save_figure(run_dir, "gradcam", cam_overlay_figure(images[:, 0].numpy(), cams, titles))
+
+
+def nodule_masks(shape: tuple[int, int], diameters_px: np.ndarray, margin: float = 2.0):
+    """(N, H, W) discs at the crop's centre, each the nodule's radius + `margin` pixels."""
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    distance = np.hypot(rows - (shape[0] - 1) / 2, cols - (shape[1] - 1) / 2)
+    radius = np.asarray(diameters_px, dtype=float)[:, None, None] / 2 + margin
+    return distance[None] <= radius
+
+
+def cam_on_masks(cams: np.ndarray, masks: np.ndarray) -> pd.DataFrame:
+    """Per map: its share inside the mask, the mask's share of the image, their ratio (the
+    lift: 1 for a map spread evenly) and whether its peak is inside. Maps that are zero
+    everywhere (Grad-CAM found no evidence for the class) get NaN."""
+    total = cams.reshape(len(cams), -1).sum(axis=1)
+    inside = (cams * masks).reshape(len(cams), -1).sum(axis=1)
+    area = masks.reshape(len(masks), -1).mean(axis=1)
+    flat = total <= 1e-12
+    share = np.where(flat, np.nan, inside / np.maximum(total, 1e-12))
+    peaks = cams.reshape(len(cams), -1).argmax(axis=1)
+    peak_inside = masks.reshape(len(masks), -1)[np.arange(len(masks)), peaks]
+    return pd.DataFrame(
+        {
+            "cam_share_in_nodule": share,
+            "nodule_share_of_crop": area,
+            "lift": share / area,
+            "peak_in_nodule": np.where(flat, np.nan, peak_inside.astype(float)),
+        }
+    )
+
+
+def nodule_cam_table(
+    run_dir: Path, model, store: Path, test_idx: np.ndarray, probs: np.ndarray
+) -> pd.DataFrame:
+    """How much of each test crop's Grad-CAM map (its predicted class) falls on the nodule:
+    tables/gradcam_nodule.csv per crop and the summary (returned, also as
+    tables/gradcam_nodule_summary). Generated crops only: centred, diameter known."""
+    from lungbench.data.store import read_meta
+    from lungbench.data.synth2d import NODULE_SPACING_MM
+    from lungbench.train.cam import stage_layer_for_size
+
+    data = StoreDataset(store, cache=True)
+    images = torch.stack([data[int(i)][0][0] for i in test_idx])
+    meta = read_meta(store)
+    cams = predicted_class_cams(model, images, probs)
+    masks = nodule_masks(images.shape[-2:], meta["diameter"][test_idx] / NODULE_SPACING_MM)
+    per_crop = cam_on_masks(cams, masks)
+    per_crop.insert(0, "id", meta["id"][test_idx])
+    per_crop.insert(1, "label", data.labels[test_idx])
+    per_crop.insert(2, "p_malignant", probs)
+    write_table(run_dir, "gradcam_nodule", per_crop, index=False)
+    layer = stage_layer_for_size(model, (images,), CAM_MIN_SIZE)
+    summary = pd.DataFrame(
+        [
+            {
+                "layer": layer,
+                "crops": len(per_crop),
+                "flat maps": int(per_crop["lift"].isna().sum()),
+                "median CAM share on nodule": per_crop["cam_share_in_nodule"].median(),
+                "median nodule share of crop": per_crop["nodule_share_of_crop"].median(),
+                "median lift": per_crop["lift"].median(),
+                "peaks on nodule": per_crop["peak_in_nodule"].mean(),
+            }
+        ]
+    )
+    write_table(run_dir, "gradcam_nodule_summary", summary, index=False)
+    return summary
 
 
 def _loss_figure(history: pd.DataFrame):

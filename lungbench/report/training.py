@@ -8,7 +8,7 @@ confusion_table(y_true, y_prob, threshold=0.5)
 transfer_table(folds)   (seed 004, from a chestxray run's folds.csv)
     rows: Without / With Transfer Learning; columns: Binary Accuracy, AUC ("mean% (+/- std%)")
 loss_curves_plot({"w/o pre-training": history, ...}), roc_plot({...}),
-metric_curves_plot({...}, "val_auc")
+metric_curves_plot({...}, "val_auc"), lr_schedule_plot(result.lr_steps, "one-cycle")
 """
 
 from __future__ import annotations
@@ -146,6 +146,31 @@ def metric_curves_plot(histories: Mapping[str, pd.DataFrame], column: str, title
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    return fig
+
+
+def lr_schedule_plot(lr_steps: pd.DataFrame, title: str):
+    """The learning rate of every optimizer step (FitResult.lr_steps: step, epoch, lr), with
+    the epoch boundaries dotted and the peak marked: one-cycle's warm-up and annealing, a
+    cosine's or a step schedule's per-epoch moves."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(lr_steps["step"], lr_steps["lr"], linewidth=1.5)
+    for end in lr_steps.groupby("epoch")["step"].max().iloc[:-1]:
+        ax.axvline(end + 0.5, color="grey", linestyle=":", linewidth=0.8)
+    if len(lr_steps):
+        peak = lr_steps.loc[lr_steps["lr"].idxmax()]
+        ax.plot([peak["step"]], [peak["lr"]], "o", color="C3")
+        ax.annotate(
+            f"peak {peak['lr']:.2e} at step {int(peak['step'])}",
+            (peak["step"], peak["lr"]),
+            textcoords="offset points",
+            xytext=(6, -12),
+            fontsize=8,
+        )
+    ax.set_xlabel("optimizer step (epochs dotted)")
+    ax.set_ylabel("learning rate")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
     return fig
 
 

@@ -15,6 +15,13 @@ import pandas as pd
 import torch
 
 from lungbench.core.errors import UsageError, look_up_option
+from lungbench.core.options import (
+    non_negative_float,
+    non_negative_int,
+    option,
+    positive_float,
+    positive_int,
+)
 from lungbench.step import OPTIMIZERS
 
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
@@ -37,26 +44,53 @@ class TrainConfig:
     epoch's weights into the model when fit returns.
     """
 
-    epochs: int = 10
-    batch_size: int = 16
-    lr: float = 1e-3
-    optimizer: str = "adam"
+    # The options every `lungbench train` recipe may offer (lungbench.core.options; a recipe
+    # picks which, with its own flag or help where it differs).
+    epochs: int = option(10, type=positive_int, help="epochs")
+    batch_size: int = option(16, flag="--batch", type=positive_int, help="batch size")
+    lr: float = option(1e-3, type=positive_float, help="learning rate")
+    optimizer: str = option("adam", choices=OPTIMIZERS, help="optimizer")
     momentum: float = 0.9
-    schedule: str = "constant"
+    schedule: str = option("constant", choices=SCHEDULES, help="learning-rate schedule")
     step_size: int = 10
     gamma: float = 0.1
     weight_decay: float = 0.0
-    amp: bool = False
-    patience: int | None = None
-    seed: int = 0
-    num_workers: int = 0
-    device: str = "cpu"
+    amp: bool = option(False, help="mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA)")
+    patience: int | None = option(
+        None,
+        type=positive_int,
+        help="early stopping: epochs without a lower validation loss",
+    )
+    seed: int = option(
+        0, type=non_negative_int, help="seed of splits, initialisation and shuffling"
+    )
+    num_workers: int = option(
+        0,
+        flag="--workers",
+        type=non_negative_int,
+        metavar="WORKERS",
+        help="DataLoader worker processes",
+    )
+    device: str = option("cpu", help="cpu, cuda or cuda:N")
     grad_clip: float | None = None
     restore_best: bool = True
-    progress: bool = True  # progress bars
+    progress: bool = option(  # progress bars
+        True,
+        flag="--no-progress",
+        group="output",
+        default_text="bars shown",
+        help="no progress bars; the one-line summary per epoch stays",
+    )
     log_epochs: bool = True  # one summary line per epoch (also without bars: batch-job logs)
     tensorboard: bool = True
-    telemetry_interval: float = 0.0  # seconds between telemetry samples, 0 = off (rank 0)
+    telemetry_interval: float = option(  # seconds between telemetry samples, 0 = off (rank 0)
+        0.0,
+        type=non_negative_float,
+        metavar="SECONDS",
+        help="sample GPU (NVML) / CPU (psutil, RAPL) telemetry every SECONDS into each "
+        "training folder's telemetry.csv, with utilisation, peak memory and energy per "
+        "sample per epoch in metrics.csv; 0 = off",
+    )
 
     def __post_init__(self) -> None:
         look_up_option(self.optimizer, OPTIMIZERS, what="optimizer")
@@ -88,6 +122,10 @@ class FitResult:
     peak_memory_kind: str = "cpu_rss_above_start"
     stopped_early: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # the learning rate every optimizer step ran with: columns step (1-based), epoch, lr
+    lr_steps: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=["step", "epoch", "lr"])
+    )
 
     @property
     def best_row(self) -> pd.Series:

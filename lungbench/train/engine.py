@@ -10,7 +10,9 @@ loss follows the target: BCE-with-logits for float targets (binary: logits (B, 1
 (B,); multi-label: (B, K) vs (B, K)), cross-entropy for int64 targets (logits (B, K)).
 
 Every epoch the engine validates, appends a row to `run_dir/metrics.csv` (and TensorBoard
-scalars under `run_dir/tb`), and writes `checkpoint_last.pt` atomically; the best epoch by
+scalars under `run_dir/tb`), writes the learning rate every optimizer step ran with to
+`run_dir/lr_steps.csv` (one-cycle moves it every step: its shape is only visible there), and
+writes `checkpoint_last.pt` atomically; the best epoch by
 validation loss is also written to `checkpoint_best.pt`. On SIGTERM or SIGUSR1 (what SLURM
 sends before a time limit) it finishes the current step, writes the checkpoint (with the
 position inside the epoch) and raises TrainingInterrupted; `fit(..., resume=path)` then
@@ -35,7 +37,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,6 +76,7 @@ from lungbench.train.metrics import (
 )
 
 METRICS_FILE = "metrics.csv"
+LR_STEPS_FILE = "lr_steps.csv"  # step, epoch, lr: the learning rate of every optimizer step
 
 
 STOP_SIGNALS = tuple(
@@ -365,6 +368,9 @@ class _State:
     wait: int = 0  # epochs since the last improvement (early stopping)
     history: list[dict[str, float]] = field(default_factory=list)
     partial: dict[str, float] = field(default_factory=dict)  # sums of an interrupted epoch
+    # {"step", "epoch", "lr"} per optimizer step so far: the lr the step ran with (1-based
+    # step over the whole fit, 1-based epoch)
+    lr_steps: list[dict[str, float]] = field(default_factory=list)
     best_model: dict[str, torch.Tensor] | None = None
     # Under DDP: every rank's RNG streams and partial-epoch sums, gathered before each save,
     # so that each rank resumes with its own (rank 0's alone would be given to all).
@@ -406,6 +412,7 @@ def fit(
     resume: str | os.PathLike | None = None,
     checkpoint_meta: Mapping[str, Any] | None = None,
     metrics_fn: MetricsFn | None = None,
+    before_eval: Callable[[nn.Module], None] | None = None,
 ) -> FitResult:
     """Train `model` on `train_ds`, validating on `val_ds` after every epoch.
 
@@ -418,6 +425,10 @@ def fit(
             so that load_model_from_checkpoint can rebuild the model.
         metrics_fn: `metrics_fn(val_probs, val_targets) -> {name: value}`, extra validation
             metrics added to each history row as `val_<name>`.
+        before_eval: called with the model (without its DDP wrapper) after each epoch's
+            training, before its validation: e.g. batch-norm statistics recomputed for the
+            epoch's final weights (lungbench.train.batchnorm); it must be deterministic
+            for a resumed run to match an uninterrupted one.
     """
     dist = dist or single_process(config.device)
     device = dist.device if dist.is_distributed else parse_device(config.device, what="device")
@@ -476,6 +487,8 @@ def fit(
                     f"{state.step}; checkpoint {path}; continue with --resume {path}",
                     path,
                 )
+            if before_eval is not None:
+                before_eval(core)
             val_loss, probs, targets = evaluate(model, val_ds, config, loss_fn, dist, state.epoch)
             row.update(
                 {
@@ -511,6 +524,9 @@ def fit(
                 break
     if writer is not None:
         writer.close()
+    if run_dir is not None:  # a resumed fit that had finished runs no epoch here
+        last_path = last_path or run_dir / LAST_CHECKPOINT
+        best_path = best_path or run_dir / BEST_CHECKPOINT
     if config.restore_best and state.best_model is not None:
         core.load_state_dict(state.best_model)
     return _result(
@@ -545,7 +561,9 @@ def _train_epoch(run: _Run, train_ds: Dataset, state: _State, stop: dict) -> dic
     tick = time.perf_counter()
     for batch in bar:
         inputs, target = _to_device(batch, device)
+        lr = run.step.optimizer.param_groups[0]["lr"]  # one-cycle moves it after each step
         loss, logits = run.step.run(NO_TIMER, inputs, target)  # the one step (lungbench.step)
+        state.lr_steps.append({"step": len(state.lr_steps) + 1, "epoch": state.epoch + 1, "lr": lr})
         state.step += 1
         n = target.shape[0]
         # .item() is a device sync point; once per step is cheap next to a 3D conv step.
@@ -619,6 +637,7 @@ def _payload(run: _Run, state: _State) -> dict:
         "wait": state.wait,
         "history": state.history,
         "partial": state.partial,
+        "lr_steps": state.lr_steps,
         "best_model": state.best_model,
         "world_size": len(state.ranks) if state.ranks else 1,
         "ranks": state.ranks,
@@ -633,6 +652,9 @@ def _write_epoch(run: _Run, state: _State, improved: bool, writer) -> tuple[Path
     tmp = run_dir / (METRICS_FILE + ".tmp")
     history.to_csv(tmp, index=False)
     os.replace(tmp, run_dir / METRICS_FILE)
+    tmp = run_dir / (LR_STEPS_FILE + ".tmp")
+    lr_steps_frame(state.lr_steps).to_csv(tmp, index=False)
+    os.replace(tmp, run_dir / LR_STEPS_FILE)
     if writer is not None:
         row = state.history[-1]
         for key, value in row.items():
@@ -706,6 +728,7 @@ def _restore(path: Path, run: _Run) -> _State:
         history=list(ckpt.get("history", [])),
         partial=dict(mine["partial"] or {}),
         best_model=ckpt.get("best_model"),
+        lr_steps=list(ckpt.get("lr_steps", [])),
     )
 
 
@@ -736,4 +759,11 @@ def _result(
         peak_memory_kind=memory.kind,
         stopped_early=stopped_early,
         extra={"seed": config.seed},
+        lr_steps=lr_steps_frame(state.lr_steps),
     )
+
+
+def lr_steps_frame(lr_steps: list[dict[str, float]]) -> pd.DataFrame:
+    """The per-step learning rates as a table: step (1-based over the fit), epoch, lr."""
+    frame = pd.DataFrame(lr_steps, columns=["step", "epoch", "lr"])
+    return frame.astype({"step": int, "epoch": int, "lr": float})

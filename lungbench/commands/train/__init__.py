@@ -1,10 +1,11 @@
 """Layer 10 (commands): `lungbench train EXPERIMENT`, the training recipes of the seeds.
 
 Each command module in EXPERIMENT_MODULES (one per recipe of lungbench.experiments) exposes
-NAME, HELP, DESCRIPTION, `add_arguments(parser)` and `main(args) -> int`, which builds the
-recipe's config from the options, runs the recipe and prints its tables; one that sets
-DISTRIBUTED = True joins the launcher's process group itself (DDP), the others refuse to run
-under a launcher.
+NAME, HELP, DESCRIPTION, `add_arguments(parser)` (the options the recipe's config declares on
+its fields, made by lungbench.commands._options, and the few that only the command has, such
+as --out) and `main(args) -> int`, which builds the recipe's config from the options, runs
+the recipe and prints its tables; one that sets DISTRIBUTED = True joins the launcher's
+process group itself (DDP), the others refuse to run under a launcher.
 """
 
 from __future__ import annotations

@@ -1,16 +1,14 @@
-"""Layer 10 (commands): `lungbench train lidc-pretrain`, the options of the recipe
-lungbench.experiments.lidc_pretrain, the launcher's process group, and its printed summary."""
+"""Layer 10 (commands): `lungbench train lidc-pretrain`: the recipe
+lungbench.experiments.lidc_pretrain with the options its config declares, the launcher's
+process group, and its printed summary."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from lungbench.commands._args import (
-    add_dist_timeout,
-    non_negative_int,
-    positive_int,
-    unit_fraction,
-)
+from lungbench.commands._args import add_dist_timeout, non_negative_int
+from lungbench.commands._options import add_config_options, section
 from lungbench.commands.train import _common as common
 from lungbench.distributed.group import init_distributed, shutdown
 from lungbench.experiments import lidc_pretrain as recipe
@@ -26,12 +24,14 @@ epoch 63, accuracy 0.78, AUC 0.90). Default data: generated LIDC-like nodules (n
 archive); --store uses a real store (`lungbench data ...`). The checkpoint of the best epoch
 (RUN/checkpoint_best.pt) is what `lungbench train lungx-cv --pretrained` fine-tunes.
 SIGTERM/SIGUSR1 (SLURM before a time limit) write a checkpoint and exit with code 143;
---resume RUN/checkpoint_last.pt continues exactly.
+--resume RUN continues that run folder exactly (from its checkpoint_last.pt), --resume
+RUN/checkpoint_last.pt continues it into a new run folder.
 
 examples:
   lungbench train lidc-pretrain --quick
   lungbench train lidc-pretrain --epochs 100 --patience 20 --device cuda
   lungbench train lidc-pretrain --store lidc.h5 --resume results/RUN/checkpoint_last.pt
+  lungbench train lidc-pretrain --resume results/RUN
   torchrun --nproc_per_node 4 -m lungbench train lidc-pretrain --device cuda --batch 4
 
 Under torchrun / srun / mpiexec it trains with DDP (NCCL on GPUs, Gloo on CPUs): --batch is
@@ -43,42 +43,14 @@ DISTRIBUTED = True
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    d = p.add_argument_group("data and model")
-    d.add_argument(
-        "--store",
-        default=None,
-        help="nodule store with context/zoom cubes (default: generated LIDC-like "
-        "nodules, cached in OUT/data/)",
-    )
-    d.add_argument(
-        "--synth-n",
-        type=positive_int,
-        default=None,
-        help=f"generated nodules when no --store (default: {FULL['synth_n']}, the "
-        f"thesis's LIDC count; --quick: {QUICK['synth_n']})",
-    )
-    d.add_argument(
-        "--val-fraction",
-        type=unit_fraction,
-        default=0.2,
-        help="stratified validation share (default: 0.2, the thesis)",
-    )
-    d.add_argument(
-        "--filters",
-        type=positive_int,
-        default=None,
-        help=f"base width of dualpath3d (default: {FULL['filters']}; --quick: {QUICK['filters']})",
-    )
-    d.add_argument(
-        "--depth",
-        type=positive_int,
-        default=None,
-        help=f"conv levels per path (default: {FULL['depth']}; --quick: {QUICK['depth']})",
-    )
+    add_config_options(p, PretrainConfig, FULL, QUICK, quick_help=common.QUICK_HELP)
+    d = section(p, "data and model")
     d.add_argument(
         "--resume",
         default=None,
-        help="continue exactly from a checkpoint_last.pt (default: start afresh); under a "
+        metavar="RUN|CHECKPOINT",
+        help="continue a stopped run folder in place (its folder, or its id under --out), or "
+        "a checkpoint_last.pt into a new run folder, exactly (default: start afresh); under a "
         "launcher, with the number of processes that wrote it",
     )
     d.add_argument(
@@ -87,28 +59,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="seed of the generated data set (default: 0)",
     )
-    common.add_train_arguments(p, FULL, QUICK)
+    common.add_output_options(p)
     add_dist_timeout(p.add_argument_group("under a launcher (DDP)"))
 
 
 def make_config(args: argparse.Namespace) -> PretrainConfig:
-    return PretrainConfig(
-        train=common.train_config(args, FULL, QUICK),
-        store=args.store,
-        synth_n=common.resolve(args, "synth_n", FULL, QUICK),
-        filters=common.resolve(args, "filters", FULL, QUICK),
-        depth=common.resolve(args, "depth", FULL, QUICK),
-        val_fraction=args.val_fraction,
-        quick=args.quick,
-    )
+    return common.recipe_config(args, PretrainConfig, FULL, QUICK)
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = make_config(args)
+    resume, out, run_id, seed = args.resume, args.out, args.run_id, args.data_seed
+    if resume is not None and _is_run_folder(resume, args.out):
+        resume = common.resume_point(args, NAME)  # the run's saved config, in its folder
+        cfg = common.resumed_config(args, PretrainConfig, resume.config["config"])
+        out, run_id = resume.run_dir.parent, resume.run_dir.name
+        seed = int(resume.config.get("data_seed", 0))
+    else:
+        cfg = make_config(args)
     # world size 1 without a launcher
     dist = init_distributed(cfg.train.device, timeout_s=args.dist_timeout)
     try:
-        done = run(cfg, args.out, args.run_id, args.data_seed, args.resume, dist)
+        done = run(cfg, out, run_id, seed, resume, dist)
     finally:
         shutdown(dist)
     if done is None:  # not rank 0: rank 0 writes and prints
@@ -117,3 +88,8 @@ def main(args: argparse.Namespace) -> int:
     print(done.result.summary.T.to_string())
     print(f"\nresults: {done.run_dir}\nbest checkpoint: {done.result.checkpoint}")
     return 0
+
+
+def _is_run_folder(path: str, out: str) -> bool:
+    """--resume names a run folder (or a run id under --out), not a checkpoint file."""
+    return Path(path).is_dir() or (not Path(path).is_absolute() and (Path(out) / path).is_dir())

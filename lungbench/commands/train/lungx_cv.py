@@ -1,13 +1,13 @@
-"""Layer 10 (commands): `lungbench train lungx-cv`, the options of the recipe
-lungbench.experiments.lungx_cv, and its printed AUC and confusion tables."""
+"""Layer 10 (commands): `lungbench train lungx-cv`: the recipe lungbench.experiments.lungx_cv
+with the options its config declares, and its printed AUC and confusion tables."""
 
 from __future__ import annotations
 
 import argparse
 
-from lungbench.commands._args import non_negative_int, positive_int, unit_fraction
+from lungbench.commands._args import non_negative_int
+from lungbench.commands._options import add_config_options, section
 from lungbench.commands.train import _common as common
-from lungbench.core.errors import UsageError
 from lungbench.experiments import lungx_cv as recipe
 from lungbench.experiments.lungx_cv import FULL, QUICK, REGIMES, CVConfig, run
 
@@ -42,56 +42,12 @@ examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    d = p.add_argument_group("data and model")
-    d.add_argument(
-        "--store",
-        default=None,
-        help="LUNGx nodule store (default: generated LUNGx-like nodules, where both "
-        "classes have the same sizes, cached in OUT/data/)",
-    )
-    d.add_argument(
-        "--synth-n",
-        type=positive_int,
-        default=None,
-        help=f"generated LUNGx nodules when no --store (default: {FULL['synth_n']}, "
-        f"the challenge's count; --quick: {QUICK['synth_n']})",
-    )
-    d.add_argument(
-        "--folds",
-        type=positive_int,
-        default=3,
-        help="cross-validation folds (default: 3), stratified and seeded by --seed; a "
-        "--store whose /meta/fold assigns exactly these folds keeps its own",
-    )
-    d.add_argument(
-        "--val-fraction",
-        type=unit_fraction,
-        default=0.1,
-        help="validation share of the non-test folds (default: 0.1)",
-    )
-    d.add_argument(
-        "--write-folds",
-        action="store_true",
-        help="save the seeded fold assignment into --store's /meta/fold, so that later "
-        "runs on it keep these folds whatever their --seed (default: no; needs --store)",
-    )
-    d.add_argument(
-        "--pretrained",
-        default=None,
-        help="LIDC checkpoint of dualpath3d (checkpoint_best.pt of lidc-pretrain) "
-        "(default: run lidc-pretrain first)",
-    )
+    add_config_options(p, CVConfig, FULL, QUICK, quick_help=common.QUICK_HELP)
+    d = section(p, "data and model")
     d.add_argument(
         "--lidc-store",
         default=None,
-        help="LIDC store for that pre-training (default: generated LIDC-like)",
-    )
-    d.add_argument(
-        "--finetune-lr",
-        type=float,
-        default=None,
-        help=f"learning rate of the w/ pre-training regime (default: "
-        f"{FULL['finetune_lr']}; --quick: {QUICK['finetune_lr']})",
+        help="LIDC store for the pre-training without --pretrained (default: generated LIDC-like)",
     )
     d.add_argument(
         "--data-seed",
@@ -100,35 +56,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seed of the generated LUNGx-like set; the generated LIDC-like set for the "
         "pre-training uses this + 1 (default: 0)",
     )
-    common.add_train_arguments(p, FULL, QUICK)
+    common.add_output_options(p)
+    common.add_resume_option(p)
 
 
 def make_config(args: argparse.Namespace) -> CVConfig:
-    finetune_lr = common.resolve(args, "finetune_lr", FULL, QUICK)
-    if finetune_lr <= 0:
-        raise UsageError(f"--finetune-lr must be > 0, got {finetune_lr}")
-    if args.write_folds and args.store is None:
-        raise UsageError(
-            "--write-folds needs --store: the generated default store is a cache shared by "
-            "runs with any --seed and keeps no folds (each run's folds are in its "
-            "tables/predictions.csv)"
-        )
-    return CVConfig(
-        train=common.train_config(args, FULL, QUICK),
-        finetune_lr=finetune_lr,
-        folds=args.folds,
-        val_fraction=args.val_fraction,
-        store=args.store,
-        synth_n=common.resolve(args, "synth_n", FULL, QUICK),
-        pretrained=args.pretrained,
-        write_folds=args.write_folds,
-        quick=args.quick,
-    )
+    return common.recipe_config(args, CVConfig, FULL, QUICK)
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = make_config(args)
-    done = run(cfg, args.out, args.run_id, args.data_seed, args.lidc_store)
+    point = common.resume_point(args, NAME)
+    if point is not None:  # the run's saved config and data, continued in its folder
+        cfg = common.resumed_config(args, CVConfig, point.config["config"])
+        seed, lidc = int(point.config.get("data_seed", 0)), point.config.get("lidc_store")
+        done = run(cfg, point.run_dir.parent, point.run_dir.name, seed, lidc, resume=point)
+    else:
+        cfg = make_config(args)
+        done = run(cfg, args.out, args.run_id, args.data_seed, args.lidc_store)
     print(f"LUNGx {cfg.folds}-fold cross-validation on {done.data}; folds: {done.folds}\n")
     print(done.tables["auc"].round(3).to_string())
     for regime, name in REGIMES.items():

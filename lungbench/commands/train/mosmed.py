@@ -1,21 +1,15 @@
-"""Layer 10 (commands): `lungbench train mosmed`, the options of the recipe
-lungbench.experiments.mosmed, and its printed table."""
+"""Layer 10 (commands): `lungbench train mosmed`: the recipe lungbench.experiments.mosmed
+with the options its config declares, and its printed table."""
 
 from __future__ import annotations
 
 import argparse
 
-from lungbench.commands._args import non_negative_int, positive_int, unit_fraction
+from lungbench.commands._args import non_negative_int
+from lungbench.commands._options import add_config_options, section
 from lungbench.commands.train import _common as common
 from lungbench.experiments import mosmed as recipe
-from lungbench.experiments.mosmed import (
-    FULL,
-    QUICK,
-    VARIANTS,
-    MosmedConfig,
-    memory_note,
-    run,
-)
+from lungbench.experiments.mosmed import FULL, QUICK, MosmedConfig, memory_note, run
 
 NAME = recipe.NAME  # the sub-command: `lungbench train NAME`
 HELP = "seed 002: CT-0 vs CT-2/3 with the MosMed 3D CNN and its six modifications"
@@ -50,92 +44,29 @@ examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    d = p.add_argument_group("data and model")
-    d.add_argument(
-        "--variants",
-        nargs="+",
-        choices=VARIANTS,
-        default=list(VARIANTS),
-        help="variants to train (default: all seven: " + " ".join(VARIANTS) + ")",
-    )
-    d.add_argument(
-        "--store",
-        default=None,
-        help="whole-CT store with one 'volume' input (default: generated CT-0 / "
-        "CT-2/3 volumes, cached in OUT/data/)",
-    )
-    d.add_argument(
-        "--synth-n",
-        type=positive_int,
-        default=None,
-        help=f"generated studies when no --store (default: {FULL['synth_n']}; "
-        f"--quick: {QUICK['synth_n']})",
-    )
-    d.add_argument(
-        "--grid",
-        type=positive_int,
-        nargs=3,
-        metavar=("D", "H", "W"),
-        default=None,
-        help=f"grid of the generated volumes (default: {' '.join(map(str, FULL['grid']))}"
-        f", Keras's 128x128x64; --quick: {' '.join(map(str, QUICK['grid']))})",
-    )
-    d.add_argument(
-        "--filters",
-        type=positive_int,
-        nargs="+",
-        default=None,
-        help=f"conv widths per level (default: {' '.join(map(str, FULL['filters']))}; "
-        f"--quick: {' '.join(map(str, QUICK['filters']))})",
-    )
-    d.add_argument(
-        "--dense",
-        type=positive_int,
-        default=None,
-        help=f"hidden dense width (default: {FULL['dense']}; --quick: {QUICK['dense']})",
-    )
-    d.add_argument(
-        "--padding",
-        choices=("valid", "same"),
-        default=None,
-        help=f"conv padding (default: {FULL['padding']}, as Keras, needs >= 46 voxels "
-        f"per axis; --quick: {QUICK['padding']})",
-    )
-    d.add_argument(
-        "--val-fraction",
-        type=unit_fraction,
-        default=0.3,
-        help="stratified validation share (default: 0.3, as the Keras example)",
-    )
-    d.add_argument(
+    add_config_options(p, MosmedConfig, FULL, QUICK, quick_help=common.QUICK_HELP)
+    section(p, "data and model").add_argument(
         "--data-seed",
         type=non_negative_int,
         default=0,
         help="seed of the generated data set (default: 0)",
     )
-    common.add_train_arguments(p, FULL, QUICK)
+    common.add_output_options(p)
+    common.add_resume_option(p)
 
 
 def make_config(args: argparse.Namespace) -> MosmedConfig:
-    def get(name):
-        return common.resolve(args, name, FULL, QUICK)
-
-    return MosmedConfig(
-        train=common.train_config(args, FULL, QUICK),
-        variants=tuple(dict.fromkeys(args.variants)),
-        store=args.store,
-        synth_n=get("synth_n"),
-        grid=tuple(get("grid")),
-        filters=tuple(get("filters")),
-        dense=get("dense"),
-        padding=get("padding"),
-        val_fraction=args.val_fraction,
-        quick=args.quick,
-    )
+    return common.recipe_config(args, MosmedConfig, FULL, QUICK)
 
 
 def main(args: argparse.Namespace) -> int:
-    done = run(make_config(args), args.out, args.run_id, args.data_seed)
+    point = common.resume_point(args, NAME)
+    if point is not None:  # the run's saved config and data, continued in its folder
+        cfg = common.resumed_config(args, MosmedConfig, point.config["config"])
+        seed = int(point.config.get("data_seed", 0))
+        done = run(cfg, point.run_dir.parent, point.run_dir.name, seed, resume=point)
+    else:
+        done = run(make_config(args), args.out, args.run_id, args.data_seed)
     print(f"MosMed CT-0 vs CT-2/3 on {done.data} (best epoch by validation loss)\n")
     print(done.table.drop(columns="memory measure").round(3).to_string())
     print(f"\n{memory_note(done.table)}\nwall time {done.wall_s:.1f} s")
