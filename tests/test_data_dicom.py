@@ -385,7 +385,11 @@ def test_foreign_warnings_go_to_our_log_not_the_terminal(capsys):
     relay.emit = lambda record: seen.append(record.getMessage())
     foreign = logging.getLogger(FOREIGN)
     foreign.addHandler(relay)
+    # The relay needs DEBUG; a CLI test earlier in this process may have given the parent
+    # "lungbench" logger its stderr handler, which would then print them: not what a user sees
+    # (the CLI leaves the foreign logger at the parent's INFO).
     level, foreign.level = foreign.level, logging.DEBUG
+    propagate, foreign.propagate = foreign.propagate, False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
@@ -400,7 +404,7 @@ def test_foreign_warnings_go_to_our_log_not_the_terminal(capsys):
                 logging.captureWarnings(False)
     finally:
         foreign.removeHandler(relay)
-        foreign.level = level
+        foreign.level, foreign.propagate = level, propagate
     assert capsys.readouterr().err == ""
     assert any("py.warnings:" in m and "Use force=True" in m for m in seen), seen
     assert "matplotlib.font_manager: building the font cache" in seen

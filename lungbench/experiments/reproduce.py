@@ -170,6 +170,17 @@ def _point(ctx: TwinContext, recipe: str):
     return open_resume(ctx.resume, ctx.out, recipe) if ctx.resume is not None else None
 
 
+def _run_recipe(ctx: TwinContext, recipe, cls, saved_as: str = "config") -> Path:
+    """Run `recipe` with config `cls`: the saved one when resuming (config.json's
+    `saved_as` entry), else the recipe's at the context's size."""
+    point = _point(ctx, recipe.NAME)
+    if point is not None:
+        cfg = config_from_dict(cls, point.config[saved_as])
+    else:
+        cfg = _recipe_config(recipe, cls, ctx)
+    return recipe.run(cfg, ctx.out, ctx.run_id, resume=point).run_dir
+
+
 def _run_speedup(ctx: TwinContext) -> Path:
     from lungbench.experiments.speedup import run_bench
     from lungbench.measure.sweep_state import open_for_resume, resumed_request
@@ -184,13 +195,7 @@ def _run_speedup(ctx: TwinContext) -> Path:
 def _run_lidc(ctx: TwinContext) -> Path:
     from lungbench.experiments import lidc_pretrain as recipe
 
-    point = _point(ctx, recipe.NAME)
-    cfg = (
-        config_from_dict(recipe.PretrainConfig, point.config["config"])
-        if point
-        else _recipe_config(recipe, recipe.PretrainConfig, ctx)
-    )
-    return recipe.run(cfg, ctx.out, ctx.run_id, resume=point).run_dir
+    return _run_recipe(ctx, recipe, recipe.PretrainConfig)
 
 
 def _run_lungx(ctx: TwinContext) -> Path:
@@ -211,37 +216,19 @@ def _run_lungx(ctx: TwinContext) -> Path:
 def _run_mosmed(ctx: TwinContext) -> Path:
     from lungbench.experiments import mosmed as recipe
 
-    point = _point(ctx, recipe.NAME)
-    cfg = (
-        config_from_dict(recipe.MosmedConfig, point.config["config"])
-        if point
-        else _recipe_config(recipe, recipe.MosmedConfig, ctx)
-    )
-    return recipe.run(cfg, ctx.out, ctx.run_id, resume=point).run_dir
+    return _run_recipe(ctx, recipe, recipe.MosmedConfig)
 
 
 def _run_chestxray(ctx: TwinContext) -> Path:
     from lungbench.experiments import chestxray as recipe
 
-    point = _point(ctx, recipe.NAME)
-    cfg = (
-        config_from_dict(recipe.ChestXrayConfig, point.config[recipe.NAME])
-        if point
-        else _recipe_config(recipe, recipe.ChestXrayConfig, ctx)
-    )
-    return recipe.run(cfg, ctx.out, ctx.run_id, resume=point).run_dir
+    return _run_recipe(ctx, recipe, recipe.ChestXrayConfig, saved_as=recipe.NAME)
 
 
 def _run_nodule2d(ctx: TwinContext) -> Path:
     from lungbench.experiments import nodule2d as recipe
 
-    point = _point(ctx, recipe.NAME)
-    cfg = (
-        config_from_dict(recipe.Nodule2DConfig, point.config[recipe.NAME])
-        if point
-        else _recipe_config(recipe, recipe.Nodule2DConfig, ctx)
-    )
-    return recipe.run(cfg, ctx.out, ctx.run_id, resume=point).run_dir
+    return _run_recipe(ctx, recipe, recipe.Nodule2DConfig, saved_as=recipe.NAME)
 
 
 # ----------------------------------------------------------------------------- work ratios
