@@ -624,3 +624,24 @@ def test_limit_needs_a_store(tmp_path):
     with pytest.raises(SystemExit) as exited:  # argparse: "--limit: must be >= 1"
         main(["data", "lidc", "--db", str(db), "--render", "--limit", "0", "--out", "x.h5"])
     assert exited.value.code == 2
+
+
+def test_dicom_mode_refuses_a_non_ct_series_unless_allowed(tmp_path, capsys):
+    import pydicom
+
+    hu = np.full((12, 24, 24), -850, np.int16)
+    folder = tmp_path / "archive" / "p1" / "series"
+    uid = write_series(folder, hu, spacing=(2.0, 1.0, 1.0))
+    for path in folder.iterdir():  # the same pixels, labelled an MR series
+        ds = pydicom.dcmread(path)
+        ds.Modality = "MR"
+        ds.save_as(path)
+    db = _tiny_db(tmp_path / "tiny.sqlite", uid)
+    out = tmp_path / "real.h5"
+    argv = ["data", "lidc", "--db", str(db), "--dicom", str(tmp_path / "archive")]
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Modality" in err and "MR" in err and "--allow-modality MR" in err
+    assert list(tmp_path.glob("real.h5*")) == []  # nothing written
+    assert main([*argv, "--allow-modality", "MR", "--out", str(out)]) == 0
+    assert read_info(out).n == 1

@@ -204,6 +204,7 @@ def register_lidc(sub: argparse._SubParsersAction) -> None:
         "samples as the full store (default: all)",
     )
     p.add_argument("--out", default=None, help="output store (.h5); needed with --render/--dicom")
+    add_allow_modality(p)
     p.set_defaults(func=_run_lidc)
 
 
@@ -244,7 +245,13 @@ def _run_lidc(args: argparse.Namespace) -> int:
             )
         else:
             _, skipped = lidc.write_dicom_store(
-                out, cohort, geo, args.dicom, prov, progress=bar.update
+                out,
+                cohort,
+                geo,
+                args.dicom,
+                prov,
+                progress=bar.update,
+                modalities=("CT", *args.allow_modality),
             )
             if skipped:
                 print(f"skipped {skipped} nodules whose series is not under {args.dicom}")
@@ -275,14 +282,7 @@ def register_lungx(sub: argparse._SubParsersAction) -> None:
         default="default",
         help="geometry preset of the two cubes (default: default)",
     )
-    p.add_argument(
-        "--allow-modality",
-        action="append",
-        default=[],
-        metavar="MODALITY",
-        help="a DICOM Modality to convert besides CT, e.g. MR; repeat for several (default: "
-        "CT only; only CT values are Hounsfield units)",
-    )
+    add_allow_modality(p)
     p.add_argument(
         "--allow-missing-classes",
         action="store_true",
@@ -291,6 +291,18 @@ def register_lungx(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="output store (.h5)")
     p.set_defaults(func=_run_lungx)
+
+
+def add_allow_modality(p: argparse.ArgumentParser) -> None:
+    """--allow-modality, for every command that reads DICOM series."""
+    p.add_argument(
+        "--allow-modality",
+        action="append",
+        default=[],
+        metavar="MODALITY",
+        help="a DICOM Modality to convert besides CT, e.g. MR; repeat for several (default: "
+        "CT only; only CT values are Hounsfield units)",
+    )
 
 
 def _run_lungx(args: argparse.Namespace) -> int:

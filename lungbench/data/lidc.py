@@ -597,10 +597,12 @@ def write_dicom_store(
     dicom_root: str | os.PathLike,
     provenance: dict,
     progress: Callable[[int], None] | None = None,
+    modalities: Sequence[str] = ("CT",),
 ) -> tuple[int, int]:
     """Cut the cubes of each cohort nodule from the real scans under `dicom_root`.
 
     Returns (written, skipped): nodules whose series is not under the folder are skipped.
+    `modalities`: the DICOM Modality values accepted (lungbench.data.dicom.load_series).
     """
     from lungbench.data.dicom import load_series
     from lungbench.data.resample import cut_cubes
@@ -624,7 +626,9 @@ def write_dicom_store(
         provenance={**provenance, "dicom": str(dicom_root), "geometry": asdict(geo)},
     ) as writer:
         for scan_id in present:
-            series = load_series(folders[by_scan[scan_id][0][0].scan.series_uid])
+            series = load_series(
+                folders[by_scan[scan_id][0][0].scan.series_uid], modalities=modalities
+            )
             for nodule, label in by_scan[scan_id]:
                 fraction, origin, box_spacing = consensus_fraction(nodule)
                 centre_mm = origin + np.array(ndimage.center_of_mass(fraction)) * box_spacing

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from lungbench.core.errors import UsageError
 from lungbench.data.store import StoreInfo
 from lungbench.models import create_model
+from lungbench.report.training import mean_std_cell  # seed 004's cell, one definition
 from lungbench.train.costs import MIB, estimate_memory, min_gpus
 from lungbench.train.transfer import FreezePlan, Method, apply_method, freeze_points, parse_method
 from lungbench.train.weights import LoadReport, load_weights
@@ -155,14 +156,6 @@ def select_labels(label_names: Sequence[str], wanted: Sequence[str] | None, path
             f"choose from: {', '.join(label_names)}"
         )
     return [list(label_names).index(w) for w in wanted]
-
-
-def mean_std_cell(values: Sequence[float]) -> str:
-    """'87.14% (+/- 5.65%)' as seed 004 writes it (population std over the folds)."""
-    v = np.asarray([x for x in values if x == x], dtype=float)
-    if len(v) == 0:
-        return "n/a"
-    return f"{100 * v.mean():.2f}% (+/- {100 * v.std():.2f}%)"
 
 
 def methods_table(

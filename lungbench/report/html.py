@@ -160,7 +160,9 @@ def overview_blocks(view: RunView) -> list[Block]:
     info = view.info
     counts: dict[str, int] = {}
     for r in view.records:
-        counts[str(r.get("status"))] = counts.get(str(r.get("status")), 0) + 1
+        # a training run's records (folds, fits, variants) carry no status: they finished
+        status = str(r.get("status") or "finished")
+        counts[status] = counts.get(status, 0) + 1
     rows = {
         "run": view.name,
         "folder": str(view.path),
