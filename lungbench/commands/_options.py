@@ -148,14 +148,7 @@ def config_from_args(
     sets fields (of `cls` or a nested config) outright."""
     check_overlays(cls, full, quick)
     mode = {**full, **quick} if getattr(args, "quick", False) else dict(full)
-    given = {}
-    for shown in shown_options(cls):
-        value = getattr(args, shown.name, None)
-        if value is not None:
-            if shown.option.convert is not None:
-                value = shown.option.convert(value)
-            given[shown.name] = tuple(value) if isinstance(value, list) else value
-    return _build(cls, {**mode, **given, **fixed})
+    return _build(cls, {**mode, **given_values(args, cls), **fixed})
 
 
 def _build(cls: type, values: Mapping[str, Any]) -> Any:
