@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from lungbench import __version__
@@ -85,16 +86,27 @@ def main(argv: list[str] | None = None) -> int:
     show_progress()  # progress messages (logging) on stderr; stdout keeps the tables
     capture_foreign_messages()  # third-party warnings into the log, not on the terminal
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except LungbenchError as exc:
         print(f"lungbench {args.command}: error: {message_of(exc)}", file=sys.stderr)
-        distributed = sys.modules.get("lungbench.distributed.group")  # loaded iff a group may exist
-        if distributed is not None and distributed.group_is_broken():
-            distributed.exit_now(exc.exit_code)  # a lost peer: no clean teardown is possible
-        return exc.exit_code
+        code = exc.exit_code
     except KeyboardInterrupt as exc:  # Ctrl-C: 130; SIGTERM turned into one (SweepTerminated): 143
         print(f"lungbench {args.command}: interrupted", file=sys.stderr)
-        return int(getattr(exc, "exit_code", 130))
+        code = int(getattr(exc, "exit_code", 130))
+    leave_after_group(code)
+    return code
+
+
+def leave_after_group(code: int) -> None:
+    """A process that was a rank of a process group ends here with `code`, without the
+    interpreter's teardown: torch's Gloo/NCCL threads can abort it ("terminate called
+    without an active exception": a process group torn down during finalization, seen in CI)
+    or block on a lost peer. Its records and run.json are already on disk (written and
+    fsynced as they were made); logging and the streams are flushed first."""
+    distributed = sys.modules.get("lungbench.distributed.group")  # loaded iff a group may exist
+    if distributed is not None and distributed.group_joined():
+        logging.shutdown()
+        distributed.exit_now(code)
 
 
 if __name__ == "__main__":

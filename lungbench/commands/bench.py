@@ -120,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
     from lungbench.measure.sweep_state import apply_resume_and_config, interrupt_exit_code
 
     request, resume = apply_resume_and_config(request, BenchRequest(), args.config, args.resume)
-    from lungbench.distributed.group import init_distributed, shutdown
+    from lungbench.distributed.group import group_session, init_distributed
     from lungbench.measure.ddp import DDPOptions, parse_scaling
 
     # One process without a launcher: world size 1, no process group, the plain sweep.
@@ -131,16 +131,10 @@ def _run(args: argparse.Namespace) -> int:
 
         raise UsageError("--resume: not supported under a launcher; start a new run")
     try:
-        result = run_bench(
-            request,
-            resume=resume,
-            dist=dist,
-            ddp=ddp,
-        )
+        with group_session(dist):
+            result = run_bench(request, resume=resume, dist=dist, ddp=ddp)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the run is saved as "interrupted"
         return interrupt_exit_code(exc)
-    finally:
-        shutdown(dist)
     if not dist.is_main:
         return 0  # only rank 0 prints and writes
     print(result.table_text)

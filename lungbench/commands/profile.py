@@ -134,19 +134,12 @@ def _run(args: argparse.Namespace) -> int:
         retune=asked.retune,
         tune_compile=asked.tune_compile,
     )
-    from lungbench.distributed.group import init_distributed, shutdown
+    from lungbench.distributed.group import group_session, init_distributed
 
     # World size 1 without a launcher; under one, every rank profiles its DDP step.
     dist = init_distributed(args.device, timeout_s=args.dist_timeout)
-    try:
-        result = run_profile(
-            cfg,
-            Path(args.out),
-            args.run_id,
-            dist=dist,
-        )
-    finally:
-        shutdown(dist)
+    with group_session(dist):
+        result = run_profile(cfg, Path(args.out), args.run_id, dist=dist)
     if result is None:  # not rank 0: rank 0 writes and prints
         return 0
     from lungbench.core.runs import markdown

@@ -26,6 +26,7 @@ so a rank that never starts, dies or hangs ends the job within bounded time.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import os
 import re
@@ -59,11 +60,18 @@ class DistributedError(LungbenchError):
 # may still be blocked on that peer, so it must not be destroyed or left to the interpreter's
 # exit (both can block, or abort with "terminate called without an active exception").
 _group_broken = False
+# Set once this process joined a process group (world size > 1); see leave_process().
+_group_joined = False
 
 
 def group_is_broken() -> bool:
     """True once a collective of this process failed for a lost peer (see exit_now)."""
     return _group_broken
+
+
+def group_joined() -> bool:
+    """True once this process joined a process group of more than one rank."""
+    return _group_joined
 
 
 def exit_now(code: int) -> NoReturn:
@@ -176,6 +184,8 @@ def init_distributed(
     master = f"{info.master_addr}:{info.master_port}"
     with rendezvous_watchdog(info, master, timeout_s):
         _join(info, backend, dev, timeout_s, master)
+    global _group_joined
+    _group_joined = True
     quiet_unless_main(info.rank == 0)  # rank 0 alone reports progress
     return DistContext(
         rank=info.rank,
@@ -336,14 +346,38 @@ def rank0_print(dist: DistContext, *args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs)
 
 
-def shutdown(dist: DistContext) -> None:
-    """Leave the process group (no-op for a single process or when it never formed)."""
+def shutdown(dist: DistContext, finished: bool = False) -> None:
+    """Leave the process group (no-op for a single process or when it never formed).
+
+    `finished`: every rank got here by the same, successful path, so first wait for the
+    others: a rank that tears its Gloo group down while a peer still works on it can abort
+    ("terminate called without an active exception", seen once in CI in ~100 runs)."""
     if not dist.is_distributed:
         return
     import torch.distributed as tdist
 
-    if tdist.is_available() and tdist.is_initialized() and not _group_broken:
-        tdist.destroy_process_group()
+    if not (tdist.is_available() and tdist.is_initialized()) or _group_broken:
+        return
+    if finished:
+        try:
+            barrier(dist, "waiting for the other ranks to finish")
+        except DistributedError:
+            return  # a peer is gone: the group is broken, leave it alone (exit_now)
+    tdist.destroy_process_group()
+    gc.collect()  # drop DDP reducers and work objects still holding the group, now
+
+
+@contextlib.contextmanager
+def group_session(dist: DistContext) -> Iterator[None]:
+    """Run a command's work in the process group, then leave it: after a barrier when the
+    work succeeded on this rank, at once when it raised (the other ranks' collectives then
+    fail with a lost-peer error instead of waiting for a barrier that never matches)."""
+    try:
+        yield
+    except BaseException:
+        shutdown(dist)
+        raise
+    shutdown(dist, finished=True)
 
 
 def wrap_model(

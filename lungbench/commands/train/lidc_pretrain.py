@@ -10,7 +10,7 @@ from pathlib import Path
 from lungbench.commands._args import add_dist_timeout, non_negative_int
 from lungbench.commands._options import add_config_options, section
 from lungbench.commands.train import _common as common
-from lungbench.distributed.group import init_distributed, shutdown
+from lungbench.distributed.group import group_session, init_distributed
 from lungbench.experiments import lidc_pretrain as recipe
 from lungbench.experiments.lidc_pretrain import FULL, QUICK, PretrainConfig, run
 
@@ -78,10 +78,8 @@ def main(args: argparse.Namespace) -> int:
         cfg = make_config(args)
     # world size 1 without a launcher
     dist = init_distributed(cfg.train.device, timeout_s=args.dist_timeout)
-    try:
+    with group_session(dist):
         done = run(cfg, out, run_id, seed, resume, dist)
-    finally:
-        shutdown(dist)
     if done is None:  # not rank 0: rank 0 writes and prints
         return 0
     print(f"LIDC pre-training on {done.data}")
