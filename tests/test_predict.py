@@ -17,11 +17,13 @@ from lungbench.commands import predict as predict_command
 from lungbench.core.errors import DataError, UsageError
 from lungbench.measure.allreduce import AlphaBeta, fit_alpha_beta
 from lungbench.measure.predict.comm import bucket_bytes, comm_estimate, ring_allreduce_s
+from lungbench.measure.predict.ddp_probe import overhead_of
 from lungbench.measure.predict.devices import (
     DeviceProfile,
     load_profiles,
     look_up_device,
     parse_profile,
+    shared_by,
     shipped_profiles,
 )
 from lungbench.measure.predict.model import fixed_costs, roof_s, scale_step
@@ -142,6 +144,28 @@ def test_exposed_communication_hides_all_but_the_last_bucket():
     assert (full.total_s, full.exposed_s) == pytest.approx((0.004, 0.003))
     none = comm_estimate([1e6, 3e6], 2, link, backward_s=1.0, overlap=0.0)
     assert none.exposed_s == pytest.approx(0.004)
+
+
+def test_ranks_side_by_side_share_the_whole_machine_by_hand():
+    # alone: 100 GFLOP/s, 40 GB/s; the whole machine (both ranks' threads): 180, 60.
+    alone, whole = device(100e9, 40e9), device(180e9, 60e9)
+    shared = shared_by(alone, whole, 2)
+    assert shared.peak("fp32") == pytest.approx(90e9)  # min(100, 180 / 2)
+    assert shared.memory_bandwidth == pytest.approx(30e9)  # min(40, 60 / 2)
+    assert shared_by(alone, device(300e9, 100e9), 2).memory_bandwidth == 40e9  # its own
+    assert shared_by(alone, whole, 1) is alone
+
+
+def test_ddp_overhead_of_a_record_by_hand():
+    record = {
+        "step_s_median": 0.020,
+        "allreduce_model_s": 0.001,
+        "ranks": [{"compute_s_median": 0.014}, {"compute_s_median": 0.015}],
+    }
+    assert overhead_of(record) == pytest.approx(0.004)  # 20 - max(14, 15) - 1 ms
+    no_fit = {**record, "allreduce_model_s": None, "allreduce_s_median": 0.002}
+    assert overhead_of(no_fit) == pytest.approx(0.003)
+    assert overhead_of({**record, "step_s_median": 0.010}) == 0.0  # never below 0
 
 
 def test_alpha_beta_fit_on_synthetic_points():

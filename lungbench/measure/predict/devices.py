@@ -192,6 +192,28 @@ def measured_cpu(
     )
 
 
+def shared_by(alone: DeviceProfile, whole: DeviceProfile, processes: int) -> DeviceProfile:
+    """One of `processes` ranks that run at once on this machine: each gets the peaks and
+    bandwidth it has `alone`, but no more than its share of what the `whole` machine (every
+    rank's threads busy) measured. Memory bandwidth is what ranks share first: on the dev box
+    one thread copies 39 GB/s, two at once 65 GB/s, so each of 2 ranks gets 33."""
+    from dataclasses import replace
+
+    if processes <= 1:
+        return alone
+    peaks = {
+        d: min(v, whole.peak_flops.get(d, v * processes) / processes)
+        for d, v in alone.peak_flops.items()
+    }
+    bandwidth = min(alone.memory_bandwidth, whole.memory_bandwidth / processes)
+    return replace(
+        alone,
+        peak_flops=peaks,
+        memory_bandwidth=bandwidth,
+        title=f"{alone.title}, 1 of {processes} ranks sharing it",
+    )
+
+
 def measure_cpu_peaks(threads: int) -> dict[str, float]:
     """FP32/bf16 matrix-product peaks and copy bandwidth at `threads` threads, through the
     per-host cache (a busy moment cannot lower them: lungbench.measure.peak_cache)."""

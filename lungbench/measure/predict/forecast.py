@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import socket
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -30,12 +31,14 @@ from lungbench.measure.allreduce import AlphaBeta
 from lungbench.measure.memory import HEADROOM, memory_limit, step_memory
 from lungbench.measure.predict import calibration
 from lungbench.measure.predict.comm import bucket_bytes, comm_estimate, fit_gloo
+from lungbench.measure.predict.ddp_probe import ddp_overhead_s
 from lungbench.measure.predict.devices import (
     DeviceProfile,
     load_profiles,
     look_up_device,
     measure_cpu_peaks,
     measured_cpu,
+    shared_by,
 )
 from lungbench.measure.predict.model import StepEstimate, roofline_calls, scale_step
 from lungbench.measure.predict.operators import (
@@ -161,6 +164,13 @@ def epoch_outside(record: Mapping[str, Any]) -> tuple[int, float | None]:
     steps = math.ceil(record["epoch_samples"] / record["batch_size"])
     outside = record["epoch_s"] - steps * record["step_s_median"]
     return samples, max(outside, 0.0) / record["epoch_samples"]
+
+
+def machine_cores() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def cpu_here(threads: int, latency_s: float = 0.0, comm: AlphaBeta | None = None) -> DeviceProfile:
@@ -295,6 +305,7 @@ class Predictor:
         self.refit_comm = refit_comm
         self._cpu: dict[int, DeviceProfile] = {}
         self._gloo: AlphaBeta | None = None
+        self._ddp_overhead: float | None = None
         cases, self.calibration_source = calibration.load_cases()
         self.quantiles = calibration.error_quantiles(cases)
 
@@ -315,10 +326,24 @@ class Predictor:
             self._cpu[threads] = cpu_here(threads, source.table.call_latency_s)
         return self._cpu[threads]
 
+    def rank_share(self, device: DeviceProfile, source: Source, target: Target) -> DeviceProfile:
+        """What one rank of `target` has of this machine's CPU when the ranks run on it
+        side by side (as many as its cores hold at the target's threads)."""
+        if target.ranks <= 1 or not device.measured or device.threads is None:
+            return device
+        side_by_side = min(target.ranks, max(1, machine_cores() // device.threads))
+        whole = self.cpu(device.threads * side_by_side, source)
+        return shared_by(device, whole, side_by_side)
+
     def gloo(self) -> AlphaBeta:
         if self._gloo is None:
             self._gloo = fit_gloo(refit=self.refit_comm)
         return self._gloo
+
+    def ddp_overhead(self) -> float:
+        if self._ddp_overhead is None:
+            self._ddp_overhead = ddp_overhead_s(refit=self.refit_comm)
+        return self._ddp_overhead
 
     def predict(self, source: Source, target: Target) -> Prediction:
         base = source.workload
@@ -326,7 +351,7 @@ class Predictor:
         rank_batch = per_rank_batch(target, batch)
         cores = source.workload.threads or torch.get_num_threads()
         threads = target.threads or (max(1, cores // target.ranks) if target.ranks > 1 else cores)
-        device = self.device(target.device, source, threads)
+        device = self.rank_share(self.device(target.device, source, threads), source, target)
         workload = replace(
             base,
             batch_size=rank_batch,
@@ -412,8 +437,16 @@ class Predictor:
                 estimate.phases.get("backward", 0.0),
                 overlap=0.0 if cpu else 1.0,
             )
-            parts["communication"] = comm.exposed_s
-            step += comm.exposed_s
+            exposed = comm.exposed_s
+            if cpu:  # the Gloo threads wait for cores the ranks hold (ddp_probe)
+                overhead = self.ddp_overhead()
+                exposed += overhead
+                pred.notes.append(
+                    f"communication: all-reduce model + {overhead * 1e3:.1f} ms per step a "
+                    "DDP step loses on this CPU beyond it (measured with a tiny model)"
+                )
+            parts["communication"] = exposed
+            step += exposed
         per_rank_samples = math.ceil(source.epoch_samples / target.ranks)
         steps = math.ceil(per_rank_samples / workload.batch_size)
         pred.step_s = step

@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,8 +22,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lungbench.core.runs import read_records, utc_now
+from lungbench.core.runs import utc_now
 from lungbench.measure.predict import calibration
+from lungbench.measure.predict.ddp_probe import DDPRun, run_ddp_bench
 from lungbench.measure.predict.forecast import Prediction, Predictor, Target, source_here
 from lungbench.measure.predict.operators import _plain_step_s
 from lungbench.measure.workload import Workload
@@ -176,34 +173,8 @@ def measure_ddp(plan: Plan, out: Path | None) -> dict[str, float]:
     """Median DDP step of 2 Gloo ranks (1 thread each), weak and strong, measured by
     `lungbench bench` under torchrun: {scaling: seconds}."""
     log.info("measuring the 2-rank DDP run (torchrun, Gloo)")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(out) if out is not None else Path(tmp)
-        argv = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-            "2", "-m", "lungbench", "bench", "--preset", plan.preset, "--filters",
-            str(plan.filters), "--batch", str(plan.batch), "--threads", "1", "--no-epoch",
-            "--no-baseline", "--scaling", "both", "--warmup", str(plan.warmup),
-            "--repeats", str(plan.repeats), "--telemetry-interval", "0",
-            "--out", str(root), "--run-id", "predict-validate-ddp",
-        ]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if not _launcher_variable(k)}
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            log.warning(f"note: the DDP run failed: {done.stderr.strip().splitlines()[-1:]}")
-            return {}
-        records = read_records(root / "predict-validate-ddp")
-    return {
-        r["scaling"]: r["step_s_median"]
-        for r in records
-        if r.get("world_size") == 2 and r.get("status") == "ok"
-    }
-
-
-def _launcher_variable(name: str) -> bool:
-    """Variables of an outer launcher that would confuse the inner torchrun."""
-    return name in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} or (
-        name.startswith(("SLURM_", "PMI_", "OMPI_", "TORCHELASTIC_"))
-    )
+    run = DDPRun(plan.preset, plan.filters, plan.batch, 1, "both", plan.warmup, plan.repeats)
+    return {r["scaling"]: r["step_s_median"] for r in run_ddp_bench(run, out)}
 
 
 def summary(cases: list[dict[str, Any]]) -> dict[str, Any]:

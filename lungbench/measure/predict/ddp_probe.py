@@ -1,0 +1,115 @@
+"""Layer 6 (measure): what a 2-rank DDP step on this machine's CPU loses beyond its
+all-reduce, measured once per host with a tiny model.
+
+On a CPU the Gloo thread that all-reduces a bucket during the backward pass has to wait for
+a core the ranks' compute threads hold; with the ranks' skew and DDP's hooks, a step loses
+milliseconds even when its all-reduce alone takes a fraction of one (the dev box: 3.6 ms
+for a 46 KB gradient whose isolated all-reduce took 0.37 ms). That cost depends on the
+machine and its scheduler, not on the model, so it is measured on the smallest workload
+(the dey2018 preset at 2 filters, 2 samples per rank) and added to every CPU prediction of
+more than one rank:
+
+    overhead = DDP step - the slower rank's compute (no_sync) - the all-reduce model
+
+    records = run_ddp_bench(DDPRun(preset="default", filters=8, batch=4))   # torchrun
+    ddp_overhead_s()                                                         # cached per host
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lungbench.core.cache import read_cache, write_cache
+from lungbench.core.runs import read_records
+
+log = logging.getLogger(__name__)
+
+CACHE_FILE = "ddp_overhead.json"
+RUN_ID = "predict-ddp"
+
+
+@dataclass(frozen=True)
+class DDPRun:
+    """One `lungbench bench` under torchrun: 2 CPU ranks of `threads` threads each."""
+
+    preset: str = "dey2018"
+    filters: int = 2
+    batch: int = 2
+    threads: int = 1
+    scaling: str = "weak"
+    warmup: int = 2
+    repeats: int = 10
+
+    def describe(self) -> str:
+        return f"{self.preset} f{self.filters} b{self.batch} t{self.threads} x2 ranks"
+
+
+PROBE = DDPRun()
+
+
+def run_ddp_bench(run: DDPRun, out: Path | None = None) -> list[dict[str, Any]]:
+    """The DDP records (world size 2, status ok) of `run`; [] (with a warning) when the
+    launch failed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(out) if out is not None else Path(tmp)
+        argv = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            "2", "-m", "lungbench", "bench", "--preset", run.preset, "--filters",
+            str(run.filters), "--batch", str(run.batch), "--threads", str(run.threads),
+            "--no-epoch", "--no-baseline", "--scaling", run.scaling, "--warmup",
+            str(run.warmup), "--repeats", str(run.repeats), "--telemetry-interval", "0",
+            "--out", str(root), "--run-id", RUN_ID,
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not launcher_variable(k)}
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            log.warning(f"note: the DDP run failed: {done.stderr.strip().splitlines()[-1:]}")
+            return []
+        records = read_records(root / RUN_ID)
+    return [r for r in records if r.get("world_size") == 2 and r.get("status") == "ok"]
+
+
+def launcher_variable(name: str) -> bool:
+    """Variables of an outer launcher that would confuse the inner torchrun."""
+    return name in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} or (
+        name.startswith(("SLURM_", "PMI_", "OMPI_", "TORCHELASTIC_"))
+    )
+
+
+def overhead_of(record: dict[str, Any]) -> float:
+    """Seconds a DDP record's step spent beyond its slower rank's compute and the
+    all-reduce model (the isolated all-reduce when there is no fit), never below 0."""
+    compute = max(rank["compute_s_median"] for rank in record["ranks"])
+    comm = record.get("allreduce_model_s") or record.get("allreduce_s_median") or 0.0
+    return max(record["step_s_median"] - compute - comm, 0.0)
+
+
+def _host_key() -> str:
+    return f"{socket.gethostname()}|gloo|torch {torch.__version__}"
+
+
+def ddp_overhead_s(refit: bool = False) -> float:
+    """This host's DDP overhead (see the module doc), measured once and cached."""
+    entry = None if refit else read_cache(CACHE_FILE).get(_host_key())
+    if entry is not None:
+        return float(entry["overhead_s"])
+    log.info(f"measuring what a DDP step loses on this machine ({PROBE.describe()}, torchrun)")
+    records = run_ddp_bench(PROBE)
+    if not records:
+        log.warning("note: no DDP overhead measured; predictions of several ranks omit it")
+        return 0.0
+    overhead = overhead_of(records[0])
+    cache = read_cache(CACHE_FILE)
+    cache[_host_key()] = {"overhead_s": overhead, "probe": PROBE.describe()}
+    write_cache(CACHE_FILE, cache)
+    return overhead
