@@ -8,8 +8,9 @@ q the 90th percentile of the absolute errors of its kind (root-sum-square when i
 several things at once). A kind never validated gets no interval, and says so.
 
 Where the cases live: $LUNGBENCH_CACHE_DIR/predict_validation.json after a --validate on
-this host; else the file shipped with lungbench (validation.json: the dev box's run, with
-its host named), so a fresh install has intervals and says whose they are.
+this host (the last KEEP_RUNS runs' cases, pooled); else the file shipped with lungbench
+(validation.json: the dev box's runs, with its host named), so a fresh install has
+intervals and says whose they are.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ CACHE_FILE = "predict_validation.json"
 KINDS = ("batch", "filters", "threads", "ranks", "device")
 QUANTILE = 0.9
 MIN_CASES = 1
+KEEP_RUNS = 5  # validation runs whose cases the intervals pool
 
 
 def shipped_cases() -> dict[str, Any]:
@@ -37,10 +39,15 @@ def shipped_cases() -> dict[str, Any]:
 
 
 def load_cases() -> tuple[list[dict[str, Any]], str]:
-    """(cases, where they come from): this host's --validate, else the shipped ones."""
+    """(cases, where they come from): this host's last --validate runs (up to KEEP_RUNS),
+    else the shipped ones."""
     entry = read_cache(CACHE_FILE).get(socket.gethostname())
     if entry and entry.get("cases"):
-        return entry["cases"], f"this host's predict --validate ({entry.get('when', '?')})"
+        runs = len(entry.get("runs", [])) or 1
+        return entry["cases"], (
+            f"this host's last {runs} predict --validate run{'s' if runs > 1 else ''} "
+            f"(latest {entry.get('when', '?')})"
+        )
     try:
         shipped = shipped_cases()
     except (OSError, ValueError):
@@ -49,9 +56,13 @@ def load_cases() -> tuple[list[dict[str, Any]], str]:
 
 
 def save_cases(cases: Sequence[dict[str, Any]], when: str) -> None:
-    """Store this host's validation cases (replacing the previous run's)."""
+    """Add this validation run's cases to this host's, keeping the last KEEP_RUNS runs: a
+    90th percentile of two cases of a kind is their larger one, of ten a fair estimate."""
     cache = read_cache(CACHE_FILE)
-    cache[socket.gethostname()] = {"when": when, "cases": list(cases)}
+    entry = cache.get(socket.gethostname()) or {}
+    runs = [*entry.get("runs", []), {"when": when, "cases": list(cases)}][-KEEP_RUNS:]
+    cases_kept = [case for run in runs for case in run["cases"]]
+    cache[socket.gethostname()] = {"when": when, "runs": runs, "cases": cases_kept}
     write_cache(CACHE_FILE, cache)
 
 

@@ -25,12 +25,14 @@ whose numbers are measured when it is used (lungbench.measure.peak, the same mea
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lungbench.core.errors import DataError, UsageError
@@ -71,10 +73,24 @@ class DeviceProfile:
     measured: bool = False  # numbers measured on this machine when used
     sources: dict[str, str] = field(default_factory=dict)
     threads: int | None = None  # CPU profiles: the thread count the peaks were measured at
+    # Measured CPUs: (bytes a copy moves, bytes/s) from cache-sized to DRAM-sized copies.
+    bandwidth_curve: tuple[tuple[float, float], ...] = ()
 
     def peak(self, dtype: str) -> float:
         """FLOP/s of `dtype` math; a dtype the device lacks runs at its FP32 peak."""
         return self.peak_flops.get(dtype) or self.peak_flops["fp32"]
+
+    def bandwidth_for(self, nbytes: float) -> float:
+        """Bytes/s of an operator that moves `nbytes`: read off the measured curve (log-
+        linear between its points, its ends beyond them) where there is one, since an
+        operator whose tensors stay in cache runs at the cache's bandwidth (the dev box: 140
+        GB/s for 0.5 MB, 40 GB/s for 512 MB); else the profile's memory bandwidth."""
+        curve = self.bandwidth_curve
+        if not curve or nbytes <= 0:
+            return self.memory_bandwidth
+        sizes = [math.log(size) for size, _ in curve]
+        rates = [rate for _, rate in curve]
+        return float(np.interp(math.log(nbytes), sizes, rates))
 
     @property
     def ring_bandwidth(self) -> float:
@@ -175,6 +191,7 @@ def measured_cpu(
     alpha_s: float = 0.0,
     beta_bytes_per_s: float = 0.0,
     call_latency_s: float = 0.0,
+    bandwidth_curve: tuple[tuple[float, float], ...] = (),
 ) -> DeviceProfile:
     """The `cpu` profile filled with this machine's measured numbers at `threads` threads."""
     from dataclasses import replace
@@ -184,6 +201,7 @@ def measured_cpu(
         base,
         peak_flops=found,
         memory_bandwidth=peaks["copy_bytes_per_s"],
+        bandwidth_curve=bandwidth_curve,
         memory_size=memory_bytes,
         link_bandwidth=beta_bytes_per_s,
         link_latency_s=alpha_s,
@@ -206,10 +224,15 @@ def shared_by(alone: DeviceProfile, whole: DeviceProfile, processes: int) -> Dev
         for d, v in alone.peak_flops.items()
     }
     bandwidth = min(alone.memory_bandwidth, whole.memory_bandwidth / processes)
+    curve = tuple(
+        (size, min(rate, whole.bandwidth_for(size) / processes))
+        for size, rate in alone.bandwidth_curve
+    )
     return replace(
         alone,
         peak_flops=peaks,
         memory_bandwidth=bandwidth,
+        bandwidth_curve=curve,
         title=f"{alone.title}, 1 of {processes} ranks sharing it",
     )
 
@@ -227,3 +250,36 @@ def measure_cpu_peaks(threads: int) -> dict[str, float]:
     finally:
         set_threads(before)
     return peaks
+
+
+# Bytes of each copy of the bandwidth curve: from within a core's L2 to far beyond any L3.
+CURVE_COPY_BYTES = tuple(2**k for k in range(17, 30, 2))  # 128 KiB .. 512 MiB
+CURVE_FILE = "bandwidth_curve.json"
+
+
+def measure_bandwidth_curve(threads: int, refresh: bool = False) -> tuple[tuple[float, float], ...]:
+    """(bytes moved, bytes/s) of copies from cache-sized to DRAM-sized at `threads` threads:
+    best of a few copies each, cached per host, thread count and torch version (a quiet
+    measurement; `refresh` measures again)."""
+    from lungbench.core.cache import read_cache, where_key, write_cache
+    from lungbench.measure.peak import copy_bandwidth
+    from lungbench.measure.timing import set_threads
+
+    before = torch.get_num_threads()
+    set_threads(threads)
+    try:
+        key = where_key(torch.device("cpu"))
+        cache = read_cache(CURVE_FILE)
+        if key in cache and not refresh:
+            return tuple((float(a), float(b)) for a, b in cache[key])
+        cpu = torch.device("cpu")
+        repeats = [max(3, min(50, 2**26 // n)) for n in CURVE_COPY_BYTES]
+        curve = tuple(
+            (2.0 * n, copy_bandwidth(cpu, n, r))
+            for n, r in zip(CURVE_COPY_BYTES, repeats, strict=True)
+        )
+        cache[key] = [list(point) for point in curve]
+        write_cache(CURVE_FILE, cache)
+        return curve
+    finally:
+        set_threads(before)

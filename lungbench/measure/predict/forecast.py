@@ -36,6 +36,7 @@ from lungbench.measure.predict.devices import (
     DeviceProfile,
     load_profiles,
     look_up_device,
+    measure_bandwidth_curve,
     measure_cpu_peaks,
     measured_cpu,
     shared_by,
@@ -186,6 +187,7 @@ def cpu_here(threads: int, latency_s: float = 0.0, comm: AlphaBeta | None = None
         comm.alpha_s,
         comm.beta_bytes_per_s,
         latency_s,
+        measure_bandwidth_curve(threads),
     )
 
 
@@ -401,7 +403,10 @@ class Predictor:
             device,
             table.overhead_s,
             table.call_latency_s,
-            table.reference,
+            table.reference_for(
+                workload.batch_size != source.workload.batch_size,
+                workload.filters != source.workload.filters,
+            ),
         )
         if device.kind != source.device.kind:
             return estimate

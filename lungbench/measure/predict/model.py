@@ -50,7 +50,8 @@ class StepEstimate:
 def roof_s(call: OpCall, device: DeviceProfile) -> tuple[float, float]:
     """(compute bound, memory bound) of `call` on `device`, in seconds."""
     compute = call.flops / device.peak(call.dtype) if call.flops else 0.0
-    memory = call.bytes / device.memory_bandwidth if device.memory_bandwidth else 0.0
+    bandwidth = device.bandwidth_for(call.bytes)
+    memory = call.bytes / bandwidth if bandwidth else 0.0
     return compute, memory
 
 

@@ -45,6 +45,16 @@ class OperatorTable:
     # The same step probed at a second batch size: per call, two (size, time) points split
     # its time into a fixed cost and a part that grows with its bounds (the model's fit).
     reference: tuple[OpCall, ...] | None = None
+    # ... and at a second width: a convolution's efficiency changes with its channels (the
+    # dev box: f8 -> f4 kept 65% of the time where the bounds kept 53%), so width targets
+    # take their fit from this line rather than from the batch one.
+    width_reference: tuple[OpCall, ...] | None = None
+
+    def reference_for(self, batch_changed: bool, width_changed: bool):
+        """The second probe whose line suits a target: the width one when the width changes."""
+        if width_changed and self.width_reference is not None:
+            return self.width_reference
+        return self.reference
 
     @property
     def calls_s(self) -> float:
@@ -107,13 +117,15 @@ def count_operators(workload: Workload, switches: Switches) -> list[OpCall]:
 def probe_operators(
     workload: Workload,
     switches: Switches,
-    repeats: int = 3,
+    repeats: int = 5,  # per-call medians: at 3 the f12 probe moved f16 predictions by 25%
     warmup: int = 2,
     reference_batch: int | None = -1,
+    reference_width: int | None = -1,
 ) -> OperatorTable:
     """Time `workload`'s step: plain steps (their median is the step), then `repeats` steps
     with every call timed (per call, the median over the repeats); and the calls again at
-    `reference_batch` (-1: twice the batch; None: no second probe)."""
+    `reference_batch` (-1: twice the batch; None: no second probe) and at `reference_width`
+    filters (-1: 1.5 times the width, at least one more)."""
     device = torch.device(workload.device)
     if device.type == "cpu":
         set_threads(workload.threads)
@@ -126,9 +138,24 @@ def probe_operators(
         reference = tuple(
             timed_calls(replace(workload, batch_size=batch), switches, device, repeats)
         )
+    width_reference = None
+    if reference_width is not None:
+        filters = wider(workload.filters) if reference_width == -1 else reference_width
+        wide = timed_calls(replace(workload, filters=filters), switches, device, repeats)
+        width_reference = tuple(wide) if matching(calls, wide) else None
     return OperatorTable(
-        tuple(calls), plain, max(plain - calls_s, 0.0), call_latency(calls), reference
+        tuple(calls),
+        plain,
+        max(plain - calls_s, 0.0),
+        call_latency(calls),
+        reference,
+        width_reference,
     )
+
+
+def wider(filters: int) -> int:
+    """The width of the second probe: 1.5 times, at least one filter more."""
+    return max(filters + 1, round(1.5 * filters))
 
 
 def timed_calls(

@@ -41,8 +41,8 @@ class Plan:
     filters: int = 8
     batch: int = 4
     threads: int = 1
-    batches: tuple[int, ...] = (2, 8)
-    widths: tuple[int, ...] = (4, 16)
+    batches: tuple[int, ...] = (2, 8, 16)
+    widths: tuple[int, ...] = (4, 6, 16)  # not 12: the probe's own second width (operators)
     thread_counts: tuple[int, ...] = (2,)
     ddp: bool = True
     warmup: int = 2
