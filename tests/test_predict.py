@@ -156,6 +156,19 @@ def test_ranks_side_by_side_share_the_whole_machine_by_hand():
     assert shared_by(alone, whole, 1) is alone
 
 
+def test_bandwidth_curve_read_log_linearly_and_clamped():
+    from dataclasses import replace
+
+    curved = replace(device(1e9, 10e9), bandwidth_curve=((1e6, 100e9), (1e8, 40e9)))
+    assert curved.bandwidth_for(1e6) == pytest.approx(100e9)
+    assert curved.bandwidth_for(1e7) == pytest.approx(70e9)  # halfway in log size
+    assert curved.bandwidth_for(1e3) == pytest.approx(100e9)  # below: the cache's
+    assert curved.bandwidth_for(1e10) == pytest.approx(40e9)  # beyond: DRAM's
+    assert device(1e9, 10e9).bandwidth_for(1e7) == 10e9  # no curve: the profile's
+    call = OpCall("aten::add", flops=0, bytes=10_000_000, dtype="fp32")
+    assert roof_s(call, curved)[1] == pytest.approx(1e7 / 70e9)
+
+
 def test_ddp_overhead_of_a_record_by_hand():
     record = {
         "step_s_median": 0.020,
@@ -261,3 +274,40 @@ def test_validate_quick_end_to_end(tmp_path, monkeypatch, capsys):
     assert all(c["predicted_s"] > 0 for c in out["cases"][1:])
     assert out["summary"]["median_abs_error"] is not None
     assert (tmp_path / "predict_validation.json").is_file()
+
+
+def plant_profile_run(run: Path) -> None:
+    """A `lungbench profile` run folder of the tiny workload, measured on this host."""
+    import socket
+
+    run.mkdir()
+    workload = {"model": "dualpath3d", "preset": "dey2018", "filters": 2, "batch_size": 2,
+                "device": "cpu", "threads": 1, "seed": 0}  # fmt: skip
+    (run / "config.json").write_text(json.dumps({"profile": {"workload": workload}}))
+    profile = {"step_ms": 50.0, "flops_per_step": 1e7, "device": "cpu", "world_size": 1,
+               "threads_used": 1, "dtype_used": "fp32", "optimizer_used": "foreach"}  # fmt: skip
+    (run / "profile.json").write_text(json.dumps(profile))
+    (run / "environment.json").write_text(json.dumps({"host": socket.gethostname()}))
+
+
+def test_a_profile_run_is_a_source_and_its_probe_is_cached(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "profile-run"
+    plant_profile_run(run)
+    argv = ["predict", "--from", str(run), "--batch", "4", "--json"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["status"] == "ok" and first["batch"] == 4 and first["step_s"] > 0
+    assert any("without the profiler" in note for note in first["notes"])
+    assert (tmp_path / "cache" / "operator_probe.json").is_file()
+    assert main(argv) == 0  # the same question, the same answer: the probe comes from the cache
+    assert json.loads(capsys.readouterr().out)["step_s"] == first["step_s"]
+
+
+def test_a_profile_of_several_ranks_is_refused(tmp_path, capsys):
+    run = tmp_path / "profile-run"
+    plant_profile_run(run)
+    profile = json.loads((run / "profile.json").read_text())
+    (run / "profile.json").write_text(json.dumps({**profile, "world_size": 2}))
+    assert main(["predict", "--from", str(run), "--batch", "4"]) == 2
+    assert "1-process run" in capsys.readouterr().err

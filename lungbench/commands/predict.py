@@ -42,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--from", dest="run", metavar="RUN", help="a lungbench bench run folder")
+    p.add_argument(
+        "--from", dest="run", metavar="RUN", help="a lungbench bench or profile run folder"
+    )
     p.add_argument("--batch", type=positive_int, nargs="+", help="batch sizes (per rank, weak)")
     p.add_argument("--filters", type=positive_int, nargs="+", help="base widths")
     p.add_argument("--threads", type=positive_int, nargs="+", help="CPU threads (per rank)")
@@ -72,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.validate:
         return _validate(args)
     if not args.run:
-        raise UsageError("give --from RUN (a lungbench bench run folder), or --validate")
+        raise UsageError("give --from RUN (a lungbench bench or profile run folder), or --validate")
     from lungbench.measure.predict.devices import load_profiles, look_up_device
 
     profiles = load_profiles(args.device_file)
@@ -91,11 +93,17 @@ def _read_run(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
     if not run.is_dir():
         raise DataError(f"--from {run}: no such run folder; run `lungbench bench` first")
+    env_path = run / "environment.json"
+    environment = read_json(env_path) if env_path.is_file() else {}
+    if not (run / "records.jsonl").is_file() and (run / "profile.json").is_file():
+        from lungbench.measure.predict.forecast import record_from_profile
+
+        config = read_json(run / "config.json") if (run / "config.json").is_file() else {}
+        return [record_from_profile(read_json(run / "profile.json"), config, str(run))], environment
     if not (run / "records.jsonl").is_file():
-        what = "a profile run" if (run / "profile.json").is_file() else "not a bench run"
         raise DataError(
-            f"--from {run}: no records.jsonl ({what}); predict needs measured steps: "
-            f"run `lungbench bench --out {run.parent}` first"
+            f"--from {run}: no records.jsonl or profile.json (not a bench or profile run); "
+            f"predict needs measured steps: run `lungbench bench --out {run.parent}` first"
         )
     records = [
         r for r in read_records(run) if r.get("status") == "ok" and r.get("world_size", 1) == 1
@@ -104,8 +112,6 @@ def _read_run(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         raise DataError(
             f"--from {run}: no single-process configuration ran ok; run `lungbench bench` first"
         )
-    env_path = run / "environment.json"
-    environment = read_json(env_path) if env_path.is_file() else {}
     return records, environment
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from lungbench.core.cache import read_cache, where_key, write_cache
 from lungbench.core.errors import DataError, UsageError
 from lungbench.measure.allreduce import AlphaBeta
 from lungbench.measure.memory import HEADROOM, memory_limit, step_memory
@@ -49,6 +50,7 @@ from lungbench.measure.predict.operators import (
     probe_operators,
 )
 from lungbench.measure.sweep import THESIS_N_NODULES, TRAIN_FRACTION
+from lungbench.measure.timing import OpCall
 from lungbench.measure.workload import Workload
 from lungbench.step import Switches, fast_defaults
 
@@ -87,6 +89,7 @@ class Source:
     epoch_samples: int
     outside_s_per_sample: float | None  # epoch time outside the steps, per sample
     host: str = ""
+    notes: tuple[str, ...] = ()  # said with every prediction made from it
 
 
 @dataclass
@@ -157,6 +160,32 @@ def check_record(record: Mapping[str, Any], where: str) -> None:
             )
 
 
+def record_from_profile(
+    profile: Mapping[str, Any], config: Mapping[str, Any], where: str
+) -> dict[str, Any]:
+    """A `lungbench profile` run as the one bench-like record predict needs. Its step was
+    timed under the profiler (shapes and memory recorded: slower than a plain step), so a
+    source made from it on this machine re-times the step without the profiler."""
+    workload = (config.get("profile") or {}).get("workload") or {}
+    if profile.get("world_size", 1) != 1:
+        raise DataError(
+            f"{where}: a profile of {profile.get('world_size')} ranks; predict "
+            "needs a 1-process run (`lungbench profile` without a launcher)"
+        )
+    record = {
+        **{k: v for k, v in workload.items() if k != "threads"},
+        **{k: v for k, v in profile.items() if k.endswith("_used")},
+        "key": f"profile {workload.get('preset', '?')} f{workload.get('filters')} "
+        f"b{workload.get('batch_size')}",
+        "status": "ok",
+        "device": profile.get("device", workload.get("device", "cpu")),
+        "flops_per_step": profile.get("flops_per_step"),
+        "step_s_median": profile["step_ms"] / 1e3 if profile.get("step_ms") else None,
+        "profiled": True,
+    }
+    return record
+
+
 def epoch_outside(record: Mapping[str, Any]) -> tuple[int, float | None]:
     """(epoch samples, seconds per sample an epoch spends outside the training steps)."""
     samples = int(record.get("epoch_split_samples") or DEFAULT_EPOCH_SAMPLES)
@@ -203,9 +232,15 @@ def source_from_record(
     host = str(environment.get("host", ""))
     here = host == socket.gethostname() and workload.device == "cpu"
     if here:
-        return source_here(
-            record["key"], workload, switches, float(record["step_s_median"]), samples, outside
-        )
+        # A profiled step carries the profiler's overhead: the probe's plain step replaces it.
+        step = None if record.get("profiled") else float(record["step_s_median"])
+        source = source_here(record["key"], workload, switches, step, samples, outside)
+        if record.get("profiled"):
+            source.notes = (
+                f"source: a profile run; its step re-timed here without the profiler "
+                f"({source.step_s * 1e3:.1f} ms; {record['step_s_median'] * 1e3:.1f} ms profiled)",
+            )
+        return source
     device = _recorded_device(record, environment, where)
     calls = count_operators(workload, switches)
     shared = roofline_calls(calls, float(record["step_s_median"]), device)
@@ -221,6 +256,12 @@ def source_from_record(
         samples,
         outside,
         host,
+        (
+            "source: a profile run measured elsewhere, its step timed under the profiler "
+            "(slower than a plain step)",
+        )
+        if record.get("profiled")
+        else (),
     )
 
 
@@ -228,19 +269,21 @@ def source_here(
     key: str,
     workload: Workload,
     switches: Switches,
-    step_s: float,
+    step_s: float | None,
     epoch_samples: int = DEFAULT_EPOCH_SAMPLES,
     outside_s_per_sample: float | None = None,
+    fresh: bool = False,
 ) -> Source:
-    """A source measured on this machine's CPU: its operators probed now."""
-    log.info(f"probing the operators of {key} on this machine")
-    table = probe_operators(workload, switches)
+    """A source measured on this machine's CPU: its operators probed here (once per host,
+    workload and switches, then from the cache, so the same question gets the same answer;
+    `fresh` probes again). `step_s` None: the probe's own plain step."""
+    table = cached_probe(workload, switches, fresh)
     device = cpu_here(workload.threads or torch.get_num_threads(), table.call_latency_s)
     return Source(
         key,
         workload,
         switches,
-        step_s,
+        table.step_s if step_s is None else step_s,
         device,
         table,
         True,
@@ -248,6 +291,46 @@ def source_here(
         outside_s_per_sample,
         socket.gethostname(),
     )
+
+
+PROBE_CACHE = "operator_probe.json"
+
+
+def _probe_key(workload: Workload, switches: Switches) -> str:
+    where = where_key(torch.device("cpu")).rsplit("|", 2)  # host | cpu model | torch
+    w = replace(workload, seed=0)
+    return f"{where[0]}|{where[-1]}|{sorted(asdict(w).items())}|{sorted(asdict(switches).items())}"
+
+
+def cached_probe(workload: Workload, switches: Switches, fresh: bool = False) -> OperatorTable:
+    """The operator probe of `workload` on this CPU, through the per-host cache."""
+    key = _probe_key(workload, switches)
+    cache = read_cache(PROBE_CACHE)
+    if key in cache and not fresh:
+        return table_from_json(cache[key])
+    log.info(f"probing the operators of {describe_workload(workload)} on this machine")
+    table = probe_operators(workload, switches)
+    cache[key] = asdict(table)
+    write_cache(PROBE_CACHE, cache)
+    return table
+
+
+def table_from_json(data: Mapping[str, Any]) -> OperatorTable:
+    def calls(items):
+        return None if items is None else tuple(OpCall(**c) for c in items)
+
+    return OperatorTable(
+        calls(data["calls"]),
+        data["step_s"],
+        data["overhead_s"],
+        data["call_latency_s"],
+        calls(data.get("reference")),
+        calls(data.get("width_reference")),
+    )
+
+
+def describe_workload(w: Workload) -> str:
+    return f"{w.preset} f{w.filters} b{w.batch_size} t{w.threads}"
 
 
 def _recorded_device(
@@ -479,6 +562,7 @@ class Predictor:
         )
         if not source.probed:
             pred.notes.append("operator times shared by the roofline (run measured elsewhere)")
+        pred.notes.extend(source.notes)
 
 
 @functools.lru_cache(maxsize=64)
