@@ -311,3 +311,37 @@ def test_a_profile_of_several_ranks_is_refused(tmp_path, capsys):
     (run / "profile.json").write_text(json.dumps({**profile, "world_size": 2}))
     assert main(["predict", "--from", str(run), "--batch", "4"]) == 2
     assert "1-process run" in capsys.readouterr().err
+
+
+def test_projected_m100_rows_in_the_speedup_layout_beside_the_thesis():
+    import pandas as pd
+
+    from lungbench.measure.predict.thesis import TABLE, projected_table
+    from lungbench.report.reference import default_reference_dir, load_references
+
+    rows = [
+        {"platform": p, "filters": f, "epoch_s": e, "status": "ok"}
+        for p, f, e in [
+            ("M100 (1 GPU)", 8, 2.0), ("M100 (1 GPU)", 16, 4.0),
+            ("M100 (4 GPUs)", 8, 0.5), ("M100 (4 GPUs)", 16, 1.0),
+        ]
+    ]  # fmt: skip
+    measured = pd.DataFrame(
+        {
+            "Batch size = 2": ["cpu (2 threads)"],
+            "Filters = 8 | Exec. time (s)": [6.0],
+            "Filters = 16 | Exec. time (s)": [10.0],
+        }  # fmt: skip
+    )
+    table = projected_table(rows, measured)
+    assert list(table["Batch size = 2"]) == [
+        "M100 (1 GPU) (projected)",
+        "M100 (4 GPUs) (projected)",
+    ]
+    assert list(table["Filters = 8 | Speed-up"]) == [3.0, 12.0]  # 6 s / 2 s, 6 s / 0.5 s
+    assert list(table["Filters = 16 | Exec. time (s)"]) == [4.0, 1.0]
+    no_cpu = projected_table(rows, None)
+    assert no_cpu["Filters = 8 | Speed-up"].isna().all()
+    references = load_references(default_reference_dir())
+    beside = references.beside(TABLE).references
+    assert [r.path.name for r in beside] == ["seed000_speedup_b2.csv"]

@@ -237,8 +237,31 @@ def _thesis(args, records, environment) -> int:
         )
     sources_used = sorted({r["source"] for r in rows})
     print(f"\nsource configurations: {', '.join(sources_used)}")
+    written = _write_projection(Path(args.run), rows)
+    if written:
+        print(f"written: {written} (`lungbench report {args.run}` shows it beside the thesis's)")
     print("\n" + " ".join(unknowns.split("\n\n", 1)[1].split()))
     return 0
+
+
+def _write_projection(run: Path, rows) -> Path | None:
+    """tables/speedup_b2_projected.csv of the run folder (None, with a note, when the
+    folder cannot be written): the report sets it beside seed 000's published table."""
+    import logging
+
+    import pandas as pd
+
+    from lungbench.core.runs import write_table
+    from lungbench.measure.predict.thesis import TABLE, projected_table
+
+    measured_path = run / "tables" / "speedup_b2.csv"
+    measured = pd.read_csv(measured_path) if measured_path.is_file() else None
+    try:
+        (run / "tables").mkdir(exist_ok=True)
+        return write_table(run, TABLE, projected_table(rows, measured), index=False)
+    except OSError as exc:
+        logging.getLogger(__name__).warning(f"note: {run}/tables not written ({exc})")
+        return None
 
 
 def _published_m100() -> dict[tuple[str, int], str]:
@@ -317,7 +340,8 @@ def format_validation(cases: list[dict[str, Any]]) -> str:
         lines.append(f"by kind: {per_kind}")
     if s["interval_coverage"] is not None:
         lines.append(
-            f"intervals (from the previous validation) covered {100 * s['interval_coverage']:.0f}%"
+            f"intervals (from this host's earlier validations) covered "
+            f"{100 * s['interval_coverage']:.0f}%"
         )
     lines.append("errors stored: later predictions' intervals come from them")
     return "\n".join(lines)

@@ -18,12 +18,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import pandas as pd
+
 from lungbench.measure.predict.forecast import Prediction, Predictor, Source, Target
 
 THESIS_BATCH = 2
 THESIS_FILTERS = (8, 16)
 ROWS = (("M100 (1 GPU)", 1), ("M100 (4 GPUs)", 4))
 DEVICE = "v100-sxm2"
+TABLE = "speedup_b2_projected"  # beside seed 000's published table (results/reference)
+PROJECTED = " (projected)"
 
 
 def project_m100(
@@ -54,3 +58,29 @@ def _cells(pred: Prediction) -> dict[str, Any]:
         "status": pred.status,
         "notes": pred.notes,
     }
+
+
+def projected_table(rows: Sequence[dict[str, Any]], measured: pd.DataFrame | None) -> pd.DataFrame:
+    """The projected rows in the layout of the bench's speed-up table (tables/speedup_b2):
+    Exec. time is the projected epoch; Speed-up is over the run's own first row (its
+    measured CPU epoch at the same width), as in the bench's table, when the run has one."""
+    first = "Batch size = 2"
+    table = []
+    for label, _ranks in ROWS:
+        line: dict[str, Any] = {first: label + PROJECTED}
+        for filters in THESIS_FILTERS:
+            row = next(r for r in rows if r["platform"] == label and r["filters"] == filters)
+            epoch = row["epoch_s"] if row["status"] == "ok" else None
+            base = _measured_epoch(measured, filters)
+            line[f"Filters = {filters} | Exec. time (s)"] = epoch
+            line[f"Filters = {filters} | Speed-up"] = base / epoch if base and epoch else None
+        table.append(line)
+    return pd.DataFrame(table)
+
+
+def _measured_epoch(measured: pd.DataFrame | None, filters: int) -> float | None:
+    column = f"Filters = {filters} | Exec. time (s)"
+    if measured is None or column not in measured.columns or measured.empty:
+        return None
+    value = measured[column].iloc[0]
+    return float(value) if pd.notna(value) else None
