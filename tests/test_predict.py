@@ -270,7 +270,7 @@ def test_validate_quick_end_to_end(tmp_path, monkeypatch, capsys):
     assert main(["predict", "--validate", "--quick", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     kinds = {c["kind"] for c in out["cases"]}
-    assert {"source", "batch", "filters", "threads", "ranks"} <= kinds
+    assert {"source", "batch", "filters", "threads", "ranks", "epoch"} <= kinds
     assert all(c["predicted_s"] > 0 for c in out["cases"][1:])
     assert out["summary"]["median_abs_error"] is not None
     assert (tmp_path / "predict_validation.json").is_file()

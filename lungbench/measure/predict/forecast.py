@@ -73,6 +73,7 @@ class Target:
     scaling: str = "weak"
     device: str | None = None
     dtype: str | None = None
+    epoch_samples: int | None = None  # None: the source's training split
 
 
 @dataclass
@@ -294,12 +295,14 @@ def source_here(
 
 
 PROBE_CACHE = "operator_probe.json"
+PROBE_VERSION = 2  # bump when probe_operators measures something else (its second width)
 
 
 def _probe_key(workload: Workload, switches: Switches) -> str:
     where = where_key(torch.device("cpu")).rsplit("|", 2)  # host | cpu model | torch
     w = replace(workload, seed=0)
-    return f"{where[0]}|{where[-1]}|{sorted(asdict(w).items())}|{sorted(asdict(switches).items())}"
+    workload_items, switch_items = sorted(asdict(w).items()), sorted(asdict(switches).items())
+    return f"v{PROBE_VERSION}|{where[0]}|{where[-1]}|{workload_items}|{switch_items}"
 
 
 def cached_probe(workload: Workload, switches: Switches, fresh: bool = False) -> OperatorTable:
@@ -535,7 +538,8 @@ class Predictor:
                 )
             parts["communication"] = exposed
             step += exposed
-        per_rank_samples = math.ceil(source.epoch_samples / target.ranks)
+        epoch_samples = target.epoch_samples or source.epoch_samples
+        per_rank_samples = math.ceil(epoch_samples / target.ranks)
         steps = math.ceil(per_rank_samples / workload.batch_size)
         pred.step_s = step
         pred.samples_per_s = pred.global_batch / step

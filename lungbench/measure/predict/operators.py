@@ -45,9 +45,9 @@ class OperatorTable:
     # The same step probed at a second batch size: per call, two (size, time) points split
     # its time into a fixed cost and a part that grows with its bounds (the model's fit).
     reference: tuple[OpCall, ...] | None = None
-    # ... and at a second width: a convolution's efficiency changes with its channels (the
-    # dev box: f8 -> f4 kept 65% of the time where the bounds kept 53%), so width targets
-    # take their fit from this line rather than from the batch one.
+    # ... and at a second width (twice: `wider`): a convolution's efficiency changes with its
+    # channels (the dev box: f8 -> f4 kept 65% of the time where the bounds kept 53%), so
+    # width targets take their fit from this line rather than from the batch one.
     width_reference: tuple[OpCall, ...] | None = None
 
     def reference_for(self, batch_changed: bool, width_changed: bool):
@@ -125,7 +125,7 @@ def probe_operators(
     """Time `workload`'s step: plain steps (their median is the step), then `repeats` steps
     with every call timed (per call, the median over the repeats); and the calls again at
     `reference_batch` (-1: twice the batch; None: no second probe) and at `reference_width`
-    filters (-1: 1.5 times the width, at least one more)."""
+    filters (-1: twice the width, see `wider`)."""
     device = torch.device(workload.device)
     if device.type == "cpu":
         set_threads(workload.threads)
@@ -154,8 +154,10 @@ def probe_operators(
 
 
 def wider(filters: int) -> int:
-    """The width of the second probe: 1.5 times, at least one filter more."""
-    return max(filters + 1, round(1.5 * filters))
+    """The width of the second probe: twice the width. Not 1.5 times: oneDNN pads channels
+    to its SIMD block (8 or 16), so on the dev box f12 cost nearly what f16 did in bf16 and a
+    line through f8 and f12 overshot f16 by 24%; doubling keeps a width's alignment."""
+    return 2 * filters
 
 
 def timed_calls(

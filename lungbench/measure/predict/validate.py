@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,10 +26,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lungbench.core.runs import utc_now
+from lungbench.core.runs import read_json, read_records, utc_now
 from lungbench.measure.predict import calibration
-from lungbench.measure.predict.ddp_probe import DDPRun, run_ddp_bench
-from lungbench.measure.predict.forecast import Prediction, Predictor, Target, source_here
+from lungbench.measure.predict.ddp_probe import DDPRun, launcher_variable, run_ddp_bench
+from lungbench.measure.predict.forecast import (
+    Prediction,
+    Predictor,
+    Target,
+    source_from_record,
+    source_here,
+)
 from lungbench.measure.predict.operators import _plain_step_s
 from lungbench.measure.workload import Workload
 from lungbench.step import fast_defaults
@@ -42,11 +52,16 @@ class Plan:
     batch: int = 4
     threads: int = 1
     batches: tuple[int, ...] = (2, 8, 16)
-    widths: tuple[int, ...] = (4, 6, 16)  # not 12: the probe's own second width (operators)
+    # Not 16: twice the source's width is the probe's own second width (operators.wider).
+    widths: tuple[int, ...] = (4, 6, 12, 24)
     thread_counts: tuple[int, ...] = (2,)
     ddp: bool = True
     warmup: int = 2
     repeats: int = 10
+    # Epochs: one `lungbench bench` of the source and these (batch, filters), each with an
+    # epoch of `epoch_samples` through the real loader; the source's predicts the others.
+    epoch_targets: tuple[tuple[int, int], ...] = ((8, 8), (4, 12), (8, 12))
+    epoch_samples: int = 64
 
     def source(self) -> Workload:
         return Workload(
@@ -65,7 +80,17 @@ class Plan:
 
 
 DEFAULT = Plan()
-QUICK = Plan(preset="dey2018", filters=2, batch=2, batches=(4,), widths=(4,), repeats=6, warmup=1)
+QUICK = Plan(
+    preset="dey2018",
+    filters=2,
+    batch=2,
+    batches=(4,),
+    widths=(3,),
+    repeats=6,
+    warmup=1,
+    epoch_targets=((4, 2),),
+    epoch_samples=16,
+)
 
 
 def target_workload(source: Workload, target: Target) -> Workload:
@@ -111,6 +136,7 @@ def run_validation(plan: Plan = DEFAULT, out: Path | None = None) -> list[dict[s
         cases.append(
             case(kind, describe_target(target, pred), rescaled(pred, now / step), measured)
         )
+    cases += epoch_cases(plan, predictor, out)
     torch.set_num_threads(plan.threads)
     cases.insert(
         0,
@@ -123,6 +149,57 @@ def run_validation(plan: Plan = DEFAULT, out: Path | None = None) -> list[dict[s
     )
     calibration.save_cases([c for c in cases if c["kind"] != "source"], utc_now())
     return cases
+
+
+def epoch_cases(plan: Plan, predictor: Predictor, out: Path | None) -> list[dict[str, Any]]:
+    """Epoch predictions against measured epochs: one `lungbench bench` (subprocess, the
+    real loader) of the source and the epoch targets; the source's record (its step and its
+    time outside the steps) predicts each target's epoch of the same samples."""
+    if not plan.epoch_targets:
+        return []
+    log.info("measuring epochs (lungbench bench with the real loader)")
+    records, environment = measure_epochs(plan, out)
+    key = {(r["batch_size"], r["filters"]): r for r in records if r.get("epoch_s")}
+    source_record = key.get((plan.batch, plan.filters))
+    if source_record is None:
+        log.warning("note: the epoch run measured no source epoch; epochs not validated")
+        return []
+    source = source_from_record(source_record, environment, "epoch validation")
+    cases = []
+    for batch, filters in plan.epoch_targets:
+        target = Target(batch=batch, filters=filters, epoch_samples=plan.epoch_samples)
+        pred = predictor.predict(source, target)
+        measured = key.get((batch, filters), {}).get("epoch_s")
+        epoch = replace(pred, step_s=pred.epoch_s, interval=pred.epoch_interval)
+        cases.append(case("epoch", f"f{filters} b{batch} t{plan.threads} epoch of "
+                          f"{plan.epoch_samples}", epoch, measured))  # fmt: skip
+    return cases
+
+
+def measure_epochs(plan: Plan, out: Path | None) -> tuple[list[dict], dict[str, Any]]:
+    """(ok records, environment) of `lungbench bench` over the source and the epoch targets."""
+    batches = sorted({plan.batch, *(b for b, _ in plan.epoch_targets)})
+    widths = sorted({plan.filters, *(f for _, f in plan.epoch_targets)})
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(out) if out is not None else Path(tmp)
+        argv = [
+            sys.executable, "-m", "lungbench", "bench", "--preset", plan.preset,
+            "--batch", *map(str, batches), "--filters", *map(str, widths),
+            "--threads", str(plan.threads), "--epoch-samples", str(plan.epoch_samples),
+            "--warmup", str(plan.warmup), "--repeats", str(plan.repeats), "--no-tune",
+            "--telemetry-interval", "0", "--out", str(root), "--run-id", EPOCH_RUN_ID,
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not launcher_variable(k)}
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            log.warning(f"note: the epoch run failed: {done.stderr.strip().splitlines()[-1:]}")
+            return [], {}
+        run = root / EPOCH_RUN_ID
+        records = [r for r in read_records(run) if r.get("status") == "ok"]
+        return records, read_json(run / "environment.json")
+
+
+EPOCH_RUN_ID = "predict-validate-epochs"
 
 
 def measure_pair(source: Workload, target: Workload, plan: Plan) -> tuple[float, float]:
