@@ -13,13 +13,18 @@ from typing import Any
 from lungbench.commands._args import positive_int
 
 DESCRIPTION = """\
-Project the training step and epoch time of a measured `lungbench bench` run to other batch
-sizes, widths (filters), CPU thread counts, numbers of DDP ranks and devices, before you
-book them. Each operator of the measured step is scaled by its FLOPs and bytes on source and
-target (compute or memory bound), the gradient all-reduce of N ranks is a ring over DDP's
-real buckets (latency and bandwidth fitted from Gloo all-reduces here, or a device
-profile's NVLink/PCIe), and every row says what limits it: compute, memory bandwidth,
-launch/latency, communication or data. Intervals come from `predict --validate` runs."""
+Project the training step and epoch time of a measured `lungbench bench` (or `lungbench
+profile`) run to other batch sizes, widths (filters), CPU thread counts, numbers of DDP ranks
+and devices, before you book them. Each operator of the measured step is scaled by its FLOPs
+and bytes on source and target (compute or memory bound; memory bandwidth read off this
+machine's measured cache-to-DRAM curve), along a per-operator line probed at a second batch
+and a second width; ranks side by side share the machine's bandwidth; the gradient
+all-reduce of N ranks is a ring over DDP's real buckets (latency and bandwidth fitted from
+Gloo all-reduces here, plus what a CPU DDP step loses beyond it, or a device profile's
+NVLink/PCIe). Every row says what limits it: compute, memory bandwidth, launch/latency,
+communication or data. Probes and fits are measured once per host and cached, so the same
+question gets the same answer. Intervals come from this host's last `predict --validate`
+runs (else the shipped ones, named)."""
 
 EPILOG = """\
 examples:
@@ -27,7 +32,8 @@ examples:
   lungbench predict --from results/default-a --ranks 2 4 --scaling strong --batch 8
   lungbench predict --from results/default-a --device v100-sxm2 a100-sxm-80gb h100-sxm
   lungbench predict --from results/default-a --thesis     seed 000's M100 rows, projected
-  lungbench predict --validate                           predict, measure, compare (minutes)
+  lungbench predict --from results/profile-a --batch 8   a profile run is a source too
+  lungbench predict --validate                           predict, measure, compare (~2 min)
   lungbench predict --list-devices
 
 devices: cpu (this machine, measured) and the shipped profiles (vendor data sheets; each
@@ -55,9 +61,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="weak",
         help="weak: the batch is per rank; strong: the batch is global, split (default: weak)",
     )
+    p.add_argument(
+        "--epoch-samples",
+        type=positive_int,
+        help="samples in an epoch (default: the run's training split, else the thesis's 603)",
+    )
     p.add_argument("--device", nargs="+", help="device profiles (default: the run's device)")
     p.add_argument("--device-file", nargs="+", default=[], help="your own profiles (TOML)")
     p.add_argument("--json", action="store_true", help="one JSON object per prediction")
+    p.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="measure this machine again (operator probe, bandwidth curve, Gloo fit, DDP "
+        "overhead) instead of this host's cached measurements",
+    )
     p.add_argument("--thesis", action="store_true", help="seed 000's M100 rows, projected")
     p.add_argument("--list-devices", action="store_true", help="the known device profiles")
     p.add_argument("--validate", action="store_true", help="predict, measure and compare here")
@@ -118,8 +135,15 @@ def _read_run(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 class _Sources:
     """Sources made on demand (a probe costs seconds), the nearest record for each target."""
 
-    def __init__(self, records: list[dict[str, Any]], environment: dict[str, Any], where: str):
+    def __init__(
+        self,
+        records: list[dict[str, Any]],
+        environment: dict[str, Any],
+        where: str,
+        fresh: bool = False,
+    ):
         self.records, self.environment, self.where = records, environment, where
+        self.fresh = fresh  # probe the operators again instead of reading the cache
         self.made: dict[str, Any] = {}
 
     def nearest(self, batch: int | None, filters: int | None, threads: int | None = None):
@@ -132,7 +156,9 @@ class _Sources:
 
         record = min(self.records, key=distance)
         if record["key"] not in self.made:
-            self.made[record["key"]] = source_from_record(record, self.environment, self.where)
+            self.made[record["key"]] = source_from_record(
+                record, self.environment, self.where, self.fresh
+            )
         return self.made[record["key"]]
 
 
@@ -146,14 +172,16 @@ def _targets(args: argparse.Namespace):
         args.ranks,
         args.device or [None],
     ):
-        yield Target(batch, filters, threads, ranks, args.scaling, device)
+        yield Target(
+            batch, filters, threads, ranks, args.scaling, device, epoch_samples=args.epoch_samples
+        )
 
 
 def _predict(args, records, environment) -> int:
     from lungbench.measure.predict.forecast import Predictor
 
-    predictor = Predictor(tuple(args.device_file))
-    sources = _Sources(records, environment, str(args.run))
+    predictor = Predictor(tuple(args.device_file), args.remeasure)
+    sources = _Sources(records, environment, str(args.run), args.remeasure)
     predictions = []
     for target in _targets(args):
         source = sources.nearest(target.batch, target.filters, target.threads)
@@ -207,8 +235,8 @@ def _thesis(args, records, environment) -> int:
     from lungbench.measure.predict.thesis import THESIS_FILTERS, project_m100
     from lungbench.measure.predict.thesis import __doc__ as unknowns
 
-    predictor = Predictor(tuple(args.device_file))
-    sources = _Sources(records, environment, str(args.run))
+    predictor = Predictor(tuple(args.device_file), args.remeasure)
+    sources = _Sources(records, environment, str(args.run), args.remeasure)
     rows = project_m100([], predictor, lambda _s, b, f: sources.nearest(b, f, None))
     published = _published_m100()
     if args.json:

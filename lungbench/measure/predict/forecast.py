@@ -204,8 +204,11 @@ def machine_cores() -> int:
     return os.cpu_count() or 1
 
 
-def cpu_here(threads: int, latency_s: float = 0.0, comm: AlphaBeta | None = None) -> DeviceProfile:
-    """This machine's CPU at `threads` threads, measured (peaks cached per host)."""
+def cpu_here(
+    threads: int, latency_s: float = 0.0, comm: AlphaBeta | None = None, fresh: bool = False
+) -> DeviceProfile:
+    """This machine's CPU at `threads` threads, measured (peaks and bandwidth curve cached
+    per host; `fresh` measures the curve again)."""
     base = load_profiles()["cpu"]
     limit, _ = memory_limit(torch.device("cpu"))
     comm = comm or AlphaBeta(0.0, 0.0)
@@ -217,12 +220,15 @@ def cpu_here(threads: int, latency_s: float = 0.0, comm: AlphaBeta | None = None
         comm.alpha_s,
         comm.beta_bytes_per_s,
         latency_s,
-        measure_bandwidth_curve(threads),
+        measure_bandwidth_curve(threads, refresh=fresh),
     )
 
 
 def source_from_record(
-    record: Mapping[str, Any], environment: Mapping[str, Any], where: str = "run"
+    record: Mapping[str, Any],
+    environment: Mapping[str, Any],
+    where: str = "run",
+    fresh: bool = False,
 ) -> Source:
     """The model's view of one bench record: probed on this machine when this machine
     measured it (same host, a CPU record), else the measured step shared by the roofline."""
@@ -235,7 +241,7 @@ def source_from_record(
     if here:
         # A profiled step carries the profiler's overhead: the probe's plain step replaces it.
         step = None if record.get("profiled") else float(record["step_s_median"])
-        source = source_here(record["key"], workload, switches, step, samples, outside)
+        source = source_here(record["key"], workload, switches, step, samples, outside, fresh)
         if record.get("profiled"):
             source.notes = (
                 f"source: a profile run; its step re-timed here without the profiler "
@@ -279,7 +285,8 @@ def source_here(
     workload and switches, then from the cache, so the same question gets the same answer;
     `fresh` probes again). `step_s` None: the probe's own plain step."""
     table = cached_probe(workload, switches, fresh)
-    device = cpu_here(workload.threads or torch.get_num_threads(), table.call_latency_s)
+    threads = workload.threads or torch.get_num_threads()
+    device = cpu_here(threads, table.call_latency_s, fresh=fresh)
     return Source(
         key,
         workload,
@@ -388,9 +395,9 @@ class Predictor:
     """Predictions from sources, with the device profiles, the Gloo fit and the operator
     counts measured once and reused."""
 
-    def __init__(self, device_files: tuple[str, ...] = (), refit_comm: bool = False) -> None:
+    def __init__(self, device_files: tuple[str, ...] = (), remeasure: bool = False) -> None:
         self.profiles = load_profiles(device_files)
-        self.refit_comm = refit_comm
+        self.refit_comm = remeasure  # the Gloo fit, the DDP overhead, the bandwidth curve
         self._cpu: dict[int, DeviceProfile] = {}
         self._gloo: AlphaBeta | None = None
         self._ddp_overhead: float | None = None
@@ -411,7 +418,9 @@ class Predictor:
         if source.probed and source.device.threads == threads:
             return source.device
         if threads not in self._cpu:
-            self._cpu[threads] = cpu_here(threads, source.table.call_latency_s)
+            self._cpu[threads] = cpu_here(
+                threads, source.table.call_latency_s, fresh=self.refit_comm
+            )
         return self._cpu[threads]
 
     def rank_share(self, device: DeviceProfile, source: Source, target: Target) -> DeviceProfile:
