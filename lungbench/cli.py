@@ -106,6 +106,12 @@ def leave_after_group(code: int) -> None:
     distributed = sys.modules.get("lungbench.distributed.group")  # loaded iff a group may exist
     if distributed is not None and distributed.group_joined():
         logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if not distributed.group_is_broken():  # MPI_Finalize would wait for a lost peer
+            from lungbench.distributed.launch import finalize_mpi
+
+            finalize_mpi()
         distributed.exit_now(code)
 
 

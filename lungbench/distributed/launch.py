@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -170,6 +171,15 @@ def mpi_launch(env: Mapping[str, str]) -> LaunchInfo:
         master_addr=addr,
         master_port=port,
     )
+
+
+def finalize_mpi() -> None:
+    """MPI_Finalize, when this process initialized MPI (an mpiexec launch) and has not yet:
+    a process that leaves through os._exit must do it itself, or mpiexec drops the output it
+    had not yet forwarded (rank 0's results line went missing)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
 
 
 def resolve_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
