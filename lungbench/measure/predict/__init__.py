@@ -4,7 +4,8 @@ thread counts, ranks and devices, projected from one measured run, with its erro
     operators.py  each operator call of the step: FLOPs, bytes, dtype, phase, measured time
     model.py      per-operator scaling: measured time x (target bound / source bound)
     comm.py       ring all-reduce of DDP's buckets, alpha-beta fitted from Gloo all-reduces
-    devices.py    device profiles (TOML, vendor data sheets) and this machine's measured peaks
+    ddp_probe.py  what a CPU DDP step loses beyond its all-reduce (a tiny model, torchrun)
+    devices.py    device profiles (TOML, vendor data sheets); this machine's peaks, bandwidth curve
     forecast.py   a bench run folder -> predictions (step, epoch, bound, interval)
     calibration.py  the validation errors the intervals come from
     validate.py   `lungbench predict --validate`: predict, measure, compare on this machine
