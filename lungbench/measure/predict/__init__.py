@@ -9,5 +9,6 @@ thread counts, ranks and devices, projected from one measured run, with its erro
     forecast.py   a bench run folder -> predictions (step, epoch, bound, interval)
     calibration.py  the validation errors the intervals come from
     validate.py   `lungbench predict --validate`: predict, measure, compare on this machine
+    runner.py     `lungbench bench` in a subprocess (1 process or torchrun) for the above
     thesis.py     seed 000's M100 rows projected from a run on this machine
 """

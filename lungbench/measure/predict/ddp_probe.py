@@ -18,11 +18,7 @@ more than one rank:
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +26,11 @@ from typing import Any
 import torch
 
 from lungbench.core.cache import read_cache, write_cache
-from lungbench.core.runs import read_records
+from lungbench.measure.predict.runner import bench_subprocess
 
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "ddp_overhead.json"
-RUN_ID = "predict-ddp"
 
 
 @dataclass(frozen=True)
@@ -60,30 +55,13 @@ PROBE = DDPRun()
 def run_ddp_bench(run: DDPRun, out: Path | None = None) -> list[dict[str, Any]]:
     """The DDP records (world size 2, status ok) of `run`; [] (with a warning) when the
     launch failed."""
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(out) if out is not None else Path(tmp)
-        argv = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-            "2", "-m", "lungbench", "bench", "--preset", run.preset, "--filters",
-            str(run.filters), "--batch", str(run.batch), "--threads", str(run.threads),
-            "--no-epoch", "--no-baseline", "--scaling", run.scaling, "--warmup",
-            str(run.warmup), "--repeats", str(run.repeats), "--telemetry-interval", "0",
-            "--out", str(root), "--run-id", RUN_ID,
-        ]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if not launcher_variable(k)}
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            log.warning(f"note: the DDP run failed: {done.stderr.strip().splitlines()[-1:]}")
-            return []
-        records = read_records(root / RUN_ID)
-    return [r for r in records if r.get("world_size") == 2 and r.get("status") == "ok"]
-
-
-def launcher_variable(name: str) -> bool:
-    """Variables of an outer launcher that would confuse the inner torchrun."""
-    return name in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} or (
-        name.startswith(("SLURM_", "PMI_", "OMPI_", "TORCHELASTIC_"))
-    )
+    bench_args = [
+        "--preset", run.preset, "--filters", str(run.filters), "--batch", str(run.batch),
+        "--threads", str(run.threads), "--no-epoch", "--no-baseline", "--scaling", run.scaling,
+        "--warmup", str(run.warmup), "--repeats", str(run.repeats),
+    ]  # fmt: skip
+    records, _ = bench_subprocess(bench_args, ranks=2, out=out)
+    return [r for r in records if r.get("world_size") == 2]
 
 
 def overhead_of(record: dict[str, Any]) -> float:

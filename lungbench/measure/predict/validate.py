@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,9 +22,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from lungbench.core.runs import read_json, read_records, utc_now
+from lungbench.core.runs import utc_now
 from lungbench.measure.predict import calibration
-from lungbench.measure.predict.ddp_probe import DDPRun, launcher_variable, run_ddp_bench
+from lungbench.measure.predict.ddp_probe import DDPRun, run_ddp_bench
 from lungbench.measure.predict.forecast import (
     Prediction,
     Predictor,
@@ -37,6 +33,7 @@ from lungbench.measure.predict.forecast import (
     source_here,
 )
 from lungbench.measure.predict.operators import _plain_step_s
+from lungbench.measure.predict.runner import bench_subprocess
 from lungbench.measure.workload import Workload
 from lungbench.step import fast_defaults
 
@@ -180,26 +177,12 @@ def measure_epochs(plan: Plan, out: Path | None) -> tuple[list[dict], dict[str, 
     """(ok records, environment) of `lungbench bench` over the source and the epoch targets."""
     batches = sorted({plan.batch, *(b for b, _ in plan.epoch_targets)})
     widths = sorted({plan.filters, *(f for _, f in plan.epoch_targets)})
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(out) if out is not None else Path(tmp)
-        argv = [
-            sys.executable, "-m", "lungbench", "bench", "--preset", plan.preset,
-            "--batch", *map(str, batches), "--filters", *map(str, widths),
-            "--threads", str(plan.threads), "--epoch-samples", str(plan.epoch_samples),
-            "--warmup", str(plan.warmup), "--repeats", str(plan.repeats), "--no-tune",
-            "--telemetry-interval", "0", "--out", str(root), "--run-id", EPOCH_RUN_ID,
-        ]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if not launcher_variable(k)}
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            log.warning(f"note: the epoch run failed: {done.stderr.strip().splitlines()[-1:]}")
-            return [], {}
-        run = root / EPOCH_RUN_ID
-        records = [r for r in read_records(run) if r.get("status") == "ok"]
-        return records, read_json(run / "environment.json")
-
-
-EPOCH_RUN_ID = "predict-validate-epochs"
+    bench_args = [
+        "--preset", plan.preset, "--batch", *map(str, batches), "--filters", *map(str, widths),
+        "--threads", str(plan.threads), "--epoch-samples", str(plan.epoch_samples),
+        "--warmup", str(plan.warmup), "--repeats", str(plan.repeats), "--no-tune",
+    ]  # fmt: skip
+    return bench_subprocess(bench_args, out=out)
 
 
 def measure_pair(source: Workload, target: Workload, plan: Plan) -> tuple[float, float]:
