@@ -83,6 +83,11 @@ def test_fixed_cost_from_two_probe_sizes():
     target = [OpCall("aten.mm", 4e6, 0.0, "fp32")]  # roof 4 ms -> 2 + 4 = 6 ms
     est = scale_step(small, src, target, src, 0.0, 0.0, reference=large)
     assert est.step_s == pytest.approx(0.006)
+    # the same line from the other side: the large call the source, the small its reference
+    assert fixed_costs(large, small, src, 0.0) == pytest.approx([0.002])
+    half = [OpCall("aten.mm", 0.5e6, 0.0, "fp32")]  # roof 0.5 ms -> 2 + 0.5 = 2.5 ms
+    est = scale_step(large, src, half, src, 0.0, 0.0, reference=small)
+    assert est.step_s == pytest.approx(0.0025)
 
 
 def test_across_kinds_is_launch_bound_when_the_host_is_slower():

@@ -302,7 +302,7 @@ def source_here(
 
 
 PROBE_CACHE = "operator_probe.json"
-PROBE_VERSION = 2  # bump when probe_operators measures something else (its second width)
+PROBE_VERSION = 3  # bump when probe_operators measures something else (its second width)
 
 
 def _probe_key(workload: Workload, switches: Switches) -> str:
@@ -336,6 +336,7 @@ def table_from_json(data: Mapping[str, Any]) -> OperatorTable:
         data["call_latency_s"],
         calls(data.get("reference")),
         calls(data.get("width_reference")),
+        calls(data.get("low_reference")),
     )
 
 
@@ -499,7 +500,7 @@ class Predictor:
             table.overhead_s,
             table.call_latency_s,
             table.reference_for(
-                workload.batch_size != source.workload.batch_size,
+                workload.batch_size / source.workload.batch_size,
                 workload.filters != source.workload.filters,
             ),
         )

@@ -88,7 +88,7 @@ def fixed_costs(
     fixed = []
     for a, b in zip(source, reference, strict=True):
         r1, r2 = max(roof_s(a, device)), max(roof_s(b, device))
-        slope = (b.seconds - a.seconds) / (r2 - r1) if r2 > r1 else 0.0
+        slope = (b.seconds - a.seconds) / (r2 - r1) if r2 != r1 else 0.0  # either side
         intercept = a.seconds - max(slope, 0.0) * r1
         fixed.append(min(max(intercept, min(a.seconds, call_latency_s)), a.seconds))
     return fixed

@@ -49,11 +49,17 @@ class OperatorTable:
     # channels (the dev box: f8 -> f4 kept 65% of the time where the bounds kept 53%), so
     # width targets take their fit from this line rather than from the batch one.
     width_reference: tuple[OpCall, ...] | None = None
+    # ... and at half the batch: a target below the source takes the line on its own side
+    # (per-call time is not one line from batch 1 to 16: caches, blocking).
+    low_reference: tuple[OpCall, ...] | None = None
 
-    def reference_for(self, batch_changed: bool, width_changed: bool):
-        """The second probe whose line suits a target: the width one when the width changes."""
+    def reference_for(self, batch_ratio: float, width_changed: bool):
+        """The second probe whose line suits a target of `batch_ratio` times the source's
+        batch: the width one when the width changes, else the one on the target's side."""
         if width_changed and self.width_reference is not None:
             return self.width_reference
+        if batch_ratio < 1 and self.low_reference is not None:
+            return self.low_reference
         return self.reference
 
     @property
@@ -124,8 +130,8 @@ def probe_operators(
 ) -> OperatorTable:
     """Time `workload`'s step: plain steps (their median is the step), then `repeats` steps
     with every call timed (per call, the median over the repeats); and the calls again at
-    `reference_batch` (-1: twice the batch; None: no second probe) and at `reference_width`
-    filters (-1: twice the width, see `wider`)."""
+    `reference_batch` (-1: twice the batch; None: no second probes of the batch) and at half
+    the batch, and at `reference_width` filters (-1: twice the width, see `wider`)."""
     device = torch.device(workload.device)
     if device.type == "cpu":
         set_threads(workload.threads)
@@ -138,6 +144,10 @@ def probe_operators(
         reference = tuple(
             timed_calls(replace(workload, batch_size=batch), switches, device, repeats)
         )
+    low_reference = None
+    if reference_batch is not None and workload.batch_size > 1:
+        half = replace(workload, batch_size=workload.batch_size // 2)
+        low_reference = tuple(timed_calls(half, switches, device, repeats))
     width_reference = None
     if reference_width is not None:
         filters = wider(workload.filters) if reference_width == -1 else reference_width
@@ -150,6 +160,7 @@ def probe_operators(
         call_latency(calls),
         reference,
         width_reference,
+        low_reference,
     )
 
 

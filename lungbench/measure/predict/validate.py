@@ -48,8 +48,9 @@ class Plan:
     filters: int = 8
     batch: int = 4
     threads: int = 1
-    batches: tuple[int, ...] = (2, 8, 16)
-    # Not 16: twice the source's width is the probe's own second width (operators.wider).
+    # Not 2, 8 or 16: half and twice the source's batch and twice its width are the probe's
+    # own second points (operators.probe_operators): a target there would be half measured.
+    batches: tuple[int, ...] = (1, 3, 6, 16)
     widths: tuple[int, ...] = (4, 6, 12, 24)
     thread_counts: tuple[int, ...] = (2,)
     ddp: bool = True
@@ -57,8 +58,8 @@ class Plan:
     repeats: int = 10
     # Epochs: one `lungbench bench` of the source and these (batch, filters), each with an
     # epoch of `epoch_samples` through the real loader; the source's predicts the others.
-    epoch_targets: tuple[tuple[int, int], ...] = ((8, 8), (4, 12), (8, 12))
-    epoch_samples: int = 64
+    epoch_targets: tuple[tuple[int, int], ...] = ((6, 8), (4, 12), (6, 12))
+    epoch_samples: int = 72  # whole batches of 4 and 6
 
     def source(self) -> Workload:
         return Workload(
@@ -81,12 +82,12 @@ QUICK = Plan(
     preset="dey2018",
     filters=2,
     batch=2,
-    batches=(4,),
+    batches=(3,),
     widths=(3,),
     repeats=6,
     warmup=1,
-    epoch_targets=((4, 2),),
-    epoch_samples=16,
+    epoch_targets=((3, 2),),
+    epoch_samples=12,
 )
 
 
