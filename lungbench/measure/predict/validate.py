@@ -114,7 +114,7 @@ def run_validation(plan: Plan = DEFAULT, out: Path | None = None) -> list[dict[s
     log.info(f"validation source: {describe(source_workload)}")
     step = measure_step_s(source_workload, plan)
     source = source_here("source", source_workload, switches, step, fresh=True)
-    predictor = Predictor()
+    predictor = Predictor(remeasure=True)  # this machine as it is now, like the targets
     targets = plan.targets()
     predictions = [(kind, t, predictor.predict(source, t)) for kind, t in targets]
     cases = []
