@@ -60,7 +60,8 @@ class DistributedError(LungbenchError):
 # may still be blocked on that peer, so it must not be destroyed or left to the interpreter's
 # exit (both can block, or abort with "terminate called without an active exception").
 _group_broken = False
-# Set once this process joined a process group (world size > 1); see leave_process().
+# Set once this process joined a process group (world size > 1): it then ends through
+# exit_now (lungbench.cli.leave_after_group).
 _group_joined = False
 
 
@@ -76,8 +77,9 @@ def group_joined() -> bool:
 
 def exit_now(code: int) -> NoReturn:
     """End this process with `code` without running destructors: flush the streams, then
-    os._exit. For a process whose group is broken; records and run.json are already on
-    disk (written and fsynced as they were made)."""
+    os._exit. How a process that joined a process group ends (broken or not: torch's
+    threads can abort or block the interpreter's teardown); records and run.json are
+    already on disk (written and fsynced as they were made)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -351,7 +353,7 @@ def shutdown(dist: DistContext, finished: bool = False) -> None:
 
     `finished`: every rank got here by the same, successful path, so first wait for the
     others: a rank that tears its Gloo group down while a peer still works on it can abort
-    ("terminate called without an active exception", seen once in CI in ~100 runs)."""
+    ("terminate called without an active exception": rank 1 of a CI run, once)."""
     if not dist.is_distributed:
         return
     import torch.distributed as tdist
