@@ -302,7 +302,7 @@ def source_here(
 
 
 PROBE_CACHE = "operator_probe.json"
-PROBE_VERSION = 3  # bump when probe_operators measures something else (its second width)
+PROBE_VERSION = 3  # bump when probe_operators measures something else (its references)
 
 
 def _probe_key(workload: Workload, switches: Switches) -> str:
@@ -426,8 +426,10 @@ class Predictor:
 
     def rank_share(self, device: DeviceProfile, source: Source, target: Target) -> DeviceProfile:
         """What one rank of `target` has of this machine's CPU when the ranks run on it
-        side by side (as many as its cores hold at the target's threads)."""
-        if target.ranks <= 1 or not device.measured or device.threads is None:
+        side by side (as many as its cores hold at the target's threads). Only for this
+        machine's CPU: a run measured elsewhere says nothing of its machine at other threads."""
+        this_cpu = source.probed and device.measured and device.kind == "cpu"
+        if target.ranks <= 1 or not this_cpu or device.threads is None:
             return device
         side_by_side = min(target.ranks, max(1, machine_cores() // device.threads))
         whole = self.cpu(device.threads * side_by_side, source)
