@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from lungbench.core.errors import message_of
+from lungbench.core.errors import DataError, message_of
 from lungbench.core.paths import check_name, check_out_dir
 
 RUN_FILE = "run.json"
@@ -100,6 +100,18 @@ def write_json(path: Path, data: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def read_run_files(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run.json, config.json) of a run folder; DataError naming the folder when either is
+    missing, unreadable or not a JSON object (what `--resume` reads first)."""
+    try:
+        info, config = read_json(run_dir / RUN_FILE), read_json(run_dir / "config.json")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{run_dir}: cannot read run.json / config.json ({exc})") from None
+    if not isinstance(info, dict) or not isinstance(config, dict):
+        raise DataError(f"{run_dir}: run.json / config.json is not a JSON object")
+    return info, config
 
 
 def append_record(run_dir: Path, record: Mapping[str, Any]) -> None:

@@ -23,14 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lungbench.core.errors import DataError, UsageError
+from lungbench.core.errors import UsageError
 from lungbench.core.runs import (
-    RUN_FILE,
     RunFolder,
     finish_run,
     marking_run,
-    read_json,
     read_records,
+    read_run_files,
     run_folder,
     write_json,
 )
@@ -77,13 +76,7 @@ def open_resume(run: str | os.PathLike, out: str | os.PathLike, recipe: str) -> 
     """`--resume RUN` of `lungbench train RECIPE`: the run folder (a path, or a run id under
     --out) checked to be an unfinished run of that recipe; nothing is written."""
     run_dir = resolve_run_dir(run, out)
-    try:
-        info = read_json(run_dir / RUN_FILE)
-        config = read_json(run_dir / "config.json")
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{run_dir}: cannot read run.json / config.json ({exc})") from None
-    if not isinstance(info, dict) or not isinstance(config, dict):
-        raise DataError(f"{run_dir}: run.json / config.json is not a JSON object")
+    info, config = read_run_files(run_dir)
     found = recipe_of(config) if info.get("kind") == "train" else info.get("kind")
     if found != recipe:
         raise UsageError(

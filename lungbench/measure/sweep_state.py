@@ -29,7 +29,15 @@ from typing import Any
 import torch
 
 from lungbench.core.errors import DataError, UsageError
-from lungbench.core.runs import RECORDS_FILE, RUN_FILE, read_json, read_records, utc_now, write_json
+from lungbench.core.runs import (
+    RECORDS_FILE,
+    RUN_FILE,
+    read_json,
+    read_records,
+    read_run_files,
+    utc_now,
+    write_json,
+)
 from lungbench.measure.sweep import BenchConfig
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
@@ -200,11 +208,7 @@ def open_for_resume(
 ) -> ResumePoint:
     """Validate a run folder for `--resume` and read what it holds (nothing is written)."""
     run_dir = resolve_run_dir(run, out_root)
-    try:
-        info = read_json(run_dir / RUN_FILE)
-        config = read_json(run_dir / "config.json")
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{run_dir}: cannot read run.json / config.json ({exc})") from None
+    info, config = read_run_files(run_dir)
     if info.get("kind") != kind:
         raise UsageError(
             f"--resume {run}: a {info.get('kind')!r} run; only {kind!r} runs can "

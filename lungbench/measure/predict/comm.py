@@ -96,13 +96,14 @@ def comm_estimate(
     return CommEstimate(total, exposed, len(buckets), sum(buckets))
 
 
-def _host_key() -> str:
+def gloo_host_key() -> str:
+    """The cache key of this host's Gloo measurements (host, backend, torch version)."""
     return f"{socket.gethostname()}|gloo|torch {torch.__version__}"
 
 
 def cached_gloo_fit() -> AlphaBeta | None:
     """This host's cached Gloo alpha-beta fit, if one was measured."""
-    entry = read_cache(CACHE_FILE).get(_host_key())
+    entry = read_cache(CACHE_FILE).get(gloo_host_key())
     return AlphaBeta(entry["alpha_s"], entry["beta_bytes_per_s"]) if entry else None
 
 
@@ -118,7 +119,7 @@ def fit_gloo(repeats: int = 5, refit: bool = False) -> AlphaBeta:
     if fit is None:  # too noisy to separate latency from bandwidth: all bandwidth
         fit = AlphaBeta(0.0, 2 * (2 - 1) / 2 * max(nbytes) / max(seconds))
     cache = read_cache(CACHE_FILE)
-    cache[_host_key()] = {
+    cache[gloo_host_key()] = {
         "alpha_s": fit.alpha_s,
         "beta_bytes_per_s": fit.beta_bytes_per_s,
         "points": list(zip(nbytes, seconds, strict=True)),

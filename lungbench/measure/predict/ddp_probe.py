@@ -18,14 +18,12 @@ more than one rank:
 from __future__ import annotations
 
 import logging
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lungbench.core.cache import read_cache, write_cache
+from lungbench.measure.predict.comm import gloo_host_key
 from lungbench.measure.predict.runner import bench_subprocess
 
 log = logging.getLogger(__name__)
@@ -72,13 +70,9 @@ def overhead_of(record: dict[str, Any]) -> float:
     return max(record["step_s_median"] - compute - comm, 0.0)
 
 
-def _host_key() -> str:
-    return f"{socket.gethostname()}|gloo|torch {torch.__version__}"
-
-
 def ddp_overhead_s(refit: bool = False) -> float:
     """This host's DDP overhead (see the module doc), measured once and cached."""
-    entry = None if refit else read_cache(CACHE_FILE).get(_host_key())
+    entry = None if refit else read_cache(CACHE_FILE).get(gloo_host_key())
     if entry is not None:
         return float(entry["overhead_s"])
     log.info(f"measuring what a DDP step loses on this machine ({PROBE.describe()}, torchrun)")
@@ -88,6 +82,6 @@ def ddp_overhead_s(refit: bool = False) -> float:
         return 0.0
     overhead = overhead_of(records[0])
     cache = read_cache(CACHE_FILE)
-    cache[_host_key()] = {"overhead_s": overhead, "probe": PROBE.describe()}
+    cache[gloo_host_key()] = {"overhead_s": overhead, "probe": PROBE.describe()}
     write_cache(CACHE_FILE, cache)
     return overhead

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -194,8 +194,6 @@ def measured_cpu(
     bandwidth_curve: tuple[tuple[float, float], ...] = (),
 ) -> DeviceProfile:
     """The `cpu` profile filled with this machine's measured numbers at `threads` threads."""
-    from dataclasses import replace
-
     found = {d: peaks[d] for d in ("fp32", "bf16", "fp16") if peaks.get(d)}
     return replace(
         base,
@@ -215,8 +213,6 @@ def shared_by(alone: DeviceProfile, whole: DeviceProfile, processes: int) -> Dev
     bandwidth it has `alone`, but no more than its share of what the `whole` machine (every
     rank's threads busy) measured. Memory bandwidth is what ranks share first: on the dev box
     one thread copies 39 GB/s, two at once 65 GB/s, so each of 2 ranks gets 33."""
-    from dataclasses import replace
-
     if processes <= 1:
         return alone
     peaks = {

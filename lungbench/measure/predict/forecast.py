@@ -173,7 +173,7 @@ def record_from_profile(
             f"{where}: a profile of {profile.get('world_size')} ranks; predict "
             "needs a 1-process run (`lungbench profile` without a launcher)"
         )
-    record = {
+    return {
         **{k: v for k, v in workload.items() if k != "threads"},
         **{k: v for k, v in profile.items() if k.endswith("_used")},
         "key": f"profile {workload.get('preset', '?')} f{workload.get('filters')} "
@@ -184,7 +184,6 @@ def record_from_profile(
         "step_s_median": profile["step_ms"] / 1e3 if profile.get("step_ms") else None,
         "profiled": True,
     }
-    return record
 
 
 def epoch_outside(record: Mapping[str, Any]) -> tuple[int, float | None]:
@@ -398,7 +397,7 @@ class Predictor:
 
     def __init__(self, device_files: tuple[str, ...] = (), remeasure: bool = False) -> None:
         self.profiles = load_profiles(device_files)
-        self.refit_comm = remeasure  # the Gloo fit, the DDP overhead, the bandwidth curve
+        self.remeasure = remeasure  # the Gloo fit, the DDP overhead, the bandwidth curve
         self._cpu: dict[int, DeviceProfile] = {}
         self._gloo: AlphaBeta | None = None
         self._ddp_overhead: float | None = None
@@ -420,7 +419,7 @@ class Predictor:
             return source.device
         if threads not in self._cpu:
             self._cpu[threads] = cpu_here(
-                threads, source.table.call_latency_s, fresh=self.refit_comm
+                threads, source.table.call_latency_s, fresh=self.remeasure
             )
         return self._cpu[threads]
 
@@ -437,12 +436,12 @@ class Predictor:
 
     def gloo(self) -> AlphaBeta:
         if self._gloo is None:
-            self._gloo = fit_gloo(refit=self.refit_comm)
+            self._gloo = fit_gloo(refit=self.remeasure)
         return self._gloo
 
     def ddp_overhead(self) -> float:
         if self._ddp_overhead is None:
-            self._ddp_overhead = ddp_overhead_s(refit=self.refit_comm)
+            self._ddp_overhead = ddp_overhead_s(refit=self.remeasure)
         return self._ddp_overhead
 
     def predict(self, source: Source, target: Target) -> Prediction:

@@ -135,7 +135,7 @@ def probe_operators(
     device = torch.device(workload.device)
     if device.type == "cpu":
         set_threads(workload.threads)
-    plain = _plain_step_s(workload, switches, device, warmup, max(repeats, 3))
+    plain = plain_step_s(workload, switches, device, warmup, max(repeats, 3))
     calls = timed_calls(workload, switches, device, repeats)
     calls_s = sum(c.seconds for c in calls)
     reference = None
@@ -182,7 +182,7 @@ def timed_calls(
     ]
 
 
-def _plain_step_s(
+def plain_step_s(
     workload: Workload, switches: Switches, device: torch.device, warmup: int, repeats: int
 ) -> float:
     step, inputs, target = _train_step(workload, switches, device)

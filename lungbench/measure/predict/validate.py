@@ -32,7 +32,7 @@ from lungbench.measure.predict.forecast import (
     source_from_record,
     source_here,
 )
-from lungbench.measure.predict.operators import _plain_step_s
+from lungbench.measure.predict.operators import plain_step_s
 from lungbench.measure.predict.runner import bench_subprocess
 from lungbench.measure.workload import Workload
 from lungbench.step import fast_defaults
@@ -104,7 +104,7 @@ def measure_step_s(workload: Workload, plan: Plan) -> float:
     """The median step of `workload` on this CPU (the bench's switches, fixed repeats)."""
     switches = fast_defaults(torch.device("cpu"))
     torch.set_num_threads(workload.threads or torch.get_num_threads())
-    return _plain_step_s(workload, switches, torch.device("cpu"), plan.warmup, plan.repeats)
+    return plain_step_s(workload, switches, torch.device("cpu"), plan.warmup, plan.repeats)
 
 
 def run_validation(plan: Plan = DEFAULT, out: Path | None = None) -> list[dict[str, Any]]:
