@@ -420,3 +420,17 @@ def test_resume_of_an_older_run_with_forced_switches_given_again():
     given = BenchRequest(dtype="bf16", strict_switches=("dtype",))
     merged = merge_request(saved, given, BenchRequest())
     assert merged["dtype"] == "bf16" and merged["strict_switches"] is True
+
+
+def test_resume_of_a_folder_whose_run_json_is_not_an_object_is_one_line(tmp_path):
+    from lungbench.core.errors import DataError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("[]")
+    (run / "config.json").write_text("{}")
+    with pytest.raises(DataError, match="run.json / config.json is not a JSON object"):
+        open_for_resume(run, tmp_path)
+    (run / "run.json").write_text("{not json")
+    with pytest.raises(DataError, match="cannot read run.json / config.json"):
+        open_for_resume(run, tmp_path)
