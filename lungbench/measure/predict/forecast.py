@@ -301,7 +301,7 @@ def source_here(
 
 
 PROBE_CACHE = "operator_probe.json"
-PROBE_VERSION = 3  # bump when probe_operators measures something else (its references)
+PROBE_VERSION = 4  # bump when probe_operators measures something else (4: in alternation)
 
 
 def _probe_key(workload: Workload, switches: Switches) -> str:

@@ -96,16 +96,24 @@ def record_calls(
 ) -> list[list[OpCall]]:
     """The operator calls of `repeats` training steps (after one untimed step, which builds
     the optimizer state: Adam's first step allocates its moments)."""
+    record = call_recorder(workload, switches, device, timed)
+    return [record() for _ in range(repeats)]
+
+
+def call_recorder(workload: Workload, switches: Switches, device: torch.device, timed: bool):
+    """`workload`'s training step, built and run once untimed (Adam's first step allocates
+    its moments): `record()` runs one more step and returns its operator calls."""
     step, inputs, target = _train_step(workload, switches, device)
-    runs = []
     with backend_flags(switches):
         step(NO_TIMER, inputs, target)
-        for _ in range(repeats):
-            counter = operator_counter(record=True, timed=timed, device=device)
-            with counter:
-                step(_PhaseTags(counter), inputs, target)
-            runs.append(counter.calls)
-    return runs
+
+    def record() -> list[OpCall]:
+        counter = operator_counter(record=True, timed=timed, device=device)
+        with backend_flags(switches), counter:
+            step(_PhaseTags(counter), inputs, target)
+        return counter.calls
+
+    return record
 
 
 def count_operators(workload: Workload, switches: Switches) -> list[OpCall]:
@@ -128,40 +136,57 @@ def probe_operators(
     reference_batch: int | None = -1,
     reference_width: int | None = -1,
 ) -> OperatorTable:
-    """Time `workload`'s step: plain steps (their median is the step), then `repeats` steps
+    """Time `workload`'s step: plain steps (their median is the step) and `repeats` steps
     with every call timed (per call, the median over the repeats); and the calls again at
     `reference_batch` (-1: twice the batch; None: no second probes of the batch) and at half
-    the batch, and at `reference_width` filters (-1: twice the width, see `wider`)."""
+    the batch, and at `reference_width` filters (-1: twice the width, see `wider`).
+
+    The workloads are timed in alternation, one step of each per round: the model reads
+    ratios between them, and a shared machine drifts within seconds (timed one after the
+    other, the dev box's b8 probe ran at another speed than its b4 one and moved the b16
+    prediction by 15% from one probe to the next)."""
     device = torch.device(workload.device)
     if device.type == "cpu":
         set_threads(workload.threads)
-    plain = plain_step_s(workload, switches, device, warmup, max(repeats, 3))
-    calls = timed_calls(workload, switches, device, repeats)
-    calls_s = sum(c.seconds for c in calls)
-    reference = None
+    probes = {"source": workload, **second_probes(workload, reference_batch, reference_width)}
+    recorders = {name: call_recorder(w, switches, device, timed=True) for name, w in probes.items()}
+    plain = step_timer(workload, switches, device)
+    plain(warmup)
+    plain_times: list[float] = []
+    runs: dict[str, list[list[OpCall]]] = {name: [] for name in probes}
+    for _ in range(max(repeats, 3)):
+        plain_times += plain(1)
+        for name, record in recorders.items():
+            runs[name].append(record())
+    timed = {name: tuple(per_call_medians(r)) for name, r in runs.items()}
+    calls = timed["source"]
+    width = timed.get("width")
+    step_s = statistics.median(plain_times)
+    return OperatorTable(
+        calls,
+        step_s,
+        max(step_s - sum(c.seconds for c in calls), 0.0),
+        call_latency(calls),
+        timed.get("reference"),
+        width if width is not None and matching(calls, width) else None,
+        timed.get("low"),
+    )
+
+
+def second_probes(
+    workload: Workload, reference_batch: int | None, reference_width: int | None
+) -> dict[str, Workload]:
+    """The probe's second workloads, by name (see probe_operators)."""
+    probes = {}
     if reference_batch is not None:
         batch = 2 * workload.batch_size if reference_batch == -1 else reference_batch
-        reference = tuple(
-            timed_calls(replace(workload, batch_size=batch), switches, device, repeats)
-        )
-    low_reference = None
-    if reference_batch is not None and workload.batch_size > 1:
-        half = replace(workload, batch_size=workload.batch_size // 2)
-        low_reference = tuple(timed_calls(half, switches, device, repeats))
-    width_reference = None
+        probes["reference"] = replace(workload, batch_size=batch)
+        if workload.batch_size > 1:
+            probes["low"] = replace(workload, batch_size=workload.batch_size // 2)
     if reference_width is not None:
         filters = wider(workload.filters) if reference_width == -1 else reference_width
-        wide = timed_calls(replace(workload, filters=filters), switches, device, repeats)
-        width_reference = tuple(wide) if matching(calls, wide) else None
-    return OperatorTable(
-        tuple(calls),
-        plain,
-        max(plain - calls_s, 0.0),
-        call_latency(calls),
-        reference,
-        width_reference,
-        low_reference,
-    )
+        probes["width"] = replace(workload, filters=filters)
+    return probes
 
 
 def wider(filters: int) -> int:
@@ -171,11 +196,8 @@ def wider(filters: int) -> int:
     return 2 * filters
 
 
-def timed_calls(
-    workload: Workload, switches: Switches, device: torch.device, repeats: int
-) -> list[OpCall]:
-    """The step's calls, each with its median seconds over `repeats` timed steps."""
-    runs = record_calls(workload, switches, device, timed=True, repeats=repeats)
+def per_call_medians(runs: Sequence[Sequence[OpCall]]) -> list[OpCall]:
+    """Call i of the first run, with the median seconds of call i over all runs."""
     return [
         replace(first, seconds=statistics.median(run[i].seconds for run in runs))
         for i, first in enumerate(runs[0])
@@ -185,17 +207,29 @@ def timed_calls(
 def plain_step_s(
     workload: Workload, switches: Switches, device: torch.device, warmup: int, repeats: int
 ) -> float:
+    """The median of `repeats` plain steps of `workload`, after `warmup` untimed ones."""
+    steps = step_timer(workload, switches, device)
+    steps(warmup)
+    return statistics.median(steps(repeats))
+
+
+def step_timer(workload: Workload, switches: Switches, device: torch.device):
+    """`workload`'s training step, built once: `time_steps(n)` runs n plain steps and
+    returns their seconds (the first calls build the optimizer state: warm up first)."""
     step, inputs, target = _train_step(workload, switches, device)
-    times = []
-    with backend_flags(switches):
-        for i in range(warmup + repeats):
-            synchronize(device)
-            t0 = time.perf_counter()
-            step(NO_TIMER, inputs, target)
-            synchronize(device)  # note: CPU-GPU sync point, the step ends with its last kernel
-            if i >= warmup:
+
+    def time_steps(n: int) -> list[float]:
+        times = []
+        with backend_flags(switches):
+            for _ in range(n):
+                synchronize(device)
+                t0 = time.perf_counter()
+                step(NO_TIMER, inputs, target)
+                synchronize(device)  # note: CPU-GPU sync point, the step ends with its last kernel
                 times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return times
+
+    return time_steps
 
 
 def call_latency(calls: Sequence[OpCall]) -> float:

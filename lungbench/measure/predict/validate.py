@@ -32,7 +32,7 @@ from lungbench.measure.predict.forecast import (
     source_from_record,
     source_here,
 )
-from lungbench.measure.predict.operators import plain_step_s
+from lungbench.measure.predict.operators import plain_step_s, step_timer
 from lungbench.measure.predict.runner import bench_subprocess
 from lungbench.measure.workload import Workload
 from lungbench.step import fast_defaults
@@ -56,6 +56,10 @@ class Plan:
     ddp: bool = True
     warmup: int = 2
     repeats: int = 10
+    # A target is measured in `rounds` alternations with the source (measure_pair), and
+    # the 2-rank DDP run `ddp_runs` times, each between two measurements of the source.
+    rounds: int = 5
+    ddp_runs: int = 2
     # Epochs: one `lungbench bench` of the source and these (batch, filters), each with an
     # epoch of `epoch_samples` through the real loader; the source's predicts the others.
     epoch_targets: tuple[tuple[int, int], ...] = ((6, 8), (4, 12), (6, 12))
@@ -86,6 +90,8 @@ QUICK = Plan(
     widths=(3,),
     repeats=6,
     warmup=1,
+    rounds=3,
+    ddp_runs=1,
     epoch_targets=((3, 2),),
     epoch_samples=12,
 )
@@ -118,15 +124,14 @@ def run_validation(plan: Plan = DEFAULT, out: Path | None = None) -> list[dict[s
     targets = plan.targets()
     predictions = [(kind, t, predictor.predict(source, t)) for kind, t in targets]
     cases = []
-    # A shared machine's speed drifts (2x within minutes on the dev box): the source is
-    # measured again beside each target, and the prediction (a ratio to the source) is
-    # taken against the source's step of the same moment.
-    before = measure_step_s(source_workload, plan) if plan.ddp else step
-    ddp_steps = measure_ddp(plan, out) if plan.ddp else {}
-    ddp_source = (before + measure_step_s(source_workload, plan)) / 2 if plan.ddp else step
+    # A shared machine's speed drifts (2x within minutes on the dev box): each target is
+    # measured as a ratio to the source measured beside it, and the prediction (a ratio to
+    # the source) is taken against the source's step of that moment.
+    ddp_ratios = measure_ddp(plan, source_workload, out) if plan.ddp else {}
     for kind, target, pred in tqdm(predictions, desc="measuring targets", leave=False):
         if kind == "ranks":
-            measured, now = ddp_steps.get(target.scaling), ddp_source
+            ratio = ddp_ratios.get(target.scaling)
+            now, measured = step, ratio and step * ratio
         else:
             now, measured = measure_pair(
                 source_workload, target_workload(source_workload, target), plan
@@ -187,13 +192,26 @@ def measure_epochs(plan: Plan, out: Path | None) -> tuple[list[dict], dict[str, 
 
 
 def measure_pair(source: Workload, target: Workload, plan: Plan) -> tuple[float, float]:
-    """(source step, target step), measured in alternation, two rounds each."""
-    half = replace(plan, repeats=max(plan.repeats // 2, 3))
-    pairs = [(measure_step_s(source, half), measure_step_s(target, half)) for _ in range(2)]
-    return (
-        statistics.mean(p[0] for p in pairs),
-        statistics.mean(p[1] for p in pairs),
-    )
+    """(source step, target step), measured in alternation: `plan.rounds` rounds of a block
+    of steps of each (threads set per block, the block's first step untimed). A shared
+    machine drifts within seconds (the dev box: one t2/t1 ratio read 0.62 to 1.10 over six
+    rounds), so the target's step is the source's median times the median of the rounds'
+    target/source ratios: the ratio of neighbours holds where absolute times do not."""
+    cpu = torch.device("cpu")
+    switches = fast_defaults(cpu)
+    timers = [(w.threads, step_timer(w, switches, cpu)) for w in (source, target)]
+    block = max(plan.repeats // 2, 3)
+    rounds: list[tuple[float, float]] = []
+    for _ in range(plan.rounds):
+        medians = []
+        for threads, time_steps in timers:
+            torch.set_num_threads(threads or torch.get_num_threads())
+            time_steps(1 if rounds else plan.warmup)  # the pool wakes, the caches refill
+            medians.append(statistics.median(time_steps(block)))
+        rounds.append((medians[0], medians[1]))
+    torch.set_num_threads(source.threads or torch.get_num_threads())
+    source_s = statistics.median(r[0] for r in rounds)
+    return source_s, source_s * statistics.median(r[1] / r[0] for r in rounds)
 
 
 def rescaled(pred: Prediction, factor: float) -> Prediction:
@@ -230,12 +248,20 @@ def describe_target(target: Target, pred: Prediction) -> str:
     return text + (f" x{pred.ranks} ranks ({pred.scaling})" if pred.ranks > 1 else "")
 
 
-def measure_ddp(plan: Plan, out: Path | None) -> dict[str, float]:
-    """Median DDP step of 2 Gloo ranks (1 thread each), weak and strong, measured by
-    `lungbench bench` under torchrun: {scaling: seconds}."""
+def measure_ddp(plan: Plan, source: Workload, out: Path | None) -> dict[str, float]:
+    """The 2-rank DDP step (Gloo, 1 thread per rank, `lungbench bench` under torchrun) as a
+    ratio to the source's step measured just before and after it, per scaling: the median
+    over `plan.ddp_runs` runs. {scaling: ratio}; {} when the launch failed."""
     log.info("measuring the 2-rank DDP run (torchrun, Gloo)")
     run = DDPRun(plan.preset, plan.filters, plan.batch, 1, "both", plan.warmup, plan.repeats)
-    return {r["scaling"]: r["step_s_median"] for r in run_ddp_bench(run, out)}
+    ratios: dict[str, list[float]] = {}
+    for _ in range(plan.ddp_runs):
+        before = measure_step_s(source, plan)
+        records = run_ddp_bench(run, out)
+        now = (before + measure_step_s(source, plan)) / 2
+        for record in records:
+            ratios.setdefault(record["scaling"], []).append(record["step_s_median"] / now)
+    return {scaling: statistics.median(r) for scaling, r in ratios.items()}
 
 
 def summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
