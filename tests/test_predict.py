@@ -161,6 +161,44 @@ def test_ranks_side_by_side_share_the_whole_machine_by_hand():
     assert shared_by(alone, whole, 1) is alone
 
 
+def test_convolutions_bounded_by_the_measured_convolution_rate():
+    from dataclasses import replace
+
+    # matrix-product peak 100 GFLOP/s, a 3D convolution measured at 25 GFLOP/s
+    cpu = replace(device(100e9, 1e15), conv_flops={"fp32": 25e9})
+    conv = OpCall("aten.convolution_backward", flops=1e9, bytes=0.0, dtype="fp32")
+    mm = OpCall("aten.mm", flops=1e9, bytes=0.0, dtype="fp32")
+    assert roof_s(conv, cpu)[0] == pytest.approx(0.04)  # 1 GFLOP / 25 GFLOP/s
+    assert roof_s(mm, cpu)[0] == pytest.approx(0.01)  # the product's peak
+    assert roof_s(conv, device(100e9, 1e15))[0] == pytest.approx(0.01)  # none measured
+    bf16 = replace(conv, dtype="bf16")  # a dtype without a measured rate: the peak
+    assert roof_s(bf16, cpu)[0] == pytest.approx(0.01)
+    # 1 -> 2 threads: the product doubles, the convolution gains 1.5x; a compute-bound
+    # convolution call scales by the convolution's gain, not the product's
+    two = replace(device(200e9, 1e15), conv_flops={"fp32": 37.5e9})
+    measured = [replace(conv, seconds=0.040)]
+    est = scale_step(measured, cpu, [conv], two, overhead_s=0.0, call_latency_s=0.0)
+    assert est.step_s == pytest.approx(0.040 / 1.5)
+    # ranks side by side share the convolution rate like the peaks
+    whole = replace(device(180e9, 1e15), conv_flops={"fp32": 30e9})
+    assert shared_by(cpu, whole, 2).conv_flops == pytest.approx({"fp32": 15e9})
+
+
+def test_conv_rate_counts_forward_and_both_gradients():
+    from lungbench.measure.peak import CONV_SHAPE, conv_rate
+
+    rate = conv_rate(torch.device("cpu"), "fp32", repeats=1)
+    s = CONV_SHAPE
+    flops = 6 * s["batch"] * s["out_channels"] * s["side"] ** 3 * s["in_channels"] * 27
+    counter = FlopCounterMode(display=False)
+    x = torch.randn(s["batch"], s["in_channels"], *(s["side"],) * 3, requires_grad=True)
+    conv = torch.nn.Conv3d(s["in_channels"], s["out_channels"], 3, padding=1, bias=False)
+    with counter:
+        conv(x).sum().backward()
+    assert counter.get_total_flops() == flops  # the count conv_rate divides by
+    assert 1e8 < rate < 1e14
+
+
 def test_bandwidth_curve_read_log_linearly_and_clamped():
     from dataclasses import replace
 
@@ -350,3 +388,12 @@ def test_projected_m100_rows_in_the_speedup_layout_beside_the_thesis():
     references = load_references(default_reference_dir())
     beside = references.beside(TABLE).references
     assert [r.path.name for r in beside] == ["seed000_speedup_b2.csv"]
+
+
+def test_channels_off_the_simd_block_are_named(monkeypatch):
+    from lungbench.measure.predict import forecast
+
+    monkeypatch.setattr(forecast, "channel_block", lambda: 16)
+    assert forecast.channel_notes(Workload(preset="default", filters=16, batch_size=2)) == []
+    (note,) = forecast.channel_notes(Workload(preset="default", filters=12, batch_size=2))
+    assert "channels 12, 24 are not multiples of 16" in note  # 48 and 96 are; 1 is the image

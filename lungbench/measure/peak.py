@@ -96,6 +96,45 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
     return 2.0 * src.numel() * 4 / best
 
 
+# The convolution of conv_rate: a middle layer of the thesis's network at its default size.
+CONV_SHAPE = {"batch": 2, "in_channels": 16, "out_channels": 32, "side": 16, "kernel": 3}
+
+
+def conv_rate(device: torch.device, dtype: str, repeats: int = 7) -> float:
+    """Best FLOP/s of one 3D convolution's forward and backward (CONV_SHAPE; the math in
+    `dtype` by autocast, as the training step runs it). oneDNN's convolutions reach and
+    parallelize differently from a large matrix product (the dev box, 1 -> 2 threads: the
+    product gained 1.93x, this convolution 1.39x), so the per-operator model bounds
+    convolutions by this rate rather than by the product's peak."""
+    shape = CONV_SHAPE
+    side = shape["side"]
+    x = torch.randn(shape["batch"], shape["in_channels"], side, side, side, device=device)
+    x.requires_grad_(True)
+    conv = torch.nn.Conv3d(
+        shape["in_channels"], shape["out_channels"], shape["kernel"], padding=1, bias=False
+    ).to(device)
+    multiply_adds = (
+        shape["batch"]
+        * shape["out_channels"]
+        * side**3
+        * shape["in_channels"]
+        * shape["kernel"] ** 3
+    )
+    flops = 3 * 2 * multiply_adds  # forward, input gradient, weight gradient
+    autocast = dtype in ("bf16", "fp16")
+    best = float("inf")
+    for i in range(repeats + 1):
+        synchronize(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=autocast):
+            y = conv(x)
+        y.float().sum().backward()
+        synchronize(device)  # note: CPU-GPU sync point
+        if i:  # the first pass is a warm-up (oneDNN builds its kernels)
+            best = min(best, time.perf_counter() - t0)
+    return flops / best
+
+
 def device_peaks(
     device: torch.device, dtypes: tuple[str, ...] = ("fp32", "bf16", "fp16")
 ) -> dict[str, float]:

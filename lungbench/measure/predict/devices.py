@@ -42,6 +42,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 needs the backport
     import tomli as tomllib
 
+CONV_OPERATORS = ("aten.convolution", "aten.convolution_backward")
+
 REQUIRED = (
     ("memory", "bandwidth"),
     ("memory", "size"),
@@ -75,10 +77,20 @@ class DeviceProfile:
     threads: int | None = None  # CPU profiles: the thread count the peaks were measured at
     # Measured CPUs: (bytes a copy moves, bytes/s) from cache-sized to DRAM-sized copies.
     bandwidth_curve: tuple[tuple[float, float], ...] = ()
+    # Measured CPUs: FLOP/s per dtype of a 3D convolution's forward and backward
+    # (lungbench.measure.peak.conv_rate): the compute bound of convolution calls.
+    conv_flops: dict[str, float] = field(default_factory=dict)
 
     def peak(self, dtype: str) -> float:
         """FLOP/s of `dtype` math; a dtype the device lacks runs at its FP32 peak."""
         return self.peak_flops.get(dtype) or self.peak_flops["fp32"]
+
+    def compute_rate(self, operator: str, dtype: str) -> float:
+        """FLOP/s that bounds `operator`'s math: the measured convolution rate for a
+        convolution where there is one, else the peak of its dtype."""
+        if operator in CONV_OPERATORS and self.conv_flops.get(dtype):
+            return self.conv_flops[dtype]
+        return self.peak(dtype)
 
     def bandwidth_for(self, nbytes: float) -> float:
         """Bytes/s of an operator that moves `nbytes`: read off the measured curve (log-
@@ -192,12 +204,14 @@ def measured_cpu(
     beta_bytes_per_s: float = 0.0,
     call_latency_s: float = 0.0,
     bandwidth_curve: tuple[tuple[float, float], ...] = (),
+    conv_flops: dict[str, float] | None = None,
 ) -> DeviceProfile:
     """The `cpu` profile filled with this machine's measured numbers at `threads` threads."""
     found = {d: peaks[d] for d in ("fp32", "bf16", "fp16") if peaks.get(d)}
     return replace(
         base,
         peak_flops=found,
+        conv_flops=dict(conv_flops or {}),
         memory_bandwidth=peaks["copy_bytes_per_s"],
         bandwidth_curve=bandwidth_curve,
         memory_size=memory_bytes,
@@ -219,6 +233,10 @@ def shared_by(alone: DeviceProfile, whole: DeviceProfile, processes: int) -> Dev
         d: min(v, whole.peak_flops.get(d, v * processes) / processes)
         for d, v in alone.peak_flops.items()
     }
+    conv = {
+        d: min(v, whole.conv_flops.get(d, v * processes) / processes)
+        for d, v in alone.conv_flops.items()
+    }
     bandwidth = min(alone.memory_bandwidth, whole.memory_bandwidth / processes)
     curve = tuple(
         (size, min(rate, whole.bandwidth_for(size) / processes))
@@ -227,6 +245,7 @@ def shared_by(alone: DeviceProfile, whole: DeviceProfile, processes: int) -> Dev
     return replace(
         alone,
         peak_flops=peaks,
+        conv_flops=conv,
         memory_bandwidth=bandwidth,
         bandwidth_curve=curve,
         title=f"{alone.title}, 1 of {processes} ranks sharing it",
@@ -277,5 +296,34 @@ def measure_bandwidth_curve(threads: int, refresh: bool = False) -> tuple[tuple[
         cache[key] = [list(point) for point in curve]
         write_cache(CURVE_FILE, cache)
         return curve
+    finally:
+        set_threads(before)
+
+
+CONV_FILE = "conv_rate.json"
+
+
+def measure_conv_rates(threads: int, refresh: bool = False) -> dict[str, float]:
+    """{dtype: FLOP/s} of lungbench.measure.peak.conv_rate at `threads` threads (FP32, and
+    bf16 where the CPU has it): the best of two measurements, cached per host, thread count
+    and torch version (`refresh` measures again)."""
+    from lungbench.core.cache import read_cache, where_key, write_cache
+    from lungbench.measure.peak import conv_rate
+    from lungbench.measure.timing import set_threads
+    from lungbench.step import bf16_supported
+
+    before = torch.get_num_threads()
+    set_threads(threads)
+    try:
+        key = where_key(torch.device("cpu"))
+        cache = read_cache(CONV_FILE)
+        if key in cache and not refresh:
+            return {d: float(v) for d, v in cache[key].items()}
+        cpu = torch.device("cpu")
+        dtypes = ["fp32"] + (["bf16"] if bf16_supported(cpu) else [])
+        rates = {d: max(conv_rate(cpu, d) for _ in range(2)) for d in dtypes}
+        cache[key] = rates
+        write_cache(CONV_FILE, cache)
+        return rates
     finally:
         set_threads(before)

@@ -38,6 +38,7 @@ from lungbench.measure.predict.devices import (
     load_profiles,
     look_up_device,
     measure_bandwidth_curve,
+    measure_conv_rates,
     measure_cpu_peaks,
     measured_cpu,
     shared_by,
@@ -206,8 +207,8 @@ def machine_cores() -> int:
 def cpu_here(
     threads: int, latency_s: float = 0.0, comm: AlphaBeta | None = None, fresh: bool = False
 ) -> DeviceProfile:
-    """This machine's CPU at `threads` threads, measured (peaks and bandwidth curve cached
-    per host; `fresh` measures the curve again)."""
+    """This machine's CPU at `threads` threads, measured (peaks, bandwidth curve and
+    convolution rate cached per host; `fresh` measures the curve and the rate again)."""
     base = load_profiles()["cpu"]
     limit, _ = memory_limit(torch.device("cpu"))
     comm = comm or AlphaBeta(0.0, 0.0)
@@ -220,6 +221,7 @@ def cpu_here(
         comm.beta_bytes_per_s,
         latency_s,
         measure_bandwidth_curve(threads, refresh=fresh),
+        measure_conv_rates(threads, refresh=fresh),
     )
 
 
@@ -376,6 +378,38 @@ def per_rank_batch(target: Target, batch: int) -> int:
     return batch // target.ranks
 
 
+def channel_block() -> int:
+    """The channel block of oneDNN's CPU convolutions: the SIMD width in FP32 lanes (16 with
+    AVX-512, else 8)."""
+    return 16 if "AVX512" in torch.backends.cpu.get_cpu_capability() else 8
+
+
+def channel_notes(workload: Workload) -> list[str]:
+    """A warning when the workload's convolutions have channel counts off the block: their
+    kernels may be slower than any scaling says (the dev box: f12's 12 -> 24 convolution's
+    backward took longer than f16's 16 -> 32, and widths 6, 12 and 24 ran 13-21% slower
+    than predicted in every validation)."""
+    model = workload.build_model(torch.device("cpu"))
+    block = channel_block()
+    convolutions = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    channels = sorted(
+        {
+            c
+            for m in model.modules()
+            if isinstance(m, convolutions)
+            for c in (m.in_channels, m.out_channels)
+            if c > 1 and c % block
+        }
+    )
+    if not channels:
+        return []
+    return [
+        f"convolution channels {', '.join(map(str, channels))} are not multiples of "
+        f"{block}: oneDNN may run slower kernels for them than the model scales (on the "
+        "dev box such widths ran up to ~20% slower than predicted)"
+    ]
+
+
 def changed_kinds(source: Source, target: Target, workload: Workload, device: DeviceProfile):
     kinds = []
     if workload.batch_size != source.workload.batch_size:
@@ -473,6 +507,8 @@ class Predictor:
         switches = replace(source.switches, dtype=target.dtype or source.switches.dtype)
         estimate = self._step(source, workload, switches, device)
         self._finish(pred, source, estimate, workload, device, target)
+        if "filters" in pred.kinds and device.kind == "cpu":
+            pred.notes.extend(channel_notes(workload))
         return pred
 
     def _fits(self, pred: Prediction, workload: Workload, device: DeviceProfile) -> bool:

@@ -5,6 +5,9 @@ P[d] and memory bandwidth W:
 
     compute bound  c = F / P[d]        memory bound  m = B / W        roof = max(c, m)
 
+(P: the dtype's matrix-product peak; for a convolution on a measured CPU, the measured rate
+of a 3D convolution, whose scaling with threads the product's does not share.)
+
 On a device of the same kind as the source (CPU -> CPU at other threads, batch or width;
 GPU -> GPU) each call keeps its measured efficiency (Habitat's idea, Yu et al., USENIX ATC
 2021): its measured time less a fixed per-call latency is scaled by roof' / roof, the ratio
@@ -49,7 +52,7 @@ class StepEstimate:
 
 def roof_s(call: OpCall, device: DeviceProfile) -> tuple[float, float]:
     """(compute bound, memory bound) of `call` on `device`, in seconds."""
-    compute = call.flops / device.peak(call.dtype) if call.flops else 0.0
+    compute = call.flops / device.compute_rate(call.name, call.dtype) if call.flops else 0.0
     bandwidth = device.bandwidth_for(call.bytes)
     memory = call.bytes / bandwidth if bandwidth else 0.0
     return compute, memory
