@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -397,3 +398,33 @@ def test_channels_off_the_simd_block_are_named(monkeypatch):
     assert forecast.channel_notes(Workload(preset="default", filters=16, batch_size=2)) == []
     (note,) = forecast.channel_notes(Workload(preset="default", filters=12, batch_size=2))
     assert "channels 12, 24 are not multiples of 16" in note  # 48 and 96 are; 1 is the image
+
+
+def test_intervals_from_signed_validation_errors_by_hand():
+    import math
+
+    from lungbench.measure.predict import calibration
+
+    # filters: measured 10% and 25% above two predictions (the model predicts low), and
+    # once 5% below; threads: once exactly right
+    cases = [
+        {"kind": "filters", "predicted_s": 1.0, "measured_s": 1.10, "error": 1 / 1.10 - 1},
+        {"kind": "filters", "predicted_s": 1.0, "measured_s": 1.25, "error": 1 / 1.25 - 1},
+        {"kind": "filters", "predicted_s": 2.0, "measured_s": 1.90, "error": 2 / 1.90 - 1},
+        {"kind": "threads", "predicted_s": 1.0, "measured_s": 1.0, "error": 0.0},
+    ]
+    bounds = calibration.error_bounds(cases)
+    logs = sorted(math.log(r) for r in (1.10, 1.25, 0.95))
+    assert bounds["filters"] == pytest.approx(
+        (float(np.quantile(logs, 0.05)), float(np.quantile(logs, 0.95)))
+    )
+    low, high = bounds["filters"]
+    # the interval reaches further up than down: the model is low on this kind
+    lo, hi = calibration.interval(1.0, calibration.log_bounds(["filters"], bounds))
+    assert (lo, hi) == pytest.approx((math.exp(low), math.exp(high)))
+    assert hi - 1.0 > 1.0 - lo
+    # two kinds: each end the root-sum-square of the kinds' ends (threads adds nothing)
+    assert calibration.log_bounds(["filters", "threads"], bounds) == pytest.approx((low, high))
+    assert calibration.log_bounds([], bounds) == (0.0, 0.0)  # the source itself
+    assert calibration.log_bounds(["ranks"], bounds) is None  # never validated
+    assert calibration.interval(1.0, None) is None

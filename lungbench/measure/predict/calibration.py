@@ -3,9 +3,15 @@ from them.
 
 `lungbench predict --validate` predicts, then measures, each target on this machine and
 stores every case here: {"kind": "batch", "predicted_s": .., "measured_s": .., "error": ..}
-(error = predicted / measured - 1). A prediction's interval is its value times 1 +- q, with
-q the 90th percentile of the absolute errors of its kind (root-sum-square when it changes
-several things at once). A kind never validated gets no interval, and says so.
+(error = predicted / measured - 1). A prediction's interval comes from the signed errors of
+its kind: with r = log(measured / predicted) of each case, the interval is
+
+    [predicted * exp(r5), predicted * exp(r95)]      r5, r95: the 5th and 95th percentiles
+
+so a kind the model predicts low on this machine gets an interval reaching up, not one
+centred on a value the validation says is low. A prediction that changes several things
+at once combines its kinds' ends by root-sum-square; an epoch prediction adds the epoch
+kind's (its data path). A kind never validated gets no interval, and says so.
 
 Where the cases live: $LUNGBENCH_CACHE_DIR/predict_validation.json after a --validate on
 this host (the last KEEP_RUNS runs' cases, pooled); else the file shipped with lungbench
@@ -28,7 +34,7 @@ from lungbench.core.cache import read_cache, write_cache
 
 CACHE_FILE = "predict_validation.json"
 KINDS = ("batch", "filters", "threads", "ranks", "device")
-QUANTILE = 0.9
+LOW, HIGH = 0.05, 0.95  # percentiles of log(measured / predicted): a 90% interval
 MIN_CASES = 1
 KEEP_RUNS = 5  # validation runs whose cases the intervals pool
 
@@ -57,7 +63,7 @@ def load_cases() -> tuple[list[dict[str, Any]], str]:
 
 def save_cases(cases: Sequence[dict[str, Any]], when: str) -> None:
     """Add this validation run's cases to this host's, keeping the last KEEP_RUNS runs: a
-    90th percentile of two cases of a kind is their larger one, of ten a fair estimate."""
+    5th-95th percentile of two cases of a kind is their span, of ten a fair estimate."""
     cache = read_cache(CACHE_FILE)
     entry = cache.get(socket.gethostname()) or {}
     runs = [*entry.get("runs", []), {"when": when, "cases": list(cases)}][-KEEP_RUNS:]
@@ -66,28 +72,35 @@ def save_cases(cases: Sequence[dict[str, Any]], when: str) -> None:
     write_cache(CACHE_FILE, cache)
 
 
-def error_quantiles(cases: Iterable[dict[str, Any]]) -> dict[str, float]:
-    """QUANTILE of |error| per kind, for kinds with at least MIN_CASES cases."""
+def error_bounds(cases: Iterable[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Per kind, the LOW and HIGH percentiles of log(measured / predicted), for kinds with
+    at least MIN_CASES cases: where the measured value fell around the prediction."""
     by_kind: dict[str, list[float]] = {}
     for case in cases:
         if case.get("measured_s") and case.get("predicted_s"):
-            by_kind.setdefault(case["kind"], []).append(abs(case["error"]))
+            ratio = case["measured_s"] / case["predicted_s"]
+            by_kind.setdefault(case["kind"], []).append(math.log(ratio))
     return {
-        kind: float(np.quantile(errors, QUANTILE))
-        for kind, errors in by_kind.items()
-        if len(errors) >= MIN_CASES
+        kind: (float(np.quantile(logs, LOW)), float(np.quantile(logs, HIGH)))
+        for kind, logs in by_kind.items()
+        if len(logs) >= MIN_CASES
     }
 
 
-def relative_width(kinds: Sequence[str], quantiles: dict[str, float]) -> float | None:
-    """The interval's half-width relative to the prediction for a prediction that changes
-    `kinds` (none: the source itself, width 0); None when a kind was never validated."""
-    if any(k not in quantiles for k in kinds):
+def log_bounds(
+    kinds: Sequence[str], bounds: dict[str, tuple[float, float]]
+) -> tuple[float, float] | None:
+    """(low, high) of log(measured / predicted) for a prediction that changes `kinds`: each
+    end the root-sum-square of the kinds' ends on its side (none: the source itself, (0,
+    0)); None when a kind was never validated."""
+    if any(k not in bounds for k in kinds):
         return None
-    return math.sqrt(sum(quantiles[k] ** 2 for k in kinds))
+    low = math.sqrt(sum(min(bounds[k][0], 0.0) ** 2 for k in kinds))
+    high = math.sqrt(sum(max(bounds[k][1], 0.0) ** 2 for k in kinds))
+    return -low, high
 
 
-def interval(value: float, width: float | None) -> tuple[float, float] | None:
-    if width is None:
+def interval(value: float, ends: tuple[float, float] | None) -> tuple[float, float] | None:
+    if ends is None:
         return None
-    return max(value * (1 - width), 0.0), value * (1 + width)
+    return value * math.exp(ends[0]), value * math.exp(ends[1])

@@ -436,7 +436,7 @@ class Predictor:
         self._gloo: AlphaBeta | None = None
         self._ddp_overhead: float | None = None
         cases, self.calibration_source = calibration.load_cases()
-        self.quantiles = calibration.error_quantiles(cases)
+        self.bounds = calibration.error_bounds(cases)
 
     def device(self, name: str | None, source: Source, threads: int) -> DeviceProfile:
         """The target device: the source's (re-measured at `threads` when it is this
@@ -601,15 +601,19 @@ class Predictor:
                 pred.notes.append("epoch: data path assumed as fast as on the source machine")
         pred.parts_s = parts
         pred.bound = max(parts, key=parts.get)
-        width = calibration.relative_width(pred.kinds, self.quantiles)
-        pred.interval = calibration.interval(step, width)
-        pred.epoch_interval = calibration.interval(pred.epoch_s, width)
+        ends = calibration.log_bounds(pred.kinds, self.bounds)
+        pred.interval = calibration.interval(step, ends)
+        # An epoch adds its data path's spread (the epoch validations') where there is one.
+        epoch_kinds = (*pred.kinds, "epoch") if "epoch" in self.bounds else pred.kinds
+        pred.epoch_interval = calibration.interval(
+            pred.epoch_s, calibration.log_bounds(epoch_kinds, self.bounds)
+        )
+        missing = [k for k in pred.kinds if k not in self.bounds]
         pred.interval_basis = (
-            f"90th percentile of |error| of {', '.join(pred.kinds) or 'no change'} "
+            f"5th-95th percentile of measured/predicted of {', '.join(pred.kinds) or 'no change'} "
             f"({self.calibration_source})"
-            if width is not None
-            else f"none: {', '.join(k for k in pred.kinds if k not in self.quantiles)} "
-            "predictions not validated"
+            if not missing
+            else f"none: {', '.join(missing)} predictions not validated"
         )
         if not source.probed:
             pred.notes.append("operator times shared by the roofline (run measured elsewhere)")
