@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -428,3 +429,20 @@ def test_intervals_from_signed_validation_errors_by_hand():
     assert calibration.log_bounds([], bounds) == (0.0, 0.0)  # the source itself
     assert calibration.log_bounds(["ranks"], bounds) is None  # never validated
     assert calibration.interval(1.0, None) is None
+
+
+def test_each_target_reads_the_probe_line_on_its_side():
+    from lungbench.measure.predict.operators import OperatorTable, second_probes
+
+    probes = second_probes(Workload(preset="default", filters=8, batch_size=4), -1, -1)
+    assert {k: (w.batch_size, w.filters) for k, w in probes.items()} == {
+        "reference": (8, 8), "low": (2, 8), "smallest": (1, 8), "width": (4, 16),
+    }  # fmt: skip
+    assert "smallest" not in second_probes(TINY, -1, None)  # batch 2: its half is batch 1
+    call = OpCall("aten.mm", 1.0, 1.0, "fp32")
+    up, low, small, wide = ((replace(call, seconds=s),) for s in (1, 2, 3, 4))
+    table = OperatorTable((call,), 0.0, 0.0, 0.0, up, wide, low, small)
+    assert table.reference_for(2.0, False) is up
+    assert table.reference_for(0.75, False) is low
+    assert table.reference_for(0.25, False) is small
+    assert table.reference_for(0.25, True) is wide  # a width change reads the width line

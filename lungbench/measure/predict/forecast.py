@@ -303,7 +303,7 @@ def source_here(
 
 
 PROBE_CACHE = "operator_probe.json"
-PROBE_VERSION = 4  # bump when probe_operators measures something else (4: in alternation)
+PROBE_VERSION = 5  # bump when probe_operators measures something else (5: batch 1 too)
 
 
 def _probe_key(workload: Workload, switches: Switches) -> str:
@@ -338,6 +338,7 @@ def table_from_json(data: Mapping[str, Any]) -> OperatorTable:
         calls(data.get("reference")),
         calls(data.get("width_reference")),
         calls(data.get("low_reference")),
+        calls(data.get("smallest_reference")),
     )
 
 

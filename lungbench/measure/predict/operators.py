@@ -52,12 +52,20 @@ class OperatorTable:
     # ... and at half the batch: a target below the source takes the line on its own side
     # (per-call time is not one line from batch 1 to 16: caches, blocking).
     low_reference: tuple[OpCall, ...] | None = None
+    # ... and at batch 1 (when half the batch is more): below half the batch a call's time
+    # falls faster than the line through the source and its half says (the dev box, f8 b4
+    # -> b1: that line put the convolutions' backward 35% high), so a target there reads
+    # the line to the smallest batch instead of extrapolating.
+    smallest_reference: tuple[OpCall, ...] | None = None
 
     def reference_for(self, batch_ratio: float, width_changed: bool):
         """The second probe whose line suits a target of `batch_ratio` times the source's
-        batch: the width one when the width changes, else the one on the target's side."""
+        batch: the width one when the width changes, else the one on the target's side
+        (below half the batch: batch 1's)."""
         if width_changed and self.width_reference is not None:
             return self.width_reference
+        if batch_ratio < 0.5 and self.smallest_reference is not None:
+            return self.smallest_reference
         if batch_ratio < 1 and self.low_reference is not None:
             return self.low_reference
         return self.reference
@@ -138,8 +146,9 @@ def probe_operators(
 ) -> OperatorTable:
     """Time `workload`'s step: plain steps (their median is the step) and `repeats` steps
     with every call timed (per call, the median over the repeats); and the calls again at
-    `reference_batch` (-1: twice the batch; None: no second probes of the batch) and at half
-    the batch, and at `reference_width` filters (-1: twice the width, see `wider`).
+    `reference_batch` (-1: twice the batch; None: no second probes of the batch), at half
+    the batch and at batch 1, and at `reference_width` filters (-1: twice the width, see
+    `wider`).
 
     The workloads are timed in alternation, one step of each per round: the model reads
     ratios between them, and a shared machine drifts within seconds (timed one after the
@@ -170,6 +179,7 @@ def probe_operators(
         timed.get("reference"),
         width if width is not None and matching(calls, width) else None,
         timed.get("low"),
+        timed.get("smallest"),
     )
 
 
@@ -183,6 +193,8 @@ def second_probes(
         probes["reference"] = replace(workload, batch_size=batch)
         if workload.batch_size > 1:
             probes["low"] = replace(workload, batch_size=workload.batch_size // 2)
+        if workload.batch_size // 2 > 1:
+            probes["smallest"] = replace(workload, batch_size=1)
     if reference_width is not None:
         filters = wider(workload.filters) if reference_width == -1 else reference_width
         probes["width"] = replace(workload, filters=filters)

@@ -48,9 +48,9 @@ class Plan:
     filters: int = 8
     batch: int = 4
     threads: int = 1
-    # Not 2, 8 or 16: half and twice the source's batch and twice its width are the probe's
-    # own second points (operators.probe_operators): a target there would be half measured.
-    batches: tuple[int, ...] = (1, 3, 6, 16)
+    # Not 1, 2, 8 or 16: batch 1, half and twice the source's batch and twice its width are
+    # the probe's own points (operators.probe_operators): a target there would be measured.
+    batches: tuple[int, ...] = (3, 5, 6, 16)
     widths: tuple[int, ...] = (4, 6, 12, 24)
     thread_counts: tuple[int, ...] = (2,)
     ddp: bool = True
