@@ -446,3 +446,16 @@ def test_each_target_reads_the_probe_line_on_its_side():
     assert table.reference_for(0.75, False) is low
     assert table.reference_for(0.25, False) is small
     assert table.reference_for(0.25, True) is wide  # a width change reads the width line
+
+
+def test_a_slow_remeasure_cannot_lower_the_convolution_rate(monkeypatch, tmp_path):
+    import lungbench.measure.peak as peak
+    from lungbench.measure.predict.devices import measure_conv_rates
+
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))  # this test's own cache
+    rates = iter([100e9, 90e9, 40e9, 50e9, 40e9, 50e9])  # fp32 twice, then bf16 twice...
+    monkeypatch.setattr(peak, "conv_rate", lambda device, dtype: next(rates))
+    monkeypatch.setattr("lungbench.step.bf16_supported", lambda device: False)
+    assert measure_conv_rates(1) == {"fp32": 100e9}  # the best of two
+    assert measure_conv_rates(1) == {"fp32": 100e9}  # cached
+    assert measure_conv_rates(1, refresh=True) == {"fp32": 100e9}  # slower now: kept
