@@ -9,7 +9,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -415,10 +414,8 @@ def test_intervals_from_signed_validation_errors_by_hand():
         {"kind": "threads", "predicted_s": 1.0, "measured_s": 1.0, "error": 0.0},
     ]
     bounds = calibration.error_bounds(cases)
-    logs = sorted(math.log(r) for r in (1.10, 1.25, 0.95))
-    assert bounds["filters"] == pytest.approx(
-        (float(np.quantile(logs, 0.05)), float(np.quantile(logs, 0.95)))
-    )
+    # 3 cases: ranks floor(4 x 0.05) -> 1 and ceil(4 x 0.95) = 4 -> 3: their whole range
+    assert bounds["filters"] == pytest.approx((math.log(0.95), math.log(1.25)))
     low, high = bounds["filters"]
     # the interval reaches further up than down: the model is low on this kind
     lo, hi = calibration.interval(1.0, calibration.log_bounds(["filters"], bounds))
@@ -429,6 +426,11 @@ def test_intervals_from_signed_validation_errors_by_hand():
     assert calibration.log_bounds([], bounds) == (0.0, 0.0)  # the source itself
     assert calibration.log_bounds(["ranks"], bounds) is None  # never validated
     assert calibration.interval(1.0, None) is None
+    # 39 cases: ranks floor(40 x 0.05) = 2 and ceil(40 x 0.95) = 38
+    many = [{"kind": "batch", "predicted_s": 1.0, "measured_s": 1 + k / 100} for k in range(39)]
+    assert calibration.error_bounds(many)["batch"] == pytest.approx(
+        (math.log(1.01), math.log(1.37))
+    )
 
 
 def test_each_target_reads_the_probe_line_on_its_side():
