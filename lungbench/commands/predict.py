@@ -21,8 +21,8 @@ machine's measured cache-to-DRAM curve, convolutions bounded by a measured convo
 rate), along a per-operator line probed at other batches and a second width; ranks side by
 side share the machine's bandwidth; the gradient all-reduce of N ranks is a ring over DDP's
 real buckets (latency and bandwidth fitted from Gloo all-reduces here, plus what a CPU DDP
-step loses beyond it, or a device profile's NVLink/PCIe). Every row says what limits it: compute, memory bandwidth, launch/latency,
-communication or data. Probes and fits are measured once per host and cached, so the same
+step loses beyond it, or a device profile's NVLink/PCIe). Every row says what limits it:
+compute, memory bandwidth, launch/latency, communication or data. Probes and fits are measured once per host and cached, so the same
 question gets the same answer. Intervals (90%) are the range of measured/predicted this
 host's last `predict --validate` runs showed for that kind of prediction (else the shipped
 ones, named)."""
