@@ -14,18 +14,18 @@ from lungbench.commands._args import positive_int
 
 DESCRIPTION = """\
 Project the training step and epoch time of a measured `lungbench bench` (or `lungbench
-profile`) run to other batch sizes, widths (filters), CPU thread counts, numbers of DDP ranks
-and devices, before you book them. Each operator of the measured step is scaled by its FLOPs
-and bytes on source and target (compute or memory bound; memory bandwidth read off this
-machine's measured cache-to-DRAM curve, convolutions bounded by a measured convolution
+profile`) run to other batch sizes, widths (filters), CPU thread counts, numbers of DDP
+ranks and devices, before you book them. Each operator of the measured step is scaled by its
+FLOPs and bytes on source and target (compute or memory bound; memory bandwidth read off
+this machine's measured cache-to-DRAM curve, convolutions bounded by a measured convolution
 rate), along a per-operator line probed at other batches and a second width; ranks side by
 side share the machine's bandwidth; the gradient all-reduce of N ranks is a ring over DDP's
 real buckets (latency and bandwidth fitted from Gloo all-reduces here, plus what a CPU DDP
 step loses beyond it, or a device profile's NVLink/PCIe). Every row says what limits it:
-compute, memory bandwidth, launch/latency, communication or data. Probes and fits are measured once per host and cached, so the same
-question gets the same answer. Intervals (90%) are the range of measured/predicted this
-host's last `predict --validate` runs showed for that kind of prediction (else the shipped
-ones, named)."""
+compute, memory bandwidth, launch/latency, communication or data. Probes and fits are
+measured once per host and cached, so the same question gets the same answer. Intervals
+(90%) are the range of measured/predicted this host's last `predict --validate` runs showed
+for that kind of prediction (else the shipped ones, named)."""
 
 EPILOG = """\
 examples:
