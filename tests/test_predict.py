@@ -461,3 +461,45 @@ def test_a_slow_remeasure_cannot_lower_the_convolution_rate(monkeypatch, tmp_pat
     assert measure_conv_rates(1) == {"fp32": 100e9}  # the best of two
     assert measure_conv_rates(1) == {"fp32": 100e9}  # cached
     assert measure_conv_rates(1, refresh=True) == {"fp32": 100e9}  # slower now: kept
+
+
+def test_gpu_models_map_to_their_shipped_profiles():
+    from lungbench.measure.predict.devices import shipped_profiles
+    from lungbench.measure.predict.validate_gpu import profile_for_gpu
+
+    names = {
+        "NVIDIA H200": "h200",
+        "NVIDIA H100 80GB HBM3": "h100-sxm",
+        "NVIDIA A100-SXM4-80GB": "a100-sxm-80gb",
+        "NVIDIA A100-SXM4-40GB": "a100-sxm-40gb",
+        "NVIDIA L40S": "l40s",
+        "Tesla V100-SXM2-16GB": "v100-sxm2",
+        "NVIDIA GeForce RTX 4090": None,
+    }
+    assert {n: profile_for_gpu(n) for n in names} == names
+    assert {p for p in names.values() if p} <= set(shipped_profiles())
+
+
+def test_gpu_validation_flow_on_the_cpu(tmp_path, monkeypatch):
+    # The GPU validation's flow (bench the source and targets, predict from the source's
+    # record, compare, store) with the CPU standing in for the GPU; no profile fits "cpu",
+    # so CPU -> GPU is skipped with a note.
+    from lungbench.measure.predict.validate_gpu import GPU_QUICK, run_gpu_validation
+
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
+    cases = run_gpu_validation(replace(GPU_QUICK, device="cpu", cpu_threads=1))
+    assert cases[0]["kind"] == "source"
+    scored = {(c["kind"], c["target"]): c for c in cases[1:]}
+    assert set(scored) == {("batch", "cpu f2 b3"), ("filters", "cpu f3 b2")}
+    assert all(c["measured_s"] > 0 and c["predicted_s"] > 0 for c in scored.values())
+    assert all(c["error"] == pytest.approx(c["predicted_s"] / c["measured_s"] - 1)
+               for c in scored.values())  # fmt: skip
+    assert (tmp_path / "predict_validation.json").is_file()
+
+
+def test_gpu_flag_needs_validate_and_a_gpu(capsys):
+    assert main(["predict", "--gpu"]) == 2
+    assert "--gpu goes with --validate" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["predict", "--validate", "--gpu"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err

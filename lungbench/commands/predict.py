@@ -35,6 +35,7 @@ examples:
   lungbench predict --from results/default-a --thesis     seed 000's M100 rows, projected
   lungbench predict --from results/profile-a --batch 8   a profile run is a source too
   lungbench predict --validate                           predict, measure, compare (~2 min)
+  lungbench predict --validate --gpu                     the same on this node's GPU
   lungbench predict --list-devices
 
 devices: cpu (this machine, measured) and the shipped profiles (vendor data sheets; each
@@ -81,6 +82,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--validate", action="store_true", help="predict, measure and compare here")
     p.add_argument("--quick", action="store_true", help="--validate on a tiny model (tests)")
     p.add_argument("--no-ddp", dest="ddp", action="store_false", help="--validate without DDP")
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="--validate on this node's GPU: batch and width scaling on the GPU, and CPU -> "
+        "GPU through the GPU model's shipped profile",
+    )
     p.set_defaults(func=_run)
 
 
@@ -91,6 +98,8 @@ def _run(args: argparse.Namespace) -> int:
         return _list_devices(args)
     if args.validate:
         return _validate(args)
+    if args.gpu:
+        raise UsageError("--gpu goes with --validate (lungbench predict --validate --gpu)")
     if not args.run:
         raise UsageError("give --from RUN (a lungbench bench or profile run folder), or --validate")
     from lungbench.measure.predict.devices import load_profiles, look_up_device
@@ -330,9 +339,16 @@ def _validate(args) -> int:
 
     from lungbench.measure.predict.validate import DEFAULT, QUICK, dumps, run_validation
 
-    plan = QUICK if args.quick else DEFAULT
-    plan = replace(plan, ddp=args.ddp)
-    cases = run_validation(plan)
+    if args.gpu:
+        from lungbench.measure.predict.validate_gpu import (
+            GPU_DEFAULT,
+            GPU_QUICK,
+            run_gpu_validation,
+        )
+
+        cases = run_gpu_validation(GPU_QUICK if args.quick else GPU_DEFAULT)
+    else:
+        cases = run_validation(replace(QUICK if args.quick else DEFAULT, ddp=args.ddp))
     if args.json:
         print(dumps(cases))
         return 0
@@ -346,7 +362,7 @@ def format_validation(cases: list[dict[str, Any]]) -> str:
     source = cases[0]
     lines = [
         f"source (measured): {source['target']}: step {_seconds(source['measured_s'])}",
-        f"note: {source.get('note', '')} (a shared machine drifts)",
+        f"note: {source.get('note', '')}",
         "",
         "| kind | target | predicted | measured | error | interval covers | limited by |",
         "|---|---|---|---|---|---|---|",

@@ -25,6 +25,7 @@ whose numbers are measured when it is used (lungbench.measure.peak, the same mea
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from dataclasses import dataclass, field, replace
@@ -252,18 +253,26 @@ def shared_by(alone: DeviceProfile, whole: DeviceProfile, processes: int) -> Dev
     )
 
 
-def measure_cpu_peaks(threads: int) -> dict[str, float]:
-    """FP32/bf16 matrix-product peaks and copy bandwidth at `threads` threads, through the
-    per-host cache (a busy moment cannot lower them: lungbench.measure.peak_cache)."""
-    from lungbench.measure.peak_cache import robust_peaks
+@contextlib.contextmanager
+def at_threads(threads: int):
+    """torch's intra-op threads set to `threads` inside, as before after."""
     from lungbench.measure.timing import set_threads
 
     before = torch.get_num_threads()
     set_threads(threads)
     try:
-        peaks, _source = robust_peaks(torch.device("cpu"), ("fp32", "bf16"))
+        yield
     finally:
         set_threads(before)
+
+
+def measure_cpu_peaks(threads: int) -> dict[str, float]:
+    """FP32/bf16 matrix-product peaks and copy bandwidth at `threads` threads, through the
+    per-host cache (a busy moment cannot lower them: lungbench.measure.peak_cache)."""
+    from lungbench.measure.peak_cache import robust_peaks
+
+    with at_threads(threads):
+        peaks, _source = robust_peaks(torch.device("cpu"), ("fp32", "bf16"))
     return peaks
 
 
@@ -278,11 +287,8 @@ def measure_bandwidth_curve(threads: int, refresh: bool = False) -> tuple[tuple[
     measures again and keeps, per point, the best of that and the cache."""
     from lungbench.core.cache import read_cache, where_key, write_cache
     from lungbench.measure.peak import copy_bandwidth
-    from lungbench.measure.timing import set_threads
 
-    before = torch.get_num_threads()
-    set_threads(threads)
-    try:
+    with at_threads(threads):
         key = where_key(torch.device("cpu"))
         cache = read_cache(CURVE_FILE)
         if key in cache and not refresh:
@@ -297,8 +303,6 @@ def measure_bandwidth_curve(threads: int, refresh: bool = False) -> tuple[tuple[
         cache[key] = [list(point) for point in curve]
         write_cache(CURVE_FILE, cache)
         return curve
-    finally:
-        set_threads(before)
 
 
 CONV_FILE = "conv_rate.json"
@@ -309,15 +313,12 @@ def measure_conv_rates(threads: int, refresh: bool = False) -> dict[str, float]:
     bf16 where the CPU has it): the best of two measurements, cached per host, thread count
     and torch version; `refresh` measures again and keeps the best of that and the cache
     (predictions read ratios of these rates: one measured in a slow minute moved a 2-thread
-    prediction by 40% on the dev box)."""
+    prediction by about 50% on the dev box)."""
     from lungbench.core.cache import read_cache, where_key, write_cache
     from lungbench.measure.peak import conv_rate
-    from lungbench.measure.timing import set_threads
     from lungbench.step import bf16_supported
 
-    before = torch.get_num_threads()
-    set_threads(threads)
-    try:
+    with at_threads(threads):
         key = where_key(torch.device("cpu"))
         cache = read_cache(CONV_FILE)
         if key in cache and not refresh:
@@ -329,5 +330,3 @@ def measure_conv_rates(threads: int, refresh: bool = False) -> dict[str, float]:
         cache[key] = rates
         write_cache(CONV_FILE, cache)
         return rates
-    finally:
-        set_threads(before)

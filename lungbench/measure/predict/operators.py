@@ -15,6 +15,7 @@ dispatcher) is `overhead_s`: a plain step's median minus the sum of the calls' m
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ from lungbench.step import NO_TIMER, Switches, TrainStep, backend_flags, bce_los
 
 # A call moving fewer bytes than this is pure fixed cost (dispatch, a thread-pool wake-up):
 # the median time of such calls is the per-call latency.
+log = logging.getLogger(__name__)
+
 TINY_CALL_BYTES = 4096
 DEFAULT_CALL_LATENCY_S = 2e-6
 
@@ -158,15 +161,17 @@ def probe_operators(
     if device.type == "cpu":
         set_threads(workload.threads)
     probes = {"source": workload, **second_probes(workload, reference_batch, reference_width)}
-    recorders = {name: call_recorder(w, switches, device, timed=True) for name, w in probes.items()}
     plain = step_timer(workload, switches, device)
     plain(warmup)
     plain_times: list[float] = []
     runs: dict[str, list[list[OpCall]]] = {name: [] for name in probes}
-    for _ in range(max(repeats, 3)):
-        plain_times += plain(1)
-        for name, record in recorders.items():
-            runs[name].append(record())
+    for group in probe_groups(probes, device):
+        recorders = {name: call_recorder(probes[name], switches, device, True) for name in group}
+        for _ in range(max(repeats, 3)):
+            plain_times += plain(1)
+            for name, record in recorders.items():
+                runs[name].append(record())
+        del recorders  # the group's models and batches, before the next group's
     timed = {name: tuple(per_call_medians(r)) for name, r in runs.items()}
     calls = timed["source"]
     width = timed.get("width")
@@ -181,6 +186,23 @@ def probe_operators(
         timed.get("low"),
         timed.get("smallest"),
     )
+
+
+def probe_groups(probes: dict[str, Workload], device: torch.device) -> list[list[str]]:
+    """The probe workloads timed together: all of them, when their steps fit in memory at
+    once (HEADROOM of what the device allows); else one at a time (no alternation: a
+    drifting machine then moves the lines, and the log says so)."""
+    from lungbench.measure.memory import HEADROOM, memory_limit, step_memory
+
+    limit, _ = memory_limit(device)
+    need = sum(step_memory(w).bytes(w.batch_size) for w in probes.values())
+    if not limit or need <= HEADROOM * limit:
+        return [list(probes)]
+    log.warning(
+        f"note: the probe's {len(probes)} workloads need about {need / 2**30:.1f} GiB at once; "
+        "timing them one after another (a drifting machine moves their lines)"
+    )
+    return [[name] for name in probes]
 
 
 def second_probes(

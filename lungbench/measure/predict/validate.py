@@ -147,7 +147,8 @@ def run_validation(plan: Plan = DEFAULT, out: Path | None = None) -> list[dict[s
             "kind": "source",
             "target": describe(source_workload),
             "measured_s": step,
-            "note": "each prediction is scaled by the source's step measured beside its target",
+            "note": "each prediction is scaled by the source's step measured beside its target "
+            "(a shared machine drifts)",
         },
     )
     calibration.save_cases([c for c in cases if c["kind"] != "source"], utc_now())
@@ -255,9 +256,9 @@ def measure_ddp(plan: Plan, source: Workload, out: Path | None) -> dict[str, flo
     log.info("measuring the 2-rank DDP run (torchrun, Gloo)")
     run = DDPRun(plan.preset, plan.filters, plan.batch, 1, "both", plan.warmup, plan.repeats)
     ratios: dict[str, list[float]] = {}
-    for _ in range(plan.ddp_runs):
+    for i in range(plan.ddp_runs):
         before = measure_step_s(source, plan)
-        records = run_ddp_bench(run, out)
+        records = run_ddp_bench(run, None if out is None else out / f"ddp-{i + 1}")
         now = (before + measure_step_s(source, plan)) / 2
         for record in records:
             ratios.setdefault(record["scaling"], []).append(record["step_s_median"] / now)

@@ -1,0 +1,165 @@
+"""Layer 6 (measure): `lungbench predict --validate --gpu`: the model's error on this GPU.
+
+Two kinds of prediction are checked on a GPU node, the ones a user books with:
+
+- GPU -> GPU: from one measured configuration on the GPU (a `lungbench bench --device cuda`
+  record; its step shared among its operators by the roofline), the other batch sizes and
+  widths, measured by the same bench run.
+- CPU -> GPU: from the same configurations measured on this node's CPU (probed here), the
+  GPU's step through the shipped profile of this GPU model (`profile_for_gpu`).
+
+A GPU's step does not drift as a shared CPU's does, so targets are measured in one bench
+run rather than in alternation. The cases are stored like the CPU validation's (kinds
+"batch", "filters" and "device"): later predictions' intervals come from them.
+
+    cases = run_gpu_validation(GPU_DEFAULT)      # a few minutes on one GPU
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lungbench.core.errors import UsageError
+from lungbench.core.runs import utc_now
+from lungbench.measure.predict import calibration
+from lungbench.measure.predict.devices import load_profiles
+from lungbench.measure.predict.forecast import Predictor, Target, source_from_record
+from lungbench.measure.predict.runner import bench_subprocess
+from lungbench.measure.predict.validate import case
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GPUPlan:
+    """The source configuration and the targets of one GPU validation."""
+
+    preset: str = "default"
+    filters: int = 8
+    batch: int = 4
+    batches: tuple[int, ...] = (2, 8, 16, 32)
+    widths: tuple[int, ...] = (4, 16, 24)
+    warmup: int = 5
+    repeats: int = 20
+    device: str = "cuda"  # the accelerator; "cpu" only in tests (the flow without a GPU)
+    cpu_threads: int | None = None  # the CPU source's threads (None: every core)
+
+
+GPU_DEFAULT = GPUPlan()
+GPU_QUICK = GPUPlan(
+    preset="dey2018", filters=2, batch=2, batches=(3,), widths=(3,), warmup=1, repeats=3
+)
+
+
+# Words of torch.cuda.get_device_name that name a shipped profile, most specific first.
+GPU_NAMES = (
+    (("h200",), "h200"),
+    (("h100",), "h100-sxm"),
+    (("a100", "80gb"), "a100-sxm-80gb"),
+    (("a100",), "a100-sxm-40gb"),
+    (("l40s",), "l40s"),
+    (("v100",), "v100-sxm2"),
+)
+
+
+def profile_for_gpu(device_name: str) -> str | None:
+    """The shipped profile of a GPU model ("NVIDIA H200" -> "h200"); None when none fits."""
+    name = device_name.lower().replace(" ", "").replace("-", "")
+    for words, profile in GPU_NAMES:
+        if all(w in name for w in words):
+            return profile
+    return None
+
+
+def run_gpu_validation(plan: GPUPlan = GPU_DEFAULT, out: Path | None = None) -> list[dict]:
+    """Measure the GPU's configurations and the CPU's source, predict, compare: the cases
+    (first a "source" row, as run_validation's)."""
+    if plan.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--validate --gpu: no CUDA device on this machine")
+    gpu_records, gpu_environment = measure(plan, plan.device, out)
+    key = {(r["batch_size"], r["filters"]): r for r in gpu_records}
+    source_record = key.get((plan.batch, plan.filters))
+    if source_record is None:
+        raise UsageError(
+            f"--validate --gpu: the {plan.device} bench measured no source configuration "
+            f"(f{plan.filters} b{plan.batch}); see the warnings above"
+        )
+    predictor = Predictor()
+    source = source_from_record(source_record, gpu_environment, "GPU validation")
+    cases: list[dict[str, Any]] = [
+        {"kind": "source", "target": f"{plan.preset} f{plan.filters} b{plan.batch} on "
+         f"{plan.device}", "measured_s": source_record["step_s_median"],
+         "note": "GPU targets from one bench run; CPU -> GPU through the GPU's profile"},
+    ]  # fmt: skip
+    for kind, target in targets(plan):
+        pred = predictor.predict(source, target)
+        measured = key.get((pred.batch, pred.filters), {}).get("step_s_median")
+        label = f"{plan.device} f{pred.filters} b{pred.batch}"
+        cases.append(case(kind, label, pred, measured))
+    cases += cpu_to_gpu_cases(plan, key, predictor, out)
+    calibration.save_cases([c for c in cases if c["kind"] != "source"], utc_now())
+    return cases
+
+
+def targets(plan: GPUPlan) -> list[tuple[str, Target]]:
+    cases = [("batch", Target(batch=b)) for b in plan.batches]
+    return cases + [("filters", Target(filters=f)) for f in plan.widths]
+
+
+def cpu_to_gpu_cases(
+    plan: GPUPlan, gpu: dict[tuple[int, int], dict], predictor: Predictor, out: Path | None
+) -> list[dict[str, Any]]:
+    """The GPU's steps predicted from this node's CPU through the GPU model's profile."""
+    name = torch.cuda.get_device_name() if plan.device == "cuda" else plan.device
+    profile = profile_for_gpu(name)
+    if profile is None or profile not in load_profiles():
+        log.warning(f"note: no shipped profile for {name!r}: CPU -> GPU not validated")
+        return []
+    cpu_plan = GPUPlan(
+        plan.preset, plan.filters, plan.batch, (), (), plan.warmup, plan.repeats, "cpu"
+    )
+    records, environment = measure(cpu_plan, "cpu", out)
+    cases = []
+    for record in records:
+        config = (record["batch_size"], record["filters"])
+        measured = gpu.get(config, {}).get("step_s_median")
+        source = source_from_record(record, environment, "GPU validation (CPU source)")
+        pred = predictor.predict(source, Target(device=profile))
+        cases.append(case("device", f"cpu -> {profile} f{config[1]} b{config[0]}", pred, measured))
+    return cases
+
+
+def measure(plan: GPUPlan, device: str, out: Path | None) -> tuple[list[dict], dict]:
+    """(ok records, environment) of the source and its targets on `device`: one bench of
+    the batches at the source's width, one of the widths at its batch."""
+    log.info(f"measuring the validation's configurations on {device} (lungbench bench)")
+    common = [
+        "--device", device, "--preset", plan.preset, "--no-epoch", "--no-tune",
+        "--warmup", str(plan.warmup), "--repeats", str(plan.repeats),
+    ]  # fmt: skip
+    if device == "cpu" and plan.cpu_threads:
+        common += ["--threads", str(plan.cpu_threads)]
+    grids = [
+        (sorted({plan.batch, *plan.batches}), [plan.filters]),
+        ([plan.batch], sorted({plan.filters, *plan.widths})),
+    ]
+    records: list[dict] = []
+    environment: dict = {}
+    for i, (batches, widths) in enumerate(grids):
+        if len(batches) == 1 and len(widths) == 1 and records:
+            continue  # the source alone: measured by the first run already
+        args = [*common, "--batch", *map(str, batches), "--filters", *map(str, widths)]
+        found, environment = bench_subprocess(
+            args, out=None if out is None else out / f"{device}-{i + 1}"
+        )
+        for record in found:
+            seen = {(r["batch_size"], r["filters"]) for r in records}
+            one_process = record.get("world_size", 1) == 1
+            if one_process and (record["batch_size"], record["filters"]) not in seen:
+                records.append(record)
+    return records, environment
