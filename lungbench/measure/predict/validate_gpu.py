@@ -18,7 +18,7 @@ run rather than in alternation. The cases are stored like the CPU validation's (
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,10 +120,7 @@ def cpu_to_gpu_cases(
     if profile is None or profile not in load_profiles():
         log.warning(f"note: no shipped profile for {name!r}: CPU -> GPU not validated")
         return []
-    cpu_plan = GPUPlan(
-        plan.preset, plan.filters, plan.batch, (), (), plan.warmup, plan.repeats, "cpu"
-    )
-    records, environment = measure(cpu_plan, "cpu", out)
+    records, environment = measure(replace(plan, batches=(), widths=()), "cpu", out)
     cases = []
     for record in records:
         config = (record["batch_size"], record["filters"])
