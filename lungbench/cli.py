@@ -106,7 +106,7 @@ def leave_after_group(code: int) -> None:
     distributed = sys.modules.get("lungbench.distributed.group")  # loaded iff a group may exist
     if distributed is not None and distributed.group_joined():
         logging.shutdown()
-        sys.stdout.flush()
+        sys.stdout.flush()  # before MPI_Finalize: mpiexec forwards only what came before it
         sys.stderr.flush()
         if not distributed.group_is_broken():  # MPI_Finalize would wait for a lost peer
             from lungbench.distributed.launch import finalize_mpi

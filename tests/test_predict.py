@@ -185,7 +185,8 @@ def test_convolutions_bounded_by_the_measured_convolution_rate():
     assert shared_by(cpu, whole, 2).conv_flops == pytest.approx({"fp32": 15e9})
 
 
-def test_conv_rate_counts_forward_and_both_gradients():
+def test_conv_rate_counts_forward_and_both_gradients(monkeypatch):
+    import lungbench.measure.peak as peak
     from lungbench.measure.peak import CONV_SHAPE, conv_rate
 
     rate = conv_rate(torch.device("cpu"), "fp32", repeats=1)
@@ -198,6 +199,10 @@ def test_conv_rate_counts_forward_and_both_gradients():
         conv(x).sum().backward()
     assert counter.get_total_flops() == flops  # the count conv_rate divides by
     assert 1e8 < rate < 1e14
+
+    # conv_rate divides that count by its best timed run
+    monkeypatch.setattr(peak, "timed_runs", lambda run, device, repeats: [0.5, 0.25, 0.4])
+    assert peak.conv_rate(torch.device("cpu"), "fp32") == pytest.approx(flops / 0.25)
 
 
 def test_bandwidth_curve_read_log_linearly_and_clamped():

@@ -40,6 +40,7 @@ from typing import Any, NoReturn
 import torch
 
 from lungbench.core.console import quiet_unless_main
+from lungbench.core.environment import allowed_cores
 from lungbench.core.errors import LungbenchError, UsageError, look_up_option, message_of
 from lungbench.distributed.launch import LaunchInfo, resolve_launch
 
@@ -408,8 +409,7 @@ def parameter_digest(model: torch.nn.Module) -> str:
 def threads_per_rank(dist: DistContext) -> int:
     """CPU cores this process may use without oversubscribing its node: the cores it is
     allowed to run on, shared among the ranks on the same node."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
+    cores = allowed_cores()
     # Ranks bound to their own cores (srun --cpus-per-task, mpiexec -bind-to) already see
     # only their share; ranks that see the whole node divide it.
     node_cores = os.cpu_count() or cores

@@ -26,7 +26,6 @@ so a job that fails later keeps everything measured before.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import time
@@ -43,6 +42,7 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from lungbench.core.device import synchronize
+from lungbench.core.environment import allowed_cores
 from lungbench.core.errors import is_oom, look_up_option, message_of
 from lungbench.data.loader import to_device
 from lungbench.data.store import StoreDataset, StoreInfo
@@ -511,8 +511,8 @@ def whole_machine_config(cfg: BenchConfig, dist: DistContext) -> BenchConfig | N
     one process with all the cores beat the ranks?", which the efficiency does not."""
     if torch.device(cfg.workload.device).type != "cpu" or cfg.workload.threads is not None:
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if not cores or cores <= threads_per_rank(dist):
+    cores = allowed_cores()
+    if cores <= threads_per_rank(dist):
         return None
     return cfg.with_workload(threads=cores)
 

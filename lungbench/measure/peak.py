@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -54,6 +55,20 @@ def matmul_peak_flops(
     return matmul_peak_stats(device, dtype, size, repeats)[0]
 
 
+def timed_runs(run: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
+    """Seconds of `repeats` calls of `run`, after one untimed warm-up call, each between
+    two synchronizations (the clock sees all of the device's work)."""
+    times = []
+    for i in range(repeats + 1):
+        synchronize(device)
+        t0 = time.perf_counter()
+        run()
+        synchronize(device)  # note: CPU-GPU sync point
+        if i:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def matmul_peak_stats(
     device: torch.device, dtype: str = "fp32", size: int | None = None, repeats: int = 5
 ) -> tuple[float, float]:
@@ -63,14 +78,7 @@ def matmul_peak_stats(
         size = default_matmul_size(device)
     a = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
     b = torch.randn(size, size, device=device, dtype=DTYPES[dtype])
-    times = []
-    for i in range(repeats + 1):
-        synchronize(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        synchronize(device)  # note: CPU-GPU sync point, so the clock sees the whole product
-        if i:  # the first product is a warm-up
-            times.append(time.perf_counter() - t0)
+    times = timed_runs(lambda: torch.mm(a, b), device, repeats)
     flops = 2.0 * size**3
     return flops / min(times), flops / statistics.median(times)
 
@@ -85,14 +93,7 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
         nbytes = default_copy_bytes(device)
     src = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
-    best = float("inf")
-    for i in range(repeats + 1):
-        synchronize(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        synchronize(device)  # note: CPU-GPU sync point
-        if i:  # the first copy is a warm-up (page faults on fresh CPU memory)
-            best = min(best, time.perf_counter() - t0)
+    best = min(timed_runs(lambda: dst.copy_(src), device, repeats))  # warm-up: page faults
     return 2.0 * src.numel() * 4 / best
 
 
@@ -122,17 +123,13 @@ def conv_rate(device: torch.device, dtype: str, repeats: int = 7) -> float:
     )
     flops = 3 * 2 * multiply_adds  # forward, input gradient, weight gradient
     autocast = dtype in ("bf16", "fp16")
-    best = float("inf")
-    for i in range(repeats + 1):
-        synchronize(device)
-        t0 = time.perf_counter()
+
+    def forward_backward() -> None:
         with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=autocast):
             y = conv(x)
         y.float().sum().backward()
-        synchronize(device)  # note: CPU-GPU sync point
-        if i:  # the first pass is a warm-up (oneDNN builds its kernels)
-            best = min(best, time.perf_counter() - t0)
-    return flops / best
+
+    return flops / min(timed_runs(forward_backward, device, repeats))  # warm-up: oneDNN's kernels
 
 
 def device_peaks(

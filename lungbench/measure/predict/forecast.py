@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import socket
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from lungbench.core.cache import read_cache, where_key, write_cache
+from lungbench.core.environment import allowed_cores
 from lungbench.core.errors import DataError, UsageError
 from lungbench.measure.allreduce import AlphaBeta
 from lungbench.measure.memory import HEADROOM, memory_limit, step_memory
@@ -195,13 +195,6 @@ def epoch_outside(record: Mapping[str, Any]) -> tuple[int, float | None]:
     steps = math.ceil(record["epoch_samples"] / record["batch_size"])
     outside = record["epoch_s"] - steps * record["step_s_median"]
     return samples, max(outside, 0.0) / record["epoch_samples"]
-
-
-def machine_cores() -> int:
-    """The cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def cpu_here(
@@ -465,7 +458,7 @@ class Predictor:
         this_cpu = source.probed and device.measured and device.kind == "cpu"
         if target.ranks <= 1 or not this_cpu or device.threads is None:
             return device
-        side_by_side = min(target.ranks, max(1, machine_cores() // device.threads))
+        side_by_side = min(target.ranks, max(1, allowed_cores() // device.threads))
         whole = self.cpu(device.threads * side_by_side, source)
         return shared_by(device, whole, side_by_side)
 
@@ -611,7 +604,7 @@ class Predictor:
         )
         missing = [k for k in pred.kinds if k not in self.bounds]
         pred.interval_basis = (
-            f"5th-95th percentile of measured/predicted of {', '.join(pred.kinds) or 'no change'} "
+            f"90% range of measured/predicted of {', '.join(pred.kinds) or 'no change'} "
             f"({self.calibration_source})"
             if not missing
             else f"none: {', '.join(missing)} predictions not validated"

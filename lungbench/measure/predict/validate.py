@@ -29,6 +29,7 @@ from lungbench.measure.predict.forecast import (
     Prediction,
     Predictor,
     Target,
+    describe_workload,
     source_from_record,
     source_here,
 )
@@ -117,7 +118,7 @@ def run_validation(plan: Plan = DEFAULT, out: Path | None = None) -> list[dict[s
     """Measure the source, predict every target, measure the targets; the cases."""
     switches = fast_defaults(torch.device("cpu"))
     source_workload = plan.source()
-    log.info(f"validation source: {describe(source_workload)}")
+    log.info(f"validation source: {describe_workload(source_workload)}")
     step = measure_step_s(source_workload, plan)
     source = source_here("source", source_workload, switches, step, fresh=True)
     predictor = Predictor(remeasure=True)  # this machine as it is now, like the targets
@@ -145,7 +146,7 @@ def run_validation(plan: Plan = DEFAULT, out: Path | None = None) -> list[dict[s
         0,
         {
             "kind": "source",
-            "target": describe(source_workload),
+            "target": describe_workload(source_workload),
             "measured_s": step,
             "note": "each prediction is scaled by the source's step measured beside its target "
             "(a shared machine drifts)",
@@ -238,10 +239,6 @@ def case(kind: str, label: str, pred: Prediction, measured: float | None) -> dic
         "interval": pred.interval,
         "inside": inside,
     }
-
-
-def describe(w: Workload) -> str:
-    return f"{w.preset} f{w.filters} b{w.batch_size} t{w.threads}"
 
 
 def describe_target(target: Target, pred: Prediction) -> str:
