@@ -58,6 +58,21 @@ def test_sampler_rate_and_clean_stop(tmp_path):
     assert summary["sources"]["nvml"] == "not requested (CPU run)"
 
 
+def test_mark_samples_between_the_grid_points():
+    """An epoch shorter than the interval still gets a sample: mark() takes one now; before
+    start() and after stop() it takes none."""
+    sampler = TelemetrySampler(interval_s=60, gpus=[])
+    sampler.mark()
+    assert sampler.samples == []
+    with sampler:
+        sampler.mark()
+        sampler.mark()
+    sampler.mark()
+    assert len(sampler.samples) == 4  # start, two marks, stop; no grid point within 60 s
+    times = [s["t_s"] for s in sampler.samples]
+    assert times == sorted(times)
+
+
 def test_missing_nvml_is_a_recorded_fact():
     try:
         import pynvml

@@ -245,6 +245,7 @@ class TelemetrySampler:
         self.sources: dict[str, str] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # mark() samples from the caller's thread too
         self._readers: list[Any] = []
         self._rapl: RaplSource | None = None
         self._nvml: NvmlSource | None = None
@@ -276,6 +277,12 @@ class TelemetrySampler:
             self._nvml.close()
         return self.samples
 
+    def mark(self) -> None:
+        """Take one sample now, between the periodic ones: a fit marks each epoch's end so
+        that even an epoch shorter than the interval has a sample of its own."""
+        if self._thread is not None:
+            self._sample()
+
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -304,15 +311,16 @@ class TelemetrySampler:
             k = max(k + 1, math.ceil((time.perf_counter() - self._t0) / self.interval_s))
 
     def _sample(self) -> None:
-        row: dict[str, Any] = {"t_s": time.perf_counter() - self._t0, "unix_s": time.time()}
-        for reader in list(self._readers):
-            try:
-                row.update(reader.read())
-            except Exception as exc:  # a source that fails mid-run is dropped, and says why
-                self._readers.remove(reader)
-                name = {RaplSource: "rapl", NvmlSource: "nvml"}.get(type(reader), "psutil")
-                self.sources[name] = f"failed during sampling: {message_of(exc)}"
-        self.samples.append(row)
+        with self._lock:
+            row: dict[str, Any] = {"t_s": time.perf_counter() - self._t0, "unix_s": time.time()}
+            for reader in list(self._readers):
+                try:
+                    row.update(reader.read())
+                except Exception as exc:  # a source that fails mid-run is dropped, says why
+                    self._readers.remove(reader)
+                    name = {RaplSource: "rapl", NvmlSource: "nvml"}.get(type(reader), "psutil")
+                    self.sources[name] = f"failed during sampling: {message_of(exc)}"
+            self.samples.append(row)
 
     # -- results
     def write_csv(self, path: str | Path) -> Path:

@@ -241,6 +241,7 @@ class _Telemetry:
         series saved so far."""
         if self.sampler is None:
             return {}
+        self.sampler.mark()  # the epoch's closing sample, however short the epoch was
         until = len(self.sampler.samples)  # the sampler thread may append meanwhile
         summary = self.sampler.summary(samples, since=self.first, until=until)
         self.first = until
