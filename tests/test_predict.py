@@ -75,6 +75,27 @@ def test_planted_table_scaled_by_the_limiting_bound():
     assert est.step_s == pytest.approx(0.020 + 0.030)
 
 
+def test_a_measured_kernel_ratio_replaces_the_bounds():
+    """A call with a measured ratio takes its whole source time times that ratio (the bounds
+    would have said 2x); a call without one (None) is scaled by its bounds as before."""
+    src = device(100e9, 10e9)
+    calls = [
+        OpCall("aten.convolution", 2e9, 1e8, "fp32", "forward", 0.040, "[1]"),
+        OpCall("aten.relu", 0.0, 2e8, "fp32", "forward", 0.030),
+    ]
+    target = [
+        OpCall("aten.convolution", 4e9, 2e8, "fp32", "forward", 0.0, "[2]"),
+        OpCall("aten.relu", 0.0, 4e8, "fp32", "forward"),
+    ]
+
+    def measured(was, will):
+        return 3.0 if was.signature else None
+
+    est = scale_step(calls, src, target, src, 0.005, 0.0, kernel_ratio=measured)
+    assert est.step_s == pytest.approx(0.005 + 3 * 0.040 + 2 * 0.030)
+    assert est.phases == pytest.approx({"forward": 3 * 0.040 + 2 * 0.030})
+
+
 def test_fixed_cost_from_two_probe_sizes():
     src = device(1e9, 1e12)
     small = [OpCall("aten.mm", 1e6, 0.0, "fp32", "", 0.003)]  # roof 1 ms
@@ -349,6 +370,9 @@ def test_a_profile_run_is_a_source_and_its_probe_is_cached(tmp_path, monkeypatch
     assert first["status"] == "ok" and first["batch"] == 4 and first["step_s"] > 0
     assert any("without the profiler" in note for note in first["notes"])
     assert (tmp_path / "cache" / "operator_probe.json").is_file()
+    # the convolutions at batch 4 were made alone beside the source's (kernels)
+    ratios = json.loads((tmp_path / "cache" / "kernel_ratios.json").read_text())["entries"]
+    assert ratios and all(r is None or r > 0 for r in ratios.values())
     assert main(argv) == 0  # the same question, the same answer: the probe comes from the cache
     assert json.loads(capsys.readouterr().out)["step_s"] == first["step_s"]
 
@@ -403,6 +427,23 @@ def test_channels_off_the_simd_block_are_named(monkeypatch):
     assert forecast.channel_notes(Workload(preset="default", filters=16, batch_size=2)) == []
     (note,) = forecast.channel_notes(Workload(preset="default", filters=12, batch_size=2))
     assert "channels 12, 24 are not multiples of 16" in note  # 48 and 96 are; 1 is the image
+
+
+def test_validations_of_an_earlier_model_are_not_pooled(tmp_path, monkeypatch):
+    from lungbench.measure.predict import calibration
+
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
+    case = {"kind": "batch", "predicted_s": 1.0, "measured_s": 1.5}
+    monkeypatch.setattr(calibration, "MODEL_VERSION", 1)
+    calibration.save_cases([case], "then")
+    assert calibration.load_cases()[0] == [case]
+    monkeypatch.setattr(calibration, "MODEL_VERSION", 2)  # the model changed since
+    monkeypatch.setattr(calibration, "shipped_cases", lambda: {"model": 1, "cases": [case]})
+    cases, where = calibration.load_cases()
+    assert cases == [] and "no validation run of this model version" in where
+    fresh = {"kind": "batch", "predicted_s": 1.0, "measured_s": 1.02}
+    calibration.save_cases([fresh], "now")
+    assert calibration.load_cases()[0] == [fresh]  # the earlier model's run is dropped
 
 
 def test_intervals_from_signed_validation_errors_by_hand():

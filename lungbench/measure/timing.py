@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -256,7 +257,10 @@ def training_step_cost(
 class OpCall:
     """One aten operator call of a step: FLOPs (torch's flop registry: matmul and
     convolution, 2 per multiply-add), bytes its tensors take and return, the dtype its
-    math ran in, the step phase it ran in, and its measured seconds (0 when not timed)."""
+    math ran in, the step phase it ran in, its measured seconds (0 when not timed) and, for
+    a convolution, its `signature`: its arguments as JSON, tensors as shape, dtype and
+    layout, so that the same call can be made again alone (lungbench.measure.predict.
+    kernels); "" for other operators."""
 
     name: str
     flops: float
@@ -264,6 +268,7 @@ class OpCall:
     dtype: str
     phase: str = ""
     seconds: float = 0.0
+    signature: str = ""
 
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -275,6 +280,34 @@ def _math_dtype(tensors: Sequence[object]) -> str:
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             return _DTYPE_NAMES.get(x.dtype, "fp32")
     return "fp32"
+
+
+# Operators whose calls keep their signature: the convolutions, whose speed per FLOP moves
+# with their shapes in ways no bound says (lungbench.measure.predict.kernels).
+SIGNED_OPERATORS = ("aten.convolution", "aten.convolution_backward")
+
+
+def call_signature(args: Sequence[object]) -> str:
+    """The positional arguments of an aten call as JSON: a tensor as ["tensor", shape, dtype,
+    channels-last], anything else as itself (ints, bools, lists of ints, None)."""
+
+    def encode(value: object) -> object:
+        if isinstance(value, torch.Tensor):
+            last = (
+                value.dim() in (4, 5)
+                and not value.is_contiguous()
+                and value.is_contiguous(
+                    memory_format=torch.channels_last
+                    if value.dim() == 4
+                    else torch.channels_last_3d
+                )
+            )
+            return ["tensor", list(value.shape), str(value.dtype).removeprefix("torch."), last]
+        if isinstance(value, (list, tuple)):
+            return [encode(v) for v in value]
+        return value
+
+    return json.dumps([encode(a) for a in args])
 
 
 def operator_counter(
@@ -340,6 +373,7 @@ def _operator_counter_class() -> type:
                         _math_dtype(tensors),
                         self.phase,
                         seconds,
+                        call_signature(args) if str(packet) in SIGNED_OPERATORS else "",
                     )
                 )
             return out

@@ -17,7 +17,8 @@ kind's (its data path). A kind never validated gets no interval, and says so.
 Where the cases live: $LUNGBENCH_CACHE_DIR/predict_validation.json after a --validate on
 this host (the last KEEP_RUNS runs' cases, pooled); else the file shipped with lungbench
 (validation.json: the dev box's runs, with its host named), so a fresh install has
-intervals and says whose they are.
+intervals and says whose they are. Each run is stamped with MODEL_VERSION: the errors of an
+earlier model say nothing about this one's, so its runs are not pooled.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ KINDS = ("batch", "filters", "threads", "ranks", "device")
 LOW, HIGH = 0.05, 0.95  # of log(measured / predicted): a 90% interval
 MIN_CASES = 1
 KEEP_RUNS = 5  # validation runs whose cases the intervals pool
+# Bump when the model's predictions change (2: convolution rates per channel count).
+MODEL_VERSION = 2
 
 
 def shipped_cases() -> dict[str, Any]:
@@ -46,28 +49,34 @@ def shipped_cases() -> dict[str, Any]:
 def load_cases() -> tuple[list[dict[str, Any]], str]:
     """(cases, where they come from): this host's last --validate runs (up to KEEP_RUNS),
     else the shipped ones."""
-    entry = read_cache(CACHE_FILE).get(socket.gethostname())
-    if entry and entry.get("cases"):
-        runs = len(entry.get("runs", [])) or 1
-        return entry["cases"], (
-            f"this host's last {runs} predict --validate run{'s' if runs > 1 else ''} "
-            f"(latest {entry.get('when', '?')})"
+    runs = current_runs(read_cache(CACHE_FILE).get(socket.gethostname()) or {})
+    if runs:
+        plural = "s" if len(runs) > 1 else ""
+        return [case for run in runs for case in run["cases"]], (
+            f"this host's last {len(runs)} predict --validate run{plural} "
+            f"(latest {runs[-1].get('when', '?')})"
         )
     try:
         shipped = shipped_cases()
     except (OSError, ValueError):
         return [], "no validation run"
+    if shipped.get("model") != MODEL_VERSION:
+        return [], "no validation run of this model version"
     return shipped.get("cases", []), f"shipped validation ({shipped.get('host', '?')})"
+
+
+def current_runs(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs of a host's entry that validated this MODEL_VERSION."""
+    return [run for run in entry.get("runs", []) if run.get("model") == MODEL_VERSION]
 
 
 def save_cases(cases: Sequence[dict[str, Any]], when: str) -> None:
     """Add this validation run's cases to this host's, keeping the last KEEP_RUNS runs (5
     runs: 20 cases of batch and of filters, 10 of ranks, 5 of threads)."""
     cache = read_cache(CACHE_FILE)
-    entry = cache.get(socket.gethostname()) or {}
-    runs = [*entry.get("runs", []), {"when": when, "cases": list(cases)}][-KEEP_RUNS:]
-    cases_kept = [case for run in runs for case in run["cases"]]
-    cache[socket.gethostname()] = {"when": when, "runs": runs, "cases": cases_kept}
+    runs = current_runs(cache.get(socket.gethostname()) or {})
+    runs = [*runs, {"when": when, "model": MODEL_VERSION, "cases": list(cases)}][-KEEP_RUNS:]
+    cache[socket.gethostname()] = {"when": when, "runs": runs}
     write_cache(CACHE_FILE, cache)
 
 

@@ -43,6 +43,7 @@ from lungbench.measure.predict.devices import (
     measured_cpu,
     shared_by,
 )
+from lungbench.measure.predict.kernels import KernelRatios
 from lungbench.measure.predict.model import StepEstimate, roofline_calls, scale_step
 from lungbench.measure.predict.operators import (
     OperatorTable,
@@ -296,7 +297,7 @@ def source_here(
 
 
 PROBE_CACHE = "operator_probe.json"
-PROBE_VERSION = 5  # bump when probe_operators measures something else (5: batch 1 too)
+PROBE_VERSION = 6  # bump when probe_operators measures something else (6: conv signatures)
 
 
 def _probe_key(workload: Workload, switches: Switches) -> str:
@@ -372,6 +373,21 @@ def per_rank_batch(target: Target, batch: int) -> int:
     return batch // target.ranks
 
 
+def on_this_cpu(source: Source, device: DeviceProfile) -> bool:
+    """Whether source and target both run on this machine's CPU: then its convolutions can
+    be made alone and timed (kernels) rather than scaled by their bounds."""
+    return source.probed and device.measured and device.kind == "cpu"
+
+
+def contention(alone: DeviceProfile, shared: DeviceProfile) -> float:
+    """How much slower a convolution runs on `shared` (one of several ranks on this machine)
+    than `alone`: the ratio of their measured convolution rates (1 when not shared)."""
+    if shared is alone:
+        return 1.0
+    conv = "aten.convolution"
+    return alone.compute_rate(conv, "fp32") / shared.compute_rate(conv, "fp32")
+
+
 def channel_block() -> int:
     """The channel block of oneDNN's CPU convolutions: the SIMD width in FP32 lanes (16 with
     AVX-512, else 8)."""
@@ -379,10 +395,11 @@ def channel_block() -> int:
 
 
 def channel_notes(workload: Workload) -> list[str]:
-    """A warning when the workload's convolutions have channel counts off the block: their
+    """A warning when the workload's convolutions have channel counts off the block and the
+    model could only scale them by their bounds (a CPU profile of another machine): their
     kernels may be slower than any scaling says (the dev box: f12's 12 -> 24 convolution's
-    backward took longer than f16's 16 -> 32, and widths 6, 12 and 24 ran 13-21% slower
-    than predicted in every validation)."""
+    backward took longer than f16's 16 -> 32, and scaled by their bounds widths 6, 12 and
+    24 ran 13-21% slower than predicted in every validation)."""
     model = workload.build_model(torch.device("cpu"))
     block = channel_block()
     convolutions = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
@@ -429,6 +446,7 @@ class Predictor:
         self._cpu: dict[int, DeviceProfile] = {}
         self._gloo: AlphaBeta | None = None
         self._ddp_overhead: float | None = None
+        self.kernels = KernelRatios(fresh=remeasure)
         cases, self.calibration_source = calibration.load_cases()
         self.bounds = calibration.error_bounds(cases)
 
@@ -478,7 +496,8 @@ class Predictor:
         rank_batch = per_rank_batch(target, batch)
         cores = source.workload.threads or torch.get_num_threads()
         threads = target.threads or (max(1, cores // target.ranks) if target.ranks > 1 else cores)
-        device = self.rank_share(self.device(target.device, source, threads), source, target)
+        alone = self.device(target.device, source, threads)
+        device = self.rank_share(alone, source, target)
         workload = replace(
             base,
             batch_size=rank_batch,
@@ -499,9 +518,9 @@ class Predictor:
         if not self._fits(pred, workload, device):
             return pred
         switches = replace(source.switches, dtype=target.dtype or source.switches.dtype)
-        estimate = self._step(source, workload, switches, device)
+        estimate = self._step(source, workload, switches, device, contention(alone, device))
         self._finish(pred, source, estimate, workload, device, target)
-        if "filters" in pred.kinds and device.kind == "cpu":
+        if "filters" in pred.kinds and device.kind == "cpu" and not on_this_cpu(source, device):
             pred.notes.extend(channel_notes(workload))
         return pred
 
@@ -519,10 +538,20 @@ class Predictor:
         return True
 
     def _step(
-        self, source: Source, workload: Workload, switches: Switches, device: DeviceProfile
+        self,
+        source: Source,
+        workload: Workload,
+        switches: Switches,
+        device: DeviceProfile,
+        shared: float = 1.0,
     ) -> StepEstimate:
+        """The target's step; `shared`: how much slower a convolution runs when the target's
+        ranks share this machine than when it runs alone (contention)."""
         calls = _counted(workload, switches)
         table = source.table
+        here = on_this_cpu(source, device)
+        kernel_ratio = self._kernel_ratio(source, workload, shared) if here else None
+
         estimate = scale_step(
             table.calls,
             source.device,
@@ -534,6 +563,7 @@ class Predictor:
                 workload.batch_size / source.workload.batch_size,
                 workload.filters != source.workload.filters,
             ),
+            kernel_ratio,
         )
         if device.kind != source.device.kind:
             return estimate
@@ -544,6 +574,17 @@ class Predictor:
             {k: v * anchor for k, v in estimate.parts.items()},
             {k: v * anchor for k, v in estimate.phases.items()},
         )
+
+    def _kernel_ratio(self, source: Source, workload: Workload, shared: float):
+        """Per (source call, target call): the convolutions' measured time ratio on this
+        machine (kernels), times the contention `shared`."""
+        threads = (source.workload.threads or 1, workload.threads or 1)
+
+        def kernel_ratio(was: OpCall, will: OpCall) -> float | None:
+            ratio = self.kernels.ratio(was, threads[0], will, threads[1])
+            return None if ratio is None else ratio * shared
+
+        return kernel_ratio
 
     def _finish(
         self,

@@ -12,7 +12,9 @@ On a device of the same kind as the source (CPU -> CPU at other threads, batch o
 GPU -> GPU) each call keeps its measured efficiency (Habitat's idea, Yu et al., USENIX ATC
 2021): its measured time less a fixed per-call latency is scaled by roof' / roof, the ratio
 of the bounds that limit it on target and source. What the step spends outside the calls
-(Python, autograd, the dispatcher) does not depend on shapes and is kept.
+(Python, autograd, the dispatcher) does not depend on shapes and is kept. A call whose
+ratio was measured (`kernel_ratio`: the convolutions, made alone on this machine by
+lungbench.measure.predict.kernels) is scaled by that ratio instead.
 
 Across kinds (a CPU run -> a GPU profile) a CPU's efficiency says nothing about a GPU's:
 each kernel takes launch + roof' / efficiency (the profile's fraction of peak), and the host
@@ -20,13 +22,14 @@ issues the calls at this machine's measured cost per call; the step is the longe
 two streams (kernels run asynchronously behind the host).
 
     est = scale_step(source_calls, source_dev, target_calls, target_dev, overhead_s, latency_s)
+    est = scale_step(..., kernel_ratio=lambda was, will: 1.7)   # measured ratios where known
     est.step_s, est.parts   # {"compute": s, "memory": s, "latency": s}
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from lungbench.measure.predict.devices import DeviceProfile
@@ -105,9 +108,11 @@ def scale_step(
     overhead_s: float,
     call_latency_s: float,
     reference: Sequence[OpCall] | None = None,
+    kernel_ratio: Callable[[OpCall, OpCall], float | None] | None = None,
 ) -> StepEstimate:
     """The target step's seconds from the source's measured calls (see the module doc);
-    `reference`: the source step probed at a second size (see fixed_costs)."""
+    `reference`: the source step probed at a second size (see fixed_costs); `kernel_ratio`:
+    a call's measured target/source time ratio, or None where there is none."""
     if source_device.kind != target_device.kind:
         return _across_kinds(source, target, target_device, overhead_s, call_latency_s)
     parts = {"compute": 0.0, "memory": 0.0, "latency": overhead_s}
@@ -121,6 +126,11 @@ def scale_step(
     for was, will in aligned(source, target):
         c0, m0 = roof_s(was, source_device)
         c1, m1 = roof_s(will, target_device)
+        ratio = kernel_ratio(was, will) if kernel_ratio is not None else None
+        if ratio is not None:
+            parts["compute" if c1 >= m1 else "memory"] += was.seconds * ratio
+            phases[will.phase] += was.seconds * ratio
+            continue
         fixed = fixed_of.get(id(was), min(was.seconds, call_latency_s))
         work = was.seconds - fixed
         scaled = work * max(c1, m1) / max(c0, m0) if max(c0, m0) > 0 else work

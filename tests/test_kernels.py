@@ -1,0 +1,85 @@
+"""Convolution calls made again alone (lungbench.measure.predict.kernels): their signatures
+round-trip to tensors of the recorded shapes, and the ratio of two calls is measured, cached
+and refused where a call cannot be made."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lungbench.measure.predict import kernels
+from lungbench.measure.predict.kernels import KernelRatios, call_runner, decode
+from lungbench.measure.timing import OpCall, operator_counter
+
+
+def conv_calls(batch: int, channels: int, side: int = 8, channels_last: bool = False):
+    """The forward and backward aten calls of one Conv3d step, as the recorder keeps them."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(channels, 2 * channels, 3, padding=1, bias=False)
+    x = torch.randn(batch, channels, side, side, side, requires_grad=True)
+    if channels_last:
+        x = x.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+    with operator_counter(record=True) as ops:
+        conv(x).sum().backward()
+    return {c.name: c for c in ops.calls if c.signature}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
+    return tmp_path / kernels.CACHE_FILE
+
+
+def test_only_convolutions_keep_a_signature():
+    calls = conv_calls(2, 4)
+    assert set(calls) == {"aten.convolution", "aten.convolution_backward"}
+    forward = json.loads(calls["aten.convolution"].signature)
+    assert forward[0] == ["tensor", [2, 4, 8, 8, 8], "float32", False]
+    assert forward[1] == ["tensor", [8, 4, 3, 3, 3], "float32", False]
+    assert forward[2] is None and forward[-1] == 1  # no bias; groups
+
+
+def test_signatures_decode_to_tensors_of_their_shapes_and_layouts():
+    calls = conv_calls(2, 4, channels_last=True)
+    args = [decode(a, torch.device("cpu")) for a in json.loads(calls["aten.convolution"].signature)]
+    x, weight = args[0], args[1]
+    assert x.shape == (2, 4, 8, 8, 8) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    assert weight.shape == (8, 4, 3, 3, 3)
+    backward = call_runner(calls["aten.convolution_backward"], torch.device("cpu"))
+    backward()  # the backward runs alone with its recorded output mask
+
+
+def test_ratio_of_a_call_to_itself_is_one_without_timing(cache, monkeypatch):
+    monkeypatch.setattr(kernels, "timed", lambda *a: pytest.fail("timed a call to itself"))
+    call = conv_calls(2, 4)["aten.convolution"]
+    assert KernelRatios().ratio(call, 1, call, 1) == 1.0
+    relu = OpCall("aten.relu", 0.0, 1.0, "fp32")
+    assert KernelRatios().ratio(relu, 1, relu, 2) is None  # no signature: the bounds scale it
+
+
+def test_ratio_is_measured_alternated_and_cached(cache, monkeypatch):
+    small, large = conv_calls(1, 4)["aten.convolution"], conv_calls(8, 4)["aten.convolution"]
+    seen = []
+    real = kernels.timed
+    monkeypatch.setattr(
+        kernels, "timed", lambda run, threads: seen.append(run) or real(run, threads)
+    )
+    ratio = KernelRatios(rounds=3).ratio(small, 1, large, 1)
+    assert len(seen) == 6 and seen[0] is not seen[1] and seen[0] is seen[2]  # alternated
+    assert ratio > 1.5  # 8x the batch: 8x the FLOPs (never under 1.5x, however busy the box)
+    assert cache.is_file()
+    monkeypatch.setattr(kernels, "timed", lambda *a: pytest.fail("not from the cache"))
+    assert KernelRatios().ratio(small, 1, large, 1) == ratio  # the same answer, cached
+    monkeypatch.setattr(kernels, "timed", lambda run, threads: 0.5 if threads == 2 else 1.0)
+    assert KernelRatios(fresh=True).ratio(small, 1, large, 2) == 0.5  # --remeasure measures
+
+
+def test_a_call_that_cannot_be_made_alone_has_no_ratio(cache):
+    good = conv_calls(2, 4)["aten.convolution"]
+    args = json.loads(good.signature)
+    args[1][1] = [8, 5, 3, 3, 3]  # a weight whose channels do not match the input's
+    bad = OpCall(good.name, good.flops, good.bytes, good.dtype, signature=json.dumps(args))
+    assert KernelRatios().ratio(good, 1, bad, 1) is None
