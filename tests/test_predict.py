@@ -432,6 +432,10 @@ def test_channels_off_the_simd_block_are_named(monkeypatch):
 def test_validations_of_an_earlier_model_are_not_pooled(tmp_path, monkeypatch):
     from lungbench.measure.predict import calibration
 
+    # the shipped intervals come from validations of this model, of every CPU kind
+    shipped = calibration.shipped_cases()
+    assert shipped["model"] == calibration.MODEL_VERSION
+    assert {c["kind"] for c in shipped["cases"]} >= {"batch", "filters", "threads", "ranks"}
     monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
     case = {"kind": "batch", "predicted_s": 1.0, "measured_s": 1.5}
     monkeypatch.setattr(calibration, "MODEL_VERSION", 1)

@@ -17,15 +17,19 @@ Project the training step and epoch time of a measured `lungbench bench` (or `lu
 profile`) run to other batch sizes, widths (filters), CPU thread counts, numbers of DDP
 ranks and devices, before you book them. Each operator of the measured step is scaled by its
 FLOPs and bytes on source and target (compute or memory bound; memory bandwidth read off
-this machine's measured cache-to-DRAM curve, convolutions bounded by a measured convolution
-rate), along a per-operator line probed at other batches and a second width; ranks side by
-side share the machine's bandwidth; the gradient all-reduce of N ranks is a ring over DDP's
+this machine's measured cache-to-DRAM curve), along a per-operator line probed at other
+batches and a second width. Convolutions follow no bound (their speed per FLOP moves with
+their channels): on this machine each one is made again alone, source call against target
+call, and scaled by the measured ratio; on a device profile, by its bounds. Ranks side by
+side share the machine; the gradient all-reduce of N ranks is a ring over DDP's
 real buckets (latency and bandwidth fitted from Gloo all-reduces here, plus what a CPU DDP
 step loses beyond it, or a device profile's NVLink/PCIe). Every row says what limits it:
 compute, memory bandwidth, launch/latency, communication or data. Probes and fits are
 measured once per host and cached, so the same question gets the same answer. Intervals
 (90%) are the range of measured/predicted this host's last `predict --validate` runs showed
-for that kind of prediction (else the shipped ones, named)."""
+for that kind of prediction (else the shipped ones, named; only runs of the current model).
+On the dev VM the median error was 3.2% over 70 cases (batch 2.2%, filters 3.5%, threads
+4.3%, 1 -> 2 DDP ranks 9.0%); CPU -> GPU projections have not been validated on a GPU."""
 
 EPILOG = """\
 examples:

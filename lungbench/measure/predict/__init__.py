@@ -3,12 +3,13 @@ thread counts, ranks and devices, projected from one measured run, with its erro
 
     operators.py  each operator call of the step: FLOPs, bytes, dtype, phase, measured time
     model.py      per-operator scaling: measured time x (target bound / source bound)
+    kernels.py    convolution calls made again alone: target/source time ratio on this CPU
     comm.py       ring all-reduce of DDP's buckets, alpha-beta fitted from Gloo all-reduces
     ddp_probe.py  what a CPU DDP step loses beyond its all-reduce (a tiny model, torchrun)
     devices.py    device profiles (TOML, vendor data sheets); this machine's peaks, bandwidth
                   curve and convolution rate
     forecast.py   a bench run folder -> predictions (step, epoch, bound, interval)
-    calibration.py  the validation errors the intervals come from
+    calibration.py  the validation errors the intervals come from (per model version)
     validate.py   `lungbench predict --validate`: predict, measure, compare on this machine
     validate_gpu.py  `--validate --gpu`: the same on a GPU node, and CPU -> GPU
     runner.py     `lungbench bench` in a subprocess (1 process or torchrun) for the above
