@@ -31,6 +31,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The allocator as every lungbench command has it: freed memory kept for reuse, so the
+    timed steps do not page-fault their tensors in again (lungbench.core.allocator)."""
+    from lungbench.core.allocator import keep_freed_memory
+
+    keep_freed_memory()
+
+
 def is_quick(config: pytest.Config) -> bool:
     return bool(config.getoption("--lungbench-quick")) or os.environ.get(QUICK_ENV, "") not in (
         "",

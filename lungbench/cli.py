@@ -12,6 +12,7 @@ import logging
 import sys
 
 from lungbench import __version__
+from lungbench.core.allocator import keep_freed_memory
 from lungbench.core.console import capture_foreign_messages, show_progress
 from lungbench.core.errors import LungbenchError, message_of
 
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     show_progress()  # progress messages (logging) on stderr; stdout keeps the tables
+    keep_freed_memory()  # before the first step: no page faults of its tensors every step
     capture_foreign_messages()  # third-party warnings into the log, not on the terminal
     try:
         code = int(args.func(args) or 0)

@@ -88,6 +88,7 @@ def test_bench_records_how_the_repeats_ended(tmp_path, capsys, tiny_store):
     (exact,) = read_records(tmp_path / "exact")
     assert exact["repeats_used"] == 3 and exact["repeats_stop"] == "fixed"
     assert exact["ci_target"] is None
+    assert exact["page_faults_per_step"] >= 0  # the timed steps' median (core.allocator)
     budget = ["--ci-target", "0.01", "--max-repeats", "12", "--time-budget", "60"]
     assert main([*common, *tiny, "--run-id", "adaptive", *budget]) == 0
     out = capsys.readouterr().out

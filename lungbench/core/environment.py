@@ -21,6 +21,7 @@ import psutil
 import torch
 
 from lungbench import __version__
+from lungbench.core.allocator import allocator_state
 from lungbench.core.runs import utc_now
 
 LIBRARIES = (
@@ -60,6 +61,7 @@ def environment_record() -> dict[str, Any]:
         "libraries": library_versions(),
         "cpu": cpu_info(),
         "memory_total_bytes": psutil.virtual_memory().total,
+        "malloc": allocator_state(),
         "torch": torch_info(),
         "gpus": gpu_info(),
         "slurm": {k: os.environ[k] for k in SLURM_VARIABLES if k in os.environ} or None,

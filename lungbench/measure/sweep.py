@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lungbench.core.allocator import minor_page_faults
 from lungbench.core.device import parse_device, synchronize
 from lungbench.core.errors import LungbenchError, is_oom, message_of
 from lungbench.data.loader import LoaderOptions, make_loader, shared_dataset, to_device
@@ -172,9 +174,16 @@ def measure_compute(cfg: BenchConfig, info: StoreInfo, device: torch.device) -> 
     inputs = step_fn.prepare_inputs(inputs)
     reset_peak_memory(device)
     timer = PhaseTimer(device)
+    faults: list[int] = []  # per step: pages the kernel mapped in (lungbench.core.allocator)
+
+    def counted_step(t: PhaseTimer) -> None:
+        before = minor_page_faults()
+        step_fn(t, inputs, target)
+        faults.append(minor_page_faults() - before)
+
     with backend_flags(resolved.switches):
         samples, stop = run_until(
-            lambda t: step_fn(t, inputs, target),
+            counted_step,
             timer,
             warmup=cfg.protocol.warmup,
             repeats=cfg.protocol.repeats,
@@ -196,6 +205,9 @@ def measure_compute(cfg: BenchConfig, info: StoreInfo, device: torch.device) -> 
         "samples_per_s": w.batch_size / step.median,
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
+        # The timed steps' median; thousands a step: memory the allocator gave back to the
+        # kernel and faults in again every step (LUNGBENCH_MALLOC, environment.json "malloc")
+        "page_faults_per_step": statistics.median(faults[cfg.protocol.warmup :]),
         "noisy": step.noisy,
         "samples_s": samples,
         **resolved.record(),  # the switches that ran (and what was asked, and fallbacks)
