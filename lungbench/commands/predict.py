@@ -28,8 +28,8 @@ compute, memory bandwidth, launch/latency, communication or data. Probes and fit
 measured once per host and cached, so the same question gets the same answer. Intervals
 (90%) are the range of measured/predicted this host's last `predict --validate` runs showed
 for that kind of prediction (else the shipped ones, named; only runs of the current model).
-On the dev VM the median error was 3.2% over 70 cases (batch 2.2%, filters 3.5%, threads
-4.3%, 1 -> 2 DDP ranks 9.0%); CPU -> GPU projections have not been validated on a GPU."""
+On the dev VM the median error was 4.1% over 70 cases (batch 2.2%, filters 2.8%, threads
+12.9%, 1 -> 2 DDP ranks 7.5%); CPU -> GPU projections have not been validated on a GPU."""
 
 EPILOG = """\
 examples:
