@@ -47,7 +47,9 @@ def run_script(env_value: str | None, monkeypatch) -> dict:
 @pytest.mark.skipif(allocator._glibc() is None, reason="needs glibc")
 def test_freed_memory_is_reused_without_page_faults(monkeypatch):
     kept = run_script(None, monkeypatch)
-    assert kept["state"].startswith("glibc: freed memory kept")
+    assert kept["state"] == (
+        "glibc: freed memory kept for reuse (trim threshold 1 GiB, mmap threshold 1 GiB)"
+    )
     system = run_script("system", monkeypatch)
     assert system["state"] == "system default (LUNGBENCH_MALLOC=system)"
     # the dev VM: 163,000-189,000 pages a step as it comes (its 48 MiB activations are
@@ -59,3 +61,29 @@ def test_the_state_is_recorded_in_the_environment():
     from lungbench.core.environment import environment_record
 
     assert environment_record()["malloc"] == allocator.allocator_state()
+
+
+class FakeLibc:
+    """mallopt as an older glibc answers it: no mmap threshold above 32 MiB."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def mallopt(self, option: int, value: int) -> int:
+        self.calls.append((option, value))
+        return int(option != allocator.M_MMAP_THRESHOLD or value <= allocator.MMAP_CAP)
+
+
+def test_an_older_glibc_gets_the_largest_mmap_threshold_it_takes(monkeypatch):
+    fake = FakeLibc()
+    monkeypatch.setattr(allocator, "_state", allocator._state)  # restored after the test
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    monkeypatch.setattr(allocator, "_glibc", lambda: fake)
+    state = allocator.keep_freed_memory()
+    assert fake.calls[-1] == (allocator.M_MMAP_THRESHOLD, allocator.MMAP_CAP)
+    assert state == (
+        "glibc: freed memory kept for reuse (trim threshold 1 GiB, mmap threshold 32 MiB)"
+    )
+    assert allocator.allocator_state() == state
+    monkeypatch.setattr(allocator, "_glibc", lambda: None)
+    assert allocator.keep_freed_memory() == "system default (not glibc)"

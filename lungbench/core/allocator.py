@@ -14,7 +14,7 @@ only, before the step allocates anything large; every lungbench command does it 
 starts (lungbench.cli), each DDP rank included, unless LUNGBENCH_MALLOC=system asks for the
 allocator as it comes. What was done is recorded in every run's environment.json.
 
-    state = keep_freed_memory()     # "glibc: freed memory kept (thresholds 1 GiB)"
+    state = keep_freed_memory()     # "glibc: freed memory kept for reuse (trim ... 1 GiB, ...)"
     minor_page_faults()             # this process's so far (a step's: the difference)
 """
 
@@ -28,6 +28,7 @@ import resource
 ENV = "LUNGBENCH_MALLOC"  # "system": leave the allocator as it comes
 KEEP_BYTES = 1 << 30
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+MMAP_CAP = 32 << 20  # the largest mmap threshold glibc before 2.35 accepts
 
 _state = "unchanged: lungbench has not set it"
 
@@ -46,10 +47,17 @@ def keep_freed_memory(limit: int = KEEP_BYTES) -> str:
         return _state
     trim = libc.mallopt(M_TRIM_THRESHOLD, limit)
     mmap = libc.mallopt(M_MMAP_THRESHOLD, limit)
+    mmap_limit = limit
+    if not mmap:  # older glibc caps the mmap threshold at 32 MiB (HEAP_MAX_SIZE / 2)
+        mmap_limit = MMAP_CAP
+        mmap = libc.mallopt(M_MMAP_THRESHOLD, MMAP_CAP)
     if trim and mmap:
-        _state = f"glibc: freed memory kept for reuse (trim and mmap thresholds {_size(limit)})"
+        _state = (
+            f"glibc: freed memory kept for reuse (trim threshold {_size(limit)}, "
+            f"mmap threshold {_size(mmap_limit)})"
+        )
     else:
-        _state = f"glibc: mallopt refused (trim {trim}, mmap {mmap}); system default"
+        _state = f"glibc: mallopt refused (trim {trim}, mmap {mmap}); partly system default"
     return _state
 
 
