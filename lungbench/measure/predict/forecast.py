@@ -202,14 +202,14 @@ def cpu_here(
     threads: int, latency_s: float = 0.0, comm: AlphaBeta | None = None, fresh: bool = False
 ) -> DeviceProfile:
     """This machine's CPU at `threads` threads, measured (peaks, bandwidth curve and
-    convolution rate cached per host; `fresh` measures the curve and the rate again)."""
+    convolution rate cached per host; `fresh` measures them again, keeping the best)."""
     base = load_profiles()["cpu"]
     limit, _ = memory_limit(torch.device("cpu"))
     comm = comm or AlphaBeta(0.0, 0.0)
     return measured_cpu(
         base,
         threads,
-        measure_cpu_peaks(threads),
+        measure_cpu_peaks(threads, refresh=fresh),
         limit,
         comm.alpha_s,
         comm.beta_bytes_per_s,
