@@ -61,7 +61,10 @@ def test_ratio_of_a_call_to_itself_is_one_without_timing(cache, monkeypatch):
 
 
 def test_ratio_is_measured_alternated_and_cached(cache, monkeypatch):
-    small, large = conv_calls(1, 4)["aten.convolution"], conv_calls(8, 4)["aten.convolution"]
+    # 16 -> 32 channels on 16^3 voxels, batch 2 against 16 (not batch 1: oneDNN's batch-1
+    # kernel here took 2.7x batch 2's time, the kind of thing kernels.py exists to measure)
+    small = conv_calls(2, 16, side=16)["aten.convolution"]
+    large = conv_calls(16, 16, side=16)["aten.convolution"]
     seen = []
     real = kernels.timed
     monkeypatch.setattr(
@@ -69,7 +72,7 @@ def test_ratio_is_measured_alternated_and_cached(cache, monkeypatch):
     )
     ratio = KernelRatios(rounds=3).ratio(small, 1, large, 1)
     assert len(seen) == 6 and seen[0] is not seen[1] and seen[0] is seen[2]  # alternated
-    assert ratio > 1.5  # 8x the batch: 8x the FLOPs (never under 1.5x, however busy the box)
+    assert ratio > 3  # 8x the FLOPs (the dev VM: 14.6-16.9x)
     assert cache.is_file()
     monkeypatch.setattr(kernels, "timed", lambda *a: pytest.fail("not from the cache"))
     assert KernelRatios().ratio(small, 1, large, 1) == ratio  # the same answer, cached
