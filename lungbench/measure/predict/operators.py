@@ -28,10 +28,10 @@ from lungbench.measure.timing import OpCall, operator_counter, set_threads
 from lungbench.measure.workload import Workload
 from lungbench.step import NO_TIMER, Switches, TrainStep, backend_flags, bce_loss
 
-# A call moving fewer bytes than this is pure fixed cost (dispatch, a thread-pool wake-up):
-# the median time of such calls is the per-call latency.
 log = logging.getLogger(__name__)
 
+# A call moving fewer bytes than this is pure fixed cost (dispatch, a thread-pool wake-up):
+# the median time of such calls is the per-call latency.
 TINY_CALL_BYTES = 4096
 DEFAULT_CALL_LATENCY_S = 2e-6
 

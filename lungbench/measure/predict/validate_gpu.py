@@ -146,6 +146,7 @@ def measure(plan: GPUPlan, device: str, out: Path | None) -> tuple[list[dict], d
         ([plan.batch], sorted({plan.filters, *plan.widths})),
     ]
     records: list[dict] = []
+    seen: set[tuple[int, int]] = set()  # (batch, filters) already in records
     environment: dict = {}
     for i, (batches, widths) in enumerate(grids):
         if len(batches) == 1 and len(widths) == 1 and records:
@@ -155,8 +156,8 @@ def measure(plan: GPUPlan, device: str, out: Path | None) -> tuple[list[dict], d
             args, out=None if out is None else out / f"{device}-{i + 1}"
         )
         for record in found:
-            seen = {(r["batch_size"], r["filters"]) for r in records}
-            one_process = record.get("world_size", 1) == 1
-            if one_process and (record["batch_size"], record["filters"]) not in seen:
+            config = (record["batch_size"], record["filters"])
+            if record.get("world_size", 1) == 1 and config not in seen:
+                seen.add(config)
                 records.append(record)
     return records, environment
