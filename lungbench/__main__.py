@@ -1,4 +1,4 @@
-"""Layer 11: `python -m lungbench` runs the command line (lungbench.cli)."""
+"""Layer 13: `python -m lungbench` runs the command line (lungbench.cli)."""
 
 import sys
 

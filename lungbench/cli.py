@@ -1,4 +1,4 @@
-"""Layer 11 (cli): the `lungbench` command line: argument parsing and error reporting only.
+"""Layer 13 (cli): the `lungbench` command line: argument parsing and error reporting only.
 
 Each command lives in `lungbench/commands/<name>.py` and exposes `register(subparsers)`,
 which adds its parser and sets `func(args) -> int`. The work itself is done by the library.

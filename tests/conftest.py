@@ -30,3 +30,18 @@ def tiny_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("stores") / "tiny.h5"
     write_synthetic_store(path, "lidc", 24, geometry("dey2018"), seed=3, workers=1)
     return path
+
+
+@pytest.fixture
+def stderr_log():
+    """The CLI's console: lungbench's log lines on stderr, as `lungbench` shows them (the
+    handler is process-wide state, so each test that reads it installs it and puts it back)."""
+    import logging
+
+    from lungbench.core.console import LOGGER, show_progress
+
+    logger = logging.getLogger(LOGGER)
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    show_progress()
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved

@@ -8,7 +8,7 @@ import torch
 
 from lungbench.cli import main
 from lungbench.core.runs import read_json, read_records
-from lungbench.measure.ablation import (
+from lungbench.harness.ablation import (
     AblationConfig,
     ablation_table,
     attach_peaks,
@@ -16,7 +16,7 @@ from lungbench.measure.ablation import (
     run_ablation,
 )
 from lungbench.measure.workload import Workload
-from lungbench.step import bf16_supported, eager_fp32
+from lungbench.switches import bf16_supported, eager_fp32
 
 CPU = torch.device("cpu")
 TINY = AblationConfig(

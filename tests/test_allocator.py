@@ -19,7 +19,7 @@ from lungbench.core import allocator
 SCRIPT = """
 import json, torch
 from lungbench.core.allocator import keep_freed_memory, minor_page_faults
-from lungbench.measure.predict.operators import step_timer
+from lungbench.predict.operators import step_timer
 from lungbench.measure.workload import Workload
 from lungbench.step import Switches
 state = keep_freed_memory()

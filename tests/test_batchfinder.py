@@ -9,10 +9,10 @@ from torch import nn
 from lungbench.cli import main
 from lungbench.core.errors import is_oom
 from lungbench.core.runs import read_records
-from lungbench.measure.batch_finder import cap_configs, family, find_max_batch, training_trial
-from lungbench.measure.sweep import BenchConfig
+from lungbench.harness.batch_finder import cap_configs, family, find_max_batch, training_trial
+from lungbench.harness.sweep import BenchConfig
 from lungbench.measure.workload import Workload
-from lungbench.step import Switches
+from lungbench.switches import Switches
 
 CPU = torch.device("cpu")
 SHAPES = [(1, 4, 5, 6)]

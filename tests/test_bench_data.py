@@ -12,7 +12,7 @@ import pytest
 
 from lungbench.data.store import read_info, read_meta
 from lungbench.experiments.speedup import BenchRequest, generated_samples, prepare_store
-from lungbench.measure.sweep import TRAIN_FRACTION, train_split
+from lungbench.harness.sweep import TRAIN_FRACTION, train_split
 
 
 def _request(tmp_path, **fields) -> BenchRequest:

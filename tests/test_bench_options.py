@@ -18,9 +18,9 @@ from lungbench.commands._speed import AUTO_SWITCHES, asked_switches, switch_requ
 from lungbench.core.errors import UsageError
 from lungbench.core.options import ON_OFF
 from lungbench.experiments.speedup import BenchRequest
-from lungbench.measure.sweep_file import aliases, apply_sweep_file, parse_sweep
-from lungbench.measure.sweep_state import apply_resume_and_config
-from lungbench.step import SwitchRequest
+from lungbench.harness.sweep_file import aliases, apply_sweep_file, parse_sweep
+from lungbench.harness.sweep_state import apply_resume_and_config
+from lungbench.switches import SwitchRequest
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "bench" / "sweeps").glob("*.toml"))

@@ -21,7 +21,7 @@ from lungbench.core.errors import DataError, UsageError
 from lungbench.core.runs import read_json, read_records
 from lungbench.distributed.group import DistContext, DistributedError
 from lungbench.distributed.launch import slurm_port
-from lungbench.measure.ddp import parse_scaling, platform_label, split_batch
+from lungbench.harness.ddp import parse_scaling, platform_label, split_batch
 from lungbench.report.scaling import (
     breakdown_table,
     combine_runs,
@@ -394,7 +394,7 @@ def test_runs_combine_into_one_table(tmp_path):
 BUCKETS_SCRIPT = """
 import os, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from lungbench.measure.ddp import bucket_numels
+from lungbench.harness.ddp import bucket_numels
 from lungbench.models import create_model
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
 dist.init_process_group("gloo", rank=0, world_size=1)

@@ -20,8 +20,8 @@ from lungbench.core.paths import check_name, confined
 from lungbench.core.runs import RECORDS_FILE, read_records
 from lungbench.data.store import StoreDataset, StoreWriter, read_info, read_meta
 from lungbench.experiments.speedup import BenchRequest
+from lungbench.harness.sweep_file import apply_sweep_file, parse_sweep
 from lungbench.measure.stats import summarize
-from lungbench.measure.sweep_file import apply_sweep_file, parse_sweep
 from lungbench.report.runview import read_table
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Convolution calls made again alone (lungbench.measure.predict.kernels): their signatures
+"""Convolution calls made again alone (lungbench.predict.kernels): their signatures
 round-trip to tensors of the recorded shapes, and the ratio of two calls is measured, cached
 and refused where a call cannot be made."""
 
@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from lungbench.measure.predict import kernels
-from lungbench.measure.predict.kernels import KernelRatios, call_runner, decode
 from lungbench.measure.timing import OpCall, operator_counter
+from lungbench.predict import kernels
+from lungbench.predict.kernels import KernelRatios, call_runner, decode
 
 
 def conv_calls(batch: int, channels: int, side: int = 8, channels_last: bool = False):

@@ -25,14 +25,17 @@ LAYERS = {
     "lungbench.distributed": 2,  # launch detection, process group
     "lungbench.data": 3,  # stores, readers, generators, cube geometry, the production loader
     "lungbench.models": 4,  # architectures and their registry
-    "lungbench.step": 5,  # the speed switches and the one training step
-    "lungbench.measure": 6,  # timing, statistics, sweep, DDP, ablation, profiler, ...
-    "lungbench.train": 7,  # the training engine and what it needs
-    "lungbench.report": 8,  # tables, plots, HTML report, compare
-    "lungbench.experiments": 9,  # the recipes: speed-up run, training twins of the seeds
-    "lungbench.commands": 10,  # one module per CLI command
-    "lungbench.cli": 11,
-    "lungbench.__main__": 11,
+    "lungbench.switches": 5,  # the speed switches and how 'auto' resolves
+    "lungbench.step": 5,  # the one training step
+    "lungbench.measure": 6,  # primitives: timing, statistics, peaks, memory, contention, ...
+    "lungbench.harness": 7,  # run modes: sweep, DDP, ablation, tuning, batch finder, profiler
+    "lungbench.predict": 8,  # forecasting from a measured run
+    "lungbench.train": 9,  # the training engine and what it needs
+    "lungbench.report": 10,  # tables, plots, HTML report, compare
+    "lungbench.experiments": 11,  # the recipes: speed-up run, training twins of the seeds
+    "lungbench.commands": 12,  # one module per CLI command
+    "lungbench.cli": 13,
+    "lungbench.__main__": 13,
 }
 
 # Imports known to climb, kept as a list so a future exception is said out loud; empty since
@@ -117,8 +120,51 @@ def climbs(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
 
 
 def test_every_module_has_a_layer():
+    """Each module falls under exactly one named layer (a new top-level room must be added to
+    LAYERS, or it would silently take the root's layer 0)."""
     for name in all_modules():
-        assert layer_of(name) >= 0, name
+        owners = [p for p in LAYERS if name == p or name.startswith(p + ".")]
+        specific = [p for p in owners if p != "lungbench"]
+        assert name in ("lungbench", "lungbench.py") or specific, f"{name}: no layer in LAYERS"
+
+
+def test_a_module_outside_every_layer_is_caught():
+    owners = [p for p in LAYERS if "lungbench.newroom.x".startswith(p + ".")]
+    assert owners == ["lungbench"]  # only the root: test_every_module_has_a_layer fails it
+
+
+COMMANDS_LAYER = LAYERS["lungbench.commands"]
+
+
+def launches_lungbench(tree: ast.AST) -> bool:
+    """True when the code builds an argv that starts `lungbench`: `[..., "-m", "lungbench",
+    ...]` (python -m) or a list whose first item is "lungbench" (the console script)."""
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.List, ast.Tuple)):
+            continue
+        items = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+        if items[:1] == ["lungbench"] or any(
+            a == "-m" and b == "lungbench" for a, b in zip(items, items[1:])
+        ):
+            return True
+    return False
+
+
+def test_only_the_commands_start_lungbench_processes():
+    """A `lungbench` subprocess is a climb the import graph cannot see: a lower layer that
+    started one would run the commands above it. Only the commands (and the cli) may."""
+    starters = {
+        name
+        for name, path in all_modules().items()
+        if layer_of(name) < COMMANDS_LAYER and launches_lungbench(ast.parse(path.read_text()))
+    }
+    assert starters == set()
+
+
+def test_launch_checker_sees_both_spellings():
+    assert launches_lungbench(ast.parse('argv = [sys.executable, "-m", "lungbench", "bench"]'))
+    assert launches_lungbench(ast.parse('subprocess.run(["lungbench", "bench"])'))
+    assert not launches_lungbench(ast.parse('logging.getLogger("lungbench")'))
 
 
 def test_no_import_cycles():

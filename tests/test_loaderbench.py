@@ -16,9 +16,9 @@ from lungbench.data.loader import (
     rotate_last_two,
 )
 from lungbench.data.store import StoreDataset
+from lungbench.harness.loader import LoaderVariant, loader_table, run_loader_bench
+from lungbench.harness.sweep import BenchConfig, measure_epoch, train_split
 from lungbench.measure.data_wait import DATA_BOUND_FRACTION, data_bound
-from lungbench.measure.loader import LoaderVariant, loader_table, run_loader_bench
-from lungbench.measure.sweep import BenchConfig, measure_epoch, train_split
 from lungbench.measure.workload import Protocol, Workload
 
 CPU = torch.device("cpu")

@@ -132,7 +132,7 @@ def test_profile_refuses_a_batch_that_cannot_fit(tmp_path, capsys, monkeypatch):
 
 
 def test_the_ablation_refuses_a_batch_that_cannot_fit(monkeypatch):
-    from lungbench.measure.ablation import AblationConfig, run_ablation
+    from lungbench.harness.ablation import AblationConfig, run_ablation
 
     monkeypatch.setenv(memory.LIMIT_VARIABLE, "300MiB")
     huge = Workload(preset="dey2018", filters=2, batch_size=100_000)

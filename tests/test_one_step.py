@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 from lungbench.cli import main
 from lungbench.core.runs import read_records
 from lungbench.distributed.group import single_process
-from lungbench.step import NO_TIMER, Switches, TrainStep, bce_loss
+from lungbench.step import NO_TIMER, TrainStep, bce_loss
+from lungbench.switches import Switches
 from lungbench.train.config import TrainConfig
 from lungbench.train.engine import epoch_order, fit
 

@@ -99,7 +99,7 @@ def test_attach_peak_uses_the_dtype_the_math_ran_in():
 
 
 def test_saved_peaks_reads_runs_of_the_fp32_only_format(tmp_path):
-    from lungbench.measure.sweep_state import saved_peaks
+    from lungbench.harness.sweep_state import saved_peaks
 
     (tmp_path / "environment.json").write_text(json.dumps({"peak_flops_fp32": {"cpu": 2e11}}))
     assert saved_peaks(tmp_path) == {"cpu": {"fp32": 2e11}}

@@ -15,11 +15,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lungbench.cli import OneLineParser
 from lungbench.commands import predict as predict_command
+from lungbench.commands._launch import bench_subprocess
 from lungbench.core.errors import DataError, UsageError
 from lungbench.measure.allreduce import AlphaBeta, fit_alpha_beta
-from lungbench.measure.predict.comm import bucket_bytes, comm_estimate, ring_allreduce_s
-from lungbench.measure.predict.ddp_probe import overhead_of
-from lungbench.measure.predict.devices import (
+from lungbench.measure.timing import OpCall
+from lungbench.measure.workload import Workload
+from lungbench.predict.comm import bucket_bytes, comm_estimate, ring_allreduce_s
+from lungbench.predict.ddp_probe import overhead_of
+from lungbench.predict.devices import (
     DeviceProfile,
     load_profiles,
     look_up_device,
@@ -27,11 +30,9 @@ from lungbench.measure.predict.devices import (
     shared_by,
     shipped_profiles,
 )
-from lungbench.measure.predict.model import fixed_costs, roof_s, scale_step
-from lungbench.measure.predict.operators import count_operators
-from lungbench.measure.timing import OpCall
-from lungbench.measure.workload import Workload
-from lungbench.step import Switches
+from lungbench.predict.model import fixed_costs, roof_s, scale_step
+from lungbench.predict.operators import count_operators
+from lungbench.switches import Switches
 
 TINY = Workload(preset="dey2018", filters=2, batch_size=2)
 
@@ -290,7 +291,7 @@ def test_unknown_device_lists_the_known_ones():
 
 def test_a_user_profile_and_a_malformed_one(tmp_path):
     good = tmp_path / "mine.toml"
-    text = (Path(__file__).parents[1] / "lungbench/measure/predict/devices/l40s.toml").read_text()
+    text = (Path(__file__).parents[1] / "lungbench/predict/devices/l40s.toml").read_text()
     good.write_text(text.replace('name = "l40s"', 'name = "mine"'))
     assert "mine" in load_profiles([str(good)])
     with pytest.raises(DataError, match="source"):
@@ -389,7 +390,7 @@ def test_a_profile_of_several_ranks_is_refused(tmp_path, capsys):
 def test_projected_m100_rows_in_the_speedup_layout_beside_the_thesis():
     import pandas as pd
 
-    from lungbench.measure.predict.thesis import TABLE, projected_table
+    from lungbench.predict.thesis import TABLE, projected_table
     from lungbench.report.reference import default_reference_dir, load_references
 
     rows = [
@@ -421,7 +422,7 @@ def test_projected_m100_rows_in_the_speedup_layout_beside_the_thesis():
 
 
 def test_channels_off_the_simd_block_are_named(monkeypatch):
-    from lungbench.measure.predict import forecast
+    from lungbench.predict import forecast
 
     monkeypatch.setattr(forecast, "channel_block", lambda: 16)
     assert forecast.channel_notes(Workload(preset="default", filters=16, batch_size=2)) == []
@@ -430,7 +431,7 @@ def test_channels_off_the_simd_block_are_named(monkeypatch):
 
 
 def test_validations_of_an_earlier_model_are_not_pooled(tmp_path, monkeypatch):
-    from lungbench.measure.predict import calibration
+    from lungbench.predict import calibration
 
     # the shipped intervals come from validations of this model, of every CPU kind
     shipped = calibration.shipped_cases()
@@ -453,7 +454,7 @@ def test_validations_of_an_earlier_model_are_not_pooled(tmp_path, monkeypatch):
 def test_intervals_from_signed_validation_errors_by_hand():
     import math
 
-    from lungbench.measure.predict import calibration
+    from lungbench.predict import calibration
 
     # filters: measured 10% and 25% above two predictions (the model predicts low), and
     # once 5% below; threads: once exactly right
@@ -484,7 +485,7 @@ def test_intervals_from_signed_validation_errors_by_hand():
 
 
 def test_each_target_reads_the_probe_line_on_its_side():
-    from lungbench.measure.predict.operators import OperatorTable, second_probes
+    from lungbench.predict.operators import OperatorTable, second_probes
 
     probes = second_probes(Workload(preset="default", filters=8, batch_size=4), -1, -1)
     assert {k: (w.batch_size, w.filters) for k, w in probes.items()} == {
@@ -502,20 +503,20 @@ def test_each_target_reads_the_probe_line_on_its_side():
 
 def test_a_slow_remeasure_cannot_lower_the_convolution_rate(monkeypatch, tmp_path):
     import lungbench.measure.peak as peak
-    from lungbench.measure.predict.devices import measure_conv_rates
+    from lungbench.predict.devices import measure_conv_rates
 
     monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))  # this test's own cache
     rates = iter([100e9, 90e9, 40e9, 50e9, 40e9, 50e9])  # fp32 twice, then bf16 twice...
     monkeypatch.setattr(peak, "conv_rate", lambda device, dtype: next(rates))
-    monkeypatch.setattr("lungbench.step.bf16_supported", lambda device: False)
+    monkeypatch.setattr("lungbench.switches.bf16_supported", lambda device: False)
     assert measure_conv_rates(1) == {"fp32": 100e9}  # the best of two
     assert measure_conv_rates(1) == {"fp32": 100e9}  # cached
     assert measure_conv_rates(1, refresh=True) == {"fp32": 100e9}  # slower now: kept
 
 
 def test_gpu_models_map_to_their_shipped_profiles():
-    from lungbench.measure.predict.devices import shipped_profiles
-    from lungbench.measure.predict.validate_gpu import profile_for_gpu
+    from lungbench.predict.devices import shipped_profiles
+    from lungbench.predict.validate_gpu import profile_for_gpu
 
     names = {
         "NVIDIA H200": "h200",
@@ -534,10 +535,10 @@ def test_gpu_validation_flow_on_the_cpu(tmp_path, monkeypatch):
     # The GPU validation's flow (bench the source and targets, predict from the source's
     # record, compare, store) with the CPU standing in for the GPU; no profile fits "cpu",
     # so CPU -> GPU is skipped with a note.
-    from lungbench.measure.predict.validate_gpu import GPU_QUICK, run_gpu_validation
+    from lungbench.predict.validate_gpu import GPU_QUICK, run_gpu_validation
 
     monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
-    cases = run_gpu_validation(replace(GPU_QUICK, device="cpu", cpu_threads=1))
+    cases = run_gpu_validation(replace(GPU_QUICK, device="cpu", cpu_threads=1), bench_subprocess)
     assert cases[0]["kind"] == "source"
     scored = {(c["kind"], c["target"]): c for c in cases[1:]}
     assert set(scored) == {("batch", "cpu f2 b3"), ("filters", "cpu f3 b2")}

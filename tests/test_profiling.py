@@ -20,7 +20,7 @@ import torch
 from lungbench.cli import main
 from lungbench.core.errors import DataError
 from lungbench.core.runs import read_json
-from lungbench.measure.profiler import ProfileConfig, _batches
+from lungbench.harness.profiler import ProfileConfig, _batches
 from lungbench.measure.trace import (
     communication_spans,
     overlap_fraction,

@@ -19,8 +19,8 @@ from lungbench.cli import main
 from lungbench.core.errors import UsageError
 from lungbench.core.runs import RECORDS_FILE, read_json, read_records
 from lungbench.experiments.speedup import BenchRequest, run_bench
-from lungbench.measure.sweep import BenchConfig
-from lungbench.measure.sweep_state import (
+from lungbench.harness.sweep import BenchConfig
+from lungbench.harness.sweep_state import (
     SweepState,
     family_key,
     merge_request,
@@ -412,7 +412,7 @@ def test_resume_of_an_older_run_with_forced_switches_given_again():
     from dataclasses import asdict
 
     from lungbench.experiments.speedup import BenchRequest
-    from lungbench.measure.sweep_state import merge_request
+    from lungbench.harness.sweep_state import merge_request
 
     saved = {**asdict(BenchRequest(dtype="bf16")), "strict_switches": True}
     saved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in saved.items()}

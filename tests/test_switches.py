@@ -9,17 +9,15 @@ import pytest
 import torch
 
 from lungbench.core.errors import UsageError
-from lungbench.measure.ablation import tolerance
+from lungbench.harness.ablation import tolerance
 from lungbench.models import create_model
 from lungbench.models.dualpath3d import DualPath3D
-from lungbench.step import (
-    NO_TIMER,
+from lungbench.step import NO_TIMER, TrainStep, bce_loss
+from lungbench.switches import (
     Switches,
-    TrainStep,
     apply_memory_format,
     auto_switches,
     backend_flags,
-    bce_loss,
     bf16_supported,
     compiler_available,
     eager_fp32,
@@ -109,7 +107,7 @@ def test_memory_format_converts_every_5d_tensor_and_inputs():
         (Switches(cudnn_benchmark=True), "cudnn_benchmark", False),
     ],
 )
-def test_cpu_cannot_do_falls_back_with_a_warning(requested, field, ran, capsys):
+def test_cpu_cannot_do_falls_back_with_a_warning(requested, field, ran, capsys, stderr_log):
     resolved = resolve(requested, CPU)
     assert getattr(resolved.switches, field) == ran
     assert len(resolved.fallbacks) == 1
@@ -179,7 +177,7 @@ def test_channels_last_follows_the_input_rank():
 
 
 def test_known_bad_cpu_bf16_layer_shape_falls_back():
-    from lungbench.step import cpu_bf16_unsafe
+    from lungbench.switches import cpu_bf16_unsafe
 
     model = DualPath3D(filters=2, depth=2, context_grid=(5, 8, 8), zoom_grid=(5, 8, 8))
     inputs = [torch.rand(2, 1, 5, 8, 8)] * 2

@@ -14,7 +14,7 @@ from lungbench.data.synth_mosmed import (
     lung_masks,
     write_mosmed_store,
 )
-from lungbench.measure.sweep import default_store_path
+from lungbench.harness.sweep import default_store_path
 
 GRID = (16, 32, 32)
 

@@ -14,7 +14,8 @@ from lungbench.measure.timing import (
     set_threads,
     training_step_flops,
 )
-from lungbench.step import Switches, TrainStep
+from lungbench.step import TrainStep
+from lungbench.switches import Switches
 
 
 def _sleep_until(seconds: float) -> None:

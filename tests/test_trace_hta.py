@@ -4,7 +4,7 @@ Two kinds of trace, both read by both tools:
 
 (a) planted: a Chrome-trace JSON per rank (2 ranks, 3 profiler steps each) laid out the way
     torch.profiler writes a CUDA + NCCL run: the CPU-side record_function ranges that
-    lungbench.measure.profiler labels phases with (data / forward / backward / optimizer
+    lungbench.harness.profiler labels phases with (data / forward / backward / optimizer
     inside ProfilerStep#N), cudaLaunchKernel events whose `correlation` links them to the GPU
     kernels, compute kernels on two streams, an NCCL all-reduce on its own stream(s), a
     memcpy that runs during the all-reduce (not compute for either tool), gpu_user_annotation
@@ -42,7 +42,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lungbench.measure.profiler import ProfileSchedule, phase_range, profile_steps
+from lungbench.harness.profiler import ProfileSchedule, phase_range, profile_steps
 from lungbench.measure.trace import (
     PHASES,
     communication_spans,
@@ -341,7 +341,7 @@ def test_real_cpu_trace_phase_shares_match_hta(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     host = torch.randn(16, 64)
 
-    def step() -> None:  # the ranges lungbench.measure.profiler cuts every step into
+    def step() -> None:  # the ranges lungbench.harness.profiler cuts every step into
         with phase_range("data"):
             x = host.clone()
         with phase_range("forward"):

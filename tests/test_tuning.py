@@ -10,10 +10,10 @@ import torch
 from lungbench.cli import main
 from lungbench.core.cache import VERSION, cache_dir, write_cache
 from lungbench.core.runs import read_records
-from lungbench.measure import tuning
-from lungbench.measure.tuning import TuningOptions, candidates, combine, pick, tune
+from lungbench.harness import tuning
+from lungbench.harness.tuning import TuningOptions, candidates, combine, pick, tune
 from lungbench.measure.workload import Workload
-from lungbench.step import eager_fp32
+from lungbench.switches import eager_fp32
 
 CPU = torch.device("cpu")
 TINY = Workload(preset="dey2018", filters=2, batch_size=2)

@@ -1,4 +1,4 @@
-"""Layer 10 (commands): Argument types shared by the commands (argparse turns their errors into exit code 2).
+"""Layer 12 (commands): Argument types shared by the commands (argparse turns their errors into exit code 2).
 
 The value parsers themselves live in lungbench.core.options (config fields declare them);
 here they raise argparse's error type, so that argparse shows their message as it is.

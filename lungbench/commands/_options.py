@@ -1,4 +1,4 @@
-"""Layer 10 (commands): argparse options made from a config's field declarations, and the config made back from them.
+"""Layer 12 (commands): argparse options made from a config's field declarations, and the config made back from them.
 
 A recipe declares its options on its frozen config (lungbench.core.options: `option`,
 `nested`) and its full and --quick values in two dicts, FULL and QUICK (the quick overlay:

@@ -1,7 +1,7 @@
-"""Layer 10 (commands): the speed options of `lungbench bench` and `profile` that are no request field, and the switches the options ask for.
+"""Layer 12 (commands): the speed options of `lungbench bench` and `profile` that are no request field, and the switches the options ask for.
 
 The speed switches, the batch-size finder and the data path are options declared on the
-fields of lungbench.step.SwitchRequest and lungbench.experiments.speedup.BenchRequest
+fields of lungbench.switches.SwitchRequest and lungbench.experiments.speedup.BenchRequest
 (lungbench.commands._options builds them). Here are the rest: --eager-fp32 (a name for the
 switch values of the plain baseline), the modes that run instead of the sweep (--ablation,
 --loader), and `asked_switches`: the switch values and which of them the user forced.
@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from lungbench.commands._args import positive_int
 from lungbench.commands._options import add_config_options, config_from_args, section
-from lungbench.step import SWITCH_OPTIONS, SwitchRequest
+from lungbench.switches import SWITCH_OPTIONS, SwitchRequest
 
 # Left at their defaults (8 16 x 2 4 8), --filters / --batch give the ablation and the loader
 # benchmark the issue's reference configuration (filters 16, batch 2) instead of 6 runs.
@@ -105,8 +105,8 @@ def asked_switches(request: R, eager_fp32: bool, devices: Sequence[str]) -> R:
     and strict_switches = those the user forced on `devices` (forced_switches). UsageError
     for --eager-fp32 with a switch, and for --no-tune with --retune or --tune-compile."""
     from lungbench.core.errors import UsageError
-    from lungbench.step import eager_fp32 as baseline
-    from lungbench.step import switch_flag
+    from lungbench.switches import eager_fp32 as baseline
+    from lungbench.switches import switch_flag
 
     given = given_switches(request)
     values: dict[str, Any] = {}
@@ -132,7 +132,7 @@ def switch_request(args: argparse.Namespace, devices: Sequence[str]) -> SwitchRe
 def forced_switches(given: dict[str, Any], devices: list[str]) -> tuple[str, ...]:
     """The switches the user forced (an error where a device cannot do them). In a sweep over
     CPU and CUDA, the CUDA-only ones (and fp16) are meant for the CUDA rows: not forced."""
-    from lungbench.step import CUDA_ONLY_SWITCHES
+    from lungbench.switches import CUDA_ONLY_SWITCHES
 
     kinds = {d.split(":")[0] for d in devices}
     if len(kinds) == 1:
@@ -156,7 +156,7 @@ def run_ablation_cli(request: Any, args: argparse.Namespace) -> int:
     """`lungbench bench --ablation`: the workload of `request` (a BenchRequest built from
     the options, switches not yet settled), --accuracy-steps and --eager-fp32 from `args`."""
     from lungbench.experiments.speedup import BenchRequest, validate
-    from lungbench.measure.ablation import AblationConfig, run_ablation_bench
+    from lungbench.harness.ablation import AblationConfig, run_ablation_bench
     from lungbench.measure.workload import Workload
 
     validate(
@@ -197,7 +197,7 @@ def _refuse_switches_for_ablation(request: SwitchRequest, eager_fp32: bool) -> N
     """The ablation sets every switch itself, rung by rung from the eager FP32 baseline: a
     switch option would be silently ignored, so it is an error (--compile picks the rung)."""
     from lungbench.core.errors import UsageError
-    from lungbench.step import switch_flag
+    from lungbench.switches import switch_flag
 
     given = [name for name in given_switches(request) if name != "compile"]
     if eager_fp32:
@@ -214,7 +214,7 @@ def run_loader_cli(request: Any, args: argparse.Namespace) -> int:
     """`lungbench bench --loader`: the workload and data of `request`, --loader-samples
     from `args`."""
     from lungbench.experiments.speedup import BenchRequest, prepare_store, validate
-    from lungbench.measure.loader import run_loader_run
+    from lungbench.harness.loader import run_loader_run
     from lungbench.measure.workload import Workload
 
     data = BenchRequest(  # only what the loader benchmark reads is checked

@@ -1,4 +1,4 @@
-"""Layer 10 (commands): `lungbench bench`: the speed-up sweep (batch size x filters x device) of seed 000."""
+"""Layer 12 (commands): `lungbench bench`: the speed-up sweep (batch size x filters x device) of seed 000."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from lungbench.commands._speed import (
     run_loader_cli,
 )
 from lungbench.experiments.speedup import DATA, FINDER, HOW, WHAT, BenchRequest, run_bench
-from lungbench.step import SWITCH_OPTIONS
+from lungbench.switches import SWITCH_OPTIONS
 
 LAUNCHER = "under a launcher (torchrun, srun, mpiexec; see hpc/README.md)"
 
@@ -117,11 +117,11 @@ def _run(args: argparse.Namespace) -> int:
         run_mode = run_ablation_cli if args.ablation else run_loader_cli
         return run_mode(request, args)
     request = asked_switches(request, args.eager_fp32, request.devices)
-    from lungbench.measure.sweep_state import apply_resume_and_config, interrupt_exit_code
+    from lungbench.harness.sweep_state import apply_resume_and_config, interrupt_exit_code
 
     request, resume = apply_resume_and_config(request, BenchRequest(), args.config, args.resume)
     from lungbench.distributed.group import group_session, init_distributed
-    from lungbench.measure.ddp import DDPOptions, parse_scaling
+    from lungbench.harness.ddp import DDPOptions, parse_scaling
 
     # One process without a launcher: world size 1, no process group, the plain sweep.
     dist = init_distributed(_group_device(request.devices), timeout_s=args.dist_timeout)

@@ -1,4 +1,4 @@
-"""Layer 10 (commands): `lungbench compare A B`: per configuration, is run B faster, slower or the same as A?"""
+"""Layer 12 (commands): `lungbench compare A B`: per configuration, is run B faster, slower or the same as A?"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Layer 10 (commands): `lungbench data ...`: build HDF5 stores from generators or the real archives.
+"""Layer 12 (commands): `lungbench data ...`: build HDF5 stores from generators or the real archives.
 
 Each sub-command is a `register_<name>(sub)` function here; the work is in lungbench.data.
 """

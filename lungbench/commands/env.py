@@ -1,4 +1,4 @@
-"""Layer 10 (commands): `lungbench env`: print the environment record (what every run saves as environment.json)."""
+"""Layer 12 (commands): `lungbench env`: print the environment record (what every run saves as environment.json)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
         dtype = check_dtype(args.dtype or PEAK_DTYPE, device)
         peak = (device, dtype)
     if args.save:
-        from lungbench.measure.profiler import check_writable
+        from lungbench.harness.profiler import check_writable
 
         save = Path(args.save)
         if save.is_dir():

@@ -1,4 +1,4 @@
-"""Layer 10 (commands): `lungbench predict`: step and epoch time of configurations not run,
+"""Layer 12 (commands): `lungbench predict`: step and epoch time of configurations not run,
 projected from a measured bench run, and `--validate`, which measures the model's error here."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lungbench.commands._args import positive_int
+from lungbench.commands._launch import bench_subprocess
 
 DESCRIPTION = """\
 Project the training step and epoch time of a measured `lungbench bench` (or `lungbench
@@ -106,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--gpu goes with --validate (lungbench predict --validate --gpu)")
     if not args.run:
         raise UsageError("give --from RUN (a lungbench bench or profile run folder), or --validate")
-    from lungbench.measure.predict.devices import load_profiles, look_up_device
+    from lungbench.predict.devices import load_profiles, look_up_device
 
     profiles = load_profiles(args.device_file)
     for name in args.device or []:
@@ -127,7 +128,7 @@ def _read_run(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     env_path = run / "environment.json"
     environment = read_json(env_path) if env_path.is_file() else {}
     if not (run / "records.jsonl").is_file() and (run / "profile.json").is_file():
-        from lungbench.measure.predict.forecast import record_from_profile
+        from lungbench.predict.forecast import record_from_profile
 
         config = read_json(run / "config.json") if (run / "config.json").is_file() else {}
         return [record_from_profile(read_json(run / "profile.json"), config, str(run))], environment
@@ -161,7 +162,7 @@ class _Sources:
         self.made: dict[str, Any] = {}
 
     def nearest(self, batch: int | None, filters: int | None, threads: int | None = None):
-        from lungbench.measure.predict.forecast import source_from_record
+        from lungbench.predict.forecast import source_from_record
 
         def distance(r: dict[str, Any]) -> float:
             terms = [(batch, r.get("batch_size")), (filters, r.get("filters"))]
@@ -177,7 +178,7 @@ class _Sources:
 
 
 def _targets(args: argparse.Namespace):
-    from lungbench.measure.predict.forecast import Target
+    from lungbench.predict.forecast import Target
 
     for batch, filters, threads, ranks, device in itertools.product(
         args.batch or [None],
@@ -192,9 +193,9 @@ def _targets(args: argparse.Namespace):
 
 
 def _predict(args, records, environment) -> int:
-    from lungbench.measure.predict.forecast import Predictor
+    from lungbench.predict.forecast import Predictor
 
-    predictor = Predictor(tuple(args.device_file), args.remeasure)
+    predictor = Predictor(tuple(args.device_file), args.remeasure, launch=bench_subprocess)
     sources = _Sources(records, environment, str(args.run), args.remeasure)
     predictions = []
     for target in _targets(args):
@@ -245,11 +246,11 @@ def format_predictions(predictions) -> str:
 
 
 def _thesis(args, records, environment) -> int:
-    from lungbench.measure.predict.forecast import Predictor
-    from lungbench.measure.predict.thesis import THESIS_FILTERS, project_m100
-    from lungbench.measure.predict.thesis import __doc__ as unknowns
+    from lungbench.predict.forecast import Predictor
+    from lungbench.predict.thesis import THESIS_FILTERS, project_m100
+    from lungbench.predict.thesis import __doc__ as unknowns
 
-    predictor = Predictor(tuple(args.device_file), args.remeasure)
+    predictor = Predictor(tuple(args.device_file), args.remeasure, launch=bench_subprocess)
     sources = _Sources(records, environment, str(args.run), args.remeasure)
     rows = project_m100([], predictor, lambda _s, b, f: sources.nearest(b, f, None))
     published = _published_m100()
@@ -294,7 +295,7 @@ def _write_projection(run: Path, rows) -> Path | None:
     import pandas as pd
 
     from lungbench.core.runs import write_table
-    from lungbench.measure.predict.thesis import TABLE, projected_table
+    from lungbench.predict.thesis import TABLE, projected_table
 
     measured_path = run / "tables" / "speedup_b2.csv"
     measured = pd.read_csv(measured_path) if measured_path.is_file() else None
@@ -326,7 +327,7 @@ def _published_m100() -> dict[tuple[str, int], str]:
 
 
 def _list_devices(args) -> int:
-    from lungbench.measure.predict.devices import load_profiles
+    from lungbench.predict.devices import load_profiles
 
     for name, profile in sorted(load_profiles(args.device_file).items()):
         peaks = ", ".join(f"{d} {v / 1e12:g} TFLOP/s" for d, v in profile.peak_flops.items() if v)
@@ -341,18 +342,20 @@ def _list_devices(args) -> int:
 def _validate(args) -> int:
     from dataclasses import replace
 
-    from lungbench.measure.predict.validate import DEFAULT, QUICK, dumps, run_validation
+    from lungbench.predict.validate import DEFAULT, QUICK, dumps, run_validation
 
     if args.gpu:
-        from lungbench.measure.predict.validate_gpu import (
+        from lungbench.predict.validate_gpu import (
             GPU_DEFAULT,
             GPU_QUICK,
             run_gpu_validation,
         )
 
-        cases = run_gpu_validation(GPU_QUICK if args.quick else GPU_DEFAULT)
+        cases = run_gpu_validation(GPU_QUICK if args.quick else GPU_DEFAULT, bench_subprocess)
     else:
-        cases = run_validation(replace(QUICK if args.quick else DEFAULT, ddp=args.ddp))
+        cases = run_validation(
+            replace(QUICK if args.quick else DEFAULT, ddp=args.ddp), bench_subprocess
+        )
     if args.json:
         print(dumps(cases))
         return 0
@@ -361,7 +364,7 @@ def _validate(args) -> int:
 
 
 def format_validation(cases: list[dict[str, Any]]) -> str:
-    from lungbench.measure.predict.validate import summary
+    from lungbench.predict.validate import summary
 
     source = cases[0]
     lines = [

@@ -1,4 +1,4 @@
-"""Layer 10 (commands): `lungbench profile`: a training step under torch.profiler; traces for TensorBoard/Perfetto."""
+"""Layer 12 (commands): `lungbench profile`: a training step under torch.profiler; traces for TensorBoard/Perfetto."""
 
 from __future__ import annotations
 
@@ -97,14 +97,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lungbench.measure.profiler import (
+    from lungbench.harness.profiler import (
         ProfileConfig,
         ProfileSchedule,
         parse_activities,
         run_profile,
     )
     from lungbench.measure.workload import Workload
-    from lungbench.step import switches_of
+    from lungbench.switches import switches_of
 
     activities = args.activities
     if activities is None:

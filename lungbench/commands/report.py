@@ -1,4 +1,4 @@
-"""Layer 10 (commands): `lungbench report RUN...`: an HTML report (self-contained) and its Markdown twin."""
+"""Layer 12 (commands): `lungbench report RUN...`: an HTML report (self-contained) and its Markdown twin."""
 
 from __future__ import annotations
 

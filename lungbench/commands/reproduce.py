@@ -1,4 +1,4 @@
-"""Layer 10 (commands): `lungbench reproduce`: every twin of the seeds' experiments, one resumable run, one report."""
+"""Layer 12 (commands): `lungbench reproduce`: every twin of the seeds' experiments, one resumable run, one report."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
     from lungbench.core.runs import markdown
     from lungbench.distributed.launch import require_single_process
     from lungbench.experiments import reproduce as recipe
-    from lungbench.measure.sweep_state import interrupt_exit_code
+    from lungbench.harness.sweep_state import interrupt_exit_code
     from lungbench.train.engine import TrainingInterrupted
 
     require_single_process("lungbench reproduce", "; run the twins one by one under the launcher")

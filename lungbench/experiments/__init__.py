@@ -1,2 +1,2 @@
-"""Layer 9 (experiments): the recipes. `speedup` is the thesis's speed-up run (`lungbench
+"""Layer 11 (experiments): the recipes. `speedup` is the thesis's speed-up run (`lungbench
 bench`); each other module is one `lungbench train EXPERIMENT`."""

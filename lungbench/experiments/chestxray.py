@@ -1,4 +1,4 @@
-"""Layer 9 (experiments): `lungbench train chestxray`: seed 004's transfer-learning study on chest radiographs.
+"""Layer 11 (experiments): `lungbench train chestxray`: seed 004's transfer-learning study on chest radiographs.
 
 For every pretrained-weights source x transfer method (A head only, B freeze up to a stage
 boundary at each depth, C all layers from the weights; D from random init, once), train a

@@ -1,4 +1,4 @@
-"""Layer 9 (experiments): Pieces shared by the 2D transfer-learning experiments (chestxray, nodule2d).
+"""Layer 11 (experiments): Pieces shared by the 2D transfer-learning experiments (chestxray, nodule2d).
 
 Model building with transfer methods and weights (checked before a run starts), store
 checks, label-column selection, the cost table and the "mean% (+/- std%)" tables of seed 004.

@@ -1,4 +1,4 @@
-"""Layer 9 (experiments): Pieces shared by the 3D experiments (lidc-pretrain, lungx-cv, mosmed).
+"""Layer 11 (experiments): Pieces shared by the 3D experiments (lidc-pretrain, lungx-cv, mosmed).
 
 Generated default stores cached under OUT/data/, store checks (kind, inputs, grid), and the
 run-folder preamble (training_run, from lungbench.experiments.resumable: stopped runs keep

@@ -1,4 +1,4 @@
-"""Layer 9 (experiments): the recipe of `lungbench train lidc-pretrain`, seed 000's pre-training of the two-path 3D CNN on LIDC-IDRI.
+"""Layer 11 (experiments): the recipe of `lungbench train lidc-pretrain`, seed 000's pre-training of the two-path 3D CNN on LIDC-IDRI.
 
 Protocol (the thesis): 20% of the nodules for validation (stratified), batch 16, the best
 epoch by validation loss; report accuracy and AUC on the validation set at that epoch (the
@@ -39,7 +39,7 @@ from lungbench.distributed.group import (
 )
 from lungbench.experiments import common3d
 from lungbench.experiments.resumable import ResumePoint, checkpoint_to_resume
-from lungbench.measure.sweep import default_store_path
+from lungbench.harness.sweep import default_store_path
 from lungbench.models import create_model
 from lungbench.report.training import loss_curves_plot, roc_plot
 from lungbench.train.checkpoint import load_resume_checkpoint

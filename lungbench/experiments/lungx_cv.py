@@ -1,4 +1,4 @@
-"""Layer 9 (experiments): the recipe of `lungbench train lungx-cv`: seed 000's 3-fold cross-validation on LUNGx, three regimes.
+"""Layer 11 (experiments): the recipe of `lungbench train lungx-cv`: seed 000's 3-fold cross-validation on LUNGx, three regimes.
 
 Per fold one subset is the test set, 10% of the other two the validation set and the rest
 the training set. Regimes (the thesis):

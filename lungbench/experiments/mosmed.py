@@ -1,4 +1,4 @@
-"""Layer 9 (experiments): the recipe of `lungbench train mosmed`, seed 002's CT-0 vs CT-2/3 task with the MosMed 3D CNN and each of
+"""Layer 11 (experiments): the recipe of `lungbench train mosmed`, seed 002's CT-0 vs CT-2/3 task with the MosMed 3D CNN and each of
 its six modifications; one comparison table (accuracy, AUC, parameters, time per epoch, peak
 memory: measured on CUDA, estimated on CPU) and the curves of every variant.
 

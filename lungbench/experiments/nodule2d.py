@@ -1,4 +1,4 @@
-"""Layer 9 (experiments): `lungbench train nodule2d`: seed 001's fine-tuning recipe on 64x64 nodule crops.
+"""Layer 11 (experiments): `lungbench train nodule2d`: seed 001's fine-tuning recipe on 64x64 nodule crops.
 
 LR range test (its plot and the suggestion at the steepest descent) -> training with cosine
 annealing or one-cycle and random-rotation augmentation -> test accuracy with and without

@@ -1,4 +1,4 @@
-"""Layer 9 (experiments): `lungbench reproduce`: every twin of the seeds' experiments in one resumable run, ending in one report.
+"""Layer 11 (experiments): `lungbench reproduce`: every twin of the seeds' experiments in one resumable run, ending in one report.
 
 A twin is lungbench's version of one published experiment:
 
@@ -62,7 +62,7 @@ from lungbench.core.runs import (
     write_json,
     write_table,
 )
-from lungbench.measure.sweep_state import (
+from lungbench.harness.sweep_state import (
     mark_resumed,
     resolve_run_dir,
     stop_on_sigterm,
@@ -183,7 +183,7 @@ def _run_recipe(ctx: TwinContext, recipe, cls, saved_as: str = "config") -> Path
 
 def _run_speedup(ctx: TwinContext) -> Path:
     from lungbench.experiments.speedup import run_bench
-    from lungbench.measure.sweep_state import open_for_resume, resumed_request
+    from lungbench.harness.sweep_state import open_for_resume, resumed_request
 
     request = _speedup_request(ctx.quick, ctx.device, ctx.out, ctx.run_id)
     point = open_for_resume(ctx.resume, ctx.out) if ctx.resume is not None else None

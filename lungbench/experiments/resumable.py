@@ -1,6 +1,6 @@
-"""Layer 9 (experiments): Recipe run folders that survive a stop: tables of what finished, and `--resume RUN`.
+"""Layer 11 (experiments): Recipe run folders that survive a stop: tables of what finished, and `--resume RUN`.
 
-A recipe's truth is its records.jsonl, as for `lungbench bench` (lungbench.measure.sweep_state):
+A recipe's truth is its records.jsonl, as for `lungbench bench` (lungbench.harness.sweep_state):
 each finished fold, fit or variant appends one fsynced record, and the recipe's tables are
 built from the records. So when a run stops (Ctrl-C, SIGTERM, a scheduler's time limit, an
 exception) the tables are rebuilt from the folds that finished before run.json is marked
@@ -33,7 +33,7 @@ from lungbench.core.runs import (
     run_folder,
     write_json,
 )
-from lungbench.measure.sweep_state import (
+from lungbench.harness.sweep_state import (
     environment_file,
     resolve_run_dir,
     start_resume,

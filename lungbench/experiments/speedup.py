@@ -1,4 +1,4 @@
-"""Layer 9 (experiments): A whole `lungbench bench` run: validate, prepare data, sweep, write and publish results.
+"""Layer 11 (experiments): A whole `lungbench bench` run: validate, prepare data, sweep, write and publish results.
 
 Everything the user asked for is checked before the run folder is created, so bad input
 leaves nothing behind; a run that fails or is interrupted later is marked so in run.json.
@@ -45,18 +45,16 @@ from lungbench.distributed.group import (
     all_gather,
     barrier,
 )
-from lungbench.measure.batch_finder import apply_batch_finder
-from lungbench.measure.ddp import DDPOptions, run_ddp_sweep
-from lungbench.measure.peak import attach_peak, matmul_peak_stats
-from lungbench.measure.peak_cache import robust_peaks
-from lungbench.measure.sweep import (
+from lungbench.harness.batch_finder import apply_batch_finder
+from lungbench.harness.ddp import DDPOptions, run_ddp_sweep
+from lungbench.harness.sweep import (
     TRAIN_FRACTION,
     BenchConfig,
     SweepSpec,
     default_store_path,
     run_sweep,
 )
-from lungbench.measure.sweep_state import (
+from lungbench.harness.sweep_state import (
     ResumePoint,
     SweepState,
     environment_file,
@@ -66,14 +64,16 @@ from lungbench.measure.sweep_state import (
     start_resume,
     stop_on_sigterm,
 )
+from lungbench.harness.tuning import Tuner, TuningOptions, fast_choice, untuned
+from lungbench.measure.peak import attach_peak, matmul_peak_stats
+from lungbench.measure.peak_cache import robust_peaks
 from lungbench.measure.telemetry import SweepMonitor
 from lungbench.measure.timing import reporting
-from lungbench.measure.tuning import Tuner, TuningOptions, fast_choice, untuned
 from lungbench.measure.workload import Protocol, Workload
 from lungbench.models import create_model, list_models
 from lungbench.report.bench_outputs import write_bench_outputs
 from lungbench.report.scaling import write_scaling_outputs
-from lungbench.step import SwitchRequest, check_switches, switches_of
+from lungbench.switches import SwitchRequest, check_switches, switches_of
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
@@ -236,7 +236,7 @@ class BenchRequest(SwitchRequest):
     run_id: str | None = option(
         None, group=DATA, default_text="bench-<UTC>-<host>", help="run folder name"
     )
-    # The data path (lungbench.measure.loader) and the batch-size finder; the speed
+    # The data path (lungbench.harness.loader) and the batch-size finder; the speed
     # switches are SwitchRequest's.
     pin_memory: bool | None = option(
         None,
@@ -431,12 +431,12 @@ def run_bench(
 ) -> BenchResult:
     """Run the sweep described by `request` and write its result folder.
 
-    With `resume` (lungbench.measure.sweep_state.open_for_resume), continue that run folder: only
+    With `resume` (lungbench.harness.sweep_state.open_for_resume), continue that run folder: only
     configurations without a record are measured. Ctrl-C / SIGTERM mark the run
     "interrupted" with its tables rebuilt from the records, then re-raise.
 
     With `dist` (a lungbench.distributed.group.DistContext of world size > 1) the DDP
-    measurements of lungbench.measure.ddp run instead, configured by `ddp` (DDPOptions);
+    measurements of lungbench.harness.ddp run instead, configured by `ddp` (DDPOptions);
     only rank 0 writes.
     """
     if dist is not None and dist.is_distributed:
@@ -545,7 +545,7 @@ def tuned(
 ) -> Callable[[BenchConfig], BenchConfig]:
     """The sweep's `prepare`: a configuration with "auto" switches gets the measured fast
     choice for its workload on its device (one tuning pass per workload, just before its
-    first measurement; lungbench.measure.tuning), and `fields[key]` the record fields saying
+    first measurement; lungbench.harness.tuning), and `fields[key]` the record fields saying
     what was chosen among which measured alternatives."""
     tuner = Tuner(TuningOptions(retune=request.retune, allow_compile=request.tune_compile))
 

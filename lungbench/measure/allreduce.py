@@ -10,7 +10,7 @@ bandwidth beta (bytes/s):
 MPICH", 2005). DDP all-reduces its gradient buckets one after another, so a step's
 communication is the sum over its buckets. `fit_alpha_beta` takes measured (bytes, seconds)
 pairs at two or more sizes and returns the least-squares alpha and beta; the DDP benchmark
-(lungbench.measure.ddp) measures them and sets the model's estimate beside the measured
+(lungbench.harness.ddp) measures them and sets the model's estimate beside the measured
 all-reduce of the step's real buckets.
 """
 

@@ -11,7 +11,7 @@ gradients and optimizer state, plus per sample the activations autograd saves fo
 the CPU, so no device memory is touched) times ACTIVATION_FACTOR, plus a fixed RUNTIME_OVERHEAD. It is an
 upper estimate for FP32 (autocast saves smaller activations); it exists to refuse work that
 cannot fit (`lungbench bench --batch 100000` would otherwise grow until the kernel kills it),
-not to tune a batch to the last MiB: the batch finder (lungbench.measure.batch_finder) does that.
+not to tune a batch to the last MiB: the batch finder (lungbench.harness.batch_finder) does that.
 
 The limit: CUDA, the driver's free memory; CPU, the available memory (psutil) or the cgroup's
 remaining allowance when that is smaller (a SLURM job or a container). LUNGBENCH_MEMORY_LIMIT

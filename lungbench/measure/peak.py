@@ -137,7 +137,7 @@ def device_peaks(
 ) -> dict[str, float]:
     """Matrix-product peak of `device` per dtype: FP32 always; bf16 where the device has
     native bf16 arithmetic; fp16 on CUDA only (CPU has no fast fp16 kernels)."""
-    from lungbench.step import bf16_supported
+    from lungbench.switches import bf16_supported
 
     wanted = ["fp32"]
     if "bf16" in dtypes and bf16_supported(device):

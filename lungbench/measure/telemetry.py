@@ -443,7 +443,7 @@ def _slug(text: str) -> str:
 
 
 class MeasuredConfig(Protocol):
-    """What SweepMonitor needs of a configuration (lungbench.measure.sweep.BenchConfig has it)."""
+    """What SweepMonitor needs of a configuration (lungbench.harness.sweep.BenchConfig has it)."""
 
     workload: Workload
     protocol: TimingProtocol

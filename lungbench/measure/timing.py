@@ -259,7 +259,7 @@ class OpCall:
     convolution, 2 per multiply-add), bytes its tensors take and return, the dtype its
     math ran in, the step phase it ran in, its measured seconds (0 when not timed) and, for
     a convolution, its `signature`: its arguments as JSON, tensors as shape, dtype and
-    layout, so that the same call can be made again alone (lungbench.measure.predict.
+    layout, so that the same call can be made again alone (lungbench.predict.
     kernels); "" for other operators."""
 
     name: str
@@ -283,7 +283,7 @@ def _math_dtype(tensors: Sequence[object]) -> str:
 
 
 # Operators whose calls keep their signature: the convolutions, whose speed per FLOP moves
-# with their shapes in ways no bound says (lungbench.measure.predict.kernels).
+# with their shapes in ways no bound says (lungbench.predict.kernels).
 SIGNED_OPERATORS = ("aten.convolution", "aten.convolution_backward")
 
 

@@ -1,1 +1,1 @@
-"""Layer 8 (report): tables (the seeds' layouts), plots, the HTML report and run comparison."""
+"""Layer 10 (report): tables (the seeds' layouts), plots, the HTML report and run comparison."""

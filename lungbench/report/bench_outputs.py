@@ -1,4 +1,4 @@
-"""Layer 8 (report): Write a benchmark run's tables and plots from its records (rebuildable at any time)."""
+"""Layer 10 (report): Write a benchmark run's tables and plots from its records (rebuildable at any time)."""
 
 from __future__ import annotations
 

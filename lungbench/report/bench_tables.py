@@ -1,4 +1,4 @@
-"""Layer 8 (report): Benchmark tables: the long-form summary and the thesis's speed-up table.
+"""Layer 10 (report): Benchmark tables: the long-form summary and the thesis's speed-up table.
 
 The speed-up table of seed 000 (one per batch size):
 

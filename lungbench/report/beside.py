@@ -1,4 +1,4 @@
-"""Layer 8 (report): Which published tables stand beside which of a run's tables.
+"""Layer 10 (report): Which published tables stand beside which of a run's tables.
 
 For each table of a run (its tables/NAME.csv, and the tables the report derives in a seed's
 layout from what a recipe wrote: seed 004's with/without transfer-learning table from a

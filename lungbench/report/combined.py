@@ -1,4 +1,4 @@
-"""Layer 8 (report): One report for several runs read one after another: a chapter per run, each table beside its published ones.
+"""Layer 10 (report): One report for several runs read one after another: a chapter per run, each table beside its published ones.
 
 `lungbench report A B` sets runs side by side, one column each, to compare them; a
 reproduction (`lungbench reproduce`) is six different experiments, which read better one

@@ -1,4 +1,4 @@
-"""Layer 8 (report): Compare two runs configuration by configuration: did B get faster or slower than A?
+"""Layer 10 (report): Compare two runs configuration by configuration: did B get faster or slower than A?
 
 For every configuration key measured (status ok) in both runs:
 

@@ -1,4 +1,4 @@
-"""Layer 8 (report): Figures the report draws from a run's records and telemetry (the run's own plots/*.png
+"""Layer 10 (report): Figures the report draws from a run's records and telemetry (the run's own plots/*.png
 are embedded as they are): peak memory and step time vs filters, telemetry timelines."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Layer 8 (report): `lungbench report`: one self-contained HTML file and its Markdown twin for one or more runs.
+"""Layer 10 (report): `lungbench report`: one self-contained HTML file and its Markdown twin for one or more runs.
 
     lungbench report results/bench-20260101-120000-node1            # -> report.html, report.md
     lungbench report results/run-a results/run-b --out results/ab   # side by side

@@ -1,4 +1,4 @@
-"""Layer 8 (report): Benchmark plots (PNG): step time vs batch size, throughput, and speed-up bars."""
+"""Layer 10 (report): Benchmark plots (PNG): step time vs batch size, throughput, and speed-up bars."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Layer 8 (report): The seeds' published tables (results/reference/), read, checked and matched to a run's tables.
+"""Layer 10 (report): The seeds' published tables (results/reference/), read, checked and matched to a run's tables.
 
 The folder holds one CSV per published table, `seedNNN_NAME.csv`, in the layout lungbench
 writes (same first column, same column names), and `index.csv`, one row per file:

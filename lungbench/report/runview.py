@@ -1,4 +1,4 @@
-"""Layer 8 (report): Read a run folder (any kind: bench, train, profile) for reports and comparisons.
+"""Layer 10 (report): Read a run folder (any kind: bench, train, profile) for reports and comparisons.
 
 Read-only and tolerant: a run that was killed has no tables yet, a training run has no
 records.jsonl, a table may be unreadable. What is missing is simply absent from the view;

@@ -1,4 +1,4 @@
-"""Layer 8 (report): Scaling tables and plots of DDP runs: efficiency per world size, and where the time goes.
+"""Layer 10 (report): Scaling tables and plots of DDP runs: efficiency per world size, and where the time goes.
 
     records = combine_runs([Path("results/run-1proc"), Path("results/run-2proc")])
     print(format_scaling_markdown(scaling_table(records)))
@@ -31,7 +31,7 @@ import pandas as pd
 
 from lungbench.core.errors import DataError
 from lungbench.core.runs import RECORDS_FILE, read_records, save_figure, write_table
-from lungbench.measure.ddp import RANK_THREADS, WHOLE
+from lungbench.harness.ddp import RANK_THREADS, WHOLE
 from lungbench.measure.stats import format_seconds
 from lungbench.report import plots  # its import selects matplotlib's headless backend
 

@@ -1,4 +1,4 @@
-"""Layer 8 (report): Training tables in the thesis's layouts, and training plots (loss curves, ROC curves).
+"""Layer 10 (report): Training tables in the thesis's layouts, and training plots (loss curves, ROC curves).
 
 auc_table({"LIDC only": [..], "w/o pre-training": [..], "w/ pre-training": [..]})
     rows: regimes; columns: fold 1 .. fold k, average

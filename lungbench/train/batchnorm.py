@@ -1,4 +1,4 @@
-"""Layer 7 (train): Precise batch-norm statistics: the running averages recomputed for the trained weights.
+"""Layer 9 (train): Precise batch-norm statistics: the running averages recomputed for the trained weights.
 
 A batch norm normalises with the batch's statistics in training and with running averages
 (momentum 0.1) in evaluation. After a short training at a high learning rate those

@@ -1,4 +1,4 @@
-"""Layer 7 (train): Grad-CAM (Selvaraju et al. 2017) for any of the networks: where the model looked.
+"""Layer 9 (train): Grad-CAM (Selvaraju et al. 2017) for any of the networks: where the model looked.
 
     cam = grad_cam(model, (image,), target=0)        # (B, H, W) in [0, 1], input resolution
     cam = grad_cam(model, (images,), min_size=7, negative=probs < 0.5)   # small crops

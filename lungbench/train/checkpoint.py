@@ -1,4 +1,4 @@
-"""Layer 7 (train): checkpoints and the random states that make a resume exact.
+"""Layer 9 (train): checkpoints and the random states that make a resume exact.
 
 Checkpoints are written atomically and read with `weights_only=True`; a resume checkpoint must
 come from the same TrainConfig (apart from RESUME_MAY_CHANGE).

@@ -1,6 +1,6 @@
-"""Layer 7 (train): What a training run is asked to do (TrainConfig) and what it returns (FitResult).
+"""Layer 9 (train): What a training run is asked to do (TrainConfig) and what it returns (FitResult).
 
-Layer 7 (train): imported by the engine, the checkpoints and the experiments.
+Imported by the engine, the checkpoints and the experiments.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Layer 7 (train): What a transfer method costs to train: time per epoch, trainable parameters, memory, GPUs.
+"""Layer 9 (train): What a transfer method costs to train: time per epoch, trainable parameters, memory, GPUs.
 
 Seed 004's cost table (ResNet50 / DenseNet121 on ChestX-ray8) has, per method: batch size,
 minimum GPUs, time per epoch and trainable parameters. Here:

@@ -1,4 +1,4 @@
-"""Layer 7 (train): The training engine: one plain, readable loop shared by every experiment.
+"""Layer 9 (train): The training engine: one plain, readable loop shared by every experiment.
 
     config = TrainConfig(epochs=30, batch_size=16, lr=1e-3)
     result = fit(model, train_ds, val_ds, config, run_dir=run_dir,
@@ -56,7 +56,8 @@ from lungbench.core.device import parse_device
 from lungbench.core.errors import LungbenchError, UsageError
 from lungbench.data.transforms import sample_key
 from lungbench.distributed.group import DistContext, all_gather, single_process, wrap_model
-from lungbench.step import NO_TIMER, Switches, TrainStep, autocast, make_optimizer
+from lungbench.step import NO_TIMER, TrainStep, make_optimizer
+from lungbench.switches import Switches, autocast
 from lungbench.train.checkpoint import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,

@@ -1,4 +1,4 @@
-"""Layer 7 (train): Weighted binary cross-entropy of seed 004 (after Wang et al. 2017, ChestX-ray8):
+"""Layer 9 (train): Weighted binary cross-entropy of seed 004 (after Wang et al. 2017, ChestX-ray8):
 
     L = sum_i [ beta_P * sum_{k: y_ik = 1} -ln sigma(f_k(x_i))
               + beta_N * sum_{k: y_ik = 0} -ln (1 - sigma(f_k(x_i))) ]

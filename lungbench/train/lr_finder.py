@@ -1,4 +1,4 @@
-"""Layer 7 (train): Learning-rate range test (Smith 2017; fastai's `lr_find`, used by seed 001).
+"""Layer 9 (train): Learning-rate range test (Smith 2017; fastai's `lr_find`, used by seed 001).
 
     result = find_lr(model, train_ds, loss_fn=None, start_lr=1e-7, end_lr=10, num_iter=100)
     result.suggestion          # the LR at the steepest descent of the smoothed loss
@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lungbench.core.errors import UsageError
-from lungbench.step import NO_TIMER, Switches, TrainStep, make_optimizer
+from lungbench.step import NO_TIMER, TrainStep, make_optimizer
+from lungbench.switches import Switches
 from lungbench.train.metrics import default_loss
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -1,4 +1,4 @@
-"""Layer 7 (train): what a prediction scores, and the default loss.
+"""Layer 9 (train): what a prediction scores, and the default loss.
 
 The default loss follows the target (BCE-with-logits for float targets, cross-entropy for
 int64 ones), probabilities from logits per task, and accuracy and AUC for validation.

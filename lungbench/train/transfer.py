@@ -1,4 +1,4 @@
-"""Layer 7 (train): Transfer-learning methods of seed 004: which parameters train and which stay frozen.
+"""Layer 9 (train): Transfer-learning methods of seed 004: which parameters train and which stay frozen.
 
     A  head only: the new classification layer trains, the whole backbone is frozen
     B  freeze up to a stage boundary, train the rest (seed 004: ResNet50 "10/22/40 layers",

@@ -1,4 +1,4 @@
-"""Layer 7 (train): Test-time augmentation: average the predictions over flips and rotations of each image.
+"""Layer 9 (train): Test-time augmentation: average the predictions over flips and rotations of each image.
 
     probs = tta_probabilities(model, (images,), task="binary")          # (B,)
     probs, targets = tta_predict(model, dataset, batch_size=32)

@@ -1,4 +1,4 @@
-"""Layer 7 (train): Pretrained weights from local files only: lungbench never downloads anything.
+"""Layer 9 (train): Pretrained weights from local files only: lungbench never downloads anything.
 
     report = load_weights(model, "resnet50-imagenet.pth")          # torchvision state dict
     report = load_weights(model, "results/<run>/fold1/checkpoint_best.pt")  # a lungbench run

@@ -1,4 +1,4 @@
-"""Layer 10 (commands): `lungbench train EXPERIMENT`, the training recipes of the seeds.
+"""Layer 12 (commands): `lungbench train EXPERIMENT`, the training recipes of the seeds.
 
 Each command module in EXPERIMENT_MODULES (one per recipe of lungbench.experiments) exposes
 NAME, HELP, DESCRIPTION, `add_arguments(parser)` (the options the recipe's config declares on

@@ -1,4 +1,4 @@
-"""Layer 10 (commands): what every `lungbench train` recipe's command shares.
+"""Layer 12 (commands): what every `lungbench train` recipe's command shares.
 
 The recipes' options themselves are declared on their configs' fields and built by
 lungbench.commands._options; here are the output options and the config built from the

@@ -1,4 +1,4 @@
-"""Layer 10 (commands): `lungbench train chestxray`: the recipe lungbench.experiments.chestxray
+"""Layer 12 (commands): `lungbench train chestxray`: the recipe lungbench.experiments.chestxray
 with the options its config declares, and its printed tables."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Layer 10 (commands): `lungbench train lidc-pretrain`: the recipe
+"""Layer 12 (commands): `lungbench train lidc-pretrain`: the recipe
 lungbench.experiments.lidc_pretrain with the options its config declares, the launcher's
 process group, and its printed summary."""
 

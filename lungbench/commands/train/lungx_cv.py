@@ -1,4 +1,4 @@
-"""Layer 10 (commands): `lungbench train lungx-cv`: the recipe lungbench.experiments.lungx_cv
+"""Layer 12 (commands): `lungbench train lungx-cv`: the recipe lungbench.experiments.lungx_cv
 with the options its config declares, and its printed AUC and confusion tables."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Layer 10 (commands): `lungbench train mosmed`: the recipe lungbench.experiments.mosmed
+"""Layer 12 (commands): `lungbench train mosmed`: the recipe lungbench.experiments.mosmed
 with the options its config declares, and its printed table."""
 
 from __future__ import annotations

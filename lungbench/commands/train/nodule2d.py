@@ -1,4 +1,4 @@
-"""Layer 10 (commands): `lungbench train nodule2d`: the recipe lungbench.experiments.nodule2d
+"""Layer 12 (commands): `lungbench train nodule2d`: the recipe lungbench.experiments.nodule2d
 with the options its config declares, and its printed tables."""
 
 from __future__ import annotations

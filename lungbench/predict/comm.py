@@ -1,4 +1,4 @@
-"""Layer 6 (measure): the gradient all-reduce of N data-parallel ranks.
+"""Layer 8 (predict): the gradient all-reduce of N data-parallel ranks.
 
 DDP all-reduces the gradients in buckets (`bucket_bytes`: the layout DDP computes, 1 MiB
 first, then `bucket_mb`), each as a ring all-reduce (lungbench.measure.allreduce):

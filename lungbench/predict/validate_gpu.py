@@ -1,4 +1,4 @@
-"""Layer 6 (measure): `lungbench predict --validate --gpu`: the model's error on this GPU.
+"""Layer 8 (predict): `lungbench predict --validate --gpu`: the model's error on this GPU.
 
 Two kinds of prediction are checked on a GPU node, the ones a user books with:
 
@@ -12,7 +12,7 @@ A GPU's step does not drift as a shared CPU's does, so targets are measured in o
 run rather than in alternation. The cases are stored like the CPU validation's (kinds
 "batch", "filters" and "device"): later predictions' intervals come from them.
 
-    cases = run_gpu_validation(GPU_DEFAULT)      # a few minutes on one GPU
+    cases = run_gpu_validation(GPU_DEFAULT, bench_subprocess)      # a few minutes on one GPU
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import torch
 
 from lungbench.core.errors import UsageError
 from lungbench.core.runs import utc_now
-from lungbench.measure.predict import calibration
-from lungbench.measure.predict.devices import load_profiles
-from lungbench.measure.predict.forecast import Predictor, Target, source_from_record
-from lungbench.measure.predict.runner import bench_subprocess
-from lungbench.measure.predict.validate import case
+from lungbench.predict import calibration
+from lungbench.predict.ddp_probe import BenchLaunch
+from lungbench.predict.devices import load_profiles
+from lungbench.predict.forecast import Predictor, Target, source_from_record
+from lungbench.predict.validate import case
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,12 @@ def profile_for_gpu(device_name: str) -> str | None:
     return None
 
 
-def run_gpu_validation(plan: GPUPlan = GPU_DEFAULT, out: Path | None = None) -> list[dict]:
+def run_gpu_validation(plan: GPUPlan, launch: BenchLaunch, out: Path | None = None) -> list[dict]:
     """Measure the GPU's configurations and the CPU's source, predict, compare: the cases
     (first a "source" row, as run_validation's)."""
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--validate --gpu: no CUDA device on this machine")
-    gpu_records, gpu_environment = measure(plan, plan.device, out)
+    gpu_records, gpu_environment = measure(plan, plan.device, launch, out)
     key = {(r["batch_size"], r["filters"]): r for r in gpu_records}
     source_record = key.get((plan.batch, plan.filters))
     if source_record is None:
@@ -89,7 +89,7 @@ def run_gpu_validation(plan: GPUPlan = GPU_DEFAULT, out: Path | None = None) -> 
             f"--validate --gpu: the {plan.device} bench measured no source configuration "
             f"(f{plan.filters} b{plan.batch}); see the warnings above"
         )
-    predictor = Predictor()
+    predictor = Predictor(launch=launch)
     source = source_from_record(source_record, gpu_environment, "GPU validation")
     cases: list[dict[str, Any]] = [
         {"kind": "source", "target": f"{plan.preset} f{plan.filters} b{plan.batch} on "
@@ -120,7 +120,9 @@ def cpu_to_gpu_cases(
     if profile is None or profile not in load_profiles():
         log.warning(f"note: no shipped profile for {name!r}: CPU -> GPU not validated")
         return []
-    records, environment = measure(replace(plan, batches=(), widths=()), "cpu", out)
+    records, environment = measure(
+        replace(plan, batches=(), widths=()), "cpu", predictor.launch, out
+    )
     cases = []
     for record in records:
         config = (record["batch_size"], record["filters"])
@@ -131,7 +133,9 @@ def cpu_to_gpu_cases(
     return cases
 
 
-def measure(plan: GPUPlan, device: str, out: Path | None) -> tuple[list[dict], dict]:
+def measure(
+    plan: GPUPlan, device: str, launch: BenchLaunch | None, out: Path | None
+) -> tuple[list[dict], dict]:
     """(ok records, environment) of the source and its targets on `device`: one bench of
     the batches at the source's width, one of the widths at its batch."""
     log.info(f"measuring the validation's configurations on {device} (lungbench bench)")
@@ -152,9 +156,9 @@ def measure(plan: GPUPlan, device: str, out: Path | None) -> tuple[list[dict], d
         if len(batches) == 1 and len(widths) == 1 and records:
             continue  # the source alone: measured by the first run already
         args = [*common, "--batch", *map(str, batches), "--filters", *map(str, widths)]
-        found, environment = bench_subprocess(
-            args, out=None if out is None else out / f"{device}-{i + 1}"
-        )
+        if launch is None:
+            break
+        found, environment = launch(args, 1, None if out is None else out / f"{device}-{i + 1}")
         for record in found:
             config = (record["batch_size"], record["filters"])
             if record.get("world_size", 1) == 1 and config not in seen:

@@ -1,4 +1,4 @@
-"""Layer 6 (measure): The benchmark sweep: configurations x devices -> self-describing measurement records.
+"""Layer 7 (harness): The benchmark sweep: configurations x devices -> self-describing measurement records.
 
 For each configuration (model, filters, batch size, device, threads, ...):
   1. compute-only: a training step on tensors already resident on the device, timed by the
@@ -46,15 +46,8 @@ from lungbench.measure.timing import (
     training_step_cost,
 )
 from lungbench.measure.workload import Protocol, Workload, random_batch
-from lungbench.step import (
-    NO_TIMER,
-    Switches,
-    TrainStep,
-    auto_switches,
-    backend_flags,
-    bce_loss,
-    resolve_switches,
-)
+from lungbench.step import NO_TIMER, TrainStep, bce_loss
+from lungbench.switches import Switches, auto_switches, backend_flags, resolve_switches
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +72,7 @@ class BenchConfig:
     num_workers: int = 0
     pin_memory: bool | None = None  # None = on for CUDA devices
     cache: bool = False  # decode the store once into shared memory (lungbench.data.loader)
-    # The measured fast choice for this workload here (lungbench.measure.tuning): what the
+    # The measured fast choice for this workload here (lungbench.harness.tuning): what the
     # "auto" switches take; None = the device's table. Not part of the key: the request is.
     fast: Switches | None = None
 
@@ -301,7 +294,7 @@ def measure(
         raise  # the user's input is wrong (a forced switch, a NaN in the store): stop, exit 2
     except Exception as exc:
         # Any other failure of one configuration is a result too; KeyboardInterrupt and
-        # SIGTERM (lungbench.measure.sweep_state.SweepTerminated) are not Exceptions: they stop it.
+        # SIGTERM (lungbench.harness.sweep_state.SweepTerminated) are not Exceptions: they stop it.
         record.update(status="error", error=f"{type(exc).__name__}: {message_of(exc)}")
     finally:
         if device.type == "cuda":
@@ -350,10 +343,10 @@ def run_sweep(
     which samples GPU/CPU telemetry while `run()` measures and adds its summary to the record.
 
     `skip(cfg)` may return a ready record (status "skipped") instead of measuring, e.g. a
-    batch larger than one that ran out of memory (lungbench.measure.sweep_state.SweepState).
+    batch larger than one that ran out of memory (lungbench.harness.sweep_state.SweepState).
 
     `prepare(cfg)` may complete a configuration just before it is measured, e.g. with the
-    tuned choice of its "auto" switches (lungbench.measure.tuning).
+    tuned choice of its "auto" switches (lungbench.harness.tuning).
 
     A configuration whose step cannot fit in its device's memory is recorded "oom" before
     anything runs (lungbench.measure.memory), tuning included.

@@ -1,4 +1,4 @@
-"""Layer 6 (measure): Where the time goes: a training step under torch.profiler, traces and summaries.
+"""Layer 7 (harness): Where the time goes: a training step under torch.profiler, traces and summaries.
 
 The workload (the two-path model's training step, as the bench harness measures it) runs
 under `torch.profiler` with an explicit schedule: `wait` steps ignored, `warmup` steps
@@ -37,19 +37,13 @@ from torch.profiler import ProfilerActivity, record_function
 
 from lungbench.core.errors import DataError, UsageError, look_up_option, message_of
 from lungbench.distributed.group import DistContext
-from lungbench.measure.ddp import ddp_train_step
+from lungbench.harness.ddp import ddp_train_step
+from lungbench.harness.tuning import Tuner, TuningOptions, fast_choice
 from lungbench.measure.timing import training_step_flops
 from lungbench.measure.trace import load_trace, phase_summary, trace_files
-from lungbench.measure.tuning import Tuner, TuningOptions, fast_choice
 from lungbench.measure.workload import Workload
-from lungbench.step import (
-    Switches,
-    TrainStep,
-    auto_switches,
-    backend_flags,
-    bce_loss,
-    resolve_switches,
-)
+from lungbench.step import TrainStep, bce_loss
+from lungbench.switches import Switches, auto_switches, backend_flags, resolve_switches
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
@@ -109,7 +103,7 @@ class ProfileConfig:
     with_stack: bool = False
     top: int = 25
     store: Path | None = None  # batches from this store through a DataLoader; else random
-    # "auto" by measurement, as in lungbench bench (lungbench.measure.tuning)
+    # "auto" by measurement, as in lungbench bench (lungbench.harness.tuning)
     tune: bool = True
     retune: bool = False
     tune_compile: bool = False
@@ -222,7 +216,7 @@ def training_step_fn(
 ) -> tuple[Callable[[], None], dict[str, Any]]:
     """The step `lungbench bench` times (lungbench.step.TrainStep, the same switches resolved
     the same way), preceded by a "data" range, and the record fields saying what ran. Under
-    a launcher the model is DDP's (lungbench.measure.ddp), so communication shows in the trace.
+    a launcher the model is DDP's (lungbench.harness.ddp), so communication shows in the trace.
     """
     model = cfg.workload.build_model(device)
     examples, target = cfg.workload.random_batch(device)

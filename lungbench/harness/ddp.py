@@ -1,4 +1,4 @@
-"""Layer 6 (measure): Distributed (DDP) benchmark measurements: `lungbench bench` under a launcher.
+"""Layer 7 (harness): Distributed (DDP) benchmark measurements: `lungbench bench` under a launcher.
 
     torchrun --nproc_per_node 2 -m lungbench bench --preset dey2018 --batch 2 4 --filters 8
     mpiexec -n 2 python -m lungbench bench --scaling weak --dist-timeout 120
@@ -58,11 +58,11 @@ from lungbench.distributed.group import (
     threads_per_rank,
     wrap_model,
 )
+from lungbench.harness.sweep import BenchConfig, measure, refused_for_memory, train_split
 from lungbench.measure.allreduce import fit_alpha_beta
 from lungbench.measure.data_wait import DeviceWaitClock, data_bound
 from lungbench.measure.memory import refusal as memory_refusal
 from lungbench.measure.stats import summarize
-from lungbench.measure.sweep import BenchConfig, measure, refused_for_memory, train_split
 from lungbench.measure.timing import (
     STEP,
     PhaseTimer,
@@ -70,14 +70,8 @@ from lungbench.measure.timing import (
     set_threads,
     training_step_flops,
 )
-from lungbench.step import (
-    NO_TIMER,
-    TrainStep,
-    apply_memory_format,
-    backend_flags,
-    bce_loss,
-    resolve_switches,
-)
+from lungbench.step import NO_TIMER, TrainStep, bce_loss
+from lungbench.switches import apply_memory_format, backend_flags, resolve_switches
 
 SCALINGS = ("weak", "strong")
 

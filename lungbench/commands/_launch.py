@@ -1,5 +1,7 @@
-"""Layer 6 (measure): `lungbench bench` in a subprocess, for what predict measures with the
-real command: its validation's epochs and DDP steps, and the DDP overhead probe.
+"""Layer 12 (commands): `lungbench bench` in a subprocess, for what `lungbench predict` measures
+with the real command: its validation's epochs and DDP steps, and the DDP overhead probe.
+Only the commands may start a `lungbench` process (tests/test_layers.py holds that); the
+predict layer receives this function as its `launch` argument.
 
     records, environment = bench_subprocess(["--preset", "dey2018", "--no-epoch"], ranks=2)
 

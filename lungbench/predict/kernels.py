@@ -1,4 +1,4 @@
-"""Layer 6 (measure): convolution calls timed alone, the source's against the target's.
+"""Layer 8 (predict): convolution calls timed alone, the source's against the target's.
 
 A convolution's time per FLOP moves with its channels, batch and threads in ways no bound
 says. The dev box, one thread, a 3D convolution from c to 2c channels (forward and both

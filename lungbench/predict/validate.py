@@ -1,13 +1,13 @@
-"""Layer 6 (measure): `lungbench predict --validate`: predict, then measure, on this machine.
+"""Layer 8 (predict): `lungbench predict --validate`: predict, then measure, on this machine.
 
 From one measured source configuration (CPU, 1 thread: steady on a shared machine) the
 model predicts other batch sizes, widths, thread counts and a 2-rank DDP run (Gloo, weak
 and strong scaling); then each is measured with the same protocol and the predicted and
 measured step times are set side by side with the error. Every prediction is made before
-any target is measured. The cases are stored (lungbench.measure.predict.calibration): the
+any target is measured. The cases are stored (lungbench.predict.calibration): the
 intervals of later predictions come from them.
 
-    cases = run_validation(QUICK)      # a minute on 2 cores; DEFAULT: a few minutes
+    cases = run_validation(QUICK, bench_subprocess)      # a minute on 2 cores; DEFAULT: a few minutes
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import torch
 from tqdm import tqdm
 
 from lungbench.core.runs import utc_now
-from lungbench.measure.predict import calibration
-from lungbench.measure.predict.ddp_probe import DDPRun, run_ddp_bench
-from lungbench.measure.predict.forecast import (
+from lungbench.measure.workload import Workload
+from lungbench.predict import calibration
+from lungbench.predict.ddp_probe import BenchLaunch, DDPRun, run_ddp_bench
+from lungbench.predict.forecast import (
     Prediction,
     Predictor,
     Target,
@@ -33,10 +34,8 @@ from lungbench.measure.predict.forecast import (
     source_from_record,
     source_here,
 )
-from lungbench.measure.predict.operators import plain_step_s, step_timer
-from lungbench.measure.predict.runner import bench_subprocess
-from lungbench.measure.workload import Workload
-from lungbench.step import fast_defaults
+from lungbench.predict.operators import plain_step_s, step_timer
+from lungbench.switches import fast_defaults
 
 log = logging.getLogger(__name__)
 
@@ -114,21 +113,26 @@ def measure_step_s(workload: Workload, plan: Plan) -> float:
     return plain_step_s(workload, switches, torch.device("cpu"), plan.warmup, plan.repeats)
 
 
-def run_validation(plan: Plan = DEFAULT, out: Path | None = None) -> list[dict[str, Any]]:
-    """Measure the source, predict every target, measure the targets; the cases."""
+def run_validation(
+    plan: Plan, launch: BenchLaunch, out: Path | None = None
+) -> list[dict[str, Any]]:
+    """Measure the source, predict every target, measure the targets; the cases. `launch`
+    starts `lungbench bench` for the epochs and the DDP runs."""
     switches = fast_defaults(torch.device("cpu"))
     source_workload = plan.source()
     log.info(f"validation source: {describe_workload(source_workload)}")
     step = measure_step_s(source_workload, plan)
     source = source_here("source", source_workload, switches, step, fresh=True)
-    predictor = Predictor(remeasure=True)  # this machine as it is now, like the targets
+    predictor = Predictor(
+        remeasure=True, launch=launch
+    )  # this machine as it is now, like the targets
     targets = plan.targets()
     predictions = [(kind, t, predictor.predict(source, t)) for kind, t in targets]
     cases = []
     # A shared machine's speed drifts (2x within minutes on the dev box): each target is
     # measured as a ratio to the source measured beside it, and the prediction (a ratio to
     # the source) is taken against the source's step of that moment.
-    ddp_ratios = measure_ddp(plan, source_workload, out) if plan.ddp else {}
+    ddp_ratios = measure_ddp(plan, source_workload, launch, out) if plan.ddp else {}
     for kind, target, pred in tqdm(predictions, desc="measuring targets", leave=False):
         if kind == "ranks":
             ratio = ddp_ratios.get(target.scaling)
@@ -163,7 +167,7 @@ def epoch_cases(plan: Plan, predictor: Predictor, out: Path | None) -> list[dict
     if not plan.epoch_targets:
         return []
     log.info("measuring epochs (lungbench bench with the real loader)")
-    records, environment = measure_epochs(plan, out)
+    records, environment = measure_epochs(plan, predictor.launch, out)
     key = {(r["batch_size"], r["filters"]): r for r in records if r.get("epoch_s")}
     source_record = key.get((plan.batch, plan.filters))
     if source_record is None:
@@ -181,7 +185,9 @@ def epoch_cases(plan: Plan, predictor: Predictor, out: Path | None) -> list[dict
     return cases
 
 
-def measure_epochs(plan: Plan, out: Path | None) -> tuple[list[dict], dict[str, Any]]:
+def measure_epochs(
+    plan: Plan, launch: BenchLaunch | None, out: Path | None
+) -> tuple[list[dict], dict[str, Any]]:
     """(ok records, environment) of `lungbench bench` over the source and the epoch targets."""
     batches = sorted({plan.batch, *(b for b, _ in plan.epoch_targets)})
     widths = sorted({plan.filters, *(f for _, f in plan.epoch_targets)})
@@ -190,7 +196,9 @@ def measure_epochs(plan: Plan, out: Path | None) -> tuple[list[dict], dict[str, 
         "--threads", str(plan.threads), "--epoch-samples", str(plan.epoch_samples),
         "--warmup", str(plan.warmup), "--repeats", str(plan.repeats), "--no-tune",
     ]  # fmt: skip
-    return bench_subprocess(bench_args, out=out)
+    if launch is None:
+        return [], {}
+    return launch(bench_args, 1, out)
 
 
 def measure_pair(source: Workload, target: Workload, plan: Plan) -> tuple[float, float]:
@@ -246,7 +254,9 @@ def describe_target(target: Target, pred: Prediction) -> str:
     return text + (f" x{pred.ranks} ranks ({pred.scaling})" if pred.ranks > 1 else "")
 
 
-def measure_ddp(plan: Plan, source: Workload, out: Path | None) -> dict[str, float]:
+def measure_ddp(
+    plan: Plan, source: Workload, launch: BenchLaunch, out: Path | None
+) -> dict[str, float]:
     """The 2-rank DDP step (Gloo, 1 thread per rank, `lungbench bench` under torchrun) as a
     ratio to the source's step measured just before and after it, per scaling: the median
     over `plan.ddp_runs` runs. {scaling: ratio}; {} when the launch failed."""
@@ -255,7 +265,7 @@ def measure_ddp(plan: Plan, source: Workload, out: Path | None) -> dict[str, flo
     ratios: dict[str, list[float]] = {}
     for i in range(plan.ddp_runs):
         before = measure_step_s(source, plan)
-        records = run_ddp_bench(run, None if out is None else out / f"ddp-{i + 1}")
+        records = run_ddp_bench(run, launch, None if out is None else out / f"ddp-{i + 1}")
         now = (before + measure_step_s(source, plan)) / 2
         for record in records:
             ratios.setdefault(record["scaling"], []).append(record["step_s_median"] / now)

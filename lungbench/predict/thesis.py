@@ -1,4 +1,4 @@
-"""Layer 6 (measure): seed 000's Marconi100 rows projected from a run on this machine.
+"""Layer 8 (predict): seed 000's Marconi100 rows projected from a run on this machine.
 
 The thesis timed one training epoch ("Exec. time") of its two-path 3D CNN at batch 2,
 filters 8 and 16, on Marconi100 with 1 and 4 V100 SXM2 GPUs (NVLink 2.0). Here each row is
@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from lungbench.measure.predict.forecast import Prediction, Predictor, Source, Target
+from lungbench.predict.forecast import Prediction, Predictor, Source, Target
 
 THESIS_BATCH = 2
 THESIS_FILTERS = (8, 16)

@@ -1,8 +1,8 @@
-"""Layer 6 (measure): the operators of one training step, counted and timed.
+"""Layer 8 (predict): the operators of one training step, counted and timed.
 
 A step is the sequence of aten operator calls that lungbench's TrainStep dispatches (forward,
 backward, optimizer). The sequence is the same for every batch size and width of a model, so
-call i of one workload matches call i of another: the model (lungbench.measure.predict.model)
+call i of one workload matches call i of another: the model (lungbench.predict.model)
 scales each call by its own FLOPs and bytes.
 
     table = probe_operators(workload, switches)      # timed, on the workload's device
@@ -26,7 +26,8 @@ import torch
 from lungbench.core.device import synchronize
 from lungbench.measure.timing import OpCall, operator_counter, set_threads
 from lungbench.measure.workload import Workload
-from lungbench.step import NO_TIMER, Switches, TrainStep, backend_flags, bce_loss
+from lungbench.step import NO_TIMER, TrainStep, bce_loss
+from lungbench.switches import Switches, backend_flags
 
 log = logging.getLogger(__name__)
 

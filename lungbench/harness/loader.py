@@ -1,4 +1,4 @@
-"""Layer 6 (measure): The data path: a DataLoader that keeps the device fed, and a benchmark of its throughput.
+"""Layer 7 (harness): The data path: a DataLoader that keeps the device fed, and a benchmark of its throughput.
 
 `make_loader()` builds the loader every lungbench run uses: workers, pinned memory (on by
 default for CUDA), persistent workers and prefetch when there are workers, and optionally
@@ -142,7 +142,7 @@ def step_samples_per_s(
     path: str | Path, workload: Workload, device: torch.device, repeats: int = 5
 ) -> float:
     """The training step's samples/s (compute only, fast default switches) for comparison."""
-    from lungbench.measure.sweep import BenchConfig, measure_compute
+    from lungbench.harness.sweep import BenchConfig, measure_compute
 
     cfg = BenchConfig(workload, protocol=Protocol(warmup=2, repeats=repeats, epoch=False))
     return float(measure_compute(cfg, read_info(path), device)["samples_per_s"])

@@ -1,4 +1,4 @@
-"""Layer 6 (measure): the per-operator model: each measured call scaled by its bounds.
+"""Layer 8 (predict): the per-operator model: each measured call scaled by its bounds.
 
 For operator call i of the step, with FLOPs F, bytes B and math dtype d on a device of peak
 P[d] and memory bandwidth W:
@@ -14,7 +14,7 @@ GPU -> GPU) each call keeps its measured efficiency (Habitat's idea, Yu et al., 
 of the bounds that limit it on target and source. What the step spends outside the calls
 (Python, autograd, the dispatcher) does not depend on shapes and is kept. A call whose
 ratio was measured (`kernel_ratio`: the convolutions, made alone on this machine by
-lungbench.measure.predict.kernels) is scaled by that ratio instead.
+lungbench.predict.kernels) is scaled by that ratio instead.
 
 Across kinds (a CPU run -> a GPU profile) a CPU's efficiency says nothing about a GPU's:
 each kernel takes launch + roof' / efficiency (the profile's fraction of peak), and the host
@@ -32,9 +32,9 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from lungbench.measure.predict.devices import DeviceProfile
-from lungbench.measure.predict.operators import matching
 from lungbench.measure.timing import OpCall
+from lungbench.predict.devices import DeviceProfile
+from lungbench.predict.operators import matching
 
 BOUNDS = ("compute", "memory", "latency", "communication", "data")
 

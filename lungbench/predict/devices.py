@@ -1,6 +1,6 @@
-"""Layer 6 (measure): device profiles: what a device can do, each number with its source.
+"""Layer 8 (predict): device profiles: what a device can do, each number with its source.
 
-Profiles are small TOML files shipped in `lungbench/measure/predict/devices/` (V100 SXM2,
+Profiles are small TOML files shipped in `lungbench/predict/devices/` (V100 SXM2,
 A100 SXM 40/80 GB, H100 SXM, H200, L40S: vendor data sheets) plus `cpu`, this machine's CPU,
 whose numbers are measured when it is used (lungbench.measure.peak, the same measurement as
 `lungbench env --peak`). A user's own profile is a TOML file of the same layout
@@ -164,7 +164,7 @@ def parse_profile(text: str, where: str) -> DeviceProfile:
 
 def shipped_profiles() -> dict[str, DeviceProfile]:
     """The profiles shipped with lungbench, by name."""
-    folder = resources.files("lungbench.measure.predict") / "devices"
+    folder = resources.files("lungbench.predict") / "devices"
     found = {}
     for item in sorted(folder.iterdir(), key=lambda p: p.name):
         if item.name.endswith(".toml"):
@@ -322,7 +322,7 @@ def measure_conv_rates(threads: int, refresh: bool = False) -> dict[str, float]:
     prediction by about 50% on the dev box)."""
     from lungbench.core.cache import read_cache, where_key, write_cache
     from lungbench.measure.peak import conv_rate
-    from lungbench.step import bf16_supported
+    from lungbench.switches import bf16_supported
 
     with at_threads(threads):
         key = where_key(torch.device("cpu"))

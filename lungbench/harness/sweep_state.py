@@ -1,4 +1,4 @@
-"""Layer 6 (measure): Sweeps that survive: resume a run folder, skip what cannot fit, stop cleanly on a signal.
+"""Layer 7 (harness): Sweeps that survive: resume a run folder, skip what cannot fit, stop cleanly on a signal.
 
 A sweep's truth is its records.jsonl (one fsynced JSON line per finished configuration);
 everything here is derived from it:
@@ -38,7 +38,7 @@ from lungbench.core.runs import (
     utc_now,
     write_json,
 )
-from lungbench.measure.sweep import BenchConfig
+from lungbench.harness.sweep import BenchConfig
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
@@ -353,7 +353,7 @@ def apply_resume_and_config(
     """`lungbench bench [--config FILE] [--resume RUN]`: the request to run, and the run
     folder to continue (None for a new run)."""
     if config is not None:
-        from lungbench.measure.sweep_file import apply_sweep_file
+        from lungbench.harness.sweep_file import apply_sweep_file
 
         given = apply_sweep_file(config, given, defaults)
     if resume is None:

@@ -1,4 +1,4 @@
-"""Layer 6 (measure): `lungbench bench --ablation`: which speed switch buys how much.
+"""Layer 7 (harness): `lungbench bench --ablation`: which speed switch buys how much.
 
 The same model, batch and data are run with each switch added in turn (a cumulative ladder
 from the eager FP32 contiguous baseline), timed in interleaved rounds (round r times one step
@@ -30,18 +30,17 @@ from torch import nn
 
 from lungbench.core.device import synchronize
 from lungbench.core.errors import UsageError
+from lungbench.harness.sweep import SINGLE_PROCESS
 from lungbench.measure.memory import refusal as memory_refusal
 from lungbench.measure.peak import attach_peak, device_peaks
 from lungbench.measure.stats import summarize
-from lungbench.measure.sweep import SINGLE_PROCESS
 from lungbench.measure.timing import STEP, PhaseTimer, set_threads, training_step_flops
 from lungbench.measure.workload import Workload
-from lungbench.step import (
+from lungbench.step import TrainStep, bce_loss
+from lungbench.switches import (
     Resolved,
     Switches,
-    TrainStep,
     backend_flags,
-    bce_loss,
     bf16_supported,
     compiler_available,
     eager_fp32,

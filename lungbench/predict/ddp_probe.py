@@ -1,4 +1,4 @@
-"""Layer 6 (measure): what a 2-rank DDP step on this machine's CPU loses beyond its
+"""Layer 8 (predict): what a 2-rank DDP step on this machine's CPU loses beyond its
 all-reduce, measured once per host with a tiny model.
 
 On a CPU the Gloo thread that all-reduces a bucket during the backward pass has to wait for
@@ -11,24 +11,31 @@ more than one rank:
 
     overhead = DDP step - the slower rank's compute (no_sync) - the all-reduce model
 
-    records = run_ddp_bench(DDPRun(preset="default", filters=8, batch=4))   # torchrun
-    ddp_overhead_s()                                                         # cached per host
+    records = run_ddp_bench(DDPRun(preset="default", filters=8, batch=4), launch)  # torchrun
+    ddp_overhead_s(launch)                                                 # cached per host
+
+`launch` starts `lungbench bench` (lungbench.commands._launch.bench_subprocess).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lungbench.core.cache import read_cache, write_cache
-from lungbench.measure.predict.comm import gloo_host_key
-from lungbench.measure.predict.runner import bench_subprocess
+from lungbench.predict.comm import gloo_host_key
 
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "ddp_overhead.json"
+
+# How predict starts `lungbench bench` (bench arguments, ranks, run folder's parent) ->
+# (ok records, environment). Only the commands may start a `lungbench` process, so they pass
+# theirs in (lungbench.commands._launch.bench_subprocess).
+BenchLaunch = Callable[[list[str], int, "Path | None"], tuple[list[dict[str, Any]], dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,9 @@ class DDPRun:
 PROBE = DDPRun()
 
 
-def run_ddp_bench(run: DDPRun, out: Path | None = None) -> list[dict[str, Any]]:
+def run_ddp_bench(
+    run: DDPRun, launch: BenchLaunch, out: Path | None = None
+) -> list[dict[str, Any]]:
     """The DDP records (world size 2, status ok) of `run`; [] (with a warning) when the
     launch failed."""
     bench_args = [
@@ -58,7 +67,7 @@ def run_ddp_bench(run: DDPRun, out: Path | None = None) -> list[dict[str, Any]]:
         "--threads", str(run.threads), "--no-epoch", "--no-baseline", "--scaling", run.scaling,
         "--warmup", str(run.warmup), "--repeats", str(run.repeats),
     ]  # fmt: skip
-    records, _ = bench_subprocess(bench_args, ranks=2, out=out)
+    records, _ = launch(bench_args, 2, out)
     return [r for r in records if r.get("world_size") == 2]
 
 
@@ -70,13 +79,19 @@ def overhead_of(record: dict[str, Any]) -> float:
     return max(record["step_s_median"] - compute - comm, 0.0)
 
 
-def ddp_overhead_s(refit: bool = False) -> float:
+def ddp_overhead_s(launch: BenchLaunch | None, refit: bool = False) -> float:
     """This host's DDP overhead (see the module doc), measured once and cached."""
     entry = None if refit else read_cache(CACHE_FILE).get(gloo_host_key())
     if entry is not None:
         return float(entry["overhead_s"])
+    if launch is None:
+        log.warning(
+            "note: no DDP overhead measured (no launcher given); predictions of several "
+            "ranks omit it"
+        )
+        return 0.0
     log.info(f"measuring what a DDP step loses on this machine ({PROBE.describe()}, torchrun)")
-    records = run_ddp_bench(PROBE)
+    records = run_ddp_bench(PROBE, launch)
     if not records:
         log.warning("note: no DDP overhead measured; predictions of several ranks omit it")
         return 0.0

@@ -1,4 +1,4 @@
-"""Layer 6 (measure): Sweep files: a `lungbench bench` sweep written down in TOML, so it can be versioned.
+"""Layer 7 (harness): Sweep files: a `lungbench bench` sweep written down in TOML, so it can be versioned.
 
     # bench/sweeps/thesis.toml
     model = "dualpath3d"

@@ -1,4 +1,4 @@
-"""Layer 6 (measure): The largest batch that fits: doubling, then bisection, with out-of-memory caught.
+"""Layer 7 (harness): The largest batch that fits: doubling, then bisection, with out-of-memory caught.
 
 `find_max_batch(fits)` needs only a predicate "does a training step at batch b fit?":
 batches 1, 2, 4, ... are tried until one fails (or `limit` is reached), then the gap between
@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from lungbench.core.errors import is_oom
-from lungbench.step import NO_TIMER, Switches, TrainStep, backend_flags, resolve_switches
+from lungbench.step import NO_TIMER, TrainStep
+from lungbench.switches import Switches, backend_flags, resolve_switches
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 

@@ -1,4 +1,4 @@
-"""Layer 6 (measure): predictions from a measured run: step, epoch, what limits them, and an
+"""Layer 8 (predict): predictions from a measured run: step, epoch, what limits them, and an
 interval from the validation errors.
 
     source = source_from_record(record, environment)     # one measured configuration
@@ -7,9 +7,9 @@ interval from the validation errors.
 
 The step: the source's operator calls (probed on this machine when it measured the run,
 else the measured step shared out by the roofline) scaled call by call to the target's
-counts and device (lungbench.measure.predict.model), anchored to the record's measured step
+counts and device (lungbench.predict.model), anchored to the record's measured step
 (the probe's own step only sets the ratios), plus the exposed all-reduce of N ranks
-(lungbench.measure.predict.comm). The epoch: steps per rank x step, plus the source's time per
+(lungbench.predict.comm). The epoch: steps per rank x step, plus the source's time per
 sample outside the steps (data loading, the loop), which the target keeps.
 """
 
@@ -28,12 +28,15 @@ import torch
 from lungbench.core.cache import read_cache, where_key, write_cache
 from lungbench.core.environment import allowed_cores
 from lungbench.core.errors import DataError, UsageError
+from lungbench.harness.sweep import THESIS_N_NODULES, TRAIN_FRACTION
 from lungbench.measure.allreduce import AlphaBeta
 from lungbench.measure.memory import HEADROOM, memory_limit, step_memory
-from lungbench.measure.predict import calibration
-from lungbench.measure.predict.comm import bucket_bytes, comm_estimate, fit_gloo
-from lungbench.measure.predict.ddp_probe import ddp_overhead_s
-from lungbench.measure.predict.devices import (
+from lungbench.measure.timing import OpCall
+from lungbench.measure.workload import Workload
+from lungbench.predict import calibration
+from lungbench.predict.comm import bucket_bytes, comm_estimate, fit_gloo
+from lungbench.predict.ddp_probe import BenchLaunch, ddp_overhead_s
+from lungbench.predict.devices import (
     DeviceProfile,
     load_profiles,
     look_up_device,
@@ -43,18 +46,15 @@ from lungbench.measure.predict.devices import (
     measured_cpu,
     shared_by,
 )
-from lungbench.measure.predict.kernels import KernelRatios
-from lungbench.measure.predict.model import StepEstimate, roofline_calls, scale_step
-from lungbench.measure.predict.operators import (
+from lungbench.predict.kernels import KernelRatios
+from lungbench.predict.model import StepEstimate, roofline_calls, scale_step
+from lungbench.predict.operators import (
     OperatorTable,
     call_latency,
     count_operators,
     probe_operators,
 )
-from lungbench.measure.sweep import THESIS_N_NODULES, TRAIN_FRACTION
-from lungbench.measure.timing import OpCall
-from lungbench.measure.workload import Workload
-from lungbench.step import Switches, fast_defaults
+from lungbench.switches import Switches, fast_defaults
 
 log = logging.getLogger(__name__)
 
@@ -440,8 +440,14 @@ class Predictor:
     """Predictions from sources, with the device profiles, the Gloo fit and the operator
     counts measured once and reused."""
 
-    def __init__(self, device_files: tuple[str, ...] = (), remeasure: bool = False) -> None:
+    def __init__(
+        self,
+        device_files: tuple[str, ...] = (),
+        remeasure: bool = False,
+        launch: BenchLaunch | None = None,
+    ) -> None:
         self.profiles = load_profiles(device_files)
+        self.launch = launch  # starts `lungbench bench` for the DDP overhead probe
         self.remeasure = remeasure  # the Gloo fit, the DDP overhead, the bandwidth curve
         self._cpu: dict[int, DeviceProfile] = {}
         self._gloo: AlphaBeta | None = None
@@ -487,7 +493,7 @@ class Predictor:
 
     def ddp_overhead(self) -> float:
         if self._ddp_overhead is None:
-            self._ddp_overhead = ddp_overhead_s(refit=self.remeasure)
+            self._ddp_overhead = ddp_overhead_s(self.launch, refit=self.remeasure)
         return self._ddp_overhead
 
     def predict(self, source: Source, target: Target) -> Prediction:

@@ -1,4 +1,4 @@
-"""Layer 6 (measure): `lungbench predict`: step and epoch time on other batch sizes, filters,
+"""Layer 8 (predict): `lungbench predict`'s model: step and epoch time on other batch sizes, filters,
 thread counts, ranks and devices, projected from one measured run, with its error measured.
 
     operators.py  each operator call of the step: FLOPs, bytes, dtype, phase, measured time
@@ -12,6 +12,10 @@ thread counts, ranks and devices, projected from one measured run, with its erro
     calibration.py  the validation errors the intervals come from (per model version)
     validate.py   `lungbench predict --validate`: predict, measure, compare on this machine
     validate_gpu.py  `--validate --gpu`: the same on a GPU node, and CPU -> GPU
-    runner.py     `lungbench bench` in a subprocess (1 process or torchrun) for the above
     thesis.py     seed 000's M100 rows projected from a run on this machine
+
+What may live here: the model and its inputs and validation, built on lungbench.measure and
+lungbench.harness. What may not: argument parsing or printing (lungbench.commands.predict), or
+starting a `lungbench` process: validation and the DDP probe receive a `launch` function from
+the commands (lungbench.commands._launch).
 """

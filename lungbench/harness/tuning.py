@@ -1,8 +1,8 @@
-"""Layer 6 (measure): the "auto" switches, chosen by measurement where the run happens.
+"""Layer 7 (harness): the "auto" switches, chosen by measurement where the run happens.
 
 A fixed per-device table cannot know that bf16 autocast is 1.2x on one CPU and 0.89x on
 another (AVX512-BF16 without AMX). So for a workload left on "auto", a short tuning pass
-measures the candidate recipes on this device, interleaved (lungbench.measure.ablation's
+measures the candidate recipes on this device, interleaved (lungbench.harness.ablation's
 runners: the same initial weights and batches for every candidate), checks each one's loss
 after a few steps against eager FP32, and picks the fastest that passes:
 
@@ -31,9 +31,9 @@ import torch
 from lungbench.core.cache import read_cache, where_key, write_cache
 from lungbench.core.errors import message_of
 from lungbench.core.runs import utc_now
-from lungbench.measure.ablation import AblationConfig, Variant, run_ablation
+from lungbench.harness.ablation import AblationConfig, Variant, run_ablation
 from lungbench.measure.workload import Workload
-from lungbench.step import (
+from lungbench.switches import (
     Switches,
     bf16_supported,
     compiler_available,
@@ -261,7 +261,7 @@ def _row(record: dict[str, Any], eager_s: float, pass_: int) -> dict[str, Any]:
 def _quiet_ablation() -> Iterator[None]:
     """The tuning pass prints its table, not each candidate's progress or fallback note
     (a fallback is in the table's `fell_back` column)."""
-    logger = logging.getLogger("lungbench.measure.ablation")
+    logger = logging.getLogger("lungbench.harness.ablation")
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:

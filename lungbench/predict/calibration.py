@@ -1,4 +1,4 @@
-"""Layer 6 (measure): the measured errors of each kind of prediction, and the intervals made
+"""Layer 8 (predict): the measured errors of each kind of prediction, and the intervals made
 from them.
 
 `lungbench predict --validate` predicts, then measures, each target on this machine and
@@ -42,7 +42,7 @@ MODEL_VERSION = 2
 
 
 def shipped_cases() -> dict[str, Any]:
-    text = (resources.files("lungbench.measure.predict") / "validation.json").read_text()
+    text = (resources.files("lungbench.predict") / "validation.json").read_text()
     return json.loads(text)
 
 
