@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,27 +67,38 @@ def _system() -> tuple[float, float, float]:
 
 @dataclass
 class ContentionWatch:
-    """Measures what else ran on the CPU between `start()` and `stop()` (or as a context)."""
+    """Measures what else ran on the CPU between `start()` and `stop()` (or as a context).
+
+    The readings are injectable (`system`, `ours`, `clock`) so that the verdict can be tested
+    with planted readings, on any machine, whatever else it is running."""
 
     cores: int = field(default_factory=lambda: len(_allowed_cpus()) or os.cpu_count() or 1)
-    _proc: psutil.Process = field(default_factory=psutil.Process, repr=False)
+    system: Callable[[], tuple[float, float, float]] = field(default=_system, repr=False)
+    ours: Callable[[], float] | None = field(default=None, repr=False)
+    clock: Callable[[], float] = field(default=time.perf_counter, repr=False)
+    load: Callable[[], float] = field(default=lambda: os.getloadavg()[0], repr=False)
     _start: tuple[float, float, float, float, float] | None = field(default=None, repr=False)
     result: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.ours is None:
+            proc = psutil.Process()
+            self.ours = lambda: _tree_cpu_seconds(proc)
+
     def start(self) -> ContentionWatch:
-        busy, steal, total = _system()
-        self._start = (time.perf_counter(), busy, steal, total, _tree_cpu_seconds(self._proc))
+        busy, steal, total = self.system()
+        self._start = (self.clock(), busy, steal, total, self.ours())
         return self
 
     def stop(self) -> dict[str, Any]:
         assert self._start is not None, "start() first"
         wall0, busy0, steal0, total0, ours0 = self._start
-        wall = max(time.perf_counter() - wall0, 1e-9)
-        busy, steal, total = _system()
-        ours = _tree_cpu_seconds(self._proc) - ours0
+        wall = max(self.clock() - wall0, 1e-9)
+        busy, steal, total = self.system()
+        ours = self.ours() - ours0
         others = max(0.0, (busy - busy0) - ours) / wall
         steal_share = (steal - steal0) / max(total - total0, 1e-9)
-        self.result = judge(others, steal_share, self.cores, os.getloadavg()[0])
+        self.result = judge(others, steal_share, self.cores, self.load())
         return self.result
 
     def __enter__(self) -> ContentionWatch:
