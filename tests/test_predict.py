@@ -249,7 +249,8 @@ def test_ddp_overhead_of_a_record_by_hand():
     assert overhead_of(record) == pytest.approx(0.004)  # 20 - max(14, 15) - 1 ms
     no_fit = {**record, "allreduce_model_s": None, "allreduce_s_median": 0.002}
     assert overhead_of(no_fit) == pytest.approx(0.003)
-    assert overhead_of({**record, "step_s_median": 0.010}) == 0.0  # never below 0
+    # below 0 stays below 0: a measurement problem the prediction says in words
+    assert overhead_of({**record, "step_s_median": 0.010}) == pytest.approx(-0.006)
 
 
 def test_alpha_beta_fit_on_synthetic_points():
@@ -433,16 +434,20 @@ def test_channels_off_the_simd_block_are_named(monkeypatch):
 def test_validations_of_an_earlier_model_are_not_pooled(tmp_path, monkeypatch):
     from lungbench.predict import calibration
 
-    # the shipped intervals come from validations of this model, of every CPU kind
+    # the shipped intervals come from validations whose batch, filters and threads cases
+    # still describe this model; its ranks cases (model 2: contention from conv rates) do not
     shipped = calibration.shipped_cases()
-    assert shipped["model"] == calibration.MODEL_VERSION
-    assert {c["kind"] for c in shipped["cases"]} >= {"batch", "filters", "threads", "ranks"}
+    kept = calibration.pooled(shipped["cases"], shipped["model"])
+    assert {c["kind"] for c in kept} >= {"batch", "filters", "threads"}
+    assert "ranks" not in {c["kind"] for c in kept} and shipped["model"] < 3
     monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
     case = {"kind": "batch", "predicted_s": 1.0, "measured_s": 1.5}
+    monkeypatch.setattr(calibration, "FIRST_MODEL", {"*": 1})
     monkeypatch.setattr(calibration, "MODEL_VERSION", 1)
     calibration.save_cases([case], "then")
     assert calibration.load_cases()[0] == [case]
     monkeypatch.setattr(calibration, "MODEL_VERSION", 2)  # the model changed since
+    monkeypatch.setattr(calibration, "FIRST_MODEL", {"*": 2})
     monkeypatch.setattr(calibration, "shipped_cases", lambda: {"model": 1, "cases": [case]})
     cases, where = calibration.load_cases()
     assert cases == [] and "no validation run of this model version" in where

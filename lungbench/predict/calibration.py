@@ -18,7 +18,13 @@ Where the cases live: $LUNGBENCH_CACHE_DIR/predict_validation.json after a --val
 this host (the last KEEP_RUNS runs' cases, pooled); else the file shipped with lungbench
 (validation.json: the dev box's runs, with its host named), so a fresh install has
 intervals and says whose they are. Each run is stamped with MODEL_VERSION: the errors of an
-earlier model say nothing about this one's, so its runs are not pooled.
+earlier model say nothing about this one's, so a case is pooled only when its run's model is
+at least FIRST_MODEL of its kind (3: ranks side by side measured as processes; the batch,
+filters, threads and epoch predictions did not change, so their model-2 cases still count).
+
+Where an interval comes from is part of it (`for_this_host`): on a host with no validation of
+its own, the shipped cases are another machine's, and each end is widened by the spread of the
+shipped hosts' median errors (one host shipped: by its median |log error|), and it says so.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from __future__ import annotations
 import json
 import math
 import socket
+import statistics
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -38,7 +46,9 @@ LOW, HIGH = 0.05, 0.95  # of log(measured / predicted): a 90% interval
 MIN_CASES = 1
 KEEP_RUNS = 5  # validation runs whose cases the intervals pool
 # Bump when the model's predictions change (2: convolution rates per channel count).
-MODEL_VERSION = 2
+MODEL_VERSION = 3
+# The first model version whose cases of a kind still describe this model ("*": any kind).
+FIRST_MODEL = {"*": 2, "ranks": 3}
 
 
 def shipped_cases() -> dict[str, Any]:
@@ -46,28 +56,85 @@ def shipped_cases() -> dict[str, Any]:
     return json.loads(text)
 
 
-def load_cases() -> tuple[list[dict[str, Any]], str]:
-    """(cases, where they come from): this host's last --validate runs (up to KEEP_RUNS),
-    else the shipped ones."""
+def pooled(cases: Iterable[dict[str, Any]], model: int | None) -> list[dict[str, Any]]:
+    """The cases of a run of `model` that still describe this model (FIRST_MODEL)."""
+    if model is None or model > MODEL_VERSION:
+        return []
+    return [c for c in cases if model >= FIRST_MODEL.get(c.get("kind"), FIRST_MODEL["*"])]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The cases intervals come from, where from, and how far to widen them."""
+
+    cases: list[dict[str, Any]]
+    source: str  # in words
+    own_host: bool  # this host's own validation runs
+    widen: float = 0.0  # added to each end of log(measured / predicted)
+
+
+def for_this_host() -> Calibration:
+    """This host's validation cases, else the shipped ones widened by the host spread."""
     runs = current_runs(read_cache(CACHE_FILE).get(socket.gethostname()) or {})
-    if runs:
+    own = [case for run in runs for case in pooled(run["cases"], run.get("model"))]
+    if own:
         plural = "s" if len(runs) > 1 else ""
-        return [case for run in runs for case in run["cases"]], (
+        return Calibration(
+            own,
             f"this host's last {len(runs)} predict --validate run{plural} "
-            f"(latest {runs[-1].get('when', '?')})"
+            f"(latest {runs[-1].get('when', '?')})",
+            True,
         )
     try:
         shipped = shipped_cases()
     except (OSError, ValueError):
-        return [], "no validation run"
-    if shipped.get("model") != MODEL_VERSION:
-        return [], "no validation run of this model version"
-    return shipped.get("cases", []), f"shipped validation ({shipped.get('host', '?')})"
+        return Calibration([], "no validation run", False)
+    cases = pooled(shipped.get("cases", []), shipped.get("model"))
+    if not cases:
+        return Calibration([], "no validation run of this model version", False)
+    spread, how = host_spread(cases, str(shipped.get("host", "?")))
+    return Calibration(
+        cases,
+        f"NOT this host: no `predict --validate` here; shipped validation "
+        f"({shipped.get('host', '?')}), each end widened by {100 * math.expm1(spread):.0f}% "
+        f"({how}); run `lungbench predict --validate` for this host's own",
+        False,
+        spread,
+    )
+
+
+def host_spread(cases: Sequence[dict[str, Any]], default_host: str) -> tuple[float, str]:
+    """(log widening, how it was found): the range of the shipped hosts' median log(measured
+    / predicted), the widest over kinds; one host shipped: its median |log error|."""
+    by_host: dict[tuple[str, str], list[float]] = {}
+    for case in cases:
+        if case.get("measured_s") and case.get("predicted_s"):
+            key = (str(case.get("host", default_host)), case["kind"])
+            by_host.setdefault(key, []).append(math.log(case["measured_s"] / case["predicted_s"]))
+    if not by_host:
+        return 0.0, "no measured cases"
+    hosts = {h for h, _ in by_host}
+    if len(hosts) < 2:
+        logs = [abs(v) for values in by_host.values() for v in values]
+        return statistics.median(logs), "one host shipped: its median |error|"
+    spread = 0.0
+    for kind in {k for _, k in by_host}:
+        medians = [statistics.median(v) for (_, k), v in by_host.items() if k == kind]
+        if len(medians) > 1:
+            spread = max(spread, max(medians) - min(medians))
+    return spread, f"the spread of {len(hosts)} shipped hosts' median errors"
+
+
+def load_cases() -> tuple[list[dict[str, Any]], str]:
+    """(cases, where they come from): this host's last --validate runs (up to KEEP_RUNS),
+    else the shipped ones."""
+    found = for_this_host()
+    return found.cases, found.source
 
 
 def current_runs(entry: dict[str, Any]) -> list[dict[str, Any]]:
-    """The runs of a host's entry that validated this MODEL_VERSION."""
-    return [run for run in entry.get("runs", []) if run.get("model") == MODEL_VERSION]
+    """The runs of a host's entry with cases this MODEL_VERSION still pools."""
+    return [run for run in entry.get("runs", []) if pooled(run.get("cases", []), run.get("model"))]
 
 
 def save_cases(cases: Sequence[dict[str, Any]], when: str) -> None:
@@ -115,6 +182,11 @@ def log_bounds(
     low = math.sqrt(sum(min(bounds[k][0], 0.0) ** 2 for k in kinds))
     high = math.sqrt(sum(max(bounds[k][1], 0.0) ** 2 for k in kinds))
     return -low, high
+
+
+def widened(ends: tuple[float, float] | None, by: float) -> tuple[float, float] | None:
+    """`ends` of log(measured / predicted), each moved `by` outwards."""
+    return None if ends is None else (ends[0] - by, ends[1] + by)
 
 
 def interval(value: float, ends: tuple[float, float] | None) -> tuple[float, float] | None:

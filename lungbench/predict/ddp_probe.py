@@ -73,14 +73,17 @@ def run_ddp_bench(
 
 def overhead_of(record: dict[str, Any]) -> float:
     """Seconds a DDP record's step spent beyond its slower rank's compute and the
-    all-reduce model (the isolated all-reduce when there is no fit), never below 0."""
+    all-reduce model (the isolated all-reduce when there is no fit). Not clamped: 0 or
+    less is a measurement problem the caller says in words (forecast), not a cost of 0."""
     compute = max(rank["compute_s_median"] for rank in record["ranks"])
     comm = record.get("allreduce_model_s") or record.get("allreduce_s_median") or 0.0
-    return max(record["step_s_median"] - compute - comm, 0.0)
+    return record["step_s_median"] - compute - comm
 
 
-def ddp_overhead_s(launch: BenchLaunch | None, refit: bool = False) -> float:
-    """This host's DDP overhead (see the module doc), measured once and cached."""
+def ddp_overhead_s(launch: BenchLaunch | None, refit: bool = False) -> float | None:
+    """This host's DDP overhead (see the module doc), measured once and cached; None when
+    it could not be measured. It may come out 0 or negative (a noisy probe): the caller
+    says so rather than adding it."""
     entry = None if refit else read_cache(CACHE_FILE).get(gloo_host_key())
     if entry is not None:
         return float(entry["overhead_s"])
@@ -89,12 +92,15 @@ def ddp_overhead_s(launch: BenchLaunch | None, refit: bool = False) -> float:
             "note: no DDP overhead measured (no launcher given); predictions of several "
             "ranks omit it"
         )
-        return 0.0
-    log.info(f"measuring what a DDP step loses on this machine ({PROBE.describe()}, torchrun)")
+        return None
+    log.info(
+        f"measuring what a DDP step loses on this machine ({PROBE.describe()}, torchrun; "
+        "about 20-60 s, once per host)"
+    )
     records = run_ddp_bench(PROBE, launch)
     if not records:
         log.warning("note: no DDP overhead measured; predictions of several ranks omit it")
-        return 0.0
+        return None
     overhead = overhead_of(records[0])
     cache = read_cache(CACHE_FILE)
     cache[gloo_host_key()] = {"overhead_s": overhead, "probe": PROBE.describe()}

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 
 from lungbench.core.cache import read_cache, where_key, write_cache
-from lungbench.core.environment import allowed_cores
 from lungbench.core.errors import DataError, UsageError
 from lungbench.harness.sweep import THESIS_N_NODULES, TRAIN_FRACTION
 from lungbench.measure.allreduce import AlphaBeta
+from lungbench.measure.contention import ContentionWatch
 from lungbench.measure.memory import HEADROOM, memory_limit, step_memory
 from lungbench.measure.timing import OpCall
 from lungbench.measure.workload import Workload
@@ -44,7 +44,6 @@ from lungbench.predict.devices import (
     measure_conv_rates,
     measure_cpu_peaks,
     measured_cpu,
-    shared_by,
 )
 from lungbench.predict.kernels import KernelRatios
 from lungbench.predict.model import StepEstimate, roofline_calls, scale_step
@@ -54,6 +53,7 @@ from lungbench.predict.operators import (
     count_operators,
     probe_operators,
 )
+from lungbench.predict.rank_share import RankContention
 from lungbench.switches import Switches, fast_defaults
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 # The thesis's epoch: the 80% training split of 754 nodules.
 DEFAULT_EPOCH_SAMPLES = round(TRAIN_FRACTION * THESIS_N_NODULES)
 SCALINGS = ("weak", "strong")
+# How much wider (each end, log) an interval is when its source or probe was measured while
+# the machine was busy: the issue's busy re-run moved two predictions by 13% and 35%.
+BUSY_WIDEN = math.log(1.25)
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,8 @@ class Source:
     outside_s_per_sample: float | None  # epoch time outside the steps, per sample
     host: str = ""
     notes: tuple[str, ...] = ()  # said with every prediction made from it
+    busy: str | None = None  # why its record or probe counts as measured while busy
+    step_interval: tuple[float, float] | None = None  # the record's 95% CI of its median step
 
 
 @dataclass
@@ -107,7 +112,7 @@ class Prediction:
     threads: int | None
     ranks: int
     scaling: str
-    status: str = "ok"  # ok | oom
+    status: str = "ok"  # ok | oom | measured (the source's own configuration)
     step_s: float | None = None
     epoch_s: float | None = None
     samples_per_s: float | None = None
@@ -225,9 +230,34 @@ def source_from_record(
     where: str = "run",
     fresh: bool = False,
 ) -> Source:
-    """The model's view of one bench record: probed on this machine when this machine
-    measured it (same host, a CPU record), else the measured step shared by the roofline."""
+    """The model's view of one bench record (_source_of_record), with what its record says
+    of how it was measured: busy, and its median's confidence interval."""
     check_record(record, where)
+    source = _source_of_record(record, environment, where, fresh)
+    reasons = [source.busy] if source.busy else []
+    if record.get("busy"):
+        reasons.insert(
+            0, f"its record was measured while busy ({record.get('busy_reason') or 'marked busy'})"
+        )
+    return replace(source, busy="; ".join(reasons) or None, step_interval=step_interval_of(record))
+
+
+def step_interval_of(record: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The record's 95% confidence interval of its median step (None: not measured, or
+    NaN: fewer than 6 repeats)."""
+    low, high = record.get("step_s_ci_low"), record.get("step_s_ci_high")
+    if not isinstance(low, (int, float)) or not isinstance(high, (int, float)):
+        return None
+    if math.isnan(low) or math.isnan(high) or low <= 0:
+        return None
+    return float(low), float(high)
+
+
+def _source_of_record(
+    record: Mapping[str, Any], environment: Mapping[str, Any], where: str, fresh: bool
+) -> Source:
+    """Probed on this machine when this machine measured it (same host, a CPU record), else
+    the measured step shared by the roofline."""
     workload = workload_of_record(record)
     switches = switches_of_record(record)
     samples, outside = epoch_outside(record)
@@ -279,7 +309,7 @@ def source_here(
     """A source measured on this machine's CPU: its operators probed here (once per host,
     workload and switches, then from the cache, so the same question gets the same answer;
     `fresh` probes again). `step_s` None: the probe's own plain step."""
-    table = cached_probe(workload, switches, fresh)
+    table, busy = cached_probe(workload, switches, fresh)
     threads = workload.threads or torch.get_num_threads()
     device = cpu_here(threads, table.call_latency_s, fresh=fresh)
     return Source(
@@ -293,6 +323,7 @@ def source_here(
         epoch_samples,
         outside_s_per_sample,
         socket.gethostname(),
+        busy=busy and f"its operator probe ran while busy ({busy})",
     )
 
 
@@ -307,17 +338,26 @@ def _probe_key(workload: Workload, switches: Switches) -> str:
     return f"v{PROBE_VERSION}|{where[0]}|{where[-1]}|{workload_items}|{switch_items}"
 
 
-def cached_probe(workload: Workload, switches: Switches, fresh: bool = False) -> OperatorTable:
-    """The operator probe of `workload` on this CPU, through the per-host cache."""
+def cached_probe(
+    workload: Workload, switches: Switches, fresh: bool = False
+) -> tuple[OperatorTable, str | None]:
+    """The operator probe of `workload` on this CPU, through the per-host cache, and why it
+    counts as measured while busy (None: it does not)."""
     key = _probe_key(workload, switches)
     cache = read_cache(PROBE_CACHE)
     if key in cache and not fresh:
-        return table_from_json(cache[key])
-    log.info(f"probing the operators of {describe_workload(workload)} on this machine")
-    table = probe_operators(workload, switches)
-    cache[key] = asdict(table)
+        return table_from_json(cache[key]), cache[key].get("busy_reason")
+    log.info(
+        f"probing the operators of {describe_workload(workload)} on this machine "
+        "(about 10-60 s, once per host and workload)"
+    )
+    with ContentionWatch() as watch:  # a busy probe widens every interval made from it
+        table = probe_operators(workload, switches)
+    busy = watch.result.get("busy_reason") if watch.result.get("busy") else None
+    cache = read_cache(PROBE_CACHE)
+    cache[key] = {**asdict(table), "busy_reason": busy}
     write_cache(PROBE_CACHE, cache)
-    return table
+    return table, busy
 
 
 def table_from_json(data: Mapping[str, Any]) -> OperatorTable:
@@ -379,15 +419,6 @@ def on_this_cpu(source: Source, device: DeviceProfile) -> bool:
     return source.probed and device.measured and device.kind == "cpu"
 
 
-def contention(alone: DeviceProfile, shared: DeviceProfile) -> float:
-    """How much slower a convolution runs on `shared` (one of several ranks on this machine)
-    than `alone`: the ratio of their measured convolution rates (1 when not shared)."""
-    if shared is alone:
-        return 1.0
-    conv = "aten.convolution"
-    return alone.compute_rate(conv, "fp32") / shared.compute_rate(conv, "fp32")
-
-
 def channel_block() -> int:
     """The channel block of oneDNN's CPU convolutions: the SIMD width in FP32 lanes (16 with
     AVX-512, else 8)."""
@@ -437,8 +468,8 @@ def changed_kinds(source: Source, target: Target, workload: Workload, device: De
 
 
 class Predictor:
-    """Predictions from sources, with the device profiles, the Gloo fit and the operator
-    counts measured once and reused."""
+    """Predictions from sources, with the device profiles, the Gloo fit, the rank contention
+    and the operator counts measured once and reused."""
 
     def __init__(
         self,
@@ -451,10 +482,12 @@ class Predictor:
         self.remeasure = remeasure  # the Gloo fit, the DDP overhead, the bandwidth curve
         self._cpu: dict[int, DeviceProfile] = {}
         self._gloo: AlphaBeta | None = None
-        self._ddp_overhead: float | None = None
+        self._ddp_overhead: tuple[float | None] | None = None
         self.kernels = KernelRatios(fresh=remeasure)
-        cases, self.calibration_source = calibration.load_cases()
-        self.bounds = calibration.error_bounds(cases)
+        self.rank_contention = RankContention(fresh=remeasure)
+        self.calibration = calibration.for_this_host()
+        self.calibration_source = self.calibration.source
+        self.bounds = calibration.error_bounds(self.calibration.cases)
 
     def device(self, name: str | None, source: Source, threads: int) -> DeviceProfile:
         """The target device: the source's (re-measured at `threads` when it is this
@@ -475,26 +508,41 @@ class Predictor:
             )
         return self._cpu[threads]
 
-    def rank_share(self, device: DeviceProfile, source: Source, target: Target) -> DeviceProfile:
-        """What one rank of `target` has of this machine's CPU when the ranks run on it
-        side by side (as many as its cores hold at the target's threads). Only for this
-        machine's CPU: a run measured elsewhere says nothing of its machine at other threads."""
-        this_cpu = source.probed and device.measured and device.kind == "cpu"
-        if target.ranks <= 1 or not this_cpu or device.threads is None:
-            return device
-        side_by_side = min(target.ranks, max(1, allowed_cores() // device.threads))
-        whole = self.cpu(device.threads * side_by_side, source)
-        return shared_by(device, whole, side_by_side)
+    def rank_factor(
+        self,
+        source: Source,
+        device: DeviceProfile,
+        workload: Workload,
+        switches: Switches,
+        ranks: int,
+    ) -> tuple[float, str | None]:
+        """(how much slower one rank's step runs with `ranks` processes side by side on this
+        machine, a note): measured with that many processes (rank_share), each at the
+        target's threads. Only for this machine's CPU: a run measured elsewhere says nothing
+        of its machine at other threads, and GPU ranks each have their own device."""
+        if ranks <= 1 or not on_this_cpu(source, device):
+            return 1.0, None
+        factor = self.rank_contention.factor(workload, switches, ranks)
+        if factor is None:
+            return 1.0, (
+                f"rank contention: {ranks} processes side by side could not be timed (a "
+                "measurement problem); no contention assumed"
+            )
+        return factor, (
+            f"ranks side by side: each rank's step {factor:.2f}x its time alone, measured with "
+            f"{ranks} processes of {workload.threads} thread(s) each on this machine"
+        )
 
     def gloo(self) -> AlphaBeta:
         if self._gloo is None:
             self._gloo = fit_gloo(refit=self.remeasure)
         return self._gloo
 
-    def ddp_overhead(self) -> float:
+    def ddp_overhead(self) -> float | None:
+        """What a CPU DDP step loses beyond the all-reduce (None: not measured)."""
         if self._ddp_overhead is None:
-            self._ddp_overhead = ddp_overhead_s(self.launch, refit=self.remeasure)
-        return self._ddp_overhead
+            self._ddp_overhead = (ddp_overhead_s(self.launch, refit=self.remeasure),)
+        return self._ddp_overhead[0]
 
     def predict(self, source: Source, target: Target) -> Prediction:
         base = source.workload
@@ -502,8 +550,7 @@ class Predictor:
         rank_batch = per_rank_batch(target, batch)
         cores = source.workload.threads or torch.get_num_threads()
         threads = target.threads or (max(1, cores // target.ranks) if target.ranks > 1 else cores)
-        alone = self.device(target.device, source, threads)
-        device = self.rank_share(alone, source, target)
+        device = self.device(target.device, source, threads)
         workload = replace(
             base,
             batch_size=rank_batch,
@@ -521,42 +568,28 @@ class Predictor:
             scaling=target.scaling,
             kinds=changed_kinds(source, target, workload, device),
         )
-        if not self._fits(pred, workload, device):
+        if not fits(pred, workload, device):
             return pred
         switches = replace(source.switches, dtype=target.dtype or source.switches.dtype)
-        estimate = self._step(source, workload, switches, device, contention(alone, device))
-        self._finish(pred, source, estimate, workload, device, target)
+        estimate = self._step(source, workload, switches, device)
+        shared, note = self.rank_factor(source, device, workload, switches, target.ranks)
+        if note:
+            pred.notes.append(note)
+        self._finish(pred, source, scaled(estimate, shared), workload, device, target)
         if "filters" in pred.kinds and device.kind == "cpu" and not on_this_cpu(source, device):
             pred.notes.extend(channel_notes(workload))
+        if not pred.kinds and target.dtype is None:
+            as_measured(pred, source)
         return pred
 
-    def _fits(self, pred: Prediction, workload: Workload, device: DeviceProfile) -> bool:
-        need = step_memory(replace(workload, device="cpu")).bytes(workload.batch_size)
-        limit = device.memory_size
-        pred.memory_need_bytes, pred.memory_limit_bytes = int(need), int(limit)
-        if limit and need > HEADROOM * limit:
-            pred.status, pred.bound = "oom", "memory size"
-            pred.notes.append(
-                f"needs about {need / 2**30:.1f} GiB (FP32 estimate), "
-                f"{device.name} has {limit / 2**30:.1f} GiB"
-            )
-            return False
-        return True
-
     def _step(
-        self,
-        source: Source,
-        workload: Workload,
-        switches: Switches,
-        device: DeviceProfile,
-        shared: float = 1.0,
+        self, source: Source, workload: Workload, switches: Switches, device: DeviceProfile
     ) -> StepEstimate:
-        """The target's step; `shared`: how much slower a convolution runs when the target's
-        ranks share this machine than when it runs alone (contention)."""
+        """The target's step, one process alone on `device`."""
         calls = _counted(workload, switches)
         table = source.table
         here = on_this_cpu(source, device)
-        kernel_ratio = self._kernel_ratio(source, workload, shared) if here else None
+        kernel_ratio = self._kernel_ratio(source, workload) if here else None
 
         estimate = scale_step(
             table.calls,
@@ -574,23 +607,41 @@ class Predictor:
         if device.kind != source.device.kind:
             return estimate
         # The probe's own step sets the ratios; the record's measured step sets the scale.
-        anchor = source.step_s / (table.calls_s + table.overhead_s)
-        return StepEstimate(
-            estimate.step_s * anchor,
-            {k: v * anchor for k, v in estimate.parts.items()},
-            {k: v * anchor for k, v in estimate.phases.items()},
-        )
+        return scaled(estimate, source.step_s / (table.calls_s + table.overhead_s))
 
-    def _kernel_ratio(self, source: Source, workload: Workload, shared: float):
+    def _kernel_ratio(self, source: Source, workload: Workload):
         """Per (source call, target call): the convolutions' measured time ratio on this
-        machine (kernels), times the contention `shared`."""
+        machine (kernels), one process alone."""
         threads = (source.workload.threads or 1, workload.threads or 1)
 
         def kernel_ratio(was: OpCall, will: OpCall) -> float | None:
-            ratio = self.kernels.ratio(was, threads[0], will, threads[1])
-            return None if ratio is None else ratio * shared
+            return self.kernels.ratio(was, threads[0], will, threads[1])
 
         return kernel_ratio
+
+    def _communication(
+        self, pred: Prediction, workload: Workload, device: DeviceProfile, source: Source,
+        target: Target, backward_s: float,
+    ) -> float:  # fmt: skip
+        """Seconds of exposed communication a step of `target.ranks` ranks adds."""
+        cpu = device.kind == "cpu"
+        link = self.gloo() if cpu else AlphaBeta(device.link_latency_s, device.ring_bandwidth)
+        if cpu and target.ranks > 2:
+            pred.notes.append("all-reduce fitted on 2 ranks, extrapolated by the ring formula")
+        model = workload.build_model(torch.device("cpu"))
+        comm = comm_estimate(
+            bucket_bytes(model, source.switches.ddp_bucket_mb),
+            target.ranks,
+            link,
+            backward_s,
+            overlap=0.0 if cpu else 1.0,
+        )
+        if not cpu:
+            return comm.exposed_s
+        # The Gloo threads wait for cores the ranks hold (ddp_probe).
+        overhead = self.ddp_overhead()
+        pred.notes.append(ddp_overhead_note(overhead))
+        return comm.exposed_s + (overhead if overhead and overhead > 0 else 0.0)
 
     def _finish(
         self,
@@ -604,26 +655,8 @@ class Predictor:
         parts = dict(estimate.parts)
         step = estimate.step_s
         if target.ranks > 1:
-            cpu = device.kind == "cpu"
-            link = self.gloo() if cpu else AlphaBeta(device.link_latency_s, device.ring_bandwidth)
-            if cpu and target.ranks > 2:
-                pred.notes.append("all-reduce fitted on 2 ranks, extrapolated by the ring formula")
-            model = workload.build_model(torch.device("cpu"))
-            comm = comm_estimate(
-                bucket_bytes(model, source.switches.ddp_bucket_mb),
-                target.ranks,
-                link,
-                estimate.phases.get("backward", 0.0),
-                overlap=0.0 if cpu else 1.0,
-            )
-            exposed = comm.exposed_s
-            if cpu:  # the Gloo threads wait for cores the ranks hold (ddp_probe)
-                overhead = self.ddp_overhead()
-                exposed += overhead
-                pred.notes.append(
-                    f"communication: all-reduce model + {overhead * 1e3:.1f} ms per step a "
-                    "DDP step loses on this CPU beyond it (measured with a tiny model)"
-                )
+            backward = estimate.phases.get("backward", 0.0)
+            exposed = self._communication(pred, workload, device, source, target, backward)
             parts["communication"] = exposed
             step += exposed
         epoch_samples = target.epoch_samples or source.epoch_samples
@@ -642,13 +675,21 @@ class Predictor:
                 pred.notes.append("epoch: data path assumed as fast as on the source machine")
         pred.parts_s = parts
         pred.bound = max(parts, key=parts.get)
-        ends = calibration.log_bounds(pred.kinds, self.bounds)
-        pred.interval = calibration.interval(step, ends)
+        self._intervals(pred, source)
+        if not source.probed:
+            pred.notes.append("operator times shared by the roofline (run measured elsewhere)")
+        pred.notes.extend(source.notes)
+
+    def _intervals(self, pred: Prediction, source: Source) -> None:
+        """The step's and the epoch's intervals: this host's validation errors of the
+        prediction's kinds, widened where they come from another host or a busy source."""
+        widen = self.calibration.widen + (BUSY_WIDEN if source.busy else 0.0)
+        ends = calibration.widened(calibration.log_bounds(pred.kinds, self.bounds), widen)
+        pred.interval = calibration.interval(pred.step_s, ends)
         # An epoch adds its data path's spread (the epoch validations') where there is one.
         epoch_kinds = (*pred.kinds, "epoch") if "epoch" in self.bounds else pred.kinds
-        pred.epoch_interval = calibration.interval(
-            pred.epoch_s, calibration.log_bounds(epoch_kinds, self.bounds)
-        )
+        epoch_ends = calibration.widened(calibration.log_bounds(epoch_kinds, self.bounds), widen)
+        pred.epoch_interval = calibration.interval(pred.epoch_s, epoch_ends)
         missing = [k for k in pred.kinds if k not in self.bounds]
         pred.interval_basis = (
             f"90% range of measured/predicted of {', '.join(pred.kinds) or 'no change'} "
@@ -656,9 +697,86 @@ class Predictor:
             if not missing
             else f"none: {', '.join(missing)} predictions not validated"
         )
-        if not source.probed:
-            pred.notes.append("operator times shared by the roofline (run measured elsewhere)")
-        pred.notes.extend(source.notes)
+        if source.busy:
+            pred.interval_basis += f"; widened by {100 * math.expm1(BUSY_WIDEN):.0f}%: busy source"
+            pred.notes.append(
+                f"warning: the source was measured on a busy machine ({source.busy}); this "
+                f"prediction inherits that, its interval is {100 * math.expm1(BUSY_WIDEN):.0f}% "
+                "wider: measure the source again on a quiet machine"
+            )
+        if not self.calibration.own_host:
+            pred.notes.append(f"interval: {self.calibration_source}")
+
+
+def scaled(estimate: StepEstimate, factor: float) -> StepEstimate:
+    """`estimate` with every part and phase times `factor`."""
+    if factor == 1.0:
+        return estimate
+    return StepEstimate(
+        estimate.step_s * factor,
+        {k: v * factor for k, v in estimate.parts.items()},
+        {k: v * factor for k, v in estimate.phases.items()},
+    )
+
+
+def ddp_overhead_note(overhead: float | None) -> str:
+    """In words, what the DDP step's loss beyond the all-reduce contributes: a figure of 0
+    or less is a measurement problem, never "0.0 ms"."""
+    if overhead is None:
+        return (
+            "communication: all-reduce model only; what a DDP step loses beyond it was not "
+            "measured (no launcher, or its torchrun probe failed)"
+        )
+    if overhead <= 0:
+        return (
+            "communication: all-reduce model only; the DDP probe's step came out no slower "
+            f"than its compute plus the all-reduce ({overhead * 1e3:+.2f} ms), a measurement "
+            "problem (a noisy or busy probe), so nothing is added: `lungbench predict "
+            "--remeasure` on a quiet machine measures it again"
+        )
+    return (
+        f"communication: all-reduce model + {overhead * 1e3:.1f} ms per step a DDP step "
+        "loses on this CPU beyond it (measured with a tiny model, 2 processes)"
+    )
+
+
+def as_measured(pred: Prediction, source: Source) -> None:
+    """A target the run measured: its measured step and the record's own interval of it."""
+    pred.status = "measured"
+    pred.step_s = source.step_s
+    pred.samples_per_s = pred.global_batch / source.step_s
+    pred.interval = source.step_interval
+    pred.interval_basis = (
+        "measured: the record's 95% confidence interval of its median step"
+        if source.step_interval
+        else "measured: the record has no confidence interval of its step (under 6 repeats)"
+    )
+    pred.notes.insert(0, f"measured, not predicted: the run measured {source.key}")
+
+
+def model_bytes(workload: Workload) -> int:
+    """Bytes of the model's weights, gradients and Adam's two moments (FP32), counted on
+    the meta device: nothing is allocated, so a width no memory holds is refused, not built."""
+    with torch.device("meta"):
+        model = workload.build_model(torch.device("meta"))
+    return 16 * sum(p.numel() for p in model.parameters())
+
+
+def fits(pred: Prediction, workload: Workload, device: DeviceProfile) -> bool:
+    """Whether the target's step fits `device`'s memory (else `pred` says so: status oom)."""
+    limit = device.memory_size
+    need = model_bytes(workload)
+    if not limit or need <= HEADROOM * limit:
+        need = step_memory(replace(workload, device="cpu")).bytes(workload.batch_size)
+    pred.memory_need_bytes, pred.memory_limit_bytes = int(need), int(limit)
+    if limit and need > HEADROOM * limit:
+        pred.status, pred.bound = "oom", "memory size"
+        pred.notes.append(
+            f"does not fit: needs about {need / 2**30:,.1f} GiB (FP32 estimate), "
+            f"{device.name} has {limit / 2**30:,.1f} GiB"
+        )
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=64)
