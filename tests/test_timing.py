@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-
+import pytest
 import torch
 
 from lungbench.measure.timing import (
@@ -18,40 +17,45 @@ from lungbench.step import TrainStep
 from lungbench.switches import Switches
 
 
-def _sleep_until(seconds: float) -> None:
-    # Busy-wait: sleep() can overshoot by a scheduler tick on a loaded machine.
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
+class PlantedClock:
+    """A clock that moves only when the fake workload says so: the protocol's arithmetic is
+    checked exactly, whatever else the machine is doing."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def spend(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def test_phases_of_a_known_workload():
+    clock = PlantedClock()
     calls = []
 
     def step(timer: PhaseTimer) -> None:
         calls.append(1)
         with timer.phase("forward"):
-            _sleep_until(0.010)
+            clock.spend(0.010)
+        clock.spend(0.001)  # between phases: in the step, in no phase
         with timer.phase("backward"):
-            _sleep_until(0.020)
+            clock.spend(0.020 + 0.001 * len(calls))  # grows by 1 ms a call
         with timer.phase("optimizer"):
-            _sleep_until(0.005)
+            clock.spend(0.005)
 
-    samples = run_protocol(step, PhaseTimer(torch.device("cpu")), warmup=2, repeats=5)
+    samples = run_protocol(step, PhaseTimer(torch.device("cpu"), clock), warmup=2, repeats=5)
     assert len(calls) == 7, "warm-up calls run but are not recorded"
     assert set(samples) == {"forward", "backward", "optimizer", STEP}
     assert all(len(v) == 5 for v in samples.values())
-    median = {k: sorted(v)[2] for k, v in samples.items()}
-    # A busy-wait cannot end early, so each phase is at least its nominal length; on a loaded
-    # machine the process may be descheduled inside a phase, so the upper bound is generous.
-    for phase, nominal in (("forward", 0.010), ("backward", 0.020), ("optimizer", 0.005)):
-        assert min(samples[phase]) >= nominal
-        assert median[phase] < 1.5 * nominal + 0.010
-    assert median["backward"] > median["forward"] > median["optimizer"]
-    # Each repeat's whole step covers its phases and little else.
+    assert samples["forward"] == pytest.approx([0.010] * 5)
+    assert samples["optimizer"] == pytest.approx([0.005] * 5)
+    # The timed repeats are calls 3..7 (the two warm-up calls are off the clock).
+    assert samples["backward"] == pytest.approx([0.020 + 0.001 * n for n in range(3, 8)])
     for i in range(5):
         phases = sum(samples[p][i] for p in ("forward", "backward", "optimizer"))
-        assert phases <= samples[STEP][i] < phases + 0.010
+        assert samples[STEP][i] == pytest.approx(phases + 0.001)  # the gap between phases
 
 
 def test_training_step_updates_the_model():
