@@ -559,3 +559,103 @@ def test_gpu_flag_needs_validate_and_a_gpu(capsys):
     if not torch.cuda.is_available():
         assert main(["predict", "--validate", "--gpu"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+# ---- bad input, busy sources, measured targets, intervals of another host ------------------
+
+
+def plant_bench_run(run: Path, complete: bool = True, **fields) -> dict:
+    """A bench run folder of the tiny workload measured on another host (its peaks in
+    environment.json: the roofline shares its step out; nothing is probed here)."""
+    run.mkdir()
+    record = {"key": "dey2018 f2 b2 t1", "status": "ok", "world_size": 1, "model": "dualpath3d",
+              "preset": "dey2018", "filters": 2, "batch_size": 2, "device": "cpu",
+              "threads_used": 1, "seed": 0, "step_s_median": 0.020, "flops_per_step": 1e8,
+              "step_s_ci_low": 0.019, "step_s_ci_high": 0.022, **fields}  # fmt: skip
+    (run / "records.jsonl").write_text(json.dumps(record) + "\n")
+    peaks = {"cpu": {"fp32": 1e11, "copy_bytes_per_s": 2e10}}
+    (run / "environment.json").write_text(json.dumps({"host": "elsewhere", "peak_flops": peaks}))
+    (run / "run.json").write_text(json.dumps({"status": "complete" if complete else "running"}))
+    return record
+
+
+def predict_json(capsys, run: Path, *options: str) -> list[dict]:
+    assert main(["predict", "--from", str(run), "--json", *options]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_a_field_that_is_not_a_number_is_named_in_one_line(tmp_path, capsys):
+    plant_bench_run(tmp_path / "run", batch_size="two")
+    assert main(["predict", "--from", str(tmp_path / "run"), "--batch", "4"]) != 0
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert "records.jsonl" in err and "batch_size" in err and "'two'" in err
+
+
+@pytest.mark.parametrize("option", [["--filters", "100000"], ["--batch", "100000000"]])
+def test_a_target_no_memory_holds_is_one_row_not_a_traceback(tmp_path, monkeypatch, capsys, option):
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    plant_bench_run(tmp_path / "run")
+    (pred,) = predict_json(capsys, tmp_path / "run", *option)
+    assert pred["status"] == "oom" and pred["step_s"] is None
+    assert any(n.startswith("does not fit") and "GiB" in n for n in pred["notes"])
+    assert main(["predict", "--from", str(tmp_path / "run"), *option]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "does not fit" in line]
+    assert len(rows) == 1
+
+
+def test_a_busy_source_warns_and_widens_its_interval(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    plant_bench_run(tmp_path / "quiet")
+    plant_bench_run(tmp_path / "busy", busy=True, busy_reason="other processes kept 1.2 cores")
+    (quiet,) = predict_json(capsys, tmp_path / "quiet", "--batch", "3")
+    (busy,) = predict_json(capsys, tmp_path / "busy", "--batch", "3")
+    assert busy["step_s"] == pytest.approx(quiet["step_s"])
+    assert not any("busy" in n for n in quiet["notes"])
+    assert any(n.startswith("warning:") and "1.2 cores" in n for n in busy["notes"])
+    assert busy["interval"][0] < quiet["interval"][0] and busy["interval"][1] > quiet["interval"][1]
+    assert "busy source" in busy["interval_basis"]
+
+
+def test_a_target_the_run_measured_is_returned_as_measured(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    plant_bench_run(tmp_path / "run")
+    (pred,) = predict_json(capsys, tmp_path / "run", "--batch", "2")
+    assert pred["status"] == "measured" and pred["step_s"] == 0.020
+    assert pred["interval"] == [0.019, 0.022]  # the record's own, not zero width
+    assert "measured" in pred["interval_basis"] and "measured, not predicted" in pred["notes"][0]
+
+
+def test_a_partial_run_and_failed_configurations_are_warned_about(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    plant_bench_run(run, complete=False)
+    failed = {"key": "dey2018 f2 b64 t1", "status": "oom", "world_size": 1}
+    with (run / "records.jsonl").open("a") as f:
+        f.write(json.dumps(failed) + "\n")
+    (pred,) = predict_json(capsys, run, "--batch", "3")
+    assert any("partial" in n and "running" in n for n in pred["notes"])
+    assert any("failed" in n and "f2 b64" in n for n in pred["notes"])
+
+
+def test_an_interval_of_another_host_says_so_and_is_wider(tmp_path, monkeypatch):
+    import math
+
+    from lungbench.predict import calibration
+
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
+    # two shipped hosts whose batch predictions were 10% low and 10% high at the median
+    cases = [
+        {"kind": "batch", "predicted_s": 1.0, "measured_s": m, "host": h}
+        for h, ms in (("a", (1.1, 1.1, 1.12)), ("b", (0.9, 0.9, 0.88)))
+        for m in ms
+    ]
+    monkeypatch.setattr(
+        calibration, "shipped_cases", lambda: {"model": 3, "host": "a and b", "cases": cases}
+    )
+    shipped = calibration.for_this_host()
+    assert not shipped.own_host and "NOT this host" in shipped.source
+    assert shipped.widen == pytest.approx(math.log(1.1) - math.log(0.9))
+    calibration.save_cases(cases[:3], "now")  # this host validated: its own, not widened
+    own = calibration.for_this_host()
+    assert own.own_host and own.widen == 0.0 and "this host's last 1" in own.source

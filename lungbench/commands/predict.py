@@ -118,8 +118,33 @@ def _run(args: argparse.Namespace) -> int:
     return _predict(args, records, environment)
 
 
+# Record fields the model reads as numbers: a record that has one of them as anything else
+# (`"batch_size": "two"`) is refused in one line naming the file and the field.
+NUMBER_FIELDS = (
+    "batch_size", "filters", "threads_used", "step_s_median", "flops_per_step", "epoch_s",
+    "epoch_samples", "epoch_split_samples", "world_size",
+)  # fmt: skip
+
+
+def check_numbers(record: dict[str, Any], path: Path) -> None:
+    """DataError naming `path`, the record and the field whose value is not a positive number."""
+    from lungbench.core.errors import DataError
+
+    for name in NUMBER_FIELDS:
+        value = record.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise DataError(
+                f"{path}: record {record.get('key', '?')}: field {name} is {value!r}, not a "
+                "positive number; rerun `lungbench bench` (or fix the file)"
+            )
+
+
 def _read_run(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The run's single-process ok records and its environment (DataError: what to run)."""
+    """The run's single-process ok records and its environment (DataError: what to run).
+    A run that did not complete, or configurations that failed, are said as warnings
+    (`run_warnings`); a record with a field that is not a number is refused."""
     from lungbench.core.errors import DataError
     from lungbench.core.runs import read_json, read_records
 
@@ -131,20 +156,48 @@ def _read_run(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         from lungbench.predict.forecast import record_from_profile
 
         config = read_json(run / "config.json") if (run / "config.json").is_file() else {}
-        return [record_from_profile(read_json(run / "profile.json"), config, str(run))], environment
+        record = record_from_profile(read_json(run / "profile.json"), config, str(run))
+        check_numbers(record, run / "profile.json")
+        return [record], environment
     if not (run / "records.jsonl").is_file():
         raise DataError(
             f"--from {run}: no records.jsonl or profile.json (not a bench or profile run); "
             f"predict needs measured steps: run `lungbench bench --out {run.parent}` first"
         )
-    records = [
-        r for r in read_records(run) if r.get("status") == "ok" and r.get("world_size", 1) == 1
-    ]
+    single = [r for r in read_records(run) if r.get("world_size", 1) == 1]
+    records = [r for r in single if r.get("status") == "ok"]
+    for record in records:
+        check_numbers(record, run / "records.jsonl")
     if not records:
         raise DataError(
             f"--from {run}: no single-process configuration ran ok; run `lungbench bench` first"
         )
     return records, environment
+
+
+def run_warnings(run: Path) -> list[str]:
+    """Warnings, in words, about the run as a whole: not complete, configurations failed."""
+    from lungbench.core.runs import read_json, read_records
+
+    warnings = []
+    status = (read_json(run / "run.json") if (run / "run.json").is_file() else {}).get("status")
+    if (run / "records.jsonl").is_file() and status != "complete":
+        warnings.append(
+            f"warning: run {run} is partial (run.json status {status or 'missing'}): "
+            "predictions come from the configurations it finished"
+        )
+    failed = [
+        f"{r.get('key', '?')} ({r.get('status')})"
+        for r in read_records(run)
+        if r.get("status") != "ok" and r.get("world_size", 1) == 1
+    ]
+    if failed:
+        warnings.append(
+            f"warning: {len(failed)} configuration(s) of the run failed and are not sources: "
+            + ", ".join(failed[:5])
+            + (" ..." if len(failed) > 5 else "")
+        )
+    return warnings
 
 
 class _Sources:
@@ -193,14 +246,21 @@ def _targets(args: argparse.Namespace):
 
 
 def _predict(args, records, environment) -> int:
+    import logging
+
     from lungbench.predict.forecast import Predictor
 
+    warnings = run_warnings(Path(args.run))
+    for warning in warnings:
+        logging.getLogger(__name__).warning(warning)
     predictor = Predictor(tuple(args.device_file), args.remeasure, launch=bench_subprocess)
     sources = _Sources(records, environment, str(args.run), args.remeasure)
     predictions = []
     for target in _targets(args):
         source = sources.nearest(target.batch, target.filters, target.threads)
-        predictions.append(predictor.predict(source, target))
+        pred = predictor.predict(source, target)
+        pred.notes.extend(warnings)
+        predictions.append(pred)
     if args.json:
         for pred in predictions:
             print(json.dumps(pred.as_dict()))
@@ -233,15 +293,16 @@ def format_predictions(predictions) -> str:
     for p in predictions:
         interval = f"{_seconds(p.interval[0])}-{_seconds(p.interval[1])}" if p.interval else "n/a"
         if p.status == "oom":
-            interval = p.notes[0] if p.notes else "-"
+            interval = next((n for n in p.notes if n.startswith("does not fit")), "-")
         rate = f"{p.samples_per_s:.1f}" if p.samples_per_s else "-"
         ranks = f"{p.ranks} ({p.scaling})" if p.ranks > 1 else "1"
         lines.append(
             f"| {p.device} | {ranks} | {p.batch} | {p.filters} | {p.threads or '-'} | "
-            f"{_seconds(p.step_s)} | {interval} | {_seconds(p.epoch_s)} | {rate} | "
+            f"{_seconds(p.step_s)}{' (measured)' if p.status == 'measured' else ''} | "
+            f"{interval} | {_seconds(p.epoch_s)} | {rate} | "
             f"{BOUND_WORDS.get(p.bound or '', p.bound)} |"
         )
-    notes = sorted({n for p in predictions for n in p.notes if p.status == "ok"})
+    notes = sorted({n for p in predictions for n in p.notes if p.status != "oom"})
     return "\n".join(lines + [f"note: {n}" for n in notes])
 
 

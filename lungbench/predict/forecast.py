@@ -764,16 +764,20 @@ def model_bytes(workload: Workload) -> int:
 
 def fits(pred: Prediction, workload: Workload, device: DeviceProfile) -> bool:
     """Whether the target's step fits `device`'s memory (else `pred` says so: status oom)."""
-    limit = device.memory_size
+    # A device of unknown memory (a run measured elsewhere) is held to this machine's:
+    # the model counts the target's operators by running its step here.
+    limit, holder = device.memory_size, device.name
+    if not limit:
+        limit, holder = memory_limit(torch.device("cpu"))[0], "this machine (where it is counted)"
     need = model_bytes(workload)
-    if not limit or need <= HEADROOM * limit:
+    if need <= HEADROOM * limit:  # a model that fits may be built: its step's estimate
         need = step_memory(replace(workload, device="cpu")).bytes(workload.batch_size)
     pred.memory_need_bytes, pred.memory_limit_bytes = int(need), int(limit)
-    if limit and need > HEADROOM * limit:
+    if need > HEADROOM * limit:
         pred.status, pred.bound = "oom", "memory size"
         pred.notes.append(
-            f"does not fit: needs about {need / 2**30:,.1f} GiB (FP32 estimate), "
-            f"{device.name} has {limit / 2**30:,.1f} GiB"
+            f"does not fit: f{workload.filters} b{workload.batch_size} needs about "
+            f"{need / 2**30:,.1f} GiB (FP32 estimate), {holder} has {limit / 2**30:,.1f} GiB"
         )
         return False
     return True
