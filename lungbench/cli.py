@@ -2,32 +2,64 @@
 
 Each command lives in `lungbench/commands/<name>.py` and exposes `register(subparsers)`,
 which adds its parser and sets `func(args) -> int`. The work itself is done by the library.
+COMMANDS names them; a command's module is imported only when that command is chosen
+(lungbench.commands.LazySubParsers), so `import lungbench.cli` and `lungbench --version`
+load no torch, MONAI, pandas or matplotlib (tests/test_startup.py holds that).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
 from lungbench import __version__
+from lungbench.commands import LazySubParsers, lazy_module
 from lungbench.core.allocator import keep_freed_memory
 from lungbench.core.console import capture_foreign_messages, show_progress
 from lungbench.core.errors import LungbenchError, message_of
 
-# Order is the order shown by `lungbench --help`.
-COMMAND_MODULES = [
-    "lungbench.commands.bench",
-    "lungbench.commands.train",
-    "lungbench.commands.reproduce",
-    "lungbench.commands.profile",
-    "lungbench.commands.data",
-    "lungbench.commands.env",
-    "lungbench.commands.report",
-    "lungbench.commands.compare",
-    "lungbench.commands.predict",
-]
+# name -> (module, one-line help), in the order `lungbench --help` shows them. A command's
+# module is imported only when that command runs (or shows its own --help): the modules pull
+# torch, MONAI, pandas or matplotlib, and `--version` / `--help` need none of them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": (
+        "lungbench.commands.bench",
+        "speed-up sweep: batch size x filters x device (the thesis's table)",
+    ),
+    "train": (
+        "lungbench.commands.train",
+        "full training runs: the experiments of the seeds (AUC tables, confusion matrices)",
+    ),
+    "reproduce": (
+        "lungbench.commands.reproduce",
+        "every twin of the seeds' experiments (--quick: minutes), resumable, one report",
+    ),
+    "profile": (
+        "lungbench.commands.profile",
+        "profile a training step with torch.profiler (traces, top operators, phases)",
+    ),
+    "data": (
+        "lungbench.commands.data",
+        "build HDF5 stores (generated nodules, LIDC-IDRI, LUNGx, MosMedData, 2D images)",
+    ),
+    "env": (
+        "lungbench.commands.env",
+        "print the environment record as JSON (versions, CPU, GPU, driver, git, SLURM)",
+    ),
+    "report": (
+        "lungbench.commands.report",
+        "HTML + Markdown report of one or more runs (side by side)",
+    ),
+    "compare": (
+        "lungbench.commands.compare",
+        "compare two runs: faster / slower / same per configuration",
+    ),
+    "predict": (
+        "lungbench.commands.predict",
+        "project step/epoch time to other batch, filters, threads, ranks, devices",
+    ),
+}
 
 EPILOG = """\
 examples:
@@ -61,22 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"lungbench {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).register(subparsers)
-    _remember_leaf_parsers(parser)
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, action=LazySubParsers
+    )
+    for name, (module, summary) in COMMANDS.items():
+        subparsers.add_lazy(name, lazy_module(module, summary))
     return parser
-
-
-def _remember_leaf_parsers(parser: argparse.ArgumentParser) -> None:
-    """Each command's own parser in its namespace (`_parser`), so that an unknown option is
-    reported by that command ("see `lungbench bench --help`"), not by the top level."""
-    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not actions:
-        parser.set_defaults(_parser=parser)
-    for action in actions:
-        for sub in action.choices.values():
-            _remember_leaf_parsers(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

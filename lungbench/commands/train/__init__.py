@@ -11,15 +11,37 @@ process group itself (DDP), the others refuse to run under a launcher.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 
-EXPERIMENT_MODULES: list[str] = [
-    "lungbench.commands.train.chestxray",
-    "lungbench.commands.train.nodule2d",
-    "lungbench.commands.train.lidc_pretrain",
-    "lungbench.commands.train.lungx_cv",
-    "lungbench.commands.train.mosmed",
-]
+from lungbench.commands import Lazy, LazySubParsers
+
+# sub-command -> (command module, its one-line help; tests/test_startup.py checks them against
+# the module's NAME and HELP). A recipe's module (torch; MONAI for the 2D backbones) is
+# imported only when that recipe is chosen: `lungbench train --help` imports none of them.
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "chestxray": (
+        "lungbench.commands.train.chestxray",
+        "seed 004: transfer methods A-D x pretrained weights, weighted BCE, 5-fold CV, costs",
+    ),
+    "nodule2d": (
+        "lungbench.commands.train.nodule2d",
+        "seed 001: 2D nodule crops, LR finder, cosine/one-cycle, rotation aug, TTA, Grad-CAM",
+    ),
+    "lidc-pretrain": (
+        "lungbench.commands.train.lidc_pretrain",
+        "seed 000: pre-train the two-path 3D CNN on LIDC (20%% validation, batch 16)",
+    ),
+    "lungx-cv": (
+        "lungbench.commands.train.lungx_cv",
+        "seed 000: LUNGx 3-fold CV, LIDC only / w/o / w/ pre-training (AUC table, confusion)",
+    ),
+    "mosmed": (
+        "lungbench.commands.train.mosmed",
+        "seed 002: CT-0 vs CT-2/3 with the MosMed 3D CNN and its six modifications",
+    ),
+}
+EXPERIMENT_MODULES: list[str] = [module for module, _ in EXPERIMENTS.values()]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,13 +51,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train and evaluate models; every experiment runs on generated data by "
         "default (say so in any result) and on real stores when given.",
     )
-    sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
-    for name in EXPERIMENT_MODULES:
-        module = importlib.import_module(name)
-        p = sub.add_parser(module.NAME, help=module.HELP, description=module.DESCRIPTION)
-        module.add_arguments(p)
-        run = module.main if getattr(module, "DISTRIBUTED", False) else _single(module)
-        p.set_defaults(func=_out_checked(run))
+    sub = parser.add_subparsers(
+        dest="experiment", metavar="EXPERIMENT", required=True, action=LazySubParsers
+    )
+    for name, (module, summary) in EXPERIMENTS.items():
+        sub.add_lazy(name, Lazy(summary, functools.partial(_register_experiment, module)))
+
+
+def _register_experiment(module_name: str, subparsers: argparse._SubParsersAction) -> None:
+    module = importlib.import_module(module_name)
+    p = subparsers.add_parser(module.NAME, help=module.HELP, description=module.DESCRIPTION)
+    module.add_arguments(p)
+    run = module.main if getattr(module, "DISTRIBUTED", False) else _single(module)
+    p.set_defaults(func=_out_checked(run))
 
 
 def _out_checked(run):
