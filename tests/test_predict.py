@@ -345,7 +345,11 @@ def test_validate_quick_end_to_end(tmp_path, monkeypatch, capsys):
     assert {"source", "batch", "filters", "threads", "ranks", "epoch"} <= kinds
     assert all(c["predicted_s"] > 0 for c in out["cases"][1:])
     assert out["summary"]["median_abs_error"] is not None
+    assert out["summary"]["sources"] == 2  # the quick rotation: tuned and eager-fp32
     assert (tmp_path / "predict_validation.json").is_file()
+    for c in out["cases"][1:]:
+        if c.get("error") is not None:
+            assert c["error"] == pytest.approx(c["predicted_s"] / c["measured_s"] - 1)
 
 
 def plant_profile_run(run: Path) -> None:
@@ -659,3 +663,180 @@ def test_an_interval_of_another_host_says_so_and_is_wider(tmp_path, monkeypatch)
     calibration.save_cases(cases[:3], "now")  # this host validated: its own, not widened
     own = calibration.for_this_host()
     assert own.own_host and own.widen == 0.0 and "this host's last 1" in own.source
+
+
+# ---- the rotated validation's flow, on planted timings -------------------------------------
+
+
+def planted_step_s(w: Workload) -> float:
+    """A planted 'measured' step: proportional to batch and width, halved per thread."""
+    return 0.001 * w.batch_size * w.filters / (w.threads or 1)
+
+
+DDP_STEP_S = {"weak": 0.05, "strong": 0.03}
+EPOCH_S = {(2, 2): 1.0, (3, 2): 1.5}
+
+
+def test_rotated_validation_reports_the_errors_of_the_values_it_wrote(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from lungbench.predict import validate
+    from lungbench.predict.forecast import Prediction
+
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
+    bias = {"tuned": -0.05, "eager-fp32": 0.10}  # each source's model error, planted
+
+    class PlantedPredictor:
+        def __init__(self, remeasure=False, launch=None):
+            self.launch = launch
+
+        def predict(self, source, target):
+            w = validate.target_workload(source.workload, target)
+            if target.ranks > 1:
+                truth = DDP_STEP_S[target.scaling]
+            elif target.epoch_samples:
+                truth = EPOCH_S[(w.batch_size, w.filters)]
+            else:
+                truth = planted_step_s(w)
+            guess = truth * (1 + bias[source.key.rsplit(" ", 1)[-1]])
+            return Prediction(source.key, "cpu", w.batch_size, w.batch_size * target.ranks,
+                              w.filters, w.threads, target.ranks, target.scaling, step_s=guess,
+                              epoch_s=guess, bound="compute", interval=(guess, guess))  # fmt: skip
+
+    def planted_source(key, workload, switches, step, fresh=False):
+        return SimpleNamespace(key=key, workload=workload)
+
+    def launch(bench_args, ranks, out):  # the epoch bench of the tuned source
+        records = [{"batch_size": b, "filters": f, "epoch_s": s} for (b, f), s in EPOCH_S.items()]
+        return records, {}
+
+    measured_pairs = []
+
+    def planted_pair(source, target, plan):
+        measured_pairs.append((source, target))
+        return planted_step_s(source), planted_step_s(target)
+
+    monkeypatch.setattr(validate, "Predictor", PlantedPredictor)
+    monkeypatch.setattr(validate, "source_here", planted_source)
+    monkeypatch.setattr(validate, "measure_step_s", lambda w, plan: planted_step_s(w))
+    monkeypatch.setattr(validate, "measure_pair", planted_pair)
+    monkeypatch.setattr(
+        validate,
+        "run_ddp_bench",
+        lambda run, launch, out: [
+            {"scaling": k, "step_s_median": v} for k, v in DDP_STEP_S.items()
+        ],
+    )
+    monkeypatch.setattr(
+        validate,
+        "source_from_record",
+        lambda r, env, where: SimpleNamespace(
+            key=validate.QUICK.name(), workload=validate.QUICK.source()
+        ),
+    )
+    cases = validate.run_rotation(validate.QUICK_ROTATION, launch)
+
+    heads = [c for c in cases if c["kind"] == "source"]
+    assert [c["target"] for c in heads] == [p.name() for p in validate.QUICK_ROTATION]
+    scored = [c for c in cases if c["kind"] != "source"]
+    # every error is predicted / measured - 1 of the values written beside it
+    for c in scored:
+        assert c["error"] == pytest.approx(c["predicted_s"] / c["measured_s"] - 1)
+        assert c["error"] == pytest.approx(bias[c["source"].rsplit(" ", 1)[-1]])
+    kinds = {(c["source"].rsplit(" ", 1)[-1], c["kind"]) for c in scored}
+    assert kinds == {("tuned", k) for k in ("batch", "filters", "threads", "ranks", "epoch")} | {
+        ("eager-fp32", k) for k in ("batch", "filters", "threads")
+    }
+    # no target is the source or one of its probe's points
+    for plan in validate.QUICK_ROTATION:
+        batches, widths = plan.probe_points()
+        for kind, target in plan.targets():
+            assert target.batch not in batches and target.filters not in widths
+    assert len(measured_pairs) == sum(
+        1 for c in scored if c["kind"] in ("batch", "filters", "threads")
+    )
+    s = validate.summary(cases)
+    assert s["median_abs_error_by_source"] == pytest.approx(
+        {p.name(): abs(bias[p.switches]) for p in validate.QUICK_ROTATION}
+    )
+    assert s["median_abs_error_by_kind"]["ranks"] == pytest.approx(0.05)
+    # each source's errors lie on the other side of 1 from the other's: no interval the
+    # other source makes covers them
+    assert s["coverage_leave_one_source_out"] == 0.0
+    assert s["sources"] == 2
+    stored = json.loads((tmp_path / "predict_validation.json").read_text())["entries"]
+    assert sum(len(r["cases"]) for h in stored.values() for r in h["runs"]) == len(scored)
+    text = predict_command.format_validation(cases)
+    assert "by source:" in text and "leave-one-source-out: 0%" in text
+
+
+def test_leave_one_source_out_coverage_by_hand():
+    from lungbench.predict.validate import leave_one_source_out
+
+    def c(source, measured):
+        return {"source": source, "kind": "batch", "predicted_s": 1.0, "measured_s": measured}
+
+    # a: +10%, b: +5%, c: -20%. a against b and c's range [0.8, 1.05]: out; b against
+    # [0.8, 1.1]: in; c against [1.0 (never below the prediction's own end), 1.1]: out
+    cases = [c("a", 1.10), c("b", 1.05), c("c", 0.80)]
+    assert sorted(leave_one_source_out(cases)) == [False, False, True]
+
+
+# ---- fast when warm: the second predict on a host measures nothing ---------------------------
+
+
+def test_a_second_predict_on_the_host_measures_nothing(tmp_path, monkeypatch, capsys):
+    from collections import Counter
+
+    from lungbench.measure import peak, peak_cache
+    from lungbench.predict import comm, ddp_probe, forecast, kernels, rank_share
+
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    calls: Counter = Counter()
+
+    def counted(name, result):
+        def measure(*args, **kwargs):
+            calls[name] += 1
+            return result(*args, **kwargs) if callable(result) else result
+
+        return measure
+
+    real_probe = forecast.probe_operators
+    monkeypatch.setattr(forecast, "probe_operators", counted("probe", real_probe))
+    peaks = {"fp32": 1e11, "bf16": 2e11, "copy_bytes_per_s": 2e10}
+    monkeypatch.setattr(peak_cache, "robust_peaks", counted("peaks", (peaks, "planted")))
+    monkeypatch.setattr(peak, "copy_bandwidth", counted("bandwidth", 2e10))
+    monkeypatch.setattr(peak, "conv_rate", counted("conv rate", 5e10))
+    monkeypatch.setattr(kernels.KernelRatios, "_measure", counted("kernels", 1.5))
+    monkeypatch.setattr(
+        comm, "measure_gloo",
+        counted("gloo", lambda e, r: ([4 * n for n in e], [1e-4 + 4 * n / 1e9 for n in e])),
+    )  # fmt: skip
+    ddp = [{"world_size": 2, "step_s_median": 0.02, "allreduce_model_s": 0.001,
+            "ranks": [{"compute_s_median": 0.015}]}]  # fmt: skip
+    monkeypatch.setattr(ddp_probe, "run_ddp_bench", counted("ddp", ddp))
+    monkeypatch.setattr(rank_share, "side_by_side", counted("ranks", (0.010, 0.012)))
+    run = tmp_path / "profile-run"
+    plant_profile_run(run)
+    argv = ["predict", "--from", str(run), "--batch", "4", "--ranks", "1", "2", "--json"]
+    assert main(argv) == 0
+    first = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {"probe", "peaks", "gloo", "ddp", "ranks"} <= set(calls)
+    calls.clear()
+    assert main(argv) == 0
+    assert calls == Counter()  # nothing measured again: every figure from this host's cache
+    second = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["step_s"] for p in second] == [p["step_s"] for p in first]
+    two_ranks = second[1]
+    assert any("1.20x its time alone" in n and "2 processes" in n for n in two_ranks["notes"])
+    assert any("+ 4.0 ms per step" in n for n in two_ranks["notes"])  # 20 - 15 - 1 ms
+
+
+def test_a_ddp_loss_of_zero_or_less_is_a_measurement_problem_in_words():
+    from lungbench.predict.forecast import ddp_overhead_note
+
+    assert "0.0 ms" not in ddp_overhead_note(0.0)
+    assert "measurement problem" in ddp_overhead_note(-0.002)
+    assert "-2.00 ms" in ddp_overhead_note(-0.002)
+    assert "not measured" in ddp_overhead_note(None)
+    assert "3.5 ms per step" in ddp_overhead_note(0.0035)

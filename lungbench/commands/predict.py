@@ -403,7 +403,7 @@ def _list_devices(args) -> int:
 def _validate(args) -> int:
     from dataclasses import replace
 
-    from lungbench.predict.validate import DEFAULT, QUICK, dumps, run_validation
+    from lungbench.predict.validate import QUICK_ROTATION, ROTATION, dumps, run_rotation
 
     if args.gpu:
         from lungbench.predict.validate_gpu import (
@@ -414,9 +414,10 @@ def _validate(args) -> int:
 
         cases = run_gpu_validation(GPU_QUICK if args.quick else GPU_DEFAULT, bench_subprocess)
     else:
-        cases = run_validation(
-            replace(QUICK if args.quick else DEFAULT, ddp=args.ddp), bench_subprocess
-        )
+        plans = [
+            replace(p, ddp=p.ddp and args.ddp) for p in (QUICK_ROTATION if args.quick else ROTATION)
+        ]
+        cases = run_rotation(plans, bench_subprocess)
     if args.json:
         print(dumps(cases))
         return 0
@@ -425,36 +426,58 @@ def _validate(args) -> int:
 
 
 def format_validation(cases: list[dict[str, Any]]) -> str:
-    from lungbench.predict.validate import summary
-
-    source = cases[0]
+    """The cases as one table (a row per target, grouped by source), then the median
+    |error| per kind and per source and the intervals' coverage."""
     lines = [
-        f"source (measured): {source['target']}: step {_seconds(source['measured_s'])}",
-        f"note: {source.get('note', '')}",
-        "",
-        "| kind | target | predicted | measured | error | interval covers | limited by |",
-        "|---|---|---|---|---|---|---|",
+        "| source | kind | target | predicted | measured | error | interval covers | limited by |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for c in cases[1:]:
+    notes = []
+    for c in cases:
+        if c["kind"] == "source":
+            lines.append(
+                f"| {c['target']} | source | (measured) | - | {_seconds(c['measured_s'])} | - | - | - |"
+            )
+            notes.append(c.get("note", ""))
+            continue
         error = f"{100 * c['error']:+.1f}%" if c.get("error") is not None else "not measured"
         covers = {True: "yes", False: "no", None: "n/a"}[c.get("inside")]
         lines.append(
-            f"| {c['kind']} | {c['target']} | {_seconds(c['predicted_s'])} | "
-            f"{_seconds(c['measured_s'])} | {error} | {covers} | {c['bound']} |"
+            f"| {c.get('source', '-')} | {c['kind']} | {c['target']} | "
+            f"{_seconds(c['predicted_s'])} | {_seconds(c['measured_s'])} | {error} | {covers} | "
+            f"{c['bound']} |"
         )
-    s = summary(cases)
-    if s["median_abs_error"] is not None:
-        lines.append(
-            f"\nmedian |error|: {100 * s['median_abs_error']:.1f}% over {s['cases']} cases"
-        )
-        per_kind = ", ".join(
-            f"{k} {100 * v:.1f}%" for k, v in s["median_abs_error_by_kind"].items()
-        )
-        lines.append(f"by kind: {per_kind}")
-    if s["interval_coverage"] is not None:
-        lines.append(
-            f"intervals (from this host's earlier validations) covered "
-            f"{100 * s['interval_coverage']:.0f}%"
-        )
+    lines += [f"note: {n}" for n in dict.fromkeys(notes) if n]
+    lines += summary_lines(cases)
     lines.append("errors stored: later predictions' intervals come from them")
     return "\n".join(lines)
+
+
+def summary_lines(cases: list[dict[str, Any]]) -> list[str]:
+    from lungbench.predict.validate import summary
+
+    s = summary(cases)
+    if s["median_abs_error"] is None:
+        return ["\nno target was measured: no error to report"]
+
+    def percents(values: dict[str, float]) -> str:
+        return ", ".join(f"{k} {100 * v:.1f}%" for k, v in values.items())
+
+    lines = [
+        f"\nmedian |error|: {100 * s['median_abs_error']:.1f}% over {s['cases']} cases "
+        f"from {s['sources']} source(s)",
+        f"by kind: {percents(s['median_abs_error_by_kind'])}",
+        f"by source: {percents(s['median_abs_error_by_source'])}",
+    ]
+    if s["coverage_leave_one_source_out"] is not None:
+        lines.append(
+            f"interval coverage, leave-one-source-out: "
+            f"{100 * s['coverage_leave_one_source_out']:.0f}% of {s['coverage_cases']} cases "
+            "(each source's cases against the intervals the other sources' errors make)"
+        )
+    if s["interval_coverage"] is not None:
+        lines.append(
+            f"intervals as predicted (from this host's earlier validations) covered "
+            f"{100 * s['interval_coverage']:.0f}%"
+        )
+    return lines

@@ -114,7 +114,10 @@ def fit_gloo(repeats: int = 5, refit: bool = False) -> AlphaBeta:
     cached = None if refit else cached_gloo_fit()
     if cached is not None:
         return cached
-    log.info("measuring 2-process Gloo all-reduces on this machine (alpha-beta fit)")
+    log.info(
+        "measuring 2-process Gloo all-reduces on this machine (alpha-beta fit; about 10-30 s, "
+        "once per host)"
+    )
     nbytes, seconds = measure_gloo(FIT_ELEMENTS, repeats)
     # Per size, the best this host has done: a busy moment cannot raise the fit (the dev
     # box once fitted a 1.1 ms latency in a slow minute).

@@ -49,6 +49,7 @@ class DDPRun:
     scaling: str = "weak"
     warmup: int = 2
     repeats: int = 10
+    extra: tuple[str, ...] = ()  # more bench options (--eager-fp32: the validation's switches)
 
     def describe(self) -> str:
         return f"{self.preset} f{self.filters} b{self.batch} t{self.threads} x2 ranks"
@@ -65,7 +66,7 @@ def run_ddp_bench(
     bench_args = [
         "--preset", run.preset, "--filters", str(run.filters), "--batch", str(run.batch),
         "--threads", str(run.threads), "--no-epoch", "--no-baseline", "--scaling", run.scaling,
-        "--warmup", str(run.warmup), "--repeats", str(run.repeats),
+        "--warmup", str(run.warmup), "--repeats", str(run.repeats), *run.extra,
     ]  # fmt: skip
     records, _ = launch(bench_args, 2, out)
     return [r for r in records if r.get("world_size") == 2]

@@ -101,8 +101,8 @@ class RankContention:
     """Per (workload, switches, ranks): the step's slow-down with `ranks` processes side by
     side, measured once per host (the cache), or once per instance with `fresh`."""
 
-    def __init__(self, measure: Measure = side_by_side, fresh: bool = False) -> None:
-        self.measure = measure
+    def __init__(self, measure: Measure | None = None, fresh: bool = False) -> None:
+        self.measure = measure or side_by_side  # looked up now: a test may plant its own
         self.fresh = fresh
         self.measured = 0  # measurements made (a warm cache makes none)
         self._seen: set[str] = set()
@@ -115,7 +115,8 @@ class RankContention:
             return cache[key]
         log.info(
             f"measuring {ranks} processes of f{workload.filters} b{workload.batch_size} "
-            f"t{workload.threads} side by side (rank contention; ~{8 + 2 * ranks} s, once per host)"
+            f"t{workload.threads} side by side (rank contention: each process starts torch, "
+            "about 15-60 s, once per host and workload)"
         )
         started = time.perf_counter()
         alone, together = self.measure(workload, switches, ranks, ROUNDS)

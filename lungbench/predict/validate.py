@@ -1,13 +1,20 @@
-"""Layer 8 (predict): `lungbench predict --validate`: predict, then measure, on this machine.
+"""Layer 8 (predict): `lungbench predict --validate`: predict, then measure, on this machine,
+from several sources in turn.
 
-From one measured source configuration (CPU, 1 thread: steady on a shared machine) the
-model predicts other batch sizes, widths, thread counts and a 2-rank DDP run (Gloo, weak
-and strong scaling); then each is measured with the same protocol and the predicted and
-measured step times are set side by side with the error. Every prediction is made before
-any target is measured. The cases are stored (lungbench.predict.calibration): the
-intervals of later predictions come from them.
+The model is only worth its error where sources and targets were not chosen for it. So the
+validation rotates its source over ROTATION: batch 2 and 4, filters 8 and 16, threads 1 and
+2, the tuned switches and `--eager-fp32`. From each source (measured, its operators probed)
+the model predicts targets that are neither the source nor one of its probe's points (batch
+1, half and twice the batch, twice the width): other batch sizes, widths and thread counts,
+2 DDP ranks (Gloo, weak and strong scaling) and epochs; every prediction is made before any
+target is measured; then each is measured with the same protocol and set beside it with the
+error (predicted / measured - 1). The summary gives the median |error| per kind and per
+source, and the intervals' coverage leave-one-source-out: each source's cases against the
+intervals the other sources' errors make. The cases are stored (lungbench.predict.
+calibration): the intervals of later predictions come from them.
 
-    cases = run_validation(QUICK, bench_subprocess)      # a minute on 2 cores; DEFAULT: a few minutes
+    cases = run_rotation(QUICK_ROTATION, bench_subprocess)   # a few minutes on 2 cores
+    cases = run_rotation(ROTATION, bench_subprocess)         # a quiet machine: ~30-40 min
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,14 +38,15 @@ from lungbench.predict.forecast import (
     Prediction,
     Predictor,
     Target,
-    describe_workload,
     source_from_record,
     source_here,
 )
 from lungbench.predict.operators import plain_step_s, step_timer
-from lungbench.switches import fast_defaults
+from lungbench.switches import Switches, eager_fp32, fast_defaults
 
 log = logging.getLogger(__name__)
+
+SWITCH_SETS = ("tuned", "eager-fp32")
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class Plan:
     filters: int = 8
     batch: int = 4
     threads: int = 1
+    switches: str = "tuned"  # tuned: the bench's fast defaults; eager-fp32: the baseline
     # Not 1, 2, 8 or 16: batch 1, half and twice the source's batch and twice its width are
     # the probe's own points (operators.probe_operators): a target there would be measured.
     batches: tuple[int, ...] = (3, 5, 6, 16)
@@ -63,17 +73,37 @@ class Plan:
     # Epochs: one `lungbench bench` of the source and these (batch, filters), each with an
     # epoch of `epoch_samples` through the real loader; the source's predicts the others.
     epoch_targets: tuple[tuple[int, int], ...] = ((6, 8), (4, 12), (6, 12))
-    epoch_samples: int = 72  # whole batches of 4 and 6
+    epoch_samples: int = 72  # whole batches of 2, 3, 4 and 6
+
+    def name(self) -> str:
+        return f"{self.preset} f{self.filters} b{self.batch} t{self.threads} {self.switches}"
 
     def source(self) -> Workload:
         return Workload(
             preset=self.preset, filters=self.filters, batch_size=self.batch, threads=self.threads
         )
 
+    def switch_set(self) -> Switches:
+        if self.switches not in SWITCH_SETS:
+            raise ValueError(f"switches {self.switches!r}: one of {', '.join(SWITCH_SETS)}")
+        return fast_defaults(torch.device("cpu")) if self.switches == "tuned" else eager_fp32()
+
+    def bench_switches(self) -> list[str]:
+        """The `lungbench bench` options that run this plan's switches."""
+        return ["--eager-fp32"] if self.switches == "eager-fp32" else []
+
+    def probe_points(self) -> tuple[set[int], set[int]]:
+        """(batches, widths) the source's probe measures: not targets."""
+        return {1, self.batch, max(1, self.batch // 2), 2 * self.batch}, {
+            self.filters,
+            2 * self.filters,
+        }
+
     def targets(self) -> list[tuple[str, Target]]:
-        cases = [("batch", Target(batch=b)) for b in self.batches]
-        cases += [("filters", Target(filters=f)) for f in self.widths]
-        cases += [("threads", Target(threads=t)) for t in self.thread_counts]
+        batches, widths = self.probe_points()
+        cases = [("batch", Target(batch=b)) for b in self.batches if b not in batches]
+        cases += [("filters", Target(filters=f)) for f in self.widths if f not in widths]
+        cases += [("threads", Target(threads=t)) for t in self.thread_counts if t != self.threads]
         if self.ddp:
             cases.append(("ranks", Target(ranks=2, threads=1, scaling="weak")))
             if self.batch % 2 == 0:
@@ -82,6 +112,21 @@ class Plan:
 
 
 DEFAULT = Plan()
+# The rotation: every source differs from another in one of batch, filters, threads or
+# switches; targets avoid each source's probe points (Plan.targets drops any that do not).
+ROTATION = (
+    DEFAULT,
+    Plan(batch=2, batches=(3, 6), widths=(6, 12), epoch_targets=((3, 8), (2, 12))),
+    Plan(
+        filters=16,
+        batch=2,
+        batches=(3, 6),
+        widths=(12, 24),
+        epoch_targets=((3, 16), (2, 12)),
+    ),  # fmt: skip
+    Plan(threads=2, batches=(3, 6), widths=(6, 12), thread_counts=(1,), epoch_targets=((6, 8),)),
+    Plan(switches="eager-fp32", batches=(3, 6), widths=(6, 12), epoch_targets=((6, 8),)),
+)
 QUICK = Plan(
     preset="dey2018",
     filters=2,
@@ -95,6 +140,11 @@ QUICK = Plan(
     epoch_targets=((3, 2),),
     epoch_samples=12,
 )
+# Two tiny sources (tuned and eager), the second without DDP or epochs: short for tests.
+QUICK_ROTATION = (
+    QUICK,
+    replace(QUICK, switches="eager-fp32", batch=4, batches=(3,), ddp=False, epoch_targets=()),
+)
 
 
 def target_workload(source: Workload, target: Target) -> Workload:
@@ -107,27 +157,44 @@ def target_workload(source: Workload, target: Target) -> Workload:
 
 
 def measure_step_s(workload: Workload, plan: Plan) -> float:
-    """The median step of `workload` on this CPU (the bench's switches, fixed repeats)."""
-    switches = fast_defaults(torch.device("cpu"))
+    """The median step of `workload` on this CPU (the plan's switches, fixed repeats)."""
     torch.set_num_threads(workload.threads or torch.get_num_threads())
-    return plain_step_s(workload, switches, torch.device("cpu"), plan.warmup, plan.repeats)
+    cpu = torch.device("cpu")
+    return plain_step_s(workload, plan.switch_set(), cpu, plan.warmup, plan.repeats)
+
+
+def run_rotation(
+    plans: Sequence[Plan], launch: BenchLaunch, out: Path | None = None
+) -> list[dict[str, Any]]:
+    """Every plan validated in turn with one predictor (this machine measured once, as it
+    is now, like the targets); the cases of all, each naming its source, stored together."""
+    predictor = Predictor(remeasure=True, launch=launch)
+    cases: list[dict[str, Any]] = []
+    for i, plan in enumerate(plans):
+        where = None if out is None else out / f"source-{i + 1}"
+        cases += validate_source(plan, predictor, launch, where)
+    calibration.save_cases([c for c in cases if c["kind"] != "source"], utc_now())
+    return cases
 
 
 def run_validation(
     plan: Plan, launch: BenchLaunch, out: Path | None = None
 ) -> list[dict[str, Any]]:
-    """Measure the source, predict every target, measure the targets; the cases. `launch`
-    starts `lungbench bench` for the epochs and the DDP runs."""
-    switches = fast_defaults(torch.device("cpu"))
+    """One source's validation (run_rotation of one plan)."""
+    return run_rotation([plan], launch, out)
+
+
+def validate_source(
+    plan: Plan, predictor: Predictor, launch: BenchLaunch, out: Path | None
+) -> list[dict[str, Any]]:
+    """Measure the plan's source, predict every target, measure the targets: the cases,
+    the source's own first. `launch` starts `lungbench bench` for the epochs and DDP."""
+    switches = plan.switch_set()
     source_workload = plan.source()
-    log.info(f"validation source: {describe_workload(source_workload)}")
+    log.info(f"validation source: {plan.name()}")
     step = measure_step_s(source_workload, plan)
-    source = source_here("source", source_workload, switches, step, fresh=True)
-    predictor = Predictor(
-        remeasure=True, launch=launch
-    )  # this machine as it is now, like the targets
-    targets = plan.targets()
-    predictions = [(kind, t, predictor.predict(source, t)) for kind, t in targets]
+    source = source_here(plan.name(), source_workload, switches, step, fresh=True)
+    predictions = [(kind, t, predictor.predict(source, t)) for kind, t in plan.targets()]
     cases = []
     # A shared machine's speed drifts (2x within minutes on the dev box): each target is
     # measured as a ratio to the source measured beside it, and the prediction (a ratio to
@@ -146,18 +213,14 @@ def run_validation(
         )
     cases += epoch_cases(plan, predictor, out)
     torch.set_num_threads(plan.threads)
-    cases.insert(
-        0,
-        {
-            "kind": "source",
-            "target": describe_workload(source_workload),
-            "measured_s": step,
-            "note": "each prediction is scaled by the source's step measured beside its target "
-            "(a shared machine drifts)",
-        },
-    )
-    calibration.save_cases([c for c in cases if c["kind"] != "source"], utc_now())
-    return cases
+    head = {
+        "kind": "source",
+        "target": plan.name(),
+        "measured_s": step,
+        "note": "each prediction is scaled by the source's step measured beside its target "
+        "(a shared machine drifts)",
+    }
+    return [{**c, "source": plan.name()} for c in [head, *cases]]
 
 
 def epoch_cases(plan: Plan, predictor: Predictor, out: Path | None) -> list[dict[str, Any]]:
@@ -195,6 +258,7 @@ def measure_epochs(
         "--preset", plan.preset, "--batch", *map(str, batches), "--filters", *map(str, widths),
         "--threads", str(plan.threads), "--epoch-samples", str(plan.epoch_samples),
         "--warmup", str(plan.warmup), "--repeats", str(plan.repeats), "--no-tune",
+        *plan.bench_switches(),
     ]  # fmt: skip
     if launch is None:
         return [], {}
@@ -208,7 +272,7 @@ def measure_pair(source: Workload, target: Workload, plan: Plan) -> tuple[float,
     rounds), so the target's step is the source's median times the median of the rounds'
     target/source ratios: the ratio of neighbours holds where absolute times do not."""
     cpu = torch.device("cpu")
-    switches = fast_defaults(cpu)
+    switches = plan.switch_set()
     timers = [(w.threads, step_timer(w, switches, cpu)) for w in (source, target)]
     block = max(plan.repeats // 2, 3)
     rounds: list[tuple[float, float]] = []
@@ -261,7 +325,10 @@ def measure_ddp(
     ratio to the source's step measured just before and after it, per scaling: the median
     over `plan.ddp_runs` runs. {scaling: ratio}; {} when the launch failed."""
     log.info("measuring the 2-rank DDP run (torchrun, Gloo)")
-    run = DDPRun(plan.preset, plan.filters, plan.batch, 1, "both", plan.warmup, plan.repeats)
+    run = DDPRun(
+        plan.preset, plan.filters, plan.batch, 1, "both", plan.warmup, plan.repeats,
+        tuple(plan.bench_switches()),
+    )  # fmt: skip
     ratios: dict[str, list[float]] = {}
     for i in range(plan.ddp_runs):
         before = measure_step_s(source, plan)
@@ -273,18 +340,43 @@ def measure_ddp(
 
 
 def summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median |error| per kind and overall, and the intervals' coverage."""
+    """Median |error| overall, per kind and per source; the intervals' coverage as the
+    cases were predicted (from earlier validations) and leave-one-source-out."""
     scored = [c for c in cases if c.get("error") is not None]
-    by_kind: dict[str, list[float]] = {}
-    for c in scored:
-        by_kind.setdefault(c["kind"], []).append(abs(c["error"]))
     covered = [c["inside"] for c in scored if c.get("inside") is not None]
+    loso = leave_one_source_out(scored)
     return {
         "median_abs_error": statistics.median(abs(c["error"]) for c in scored) if scored else None,
-        "median_abs_error_by_kind": {k: statistics.median(v) for k, v in by_kind.items()},
+        "median_abs_error_by_kind": median_abs_by(scored, "kind"),
+        "median_abs_error_by_source": median_abs_by(scored, "source"),
         "interval_coverage": sum(covered) / len(covered) if covered else None,
+        "coverage_leave_one_source_out": sum(loso) / len(loso) if loso else None,
+        "coverage_cases": len(loso),
+        "sources": len({c.get("source") for c in scored}),
         "cases": len(scored),
     }
+
+
+def median_abs_by(scored: list[dict[str, Any]], field: str) -> dict[str, float]:
+    groups: dict[str, list[float]] = {}
+    for c in scored:
+        groups.setdefault(str(c.get(field)), []).append(abs(c["error"]))
+    return {k: statistics.median(v) for k, v in groups.items()}
+
+
+def leave_one_source_out(scored: list[dict[str, Any]]) -> list[bool]:
+    """Per case: whether the interval the OTHER sources' errors make for its kind
+    (calibration.error_bounds) covers its measured value; a kind no other source
+    validated gives no verdict."""
+    verdicts = []
+    for name in {c.get("source") for c in scored}:
+        bounds = calibration.error_bounds(c for c in scored if c.get("source") != name)
+        for c in (c for c in scored if c.get("source") == name):
+            ends = calibration.log_bounds([c["kind"]], bounds)
+            low_high = calibration.interval(c["predicted_s"], ends)
+            if low_high is not None:
+                verdicts.append(low_high[0] <= c["measured_s"] <= low_high[1])
+    return verdicts
 
 
 def dumps(cases: list[dict[str, Any]]) -> str:
