@@ -1,37 +1,57 @@
 # Two commands do the whole set-up on a fresh machine (CPU, pinned torch):
-#   make bench   install into .venv and run the default benchmark (lungbench bench)
-#   make test    install into .venv (with dev tools) and run the test suite
+#   make bench       install lungbench (runtime only) into .venv and run `lungbench bench`
+#   make test        install lungbench with what the tests need and run the test suite
+#   make test-fast   the same install; the fast tier only (no slow, distributed, exhaustive)
+# Each installs only what its job needs: `bench` the runtime, `test` the `test` extra (every
+# optional reader and launcher the tests exercise, pytest and its plug-ins), `install-dev`
+# also ruff and HolisticTraceAnalysis (the `hta` extra, JupyterLab and ~85 packages, used by
+# tests/test_trace_hta.py alone, which is skipped without it).
 # Cluster (CUDA) installs: see README.md, "Install on a GPU cluster".
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The constraints file pins torch to the CPU build: an unpinned torch pulls GBs of CUDA wheels.
+# The constraints file pins torch to the CPU build on every install path here: an unpinned
+# torch pulls GBs of CUDA wheels.
 PIP_INSTALL := $(BIN)/python -m pip install --constraint constraints-cpu.txt
+FAST := -m "not slow and not distributed and not exhaustive"
 
-.PHONY: install bench test test-fast lint bench-suite clean
+.PHONY: install install-test install-dev bench test test-fast lint bench-suite clean
 
-$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(PIP_INSTALL) -e ".[dev]"
+
+# One stamp per install: a later, larger install also satisfies the smaller ones.
+$(VENV)/.installed-runtime: pyproject.toml constraints-cpu.txt | $(BIN)/python
+	$(PIP_INSTALL) -e .
 	touch $@
 
-install: $(VENV)/.installed
+$(VENV)/.installed-test: pyproject.toml constraints-cpu.txt | $(BIN)/python
+	$(PIP_INSTALL) -e ".[test]"
+	touch $@ $(VENV)/.installed-runtime
+
+$(VENV)/.installed-dev: pyproject.toml constraints-cpu.txt | $(BIN)/python
+	$(PIP_INSTALL) -e ".[dev]"
+	touch $@ $(VENV)/.installed-test $(VENV)/.installed-runtime
+
+install: $(VENV)/.installed-runtime
+install-test: $(VENV)/.installed-test
+install-dev: $(VENV)/.installed-dev
 
 bench: install
 	$(BIN)/lungbench bench
 
-test: install
+test: install-test
 	$(BIN)/python -m pytest
 
-test-fast: install
-	$(BIN)/python -m pytest -m "not slow and not distributed and not exhaustive"
+test-fast: install-test
+	$(BIN)/python -m pytest $(FAST)
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check lungbench tests bench
 	$(BIN)/ruff format --check lungbench tests bench
 
-bench-suite: install
+bench-suite: install-test
 	$(BIN)/python -m pytest bench/ --benchmark-only
 
 clean:
