@@ -9,7 +9,8 @@
 #
 # Steps: install (no deps: torch stays), env --peak, bench --device cpu cuda (the thesis's
 # table), the tuning pass and the ablation on CUDA, a 1-GPU DDP run under torchrun (NCCL),
-# profile (CPU + CUDA activities), NVML telemetry beside the bench, the CUDA-marked tests.
+# profile (CPU + CUDA activities), NVML telemetry beside the bench, the CUDA-marked tests,
+# and `predict --validate --gpu` (its table in results/predict-validate-gpu.md).
 # Wheels of what the image lacks (MONAI, python-hostlist): WHEELS=/path/to/wheels.
 set -uo pipefail
 
@@ -68,6 +69,13 @@ step ddp "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m lungb
 step profile "$PY" -m lungbench profile --device "$DEV" --activities "$ACTIVITIES" \
     "${PROFILE[@]}" --out "$RESULTS" --run-id profile
 step gpu-tests "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+# The prediction model's error on this GPU (GPU -> GPU and CPU -> GPU), its table written
+# beside the bench's: results/predict-validate-gpu.md. Needs CUDA: not in --dry-run.
+if [[ $MODE != --dry-run ]]; then
+    STEP_TIMEOUT=${PREDICT_TIMEOUT:-900} step predict-gpu "$PY" -m lungbench predict --validate --gpu
+    mkdir -p "$RESULTS"
+    cp "$OUT/predict-gpu.out" "$RESULTS/predict-validate-gpu.md" 2>/dev/null || true
+fi
 
 failed=$(grep -c '^FAILED' "$OUT/steps.log" || true)
 echo "done: $failed step(s) failed; everything is in $OUT" | tee -a "$OUT/steps.log"

@@ -840,3 +840,28 @@ def test_a_ddp_loss_of_zero_or_less_is_a_measurement_problem_in_words():
     assert "-2.00 ms" in ddp_overhead_note(-0.002)
     assert "not measured" in ddp_overhead_note(None)
     assert "3.5 ms per step" in ddp_overhead_note(0.0035)
+
+
+def test_the_m100_projection_says_in_one_line_why_it_differs():
+    from lungbench.predict.thesis import difference_line
+
+    def rows(epochs):
+        return [
+            {"platform": p, "filters": f, "ranks": r, "epoch_s": e, "step_s": 0.01,
+             "status": "ok", "parts_s": {"compute": 0.01}}
+            for (p, r, f), e in epochs.items()
+        ]  # fmt: skip
+
+    one, four = "M100 (1 GPU)", "M100 (4 GPUs)"
+    projected = {(one, 1, 8): 10.0, (one, 1, 16): 20.0, (four, 4, 8): 3.0, (four, 4, 16): 6.0}
+    # 302 steps with 1 GPU, 76 with 4 (batch 2, 603 samples)
+    grows = {(one, 8): 10.0 + 3.02, (one, 16): 20.0 + 9.06, (four, 8): 3.76, (four, 16): 7.5}
+    line = difference_line(rows(projected), grows)
+    assert line.startswith("why it differs: framework") and "10.0 ms per step at f8" in line
+    shared = {(one, 8): 40.0, (one, 16): 50.0, (four, 8): 33.0, (four, 16): 36.0}
+    assert "the data pipeline" in difference_line(rows(projected), shared)
+    fixed = {(one, 8): 10.0 + 3.02, (one, 16): 20.0 + 3.02, (four, 8): 3.76, (four, 16): 6.76}
+    line = difference_line(rows(projected), fixed)
+    assert "per-step overhead" in line and "10.0 ms per step" in line
+    assert len(line.splitlines()) == 1
+    assert "no published row" in difference_line(rows(projected), {})

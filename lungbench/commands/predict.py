@@ -308,7 +308,7 @@ def format_predictions(predictions) -> str:
 
 def _thesis(args, records, environment) -> int:
     from lungbench.predict.forecast import Predictor
-    from lungbench.predict.thesis import THESIS_FILTERS, project_m100
+    from lungbench.predict.thesis import THESIS_FILTERS, difference_line, project_m100
     from lungbench.predict.thesis import __doc__ as unknowns
 
     predictor = Predictor(tuple(args.device_file), args.remeasure, launch=bench_subprocess)
@@ -344,8 +344,20 @@ def _thesis(args, records, environment) -> int:
     written = _write_projection(Path(args.run), rows)
     if written:
         print(f"written: {written} (`lungbench report {args.run}` shows it beside the thesis's)")
+    print("\n" + difference_line(rows, _published_seconds(published)))
     print("\n" + " ".join(unknowns.split("\n\n", 1)[1].split()))
     return 0
+
+
+def _published_seconds(published: dict[tuple[str, int], str]) -> dict[tuple[str, int], float]:
+    """The published epochs ("123.4 s") as seconds; cells that are not numbers left out."""
+    found = {}
+    for key, text in published.items():
+        try:
+            found[key] = float(str(text).removesuffix(" s"))
+        except ValueError:
+            continue
+    return found
 
 
 def _write_projection(run: Path, rows) -> Path | None:
