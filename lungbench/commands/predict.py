@@ -21,16 +21,21 @@ FLOPs and bytes on source and target (compute or memory bound; memory bandwidth 
 this machine's measured cache-to-DRAM curve), along a per-operator line probed at other
 batches and a second width. Convolutions follow no bound (their speed per FLOP moves with
 their channels): on this machine each one is made again alone, source call against target
-call, and scaled by the measured ratio; on a device profile, by its bounds. Ranks side by
-side share the machine; the gradient all-reduce of N ranks is a ring over DDP's
-real buckets (latency and bandwidth fitted from Gloo all-reduces here, plus what a CPU DDP
-step loses beyond it, or a device profile's NVLink/PCIe). Every row says what limits it:
+call, and scaled by the measured ratio; on a device profile, by its bounds. N ranks on this
+machine are N processes: how much slower each runs beside the others is measured with N
+processes of the target's step side by side; the gradient all-reduce of N ranks is a ring
+over DDP's real buckets (latency and bandwidth fitted from Gloo all-reduces here, plus what
+a CPU DDP step loses beyond it, or a device profile's NVLink/PCIe). Every row says what limits it:
 compute, memory bandwidth, launch/latency, communication or data. Probes and fits are
 measured once per host and cached, so the same question gets the same answer. Intervals
 (90%) are the range of measured/predicted this host's last `predict --validate` runs showed
-for that kind of prediction (else the shipped ones, named; only runs of the current model).
-On the dev VM the median error was 4.1% over 70 cases (batch 2.2%, filters 2.8%, threads
-12.9%, 1 -> 2 DDP ranks 7.5%); CPU -> GPU projections have not been validated on a GPU."""
+for that kind of prediction; on a host with none, the shipped ones, widened by the spread
+across the shipped hosts, and said; a busy source widens them too, with a warning. A target
+the run measured is returned as "measured" with its record's interval. The first predict
+on a host measures it (says what and for how long); later ones read the cache. The shipped
+validation (one source, f8 b4 t1) had a 4.1% median error; `--validate` now rotates over 5
+sources and reports per kind, per source, and leave-one-source-out coverage. CPU -> GPU
+projections have not been validated on a GPU."""
 
 EPILOG = """\
 examples:
@@ -39,7 +44,8 @@ examples:
   lungbench predict --from results/default-a --device v100-sxm2 a100-sxm-80gb h100-sxm
   lungbench predict --from results/default-a --thesis     seed 000's M100 rows, projected
   lungbench predict --from results/profile-a --batch 8   a profile run is a source too
-  lungbench predict --validate                           predict, measure, compare (~2 min)
+  lungbench predict --validate                           5 sources rotated (quiet: ~30-40 min)
+  lungbench predict --validate --quick                   2 tiny sources (a few minutes)
   lungbench predict --validate --gpu                     the same on this node's GPU
   lungbench predict --list-devices
 
@@ -85,7 +91,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--thesis", action="store_true", help="seed 000's M100 rows, projected")
     p.add_argument("--list-devices", action="store_true", help="the known device profiles")
     p.add_argument("--validate", action="store_true", help="predict, measure and compare here")
-    p.add_argument("--quick", action="store_true", help="--validate on a tiny model (tests)")
+    p.add_argument(
+        "--quick", action="store_true", help="--validate on 2 tiny sources (tests, a few minutes)"
+    )
     p.add_argument("--no-ddp", dest="ddp", action="store_false", help="--validate without DDP")
     p.add_argument(
         "--gpu",
