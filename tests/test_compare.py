@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from lungbench.cli import main
 from lungbench.core.runs import append_record, create_run_dir, finish_run, write_json
 from lungbench.report.compare import bootstrap_ratio_ci, compare_records, verdict
+from lungbench.report.labels import config_label
 
 KEYS = [f"dualpath3d|dey2018|f{f}|b{b}|cpu|t2|fp32|contiguous|off" for f in (8, 16) for b in (2, 4)]
 ENV = {
@@ -131,8 +132,9 @@ def test_fail_above_catches_failed_or_missing_configurations_in_b(tmp_path, caps
     b = _run(tmp_path, "b", broken[:2])
     assert main(["compare", str(a), str(b), "--fail-above", "10"]) == 1
     out, err = capsys.readouterr()
-    assert f"`{KEYS[0]}` (error)" in out and "measured in A, not in B" in err
-    assert f"{KEYS[3]} (missing)" in err
+    named = [config_label({"key": k}) for k in KEYS]  # in words: lungbench.report.labels
+    assert f"{named[0]} (error)" in out and "measured in A, not in B" in err
+    assert f"{named[3]} (missing)" in err
     assert main(["compare", str(a), str(b)]) == 0  # without the gate: a report, exit 0
     capsys.readouterr()
 

@@ -174,45 +174,92 @@ def _chromium() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_chromium() is None, reason="headless Chromium is not installed")
-def test_report_renders_in_headless_chromium(bench_run, tmp_path):
-    files = write_report([bench_run], out=tmp_path / "r", reference=REFERENCE)
-    shot = tmp_path / "shot.png"
-    result = subprocess.run(
+# A quiet, offline, throw-away browser: nothing it does may reach the network or this profile.
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+)
+VIEWPORT = (1280, 800)
+# Run in the page after load: the layout facts the test judges, written into the DOM.
+MEASURE = """<script>
+window.addEventListener("load", () => {
+  const tables = [...document.querySelectorAll("table")].map((t) => {
+    const box = t.parentElement, r = box.getBoundingClientRect();
+    return {box: box.className, right: r.right, overflowX: getComputedStyle(box).overflowX,
+            table: t.scrollWidth, inside: box.clientWidth};
+  });
+  const folded = [...document.querySelectorAll("details img")].map((i) => i.checkVisibility());
+  const out = document.createElement("pre");
+  out.id = "measure";
+  out.textContent = JSON.stringify({inner: window.innerWidth, tables, folded,
+    page: document.documentElement.scrollWidth, images: document.images.length});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _browser(page: Path, *args: str, profile: Path) -> subprocess.CompletedProcess:
+    width, height = VIEWPORT
+    return subprocess.run(
         [
             _chromium(),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--window-size=1280,2000",
-            f"--screenshot={shot}",
-            files.html.resolve().as_uri(),
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            f"--window-size={width},{height}",
+            *args,
+            page.resolve().as_uri(),
         ],
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium is not installed")
+def test_report_renders_in_headless_chromium_and_fits_the_page(bench_run, tmp_path):
+    """A real report in a real browser: the first screen drew, the page is no wider than the
+    window, and every table fits or scrolls inside its own box (issue 27)."""
+    import json
+    from html import unescape
+
+    files = write_report([bench_run], out=tmp_path / "r", reference=REFERENCE)
+    shot = tmp_path / "shot.png"
+    result = _browser(files.html, f"--screenshot={shot}", profile=tmp_path / "profile1")
     assert shot.exists() and shot.read_bytes().startswith(PNG_MAGIC), result.stderr[-500:]
     from PIL import Image
 
-    # The page really drew something: text, tables and the embedded plots' colours, not a
-    # blank or broken-image page (a plot's colour ramp alone gives dozens of colours).
+    # The first screen really drew something: text and tables, not a blank page.
     with Image.open(shot) as image:
+        assert image.size == VIEWPORT
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
-    assert colours is not None and len(colours) > 50, len(colours or [])
-    dom = subprocess.run(
-        [
-            _chromium(),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--dump-dom",
-            files.html.resolve().as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    assert colours is not None and len(colours) > 20, len(colours or [])
+    measured = tmp_path / "measured.html"
+    html = files.html.read_text()
+    measured.write_text(html.replace("</body>", MEASURE + "</body>"))
+    dom = _browser(
+        measured,
+        "--run-all-compositor-stages-before-draw",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        profile=tmp_path / "profile2",
     ).stdout
-    assert "lungbench report: bench-tiny" in dom and dom.count("<img") == len(
-        _images(files.html.read_text())
-    )
+    found = re.search(r'<pre id="measure">(.*?)</pre>', dom, re.S)
+    assert found, dom[-500:]
+    facts = json.loads(unescape(found[1]))
+    assert facts["images"] == len(_images(html))
+    assert facts["page"] <= facts["inner"], "the page scrolls sideways"
+    assert facts["tables"], "the report shows tables"
+    for table in facts["tables"]:
+        assert table["box"] == "scroll" and table["right"] <= facts["inner"] + 1, table
+        if table["table"] > table["inside"]:  # wider than its box: the box scrolls
+            assert table["overflowX"] in ("auto", "scroll"), table
+    assert facts["folded"] and not any(facts["folded"]), "telemetry panels start folded"

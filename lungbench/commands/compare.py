@@ -75,6 +75,7 @@ def _run(args: argparse.Namespace) -> int:
     from lungbench.core.errors import UsageError
     from lungbench.core.paths import check_out_dir
     from lungbench.report.compare import compare_runs, format_comparison
+    from lungbench.report.labels import config_label
     from lungbench.report.runview import load_run
 
     if args.bootstrap < 100:
@@ -114,7 +115,9 @@ def _run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         if result.lost_in_b:
-            lost = ", ".join(f"{k} ({s})" for k, s in result.lost_in_b.items())
+            lost = "; ".join(
+                f"{config_label({'key': k})} ({s})" for k, s in result.lost_in_b.items()
+            )
             print(f"lungbench compare: measured in A, not in B: {lost}", file=sys.stderr)
         if worse or result.lost_in_b:
             return 1

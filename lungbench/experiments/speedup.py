@@ -72,6 +72,7 @@ from lungbench.measure.timing import reporting
 from lungbench.measure.workload import Protocol, Workload
 from lungbench.models import create_model, list_models
 from lungbench.report.bench_outputs import write_bench_outputs
+from lungbench.report.labels import config_label
 from lungbench.report.scaling import write_scaling_outputs
 from lungbench.switches import SwitchRequest, check_switches, switches_of
 
@@ -414,7 +415,7 @@ def remeasure_peak(record: dict[str, Any], peaks: dict[str, dict[str, float]]) -
         f"again: {best / 1e9:.1f} GFLOP/s"
         + ("; still above it: fraction capped at 1" if record.get("peak_exceeded") else "")
     )
-    log.warning(f"note: {record['key']}: {record['peak_note']}")
+    log.warning(f"note: {config_label(record)}: {record['peak_note']}")
 
 
 def record_peaks(env: dict[str, Any], peaks: dict[str, dict[str, float]]) -> None:
@@ -504,7 +505,7 @@ def run_bench(
             if record.get("busy"):
                 log.warning(
                     f"warning: the machine is busy: {record['busy_reason']} "
-                    f"({record['key']}); its times are not trustworthy"
+                    f"({config_label(record)}); its times are not trustworthy"
                 )
             state.note(record)
             with signals_deferred():  # a signal now would tear the line

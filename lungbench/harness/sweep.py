@@ -33,6 +33,7 @@ from lungbench.data.store import StoreDataset, StoreInfo
 from lungbench.measure.contention import ContentionWatch
 from lungbench.measure.data_wait import DATA_BOUND_FRACTION, DeviceWaitClock
 from lungbench.measure.memory import refusal as memory_refusal
+from lungbench.measure.memory import step_peak_bytes
 from lungbench.measure.stats import median_ci, median_ci_relative, summarize
 from lungbench.measure.timing import (
     STEP,
@@ -183,6 +184,8 @@ def measure_compute(cfg: BenchConfig, info: StoreInfo, device: torch.device) -> 
             until=stop_rule(cfg.protocol),
         )
     peak, peak_kind = peak_memory_bytes(device)
+    with backend_flags(resolved.switches):  # one more step, untimed, for its own memory
+        own, own_kind = step_peak_bytes(lambda: step_fn(NO_TIMER, inputs, target), device)
     step = summarize(samples[STEP])
     low, high = median_ci(samples[STEP])
     record: dict[str, Any] = {
@@ -198,6 +201,10 @@ def measure_compute(cfg: BenchConfig, info: StoreInfo, device: torch.device) -> 
         "samples_per_s": w.batch_size / step.median,
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
+        # What the step itself allocated at its high-water mark, above what was live before
+        # it (lungbench.measure.memory.step_peak_bytes); RSS above hardly moves with the batch.
+        "step_peak_memory_mib": own / 2**20,
+        "step_peak_memory_kind": own_kind,
         # The timed steps' median; thousands a step: memory the allocator gave back to the
         # kernel and faults in again every step (LUNGBENCH_MALLOC, environment.json "malloc")
         "page_faults_per_step": statistics.median(faults[cfg.protocol.warmup :]),

@@ -16,15 +16,26 @@ not to tune a batch to the last MiB: the batch finder (lungbench.harness.batch_f
 The limit: CUDA, the driver's free memory; CPU, the available memory (psutil) or the cgroup's
 remaining allowance when that is smaller (a SLURM job or a container). LUNGBENCH_MEMORY_LIMIT
 (bytes, or a number with KiB/MiB/GiB) replaces it, e.g. to leave room for other jobs.
+
+What a step really used (`step_peak_bytes`, over one extra untimed step): the high-water mark
+of the tensor memory the step allocates above what was live when it began (activations,
+gradients, temporaries, optimizer state made on the first step). CUDA: the allocator's
+max_memory_allocated minus memory_allocated at the start; CPU: the running sum of the
+profiler's memory events (torch.profiler.profile(profile_memory=True)). The process's RSS
+(peak_memory_bytes) holds the interpreter, libraries and every cache too: it hardly moves
+with the batch; this does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import re
-from collections.abc import Sequence
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -210,3 +221,65 @@ def refusal(workload: Workload, shapes: Sequence[Sequence[int]] | None = None) -
         f"weights, gradients, optimizer state, {ACTIVATION_FACTOR}x the saved activations) "
         f"but {device} has {limit / GIB:.1f} GiB ({source}); {fits}"
     )
+
+
+# Lines the profiler's C++ side writes to stderr on every start and stop (kineto's stages, and
+# a note about blocks allocated before it started): noise between the bench's progress lines.
+PROFILER_NOISE = ("STAGE:", "USDT:", "Memory block of unknown size")
+
+
+def step_peak_bytes(run_step: Callable[[], object], device: torch.device) -> tuple[int, str]:
+    """Run `run_step` once and return the high-water mark of the tensor memory it allocated
+    above what was live when it began, and how that was measured."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run_step()
+        torch.cuda.synchronize(device)
+        return max(0, torch.cuda.max_memory_allocated(device) - start), "cuda_max_allocated"
+    cpu_only = [torch.profiler.ProfilerActivity.CPU]
+    with _quiet_stderr(), torch.profiler.profile(activities=cpu_only, profile_memory=True) as prof:
+        run_step()
+    events = prof.profiler.kineto_results.events() if prof.profiler else []
+    cpu = torch.autograd.DeviceType.CPU
+    memory = sorted(
+        (e for e in events if e.name() == "[memory]" and e.device_type() == cpu),
+        key=lambda e: e.start_ns(),
+    )
+    return high_water(e.nbytes() for e in memory), "cpu_profiler_memory_events"
+
+
+def high_water(deltas: Iterable[int]) -> int:
+    """The highest running sum of allocation (+) and free (-) sizes, from 0 (a free of a block
+    allocated before the first event can take the sum below 0: that is not a peak)."""
+    running = high = 0
+    for delta in deltas:
+        running += delta
+        high = max(high, running)
+    return high
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 into a temporary file meanwhile; what is not PROFILER_NOISE is written
+    back afterwards (the profiler's C++ logging bypasses Python's sys.stderr)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # pytest's capture, a notebook: no fd
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode(errors="replace").splitlines(keepends=True):
+                if not line.startswith(PROFILER_NOISE) and PROFILER_NOISE[2] not in line:
+                    sys.stderr.write(line)

@@ -10,6 +10,7 @@ import pandas as pd
 
 from lungbench.core.runs import save_figure, write_table
 from lungbench.report import plots
+from lungbench.report.bench_tables import BUSY as BUSY_COLUMN
 from lungbench.report.bench_tables import (
     flatten_columns,
     format_speedup_markdown,
@@ -18,6 +19,8 @@ from lungbench.report.bench_tables import (
     speedup_table,
     summary_table,
 )
+from lungbench.report.busy import busy_line, mark_figure
+from lungbench.report.labels import config_label
 
 
 def write_bench_outputs(run_dir: Path, records: Sequence[dict[str, Any]]) -> str:
@@ -49,14 +52,17 @@ def write_bench_outputs(run_dir: Path, records: Sequence[dict[str, Any]]) -> str
         # A batch size where every configuration failed (out of memory, skipped) has a
         # table of n/a but nothing to plot.
         if (summary.loc[summary["batch_size"] == batch, "status"] == "ok").any():
-            save_figure(run_dir, name, plots.speedup_plot(table, ymax=ymax))
+            fig = plots.speedup_plot(table, ymax=ymax)
+            if table[BUSY_COLUMN].any():  # on the plot too: a picture travels alone
+                mark_figure(fig)
+            save_figure(run_dir, name, fig)
     banner = busy_banner(records)
     for name, fig in (
         ("step_time", plots.step_time_plot(summary)),
         ("throughput", plots.throughput_plot(summary)),
     ):
-        if banner:  # on the plot too: a picture travels without its table
-            fig.text(0.01, 0.99, "machine busy: times not trustworthy", color="red", va="top")
+        if banner:
+            mark_figure(fig)
         save_figure(run_dir, name, fig)
     what = _timed(records) if epoch_measured else "one training step (compute only)"
     text = f"Exec. time = wall time of {what}.\n\n" + "\n\n".join(printed)
@@ -73,7 +79,7 @@ def imprecise(records: Sequence[dict[str, Any]]) -> str | None:
     if not short:
         return None
     lines = [
-        f"- {r.get('key')}: +-{100 * r['step_s_ci_rel']:.1f}% after {r.get('repeats_used')} "
+        f"- {config_label(r)}: +-{100 * r['step_s_ci_rel']:.1f}% after {r.get('repeats_used')} "
         f"repeats (target +-{100 * r['ci_target']:.0f}%; stopped by "
         f"{'the repeat limit' if r['repeats_stop'] == 'max' else 'the time budget'})"
         for r in short
@@ -87,7 +93,7 @@ def imprecise(records: Sequence[dict[str, Any]]) -> str | None:
 def failures(records: Sequence[dict[str, Any]]) -> str | None:
     """What the n/a cells of the tables are: each configuration that did not run, and why."""
     lines = [
-        f"- {r.get('key')}: {r.get('status')}: {r.get('error')}"
+        f"- {config_label(r)}: {r.get('status')}: {r.get('error')}"
         for r in records
         if r.get("status") not in ("ok", None)
     ]
@@ -116,13 +122,6 @@ def _timed(records: Sequence[dict[str, Any]]) -> str:
 
 
 def busy_banner(records: Sequence[dict[str, Any]]) -> str | None:
-    """One sentence when some configurations were measured on a busy machine, else None."""
-    busy = [r for r in records if r.get("busy")]
-    if not busy:
-        return None
-    reasons = sorted({str(r.get("busy_reason")) for r in busy})
-    return (
-        f"WARNING: the machine was busy during {len(busy)} of {len(records)} "
-        f"configurations ({'; '.join(reasons)}): their times are not trustworthy; "
-        "measure again on a quiet machine."
-    )
+    """One sentence when some configurations were measured on a busy machine, else None
+    (lungbench.report.busy.busy_line; the name stays for its callers)."""
+    return busy_line(records)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -34,6 +34,7 @@ from lungbench.report.html import (
     _write_text,
     build_sections,
     reference_warnings,
+    section_id,
 )
 from lungbench.report.reference import ReferenceSet, default_reference_dir, load_references
 from lungbench.report.runview import load_run
@@ -121,7 +122,9 @@ def _html(title: str, overview: pd.DataFrame, parts) -> str:
         f"<title>{_e(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
         f'<p class="note">Written {_e(utc_now())} by lungbench; {len(parts)} part(s).</p>',
-        overview.to_html(index=False, escape=True, na_rep="", border=0),
+        '<div class="scroll">'  # a wide table scrolls in its box, not the page
+        + overview.to_html(index=False, escape=True, na_rep="", border=0)
+        + "</div>",
         "<ul>"
         + "".join(
             f'<li><a href="#{_anchor(c.name)}">{_e(c.name)}</a>: {_e(c.title)}</li>'
@@ -137,8 +140,13 @@ def _html(title: str, overview: pd.DataFrame, parts) -> str:
         if not sections:
             out.append('<p class="note">(nothing to show)</p>')
         for section in sections:
-            out.append(f"<h3>{_e(section.title)}</h3>")
-            out.extend(_html_block(b) for b in section.columns[0])
+            # ids per chapter: a banner links to its own chapter's section
+            prefix = f"{_anchor(chapter.name)}-"
+            out.append(f'<h3 id="{prefix}{section_id(section.title)}">{_e(section.title)}</h3>')
+            out.extend(
+                _html_block(replace(b, link=prefix + b.link) if b.link else b)
+                for b in section.columns[0]
+            )
         out.append("</section>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"

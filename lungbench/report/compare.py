@@ -18,13 +18,14 @@ GPU, driver and host. A difference is a warning, since it may explain a change.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+from lungbench.report.labels import config_label
 from lungbench.report.runview import RunView
 
 DEFAULT_THRESHOLD = 0.05  # changes within 5% are "same" whatever the interval says
@@ -47,6 +48,7 @@ class Change:
     n_b: int
     verdict: str  # "faster" | "slower" | "same" | "unreliable" | "not comparable"
     why: str = ""  # why no verdict: "busy machine", "one epoch each", ...
+    label: str = ""  # the configuration in words (lungbench.report.labels); the key stays
 
     @property
     def change_pct(self) -> float:
@@ -90,8 +92,10 @@ class Comparison:
         for c in self.changes:
             row = asdict(c)
             row["change_pct"] = c.change_pct
+            row["configuration"] = c.label or c.key
             rows.append(row)
         columns = [
+            "configuration",
             "key",
             "metric",
             "a_s",
@@ -196,6 +200,7 @@ def compare_records(
                     len(sb),
                     said,
                     why,
+                    config_label(ra),
                 )
             )
         ea, eb = ra.get("epoch_s"), rb.get("epoch_s")
@@ -208,7 +213,9 @@ def compare_records(
                 said, why = "not comparable", f"epochs of {na} and {nb} samples"
             else:  # one epoch each: no spread to judge a change by
                 said, why = "unreliable", busy or "one epoch each"
+            label = config_label(ra)
             change = Change(key, "epoch", float(ea), float(eb), ratio, None, None, 1, 1, said, why)
+            change = replace(change, label=label)
             result.changes.append(change)
     return result
 
@@ -281,19 +288,24 @@ def format_comparison(result: Comparison) -> str:
         ci = f"[{c.ci_low:.3f}, {c.ci_high:.3f}]" if c.ci_low is not None else "n=1"
         said = f"{c.verdict} ({c.why})" if c.why else c.verdict
         lines.append(
-            f"| {_cell(c.key)} | {c.metric} | {_ms(c.a_s)} | {_ms(c.b_s)} | {c.ratio:.3f} "
+            f"| {_cell(c.label or c.key)} | {c.metric} | {_ms(c.a_s)} | {_ms(c.b_s)} | {c.ratio:.3f} "
             f"| {ci} | {said} |"
         )
     if not result.changes:
         lines.append("| (no configuration measured in both runs) | | | | | | |")
     failed = {k: s for k, s in result.lost_in_b.items() if s != "missing"}
     if failed:
-        lines += ["", "failed in B: " + ", ".join(f"`{k}` ({s})" for k, s in failed.items())]
+        lines += ["", "failed in B: " + ", ".join(f"{_named(k)} ({s})" for k, s in failed.items())]
     only_a = [k for k in result.only_a if k not in failed]
     for label, keys in (("only in A", only_a), ("only in B", result.only_b)):
         if keys:
-            lines += ["", f"{label}: " + ", ".join(f"`{k}`" for k in keys)]
+            lines += ["", f"{label}: " + "; ".join(_named(k) for k in keys)]
     return "\n".join(lines)
+
+
+def _named(key: str) -> str:
+    """A configuration known only by its key, in words (lungbench.report.labels)."""
+    return config_label({"key": key})
 
 
 # What ran, beyond the key (which says "auto" for a switch left to the device).

@@ -1,5 +1,7 @@
 """Layer 10 (report): Figures the report draws from a run's records and telemetry (the run's own plots/*.png
-are embedded as they are): peak memory and step time vs filters, telemetry timelines."""
+are embedded as they are): the step's own peak memory and step time vs filters, telemetry
+timelines. Axes carry units and plain numbers (no 2^k ticks, no '+1.26e9' offsets); a plot of
+a configuration measured on a busy machine carries the busy line (lungbench.report.busy)."""
 
 from __future__ import annotations
 
@@ -12,10 +14,25 @@ matplotlib.use("Agg")  # headless clusters and CI: never need a display
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
+
+from lungbench.report.busy import busy_records, mark_figure  # noqa: E402
+from lungbench.report.plots import plain_ticks  # noqa: E402
 
 # Columns of a telemetry CSV that are clocks, not readings.
 TIME_COLUMNS = ("t_s", "unix_s", "time", "timestamp", "elapsed_s")
 MAX_TELEMETRY_PANELS = 6
+MIB = 2**20
+# Telemetry columns: what each reading is, in words with its unit, and its scale to that unit.
+TELEMETRY_LABELS = {
+    "cpu_percent": ("all cores busy (%)", 1.0),
+    "process_cpu_percent": ("this process (% of one core)", 1.0),
+    "rss_bytes": ("process memory, RSS (MiB)", 1 / MIB),
+    "gpu_util_percent": ("GPU busy (%)", 1.0),
+    "gpu_memory_bytes": ("GPU memory (MiB)", 1 / MIB),
+    "gpu_power_w": ("GPU power (W)", 1.0),
+    "gpu_temperature_c": ("GPU temperature (°C)", 1.0),
+}
 
 
 def ok_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -27,24 +44,31 @@ def ok_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
 
 
 def memory_plot(records: Sequence[dict[str, Any]]):
-    """Peak memory (MiB) vs batch size, one line per platform and filters; None if unknown."""
+    """The training step's own peak memory (MiB, from zero) vs batch size, one line per
+    platform and filters; a run recorded before that field shows the process's peak RSS
+    instead, said in the title. None when neither is known."""
     frame = ok_frame(records)
-    if frame.empty or "peak_memory_bytes" not in frame or "batch_size" not in frame:
+    column, scale, title = "step_peak_memory_mib", 1.0, "Training step's own peak memory"
+    if "step_peak_memory_mib" not in frame or frame["step_peak_memory_mib"].isna().all():
+        column, scale, title = "peak_memory_bytes", 1 / MIB, "Process peak memory (RSS)"
+    if frame.empty or column not in frame or "batch_size" not in frame:
         return None
-    frame = frame.dropna(subset=["peak_memory_bytes"])
+    frame = frame.dropna(subset=[column])
     if frame.empty:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, group in _groups(frame, ["platform", "filters"]):
         group = group.sort_values("batch_size")
-        ax.plot(group["batch_size"], group["peak_memory_bytes"] / 2**20, marker="o", label=label)
-    kinds = ", ".join(sorted(set(frame.get("peak_memory_kind", pd.Series(["?"])).astype(str))))
-    ax.set_xscale("log", base=2)
+        ax.plot(group["batch_size"], group[column] * scale, marker="o", label=label)
+    plain_ticks(ax, frame["batch_size"])
+    ax.set_ylim(bottom=0)  # from zero: a 0.5% change must not look like a trend
     ax.set_xlabel("batch size")
     ax.set_ylabel("peak memory (MiB)")
-    ax.set_title(f"Peak memory ({kinds})")
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    if busy_records(frame.to_dict("records")):
+        mark_figure(fig)
     return fig
 
 
@@ -57,12 +81,14 @@ def filters_plot(records: Sequence[dict[str, Any]]):
     for label, group in _groups(frame, ["platform", "batch_size"]):
         group = group.sort_values("filters")
         ax.plot(group["filters"], group["step_s_median"] * 1e3, marker="o", label=label)
-    ax.set_xscale("log", base=2)
+    plain_ticks(ax, frame["filters"])
     ax.set_xlabel("filters (base width)")
     ax.set_ylabel("training step, median (ms)")
     ax.set_title("Training step time vs filters")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    if busy_records(frame.to_dict("records")):
+        mark_figure(fig)
     return fig
 
 
@@ -79,15 +105,36 @@ def telemetry_plot(frame: pd.DataFrame, title: str):
     numeric = numeric[:MAX_TELEMETRY_PANELS]
     x = frame[clock] if clock else pd.Series(range(len(frame)))
     fig, axes = plt.subplots(
-        len(numeric), 1, figsize=(6.4, 1.5 * len(numeric) + 0.6), sharex=True, squeeze=False
+        len(numeric), 1, figsize=(6.4, 1.3 * len(numeric) + 0.6), sharex=True, squeeze=False
     )
     for ax, column in zip(axes[:, 0], numeric, strict=True):
-        ax.plot(x, frame[column], linewidth=1)
-        ax.set_ylabel(column, fontsize=7, rotation=0, ha="right", va="center")
+        label, scale = telemetry_label(column)
+        ax.plot(x, frame[column] * scale, linewidth=1)
+        ax.set_title(label, fontsize=8, loc="left")
+        plain = ScalarFormatter(useOffset=False)  # no '+1.26e9' above the axis
+        plain.set_scientific(False)
+        ax.yaxis.set_major_formatter(plain)
+        ax.tick_params(labelsize=7)
         ax.grid(True, alpha=0.3)
-    axes[-1, 0].set_xlabel(clock or "sample")
-    axes[0, 0].set_title(title, fontsize=9)
+    axes[-1, 0].set_xlabel("time since the start (s)" if clock == "t_s" else clock or "sample")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
     return fig
+
+
+def telemetry_label(column: str) -> tuple[str, float]:
+    """(what the reading is, with its unit; the factor to that unit) for a telemetry column:
+    a known one in words, a per-core one ('cpu3_percent') as such, others by their suffix."""
+    if column in TELEMETRY_LABELS:
+        return TELEMETRY_LABELS[column]
+    core = column.removeprefix("cpu").removesuffix("_percent")
+    if column.startswith("cpu") and column.endswith("_percent") and core.isdigit():
+        return f"core {core} busy (%)", 1.0
+    if column.endswith("_bytes"):
+        return f"{column.removesuffix('_bytes').replace('_', ' ')} (MiB)", 1 / MIB
+    if column.endswith("_percent"):
+        return f"{column.removesuffix('_percent').replace('_', ' ')} (%)", 1.0
+    return column.replace("_", " "), 1.0
 
 
 def _groups(frame: pd.DataFrame, columns: list[str]):

@@ -15,6 +15,11 @@ configurations, and the list of published tables shown. Every table with a publi
 results/reference/ (lungbench.report.reference) has it beside, in the same layout; a
 reference that is missing or malformed is named in a note (and on the console) instead.
 Everything read from a run is escaped: a run folder is data, not markup.
+
+A reader's page: a configuration is named in words (lungbench.report.labels), a run measured
+on a busy machine says so in one line at the top with a link to the section that lists each
+busy configuration and why, every table scrolls inside its own box rather than widening the
+page, and the telemetry panels are folded (<details>).
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from lungbench.core.errors import DataError, UsageError
 from lungbench.core.paths import check_out_dir
 from lungbench.core.runs import markdown, save_figure, utc_now
 from lungbench.report import figures
-from lungbench.report.bench_outputs import busy_banner
 from lungbench.report.beside import derived_tables, pair, pairings, summary_table
+from lungbench.report.busy import busy_details, busy_line
+from lungbench.report.labels import config_label
 from lungbench.report.reference import ReferenceSet, default_reference_dir, load_references
 from lungbench.report.runview import MAX_TABLE_ROWS, RunView, load_run, read_table
 
@@ -50,6 +56,7 @@ TRAINING_TABLE = re.compile(
 TRAINING_PLOT = re.compile(r"^(loss|roc|auc|confusion|lr|cam|accuracy|metrics)")
 SCALING_NAME = re.compile(r"(scaling|breakdown|ddp|weak|strong|world)")
 BENCH_PLOTS = ("step_time", "throughput")
+BUSY_SECTION = "Measured on a busy machine"
 
 
 @dataclass
@@ -63,6 +70,8 @@ class Block:
     image: Path | None = None
     note: str = ""
     children: list[Block] = field(default_factory=list)
+    folded: bool = False  # HTML: inside <details>, its caption the summary line
+    link: str = ""  # "banner": the id of the section it points to
 
 
 @dataclass
@@ -146,6 +155,7 @@ def build_sections(
         ("Training", lambda v, d: training_blocks(v, d, references)),
         ("Other tables and plots", lambda v, d: other_blocks(v, references)),
         ("Failed configurations", lambda v, d: failure_blocks(v)),
+        (BUSY_SECTION, lambda v, d: busy_blocks(v)),
         ("Published tables", lambda v, d: reference_blocks(v, references, v is views[0])),
     ]
     sections = []
@@ -175,9 +185,9 @@ def overview_blocks(view: RunView) -> list[Block]:
         "records": ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or None,
     }
     blocks = [Block("table", table=_key_values(rows))]
-    banner = busy_banner(view.records)
+    banner = busy_line(view.records, short=True)
     if banner:
-        blocks.insert(0, Block("text", text=banner))
+        blocks.insert(0, Block("banner", text=banner, link=section_id(BUSY_SECTION)))
     if view.status != "complete":
         hint = (
             f" Continue it with `lungbench bench --resume {view.path}`."
@@ -347,22 +357,30 @@ def memory_blocks(view: RunView, figure_dir: Path) -> list[Block]:
     if fig is None:
         return []
     path = save_figure(figure_dir, "peak_memory", fig)
-    return [Block("image", caption="peak memory vs batch size", image=path)]
+    caption = (
+        "the training step's own peak memory vs batch size: what one step allocates above "
+        "what was live before it (step_peak_memory_mib); the process's RSS is peak_memory_bytes"
+    )
+    return [Block("image", caption=caption, image=path)]
 
 
 def telemetry_blocks(view: RunView, figure_dir: Path) -> list[Block]:
     blocks = []
     names = list(view.telemetry)
+    # telemetry/<key with | as _>.csv: named by its configuration's label
+    labels = {_safe(str(r.get("key"))): config_label(r) for r in view.records if r.get("key")}
     for name in names[:MAX_TELEMETRY_FILES]:
         try:
             frame = read_table(view.telemetry[name])
         except DataError as exc:
             blocks.append(Block("text", text=str(exc)))
             continue
-        fig = figures.telemetry_plot(frame, name)
+        label = labels.get(name, name)
+        fig = figures.telemetry_plot(frame, label)
         if fig is not None:
             path = save_figure(figure_dir, f"telemetry_{_safe(name)}", fig)
-            blocks.append(Block("image", caption=f"telemetry: {name}", image=path))
+            caption = f"telemetry: {label}"
+            blocks.append(Block("image", caption=caption, image=path, folded=True))
     if len(names) > MAX_TELEMETRY_FILES:
         blocks.append(
             Block(
@@ -428,18 +446,32 @@ def other_blocks(view: RunView, references: ReferenceSet) -> list[Block]:
 
 def failure_blocks(view: RunView) -> list[Block]:
     rows = [
-        {"key": r.get("key"), "status": r.get("status"), "error": r.get("error")}
+        {
+            "configuration": config_label(r),
+            "status": r.get("status"),
+            "error": r.get("error"),
+            "key": r.get("key"),
+        }
         for r in view.records
         if r.get("status") not in (None, "ok")
     ]
     return [Block("table", table=pd.DataFrame(rows))] if rows else []
 
 
+def busy_blocks(view: RunView) -> list[Block]:
+    """Each configuration measured on a busy machine, and why (the banner links here)."""
+    table = busy_details(view.records)
+    return [Block("table", table=table)] if not table.empty else []
+
+
 # ----------------------------------------------------------------------------- rendering
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em;
-color:#222;max-width:100%}
+color:#222;max-width:72em}
+.scroll{overflow-x:auto;max-width:100%}.kv td{overflow-wrap:anywhere;min-width:8em}.kv thead{display:none}
+.busy{border-left:4px solid #c00;background:#fff4f4;padding:.3em .6em;margin:.4em 0;
+color:#600;font-size:.9em}details{margin:.2em 0}summary{cursor:pointer;font-size:.85em}
 h1{font-size:1.4em}h2{font-size:1.15em;border-bottom:1px solid #ccc;margin-top:1.6em}
 h3{font-size:1em;margin:.3em 0}.row{display:flex;gap:1.5em;align-items:flex-start}
 .col{flex:1 1 0;min-width:0;overflow-x:auto}table{border-collapse:collapse;font-size:.85em;
@@ -462,7 +494,8 @@ def render_html(title: str, views: Sequence[RunView], sections: Sequence[Section
         f'<p class="note">Written {_e(utc_now())} by lungbench; {len(views)} run(s).</p>',
     ]
     for section in sections:
-        parts.append(f'<section><h2>{_e(section.title)}</h2><div class="row">')
+        anchor = section_id(section.title)
+        parts.append(f'<section id="{anchor}"><h2>{_e(section.title)}</h2><div class="row">')
         for view, blocks in zip(views, section.columns, strict=True):
             parts.append('<div class="col">')
             if len(views) > 1:
@@ -482,21 +515,36 @@ def _html_block(block: Block) -> str:
         return f'<div class="pair">{cells}</div>'
     if block.kind == "text":
         return f"<p>{_inline_code(_e(block.text))}</p>"
+    if block.kind == "banner":
+        return (
+            f'<p class="busy">{_e(block.text)} '
+            f'<a href="#{_e(block.link)}">Which configurations, and why</a></p>'
+        )
     caption = f"<figcaption>{_e(block.caption)}</figcaption>" if block.caption else ""
     if block.kind == "image" and block.image is not None:
         data = base64.b64encode(block.image.read_bytes()).decode("ascii")
-        return (
+        figure = (
             f'<figure><img alt="{_e(block.caption)}" src="data:image/png;base64,{data}">'
             f"{caption}</figure>"
         )
+        if block.folded:
+            return f"<details><summary>{_e(block.caption)}</summary>{figure}</details>"
+        return figure
     if block.kind == "table" and block.table is not None:
         kind = "kv" if list(block.table.columns) == ["", "value"] else "t"
+        speedups = {c: _speedup for c in block.table.columns if "Speed-up" in str(c)}
         table = block.table.to_html(
-            index=False, escape=True, na_rep="", border=0, float_format=_float, classes=kind
+            index=False,
+            escape=True,
+            na_rep="",
+            border=0,
+            float_format=_float,
+            classes=kind,
+            formatters=speedups,
         )
         note = f'<p class="note">{_e(block.note)}</p>' if block.note else ""
         head = f"<p><b>{_e(block.caption)}</b></p>" if block.caption else ""
-        return f"{head}{table}{note}"
+        return f'{head}<div class="scroll">{table}</div>{note}'
     return ""
 
 
@@ -522,6 +570,8 @@ def _markdown_block(block: Block, out_dir: Path) -> str:
         return "\n\n".join(_markdown_block(child, out_dir) for child in block.children)
     if block.kind == "text":
         return block.text
+    if block.kind == "banner":
+        return f"**{block.text}** Which configurations, and why: section *{BUSY_SECTION}*."
     if block.kind == "image" and block.image is not None:
         link = Path(os.path.relpath(block.image, out_dir)).as_posix()
         return f"![{block.caption}]({link})"
@@ -634,6 +684,18 @@ def _text(value: Any) -> str:
 
 def _float(value: float) -> str:
     return f"{value:.4g}"
+
+
+def _speedup(value: Any) -> str:
+    """Speed-ups as everywhere else: two decimals (lungbench.report.bench_tables)."""
+    if isinstance(value, (int, float)) and value == value:
+        return f"{value:.2f}"
+    return "" if value is None or value != value else str(value)
+
+
+def section_id(title: str) -> str:
+    """The HTML id of the section titled `title` (links point to it)."""
+    return "s-" + re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
 
 
 def _gib(value: Any) -> str | None:

@@ -8,6 +8,23 @@ matplotlib.use("Agg")  # headless clusters and CI: never need a display
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
+
+from lungbench.report.bench_tables import SPEEDUP, TIME, filter_groups, speedup_text  # noqa: E402
+
+
+def plain_ticks(ax, values) -> None:
+    """A log-2 x axis whose ticks are the measured values written plainly (2, 4, 8; not
+    2^1, 2^2, 2^3), without minor ticks between them."""
+    ax.set_xscale("log", base=2)
+    ticks = sorted({float(v) for v in values if pd.notna(v)})
+    if ticks:
+        ax.set_xticks(ticks)
+    formatter = ScalarFormatter()
+    formatter.set_scientific(False)
+    ax.xaxis.set_major_formatter(formatter)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_minor_locator(plt.NullLocator())
 
 
 def step_time_plot(summary: pd.DataFrame):
@@ -24,7 +41,7 @@ def step_time_plot(summary: pd.DataFrame):
             capsize=3,
             label=f"{platform}, filters {filters}",
         )
-    ax.set_xscale("log", base=2)
+    plain_ticks(ax, ok["batch_size"])
     ax.set_xlabel("batch size")
     ax.set_ylabel("training step, median (ms)")
     ax.set_title("Training step time (compute only, resident tensors)")
@@ -54,7 +71,7 @@ def throughput_plot(summary: pd.DataFrame):
                 color=line.get_color(),
                 label=f"{platform}, f{filters} epoch",
             )
-    ax.set_xscale("log", base=2)
+    plain_ticks(ax, ok["batch_size"])
     ax.set_xlabel("batch size")
     ax.set_ylabel("samples / s")
     ax.set_title("Throughput")
@@ -68,18 +85,23 @@ def speedup_plot(table: pd.DataFrame, ymax: float | None = None):
     labelled with its time and speed-up (a log scale shrinks the differences it shows).
     `ymax`: the top of the time axis, the same for plots shown side by side (one per batch
     size) so that equal heights mean equal times."""
-    groups = list(dict.fromkeys(c[0] for c in table.columns))
+    groups = filter_groups(table)
+    busy_cells = table.attrs.get("busy_cells", set())
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     width = 0.8 / max(1, len(table.index))
     for i, platform in enumerate(table.index):
-        times = [table.loc[platform, (g, "Exec. time (s)")] for g in groups]
-        ups = [table.loc[platform, (g, "Speed-up")] for g in groups]
+        times = [table.loc[platform, (g, TIME)] for g in groups]
+        ups = [table.loc[platform, (g, SPEEDUP)] for g in groups]
         xs = [j + i * width for j in range(len(groups))]
         bars = ax.bar(xs, times, width, label=platform)
-        for bar, seconds, up in zip(bars, times, ups, strict=True):
+        for bar, seconds, up, group in zip(bars, times, ups, groups, strict=True):
+            busy = (platform, group) in busy_cells
+            if busy:  # hatched and starred: measured on a busy machine
+                bar.set_hatch("//")
             if pd.notna(seconds):
                 ax.annotate(
-                    f"{seconds:.3g} s" + (f"\nx{up:.2f}" if pd.notna(up) else ""),
+                    f"{seconds:.3g} s{'*' if busy else ''}"
+                    + (f"\nspeed-up {speedup_text(up)}" if pd.notna(up) else ""),
                     (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center",
                     va="bottom",
