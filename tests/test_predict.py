@@ -337,17 +337,18 @@ def test_unknown_device_on_the_command_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 4.5 min on the shared 2-core VM under load
 def test_validate_quick_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
     assert main(["predict", "--validate", "--quick", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     kinds = {c["kind"] for c in out["cases"]}
     assert {"source", "batch", "filters", "threads", "ranks", "epoch"} <= kinds
-    assert all(c["predicted_s"] > 0 for c in out["cases"][1:])
+    assert all(c["predicted_s"] > 0 for c in out["cases"] if c["kind"] != "source")
     assert out["summary"]["median_abs_error"] is not None
     assert out["summary"]["sources"] == 2  # the quick rotation: tuned and eager-fp32
     assert (tmp_path / "predict_validation.json").is_file()
-    for c in out["cases"][1:]:
+    for c in out["cases"]:
         if c.get("error") is not None:
             assert c["error"] == pytest.approx(c["predicted_s"] / c["measured_s"] - 1)
 
@@ -750,7 +751,7 @@ def test_rotated_validation_reports_the_errors_of_the_values_it_wrote(tmp_path, 
     # no target is the source or one of its probe's points
     for plan in validate.QUICK_ROTATION:
         batches, widths = plan.probe_points()
-        for kind, target in plan.targets():
+        for _kind, target in plan.targets():
             assert target.batch not in batches and target.filters not in widths
     assert len(measured_pairs) == sum(
         1 for c in scored if c["kind"] in ("batch", "filters", "threads")

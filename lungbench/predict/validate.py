@@ -64,6 +64,7 @@ class Plan:
     widths: tuple[int, ...] = (4, 6, 12, 24)
     thread_counts: tuple[int, ...] = (2,)
     ddp: bool = True
+    scalings: tuple[str, ...] = ("weak", "strong")  # of the 2-rank targets
     warmup: int = 2
     repeats: int = 10
     # A target is measured in `rounds` alternations with the source (measure_pair), and
@@ -105,9 +106,9 @@ class Plan:
         cases += [("filters", Target(filters=f)) for f in self.widths if f not in widths]
         cases += [("threads", Target(threads=t)) for t in self.thread_counts if t != self.threads]
         if self.ddp:
-            cases.append(("ranks", Target(ranks=2, threads=1, scaling="weak")))
-            if self.batch % 2 == 0:
-                cases.append(("ranks", Target(ranks=2, threads=1, scaling="strong")))
+            for scaling in self.scalings:
+                if scaling == "weak" or self.batch % 2 == 0:
+                    cases.append(("ranks", Target(ranks=2, threads=1, scaling=scaling)))
         return cases
 
 
@@ -137,6 +138,7 @@ QUICK = Plan(
     warmup=1,
     rounds=3,
     ddp_runs=1,
+    scalings=("weak",),  # each scaling's rank contention starts 2 processes: ~30-60 s
     epoch_targets=((3, 2),),
     epoch_samples=12,
 )
