@@ -38,7 +38,7 @@ FLAGS = {
     "lidc-pretrain": (
         "--store --synth-n --val-fraction --filters --depth --resume --data-seed --quick "
         "--epochs --batch --lr --optimizer --schedule --patience --amp --device --workers "
-        "--seed --telemetry-interval --out --run-id --no-progress --dist-timeout"
+        "--seed --telemetry-interval --out --run-id --no-progress --dist-timeout --target"
     ),
     "lungx-cv": (
         "--store --synth-n --folds --val-fraction --write-folds --pretrained --lidc-store "

@@ -8,6 +8,7 @@ import sys
 
 from lungbench.commands._args import add_dist_timeout
 from lungbench.commands._options import add_config_options, config_from_args, section
+from lungbench.commands._quality import add_quality_options, run_quality_cli
 from lungbench.commands._speed import (
     MODES,
     add_eager_fp32,
@@ -100,6 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_dist_timeout(dd)
     add_eager_fp32(p)
     add_mode_options(p)  # --ablation, --loader
+    add_quality_options(p)  # --to-quality (lungbench.commands._quality)
     p.set_defaults(func=_run)
 
 
@@ -110,6 +112,8 @@ def _run(args: argparse.Namespace) -> int:
         print("\n".join(list_models()))
         return 0
     request = config_from_args(args, BenchRequest, {}, {})
+    if args.to_quality:
+        return run_quality_cli(request, args)
     if args.ablation or args.loader:
         from lungbench.distributed.launch import require_single_process
 

@@ -109,7 +109,11 @@ class PretrainConfig:
         help="stratified validation share",
     )
     quick: bool = False
-    train: TrainConfig = nested(TrainConfig, group="training", show=common3d.TRAIN_OPTIONS)
+    # --target: time to quality (lungbench.train.quality), the thesis's own measure of
+    # pre-training length ("63 epochs to the best validation loss")
+    train: TrainConfig = nested(
+        TrainConfig, group="training", show={**common3d.TRAIN_OPTIONS, "target": {}}
+    )
 
     @property
     def model_kwargs(self) -> dict:
@@ -336,6 +340,8 @@ def run(
         log.info(f"config: {cfg}")
         result = pretrain(cfg, info, folder.path, resume=resume, dist=dist)
         folder.summary["best_checkpoint"] = result.checkpoint
+        if result.fit.time_to_quality is not None:  # --target: the time to it, in run.json
+            folder.summary["time_to_quality"] = result.fit.time_to_quality
     return PretrainRun(folder.path, result, note)
 
 

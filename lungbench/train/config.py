@@ -23,6 +23,7 @@ from lungbench.core.options import (
     positive_int,
 )
 from lungbench.step import OPTIMIZERS
+from lungbench.train.quality import parse_target, target_option
 
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 
@@ -74,6 +75,14 @@ class TrainConfig:
     device: str = option("cpu", help="cpu, cuda or cuda:N")
     grad_clip: float | None = None
     restore_best: bool = True
+    target: str | None = option(  # time to quality (lungbench.train.quality)
+        None,
+        type=target_option,
+        metavar="METRIC=VALUE",
+        default_text="none: run every epoch",
+        help="stop when the validation METRIC (auc, accuracy: at least VALUE; loss: at most) "
+        "is reached and record the time to it (wall time, epochs, samples seen), e.g. auc=0.85",
+    )
     progress: bool = option(  # progress bars
         True,
         flag="--no-progress",
@@ -104,6 +113,8 @@ class TrainConfig:
             raise UsageError(f"patience must be >= 1 or None, got {self.patience}")
         if self.num_workers < 0:
             raise UsageError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.target is not None:
+            parse_target(self.target)  # UsageError naming the valid metrics
 
 
 @dataclass
@@ -121,6 +132,8 @@ class FitResult:
     peak_memory_bytes: int = 0
     peak_memory_kind: str = "cpu_rss_above_start"
     stopped_early: bool = False
+    # with a target: lungbench.train.quality.QualityRecord.as_dict() (None without one)
+    time_to_quality: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     # the learning rate every optimizer step ran with: columns step (1-based), epoch, lr
     lr_steps: pd.DataFrame = field(
@@ -137,6 +150,7 @@ class FitResult:
 # other TrainConfig field changes what the resumed steps compute (lr, batch size, seed, ...).
 RESUME_MAY_CHANGE = (
     "epochs",
+    "target",  # like epochs: when to stop, not what a step computes
     "progress",
     "log_epochs",
     "device",

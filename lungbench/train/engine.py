@@ -75,6 +75,8 @@ from lungbench.train.metrics import (
     infer_task,
     to_probabilities,
 )
+from lungbench.train.mlperf_log import hyperparameters, open_log
+from lungbench.train.quality import QualityRecord, parse_target, quality_record
 
 METRICS_FILE = "metrics.csv"
 LR_STEPS_FILE = "lr_steps.csv"  # step, epoch, lr: the learning rate of every optimizer step
@@ -292,17 +294,20 @@ def evaluate(
     loss_fn: LossFn | None = None,
     dist: DistContext | None = None,
     epoch: int = 0,
+    switches: Switches | None = None,
 ) -> tuple[float, np.ndarray, np.ndarray]:
-    """Mean loss, probabilities and targets over `dataset` (gathered across ranks, in order)."""
+    """Mean loss, probabilities and targets over `dataset` (gathered across ranks, in order),
+    under the autocast of `switches` (default: the config's, training_switches)."""
     dist = dist or single_process(config.device)
     device = torch.device(config.device) if not dist.is_distributed else dist.device
+    switches = switches or training_switches(config, device)
     loss_fn = loss_fn or default_loss
     indices = epoch_order(len(dataset), 0, config, dist, shuffle=False)
     model.eval()
     losses, probs, targets = [], [], []
     for batch in make_loader(dataset, indices, config, epoch):
         inputs, target = _to_device(batch, device)
-        with autocast(training_switches(config, device), device):
+        with autocast(switches, device):
             logits = model(*inputs)
         task = infer_task(target)
         if dist.is_distributed:
@@ -377,6 +382,11 @@ class _State:
     # Under DDP: every rank's RNG streams and partial-epoch sums, gathered before each save,
     # so that each rank resumes with its own (rank 0's alone would be given to all).
     ranks: list[dict[str, Any]] | None = None
+    # Time to quality: wall time of the finished epochs (validation included) and the
+    # training samples they saw, carried across a resume; the record once the target is met.
+    elapsed_s: float = 0.0
+    samples_seen: int = 0
+    quality: dict[str, Any] | None = None
 
 
 @dataclass
@@ -415,6 +425,7 @@ def fit(
     checkpoint_meta: Mapping[str, Any] | None = None,
     metrics_fn: MetricsFn | None = None,
     before_eval: Callable[[nn.Module], None] | None = None,
+    switches: Switches | None = None,
 ) -> FitResult:
     """Train `model` on `train_ds`, validating on `val_ds` after every epoch.
 
@@ -431,6 +442,11 @@ def fit(
             training, before its validation: e.g. batch-norm statistics recomputed for the
             epoch's final weights (lungbench.train.batchnorm); it must be deterministic
             for a resumed run to match an uninterrupted one.
+        switches: the step's speed switches (lungbench.switches; e.g. the tuned default of
+            `lungbench bench --to-quality`); default: training_switches(config).
+
+    With `config.target` (lungbench.train.quality) the fit stops after the first epoch whose
+    validation meets it; FitResult.time_to_quality records the wall time, epochs and samples.
     """
     dist = dist or single_process(config.device)
     device = dist.device if dist.is_distributed else parse_device(config.device, what="device")
@@ -439,6 +455,8 @@ def fit(
         run_dir.mkdir(parents=True, exist_ok=True)
     loss_fn = loss_fn or default_loss
     meta = dict(checkpoint_meta or {})
+    switches = switches or training_switches(config, device)
+    target = parse_target(config.target) if config.target is not None else None
     if len(train_ds) == 0 or len(val_ds) == 0:
         raise UsageError(f"empty training ({len(train_ds)}) or validation ({len(val_ds)}) set")
 
@@ -452,7 +470,7 @@ def fit(
     )
     optimizer = make_optimizer(
         core.parameters(),
-        Switches(),
+        switches,  # its Adam implementation (foreach / fused); the rest is the config's
         config.lr,
         name=config.optimizer,
         momentum=config.momentum,
@@ -462,7 +480,7 @@ def fit(
     step = TrainStep(
         model,
         loss_fn,
-        training_switches(config, device),
+        switches,
         device,
         optimizer=optimizer,
         grad_clip=config.grad_clip,
@@ -476,22 +494,31 @@ def fit(
 
     writer = _tensorboard(run_dir, config)
     telemetry = _Telemetry(run_dir, config, device)
+    mlog = open_log(run_dir, meta.get("model_name"), resumed=resume is not None)
+    mlog.start(hyperparameters(config, dist.world_size), len(train_ds), len(val_ds))
     start = time.perf_counter()
     last_path = best_path = None
     stopped_early = False
-    with stop_on_signals() as stop, contextlib.closing(telemetry):
+    with stop_on_signals() as stop, contextlib.closing(telemetry), contextlib.closing(mlog):
         while state.epoch < config.epochs:
+            epoch_start = time.perf_counter()
+            mlog.epoch_start(state.epoch + 1)
             row = _train_epoch(run, train_ds, state, stop)
             if row is None:  # a stop signal arrived; the checkpoint is written
+                mlog.stop(reached=False)
                 path = run_dir / LAST_CHECKPOINT if run_dir else None
                 raise TrainingInterrupted(
                     f"stopped by signal {stop['signal']} in epoch {state.epoch + 1}, step "
                     f"{state.step}; checkpoint {path}; continue with --resume {path}",
                     path,
                 )
+            mlog.epoch_stop(state.epoch + 1)
+            mlog.eval_start(state.epoch + 1)
             if before_eval is not None:
                 before_eval(core)
-            val_loss, probs, targets = evaluate(model, val_ds, config, loss_fn, dist, state.epoch)
+            val_loss, probs, targets = evaluate(
+                model, val_ds, config, loss_fn, dist, state.epoch, switches
+            )
             row.update(
                 {
                     "val_loss": val_loss,
@@ -500,9 +527,12 @@ def fit(
             )
             if metrics_fn is not None:
                 row.update({f"val_{k}": float(v) for k, v in metrics_fn(probs, targets).items()})
+            accuracy = row.get(target.column if target else "val_auc", float("nan"))
+            mlog.eval_stop(state.epoch + 1, accuracy, {"eval_loss": val_loss})
             # Energy per sample only where the sampler sees every sample's device: under DDP
             # rank 0 samples its own GPU and CPU, not the other ranks'.
             samples = int(row.pop("samples"))
+            state.samples_seen += samples
             row.update(telemetry.epoch_row(None if dist.is_distributed else samples))
             if config.schedule != "onecycle":
                 scheduler.step()
@@ -515,15 +545,20 @@ def fit(
             else:
                 state.wait += 1
             state.history.append(row)
+            state.elapsed_s += time.perf_counter() - epoch_start
+            reached = _check_target(target, state, dist.is_main and config.log_epochs)
             state.epoch, state.step, state.partial = state.epoch + 1, 0, {}
             _gather_rank_states(state, dist)
             if run_dir is not None:
                 last_path, best_path = _write_epoch(run, state, improved, writer)
             if dist.is_main and config.log_epochs:
                 tqdm.write(_epoch_line(row, config.epochs, improved), file=sys.stderr)
+            if reached:
+                break
             if config.patience is not None and state.wait >= config.patience:
                 stopped_early = True
                 break
+        mlog.stop(reached=None if target is None else state.quality is not None)
     if writer is not None:
         writer.close()
     if run_dir is not None:  # a resumed fit that had finished runs no epoch here
@@ -531,9 +566,29 @@ def fit(
         best_path = best_path or run_dir / BEST_CHECKPOINT
     if config.restore_best and state.best_model is not None:
         core.load_state_dict(state.best_model)
+    if target is not None and state.quality is None and state.history:
+        # not reached: how long the fit ran without reaching it
+        state.quality = quality_record(
+            target, state.history, state.elapsed_s, state.samples_seen
+        ).as_dict()
     return _result(
         state, config, time.perf_counter() - start, run.memory, best_path, last_path, stopped_early
     )
+
+
+def _check_target(target, state: _State, say: bool) -> bool:
+    """After an epoch's validation: True (and state.quality recorded, the line printed)
+    the first time the target is met. Every rank sees the same (all-gathered) metrics, so
+    they all stop at the same epoch."""
+    if target is None or state.quality is not None or not target.reached(state.history[-1]):
+        return False
+    record: QualityRecord = quality_record(
+        target, state.history, state.elapsed_s, state.samples_seen
+    )
+    state.quality = record.as_dict()
+    if say:
+        tqdm.write(record.line(), file=sys.stderr)
+    return True
 
 
 def _train_epoch(run: _Run, train_ds: Dataset, state: _State, stop: dict) -> dict | None:
@@ -563,6 +618,7 @@ def _train_epoch(run: _Run, train_ds: Dataset, state: _State, stop: dict) -> dic
     tick = time.perf_counter()
     for batch in bar:
         inputs, target = _to_device(batch, device)
+        inputs = run.step.prepare_inputs(inputs)  # the switches' memory format
         lr = run.step.optimizer.param_groups[0]["lr"]  # one-cycle moves it after each step
         loss, logits = run.step.run(NO_TIMER, inputs, target)  # the one step (lungbench.step)
         state.lr_steps.append({"step": len(state.lr_steps) + 1, "epoch": state.epoch + 1, "lr": lr})
@@ -640,6 +696,9 @@ def _payload(run: _Run, state: _State) -> dict:
         "history": state.history,
         "partial": state.partial,
         "lr_steps": state.lr_steps,
+        "elapsed_s": state.elapsed_s,
+        "samples_seen": state.samples_seen,
+        "quality": state.quality,
         "best_model": state.best_model,
         "world_size": len(state.ranks) if state.ranks else 1,
         "ranks": state.ranks,
@@ -731,6 +790,9 @@ def _restore(path: Path, run: _Run) -> _State:
         partial=dict(mine["partial"] or {}),
         best_model=ckpt.get("best_model"),
         lr_steps=list(ckpt.get("lr_steps", [])),
+        elapsed_s=float(ckpt.get("elapsed_s", 0.0)),
+        samples_seen=int(ckpt.get("samples_seen", 0)),
+        quality=ckpt.get("quality"),
     )
 
 
@@ -760,6 +822,7 @@ def _result(
         peak_memory_bytes=memory.value(),
         peak_memory_kind=memory.kind,
         stopped_early=stopped_early,
+        time_to_quality=state.quality,
         extra={"seed": config.seed},
         lr_steps=lr_steps_frame(state.lr_steps),
     )

@@ -44,7 +44,7 @@ def recipe_config(
 
 
 # Options a resumed run may change: where and how it runs, not what it computes.
-RESUME_MAY_CHANGE = ("device", "num_workers", "progress", "telemetry_interval")
+RESUME_MAY_CHANGE = ("device", "num_workers", "progress", "telemetry_interval", "target")
 
 
 def add_resume_option(p: argparse.ArgumentParser) -> None:

@@ -30,6 +30,9 @@ RUN/checkpoint_last.pt continues it into a new run folder.
 examples:
   lungbench train lidc-pretrain --quick
   lungbench train lidc-pretrain --epochs 100 --patience 20 --device cuda
+  lungbench train lidc-pretrain --quick --epochs 20 --target loss=0.5
+      stops at the first epoch whose validation loss is <= 0.5; the time to it (wall
+      time, epochs, samples seen) is printed and saved in RUN/run.json (time_to_quality)
   lungbench train lidc-pretrain --store lidc.h5 --resume results/RUN/checkpoint_last.pt
   lungbench train lidc-pretrain --resume results/RUN
   torchrun --nproc_per_node 4 -m lungbench train lidc-pretrain --device cuda --batch 4
@@ -84,6 +87,11 @@ def main(args: argparse.Namespace) -> int:
         return 0
     print(f"LIDC pre-training on {done.data}")
     print(done.result.summary.T.to_string())
+    quality = done.result.fit.time_to_quality
+    if quality is not None:  # --target
+        from lungbench.train.quality import QualityRecord
+
+        print(f"\ntime to quality: {QualityRecord(**quality).line()}")
     print(f"\nresults: {done.run_dir}\nbest checkpoint: {done.result.checkpoint}")
     return 0
 
