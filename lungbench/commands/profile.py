@@ -86,6 +86,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--no-shapes", action="store_true", help="do not record input shapes")
     s.add_argument("--no-memory", action="store_true", help="do not profile memory")
     s.add_argument(
+        "--roofline",
+        action="store_true",
+        help="also the gap per operator (CPU): each operator's time in the step, its bound "
+        "at this machine's measured peaks and bandwidth, its time alone (the convolutions), "
+        "and the step's overhead over them, in tables/roofline.csv (lungbench.predict.roofline)",
+    )
+    s.add_argument(
         "--top", type=positive_int, default=25, help="rows of the operator table (default: 25)"
     )
     add_switch_options(p)
@@ -106,6 +113,10 @@ def _run(args: argparse.Namespace) -> int:
     from lungbench.measure.workload import Workload
     from lungbench.switches import switches_of
 
+    if args.roofline and not args.device.startswith("cpu"):
+        from lungbench.core.errors import UsageError
+
+        raise UsageError("--roofline: the CPU only for now (its bounds are this CPU's peaks)")
     activities = args.activities
     if activities is None:
         activities = "cpu,cuda" if args.device.startswith("cuda") else "cpu"
@@ -176,4 +187,24 @@ def _run(args: argparse.Namespace) -> int:
         "communication_overlap_fraction",
     )
     print(json.dumps({k: result.summary[k] for k in keys}))
+    if args.roofline:
+        _roofline(cfg, result)
     return 0
+
+
+def _roofline(cfg, result) -> None:
+    """tables/roofline of the step that was profiled (the switches it ran), printed."""
+    from lungbench.core.runs import markdown, write_table
+    from lungbench.predict.roofline import operator_roofline
+    from lungbench.switches import Switches
+
+    used = result.summary
+    switches = Switches(
+        dtype=used.get("dtype_used", "fp32"),
+        memory_format=used.get("memory_format_used", "contiguous"),
+        optimizer=used.get("optimizer_used", "default"),
+    )  # eager: the operators are timed one by one, which a compiled graph would hide
+    table = operator_roofline(cfg.workload, switches)
+    write_table(result.run_dir, "roofline", table)
+    print("\nthe gap per operator (ms; bound at this CPU's measured peaks and bandwidth):")
+    print(markdown(table.round(3)))
