@@ -39,7 +39,7 @@ def busy_line(records: Sequence[dict[str, Any]], short: bool = False) -> str | N
     if short:
         return (
             f"Machine busy during {len(busy)} of {len(records)} configurations "
-            f"({_worst(busy).removeprefix('other processes ')}): their times are not trustworthy."
+            f"({_worst(busy).replace('other processes', 'others')}): their times are not trustworthy."
         )
     return (
         f"WARNING: the machine was busy during {len(busy)} of {len(records)} configurations "
