@@ -866,3 +866,18 @@ def test_the_m100_projection_says_in_one_line_why_it_differs():
     assert "per-step overhead" in line and "10.0 ms per step" in line
     assert len(line.splitlines()) == 1
     assert "no published row" in difference_line(rows(projected), {})
+
+
+def test_busy_validation_cases_are_counted_and_left_out_of_the_quiet_median():
+    from lungbench.predict.validate import summary
+
+    cases = [
+        {"source": "a", "kind": "batch", "predicted_s": 1.0, "measured_s": 1.0, "error": 0.02},
+        {"source": "a", "kind": "batch", "predicted_s": 1.0, "measured_s": 1.0, "error": 0.04},
+        {"source": "a", "kind": "threads", "predicted_s": 1.0, "measured_s": 1.0,
+         "error": -0.9, "busy": "other processes kept 1.5 of 2 cores busy"},
+    ]  # fmt: skip
+    s = summary(cases)
+    assert s["busy_cases"] == 1 and s["median_abs_error_quiet"] == pytest.approx(0.03)
+    text = "\n".join(predict_command.summary_lines(cases))
+    assert "1 of 3 cases were measured while the machine was busy" in text and "3.0%" in text

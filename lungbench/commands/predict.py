@@ -462,6 +462,7 @@ def format_validation(cases: list[dict[str, Any]]) -> str:
             continue
         error = f"{100 * c['error']:+.1f}%" if c.get("error") is not None else "not measured"
         covers = {True: "yes", False: "no", None: "n/a"}[c.get("inside")]
+        error += " (busy)" if c.get("busy") else ""
         lines.append(
             f"| {c.get('source', '-')} | {c['kind']} | {c['target']} | "
             f"{_seconds(c['predicted_s'])} | {_seconds(c['measured_s'])} | {error} | {covers} | "
@@ -489,6 +490,13 @@ def summary_lines(cases: list[dict[str, Any]]) -> list[str]:
         f"by kind: {percents(s['median_abs_error_by_kind'])}",
         f"by source: {percents(s['median_abs_error_by_source'])}",
     ]
+    if s["busy_cases"]:
+        quiet = s["median_abs_error_quiet"]
+        lines.append(
+            f"warning: {s['busy_cases']} of {s['cases']} cases were measured while the machine "
+            "was busy (marked '(busy)'): their errors measure the neighbours too; median "
+            f"|error| of the quiet ones: {'-' if quiet is None else f'{100 * quiet:.1f}%'}"
+        )
     if s["coverage_leave_one_source_out"] is not None:
         lines.append(
             f"interval coverage, leave-one-source-out: "

@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from lungbench.core.runs import utc_now
+from lungbench.measure.contention import ContentionWatch
 from lungbench.measure.workload import Workload
 from lungbench.predict import calibration
 from lungbench.predict.ddp_probe import BenchLaunch, DDPRun, run_ddp_bench
@@ -201,19 +202,25 @@ def validate_source(
     # A shared machine's speed drifts (2x within minutes on the dev box): each target is
     # measured as a ratio to the source measured beside it, and the prediction (a ratio to
     # the source) is taken against the source's step of that moment.
-    ddp_ratios = measure_ddp(plan, source_workload, launch, out) if plan.ddp else {}
+    with ContentionWatch() as ddp_watch:
+        ddp_ratios = measure_ddp(plan, source_workload, launch, out) if plan.ddp else {}
     for kind, target, pred in tqdm(predictions, desc="measuring targets", leave=False):
-        if kind == "ranks":
-            ratio = ddp_ratios.get(target.scaling)
-            now, measured = step, ratio and step * ratio
-        else:
-            now, measured = measure_pair(
-                source_workload, target_workload(source_workload, target), plan
-            )
+        with ContentionWatch() as watch:
+            if kind == "ranks":
+                ratio = ddp_ratios.get(target.scaling)
+                now, measured = step, ratio and step * ratio
+            else:
+                now, measured = measure_pair(
+                    source_workload, target_workload(source_workload, target), plan
+                )
+        seen = ddp_watch if kind == "ranks" else watch
         cases.append(
             case(kind, describe_target(target, pred), rescaled(pred, now / step), measured)
+            | {"busy": busy_of(seen)}
         )
-    cases += epoch_cases(plan, predictor, out)
+    with ContentionWatch() as epoch_watch:
+        epochs = epoch_cases(plan, predictor, out)
+    cases += [c | {"busy": busy_of(epoch_watch)} for c in epochs]
     torch.set_num_threads(plan.threads)
     head = {
         "kind": "source",
@@ -223,6 +230,12 @@ def validate_source(
         "(a shared machine drifts)",
     }
     return [{**c, "source": plan.name()} for c in [head, *cases]]
+
+
+def busy_of(watch: ContentionWatch) -> str | None:
+    """Why the machine counted as busy while `watch` ran (None: quiet): a busy case's error
+    measures the neighbours as much as the model."""
+    return watch.result.get("busy_reason") if watch.result.get("busy") else None
 
 
 def epoch_cases(plan: Plan, predictor: Predictor, out: Path | None) -> list[dict[str, Any]]:
@@ -347,7 +360,12 @@ def summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
     scored = [c for c in cases if c.get("error") is not None]
     covered = [c["inside"] for c in scored if c.get("inside") is not None]
     loso = leave_one_source_out(scored)
+    quiet = [c for c in scored if not c.get("busy")]
     return {
+        "busy_cases": len(scored) - len(quiet),
+        "median_abs_error_quiet": statistics.median(abs(c["error"]) for c in quiet)
+        if quiet
+        else None,
         "median_abs_error": statistics.median(abs(c["error"]) for c in scored) if scored else None,
         "median_abs_error_by_kind": median_abs_by(scored, "kind"),
         "median_abs_error_by_source": median_abs_by(scored, "source"),
