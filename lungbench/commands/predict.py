@@ -44,7 +44,7 @@ examples:
   lungbench predict --from results/default-a --device v100-sxm2 a100-sxm-80gb h100-sxm
   lungbench predict --from results/default-a --thesis     seed 000's M100 rows, projected
   lungbench predict --from results/profile-a --batch 8   a profile run is a source too
-  lungbench predict --validate                           5 sources rotated (quiet: ~30-40 min)
+  lungbench predict --validate                           5 sources rotated (~7-10 min, 2 cores)
   lungbench predict --validate --quick                   2 tiny sources (a few minutes)
   lungbench predict --validate --gpu                     the same on this node's GPU
   lungbench predict --list-devices

@@ -13,8 +13,8 @@ source, and the intervals' coverage leave-one-source-out: each source's cases ag
 intervals the other sources' errors make. The cases are stored (lungbench.predict.
 calibration): the intervals of later predictions come from them.
 
-    cases = run_rotation(QUICK_ROTATION, bench_subprocess)   # a few minutes on 2 cores
-    cases = run_rotation(ROTATION, bench_subprocess)         # a quiet machine: ~30-40 min
+    cases = run_rotation(QUICK_ROTATION, bench_subprocess)   # ~3 min on 2 cores
+    cases = run_rotation(ROTATION, bench_subprocess)         # ~7 min on the 2-core dev VM
 """
 
 from __future__ import annotations
