@@ -43,6 +43,7 @@ from lungbench.report.beside import derived_tables, pair, pairings, summary_tabl
 from lungbench.report.busy import busy_details, busy_line
 from lungbench.report.labels import config_label
 from lungbench.report.reference import ReferenceSet, default_reference_dir, load_references
+from lungbench.report.roofline import roofline_blocks
 from lungbench.report.runview import MAX_TABLE_ROWS, RunView, load_run, read_table
 
 FILES_DIR = "report_files"
@@ -151,6 +152,7 @@ def build_sections(
         ("Scaling", lambda v, d: scaling_blocks(v, references)),
         ("Step time vs batch size and filters", step_time_blocks),
         ("Memory", memory_blocks),
+        ("The gap per operator", roofline_blocks),  # lungbench.report.roofline
         ("Telemetry", telemetry_blocks),
         ("Training", lambda v, d: training_blocks(v, d, references)),
         ("Other tables and plots", lambda v, d: other_blocks(v, references)),
