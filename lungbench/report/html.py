@@ -152,7 +152,7 @@ def build_sections(
         ("Scaling", lambda v, d: scaling_blocks(v, references)),
         ("Step time vs batch size and filters", step_time_blocks),
         ("Memory", memory_blocks),
-        ("The gap per operator", roofline_blocks),  # lungbench.report.roofline
+        ("The gap per operator", lambda v, d: [Block(**b) for b in roofline_blocks(v, d)]),
         ("Telemetry", telemetry_blocks),
         ("Training", lambda v, d: training_blocks(v, d, references)),
         ("Other tables and plots", lambda v, d: other_blocks(v, references)),

@@ -51,10 +51,10 @@ def roofline_figure(table: pd.DataFrame, top: int = TOP):
     return fig
 
 
-def roofline_blocks(view: Any, figure_dir: Path) -> list:
-    """The report's blocks for a run with tables/roofline.csv: the plot and the table."""
-    from lungbench.report.html import Block  # the report's block type (html imports us)
-
+def roofline_blocks(view: Any, figure_dir: Path) -> list[dict[str, Any]]:
+    """The report's blocks for a run with tables/roofline.csv, the plot and the table, as the
+    fields of lungbench.report.html.Block (html builds them: importing it here would be a
+    cycle)."""
     path = view.tables.get(TABLE)
     if path is None:
         return []
@@ -67,6 +67,9 @@ def roofline_blocks(view: Any, figure_dir: Path) -> list:
             "and its time alone (the convolutions); the gap between the bars is what fusion "
             "and a leaner step could win"
         )
-        blocks.append(Block("image", caption=caption, image=save_figure(figure_dir, TABLE, fig)))
-    blocks.append(Block("table", caption="the gap per operator (ms)", table=table.round(3)))
+        image = save_figure(figure_dir, TABLE, fig)
+        blocks.append({"kind": "image", "caption": caption, "image": image})
+    blocks.append(
+        {"kind": "table", "caption": "the gap per operator (ms)", "table": table.round(3)}
+    )
     return blocks
