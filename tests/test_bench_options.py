@@ -34,14 +34,14 @@ BENCH_FLAGS = (
     "--no-cudnn-benchmark --no-epoch --no-pin-memory --no-tf32 --no-tune --optimizer-impl "
     "--out --pin-memory --preset --repeats --resume --retune --run-id --scaling --seed --store "
     "--synth-n --telemetry-interval --tf32 --threads --time-budget --tune-compile --warmup "
-    "--workers"
+    "--workers --to-quality --target --quality-seeds --quality-epochs"
 )
 PROFILE_FLAGS = (
     "--active --activities --batch --compile --cuda-graphs --cudnn-benchmark --ddp-bucket-mb "
     "--device --dist-timeout --dtype --eager-fp32 --filters --memory-format --model "
     "--no-cuda-graphs --no-cudnn-benchmark --no-memory --no-shapes --no-tf32 --no-tune "
     "--optimizer-impl --out --preset --repeat --retune --run-id --seed --steps --store --tf32 "
-    "--threads --top --tune-compile --wait --warmup --with-stack"
+    "--threads --top --tune-compile --wait --warmup --with-stack --roofline"
 )
 NOT_OPTIONS = {"strict_switches"}  # derived from the switch options, never typed
 
