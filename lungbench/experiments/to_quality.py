@@ -156,7 +156,9 @@ def tuned_switches(
         TuningOptions(retune=request.retune),
         [tuple(s) for s in shapes],
     )
-    return tuning.switches, tuning.record()
+    # An epoch's last batch may be smaller: CUDA graphs (fixed shapes) stay off, as in the
+    # bench's epoch (lungbench.harness.sweep).
+    return replace(tuning.switches, cuda_graphs=False), tuning.record()
 
 
 def train_config(request: QualityRequest, seed: int) -> TrainConfig:
