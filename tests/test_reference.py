@@ -464,8 +464,16 @@ RECIPES = {
 
 def _pairs(html: str) -> list[str]:
     """The HTML of each side-by-side group (ours and the published tables beside it)."""
-    chunks = html.split('<div class="pair">')[1:]
-    return [c.split("</div></div>")[0] if "</div></div>" in c else c for c in chunks]
+    groups = []
+    for start in (m.end() for m in re.finditer('<div class="pair">', html)):
+        depth, at = 1, start
+        for tag in re.finditer(r"<div\b|</div>", html[start:]):  # the pair's own closing tag
+            depth += 1 if tag.group().startswith("<div") else -1
+            if depth == 0:
+                at = start + tag.start()
+                break
+        groups.append(html[start:at])
+    return groups
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))

@@ -34,14 +34,16 @@ def test_sampler_rate_and_clean_stop(tmp_path):
         busy(0.6)
     assert not sampler.running
     assert not any(t.name == "lungbench-telemetry" for t in threading.enumerate())
-    # 0.6 s at 20 Hz: 12 grid points plus the samples at start and stop (shared CI machines
-    # may delay the thread, never speed it up).
+    # Structure, not rate: a loaded machine may delay the sampling thread (fewer samples),
+    # never speed it up. Samples sit on the grid t0 + k * interval or later, never before, so
+    # there are at most duration / interval + 2 of them (plus the ones at start and stop).
     n = len(sampler.samples)
-    assert 6 <= n <= 15, n
     times = [s["t_s"] for s in sampler.samples]
-    gaps = sorted(b - a for a, b in zip(times, times[1:], strict=False))
-    assert 0.03 <= gaps[len(gaps) // 2] <= 0.12
+    assert n >= 2, "a sample at start and one at stop"
     assert times == sorted(times)
+    assert n <= times[-1] / 0.05 + 3, n
+    for k, t in enumerate(times[1:-1], start=1):
+        assert t >= k * 0.05 - 1e-3, (k, t)  # the k-th grid sample is not early
     row = sampler.samples[-1]
     assert row["rss_bytes"] > 0 and "cpu0_percent" in row and 0 <= row["cpu_percent"] <= 100
     count = len(sampler.samples)

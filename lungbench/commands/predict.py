@@ -259,8 +259,6 @@ def _predict(args, records, environment) -> int:
     from lungbench.predict.forecast import Predictor
 
     warnings = run_warnings(Path(args.run))
-    for warning in warnings:
-        logging.getLogger(__name__).warning(warning)
     predictor = Predictor(tuple(args.device_file), args.remeasure, launch=bench_subprocess)
     sources = _Sources(records, environment, str(args.run), args.remeasure)
     predictions = []
@@ -269,6 +267,9 @@ def _predict(args, records, environment) -> int:
         pred = predictor.predict(source, target)
         pred.notes.extend(warnings)
         predictions.append(pred)
+    # said once the predictions stand: a run that cannot be predicted from gets only its error
+    for warning in warnings:
+        logging.getLogger(__name__).warning(warning)
     if args.json:
         for pred in predictions:
             print(json.dumps(pred.as_dict()))

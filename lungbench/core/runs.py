@@ -29,6 +29,7 @@ import pandas as pd
 
 from lungbench.core.errors import DataError, message_of
 from lungbench.core.paths import check_name, check_out_dir
+from lungbench.core.runlock import lock_run, unlock_run
 
 RUN_FILE = "run.json"
 
@@ -48,18 +49,25 @@ def make_run_id(kind: str) -> str:
 
 
 def create_run_dir(out_root: str | os.PathLike, kind: str, run_id: str | None = None) -> Path:
-    """Create results/<run-id>/ (UsageError if the root or the run folder is a file)."""
+    """Create results/<run-id>/ (UsageError if the root or the run folder is a file), or
+    <run-id>-2, -3, ... when that name is taken, atomically, and hold its lock
+    (lungbench.core.runlock) until finish_run."""
     root = Path(out_root)
     check_out_dir(root)
     if run_id is not None:
         check_name(run_id, "--run-id")  # results stay inside --out: no '/', no '..'
     run_id = run_id or make_run_id(kind)
-    run_dir = root / run_id
-    suffix = 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = root / f"{run_id}-{suffix}"
-    (run_dir / "tables").mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
+    run_dir, suffix = root / run_id, 1
+    while True:  # mkdir is atomic: of two processes asking for one name, one gets "-2"
+        try:
+            run_dir.mkdir()
+            break
+        except FileExistsError:
+            suffix += 1
+            run_dir = root / f"{run_id}-{suffix}"
+    lock_run(run_dir)  # held until finish_run (or this process ends)
+    (run_dir / "tables").mkdir()
     (run_dir / "plots").mkdir()
     write_json(
         run_dir / RUN_FILE,
@@ -93,7 +101,7 @@ def to_jsonable(obj: Any) -> Any:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temporary file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two writers never share one
     tmp.write_text(json.dumps(to_jsonable(data), indent=2) + "\n")
     os.replace(tmp, path)
 
@@ -158,10 +166,11 @@ def save_figure(run_dir: Path, name: str, fig) -> Path:
 
 
 def finish_run(run_dir: Path, status: str = "complete", **extra: Any) -> None:
-    """Mark the run complete (or interrupted / failed) in run.json."""
+    """Mark the run complete (or interrupted / failed) in run.json and release its lock."""
     info = read_json(run_dir / RUN_FILE)
     info.update(status=status, finished_utc=utc_now(), **extra)
     write_json(run_dir / RUN_FILE, info)
+    unlock_run(run_dir)  # the last write: another process may resume it now
 
 
 @contextmanager

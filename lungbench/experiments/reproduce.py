@@ -51,6 +51,7 @@ from lungbench.core.cache import read_cache, where_key, write_cache
 from lungbench.core.errors import DataError, LungbenchError, UsageError, look_up_option
 from lungbench.core.options import config_from_dict, config_from_flat
 from lungbench.core.paths import check_name
+from lungbench.core.runlock import lock_run, unlock_run
 from lungbench.core.runs import (
     RUN_FILE,
     create_run_dir,
@@ -464,6 +465,15 @@ def plan_resume(run: str | Path, out: str | Path) -> Plan:
     """The reproduction in run folder RUN (or run id under OUT), to continue: its twins,
     size and device as saved, the twins still to run with new estimates."""
     run_dir = resolve_run_dir(run, out)
+    lock_run(run_dir)  # one writer: a second --resume is refused (lungbench.core.runlock)
+    try:
+        return _resume_plan(run, run_dir)
+    except BaseException:
+        unlock_run(run_dir)
+        raise
+
+
+def _resume_plan(run: str | Path, run_dir: Path) -> Plan:
     try:
         info = read_json(run_dir / RUN_FILE)
         state = read_json(run_dir / STATE_FILE)
@@ -472,12 +482,15 @@ def plan_resume(run: str | Path, out: str | Path) -> Plan:
             bool(state["config"]["quick"]),
             str(state["config"]["device"]),
         )
-        states = {n: TwinState(**state["twins"].get(n, {})) for n in config.twins}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        states = {n: _twin_state(state["twins"].get(n, {})) for n in config.twins}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataError(f"{run_dir}: not a readable reproduction ({STATE_FILE}: {exc})") from None
-    if info.get("kind") != NAME:
-        raise UsageError(f"--resume {run}: a {info.get('kind')!r} run, not a reproduction")
+    kind = info.get("kind") if isinstance(info, dict) else None
+    if kind != NAME:
+        raise UsageError(f"--resume {run}: a {kind!r} run, not a reproduction")
     twin_names(config.twins)  # a state file naming twins this version does not know
+    for name, twin_state in states.items():
+        check_twin_folder(run_dir, name, twin_state.run_dir)
     result = Plan(config, run_dir.parent, run_dir.name, run_dir, states)
     for name in result.pending:
         result.estimates.append(estimate(name, config.quick, config.device))
@@ -551,6 +564,43 @@ def reproduce(p: Plan) -> ReproduceRun:
     failed = [n for n in p.config.twins if p.states[n].status != "complete"]
     finish_run(run_dir, "complete", wall_s=wall, failed=failed)
     return ReproduceRun(run_dir, table, files.html, files.markdown, files.warnings, failed)
+
+
+_STATE_TYPES = {
+    "run_dir": (str, type(None)),
+    "status": (str,),
+    "wall_s": (int, float, type(None)),
+    "estimate_s": (int, float, type(None)),
+    "attempts": (int,),
+    "error": (str, type(None)),
+}
+
+
+def _twin_state(data: Mapping[str, Any]) -> TwinState:
+    """A twin's entry of reproduce.json, its fields' types checked (TypeError names one)."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"a twin's entry is {type(data).__name__}, not an object")
+    for key, value in data.items():
+        if key in _STATE_TYPES and (
+            not isinstance(value, _STATE_TYPES[key]) or isinstance(value, bool)
+        ):
+            raise TypeError(f"field {key!r} is {value!r}")
+    return TwinState(**data)
+
+
+def check_twin_folder(run_dir: Path, twin: str, folder: Any) -> None:
+    """DataError naming reproduce.json unless a twin's saved run folder is a name or path
+    that resolves inside the reproduction's folder (the state file is a file anyone can
+    edit: '../../elsewhere' would make --resume write records outside it)."""
+    if folder is None:
+        return
+    where = f"{run_dir / STATE_FILE}: twin {twin!r} run_dir {folder!r}"
+    if not isinstance(folder, str) or not folder or "\0" in folder:
+        raise DataError(f"{where}: not a folder name")
+    base = run_dir.resolve()
+    target = (base / folder).resolve()
+    if base not in target.parents:
+        raise DataError(f"{where}: lies outside the reproduction folder {run_dir}; refused")
 
 
 def _run_twin(p: Plan, name: str, done: Mapping[str, Path]) -> Path | None:

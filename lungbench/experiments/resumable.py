@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lungbench.core.errors import UsageError
+from lungbench.core.runlock import lock_run, unlock_run
 from lungbench.core.runs import (
     RunFolder,
     finish_run,
@@ -76,6 +77,15 @@ def open_resume(run: str | os.PathLike, out: str | os.PathLike, recipe: str) -> 
     """`--resume RUN` of `lungbench train RECIPE`: the run folder (a path, or a run id under
     --out) checked to be an unfinished run of that recipe; nothing is written."""
     run_dir = resolve_run_dir(run, out)
+    lock_run(run_dir)  # before reading what finished: one writer (lungbench.core.runlock)
+    try:
+        return _resume_point(run, run_dir, recipe)
+    except BaseException:
+        unlock_run(run_dir)
+        raise
+
+
+def _resume_point(run: str | os.PathLike, run_dir: Path, recipe: str) -> ResumePoint:
     info, config = read_run_files(run_dir)
     found = recipe_of(config) if info.get("kind") == "train" else info.get("kind")
     if found != recipe:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from lungbench.core.errors import DataError, UsageError
+from lungbench.core.runlock import lock_run, unlock_run
 from lungbench.core.runs import (
     RECORDS_FILE,
     RUN_FILE,
@@ -206,8 +207,19 @@ class ResumePoint:
 def open_for_resume(
     run: str | os.PathLike, out_root: str | os.PathLike = "results", kind: str = "bench"
 ) -> ResumePoint:
-    """Validate a run folder for `--resume` and read what it holds (nothing is written)."""
+    """Validate a run folder for `--resume` and read what it holds (nothing is written).
+    Its lock is taken first and held until the run finishes (lungbench.core.runlock), so a
+    second resume of the folder is refused before it reads what is missing."""
     run_dir = resolve_run_dir(run, out_root)
+    lock_run(run_dir)
+    try:
+        return _resume_point(run, run_dir, kind)
+    except BaseException:
+        unlock_run(run_dir)
+        raise
+
+
+def _resume_point(run: str | os.PathLike, run_dir: Path, kind: str) -> ResumePoint:
     info, config = read_run_files(run_dir)
     if info.get("kind") != kind:
         raise UsageError(
@@ -359,4 +371,8 @@ def apply_resume_and_config(
     if resume is None:
         return given, None
     point = open_for_resume(resume, getattr(given, "out", "results"))
-    return resumed_request(point, given, defaults), point
+    try:
+        return resumed_request(point, given, defaults), point
+    except BaseException:
+        unlock_run(point.run_dir)
+        raise
