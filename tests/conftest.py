@@ -45,3 +45,13 @@ def stderr_log():
     show_progress()
     yield
     logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run where CUDA exists and are skipped, saying why, elsewhere."""
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device; torch sees none on this machine")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(no_gpu)

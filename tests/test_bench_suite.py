@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.timeout(420)  # above its own subprocess limits, which say what hung
 def test_bench_suite_quick_mode(tmp_path):
     report = tmp_path / "bench.json"
     env = {**os.environ, "LUNGBENCH_BENCH_QUICK": "1", "LUNGBENCH_BENCH_THREADS": "2"}

@@ -7,6 +7,7 @@ import json
 import h5py
 import pandas as pd
 import pytest
+import torch
 
 from lungbench.cli import main
 from lungbench.core.runs import read_json, read_records
@@ -258,7 +259,10 @@ def test_data_synth_cli(tmp_path, capsys):
 def test_env_prints_the_record(capsys):
     code, out, _ = run_cli(capsys, "env")
     record = json.loads(out)
-    assert code == 0 and record["cpu"]["logical_cores"] >= 1 and record["gpus"] == []
+    assert code == 0 and record["cpu"]["logical_cores"] >= 1
+    # the GPUs it lists are the ones torch sees: none here, each by name on a GPU node
+    assert len(record["gpus"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    assert all(gpu.get("name") for gpu in record["gpus"])
 
 
 def test_unknown_option_is_reported_by_its_command(capsys):

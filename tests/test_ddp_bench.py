@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from launchenv import clean_env
+from planted import held_after, wait_for_marker
 
 from lungbench.core.errors import DataError, UsageError
 from lungbench.core.runs import read_json, read_records
@@ -89,6 +90,7 @@ def check_two_rank_records(records, launcher: str) -> None:
 # ---------------------------------------------------------------------------- real launchers
 
 
+@pytest.mark.timeout(480)  # above its own subprocess limits, which say what hung
 @pytest.mark.distributed
 def test_bench_under_torchrun(tmp_path, tiny_store):
     """Baseline + weak + strong with an epoch: one run folder, rank 0 prints once."""
@@ -183,6 +185,7 @@ def test_bench_under_torchrun(tmp_path, tiny_store):
     not (VENV_BIN / "mpiexec").exists() and shutil.which("mpiexec") is None,
     reason="no mpiexec (pip install 'lungbench[mpi]')",
 )
+@pytest.mark.timeout(480)  # above its own subprocess limits, which say what hung
 def test_bench_under_mpiexec(tmp_path, tiny_store):
     pytest.importorskip("mpi4py")
     mpiexec = str(VENV_BIN / "mpiexec") if (VENV_BIN / "mpiexec").exists() else "mpiexec"
@@ -211,10 +214,12 @@ def test_bench_under_mpiexec(tmp_path, tiny_store):
     assert read_json(run / "environment.json")["distributed"]["hosts"] == [socket.gethostname()] * 2
 
 
+@pytest.mark.timeout(420)  # above its own subprocess limits, which say what hung
 @pytest.mark.distributed
 def test_killed_rank_ends_the_job_with_an_error(tmp_path, tiny_store):
     """srun-style ranks (no launcher that kills the others): SIGKILL rank 1 after the first
-    record; rank 0 must stop within the timeout with one line and keep what it measured."""
+    record (rank 1 is held there: a planted point, so rank 0 cannot finish first); rank 0
+    must stop within the timeout with one line and keep what it measured."""
     timeout = 20
     argv = bench_argv(
         tmp_path,
@@ -231,9 +236,11 @@ def test_killed_rank_ends_the_job_with_an_error(tmp_path, tiny_store):
         str(timeout),
     )
     job_id = free_slurm_job_id()
+    marker = tmp_path / "rank1-after-first-record"
+    held = held_after("lungbench.harness.ddp:ddp_record", marker, argv[3:])
     procs = [
         subprocess.Popen(
-            argv,
+            held if rank == 1 else argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -250,9 +257,10 @@ def test_killed_rank_ends_the_job_with_an_error(tmp_path, tiny_store):
     ]
     records = tmp_path / "out" / "ddp" / "records.jsonl"
     try:
-        deadline = time.monotonic() + 240
+        wait_for_marker(marker, procs[1])
+        deadline = time.monotonic() + 60  # rank 0 writes the record the ranks just gathered
         while not records.exists() and procs[0].poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(0.05)
         assert records.exists(), procs[0].communicate(timeout=5)[1][-2000:]
         procs[1].send_signal(signal.SIGKILL)
         killed = time.monotonic()
@@ -263,7 +271,7 @@ def test_killed_rank_ends_the_job_with_an_error(tmp_path, tiny_store):
             p.kill()
             p.wait()
     assert procs[0].returncode == DistributedError.exit_code, err[-2000:]
-    assert elapsed < timeout + 15
+    assert elapsed < timeout + 40, "ended by the --dist-timeout at the latest, not a hang"
     last = err.strip().splitlines()[-1]
     # Which collective notices first (a DDP step's all-reduce, or a barrier between the
     # measurements) depends on when the kill lands; the message names it and the cause.

@@ -178,8 +178,8 @@ def test_bad_environments_are_usage_errors(env, kw, message):
         init_distributed(env=env, **{"device": "cpu", **kw})
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
-def test_cuda_without_gpu_is_a_usage_error():
+def test_cuda_without_gpu_is_a_usage_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU node too: planted
     with pytest.raises(UsageError, match="no CUDA device"):
         init_distributed("cuda", env={})
 
@@ -223,6 +223,7 @@ HANG_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.timeout(360)  # above its own subprocess limits, which say what hung
 @pytest.mark.distributed
 def test_slurm_group_forms_and_a_hung_rank_times_out(tmp_path):
     """Two processes with SLURM variables (as srun starts them; port from the job id): they
@@ -278,6 +279,7 @@ RENDEZVOUS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.timeout(360)  # above its own subprocess limits, which say what hung
 @pytest.mark.distributed
 def test_rendezvous_that_never_completes_ends_with_one_line(tmp_path):
     """Rank 0 of a 2-task SLURM step whose rank 1 never starts: a clear error, no hang."""
@@ -376,6 +378,7 @@ def test_ddp_training_under_mpiexec(tmp_path):
     check_ddp_training(tmp_path, [str(MPIEXEC), "-n", "2", sys.executable], "mpi")
 
 
+@pytest.mark.timeout(480)  # above its own subprocess limits, which say what hung
 @pytest.mark.distributed
 @needs_mpiexec
 def test_lidc_pretrain_under_mpiexec_trains_with_ddp(tmp_path):
@@ -446,6 +449,7 @@ RESUME_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.timeout(420)  # above its own subprocess limits, which say what hung
 @pytest.mark.distributed
 def test_ddp_training_resumes_exactly_with_every_ranks_random_streams(tmp_path):
     """2 epochs under torchrun == 1 epoch, then a resumed 2nd epoch: each rank continues its
@@ -480,13 +484,16 @@ def test_ddp_training_resumes_exactly_with_every_ranks_random_streams(tmp_path):
 SLURM_DIR = REPO / "hpc" / "slurm"
 SBATCH_SCRIPTS = sorted(p.name for p in SLURM_DIR.glob("*.sbatch"))
 # A stand-in for srun: records its arguments and environment; with FAKE_SRUN_WAIT it runs
-# until SIGTERM (a step at the time limit) and records the signal.
+# until SIGTERM (a step at the time limit) and records the signal. Its trap is set before
+# srun.args appears, so a signal sent once the test sees that file is always caught.
 FAKE_SRUN = """#!/bin/bash
+if [ -n "${FAKE_SRUN_WAIT:-}" ]; then
+    trap '[ -n "${child:-}" ] && kill $child; echo TERM > "$FAKE_LOG/srun.signal"; exit 143' TERM
+fi
 { printf '%s\\n' "$@"; echo "SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-}";
   echo "OMP_NUM_THREADS=${OMP_NUM_THREADS:-}"; } > "$FAKE_LOG/srun.args.tmp"
 mv "$FAKE_LOG/srun.args.tmp" "$FAKE_LOG/srun.args"
 if [ -n "${FAKE_SRUN_WAIT:-}" ]; then
-    trap 'kill $child; echo TERM > "$FAKE_LOG/srun.signal"; exit 143' TERM
     sleep 60 & child=$!
     wait
 fi

@@ -390,6 +390,7 @@ def test_failure_after_the_run_folder_is_marked_failed(cv_stores, tmp_path, monk
     assert (info["status"], info["error"]) == ("failed", "disk full")
 
 
+@pytest.mark.timeout(480)  # above its own subprocess limits, which say what hung
 @pytest.mark.distributed
 def test_lidc_pretrain_under_torchrun_trains_with_ddp(tmp_path):
     """Two Gloo processes: rank 0 generates the data, one run folder with a complete DDP

@@ -15,6 +15,7 @@ STEPS = ("env", "bench", "tuning", "ablation", "ddp", "profile", "gpu-tests")
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.timeout(1000)  # above its own 900 s subprocess limit, which says what hung
 def test_gpu_smoke_script_dry_run(tmp_path):
     out = tmp_path / "smoke"
     env = {**os.environ, "PYTHON": sys.executable, "STEP_TIMEOUT": "240"}

@@ -144,7 +144,7 @@ def launches_lungbench(tree: ast.AST) -> bool:
             continue
         items = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
         if items[:1] == ["lungbench"] or any(
-            a == "-m" and b == "lungbench" for a, b in zip(items, items[1:])
+            a == "-m" and b == "lungbench" for a, b in zip(items, items[1:], strict=False)
         ):
             return True
     return False

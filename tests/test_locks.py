@@ -122,6 +122,7 @@ def test_synchronised_creations_get_distinct_folders(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == set(names)
 
 
+@pytest.mark.timeout(420)  # above its own subprocess limits, which say what hung
 @pytest.mark.slow
 def test_two_bench_resumes_at_once_never_duplicate_a_record(tmp_path, held_elsewhere):
     """The first resume holds the folder (a child process, planted so the race is

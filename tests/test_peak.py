@@ -165,3 +165,28 @@ def test_peaks_are_kept_per_host_and_a_busy_moment_cannot_lower_them(monkeypatch
     assert first["fp32"] == 100.0 and source.startswith("measured quiet")
     second, source = peak_cache.robust_peaks(cpu, ("fp32",))  # busy now: 60 would be low
     assert second["fp32"] == 100.0 and source == "cache (machine busy now)"
+
+
+def test_peaks_measured_busy_are_cached_marked_busy_and_a_quiet_run_replaces_them(
+    monkeypatch, tmp_path
+):
+    from lungbench.core.cache import read_cache, where_key
+    from lungbench.measure import peak_cache
+
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
+    measured = iter([{"fp32": 40.0}, {"fp32": 50.0}, {"fp32": 90.0}])
+    monkeypatch.setattr(peak_cache, "device_peaks", lambda device, dtypes: next(measured))
+    busy = iter([True, True, False])
+    monkeypatch.setattr(
+        peak_cache.ContentionWatch, "stop", lambda self: {"busy": next(busy), "busy_reason": "x"}
+    )
+    cpu = torch.device("cpu")
+    first, source = peak_cache.robust_peaks(cpu, ("fp32",))
+    assert first["fp32"] == 40.0 and "cached, marked busy" in source
+    cached = read_cache(peak_cache.CACHE_FILE)[where_key(cpu)]
+    assert cached == {"fp32": 40.0, "busy_reason": "x"}
+    second, source = peak_cache.robust_peaks(cpu, ("fp32",))  # busy again: the best of both
+    assert second["fp32"] == 50.0 and "marked busy" in source
+    third, source = peak_cache.robust_peaks(cpu, ("fp32",))  # quiet: replaces the busy ones
+    assert third["fp32"] == 90.0 and source.startswith("measured quiet")
+    assert read_cache(peak_cache.CACHE_FILE)[where_key(cpu)]["busy_reason"] is None

@@ -519,9 +519,61 @@ def test_a_slow_remeasure_cannot_lower_the_convolution_rate(monkeypatch, tmp_pat
     rates = iter([100e9, 90e9, 40e9, 50e9, 40e9, 50e9])  # fp32 twice, then bf16 twice...
     monkeypatch.setattr(peak, "conv_rate", lambda device, dtype: next(rates))
     monkeypatch.setattr("lungbench.switches.bf16_supported", lambda device: False)
+    plant_machine(monkeypatch, busy=[False, False])  # quiet both times, whatever the host
     assert measure_conv_rates(1) == {"fp32": 100e9}  # the best of two
     assert measure_conv_rates(1) == {"fp32": 100e9}  # cached
     assert measure_conv_rates(1, refresh=True) == {"fp32": 100e9}  # slower now: kept
+
+
+def plant_machine(monkeypatch, busy: list[bool]) -> None:
+    """Each ContentionWatch finds the machine busy or quiet, in this order."""
+    from lungbench.measure.contention import ContentionWatch
+
+    verdicts = iter(busy)
+
+    def stop(self):
+        return {"busy": (b := next(verdicts)), "busy_reason": "planted load" if b else None}
+
+    monkeypatch.setattr(ContentionWatch, "stop", stop)
+
+
+def test_a_busy_measurement_is_cached_marked_busy_until_a_quiet_one_replaces_it(
+    monkeypatch, tmp_path
+):
+    import lungbench.measure.peak as peak
+    from lungbench.predict.devices import busy_measurements, measure_conv_rates
+
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("lungbench.switches.bf16_supported", lambda device: False)
+    rates = iter([30e9, 20e9, 80e9, 70e9, 10e9, 10e9])
+    monkeypatch.setattr(peak, "conv_rate", lambda device, dtype: next(rates))
+    plant_machine(monkeypatch, busy=[True, False, True])
+    assert measure_conv_rates(1) == {"fp32": 30e9}  # busy, nothing cached: kept, marked
+    assert busy_measurements(1) == {"convolution rate": "planted load"}
+    assert measure_conv_rates(1) == {"fp32": 30e9}  # the same answer, not measured again
+    assert measure_conv_rates(1, refresh=True) == {"fp32": 80e9}  # quiet: replaces it
+    assert busy_measurements(1) == {}
+    assert measure_conv_rates(1, refresh=True) == {"fp32": 80e9}  # busy: the quiet one stays
+    with pytest.raises(StopIteration):
+        next(rates)  # every planted reading was used: no measurement was skipped
+
+
+def test_every_prediction_says_which_of_its_numbers_were_measured_busy(monkeypatch, tmp_path):
+    from lungbench.predict.forecast import BUSY_MARK, busy_notes, cpu_here
+
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
+    import lungbench.predict.forecast as forecast
+
+    monkeypatch.setattr(forecast, "measure_cpu_peaks", lambda t, refresh: {"fp32": 1e11,
+                        "copy_bytes_per_s": 1e10})  # fmt: skip
+    monkeypatch.setattr(forecast, "measure_bandwidth_curve", lambda t, refresh: ((1e6, 1e10),))
+    monkeypatch.setattr(forecast, "measure_conv_rates", lambda t, refresh: {"fp32": 5e10})
+    monkeypatch.setattr(forecast, "busy_measurements", lambda t: {"peaks": "planted load"})
+    device = cpu_here(1)
+    assert device.sources["peaks"] == f"{BUSY_MARK} (planted load)"
+    assert busy_notes(device, device) == [f"{device.name} peaks: {BUSY_MARK} (planted load)"]
+    monkeypatch.setattr(forecast, "busy_measurements", lambda t: {})
+    assert busy_notes(cpu_here(1)) == []
 
 
 def test_gpu_models_map_to_their_shipped_profiles():
@@ -558,12 +610,12 @@ def test_gpu_validation_flow_on_the_cpu(tmp_path, monkeypatch):
     assert (tmp_path / "predict_validation.json").is_file()
 
 
-def test_gpu_flag_needs_validate_and_a_gpu(capsys):
+def test_gpu_flag_needs_validate_and_a_gpu(capsys, monkeypatch):
     assert main(["predict", "--gpu"]) == 2
     assert "--gpu goes with --validate" in capsys.readouterr().err
-    if not torch.cuda.is_available():
-        assert main(["predict", "--validate", "--gpu"]) == 2
-        assert "no CUDA device" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU node too: planted
+    assert main(["predict", "--validate", "--gpu"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
 
 
 # ---- bad input, busy sources, measured targets, intervals of another host ------------------
@@ -786,13 +838,19 @@ def test_leave_one_source_out_coverage_by_hand():
 # ---- fast when warm: the second predict on a host measures nothing ---------------------------
 
 
-def test_a_second_predict_on_the_host_measures_nothing(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("busy", [False, True], ids=["quiet", "busy"])
+def test_a_second_predict_on_the_host_measures_nothing(tmp_path, monkeypatch, capsys, busy):
+    """On a quiet and on a busy machine (planted: every ContentionWatch's verdict), the same
+    question gets the same answer, every figure from this host's cache."""
     from collections import Counter
 
     from lungbench.measure import peak, peak_cache
+    from lungbench.measure.contention import ContentionWatch
     from lungbench.predict import comm, ddp_probe, forecast, kernels, rank_share
 
     monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    verdict = {"busy": busy, "busy_reason": "planted load" if busy else None}
+    monkeypatch.setattr(ContentionWatch, "stop", lambda self: verdict)
     calls: Counter = Counter()
 
     def counted(name, result):
@@ -805,7 +863,7 @@ def test_a_second_predict_on_the_host_measures_nothing(tmp_path, monkeypatch, ca
     real_probe = forecast.probe_operators
     monkeypatch.setattr(forecast, "probe_operators", counted("probe", real_probe))
     peaks = {"fp32": 1e11, "bf16": 2e11, "copy_bytes_per_s": 2e10}
-    monkeypatch.setattr(peak_cache, "robust_peaks", counted("peaks", (peaks, "planted")))
+    monkeypatch.setattr(peak_cache, "device_peaks", counted("peaks", peaks))
     monkeypatch.setattr(peak, "copy_bandwidth", counted("bandwidth", 2e10))
     monkeypatch.setattr(peak, "conv_rate", counted("conv rate", 5e10))
     monkeypatch.setattr(kernels.KernelRatios, "_measure", counted("kernels", 1.5))
@@ -828,6 +886,8 @@ def test_a_second_predict_on_the_host_measures_nothing(tmp_path, monkeypatch, ca
     assert calls == Counter()  # nothing measured again: every figure from this host's cache
     second = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [p["step_s"] for p in second] == [p["step_s"] for p in first]
+    said_busy = [any("measured while busy" in n for n in p["notes"]) for p in second]
+    assert said_busy == [busy] * len(second), "each answer says which numbers it used"
     two_ranks = second[1]
     assert any("1.20x its time alone" in n and "2 processes" in n for n in two_ranks["notes"])
     assert any("+ 4.0 ms per step" in n for n in two_ranks["notes"])  # 20 - 15 - 1 ms

@@ -6,13 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from planted import held_after, let_go, wait_for_marker
 from torch import nn
 
 from lungbench.cli import main
@@ -234,8 +234,10 @@ def test_resume_refuses_conflicting_options(tmp_path, tiny_store, probe_model, c
     assert len(_keys(tmp_path / "done")) == 1
 
 
+@pytest.mark.timeout(420)  # above its own subprocess limits, which say what hung
 def test_killed_sweep_resumes_to_the_same_keys(tmp_path, tiny_store):
-    """SIGKILL after the first record, a torn line, then --resume: every key exactly once."""
+    """SIGKILL after the first record (held there: a planted point), a torn line, then
+    --resume: every key exactly once."""
     options = [
         *FAST,
         "--filters",
@@ -251,36 +253,25 @@ def test_killed_sweep_resumes_to_the_same_keys(tmp_path, tiny_store):
         str(tmp_path),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    marker = tmp_path / "first-record-written"
+    argv = ["bench", *options, "--run-id", "killed", "--threads", "1"]
     job = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lungbench",
-            "bench",
-            *options,
-            "--run-id",
-            "killed",
-            "--threads",
-            "1",
-        ],
+        held_after("lungbench.core.runs:append_record", marker, argv),
         cwd=tmp_path,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     records = tmp_path / "killed" / RECORDS_FILE
-    deadline = time.monotonic() + 100
     try:
-        while not (records.exists() and records.stat().st_size > 0):
-            assert job.poll() is None, "the sweep ended before it could be killed"
-            assert time.monotonic() < deadline, "no record within 100 s"
-            time.sleep(0.02)
+        wait_for_marker(marker, job)
         job.send_signal(signal.SIGKILL)
     finally:
+        job.kill()
         job.wait(timeout=30)
     run = tmp_path / "killed"
     before = _keys(run)
-    assert 1 <= len(before) < 6 and read_json(run / "run.json")["status"] == "running"
+    assert len(before) == 1 and read_json(run / "run.json")["status"] == "running"
     with open(records, "a") as f:  # what a kill in the middle of a write leaves
         f.write('{"key": "torn-by-a-kill", "status": "o')
 
@@ -350,6 +341,7 @@ def _train_cli_available() -> bool:
     return True
 
 
+@pytest.mark.timeout(420)  # above its own subprocess limits, which say what hung
 @pytest.mark.slow  # about 20 s of CPU: three short training runs through the CLI
 @pytest.mark.skipif(not _train_cli_available(), reason="lungbench train lidc-pretrain missing")
 def test_training_stopped_by_sigterm_and_resumed_matches_uninterrupted(tmp_path, tiny_store):
@@ -370,22 +362,19 @@ def test_training_stopped_by_sigterm_and_resumed_matches_uninterrupted(tmp_path,
         str(tmp_path),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+    marker = tmp_path / "first-epoch-written"  # held there: the signal lands in epoch 2
     job = subprocess.Popen(
-        [sys.executable, "-m", "lungbench", *base, "--run-id", "cut"],
+        held_after("lungbench.train.engine:_write_epoch", marker, [*base, "--run-id", "cut"]),
         cwd=tmp_path,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    metrics = tmp_path / "cut" / "metrics.csv"
-    deadline = time.monotonic() + 150
     try:
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-            assert job.poll() is None, "training ended before the signal"
-            assert time.monotonic() < deadline, "no epoch within 150 s"
-            time.sleep(0.05)
+        wait_for_marker(marker, job)
         job.send_signal(signal.SIGTERM)
+        let_go(marker)
         _, err = job.communicate(timeout=120)
     finally:
         if job.poll() is None:

@@ -296,16 +296,22 @@ def test_resume_rejects_changed_training_options(tmp_path):
     assert list(result.history["epoch"]) == [1, 2]
 
 
+# The planted point: once the first epoch's checkpoint exists, each sample waits for the
+# test's "signalled" marker, which it writes after sending SIGTERM; so the signal always lands
+# inside the second epoch, however slow or busy the machine.
 SIGTERM_SCRIPT = textwrap.dedent("""
     import sys, time, torch
+    from pathlib import Path
     sys.path.insert(0, {tests!r})
     from test_train import BlobSet, _config, _model
-    from lungbench.train.engine import fit, TrainingInterrupted
+    from lungbench.train.engine import fit, TrainingInterrupted, LAST_CHECKPOINT
     torch.set_num_threads(1)
+    run_dir = Path(sys.argv[1])
 
     class Slow(BlobSet):
         def __getitem__(self, i):
-            time.sleep(0.01)
+            while (run_dir / LAST_CHECKPOINT).exists() and not (run_dir / "signalled").exists():
+                time.sleep(0.01)
             return super().__getitem__(i)
 
     try:
@@ -339,6 +345,7 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
         assert job.poll() is None and time.time() < deadline, job.communicate()
         time.sleep(0.02)
     job.send_signal(signal.SIGTERM)
+    (tmp_path / "cut" / "signalled").touch()  # the planted point lets the epoch go on
     out, err = job.communicate(timeout=60)
     assert job.returncode == 143, err
     assert "INTERRUPTED" in out

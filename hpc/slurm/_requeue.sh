@@ -9,12 +9,22 @@
 #   run id made from it (slurm-<job id>) names the same run folder again, and
 # resume_options COMMAND RUN_ID then finds it and continues it (see below).
 
+# The trap is set when this file is sourced, before the step starts, so a signal that comes
+# early is never lost; it signals the last background job ($!: the srun step), if any yet.
+_requeue_now() {
+    local step=$!
+    echo "lungbench: time limit near: signalling step ${step:-(none yet)} and requeueing $SLURM_JOB_ID"
+    if [ -n "$step" ]; then
+        kill -TERM "$step" 2>/dev/null || true
+        wait "$step" || true
+    fi
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+}
+trap _requeue_now USR1
+
 wait_or_requeue() {
-    local pid=$1
-    trap 'echo "lungbench: time limit near: signalling step $pid and requeueing $SLURM_JOB_ID";
-          kill -TERM "$pid" 2>/dev/null || true; wait "$pid" || true;
-          scontrol requeue "$SLURM_JOB_ID"; exit 0' USR1
-    wait "$pid"
+    wait "$1"
 }
 
 # resume_options COMMAND RUN_ID: set the array RESUME to the options that continue the run

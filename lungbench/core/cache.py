@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +67,32 @@ def write_cache(name: str, entries: dict[str, Any]) -> None:
         os.replace(tmp, path)
     except OSError as exc:  # a read-only home: measure again next time, say so
         log.warning(f"note: could not write the cache {path} ({exc})")
+
+
+def kept_measurement(
+    cached: dict[str, Any] | None,
+    fresh: dict[str, Any],
+    busy_reason: str | None,
+    best: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]],
+) -> dict[str, Any]:
+    """The cache entry after a fresh measurement; entries say how they were measured in
+    "busy_reason" (None: quiet; entries from before it existed count as quiet).
+
+    Quiet after quiet: the best of both. Quiet after busy or nothing: the fresh one replaces
+    it. Busy after quiet: the quiet one stays. Busy after busy or nothing: kept (the best of
+    both), marked busy, so the same question gets the same answer on a busy machine until a
+    quiet measurement replaces it."""
+    old = {k: v for k, v in (cached or {}).items() if k != "busy_reason"}
+    was_busy = bool(cached) and cached.get("busy_reason") is not None
+    if busy_reason is None:
+        return {**(best(old, fresh) if old and not was_busy else fresh), "busy_reason": None}
+    if old and not was_busy:
+        return dict(cached)
+    return {**(best(old, fresh) if old else fresh), "busy_reason": busy_reason}
+
+
+def busy_reason_of(watch_result: dict[str, Any]) -> str | None:
+    """A ContentionWatch result's reason when it found the machine busy, else None."""
+    if not watch_result.get("busy"):
+        return None
+    return watch_result.get("busy_reason") or "the machine was busy"

@@ -29,6 +29,7 @@ import contextlib
 import logging
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -271,35 +272,52 @@ def at_threads(threads: int):
 
 def measure_cpu_peaks(threads: int, refresh: bool = False) -> dict[str, float]:
     """FP32/bf16 matrix-product peaks and copy bandwidth at `threads` threads: this host's
-    cached best (lungbench.measure.peak_cache) when there is one, so the same question gets
-    the same answer; else, or with `refresh`, measured and merged with it (a busy moment
-    cannot lower them)."""
-    from lungbench.core.cache import read_cache, where_key, write_cache
+    cached ones (lungbench.measure.peak_cache, busy or quiet: the same question gets the
+    same answer) when there are some; else, or with `refresh`, measured and kept as that
+    module keeps them (a quiet measurement replaces busy ones; a busy one cannot lower quiet
+    ones)."""
+    from lungbench.core.cache import read_cache, where_key
     from lungbench.measure.peak_cache import CACHE_FILE, robust_peaks
 
     with at_threads(threads):
-        key = where_key(torch.device("cpu"))
-        # peak_cache keeps no peaks measured while busy; predict keeps its own then
-        # (PEAKS_FILE), or every predict on a busy host would measure them again.
-        cached = read_cache(CACHE_FILE).get(key) or read_cache(PEAKS_FILE).get(key) or {}
+        cached = read_cache(CACHE_FILE).get(where_key(torch.device("cpu"))) or {}
         if not refresh and cached.get("fp32") and cached.get("copy_bytes_per_s"):
-            return {k: float(v) for k, v in cached.items() if isinstance(v, (int, float))}
+            return _numbers(cached)
         log.info(f"measuring this CPU's peaks at {threads} thread(s) (about 5-20 s, once per host)")
         peaks, _source = robust_peaks(torch.device("cpu"), ("fp32", "bf16"))
-        if not read_cache(CACHE_FILE).get(key):
-            own = read_cache(PEAKS_FILE)
-            best = own.get(key, {})  # the best kept: a busy moment cannot lower them
-            own[key] = {
-                k: max(float(v), float(best.get(k, 0.0)))
-                for k, v in peaks.items()
-                if isinstance(v, (int, float))
-            }
-            write_cache(PEAKS_FILE, own)
     return peaks
 
 
-# Peaks predict measured when lungbench.measure.peak_cache kept none (a busy machine).
-PEAKS_FILE = "predict_peaks.json"
+def _numbers(entry: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in entry.items() if isinstance(v, (int, float))}
+
+
+def _measured_busy(measure: Callable[[], Any]) -> tuple[Any, str | None]:
+    """measure() inside a ContentionWatch: (its result, why the machine was busy or None)."""
+    from lungbench.core.cache import busy_reason_of
+    from lungbench.measure.contention import ContentionWatch
+
+    watch = ContentionWatch().start()
+    result = measure()
+    return result, busy_reason_of(watch.stop())
+
+
+def _kept(name: str, key: str, fresh: dict[str, Any], busy: str | None) -> dict[str, Any]:
+    """Cache `fresh` under `key` of cache file `name` as lungbench.core.cache.kept_measurement
+    keeps it (per value, the best of quiet ones); what the cache now holds."""
+    from lungbench.core.cache import kept_measurement, read_cache, write_cache
+
+    def best(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+        return {k: max(float(v), float(old.get(k, 0.0))) for k, v in new.items()}
+
+    cache = read_cache(name)
+    old = cache.get(key)
+    if isinstance(old, list):  # a bandwidth curve in the layout before busy marks
+        old = {str(float(a)): b for a, b in old}
+    kept = kept_measurement(old, fresh, busy, best)
+    cache[key] = kept
+    write_cache(name, cache)
+    return kept
 
 
 # Bytes of each copy of the bandwidth curve: from within a core's L2 to far beyond any L3.
@@ -309,27 +327,35 @@ CURVE_FILE = "bandwidth_curve.json"
 
 def measure_bandwidth_curve(threads: int, refresh: bool = False) -> tuple[tuple[float, float], ...]:
     """(bytes moved, bytes/s) of copies from cache-sized to DRAM-sized at `threads` threads:
-    best of a few copies each, cached per host, thread count and torch version; `refresh`
-    measures again and keeps, per point, the best of that and the cache."""
-    from lungbench.core.cache import read_cache, where_key, write_cache
+    best of a few copies each, cached per host, thread count and torch version (marked busy
+    when measured so, until a quiet measurement replaces it); `refresh` measures again."""
+    from lungbench.core.cache import read_cache, where_key
     from lungbench.measure.peak import copy_bandwidth
 
     with at_threads(threads):
         key = where_key(torch.device("cpu"))
-        cache = read_cache(CURVE_FILE)
-        if key in cache and not refresh:
-            return tuple((float(a), float(b)) for a, b in cache[key])
+        cached = read_cache(CURVE_FILE).get(key)
+        if isinstance(cached, list):  # the layout before busy marks: a quiet curve
+            cached = {str(float(a)): b for a, b in cached}
+        if cached and not refresh:
+            return _curve(cached)
         cpu = torch.device("cpu")
         log.info(f"measuring the copy bandwidth curve at {threads} thread(s) (about 5-15 s, once)")
         repeats = [max(3, min(50, 2**26 // n)) for n in CURVE_COPY_BYTES]
-        cached = {float(a): float(b) for a, b in cache.get(key, [])}
-        curve = tuple(
-            (2.0 * n, max(copy_bandwidth(cpu, n, r), cached.get(2.0 * n, 0.0)))
-            for n, r in zip(CURVE_COPY_BYTES, repeats, strict=True)
-        )  # the best this host has done: a busy moment cannot lower it (peak_cache)
-        cache[key] = [list(point) for point in curve]
-        write_cache(CURVE_FILE, cache)
-        return curve
+
+        def copies() -> dict[str, float]:
+            return {
+                str(2.0 * n): copy_bandwidth(cpu, n, r)
+                for n, r in zip(CURVE_COPY_BYTES, repeats, strict=True)
+            }
+
+        fresh, busy = _measured_busy(copies)
+        return _curve(_kept(CURVE_FILE, key, fresh, busy))
+
+
+def _curve(entry: dict[str, Any]) -> tuple[tuple[float, float], ...]:
+    points = ((float(a), float(b)) for a, b in entry.items() if a != "busy_reason")
+    return tuple(sorted(points))
 
 
 CONV_FILE = "conv_rate.json"
@@ -338,23 +364,42 @@ CONV_FILE = "conv_rate.json"
 def measure_conv_rates(threads: int, refresh: bool = False) -> dict[str, float]:
     """{dtype: FLOP/s} of lungbench.measure.peak.conv_rate at `threads` threads (FP32, and
     bf16 where the CPU has it): the best of two measurements, cached per host, thread count
-    and torch version; `refresh` measures again and keeps the best of that and the cache
-    (predictions read ratios of these rates: one measured in a slow minute moved a 2-thread
-    prediction by about 50% on the dev box)."""
-    from lungbench.core.cache import read_cache, where_key, write_cache
+    and torch version (marked busy when measured so, until a quiet measurement replaces it);
+    `refresh` measures again (predictions read ratios of these rates: one measured in a slow
+    minute moved a 2-thread prediction by about 50% on the dev box)."""
+    from lungbench.core.cache import read_cache, where_key
     from lungbench.measure.peak import conv_rate
     from lungbench.switches import bf16_supported
 
     with at_threads(threads):
         key = where_key(torch.device("cpu"))
-        cache = read_cache(CONV_FILE)
-        if key in cache and not refresh:
-            return {d: float(v) for d, v in cache[key].items()}
+        cached = read_cache(CONV_FILE).get(key)
+        if cached and not refresh:
+            return _numbers(cached)
         cpu = torch.device("cpu")
         log.info(f"measuring the convolution rate at {threads} thread(s) (about 5-15 s, once)")
         dtypes = ["fp32"] + (["bf16"] if bf16_supported(cpu) else [])
-        best = cache.get(key, {})  # a busy moment cannot lower them (peak_cache)
-        rates = {d: max(conv_rate(cpu, d), conv_rate(cpu, d), best.get(d, 0.0)) for d in dtypes}
-        cache[key] = rates
-        write_cache(CONV_FILE, cache)
-        return rates
+
+        def rates() -> dict[str, float]:
+            return {d: max(conv_rate(cpu, d), conv_rate(cpu, d)) for d in dtypes}
+
+        fresh, busy = _measured_busy(rates)
+        return _numbers(_kept(CONV_FILE, key, fresh, busy))
+
+
+def busy_measurements(threads: int) -> dict[str, str]:
+    """{what: why} for each of this host's cached measurements at `threads` threads that
+    was made on a busy machine (peaks, bandwidth curve, convolution rate): said with every
+    answer made from them."""
+    from lungbench.core.cache import read_cache, where_key
+    from lungbench.measure.peak_cache import CACHE_FILE
+
+    with at_threads(threads):
+        key = where_key(torch.device("cpu"))
+    found = {}
+    for what, name in (("peaks", CACHE_FILE), ("bandwidth curve", CURVE_FILE),
+                       ("convolution rate", CONV_FILE)):  # fmt: skip
+        entry = read_cache(name).get(key)
+        if isinstance(entry, dict) and entry.get("busy_reason"):
+            found[what] = entry["busy_reason"]
+    return found

@@ -38,6 +38,7 @@ from lungbench.predict.comm import bucket_bytes, comm_estimate, fit_gloo
 from lungbench.predict.ddp_probe import BenchLaunch, ddp_overhead_s
 from lungbench.predict.devices import (
     DeviceProfile,
+    busy_measurements,
     load_profiles,
     look_up_device,
     measure_bandwidth_curve,
@@ -211,7 +212,7 @@ def cpu_here(
     base = load_profiles()["cpu"]
     limit, _ = memory_limit(torch.device("cpu"))
     comm = comm or AlphaBeta(0.0, 0.0)
-    return measured_cpu(
+    profile = measured_cpu(
         base,
         threads,
         measure_cpu_peaks(threads, refresh=fresh),
@@ -222,6 +223,23 @@ def cpu_here(
         measure_bandwidth_curve(threads, refresh=fresh),
         measure_conv_rates(threads, refresh=fresh),
     )
+    busy = {what: f"{BUSY_MARK} ({why})" for what, why in busy_measurements(threads).items()}
+    return replace(profile, sources={**profile.sources, **busy}) if busy else profile
+
+
+# How a device profile's `sources` say a number was measured on a busy machine.
+BUSY_MARK = "measured while busy, cached until a quiet measurement replaces it"
+
+
+def busy_notes(*devices: DeviceProfile) -> list[str]:
+    """One note per busy measurement the devices' numbers come from (each said once)."""
+    notes = []
+    for device in devices:
+        for what, how in device.sources.items():
+            note = f"{device.name} {what}: {how}"
+            if how.startswith(BUSY_MARK) and note not in notes:
+                notes.append(note)
+    return notes
 
 
 def source_from_record(
@@ -679,6 +697,7 @@ class Predictor:
         if not source.probed:
             pred.notes.append("operator times shared by the roofline (run measured elsewhere)")
         pred.notes.extend(source.notes)
+        pred.notes.extend(busy_notes(source.device, device))
 
     def _intervals(self, pred: Prediction, source: Source) -> None:
         """The step's and the epoch's intervals: this host's validation errors of the

@@ -1,0 +1,61 @@
+"""Planted points for the kill-versus-finish tests: a child process that stops at a chosen
+place, says so with a marker file and waits there until killed or let go, so the test's
+signal lands at that exact point on a quiet or a busy machine alike (no race between the
+kill and the work finishing).
+
+The child runs `python -c PRELUDE`: the prelude wraps one function of lungbench before the
+command imports it, then runs the command as `python -m lungbench` would.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PRELUDE = """
+import importlib, sys, time
+from pathlib import Path
+module = importlib.import_module({module!r})
+original = getattr(module, {function!r})
+calls = []
+def planted(*args, **kwargs):
+    result = original(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == {after}:
+        Path({marker!r}).touch()
+        while not Path({marker!r} + ".go").exists():  # held here until let go (or killed)
+            time.sleep(0.02)
+    return result
+setattr(module, {function!r}, planted)
+from lungbench.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+def held_after(target: str, marker: Path, argv: list[str], after: int = 1) -> list[str]:
+    """The command line of `lungbench ARGV` held after the `after`-th call of `target`
+    ("package.module:function") returns. The function must be looked up through its module
+    at call time (imported lazily by the command), or the wrapper is not the one called."""
+    module, function = target.split(":")
+    code = PRELUDE.format(
+        module=module, function=function, after=after, marker=str(marker), argv=list(argv)
+    )
+    return [sys.executable, "-c", code]
+
+
+def let_go(marker: Path) -> None:
+    """Let the held child go on (after a signal it handles itself, e.g. SIGTERM: its handler
+    has run by the time the child sees this file)."""
+    Path(f"{marker}.go").touch()
+
+
+def wait_for_marker(marker: Path, job: subprocess.Popen, limit_s: float = 240) -> None:
+    """Wait until the child reached its planted point (it cannot finish on its own from
+    there); fail with its exit code if it ended first."""
+    deadline = time.monotonic() + limit_s
+    while not marker.exists():
+        assert job.poll() is None, f"the child ended (exit {job.returncode}) before its point"
+        assert time.monotonic() < deadline, f"the child did not reach its point in {limit_s} s"
+        time.sleep(0.02)
