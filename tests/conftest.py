@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 import torch
 
@@ -55,3 +58,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(no_gpu)
+
+
+# What only the slow tier may start: lungbench itself (`-m lungbench` or the console script)
+# and the process launchers. (A `python -c` that imports lungbench to time it is allowed.)
+LAUNCHERS = {"lungbench", "torchrun", "mpiexec", "mpirun", "srun"}
+LAUNCHER_MODULES = {"lungbench", "torch.distributed.run"}
+
+
+def starts_a_run(args) -> bool:
+    """Whether a command line starts lungbench or a process launcher."""
+    argv = [str(a) for a in ([args] if isinstance(args, (str, bytes, os.PathLike)) else args)]
+    if not argv:
+        return False
+    if os.path.basename(argv[0]) in LAUNCHERS:
+        return True
+    modules = {b for a, b in zip(argv, argv[1:], strict=False) if a == "-m"}
+    return bool(modules & LAUNCHER_MODULES)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_run(request, monkeypatch):
+    """The fast tier (neither slow nor distributed) starts no lungbench process and no
+    launcher: a test that does fails here, naming the command, until it is marked slow."""
+    if request.node.get_closest_marker("slow") or request.node.get_closest_marker("distributed"):
+        return
+    real = subprocess.Popen.__init__
+
+    def guarded(self, args, *rest, **kwargs):
+        if starts_a_run(args):
+            shown = " ".join(map(str, args))[:160] if not isinstance(args, str) else args[:160]
+            raise AssertionError(f"the fast tier starts no run ({shown}): mark the test slow")
+        real(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)

@@ -80,6 +80,7 @@ def test_table_and_peaks(records):
     assert records[0]["peak_fraction"] == pytest.approx(records[0]["achieved_flops"] / 1e11)
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 def test_cli_ablation_writes_its_table(tmp_path, capsys):
     code = main(
         [

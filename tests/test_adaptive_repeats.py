@@ -81,6 +81,7 @@ def test_bench_request_is_adaptive_by_default_and_exact_with_repeats():
     assert exact.ci_target is None and exact.repeats == 4
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 def test_bench_records_how_the_repeats_ended(tmp_path, capsys, tiny_store):
     common = ["bench", "--store", str(tiny_store), "--out", str(tmp_path), "--no-tune"]
     tiny = ["--preset", "dey2018", "--filters", "2", "--batch", "2", "--no-epoch"]

@@ -98,6 +98,7 @@ def test_cap_configs_drops_larger_batches_and_adds_the_largest():
     assert [c.workload.batch_size for c in capped] == [2, 4, 5]
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 def test_cli_find_batch_bounds_the_sweep(tmp_path, capsys, tiny_store):
     code = main(
         [

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 @pytest.mark.timeout(420)  # above its own subprocess limits, which say what hung
 def test_bench_suite_quick_mode(tmp_path):
     report = tmp_path / "bench.json"

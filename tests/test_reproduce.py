@@ -54,6 +54,7 @@ def _state(run):
     return json.loads((run / reproduce.STATE_FILE).read_text())["twins"]
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 def test_killed_after_the_first_twin_then_resumed(tmp_path, tiny_twins, monkeypatch, capsys):
     """SIGTERM during the second twin's second variant: the first twin stays complete, the
     second is interrupted with the table of its finished variant; --resume skips the first

@@ -39,6 +39,7 @@ def cxr(tmp_path_factory):
     return store, weights
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 def test_chestxray_stopped_keeps_finished_fits_and_resumes_the_rest(
     tmp_path, cxr, monkeypatch, capsys
 ):
@@ -122,6 +123,7 @@ NODULE2D = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 def test_nodule2d_sigterm_then_resume(tmp_path, monkeypatch):
     _signal_after_first_epoch(monkeypatch, nodule2d)
     assert main([*NODULE2D, "--out", str(tmp_path), "--run-id", "n"]) == SIGTERM_EXIT
@@ -138,6 +140,7 @@ def test_nodule2d_sigterm_then_resume(tmp_path, monkeypatch):
     assert (run / "tables" / "gradcam_nodule.csv").exists()
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 def test_lidc_pretrain_resumes_its_run_folder(tmp_path, tiny_store, monkeypatch):
     _signal_after_first_epoch(monkeypatch, lidc_pretrain)
     argv = [
@@ -155,6 +158,7 @@ def test_lidc_pretrain_resumes_its_run_folder(tmp_path, tiny_store, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "data") == ["p"]
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 def test_lungx_cv_stopped_after_a_fold_resumes_the_others(tmp_path, monkeypatch):
     lungx, lidc = tmp_path / "lungx.h5", tmp_path / "lidc.h5"
     write_synthetic_store(lungx, "lungx", 24, geometry("dey2018"), seed=0, workers=1)

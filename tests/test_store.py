@@ -147,6 +147,7 @@ def test_kinds_share_no_sample_for_the_same_seed():
         assert not np.array_equal(lidc["context"], lungx["context"])
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 def test_parallel_generation_matches_serial(tmp_path):
     geo = geometry("dey2018")
     write_synthetic_store(tmp_path / "serial.h5", "lidc", 32, geo, seed=4, workers=1)

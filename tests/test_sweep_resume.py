@@ -234,6 +234,7 @@ def test_resume_refuses_conflicting_options(tmp_path, tiny_store, probe_model, c
     assert len(_keys(tmp_path / "done")) == 1
 
 
+@pytest.mark.slow  # the fast tier starts no process and trains nothing
 @pytest.mark.timeout(420)  # above its own subprocess limits, which say what hung
 def test_killed_sweep_resumes_to_the_same_keys(tmp_path, tiny_store):
     """SIGKILL after the first record (held there: a planted point), a torn line, then
