@@ -102,3 +102,9 @@ def test_bench_records_how_the_repeats_ended(tmp_path, capsys, tiny_store):
     if adaptive["repeats_stop"] == "max":  # a +-0.01% interval is rarely reached: said so
         assert "less certain than asked" in out and "stopped by the repeat limit" in out
     assert json.loads(out.strip().splitlines()[-1])["failed"] == 0
+    # --time-budget ends a real run: a +-0.001% interval and 100000 steps cannot be had in 1 s
+    ended = ["--ci-target", "0.001", "--max-repeats", "100000", "--time-budget", "1"]
+    assert main([*common, *tiny, "--run-id", "budget", *ended]) == 0
+    (budget,) = read_records(tmp_path / "budget")
+    assert budget["repeats_stop"] == "budget"
+    assert ADAPTIVE_MIN_REPEATS <= budget["repeats_used"] < 100000

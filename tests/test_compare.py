@@ -69,10 +69,11 @@ def test_planted_20_percent_slowdown_is_flagged_and_0_percent_is_not(seed):
     same = compare_records(a, _records(1.0, seed + 100))
     assert [c.verdict for c in slower.changes if c.metric == "step"] == ["slower"] * 4
     assert [c.verdict for c in same.changes if c.metric == "step"] == ["same"] * 4
-    for c in slower.changes:
-        if c.metric == "step":
-            assert c.ci_low < 1.2 < c.ci_high and c.ci_low > 1.0
-            assert c.change_pct == pytest.approx(20, abs=4)
+    steps = [c for c in slower.changes if c.metric == "step"]
+    assert len(steps) == 4
+    for c in steps:
+        assert c.ci_low < 1.2 < c.ci_high and c.ci_low > 1.0
+        assert c.change_pct == pytest.approx(20, abs=4)
     # one epoch each: a ratio, but no verdict without a spread to judge it by
     assert slower.counts("epoch") == {"faster": 0, "slower": 0, "same": 0, "unreliable": 4}
     assert {c.why for c in slower.changes if c.metric == "epoch"} == {"one epoch each"}

@@ -163,4 +163,10 @@ def test_a_run_folder_of_lungbench_0_1_0_reports_and_compares(tmp_path, capsys):
     assert (run / "report.html").stat().st_size > 1000
     assert main(["compare", str(run), str(run)]) == 0
     out = capsys.readouterr().out
-    assert "same" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| dualpath3d")]
+    verdicts = {(row[1], row[-1].rstrip(" |")) for row in rows}
+    # a run against itself: every step the same (ratio 1), every single epoch unreliable
+    assert verdicts == {("step", "same"), ("epoch", "unreliable (one epoch each)")}, out
+    assert {row[4] for row in rows} == {"1.000"}
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["step"] == {"faster": 0, "slower": 0, "same": 2}

@@ -133,3 +133,33 @@ def test_estimates_use_this_hosts_own_times_once_measured(tmp_path, monkeypatch)
     again = reproduce.estimate("nodule2d", quick=True, device="cpu")
     assert again.seconds == 42.0 and again.how.startswith("measured here")
     assert reproduce.duration(42) == "42 s" and reproduce.duration(3725) == "1 h 02 min"
+
+
+@pytest.mark.slow  # the fast tier trains nothing
+def test_one_failing_twin_does_not_stop_the_others(tmp_path, tiny_twins, monkeypatch, capsys):
+    """The first twin fails (planted): the second still runs to the end, the failure is
+    reported in its state, its table row and on stderr, and the command exits 1."""
+    from dataclasses import replace
+
+    def failing(ctx):
+        raise RuntimeError("planted failure in the bench twin")
+
+    monkeypatch.setitem(
+        reproduce.TWINS, "speedup", replace(reproduce.TWINS["speedup"], run=failing)
+    )
+    argv = ["reproduce", "--quick", "--only", "speedup", "mosmed", "--out", str(tmp_path)]
+    assert main([*argv, "--run-id", "f"]) == 1
+    err = capsys.readouterr().err
+    assert "error: twin(s) failed: speedup" in err
+    run = tmp_path / "f"
+    state = _state(run)
+    assert state["speedup"]["status"] == "failed"
+    assert state["speedup"]["error"] == "planted failure in the bench twin"
+    assert state["mosmed"]["status"] == "complete"  # ran after the failure, to the end
+    assert list(pd.read_csv(run / "mosmed" / "tables" / "variants.csv")["variant"]) == [
+        "baseline",
+        "dense100",
+    ]
+    twins = pd.read_csv(run / "tables" / "twins.csv").set_index("twin")
+    assert "failed" in str(twins.loc["speedup"].to_dict())
+    assert (run / "report.html").exists()

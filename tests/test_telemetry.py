@@ -224,7 +224,7 @@ def test_bench_records_carry_telemetry(tmp_path, capsys, tiny_store):
     assert record["telemetry_samples"] >= 2
     assert (tmp_path / "tel" / record["telemetry_csv"]).stat().st_size > 0
     assert record["telemetry_source_nvml"] == "not requested (CPU run)"
-    assert 0 < record["peak_fraction"] < 5
+    assert 0 < record["peak_fraction"] <= 1 and isinstance(record["peak_exceeded"], bool)
 
 
 def test_bad_telemetry_interval(tmp_path, capsys, tiny_store):

@@ -116,6 +116,10 @@ def test_bench_records_say_how_auto_was_chosen(tmp_path, capsys, tiny_store, ext
         assert record["tuning_alternatives"][0]["name"] == "eager_fp32"
         chosen = {r["name"]: r for r in record["tuning_alternatives"]}[record["tuning_choice"]]
         assert chosen["accuracy_ok"]
+        # never slower than eager: against its own eager alternative of the deciding pass
+        (eager,) = [r for r in record["tuning_alternatives"]
+                    if r["name"] == "eager_fp32" and r["pass"] == chosen["pass"]]  # fmt: skip
+        assert chosen["step_ms"] <= eager["step_ms"] and chosen["speedup_vs_eager"] >= 1.0
 
 
 def test_no_tune_with_retune_is_a_usage_error(tmp_path, capsys):
