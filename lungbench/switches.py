@@ -295,7 +295,8 @@ def resolve(
 
     "auto"/None take `fast`, the measured fast choice for this workload on this device
     (lungbench.harness.tuning), or without one the device's table (fast_defaults). A switch
-    the device cannot do falls back (to the plain setting) with a warning through `warn` (default: print), or raises
+    the device cannot do falls back (to the plain setting) with a warning through `warn`
+    (default: this module's logger, which the CLI shows on stderr), or raises
     UsageError when the user forced it: `strict` is True (every switch given a value, not
     "auto") or the names of the forced switches. A switch left on "auto" always falls back.
     With `probe` (a model and example inputs) the model's layer shapes are checked against

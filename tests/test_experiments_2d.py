@@ -216,7 +216,7 @@ NODULE2D_QUICK = [
     "32",
     "--epochs",
     "1",
-    "--batch-size",
+    "--batch",
     "8",
     "--tta",
     "identity",

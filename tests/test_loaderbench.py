@@ -91,18 +91,17 @@ def test_loader_benchmark_produces_its_figures(tiny_store):
 
 
 def test_device_wait_clock_counts_only_the_waits_on_cpu():
-    import time
-
     from lungbench.measure.data_wait import DeviceWaitClock
 
-    clock = DeviceWaitClock(torch.device("cpu"))
+    now = [100.0]
+    clock = DeviceWaitClock(torch.device("cpu"), clock=lambda: now[0])  # planted readings
     clock.start()
     for wait, step in ((0.05, 0.03), (0.02, 0.03)):
-        time.sleep(wait)  # the loader
+        now[0] += wait  # the loader
         clock.batch_ready()
-        time.sleep(step)  # the (synchronous) CPU step: not waiting
+        now[0] += step  # the (synchronous) CPU step: not waiting
         clock.step_done()
-    assert 0.07 <= clock.seconds() < 0.07 + 0.05
+    assert clock.seconds() == pytest.approx(0.07)
 
 
 @pytest.mark.gpu

@@ -119,7 +119,7 @@ def _signal_after_first_epoch(monkeypatch, module):
 
 NODULE2D = [
     "train", "nodule2d", "--quick", "--n", "30", "--image-size", "32", "--epochs", "2",
-    "--batch-size", "8", "--lr", "1e-3", "--tta", "identity",
+    "--batch", "8", "--lr", "1e-3", "--tta", "identity",
 ]  # fmt: skip
 
 

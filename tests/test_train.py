@@ -27,7 +27,7 @@ from lungbench.train.checkpoint import (
     save_checkpoint,
 )
 from lungbench.train.config import TrainConfig
-from lungbench.train.engine import METRICS_FILE, TrainingInterrupted, fit, predict
+from lungbench.train.engine import METRICS_FILE, TrainingInterrupted, fit, infer
 from lungbench.train.metrics import classification_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -225,7 +225,7 @@ def test_multiclass_and_multilabel_targets():
 
     result = fit(_model(out=2), Multi(16, 0), Multi(8, 1), _config(epochs=1))
     assert {"val_accuracy", "val_auc"} <= set(result.history.columns)
-    probs, targets = predict(_model(out=2), Multi(8, 1), batch_size=4)
+    probs, targets = infer(_model(out=2), Multi(8, 1), batch_size=4)
     assert probs.shape == (8, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
     metrics = classification_metrics(
         np.array([[0.9, 0.2], [0.1, 0.8], [0.7, 0.6]]),

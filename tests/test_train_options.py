@@ -25,14 +25,14 @@ from lungbench.core.options import nested, option, positive_int
 FLAGS = {
     "chestxray": (
         "--store --n --image-size --labels --model --methods --freeze --weights --dropout "
-        "--epochs --batch-size --lr --patience --folds --val-fraction --class-weights "
+        "--epochs --batch --batch-size --lr --patience --folds --val-fraction --class-weights "
         "--save-models --pretrain-epochs --device --telemetry-interval --workers --seed "
         "--cost-only --cost-models --cost-samples --cost-epochs --gpu-memory-gb --quick --out "
         "--run-id --resume"
     ),
     "nodule2d": (
         "--store --n --image-size --augmentation --model --method --weights --epochs "
-        "--batch-size --lr --lr-iters --schedule --tta --device --workers --seed "
+        "--batch --batch-size --lr --lr-iters --schedule --tta --device --workers --seed "
         "--telemetry-interval --quick --out --run-id --resume --no-precise-bn"
     ),
     "lidc-pretrain": (
@@ -194,3 +194,16 @@ def test_overlays_must_name_fields_and_names_must_be_unambiguous():
 
     with pytest.raises(TypeError, match="share"):
         add_config_options(argparse.ArgumentParser(), Clash, {}, {}, quick_help="")
+
+
+@pytest.mark.parametrize(
+    "module_name", [m for m in EXPERIMENT_MODULES if m.endswith(("chestxray", "nodule2d"))]
+)
+def test_batch_is_one_spelling_and_the_old_one_is_a_hidden_warned_alias(module_name, caplog):
+    command, cls, full, quick, parser = _recipe(module_name)
+    assert "--batch-size" not in parser.format_help() and "--batch " in parser.format_help()
+    assert command.make_config(parser.parse_args(["--batch", "4"])).train.batch_size == 4
+    with caplog.at_level("WARNING"):
+        cfg = command.make_config(parser.parse_args(["--batch-size", "6"]))
+    assert cfg.train.batch_size == 6
+    assert "--batch-size is now --batch" in caplog.text

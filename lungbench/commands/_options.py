@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -134,6 +135,24 @@ def add_config_options(
                 if getattr(option, key) is not None:
                     how[key] = getattr(option, key)
         section(parser, option.group).add_argument(flag, **how)
+        for alias in option.aliases:  # an old spelling: accepted, hidden, warned about
+            hidden = {**how, "help": argparse.SUPPRESS}
+            if "action" not in hidden:
+                hidden["action"] = renamed(flag)
+            parser.add_argument(alias, **hidden)
+
+
+def renamed(current: str) -> type[argparse.Action]:
+    """An argparse action that stores the value and says the option's current spelling."""
+
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            logging.getLogger(__name__).warning(
+                f"note: {option_string} is now {current}; the old spelling goes in a later release"
+            )
+            setattr(namespace, self.dest, values)
+
+    return Renamed
 
 
 def config_from_args(

@@ -38,6 +38,8 @@ class Option:
     of them is given ("auto"). group: the --help section. The help text ends with the default, "(default: V;
     --quick: Q)": `default_text` says it in words instead of the value, `default_note` is
     said after it. convert: the parsed value -> the field's value (lists become tuples).
+    aliases: old spellings still accepted for a release, hidden from --help, each use
+    warned about with the current one.
     """
 
     help: str
@@ -51,6 +53,7 @@ class Option:
     default_text: str | None = None
     default_note: str | None = None
     convert: Callable[[Any], Any] | None = None
+    aliases: tuple[str, ...] = ()
 
     def flag_of(self, name: str) -> str:
         return self.flag or "--" + name.replace("_", "-")
@@ -59,7 +62,7 @@ class Option:
 @dataclasses.dataclass(frozen=True)
 class Nested:
     """A field holding config `cls`; its fields named in `show` are options too, each with
-    those Option fields replaced (e.g. {"batch_size": {"flag": "--batch-size"}})."""
+    those Option fields replaced (e.g. {"epochs": {"help": "epochs per fold"}})."""
 
     cls: type
     show: Mapping[str, Mapping[str, Any]]

@@ -51,7 +51,7 @@ from lungbench.experiments import common3d as c3d
 from lungbench.experiments.resumable import ResumePoint, checkpoint_to_resume
 from lungbench.train.checkpoint import save_checkpoint
 from lungbench.train.config import TrainConfig
-from lungbench.train.engine import fit, predict
+from lungbench.train.engine import fit, infer
 from lungbench.train.losses import WeightedBCE
 from lungbench.train.metrics import classification_metrics
 from lungbench.train.transfer import Method
@@ -158,7 +158,7 @@ class ChestXrayConfig:
         group=TRAINING,
         show={
             "epochs": {"help": "epochs per fold"},
-            "batch_size": {"flag": "--batch-size"},
+            "batch_size": {"aliases": ("--batch-size",)},  # --batch, as every command
             "lr": {},
             "patience": {},
             "device": {},
@@ -548,7 +548,7 @@ def cross_validate(
                 cfg.train,
                 loss_fn=loss,
             )
-            probs, targets = predict(
+            probs, targets = infer(
                 built.model,
                 Subset(dataset, test_idx.tolist()),
                 batch_size=cfg.train.batch_size,

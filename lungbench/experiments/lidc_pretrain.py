@@ -44,7 +44,7 @@ from lungbench.models import create_model
 from lungbench.report.training import loss_curves_plot, roc_plot
 from lungbench.train.checkpoint import load_resume_checkpoint
 from lungbench.train.config import FitResult, TrainConfig
-from lungbench.train.engine import METRICS_FILE, fit, predict
+from lungbench.train.engine import METRICS_FILE, fit, infer
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
@@ -221,9 +221,7 @@ def pretrain(
             {"LIDC": result.history}, f"LIDC pre-training ({common3d.data_word(info)})"
         ),
     )
-    probs, targets = predict(
-        model, val_ds, batch_size=cfg.train.batch_size, device=cfg.train.device
-    )
+    probs, targets = infer(model, val_ds, batch_size=cfg.train.batch_size, device=cfg.train.device)
     save_figure(
         run_dir,
         "roc_validation",

@@ -52,7 +52,7 @@ from lungbench.models import create_model
 from lungbench.report.training import auc_table, confusion_table, loss_curves_plot, roc_plot
 from lungbench.train.checkpoint import load_model_from_checkpoint
 from lungbench.train.config import TrainConfig
-from lungbench.train.engine import METRICS_FILE, fit, predict, seed_everything
+from lungbench.train.engine import METRICS_FILE, fit, infer, seed_everything
 from lungbench.train.metrics import classification_metrics
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
@@ -201,7 +201,7 @@ def run_fold(
     meta = {"model_name": MODEL, "model_kwargs": kwargs, "fold": split.fold}
     probs, histories = {}, {}
     lidc_model, _ = load_model_from_checkpoint(pretrained, expected_model_name=MODEL)
-    probs["lidc_only"], _ = predict(lidc_model, test_ds, cfg.train.batch_size, cfg.train.device)
+    probs["lidc_only"], _ = infer(lidc_model, test_ds, cfg.train.batch_size, cfg.train.device)
 
     seed_everything(cfg.train.seed + split.fold)
     scratch = create_model(MODEL, **kwargs)
@@ -215,7 +215,7 @@ def run_fold(
         checkpoint_meta=meta,
     )
     histories["without_pretraining"] = result.history
-    probs["without_pretraining"], _ = predict(
+    probs["without_pretraining"], _ = infer(
         scratch, test_ds, cfg.train.batch_size, cfg.train.device
     )
 
@@ -231,7 +231,7 @@ def run_fold(
         checkpoint_meta=meta,
     )
     histories["with_pretraining"] = result.history
-    probs["with_pretraining"], _ = predict(tuned, test_ds, cfg.train.batch_size, cfg.train.device)
+    probs["with_pretraining"], _ = infer(tuned, test_ds, cfg.train.batch_size, cfg.train.device)
     return probs, histories
 
 

@@ -59,7 +59,7 @@ from lungbench.report.training import confusion_table, lr_schedule_plot
 from lungbench.train.batchnorm import recalibrate_batchnorm
 from lungbench.train.cam import cam_overlay_figure, grad_cam
 from lungbench.train.config import TrainConfig
-from lungbench.train.engine import LR_STEPS_FILE, METRICS_FILE, fit, predict
+from lungbench.train.engine import LR_STEPS_FILE, METRICS_FILE, fit, infer
 from lungbench.train.lr_finder import find_lr, lr_finder_figure
 from lungbench.train.transfer import parse_method
 from lungbench.train.tta import DEFAULT_VIEWS, VIEWS, tta_predict
@@ -138,7 +138,7 @@ class Nodule2DConfig:
         group="training",
         show={
             "epochs": {},
-            "batch_size": {"flag": "--batch-size"},
+            "batch_size": {"aliases": ("--batch-size",)},  # --batch, as every command
             "lr": {
                 "help": "learning rate; given, the LR finder is skipped",
                 "default_text": "run the LR finder and train with its suggestion",
@@ -322,7 +322,7 @@ def _experiment(
             f"learning rate per step, {cfg.train.schedule} (peak {cfg.train.lr:.2e})",
         ),
     )
-    probs, targets = predict(built.model, test_ds, cfg.train.batch_size, cfg.train.device)
+    probs, targets = infer(built.model, test_ds, cfg.train.batch_size, cfg.train.device)
     tta_probs, _ = tta_predict(
         built.model, test_ds, "binary", cfg.train.batch_size, cfg.train.device, cfg.tta_views
     )

@@ -5,8 +5,9 @@
     srun --ntasks-per-node 4 --gpus-per-node 4 python -m lungbench bench --device cuda
 
 For every configuration (filters x batch size x threads), with W processes:
-  * baseline: rank 0 measures the same configuration in one process (harness.measure) while
-    the other ranks wait, so one run holds world size 1 and W and the ratios between them
+  * baseline: rank 0 measures the same configuration in one process
+    (lungbench.harness.sweep.measure) while the other ranks wait, so one run holds world
+    size 1 and W and the ratios between them
     come from one allocation (turn off with --no-baseline when combining runs instead);
   * weak scaling: per-process batch = --batch (global batch W x batch);
     strong scaling: global batch = --batch, split over the W ranks (skipped if it does not

@@ -7,6 +7,7 @@ the device's own timeline, so loader time hidden behind running kernels does not
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,9 +31,12 @@ class DeviceWaitClock:
         wait_s = clock.seconds()     # after the epoch's final synchronize
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(
+        self, device: torch.device, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
+        self.clock = clock  # the host clock (injectable: tests plant its readings)
         self._host = 0.0
         self._mark = 0.0
         self._last: Any = None
@@ -46,19 +50,19 @@ class DeviceWaitClock:
     def start(self) -> None:
         if self.cuda:
             self._last = self._event()
-        self._mark = time.perf_counter()
+        self._mark = self.clock()
 
     def batch_ready(self) -> None:
         if self.cuda:
             self._gaps.append((self._last, self._event()))
         else:
-            self._host += time.perf_counter() - self._mark
+            self._host += self.clock() - self._mark
 
     def step_done(self) -> None:
         if self.cuda:
             self._last = self._event()
         else:
-            self._mark = time.perf_counter()
+            self._mark = self.clock()
 
     def seconds(self) -> float:
         if not self.cuda:

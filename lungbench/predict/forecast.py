@@ -2,7 +2,8 @@
 interval from the validation errors.
 
     source = source_from_record(record, environment)     # one measured configuration
-    pred = predict(source, Target(batch=8, filters=16, threads=1, ranks=2, device="cpu"))
+    predictor = Predictor()
+    pred = predictor.predict(source, Target(batch=8, filters=16, threads=1, ranks=2))
     pred.step_s, pred.epoch_s, pred.bound, pred.interval
 
 The step: the source's operator calls (probed on this machine when it measured the run,

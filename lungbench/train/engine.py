@@ -3,7 +3,7 @@
     config = TrainConfig(epochs=30, batch_size=16, lr=1e-3)
     result = fit(model, train_ds, val_ds, config, run_dir=run_dir,
                  checkpoint_meta={"model_name": "dualpath3d", "model_kwargs": {...}})
-    probs, targets = predict(model, test_ds)
+    probs, targets = infer(model, test_ds)
 
 Batches are `(inputs_tuple, target)` and the model is called as `model(*inputs)`. The default
 loss follows the target: BCE-with-logits for float targets (binary: logits (B, 1) vs target
@@ -351,7 +351,7 @@ def _gather_in_order(
     return out
 
 
-def predict(
+def infer(
     model: nn.Module, dataset: Dataset, batch_size: int = 16, device: str = "cpu", amp: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities (sigmoid for binary (N,) and multi-label (N, K), softmax for multiclass
