@@ -28,7 +28,13 @@ from typing import Any
 
 import torch
 
-from lungbench.core.cache import read_cache, where_key, write_cache
+from lungbench.core.cache import (
+    measured_number,
+    read_cache,
+    register_schema,
+    where_key,
+    write_cache,
+)
 from lungbench.core.errors import message_of
 from lungbench.core.runs import utc_now
 from lungbench.harness.ablation import AblationConfig, Variant, run_ablation
@@ -45,6 +51,29 @@ from lungbench.switches import (
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 CACHE_FILE = "tuning.json"
+
+
+def _tuning_entry(entry: Any) -> bool:
+    """A cached choice: its name, switches Switches accepts, and alternatives whose times
+    are measured numbers (their rows go into records as they are)."""
+    Switches(**entry["switches"]).validate()
+    return isinstance(entry["choice"], str) and all(
+        _alternative(row) for row in entry.get("alternatives", ())
+    )
+
+
+def _alternative(row: Any) -> bool:
+    loss = row.get("loss_delta")
+    return (
+        isinstance(row["name"], str)
+        and measured_number(row["step_ms"])
+        and measured_number(row["speedup_vs_eager"])
+        and isinstance(row["accuracy_ok"], bool)
+        and (loss is None or measured_number(abs(loss), zero=True))
+    )
+
+
+register_schema(CACHE_FILE, _tuning_entry)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ import torch
 from lungbench.core.cache import (
     busy_reason_of,
     kept_measurement,
+    measured_numbers,
     read_cache,
+    register_schema,
     where_key,
     write_cache,
 )
@@ -28,15 +30,7 @@ from lungbench.measure.peak import device_peaks
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 CACHE_FILE = "peaks.json"
-
-
-def best_peaks(cached: dict[str, float], fresh: dict[str, float]) -> dict[str, float]:
-    """Per peak the higher of the two (spreads: this measurement's)."""
-    merged = dict(fresh)
-    for name, value in cached.items():
-        if not name.endswith("_spread") and value > merged.get(name, 0.0):
-            merged[name] = value
-    return merged
+register_schema(CACHE_FILE, measured_numbers)
 
 
 def robust_peaks(device: torch.device, dtypes: tuple[str, ...]) -> tuple[dict[str, float], str]:
@@ -48,7 +42,7 @@ def robust_peaks(device: torch.device, dtypes: tuple[str, ...]) -> tuple[dict[st
     cache = read_cache(CACHE_FILE)
     key = where_key(device)
     cached = cache.get(key)
-    kept = kept_measurement(cached, fresh, busy, best_peaks)
+    kept = kept_measurement(cached, fresh, busy)
     cache[key] = kept
     write_cache(CACHE_FILE, cache)
     peaks = {**fresh, **{k: v for k, v in kept.items() if k != "busy_reason"}}

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lungbench.core.cache import measured_number, measured_numbers, register_schema
 from lungbench.core.errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
@@ -307,14 +308,11 @@ def _kept(name: str, key: str, fresh: dict[str, Any], busy: str | None) -> dict[
     keeps it (per value, the best of quiet ones); what the cache now holds."""
     from lungbench.core.cache import kept_measurement, read_cache, write_cache
 
-    def best(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-        return {k: max(float(v), float(old.get(k, 0.0))) for k, v in new.items()}
-
     cache = read_cache(name)
     old = cache.get(key)
     if isinstance(old, list):  # a bandwidth curve in the layout before busy marks
         old = {str(float(a)): b for a, b in old}
-    kept = kept_measurement(old, fresh, busy, best)
+    kept = kept_measurement(old, fresh, busy)
     cache[key] = kept
     write_cache(name, cache)
     return kept
@@ -323,6 +321,20 @@ def _kept(name: str, key: str, fresh: dict[str, Any], busy: str | None) -> dict[
 # Bytes of each copy of the bandwidth curve: from within a core's L2 to far beyond any L3.
 CURVE_COPY_BYTES = tuple(2**k for k in range(17, 30, 2))  # 128 KiB .. 512 MiB
 CURVE_FILE = "bandwidth_curve.json"
+
+
+def _curve_entry(entry: Any) -> bool:
+    """{bytes moved: bytes/s} (with busy_reason), or the older list of [bytes, bytes/s]."""
+    if isinstance(entry, list):
+        return bool(entry) and all(
+            len(p) == 2 and measured_number(p[0]) and measured_number(p[1]) for p in entry
+        )
+    return measured_numbers(entry) and all(
+        k == "busy_reason" or measured_number(float(k)) for k in entry
+    )
+
+
+register_schema(CURVE_FILE, _curve_entry)
 
 
 def measure_bandwidth_curve(threads: int, refresh: bool = False) -> tuple[tuple[float, float], ...]:
@@ -359,6 +371,7 @@ def _curve(entry: dict[str, Any]) -> tuple[tuple[float, float], ...]:
 
 
 CONV_FILE = "conv_rate.json"
+register_schema(CONV_FILE, measured_numbers)
 
 
 def measure_conv_rates(threads: int, refresh: bool = False) -> dict[str, float]:

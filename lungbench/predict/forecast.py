@@ -21,12 +21,18 @@ import logging
 import math
 import socket
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
 
-from lungbench.core.cache import read_cache, where_key, write_cache
+from lungbench.core.cache import (
+    measured_number,
+    read_cache,
+    register_schema,
+    where_key,
+    write_cache,
+)
 from lungbench.core.errors import DataError, UsageError
 from lungbench.harness.sweep import THESIS_N_NODULES, TRAIN_FRACTION
 from lungbench.measure.allreduce import AlphaBeta
@@ -347,6 +353,34 @@ def source_here(
 
 
 PROBE_CACHE = "operator_probe.json"
+
+
+def _probe_entry(entry: Any) -> bool:
+    """An operator table as table_from_json reads it: its times measured numbers, each
+    call's name and dtype text and its FLOPs, bytes and seconds measured numbers (0 too)."""
+    times = (entry["step_s"], entry["overhead_s"], entry["call_latency_s"])
+    if not measured_number(times[0]) or not all(measured_number(t, zero=True) for t in times):
+        return False
+    if entry.get("busy_reason") is not None and not isinstance(entry["busy_reason"], str):
+        return False
+    lists = [entry["calls"]] + [entry.get(k) for k in REFERENCE_LISTS if entry.get(k)]
+    return all(isinstance(calls, list) and all(_call_entry(c) for c in calls) for calls in lists)
+
+
+REFERENCE_LISTS = ("reference", "width_reference", "low_reference", "smallest_reference")
+
+
+def _call_entry(call: Any) -> bool:
+    if not set(call) <= {f.name for f in fields(OpCall)}:
+        return False
+    numbers = (call["flops"], call["bytes"], call.get("seconds", 0.0))
+    text = (call["name"], call["dtype"], call.get("phase", ""), call.get("signature", ""))
+    return all(measured_number(n, zero=True) for n in numbers) and all(
+        isinstance(t, str) for t in text
+    )
+
+
+register_schema(PROBE_CACHE, _probe_entry)
 PROBE_VERSION = 6  # bump when probe_operators measures something else (6: conv signatures)
 
 

@@ -25,10 +25,18 @@ from collections.abc import Callable
 
 import torch
 
-from lungbench.core.cache import read_cache, where_key, write_cache
+from lungbench.core.cache import (
+    measured_number,
+    read_cache,
+    register_schema,
+    where_key,
+    write_cache,
+)
 from lungbench.measure.timing import OpCall, set_threads
 
 CACHE_FILE = "kernel_ratios.json"
+# a ratio, or None: the call cannot be made alone (its bounds scale it)
+register_schema(CACHE_FILE, lambda ratio: ratio is None or measured_number(ratio))
 
 ROUNDS = 5  # alternated source/target pairs; the ratio is their median
 OPERATORS = {

@@ -1,0 +1,107 @@
+"""Every measurement cache checks its entries one by one: a wrong type, a non-finite or a
+negative number is dropped with a note, the file rewritten without it, and measured again;
+the good entries beside it stay. The bad values are planted in each cache file in turn."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+
+from lungbench.core.cache import VERSION, cache_dir, read_cache
+from lungbench.harness import tuning
+from lungbench.measure import peak_cache
+from lungbench.predict import devices, forecast, kernels
+
+CALL = {"name": "aten.mm", "flops": 1e6, "bytes": 1e3, "dtype": "fp32", "seconds": 1e-4}
+PROBE = {"calls": [CALL], "step_s": 0.01, "overhead_s": 0.001, "call_latency_s": 1e-6,
+         "busy_reason": None}  # fmt: skip
+ROW = {"name": "eager_fp32", "pass": 1, "step_ms": 20.0, "speedup_vs_eager": 1.0,
+       "accuracy_ok": True, "loss_delta": 0.0, "fell_back": None}  # fmt: skip
+TUNED = {"choice": "eager_fp32", "switches": {"dtype": "fp32"}, "alternatives": [ROW]}
+# cache file -> (a good entry, bad entries a careless hand or a torn write could leave)
+CASES = {
+    peak_cache.CACHE_FILE: (
+        {"fp32": 1e11, "fp32_spread": 0.0, "copy_bytes_per_s": 1e10, "busy_reason": None},
+        [
+            {"fp32": "1e11"},
+            {"fp32": None},
+            {"fp32": math.nan},
+            {"fp32": -1.0},
+            {"fp32": True},
+            {},
+            "fast",
+            None,
+            {"fp32": 1e11, "busy_reason": 3},
+        ],
+    ),  # fmt: skip
+    devices.CONV_FILE: ({"fp32": 5e10}, [{"fp32": "5e10"}, {"fp32": math.inf}, [], 7]),
+    devices.CURVE_FILE: (
+        {"262144.0": 2e10, "busy_reason": "planted load"},
+        [{"262144.0": "fast"}, {"small": 2e10}, [[1, "x"]], [[1, 2, 3]], "curve"],
+    ),
+    kernels.CACHE_FILE: (2.5, ["2.5", -1.0, math.nan, {"ratio": 2}, False]),
+    tuning.CACHE_FILE: (
+        TUNED,
+        [
+            {**TUNED, "switches": {"dtype": "fp64"}},
+            {**TUNED, "switches": {"speed": 1}},
+            {**TUNED, "alternatives": [{**ROW, "step_ms": "20"}]},
+            {**TUNED, "choice": 3},
+            {**TUNED, "alternatives": [{**ROW, "accuracy_ok": "yes"}]},
+            {"choice": "x"},
+        ],
+    ),  # fmt: skip
+    forecast.PROBE_CACHE: (
+        PROBE,
+        [
+            {**PROBE, "step_s": "0.01"},
+            {**PROBE, "calls": None},
+            {**PROBE, "calls": [{}]},
+            {**PROBE, "calls": [{**CALL, "flops": -1}]},
+            {**PROBE, "calls": [{**CALL, "x": 1}]},
+            {k: v for k, v in PROBE.items() if k != "step_s"},
+            {**PROBE, "busy_reason": 1},
+        ],
+    ),  # fmt: skip
+}
+
+
+def plant(name: str, entries: dict) -> None:
+    path = cache_dir() / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": VERSION, "entries": entries}))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_entries_are_dropped_with_a_note_and_the_good_one_kept(
+    name, monkeypatch, tmp_path, caplog
+):
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
+    good, bad = CASES[name]
+    plant(name, {"good": good, **{f"bad{i}": value for i, value in enumerate(bad)}})
+    with caplog.at_level(logging.WARNING):
+        assert read_cache(name) == {"good": good}
+    assert f"{len(bad)} entries not a valid measurement, dropped" in caplog.text
+    on_disk = json.loads((tmp_path / name).read_text())["entries"]
+    assert on_disk == {"good": good}, "rewritten without them"
+    caplog.clear()
+    assert read_cache(name) == {"good": good} and caplog.text == ""  # said once
+
+
+def test_a_bad_entry_of_this_host_is_measured_again_not_a_traceback(monkeypatch, tmp_path):
+    import torch
+
+    import lungbench.measure.peak as peak
+    from lungbench.core.cache import where_key
+    from lungbench.predict.devices import at_threads, measure_conv_rates
+
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("lungbench.switches.bf16_supported", lambda device: False)
+    monkeypatch.setattr(peak, "conv_rate", lambda device, dtype: 7e10)
+    with at_threads(1):
+        key = where_key(torch.device("cpu"))
+    plant(devices.CONV_FILE, {key: {"fp32": "fast"}})
+    assert measure_conv_rates(1) == {"fp32": 7e10}
