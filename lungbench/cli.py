@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from lungbench import __version__
 from lungbench.commands import LazySubParsers, lazy_module
+from lungbench.core.allocator import check_setting as check_malloc_setting
 from lungbench.core.allocator import keep_freed_memory
 from lungbench.core.console import capture_foreign_messages, show_progress
 from lungbench.core.errors import LungbenchError, message_of
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # before the first step: no page faults of its tensors every step
     capture_foreign_messages()  # third-party warnings into the log, not on the terminal
     try:
+        check_environment()
         code = int(args.func(args) or 0)
     except LungbenchError as exc:
         print(f"lungbench {args.command}: error: {message_of(exc)}", file=sys.stderr)
@@ -119,6 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         code = int(getattr(exc, "exit_code", 130))
     leave_after_group(code)
     return code
+
+
+def check_environment() -> None:
+    """The environment variables lungbench reads, checked before any command runs, so that
+    a bad one is one line and never a run folder left behind."""
+    check_malloc_setting()
+    if os.environ.get("LUNGBENCH_MEMORY_LIMIT"):
+        from lungbench.measure.memory import LIMIT_VARIABLE, parse_size  # torch: only then
+
+        parse_size(os.environ[LIMIT_VARIABLE])
 
 
 def leave_after_group(code: int) -> None:

@@ -206,3 +206,13 @@ def test_runs_that_ran_other_switches_are_not_compared():
     assert {c.verdict for c in result.changes} == {"not comparable"}
     assert "other switches ran (dtype bf16 vs fp32)" in {c.why for c in result.changes}
     assert result.regressions(10) == []
+
+
+def test_runs_of_different_kinds_are_refused_in_one_line(tmp_path, capsys):
+    bench = _run(tmp_path, "bench", _records(1.0, 0))
+    train = create_run_dir(tmp_path, "train-lidc-pretrain", "train")
+    finish_run(train)
+    argv = ["compare", str(bench), str(train), "--fail-above", "5"]
+    assert main(argv) == 2  # not 0: a comparison of nothing must not pass a gate
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a bench run and" in err[0] and "same kind" in err[0]

@@ -151,3 +151,18 @@ def test_image_listed_twice_names_the_row_and_leaves_no_store(tmp_path, capsys, 
     error = cli_error(capsys)
     assert f"{csv}: row 4: image {again!r} is listed again (first at row 2)" in error
     assert list(tmp_path.glob("o.h5*")) == []
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("scan16.png", np.uint16), ("scan.tif", np.float32)])
+def test_a_16_bit_png_is_scaled_from_its_own_range_not_saturated(tmp_path, name, dtype):
+    from PIL import Image
+
+    from lungbench.data.images import load_image
+
+    ramp = np.linspace(0, 4000, 64 * 64).reshape(64, 64).astype(dtype)
+    path = tmp_path / name
+    Image.fromarray(ramp).save(path)  # 16-bit grey (I;16), 32-bit float (F)
+    pixels = load_image(path, (64, 64))[0]
+    assert pixels.min() == 0 and pixels.max() == 255
+    assert (pixels == 255).mean() < 0.01, "not saturated (clipping at 255 made 99.7%)"
+    assert np.corrcoef(pixels.ravel(), ramp.ravel())[0, 1] > 0.999  # linear in the value

@@ -196,5 +196,14 @@ def test_zero_voxel_size_is_refused_not_set_to_one(tmp_path):
 def test_rgb_nifti_is_one_line(tmp_path):
     rgb = np.zeros((4, 4, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
     nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii")
-    with pytest.raises(DataError, match="rgb.nii: not a readable NIfTI file"):
+    with pytest.raises(DataError, match=r"rgb.nii: voxels are .* \(complex or RGB\)"):
         load_nifti(tmp_path / "rgb.nii")
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_complex_nifti_is_refused_not_stored_without_its_imaginary_part(tmp_path, dtype):
+    volume = (np.ones((4, 4, 3)) + 2j * np.ones((4, 4, 3))).astype(dtype)
+    path = tmp_path / "complex.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
+    with pytest.raises(DataError, match=r"complex\.nii\.gz: voxels are complex"):
+        load_nifti(path)

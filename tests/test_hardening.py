@@ -501,3 +501,34 @@ def test_damaged_chunk_is_a_data_error_naming_file_and_dataset(tmp_path):
     ds[0]  # the undamaged samples still read
     with pytest.raises(DataError, match=r"s\.h5: dataset 'volume' row 1 cannot be read"):
         ds[1]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("LUNGBENCH_MEMORY_LIMIT", "garbage", "LUNGBENCH_MEMORY_LIMIT='garbage' is not a size"),
+        ("LUNGBENCH_MEMORY_LIMIT", "0", "must be more than 0 bytes"),
+        ("LUNGBENCH_MALLOC", "bogus", "LUNGBENCH_MALLOC='bogus': choose from: keep"),
+    ],
+)
+def test_bad_environment_variables_are_one_line_before_any_run_folder(
+    variable, value, expected, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv(variable, value)
+    out = tmp_path / "out"
+    assert main(["bench", "--filters", "2", "--batch", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not out.exists(), "nothing written"
+
+
+def test_more_threads_than_cores_is_said_in_words(monkeypatch, caplog):
+    from lungbench.experiments import speedup
+
+    monkeypatch.setattr(speedup, "allowed_cores", lambda: 2)  # planted: any host
+    with caplog.at_level("WARNING"):
+        speedup.warn_oversubscribed((1, 2, None))
+    assert caplog.text == ""
+    with caplog.at_level("WARNING"):
+        speedup.warn_oversubscribed((2, 999))
+    assert "--threads 999: more than the 2 core(s) this process may use" in caplog.text

@@ -25,7 +25,10 @@ import ctypes.util
 import os
 import resource
 
+from lungbench.core.errors import UsageError
+
 ENV = "LUNGBENCH_MALLOC"  # "system": leave the allocator as it comes
+SETTINGS = ("keep", "system")  # keep: freed memory kept for reuse (the default)
 KEEP_BYTES = 1 << 30
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 MMAP_CAP = 32 << 20  # the largest mmap threshold glibc before 2.35 accepts
@@ -59,6 +62,13 @@ def keep_freed_memory(limit: int = KEEP_BYTES) -> str:
     else:
         _state = f"glibc: mallopt refused (trim {trim}, mmap {mmap}); partly system default"
     return _state
+
+
+def check_setting() -> None:
+    """UsageError naming LUNGBENCH_MALLOC and its choices when it is set to anything else."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if value and value not in SETTINGS:
+        raise UsageError(f"{ENV}={os.environ[ENV]!r}: choose from: keep (the default), system")
 
 
 def allocator_state() -> str:

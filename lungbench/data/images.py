@@ -222,10 +222,30 @@ def load_image(
             image.load()
         except (UnidentifiedImageError, OSError) as exc:
             raise DataError(f"{path}: not a readable image ({exc})") from None
-        image = image.convert("L")
+        image = to_gray8(image, path)
     image = image.resize((int(size[1]), int(size[0])), Image.BILINEAR)
     gray = np.asarray(image, np.uint8)
     return np.repeat(gray[None], channels, axis=0)
+
+
+# Modes of more than 8 bits per pixel: Pillow's convert("L") would clip them at 255.
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def to_gray8(image, path: Path):
+    """An 8-bit grey image: 8-bit modes as Pillow converts them; 16-bit, 32-bit and float
+    images scaled linearly from their own minimum-maximum range to 0-255 (a flat image:
+    0), since clipping at 255 would saturate almost every pixel of a 16-bit scan."""
+    from PIL import Image
+
+    if image.mode not in WIDE_MODES:
+        return image.convert("L")
+    values = np.asarray(image, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise DataError(f"{path}: image has NaN or Inf pixels")
+    low, high = float(values.min()), float(values.max())
+    scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
 
 
 def write_images_store(

@@ -39,6 +39,12 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float,
         check_gzip(path)
     try:
         image = nib.load(path)
+        stored = np.dtype(image.get_data_dtype())
+        if stored.kind == "c" or stored.names is not None:  # complex, or RGB fields
+            raise DataError(
+                f"{path}: voxels are {stored} (complex or RGB), not one real number each; "
+                "store the magnitude (or one channel) as a real-valued NIfTI"
+            )
         data = np.asarray(image.dataobj, dtype=np.float32)
     except (ImageFileError, OSError, ValueError, TypeError, EOFError, zlib.error) as exc:
         # TypeError: an RGB or complex volume that has no float value per voxel.

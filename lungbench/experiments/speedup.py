@@ -18,7 +18,12 @@ import torch
 from tqdm import tqdm
 
 from lungbench.core.device import parse_device
-from lungbench.core.environment import describe_device, environment_record, provenance
+from lungbench.core.environment import (
+    allowed_cores,
+    describe_device,
+    environment_record,
+    provenance,
+)
 from lungbench.core.errors import DataError, UsageError, look_up_option
 from lungbench.core.options import (
     ON_OFF,
@@ -321,6 +326,20 @@ def validate(request: BenchRequest) -> None:
     if request.store is not None:
         check_store_fits_model(request, read_info(request.store))
     check_switches(request, request.devices)  # forced switches a device cannot do: UsageError
+    warn_oversubscribed(request.threads)
+
+
+def warn_oversubscribed(threads: tuple[int | None, ...]) -> None:
+    """A warning, in words, for thread counts above the cores this process may use: they
+    run, but share cores, and their times are of an oversubscribed CPU."""
+    cores = allowed_cores()
+    over = sorted({t for t in threads if t is not None and t > cores})
+    if over:
+        log.warning(
+            f"warning: --threads {' '.join(map(str, over))}: more than the {cores} core(s) this "
+            "process may use; the threads share cores, so those times are of an "
+            "oversubscribed CPU"
+        )
 
 
 def check_store_fits_model(request: BenchRequest, info: StoreInfo) -> None:

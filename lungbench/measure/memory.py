@@ -170,7 +170,10 @@ def parse_size(text: str, what: str = LIMIT_VARIABLE) -> int:
     if not match:
         raise UsageError(f"{what}={text!r} is not a size; use bytes or e.g. 512MiB, 4GiB")
     unit = {"": 1, "K": 1024, "M": MIB, "G": GIB, "T": 1024 * GIB}[match[2].upper()]
-    return int(float(match[1]) * unit)
+    size = int(float(match[1]) * unit)
+    if size <= 0:
+        raise UsageError(f"{what}={text!r}: must be more than 0 bytes, e.g. 512MiB, 4GiB")
+    return size
 
 
 def memory_limit(device: torch.device) -> tuple[int, str]:

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from lungbench.core.errors import UsageError
 from lungbench.report.labels import config_label
 from lungbench.report.runview import RunView
 
@@ -221,7 +222,14 @@ def compare_records(
 
 
 def compare_runs(a: RunView, b: RunView, **kw: Any) -> Comparison:
-    """compare_records on two run folders, with environment warnings."""
+    """compare_records on two run folders, with environment warnings. Runs of different
+    kinds (a training run against a bench run) are refused: they share no measurement, and
+    a comparison of nothing would pass any --fail-above."""
+    if "unknown" not in (a.kind, b.kind) and a.kind != b.kind:
+        raise UsageError(
+            f"{a.path} is a {a.kind} run and {b.path} a {b.kind} run: compare two runs of "
+            "the same kind (two bench runs, say)"
+        )
     result = compare_records(a.records, b.records, names=(a.name, b.name), **kw)
     result.warnings = environment_differences(a.environment, b.environment)
     for view in (a, b):
