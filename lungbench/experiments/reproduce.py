@@ -477,11 +477,7 @@ def _resume_plan(run: str | Path, run_dir: Path) -> Plan:
     try:
         info = read_json(run_dir / RUN_FILE)
         state = read_json(run_dir / STATE_FILE)
-        config = ReproduceConfig(
-            tuple(state["config"]["twins"]),
-            bool(state["config"]["quick"]),
-            str(state["config"]["device"]),
-        )
+        config = _saved_config(state["config"])
         states = {n: _twin_state(state["twins"].get(n, {})) for n in config.twins}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataError(f"{run_dir}: not a readable reproduction ({STATE_FILE}: {exc})") from None
@@ -574,6 +570,24 @@ _STATE_TYPES = {
     "attempts": (int,),
     "error": (str, type(None)),
 }
+
+
+def _saved_config(data: Any) -> ReproduceConfig:
+    """reproduce.json's "config", its types checked (TypeError / ValueError name the field)."""
+    twins, quick, device = data["twins"], data["quick"], data["device"]
+    if not isinstance(twins, list) or not all(isinstance(t, str) for t in twins):
+        raise TypeError(f"config.twins is {twins!r}, not a list of twin names")
+    if not isinstance(quick, bool):
+        raise TypeError(f"config.quick is {quick!r}, not true or false")
+    if not isinstance(device, str):
+        raise TypeError(f"config.device is {device!r}, not a device name")
+    from lungbench.core.device import parse_device
+
+    try:
+        parse_device(device)
+    except UsageError as exc:
+        raise ValueError(f"config.device: {exc}") from None
+    return ReproduceConfig(tuple(twins), quick, device)
 
 
 def _twin_state(data: Mapping[str, Any]) -> TwinState:

@@ -116,16 +116,37 @@ class DeviceProfile:
         return self.link_bandwidth / 2 if not self.measured else self.link_bandwidth
 
 
+# What a profile's numbers may be: above 0, except these (at or above 0) and the
+# efficiencies (a fraction of the peak: above 0, at most 1).
+MAY_BE_ZERO = {("interconnect", "latency"), ("launch", "kernel")}
+FRACTIONS = {("efficiency", "compute"), ("efficiency", "memory")}
+
+
 def _value(table: dict[str, Any], section: str, key: str, where: str) -> tuple[float, str]:
+    """The number and its source; a profile measured when used (the CPU's) has 0s as
+    placeholders, any other must have numbers a device can have."""
     try:
         entry = table[section][key]
-        value, source = float(entry["value"]), str(entry["source"])
+        raw, source = entry["value"], str(entry["source"])
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise TypeError(f"value {raw!r} is not a number")
+        value = float(raw)
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(
             f'{where}: [{section}] {key} needs {{ value = NUMBER, source = "..." }} ({exc})'
         ) from None
     if not source.strip():
         raise DataError(f"{where}: [{section}] {key} has no source")
+    if table.get("measured") is True:
+        return value, source
+    if (section, key) in FRACTIONS:
+        allowed, ok = "above 0 and at most 1", 0 < value <= 1
+    elif (section, key) in MAY_BE_ZERO:
+        allowed, ok = "0 or more", math.isfinite(value) and value >= 0
+    else:
+        allowed, ok = "a finite number above 0", math.isfinite(value) and value > 0
+    if not ok:
+        raise DataError(f"{where}: [{section}] {key} = {raw!r}: must be {allowed}")
     return value, source
 
 
@@ -186,7 +207,11 @@ def load_profiles(files: list[str] | tuple[str, ...] = ()) -> dict[str, DevicePr
         path = Path(name)
         if not path.is_file():
             raise UsageError(f"--device-file {path}: no such file")
-        profile = parse_profile(path.read_text(), str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"--device-file {path}: not a UTF-8 text file ({exc})") from None
+        profile = parse_profile(text, str(path))
         profiles[profile.name] = profile
     return profiles
 
