@@ -532,3 +532,19 @@ def test_more_threads_than_cores_is_said_in_words(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         speedup.warn_oversubscribed((2, 999))
     assert "--threads 999: more than the 2 core(s) this process may use" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [("ci_target = 0", "ci_target: 0.0: must be a finite number > 0"),
+     ("time_budget = -1", "expected a number >= 0"),
+     ("max_repeats = 0", "must be >= 1")],
+)  # fmt: skip
+def test_a_sweep_file_takes_what_the_command_line_takes(tmp_path, capsys, line, message):
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(line + "\n")
+    out = tmp_path / "out"
+    assert main(["bench", "--config", str(sweep), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()

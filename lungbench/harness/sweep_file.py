@@ -78,6 +78,7 @@ def parse_sweep(table: Mapping[str, Any], defaults: Any, source: str = "--config
     names = [f.name for f in dataclasses.fields(defaults)]
     alias = aliases(type(defaults))
     positive = positive_fields(type(defaults))
+    options = _options(type(defaults))
     valid = sorted({*names, *alias, *FREE_TEXT})
     values: dict[str, Any] = {}
     for raw_key, value in table.items():
@@ -88,8 +89,24 @@ def parse_sweep(table: Mapping[str, Any], defaults: Any, source: str = "--config
             continue
         field = alias.get(key, key)
         where = f"{source}: {raw_key}"
-        values[field] = _coerce(field, value, getattr(defaults, field), where, positive)
+        coerced = _coerce(field, value, getattr(defaults, field), where, positive)
+        values[field] = _as_the_command_line(options.get(field), coerced, where)
     return values
+
+
+def _as_the_command_line(spec: Option | None, value: Any, where: str) -> Any:
+    """`value` through the option's own command-line validator (positive_float, ...), so a
+    file takes exactly what the command line takes (ci_target = 0 is refused by both)."""
+    if spec is None or spec.type is None or not isinstance(value, (int, float, tuple)):
+        return value
+    for item in value if isinstance(value, tuple) else (value,):
+        if item is None or isinstance(item, bool):
+            continue
+        try:
+            spec.type(str(item))
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"{where}: {item!r}: {exc}") from None
+    return value
 
 
 def apply_sweep_file(path: str | os.PathLike, given: Any, defaults: Any) -> Any:
