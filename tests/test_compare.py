@@ -216,3 +216,18 @@ def test_runs_of_different_kinds_are_refused_in_one_line(tmp_path, capsys):
     assert main(argv) == 2  # not 0: a comparison of nothing must not pass a gate
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a bench run and" in err[0] and "same kind" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("step_s_median", "fast"), ("batch_size", 2.5), ("key", 3), ("epoch_s", -1.0)],
+)
+def test_a_record_read_back_with_a_wrong_field_is_one_line(tmp_path, capsys, field, value):
+    good = _run(tmp_path, "a", _records(1.0, 0))
+    records = _records(1.0, 1)
+    records[1][field] = value
+    bad = _run(tmp_path, "b", records)
+    for argv in (["compare", str(good), str(bad)], ["report", str(bad)]):
+        assert main(argv) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"records.jsonl: line 2: field {field!r}" in err[0], err

@@ -15,6 +15,7 @@ interrupted (its records.jsonl still holds everything that finished).
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -131,20 +132,55 @@ def append_record(run_dir: Path, record: Mapping[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+# The record fields every reader relies on, and what each must be when present (None too:
+# a configuration that failed has no times). A record read back with another value is
+# refused in one line naming the file, the line and the field, never a traceback later.
+TEXT_FIELDS = ("key", "status", "model", "preset", "device", "dtype_used")
+COUNT_FIELDS = ("batch_size", "filters", "threads_used", "world_size", "epoch_samples")
+TIME_FIELDS = ("step_s_median", "step_s_ci_low", "step_s_ci_high", "epoch_s",
+               "flops_per_step")  # fmt: skip
+
+
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """All complete records of a run (a torn last line from a kill is skipped)."""
+    """All complete records of a run (a torn line from a kill is skipped); DataError naming
+    the file, line and field for a record whose known fields have the wrong type."""
     path = Path(run_dir) / RECORDS_FILE
     if not path.exists():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict):  # a stray non-object line is not a record
+            check_record_fields(record, f"{path}: line {number}")
             records.append(record)
     return records
+
+
+def check_record_fields(record: dict[str, Any], where: str) -> None:
+    """DataError naming `where` and the field when a known field has the wrong type."""
+    for name, value in record.items():
+        if value is None:
+            continue
+        if name in TEXT_FIELDS and not isinstance(value, str):
+            expected = "text"
+        elif name in COUNT_FIELDS and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 0
+        ):
+            expected = "a whole number >= 0"
+        elif name in TIME_FIELDS and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            expected = "a finite number >= 0"
+        else:
+            continue
+        raise DataError(f"{where}: field {name!r} is {value!r}, not {expected}")
 
 
 def write_table(run_dir: Path, name: str, table: pd.DataFrame, index: bool = True) -> Path:
