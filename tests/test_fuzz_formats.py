@@ -61,11 +61,15 @@ JSON = st.recursive(
 def test_a_cache_file_of_any_values_keeps_only_valid_entries(tmp_path_factory, name, entries):
     folder = tmp_path_factory.mktemp("cache")
     (folder / name).write_text(json.dumps({"version": VERSION, "entries": entries}))
+    before = os.environ.get("LUNGBENCH_CACHE_DIR")  # the session's own (conftest)
     os.environ["LUNGBENCH_CACHE_DIR"] = str(folder)
     try:
         kept = read_cache(name)
-    finally:
-        os.environ.pop("LUNGBENCH_CACHE_DIR")
+    finally:  # put back, not removed: later tests must not fall back to ~/.cache
+        if before is None:
+            os.environ.pop("LUNGBENCH_CACHE_DIR")
+        else:
+            os.environ["LUNGBENCH_CACHE_DIR"] = before
     assert set(kept) <= set(entries)
     assert all(SCHEMAS[name](value) for value in kept.values())
 
