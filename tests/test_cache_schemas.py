@@ -13,7 +13,7 @@ import pytest
 from lungbench.core.cache import VERSION, cache_dir, read_cache
 from lungbench.harness import tuning
 from lungbench.measure import peak_cache
-from lungbench.predict import devices, forecast, kernels
+from lungbench.predict import calibration, comm, ddp_probe, devices, forecast, kernels, rank_share
 
 CALL = {"name": "aten.mm", "flops": 1e6, "bytes": 1e3, "dtype": "fp32", "seconds": 1e-4}
 PROBE = {"calls": [CALL], "step_s": 0.01, "overhead_s": 0.001, "call_latency_s": 1e-6,
@@ -52,6 +52,39 @@ CASES = {
             {**TUNED, "choice": 3},
             {**TUNED, "alternatives": [{**ROW, "accuracy_ok": "yes"}]},
             {"choice": "x"},
+        ],
+    ),  # fmt: skip
+    comm.CACHE_FILE: (
+        {"alpha_s": 1e-4, "beta_bytes_per_s": 1e9, "points": [[4096, 1e-4]]},
+        [
+            {"alpha_s": -1, "beta_bytes_per_s": 1e9},
+            {"alpha_s": 0, "beta_bytes_per_s": "x"},
+            {"alpha_s": 0, "beta_bytes_per_s": 1e9, "points": [[4096]]},
+            {"alpha_s": None},
+        ],
+    ),  # fmt: skip
+    ddp_probe.CACHE_FILE: (
+        {"overhead_s": -0.002, "probe": "f2 b2"},
+        [{"overhead_s": "0.002"}, {"overhead_s": math.nan}, {"probe": "f2 b2"}],
+    ),
+    rank_share.CACHE_FILE: (
+        {"alone_s": 0.01, "together_s": 0.012, "factor": 1.2, "took_s": 20.0},
+        [
+            {"alone_s": 0.01, "together_s": "0.012", "factor": 1.2},
+            {"alone_s": 0.01, "together_s": 0.012, "factor": -1.0},
+            {"factor": 1.2},
+        ],
+    ),  # fmt: skip
+    calibration.CACHE_FILE: (
+        {
+            "when": "x",
+            "runs": [{"cases": [{"kind": "batch", "measured_s": 0.1, "predicted_s": 0.11}]}],
+        },
+        [
+            {"runs": [{"cases": [{"kind": "batch", "measured_s": "0.1"}]}]},
+            {"runs": [{"cases": [{"measured_s": 0.1}]}]},
+            {"runs": "none"},
+            {"when": "x"},
         ],
     ),  # fmt: skip
     forecast.PROBE_CACHE: (

@@ -175,3 +175,26 @@ def test_a_twin_folder_that_leaves_the_reproduction_is_refused(tmp_path, folder)
     (run / reproduce.STATE_FILE).write_text(json.dumps(state))
     with pytest.raises(LungbenchError, match="outside the reproduction folder"):
         reproduce.plan_resume(run, run.parent)
+
+
+# ------------------------------------------------------------------------ records.jsonl
+
+RECORD = {"key": "dualpath3d|dey2018|f2|b2|cpu|t1", "status": "ok", "model": "dualpath3d",
+          "batch_size": 2, "filters": 2, "threads_used": 1, "world_size": 1,
+          "step_s_median": 0.02, "epoch_s": 1.5, "flops_per_step": 1e8}  # fmt: skip
+
+
+@FUZZ
+@given(field=st.sampled_from(sorted(RECORD)), value=JSON)
+def test_a_record_of_any_value_is_read_or_one_error_naming_its_line(tmp_path_factory, field, value):
+    from lungbench.core.runs import RECORDS_FILE, read_records
+
+    run = tmp_path_factory.mktemp("run")
+    lines = [json.dumps(RECORD), json.dumps({**RECORD, field: value}), '{"torn": ']
+    (run / RECORDS_FILE).write_text("\n".join(lines))
+    try:
+        records = read_records(run)
+    except LungbenchError as exc:
+        assert f"{RECORDS_FILE}: line 2: field {field!r}" in str(exc) and "\n" not in str(exc)
+        return
+    assert len(records) == 2 and records[1][field] == value  # the torn line skipped

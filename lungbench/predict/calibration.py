@@ -38,9 +38,26 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from lungbench.core.cache import read_cache, write_cache
+from lungbench.core.cache import measured_number, read_cache, register_schema, write_cache
 
 CACHE_FILE = "predict_validation.json"
+
+
+def _validation_entry(entry: dict) -> bool:
+    """A host's validation runs: each a list of cases, each of a kind (text) with measured
+    and predicted seconds that are measured numbers where present."""
+    runs = entry["runs"]
+    return isinstance(runs, list) and all(
+        isinstance(run["cases"], list) and all(_case(c) for c in run["cases"]) for run in runs
+    )
+
+
+def _case(case: dict) -> bool:
+    numbers = [case.get(k) for k in ("measured_s", "predicted_s") if case.get(k) is not None]
+    return isinstance(case["kind"], str) and all(measured_number(n) for n in numbers)
+
+
+register_schema(CACHE_FILE, _validation_entry)
 KINDS = ("batch", "filters", "threads", "ranks", "device")
 LOW, HIGH = 0.05, 0.95  # of log(measured / predicted): a 90% interval
 MIN_CASES = 1

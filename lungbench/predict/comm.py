@@ -28,12 +28,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lungbench.core.cache import read_cache, write_cache
+from lungbench.core.cache import measured_number, read_cache, register_schema, write_cache
 from lungbench.measure.allreduce import AlphaBeta, fit_alpha_beta
 
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "allreduce.json"
+
+
+def _gloo_entry(entry: dict) -> bool:
+    """An alpha-beta fit (latency 0 or more, bandwidth above 0) and its measured points."""
+    points = entry.get("points", [])
+    return (
+        measured_number(entry["alpha_s"], zero=True)
+        and measured_number(entry["beta_bytes_per_s"])
+        and isinstance(points, list)
+        and all(len(p) == 2 and measured_number(p[0]) and measured_number(p[1]) for p in points)
+    )
+
+
+register_schema(CACHE_FILE, _gloo_entry)
 FIRST_BUCKET_BYTES = 1024 * 1024  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
 # Elements per all-reduce of the Gloo fit: from all latency to mostly bandwidth.
 FIT_ELEMENTS = (256, 16_384, 262_144, 1_048_576, 4_194_304)

@@ -25,12 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lungbench.core.cache import read_cache, write_cache
+from lungbench.core.cache import measured_number, read_cache, register_schema, write_cache
 from lungbench.predict.comm import gloo_host_key
 
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "ddp_overhead.json"
+# an overhead in seconds: finite, of either sign (a noisy probe can give 0 or less; the
+# caller says so rather than adding it)
+register_schema(
+    CACHE_FILE,
+    lambda entry: (
+        measured_number(abs(entry["overhead_s"]), zero=True)
+        and isinstance(entry.get("probe", ""), str)
+    ),
+)
 
 # How predict starts `lungbench bench` (bench arguments, ranks, run folder's parent) ->
 # (ok records, environment). Only the commands may start a `lungbench` process, so they pass

@@ -30,13 +30,32 @@ from dataclasses import asdict
 
 import torch
 
-from lungbench.core.cache import read_cache, where_key, write_cache
+from lungbench.core.cache import (
+    measured_number,
+    read_cache,
+    register_schema,
+    where_key,
+    write_cache,
+)
 from lungbench.measure.workload import Workload
 from lungbench.switches import Switches
 
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "rank_contention.json"
+
+
+def _contention_entry(entry: dict) -> bool:
+    """Times alone and together (above 0), and their ratio (None when alone was 0)."""
+    factor = entry["factor"]
+    return (
+        measured_number(entry["alone_s"], zero=True)
+        and measured_number(entry["together_s"], zero=True)
+        and (factor is None or measured_number(factor))
+    )
+
+
+register_schema(CACHE_FILE, _contention_entry)
 ROUNDS = 5  # alternated alone/together rounds
 STEPS = 3  # steps per worker per round (their median)
 TIMEOUT_S = 600.0
