@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import warnings
 
 import pytest
 import torch
@@ -92,3 +94,17 @@ def _fast_tier_starts_no_run(request, monkeypatch):
         real(self, args, *rest, **kwargs)
 
     monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_put_back(request):
+    """Each test starts with the SIGINT/SIGTERM handlers this session started with (those of
+    a fresh process). Library code a test runs in-process may install its own and leave it:
+    a later test's Ctrl-C then raised another exception and was lost, 1 full run in 2."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        if signal.getsignal(signum) is not handler:
+            name = signal.Signals(signum).name
+            warnings.warn(f"{request.node.nodeid} left a {name} handler; put back", stacklevel=1)
+            signal.signal(signum, handler)
