@@ -167,14 +167,13 @@ def test_other_errors_are_recorded_and_the_sweep_goes_on(tmp_path, tiny_store, p
     assert len(result.records) == 4
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+# SIGINT (Ctrl-C) is tested on a real child process below: raised inside this process's
+# forward it was lost in some full-suite runs (an open bug of its own, see the closing note).
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143)])
 def test_signal_ends_cleanly_and_resume_finishes(
     tmp_path, tiny_store, probe_model, capsys, signum, code
 ):
     model = probe_model(f"signal{signum}_probe3d", _signal_once_at_batch_2(signum))
-    # --no-tune: the signal lands in the sweep's own measurement. A SIGINT raised inside the
-    # forward during the tuning pass was lost in 4 of 5 full-suite runs (never alone, the
-    # Python handlers unchanged): an open bug of its own, noted in the closing note.
     argv = [
         "bench",
         "--model",
@@ -241,6 +240,43 @@ def test_resume_refuses_conflicting_options(tmp_path, tiny_store, probe_model, c
 
 
 @pytest.mark.slow  # the fast tier starts no process and trains nothing
+@pytest.mark.slow  # a real process
+@pytest.mark.timeout(420)  # above its own subprocess limits, which say what hung
+def test_ctrl_c_between_configurations_ends_cleanly_and_resume_finishes(tmp_path, tiny_store):
+    """Ctrl-C (SIGINT) to a real `lungbench bench` held at a planted point, while it writes
+    its first record: the record is kept whole, the run ends interrupted with exit 130, and
+    --resume measures only the rest."""
+    options = [*FAST, "--no-tune", "--filters", "2", "--batch", "1", "2", "--store",
+               str(tiny_store), "--out", str(tmp_path), "--threads", "1"]  # fmt: skip
+    marker = tmp_path / "first-record"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    job = subprocess.Popen(
+        held_after(
+            "lungbench.core.runs:append_record", marker, ["bench", *options, "--run-id", "c"]
+        ),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_marker(marker, job)
+        job.send_signal(signal.SIGINT)
+        let_go(marker)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 130, err[-800:]
+    run = tmp_path / "c"
+    assert read_json(run / "run.json")["status"] == "interrupted"
+    assert [r["batch_size"] for r in read_records(run)] == [1]
+    assert f"--resume {run}" in err
+    assert main(["bench", "--resume", str(run)]) == 0
+    assert sorted(r["batch_size"] for r in read_records(run)) == [1, 2]
+
+
 @pytest.mark.timeout(420)  # above its own subprocess limits, which say what hung
 def test_killed_sweep_resumes_to_the_same_keys(tmp_path, tiny_store):
     """SIGKILL after the first record (held there: a planted point), a torn line, then
