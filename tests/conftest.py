@@ -99,8 +99,8 @@ def _fast_tier_starts_no_run(request, monkeypatch):
 @pytest.fixture(autouse=True)
 def _signal_handlers_put_back(request):
     """Each test starts with the SIGINT/SIGTERM handlers this session started with (those of
-    a fresh process). Library code a test runs in-process may install its own and leave it:
-    a later test's Ctrl-C then raised another exception and was lost, 1 full run in 2."""
+    a fresh process): code a test runs in-process may install its own and leave it, and a
+    later test's signal would then mean something else. A warning names the test."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     yield
     for signum, handler in saved.items():
