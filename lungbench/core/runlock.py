@@ -14,12 +14,14 @@ re-entrant within it (a reproduction that resumes its own twins locks each folde
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -88,6 +90,18 @@ def unlock_run(run_dir: str | os.PathLike) -> None:
     fd = _held.pop(str(Path(run_dir).resolve()), None)
     if fd is not None:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+@contextlib.contextmanager
+def held_unless_failed(run_dir: str | os.PathLike) -> Iterator[None]:
+    """`run_dir`'s lock taken for the block and kept after it (until finish_run), given back
+    if the block raises: a refused --resume leaves the folder free."""
+    lock_run(run_dir)
+    try:
+        yield
+    except BaseException:
+        unlock_run(run_dir)
+        raise
 
 
 def holds(run_dir: str | os.PathLike) -> bool:

@@ -51,7 +51,7 @@ from lungbench.core.cache import read_cache, where_key, write_cache
 from lungbench.core.errors import DataError, LungbenchError, UsageError, look_up_option
 from lungbench.core.options import config_from_dict, config_from_flat
 from lungbench.core.paths import check_name
-from lungbench.core.runlock import lock_run, unlock_run
+from lungbench.core.runlock import held_unless_failed
 from lungbench.core.runs import (
     RUN_FILE,
     create_run_dir,
@@ -465,12 +465,8 @@ def plan_resume(run: str | Path, out: str | Path) -> Plan:
     """The reproduction in run folder RUN (or run id under OUT), to continue: its twins,
     size and device as saved, the twins still to run with new estimates."""
     run_dir = resolve_run_dir(run, out)
-    lock_run(run_dir)  # one writer: a second --resume is refused (lungbench.core.runlock)
-    try:
+    with held_unless_failed(run_dir):  # one writer: a second --resume is refused
         return _resume_plan(run, run_dir)
-    except BaseException:
-        unlock_run(run_dir)
-        raise
 
 
 def _resume_plan(run: str | Path, run_dir: Path) -> Plan:

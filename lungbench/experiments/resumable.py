@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lungbench.core.errors import UsageError
-from lungbench.core.runlock import lock_run, unlock_run
+from lungbench.core.runlock import held_unless_failed
 from lungbench.core.runs import (
     RunFolder,
     finish_run,
@@ -77,12 +77,8 @@ def open_resume(run: str | os.PathLike, out: str | os.PathLike, recipe: str) -> 
     """`--resume RUN` of `lungbench train RECIPE`: the run folder (a path, or a run id under
     --out) checked to be an unfinished run of that recipe; nothing is written."""
     run_dir = resolve_run_dir(run, out)
-    lock_run(run_dir)  # before reading what finished: one writer (lungbench.core.runlock)
-    try:
+    with held_unless_failed(run_dir):  # before reading what finished: one writer
         return _resume_point(run, run_dir, recipe)
-    except BaseException:
-        unlock_run(run_dir)
-        raise
 
 
 def _resume_point(run: str | os.PathLike, run_dir: Path, recipe: str) -> ResumePoint:

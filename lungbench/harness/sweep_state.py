@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from lungbench.core.errors import DataError, UsageError
-from lungbench.core.runlock import lock_run, unlock_run
+from lungbench.core.runlock import held_unless_failed, unlock_run
 from lungbench.core.runs import (
     RECORDS_FILE,
     RUN_FILE,
@@ -211,12 +211,8 @@ def open_for_resume(
     Its lock is taken first and held until the run finishes (lungbench.core.runlock), so a
     second resume of the folder is refused before it reads what is missing."""
     run_dir = resolve_run_dir(run, out_root)
-    lock_run(run_dir)
-    try:
+    with held_unless_failed(run_dir):
         return _resume_point(run, run_dir, kind)
-    except BaseException:
-        unlock_run(run_dir)
-        raise
 
 
 def _resume_point(run: str | os.PathLike, run_dir: Path, kind: str) -> ResumePoint:
