@@ -5,6 +5,11 @@ kill and the work finishing).
 
 The child runs `python -c PRELUDE`: the prelude wraps one function of lungbench before the
 command imports it, then runs the command as `python -m lungbench` would.
+
+The child takes Ctrl-C (SIGINT) as a terminal's foreground job does, whoever started the test
+run: a POSIX shell starts a background job (`make test &` in a script, a CI step) with SIGINT
+ignored, a child inherits that, and a Ctrl-C test would then see its signal vanish (the run
+finishes, exit 0), which is what the test run's parent chose, not lungbench.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import time
 from pathlib import Path
 
 PRELUDE = """
-import importlib, sys, time
+import importlib, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (module doc)
 from pathlib import Path
 module = importlib.import_module({module!r})
 original = getattr(module, {function!r})

@@ -239,15 +239,8 @@ def test_resume_refuses_conflicting_options(tmp_path, tiny_store, probe_model, c
     assert len(_keys(tmp_path / "done")) == 1
 
 
-@pytest.mark.slow  # the fast tier starts no process and trains nothing
 @pytest.mark.slow  # a real process
 @pytest.mark.timeout(420)  # above its own subprocess limits, which say what hung
-@pytest.mark.xfail(
-    strict=False,
-    reason="open bug: a Ctrl-C that arrives while a record is written (SIGINT held by "
-    "signals_deferred) was lost in 1 full run of 3 (the run finished, exit 0); see the "
-    "closing note of 2026-12-06",
-)
 def test_ctrl_c_between_configurations_ends_cleanly_and_resume_finishes(tmp_path, tiny_store):
     """Ctrl-C (SIGINT) to a real `lungbench bench` held at a planted point, while it writes
     its first record: the record is kept whole, the run ends interrupted with exit 130, and
