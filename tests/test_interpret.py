@@ -11,7 +11,7 @@ from torch import nn
 from lungbench.core.errors import UsageError
 from lungbench.models import create_model
 from lungbench.train.cam import cam_layer_name, grad_cam, stage_layer_for_size
-from lungbench.train.lr_finder import find_lr, lr_finder_figure
+from lungbench.train.lr_finder import LRRange, find_lr, lr_finder_figure
 from lungbench.train.transfer import apply_method, parse_method
 from lungbench.train.tta import tta_probabilities
 
@@ -148,7 +148,9 @@ def test_lr_finder_gives_a_finite_suggestion_and_restores_weights():
     y = (x.mean(dim=(1, 2, 3)) > 0.5).float()
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(400, 1))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = find_lr(model, Pairs(x, y), start_lr=1e-5, end_lr=1.0, num_iter=30, batch_size=8)
+    result = find_lr(
+        model, Pairs(x, y), LRRange(start_lr=1e-5, end_lr=1.0, num_iter=30), batch_size=8
+    )
     assert math.isfinite(result.suggestion) and 1e-5 <= result.suggestion <= 1.0
     assert len(result.lrs) == len(result.smoothed) >= 6
     for k, v in model.state_dict().items():

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lungbench.train.config import TrainConfig
-from lungbench.train.engine import fit
+from lungbench.train.engine import FitOptions, fit
 from lungbench.train.mlperf_log import LOG_FILE, RULES_FILE, RULESET
 
 pytest.importorskip("mlperf_logging")
@@ -41,7 +41,12 @@ def _fit(run_dir, target: str | None):
         epochs=2, batch_size=8, progress=False, log_epochs=False, tensorboard=False, target=target
     )
     return fit(
-        net, _data(16, 0), _data(8, 1), cfg, run_dir=run_dir, checkpoint_meta={"model_name": "tiny"}
+        net,
+        _data(16, 0),
+        _data(8, 1),
+        cfg,
+        run_dir=run_dir,
+        options=FitOptions(checkpoint_meta={"model_name": "tiny"}),
     )
 
 

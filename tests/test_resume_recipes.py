@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -18,6 +19,7 @@ from lungbench.data.synth import write_synthetic_store
 from lungbench.data.synth2d import write_chestxray_store
 from lungbench.experiments import chestxray, lidc_pretrain, lungx_cv, nodule2d
 from lungbench.models import create_model
+from lungbench.train.engine import FitOptions
 
 SIGTERM_EXIT = 128 + signal.SIGTERM
 
@@ -103,7 +105,8 @@ def _signal_after_first_epoch(monkeypatch, module):
     real, sent = module.fit, []
 
     def fit(*args, **kwargs):
-        inner = kwargs.get("before_eval")
+        options = kwargs.get("options") or FitOptions()
+        inner = options.before_eval
 
         def before_eval(model):
             if inner is not None:
@@ -112,7 +115,7 @@ def _signal_after_first_epoch(monkeypatch, module):
                 sent.append(1)
                 os.kill(os.getpid(), signal.SIGTERM)
 
-        return real(*args, **{**kwargs, "before_eval": before_eval})
+        return real(*args, **{**kwargs, "options": replace(options, before_eval=before_eval)})
 
     monkeypatch.setattr(module, "fit", fit)
 

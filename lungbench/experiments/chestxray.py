@@ -35,6 +35,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -51,7 +52,7 @@ from lungbench.experiments import common3d as c3d
 from lungbench.experiments.resumable import ResumePoint, checkpoint_to_resume
 from lungbench.train.checkpoint import save_checkpoint
 from lungbench.train.config import TrainConfig
-from lungbench.train.engine import fit, infer
+from lungbench.train.engine import FitOptions, fit, infer
 from lungbench.train.losses import WeightedBCE
 from lungbench.train.metrics import classification_metrics
 from lungbench.train.transfer import Method
@@ -318,9 +319,8 @@ def _experiment(
                     run_dir, model_name, cost_table(model_name, cfg, dataset, labels, sample_shape)
                 )
         return write_tables(run_dir, cfg, methods, names)
-    splits = _splits(labels, cfg)
     sources = list(cfg.weights) or [_pretrain(cfg, run_dir, sample_shape, resume)]
-    cross_validate(cfg, dataset, labels, sample_shape, methods, sources, splits, run_dir, resume)
+    cross_validate(cfg, dataset, labels, sample_shape, methods, sources, run_dir, resume)
     if cfg.model not in costs:
         cost = cost_table(cfg.model, cfg, dataset, labels, sample_shape, methods)
         _record_cost(run_dir, cfg.model, cost)
@@ -478,12 +478,14 @@ def _pretrain(
         replace(cfg.train, epochs=cfg.pretrain_epochs),
         run_dir=run_dir / "pretrain",
         resume=checkpoint_to_resume(run_dir / "pretrain", resume),
-        checkpoint_meta={
-            "model_name": cfg.model,
-            "model_kwargs": kwargs,
-            "weights_chain": [],
-            "data": "generated nodule slices",
-        },
+        options=FitOptions(
+            checkpoint_meta={
+                "model_name": cfg.model,
+                "model_kwargs": kwargs,
+                "weights_chain": [],
+                "data": "generated nodule slices",
+            }
+        ),
     )
     append_record(run_dir, {"kind": "pretrain", "checkpoint": str(result.best_checkpoint)})
     return PRETRAINED_HERE, str(result.best_checkpoint)
@@ -505,6 +507,18 @@ FOLD_COLUMNS = (
 )
 
 
+@dataclass(frozen=True)
+class _Study:
+    """What every fit of the cross-validation shares: the configuration, the labelled
+    images, the model's arguments and the run folder."""
+
+    cfg: ChestXrayConfig
+    dataset: Any
+    labels: np.ndarray
+    kwargs: dict
+    run_dir: Path
+
+
 def cross_validate(
     cfg: ChestXrayConfig,
     dataset,
@@ -512,79 +526,74 @@ def cross_validate(
     sample_shape,
     methods: list[Method],
     sources: list[tuple[str, str]],
-    splits: list[Split],
     run_dir: Path,
     resume: ResumePoint | None = None,
 ) -> pd.DataFrame:
     """Every (weights source, method, fold) -> one row with test binary accuracy and AUC,
     appended to the run's records as it finishes (a resumed run's finished fits are kept)."""
+    splits = _splits(labels, cfg)
     kwargs = c2d.model_kwargs(cfg.model, sample_shape[0], labels.shape[1], cfg.dropout)
-    jobs = [(s, m) for s in sources for m in methods if m.name != "D"]
+    study = _Study(cfg, dataset, labels, kwargs, run_dir)
+    pairs = [(s, m) for s in sources for m in methods if m.name != "D"]
     if any(m.name == "D" for m in methods):
-        jobs.append(((RANDOM_INIT, None), Method("D")))
+        pairs.append(((RANDOM_INIT, None), Method("D")))
     done = resume.finished("fold", fit_key) if resume else {}
     rows = []
-    total = len(jobs) * len(splits)
-    bar = tqdm(total=total, desc="cross-validation", unit="fit", file=sys.stderr)
-    for (source, weights), method in jobs:
-        for k, split in enumerate(splits, start=1):
-            if (source, method.label, k) in done:
-                rows.append(
-                    {
-                        c: done[(source, method.label, k)].get(c)
-                        for c in ("weights", "method", "fold", *FOLD_COLUMNS)
-                    }
-                )
+    total = len(pairs) * len(splits)
+    with tqdm(total=total, desc="cross-validation", unit="fit", file=sys.stderr) as bar:
+        for (source, weights), method in pairs:
+            for k, split in enumerate(splits, start=1):
+                kept = done.get((source, method.label, k))
+                if kept is not None:
+                    rows.append(
+                        {c: kept.get(c) for c in ("weights", "method", "fold", *FOLD_COLUMNS)}
+                    )
+                else:
+                    bar.set_postfix_str(f"{source[:20]} {method.label} fold {k}")
+                    rows.append(_fold_row(study, (source, weights), method, k, split))
                 bar.update(1)
-                continue
-            train_idx, val_idx, test_idx = split.train, split.val, split.test
-            bar.set_postfix_str(f"{source[:20]} {method.label} fold {k}")
-            built = c2d.build_transfer_model(cfg.model, kwargs, method, weights, cfg.train.seed + k)
-            loss = WeightedBCE.from_labels(labels[train_idx], cfg.per_label_weights)
-            result = fit(
-                built.model,
-                Subset(dataset, train_idx.tolist()),
-                Subset(dataset, val_idx.tolist()),
-                cfg.train,
-                loss_fn=loss,
-            )
-            probs, targets = infer(
-                built.model,
-                Subset(dataset, test_idx.tolist()),
-                batch_size=cfg.train.batch_size,
-                device=cfg.train.device,
-            )
-            metrics = classification_metrics(probs, targets)
-            if cfg.save_models:
-                _save_fold_model(run_dir, cfg, kwargs, source, method, k, built)
-            row = {
-                "weights": source,
-                "method": method.label,
-                "fold": k,
-                "binary_accuracy": metrics["accuracy"],
-                "auc": metrics["auc"],
-                "best_epoch": result.best_epoch,
-                "best_val_loss": result.best_val_loss,
-                "mean_epoch_s": result.mean_epoch_s,
-                "trainable_parameters": built.plan.trainable,
-                "n_train": len(train_idx),
-                "n_val": len(val_idx),
-                "n_test": len(test_idx),
-            }
-            append_record(
-                run_dir,
-                {
-                    "kind": "fold",
-                    **row,
-                    "weights_chain": list(built.load.chain) if built.load else [],
-                },
-            )
-            rows.append(row)
-            bar.update(1)
-    bar.close()
     if done:
         log.info(f"resumed: {len(done)} of {total} fits were done before")
     return pd.DataFrame(rows)
+
+
+def _fold_row(
+    study: _Study, source: tuple[str, str | None], method: Method, k: int, split: Split
+) -> dict[str, Any]:
+    """Train one method from one weights source on fold k, test it, record it; its row."""
+    cfg, dataset = study.cfg, study.dataset
+    name, weights = source
+    built = c2d.build_transfer_model(cfg.model, study.kwargs, method, weights, cfg.train.seed + k)
+    loss = WeightedBCE.from_labels(study.labels[split.train], cfg.per_label_weights)
+    result = fit(
+        built.model,
+        Subset(dataset, split.train.tolist()),
+        Subset(dataset, split.val.tolist()),
+        cfg.train,
+        options=FitOptions(loss_fn=loss),
+    )
+    test = Subset(dataset, split.test.tolist())
+    probs, targets = infer(built.model, test, cfg.train.batch_size, cfg.train.device)
+    metrics = classification_metrics(probs, targets)
+    if cfg.save_models:
+        _save_fold_model(study.run_dir, cfg, study.kwargs, name, method, k, built)
+    row = {
+        "weights": name,
+        "method": method.label,
+        "fold": k,
+        "binary_accuracy": metrics["accuracy"],
+        "auc": metrics["auc"],
+        "best_epoch": result.best_epoch,
+        "best_val_loss": result.best_val_loss,
+        "mean_epoch_s": result.mean_epoch_s,
+        "trainable_parameters": built.plan.trainable,
+        "n_train": len(split.train),
+        "n_val": len(split.val),
+        "n_test": len(split.test),
+    }
+    chain = list(built.load.chain) if built.load else []
+    append_record(study.run_dir, {"kind": "fold", **row, "weights_chain": chain})
+    return row
 
 
 def _save_fold_model(run_dir: Path, cfg, kwargs: dict, source: str, method: Method, fold, built):
@@ -648,24 +657,15 @@ def cost_table(
     ) as bar:
         for _ in range(cfg.cost_epochs):
             for i, b in enumerate(built):
-                result = fit(b.model, train_part, val_part, config, loss_fn=loss)
+                result = fit(
+                    b.model, train_part, val_part, config, options=FitOptions(loss_fn=loss)
+                )
                 seconds[i].append(float(result.history["epoch_s"].iloc[-1]))
                 if result.peak_memory_kind.startswith("cuda"):
                     peaks[i] = max(peaks[i], result.peak_memory_bytes)
                 bar.update(1)
     rows = [
-        c2d.cost_row(
-            m,
-            b.plan,
-            config.batch_size,
-            secs,
-            b.model,
-            [sample_shape],
-            cfg.gpu_memory_gb,
-            config.device,
-            peak or None,
-            config.optimizer,
-        )
+        c2d.cost_row(m, b, config, secs, [sample_shape], cfg.gpu_memory_gb, peak or None)
         for m, b, secs, peak in zip(unique, built, seconds, peaks, strict=True)
     ]
     for row in rows:

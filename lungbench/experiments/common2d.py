@@ -19,6 +19,7 @@ from lungbench.core.errors import UsageError
 from lungbench.data.store import StoreInfo
 from lungbench.models import create_model
 from lungbench.report.training import mean_std_cell  # seed 004's cell, one definition
+from lungbench.train.config import TrainConfig
 from lungbench.train.costs import MIB, estimate_memory, min_gpus
 from lungbench.train.transfer import FreezePlan, Method, apply_method, freeze_points, parse_method
 from lungbench.train.weights import LoadReport, load_weights
@@ -175,19 +176,18 @@ def methods_table(
 
 def cost_row(
     method: Method,
-    plan: FreezePlan,
-    batch_size: int,
+    built: BuiltModel,
+    config: TrainConfig,
     epoch_seconds: Sequence[float],
-    model: nn.Module,
     sample_shapes,
     gpu_memory_gb: float,
-    device: str,
     cuda_peak: int | None,
-    optimizer: str,
 ) -> dict:
-    """One row of the cost table (see lungbench.train.costs for how memory is counted)."""
-    estimate = estimate_memory(model, sample_shapes, optimizer)
-    measured = cuda_peak if device.startswith("cuda") and cuda_peak else None
+    """One row of the cost table of `built` trained by `config` (its batch size, device and
+    optimizer; see lungbench.train.costs for how memory is counted)."""
+    plan, batch_size = built.plan, config.batch_size
+    estimate = estimate_memory(built.model, sample_shapes, config.optimizer)
+    measured = cuda_peak if config.device.startswith("cuda") and cuda_peak else None
     memory = measured if measured is not None else estimate.total(batch_size)
     gpus = min_gpus(estimate, batch_size, gpu_memory_gb)
     later = list(epoch_seconds[1:]) or list(epoch_seconds)

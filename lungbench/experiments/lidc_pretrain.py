@@ -44,7 +44,7 @@ from lungbench.models import create_model
 from lungbench.report.training import loss_curves_plot, roc_plot
 from lungbench.train.checkpoint import load_resume_checkpoint
 from lungbench.train.config import FitResult, TrainConfig
-from lungbench.train.engine import METRICS_FILE, fit, infer
+from lungbench.train.engine import METRICS_FILE, FitOptions, fit, infer
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
@@ -204,11 +204,13 @@ def pretrain(
             run_dir=run_dir,
             resume=resume,
             dist=dist,
-            checkpoint_meta={
-                "model_name": MODEL,
-                "model_kwargs": cfg.model_kwargs,
-                "store": str(info.path),
-            },
+            options=FitOptions(
+                checkpoint_meta={
+                    "model_name": MODEL,
+                    "model_kwargs": cfg.model_kwargs,
+                    "store": str(info.path),
+                }
+            ),
         )
     if not dist.is_main:
         return None

@@ -52,7 +52,7 @@ from lungbench.models import create_model
 from lungbench.report.training import auc_table, confusion_table, loss_curves_plot, roc_plot
 from lungbench.train.checkpoint import load_model_from_checkpoint
 from lungbench.train.config import TrainConfig
-from lungbench.train.engine import METRICS_FILE, fit, infer, seed_everything
+from lungbench.train.engine import METRICS_FILE, FitOptions, fit, infer, seed_everything
 from lungbench.train.metrics import classification_metrics
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
@@ -212,7 +212,7 @@ def run_fold(
         cfg.train,
         run_dir=fold_dir / "without_pretraining",
         resume=checkpoint_to_resume(fold_dir / "without_pretraining", resume),
-        checkpoint_meta=meta,
+        options=FitOptions(checkpoint_meta=meta),
     )
     histories["without_pretraining"] = result.history
     probs["without_pretraining"], _ = infer(
@@ -228,7 +228,7 @@ def run_fold(
         finetune_cfg,
         run_dir=fold_dir / "with_pretraining",
         resume=checkpoint_to_resume(fold_dir / "with_pretraining", resume),
-        checkpoint_meta=meta,
+        options=FitOptions(checkpoint_meta=meta),
     )
     histories["with_pretraining"] = result.history
     probs["with_pretraining"], _ = infer(tuned, test_ds, cfg.train.batch_size, cfg.train.device)

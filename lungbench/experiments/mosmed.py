@@ -34,7 +34,7 @@ from lungbench.models.mosmed3d import KERAS_FILTERS, VARIANTS, keras_parameter_c
 from lungbench.report.training import metric_curves_plot
 from lungbench.train.config import TrainConfig
 from lungbench.train.costs import MIB, estimate_memory
-from lungbench.train.engine import METRICS_FILE, fit, seed_everything
+from lungbench.train.engine import METRICS_FILE, FitOptions, fit, seed_everything
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
@@ -206,7 +206,7 @@ def train_variant(
         cfg.train,
         run_dir=run_dir / "variants" / variant,
         resume=checkpoint_to_resume(run_dir / "variants" / variant, resume),
-        checkpoint_meta={"model_name": MODEL, "model_kwargs": kwargs},
+        options=FitOptions(checkpoint_meta={"model_name": MODEL, "model_kwargs": kwargs}),
     )
     memory, kind = training_memory(
         cfg, model, info, result.peak_memory_bytes, result.peak_memory_kind

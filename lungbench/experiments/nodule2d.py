@@ -59,8 +59,8 @@ from lungbench.report.training import confusion_table, lr_schedule_plot
 from lungbench.train.batchnorm import recalibrate_batchnorm
 from lungbench.train.cam import cam_overlay_figure, grad_cam
 from lungbench.train.config import TrainConfig
-from lungbench.train.engine import LR_STEPS_FILE, METRICS_FILE, fit, infer
-from lungbench.train.lr_finder import find_lr, lr_finder_figure
+from lungbench.train.engine import LR_STEPS_FILE, METRICS_FILE, FitOptions, fit, infer
+from lungbench.train.lr_finder import LRRange, find_lr, lr_finder_figure
 from lungbench.train.transfer import parse_method
 from lungbench.train.tta import DEFAULT_VIEWS, VIEWS, tta_predict
 
@@ -266,29 +266,10 @@ def _experiment(
     val_ds, test_ds = Subset(plain, val_idx.tolist()), Subset(plain, test_idx.tolist())
     method = built.plan.method
 
-    finder = resume.config.get("lr_finder") if resume else None
-    if finder:  # a resumed run's LR finder had finished: its lr is in the saved config
-        log.info(f"LR finder done before: training with lr {cfg.train.lr:.2e}")
-    elif cfg.find_lr:
-        sweep = find_lr(
-            built.model,
-            train_ds,
-            num_iter=cfg.lr_iters,
-            batch_size=cfg.train.batch_size,
-            device=cfg.train.device,
-            seed=cfg.train.seed,
-        )
-        save_figure(run_dir, "lr_finder", lr_finder_figure(sweep, f"LR finder, {cfg.model}"))
-        cfg = replace(cfg, train=replace(cfg.train, lr=sweep.suggestion))
-        finder = {"suggestion": sweep.suggestion, "lrs": sweep.lrs, "smoothed": sweep.smoothed}
-        log.info(f"LR finder suggests {sweep.suggestion:.2e}; training with lr {cfg.train.lr:.2e}")
-    else:
-        log.info(f"--lr {cfg.train.lr:.2e} given: LR finder skipped")
+    cfg, finder = _learning_rate(cfg, run_dir, built.model, train_ds, resume)
     log.info(f"config: {cfg}")
     write_json(run_dir / "config.json", {"nodule2d": asdict(cfg), "lr_finder": finder})
 
-    # Precise BN on the training crops without augmentation, as validation and test see them.
-    plain_train = Subset(plain, train_idx.tolist())
     result = fit(
         built.model,
         train_ds,
@@ -296,21 +277,7 @@ def _experiment(
         cfg.train,
         run_dir=run_dir / "train",
         resume=checkpoint_to_resume(run_dir / "train", resume),
-        before_eval=(
-            (
-                lambda model: recalibrate_batchnorm(
-                    model, plain_train, cfg.train.batch_size, cfg.train.device
-                )
-            )
-            if cfg.precise_bn
-            else None
-        ),
-        checkpoint_meta={
-            "model_name": cfg.model,
-            "model_kwargs": kwargs,
-            "weights_chain": list(built.load.chain) if built.load else [],
-            "transfer_method": method.label,
-        },
+        options=_fit_options(cfg, built, kwargs, Subset(plain, train_idx.tolist())),
     )
     write_table(run_dir, "history", result.history, index=False)
     save_figure(run_dir, "loss", _loss_figure(result.history))
@@ -322,17 +289,7 @@ def _experiment(
             f"learning rate per step, {cfg.train.schedule} (peak {cfg.train.lr:.2e})",
         ),
     )
-    probs, targets = infer(built.model, test_ds, cfg.train.batch_size, cfg.train.device)
-    tta_probs, _ = tta_predict(
-        built.model, test_ds, "binary", cfg.train.batch_size, cfg.train.device, cfg.tta_views
-    )
-    accuracy = pd.DataFrame(
-        {
-            "prediction": ["plain", f"TTA ({len(cfg.tta_views)} views)"],
-            "test_accuracy": [_accuracy(probs, targets), _accuracy(tta_probs, targets)],
-            "n_test": [len(targets)] * 2,
-        }
-    )
+    accuracy, tta_probs, targets = _test_accuracy(cfg, built.model, test_ds)
     write_table(run_dir, "accuracy", accuracy, index=False)
     append_record(
         run_dir,
@@ -359,6 +316,70 @@ def _experiment(
             f"lift of 1):\n{markdown(summary, index=False)}"
         )
     return text
+
+
+def _learning_rate(
+    cfg: Nodule2DConfig, run_dir: Path, model, train_ds, resume: ResumePoint | None
+) -> tuple[Nodule2DConfig, dict | None]:
+    """The configuration with the learning rate to train with (the LR finder's suggestion
+    with --find-lr; a resumed run's saved one) and the finder's sweep, if it ran."""
+    finder = resume.config.get("lr_finder") if resume else None
+    if finder:  # a resumed run's LR finder had finished: its lr is in the saved config
+        log.info(f"LR finder done before: training with lr {cfg.train.lr:.2e}")
+        return cfg, finder
+    if not cfg.find_lr:
+        log.info(f"--lr {cfg.train.lr:.2e} given: LR finder skipped")
+        return cfg, None
+    sweep = find_lr(
+        model,
+        train_ds,
+        LRRange(num_iter=cfg.lr_iters),
+        batch_size=cfg.train.batch_size,
+        device=cfg.train.device,
+        seed=cfg.train.seed,
+    )
+    save_figure(run_dir, "lr_finder", lr_finder_figure(sweep, f"LR finder, {cfg.model}"))
+    cfg = replace(cfg, train=replace(cfg.train, lr=sweep.suggestion))
+    log.info(f"LR finder suggests {sweep.suggestion:.2e}; training with lr {cfg.train.lr:.2e}")
+    return cfg, {"suggestion": sweep.suggestion, "lrs": sweep.lrs, "smoothed": sweep.smoothed}
+
+
+def _fit_options(
+    cfg: Nodule2DConfig, built: c2d.BuiltModel, kwargs: dict, plain_train
+) -> FitOptions:
+    """Precise BN on the training crops without augmentation (as validation and test see
+    them), and checkpoints that name the model, its weights chain and transfer method."""
+
+    def precise_bn(model) -> None:
+        recalibrate_batchnorm(model, plain_train, cfg.train.batch_size, cfg.train.device)
+
+    return FitOptions(
+        before_eval=precise_bn if cfg.precise_bn else None,
+        checkpoint_meta={
+            "model_name": cfg.model,
+            "model_kwargs": kwargs,
+            "weights_chain": list(built.load.chain) if built.load else [],
+            "transfer_method": built.plan.method.label,
+        },
+    )
+
+
+def _test_accuracy(
+    cfg: Nodule2DConfig, model, test_ds
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Test accuracy of plain and test-time-augmented prediction; the TTA probabilities and
+    the targets."""
+    batch, device = cfg.train.batch_size, cfg.train.device
+    probs, targets = infer(model, test_ds, batch, device)
+    tta_probs, _ = tta_predict(model, test_ds, "binary", batch, device, cfg.tta_views)
+    accuracy = pd.DataFrame(
+        {
+            "prediction": ["plain", f"TTA ({len(cfg.tta_views)} views)"],
+            "test_accuracy": [_accuracy(probs, targets), _accuracy(tta_probs, targets)],
+            "n_test": [len(targets)] * 2,
+        }
+    )
+    return accuracy, tta_probs, targets
 
 
 def _check_store(path: Path) -> StoreInfo:

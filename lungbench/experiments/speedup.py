@@ -6,10 +6,11 @@ leaves nothing behind; a run that fails or is interrupted later is marked so in 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import math
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,10 @@ from lungbench.harness.ddp import DDPOptions, run_ddp_sweep
 from lungbench.harness.sweep import (
     TRAIN_FRACTION,
     BenchConfig,
-    SweepSpec,
+    SweepData,
     default_store_path,
-    run_sweep,
+    measure_config,
+    refused_for_memory,
 )
 from lungbench.harness.sweep_state import (
     ResumePoint,
@@ -271,7 +273,8 @@ class BenchRequest(SwitchRequest):
         help="ceiling of the search",
     )
 
-    def sweep(self) -> SweepSpec:
+    def sweep(self) -> list[BenchConfig]:
+        """The configurations, in run order: device, threads, filters, then batch size."""
         base = BenchConfig(
             workload=Workload(model=self.model, preset=self.preset, seed=self.seed),
             switches=switches_of(self),
@@ -281,13 +284,12 @@ class BenchRequest(SwitchRequest):
             pin_memory=self.pin_memory,
             cache=self.cache,
         )
-        return SweepSpec(
-            base=base,
-            filters=self.filters,
-            batch_sizes=self.batch_sizes,
-            devices=self.devices,
-            threads=self.threads,
-        )
+        return [
+            base.with_workload(device=d, threads=t, filters=f, batch_size=b)
+            for d, t, f, b in itertools.product(
+                self.devices, self.threads, self.filters, self.batch_sizes
+            )
+        ]
 
     def protocol(self) -> Protocol:
         """The timing protocol: `repeats` exactly, or adaptive repeats when it is None."""
@@ -463,23 +465,11 @@ def run_bench(
         return run_ddp_bench(request, dist, ddp or DDPOptions())
     validate(request)
     info = prepare_store(request)
-    configs = request.sweep().expand()
-    batch_limits = None
-    if request.find_batch:  # the largest batch that fits bounds the sweep
-        configs, batch_limits = apply_batch_finder(
-            configs, list(info.inputs.values()), request.max_batch
-        )
+    configs, batch_limits = sweep_configs(request, info)
     state = SweepState.from_records(resume.records if resume else [])
     pending = state.pending(configs)
-    if resume is None:
-        run_dir = create_run_dir(request.out, "bench", request.run_id)
-    else:
-        run_dir = resume.run_dir
-        start_resume(run_dir)
-        log.info(
-            f"resuming {run_dir}: {len(configs) - len(pending)} of {len(configs)} "
-            "configurations already measured"
-        )
+    done = len(configs) - len(pending)
+    run_dir = open_run_dir(request, resume, f"{done} of {len(configs)}")
     # a failure marks the run "failed"; Ctrl-C / SIGTERM "interrupted", with its tables
     # rebuilt from the records measured so far (SIGTERM from here on: while the peaks are
     # measured or the tables written too, not only during the sweep)
@@ -487,97 +477,151 @@ def run_bench(
         stop_on_sigterm(),
         marking_run(run_dir, on_interrupt=lambda: rebuild_outputs(run_dir, write_bench_outputs)),
     ):
-        if batch_limits is not None:
-            write_table(run_dir, "max_batch", batch_limits, index=False)
-        if resume is None:
-            write_json(
-                run_dir / "config.json",
-                {
-                    "request": request,
-                    "store": str(info.path),
-                    "store_inputs": info.inputs,
-                    "store_kind": info.kind,
-                    "configs": len(configs),
-                },
-            )
-        env = environment_record()
-        peaks = saved_peaks(run_dir) if resume else None
-        peaks = peaks or measure_peaks(request.devices, request.dtype)
-        record_peaks(env, peaks)
-        env_file = environment_file(run_dir, resume is not None)
-        write_json(run_dir / env_file, env)
-
-        bar = tqdm(
-            total=len(configs), initial=len(configs) - len(pending), desc="bench", unit="config"
-        )
-
-        def on_record(record: dict[str, Any]) -> None:
-            device = torch.device(record["device"])
-            record["platform"] = _platform(record, device)
-            attach_peak(record, peaks.get(record["device"]))
-            if record.get("peak_exceeded"):
-                remeasure_peak(record, peaks)
-                record_peaks(env, peaks)  # the environment record holds the peaks in use
-                write_json(run_dir / env_file, env)
-            record.update(tunings.pop(record["key"], None) or {})
-            record.update(provenance(env, env_file))
-            if record.get("busy"):
-                log.warning(
-                    f"warning: the machine is busy: {record['busy_reason']} "
-                    f"({config_label(record)}); its times are not trustworthy"
-                )
-            state.note(record)
-            with signals_deferred():  # a signal now would tear the line
-                append_record(run_dir, record)
-            bar.update(1)
-
-        tunings: dict[str, dict[str, Any]] = {}  # key -> record fields of its tuning
-        prepare = tuned(request, list(info.inputs.values()), tunings)
-
-        current = [""]
-
-        def progress(cfg: BenchConfig) -> None:
-            w = cfg.workload
-            current[0] = f"{w.device} f{w.filters} b{w.batch_size}"
-            bar.set_postfix_str(current[0])
-
-        def inside(text: str) -> None:  # warm-up, repeats, epoch batches of the config
-            bar.set_postfix_str(f"{current[0]}: {text}")
-
-        with bar, reporting(inside):
-            run_sweep(
-                pending,
-                info,
-                on_record,
-                progress,
-                skip=state.skip_record,
-                monitor=_telemetry_monitor(request, run_dir),
-                prepare=prepare,
-            )
+        write_plan(run_dir, request, info, len(configs), batch_limits, resumed=resume is not None)
+        folder = BenchFolder.start(run_dir, request, resumed=resume is not None)
+        data = SweepData.open(info, request.seed)
+        tuner = Tuner(TuningOptions(retune=request.retune, allow_compile=request.tune_compile))
+        monitor = _telemetry_monitor(request, run_dir)
+        with SweepProgress(len(configs), done) as progress:
+            for cfg in pending:  # skip or refuse, tune, measure, annotate, append
+                progress.show(cfg)
+                record = state.skip_record(cfg) or refused_for_memory(cfg, data.shapes)
+                chosen: dict[str, Any] = {}
+                if record is None:
+                    ready, chosen = tuned(cfg, request, tuner, data.shapes)
+                    record = measure_config(ready, data, monitor)
+                folder.annotate(record, chosen)
+                state.note(record)
+                folder.append(record)
+                progress.advance()
         records = read_records(run_dir)  # with those of earlier attempts when resumed
         table_text = write_bench_outputs(run_dir, records)
     finish_run(run_dir, "complete")
     return BenchResult(run_dir, records, table_text)
 
 
-def tuned(
-    request: BenchRequest, shapes: list[tuple[int, ...]], fields: dict[str, dict[str, Any]]
-) -> Callable[[BenchConfig], BenchConfig]:
-    """The sweep's `prepare`: a configuration with "auto" switches gets the measured fast
-    choice for its workload on its device (one tuning pass per workload, just before its
-    first measurement; lungbench.harness.tuning), and `fields[key]` the record fields saying
-    what was chosen among which measured alternatives."""
-    tuner = Tuner(TuningOptions(retune=request.retune, allow_compile=request.tune_compile))
+def sweep_configs(
+    request: BenchRequest, info: StoreInfo
+) -> tuple[list[BenchConfig], list[dict[str, Any]] | None]:
+    """The configurations to measure, in order, and with --find-batch the largest batch that
+    fits each (which bounds the sweep)."""
+    configs = request.sweep()
+    if not request.find_batch:
+        return configs, None
+    return apply_batch_finder(configs, list(info.inputs.values()), request.max_batch)
 
-    def prepare(cfg: BenchConfig) -> BenchConfig:
-        device = parse_device(cfg.workload.device)
-        skip = None if request.tune else "--no-tune"
-        fast, fields[cfg.key()] = fast_choice(
-            cfg.switches, cfg.workload, device, tuner, skip, shapes
+
+def open_run_dir(request: BenchRequest, resume: ResumePoint | None, measured: str) -> Path:
+    """A new run folder, or the resumed one made ready to be appended to again."""
+    if resume is None:
+        return create_run_dir(request.out, "bench", request.run_id)
+    start_resume(resume.run_dir)
+    log.info(f"resuming {resume.run_dir}: {measured} configurations already measured")
+    return resume.run_dir
+
+
+def write_plan(
+    run_dir: Path,
+    request: BenchRequest,
+    info: StoreInfo,
+    n_configs: int,
+    batch_limits: list[dict[str, Any]] | None,
+    resumed: bool,
+) -> None:
+    """config.json (the request, once: a resume keeps the first) and max_batch.csv."""
+    if batch_limits is not None:
+        write_table(run_dir, "max_batch", batch_limits, index=False)
+    if not resumed:
+        config = {"request": request, "store": str(info.path), "store_inputs": info.inputs}
+        write_json(
+            run_dir / "config.json", {**config, "store_kind": info.kind, "configs": n_configs}
         )
-        return replace(cfg, fast=fast)
 
-    return prepare
+
+class BenchFolder:
+    """The run's environment record, the device peaks its records are compared with, and the
+    records appended to records.jsonl, each annotated first (platform, peak fraction, tuning
+    choice, provenance)."""
+
+    def __init__(self, run_dir: Path, env: dict[str, Any], env_file: str, peaks: dict) -> None:
+        self.run_dir, self.env, self.env_file, self.peaks = run_dir, env, env_file, peaks
+
+    @classmethod
+    def start(cls, run_dir: Path, request: BenchRequest, resumed: bool) -> BenchFolder:
+        """Record the environment with the peaks: those the run began with when resumed (every
+        record of a run shares its denominators), measured otherwise."""
+        env = environment_record()
+        peaks = (saved_peaks(run_dir) if resumed else None) or measure_peaks(
+            request.devices, request.dtype
+        )
+        folder = cls(run_dir, env, environment_file(run_dir, resumed), peaks)
+        folder.write_environment()
+        return folder
+
+    def write_environment(self) -> None:
+        record_peaks(self.env, self.peaks)
+        write_json(self.run_dir / self.env_file, self.env)
+
+    def annotate(self, record: dict[str, Any], tuning: dict[str, Any]) -> None:
+        """Add the record's platform, peak fraction, tuning fields and provenance."""
+        record["platform"] = _platform(record, torch.device(record["device"]))
+        attach_peak(record, self.peaks.get(record["device"]))
+        if record.get("peak_exceeded"):
+            remeasure_peak(record, self.peaks)
+            self.write_environment()  # the environment record holds the peaks in use
+        record.update(tuning)
+        record.update(provenance(self.env, self.env_file))
+        if record.get("busy"):
+            log.warning(
+                f"warning: the machine is busy: {record['busy_reason']} "
+                f"({config_label(record)}); its times are not trustworthy"
+            )
+
+    def append(self, record: dict[str, Any]) -> None:
+        with signals_deferred():  # a signal now would tear the line
+            append_record(self.run_dir, record)
+
+
+class SweepProgress:
+    """The sweep's progress bar: configurations done, the one being measured and where it is
+    (warm-up, repeats, epoch batches: lungbench.measure.timing.reporting)."""
+
+    def __init__(self, total: int, done: int) -> None:
+        self.bar = tqdm(total=total, initial=done, desc="bench", unit="config")
+        self.current = ""
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> SweepProgress:
+        self._stack.enter_context(self.bar)
+        self._stack.enter_context(reporting(self._inside))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.__exit__(*exc)
+
+    def show(self, cfg: BenchConfig) -> None:
+        w = cfg.workload
+        self.current = f"{w.device} f{w.filters} b{w.batch_size}"
+        self.bar.set_postfix_str(self.current)
+
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def _inside(self, text: str) -> None:
+        self.bar.set_postfix_str(f"{self.current}: {text}")
+
+
+def tuned(
+    cfg: BenchConfig, request: BenchRequest, tuner: Tuner, shapes: list[tuple[int, ...]]
+) -> tuple[BenchConfig, dict[str, Any]]:
+    """The configuration with its "auto" switches set to the measured fast choice for its
+    workload on its device (one tuning pass per workload, just before its first measurement;
+    lungbench.harness.tuning), and the record fields saying what was chosen among which
+    measured alternatives."""
+    skip = None if request.tune else "--no-tune"
+    device = parse_device(cfg.workload.device)
+    fast, fields = fast_choice(cfg.switches, cfg.workload, device, tuner, skip, shapes)
+    return replace(cfg, fast=fast), fields
 
 
 def _telemetry_monitor(request: BenchRequest, run_dir: Path) -> Any:
@@ -613,7 +657,7 @@ def run_ddp_bench(request, dist: DistContext, options: DDPOptions):
     info = prepare_store(request) if dist.is_main else None
     barrier(dist, "waiting for rank 0 to prepare the data set")
     info = info or prepare_store(request)  # quiet: only rank 0 reports (init_distributed)
-    configs = request.sweep().expand()
+    configs = request.sweep()
     hosts = all_gather(dist, socket.gethostname(), "exchanging host names")
     if not dist.is_main:
         run_ddp_sweep(configs, info, dist, options, on_record=lambda r: None)

@@ -184,7 +184,7 @@ def one_run(
     import torch
 
     from lungbench.models import create_model
-    from lungbench.train.engine import fit, seed_everything
+    from lungbench.train.engine import FitOptions, fit, seed_everything
 
     train_ds, val_ds = data
     seed_everything(seed)  # the initial weights depend on the seed only
@@ -199,7 +199,7 @@ def one_run(
             val_ds,
             train_config(request, seed),
             run_dir=run_dir / "fits" / f"{variant}-seed{seed}",
-            switches=switches,
+            options=FitOptions(switches=switches),
         )
     finally:
         torch.set_num_threads(threads)

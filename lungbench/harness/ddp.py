@@ -39,13 +39,13 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from lungbench.core.device import synchronize
 from lungbench.core.environment import allowed_cores
 from lungbench.core.errors import is_oom, look_up_option, message_of
-from lungbench.data.loader import to_device
+from lungbench.data.loader import LoaderOptions, make_loader, to_device
 from lungbench.data.store import StoreDataset, StoreInfo
 from lungbench.distributed.group import (
     DEFAULT_TIMEOUT_S,
@@ -310,10 +310,14 @@ def measure_ddp_epoch(
         subset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.workload.seed
     )
     sampler.set_epoch(0)
-    pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
-    loader = DataLoader(
-        subset, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers, pin_memory=pin
+    opts = LoaderOptions(
+        batch_size=per_rank,
+        num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_memory,
+        persistent_workers=False,  # one epoch
+        seed=cfg.workload.seed,
     )
+    loader = make_loader(subset, opts, device, sampler=sampler)
     steps = 0
     clock = DeviceWaitClock(device)
     barrier(dist)

@@ -154,18 +154,13 @@ def phase_range(name: str, nvtx: bool = False) -> Iterator[None]:
 def _batches(cfg: ProfileConfig, device: torch.device) -> Iterator[tuple[list, torch.Tensor]]:
     """Endless batches on the host: from the store through a DataLoader, or random."""
     if cfg.store is not None:
-        from torch.utils.data import DataLoader
-
+        from lungbench.data.loader import LoaderOptions, make_loader
         from lungbench.data.store import StoreDataset
 
-        loader = DataLoader(
-            StoreDataset(cfg.store),
-            batch_size=cfg.workload.batch_size,
-            shuffle=True,
-            drop_last=True,
-            pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(cfg.workload.seed),
+        opts = LoaderOptions(
+            batch_size=cfg.workload.batch_size, drop_last=True, seed=cfg.workload.seed
         )
+        loader = make_loader(StoreDataset(cfg.store), opts, device)
         while True:
             empty = True
             for inputs, target in loader:
@@ -244,6 +239,16 @@ def training_step_fn(
     return run, fields
 
 
+@dataclass(frozen=True)
+class TraceDetail:
+    """What the profiler records besides operator times: input shapes, memory events, and
+    Python stacks (large traces; off by default)."""
+
+    record_shapes: bool = True
+    profile_memory: bool = True
+    with_stack: bool = False
+
+
 def profile_steps(
     step: Callable[[], None],
     run_steps: int,
@@ -251,9 +256,7 @@ def profile_steps(
     activities: Sequence[str],
     trace_dir: Path,
     *,
-    record_shapes: bool = True,
-    profile_memory: bool = True,
-    with_stack: bool = False,
+    detail: TraceDetail | None = None,
     worker_name: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Run `step` `run_steps` times under the profiler; traces go to `trace_dir`.
@@ -262,6 +265,7 @@ def profile_steps(
     {operator: {calls, self_cpu_us, cpu_total_us, self_device_us, device_total_us, ...}}.
     """
     schedule.check(run_steps)
+    detail = detail or TraceDetail()
     handler = torch.profiler.tensorboard_trace_handler(str(trace_dir), worker_name=worker_name)
     totals: dict[str, dict[str, float]] = {}
 
@@ -273,9 +277,9 @@ def profile_steps(
         activities=[ACTIVITIES[a] for a in activities],
         schedule=schedule.torch_schedule(),
         on_trace_ready=on_trace_ready,
-        record_shapes=record_shapes,
-        profile_memory=profile_memory,
-        with_stack=with_stack,
+        record_shapes=detail.record_shapes,
+        profile_memory=detail.profile_memory,
+        with_stack=detail.with_stack,
     ) as prof:
         for _ in range(run_steps):
             step()
@@ -415,14 +419,8 @@ def run_profile(
     rank sees, as for a data store.
     """
     from lungbench.core.environment import environment_record
-    from lungbench.core.runs import (
-        create_run_dir,
-        finish_run,
-        marking_run,
-        write_json,
-        write_table,
-    )
-    from lungbench.distributed.group import all_gather, barrier, single_process
+    from lungbench.core.runs import finish_run, marking_run, write_json
+    from lungbench.distributed.group import barrier, single_process
     from lungbench.measure.timing import set_threads
 
     w = cfg.workload
@@ -431,20 +429,7 @@ def run_profile(
     if dist.is_distributed:
         device = dist.device  # cuda:<local rank> on a GPU node
     threads = set_threads(w.threads) if device.type == "cpu" else torch.get_num_threads()
-    made, failure = None, None
-    if dist.is_main:
-        try:
-            made = create_run_dir(out, "profile", run_id)
-        except Exception as exc:  # the other ranks must hear of it, not wait for the timeout
-            failure = exc
-    shared = all_gather(
-        dist, (str(made), message_of(failure) if failure else None), "sharing the run folder"
-    )[0]
-    if failure is not None:
-        raise failure
-    if shared[1] is not None:
-        raise UsageError(f"rank 0 could not make the run folder: {shared[1]}")
-    run_dir = Path(shared[0])
+    run_dir = _shared_run_dir(Path(out), run_id, dist)
     with marking_run(run_dir) if dist.is_main else contextlib.nullcontext():
         if dist.is_main:  # a failure marks the run "failed", Ctrl-C "interrupted"
             write_json(
@@ -469,37 +454,63 @@ def run_profile(
             cfg.schedule,
             cfg.activities,
             trace_dir,
-            record_shapes=cfg.record_shapes,
-            profile_memory=cfg.profile_memory,
-            with_stack=cfg.with_stack,
+            detail=TraceDetail(cfg.record_shapes, cfg.profile_memory, cfg.with_stack),
             worker_name=f"rank{dist.rank}" if dist.is_distributed else None,
         )
         barrier(dist, "waiting for every rank's trace")
         if not dist.is_main:
             return None
-        files = trace_files(trace_dir)
-        traces = [load_trace(p) for p in files]  # also proves they are valid Chrome traces
-        operators = operator_table(
-            totals, cfg.top, by="cuda" if "cuda" in cfg.activities else "cpu"
-        )
-        phases, summary = phase_summary(traces)
-        write_table(run_dir, "operators", operators, index=False)
-        write_table(run_dir, "phases", phases, index=False)
-        summary.update(
-            {
-                "device": str(device),
-                "threads_used": threads,
-                "trace_files": [str(p.relative_to(run_dir)) for p in files],
-                "trace_events": sum(len(t["traceEvents"]) for t in traces),
-                "top_operators": operators.head(5)[
-                    ["operator", "self_cpu_ms", "self_cuda_ms"]
-                ].to_dict("records"),
-                "tensorboard": f"tensorboard --logdir {run_dir}",
-                "world_size": dist.world_size,
-                **step_fields,  # FLOPs and the switches that ran (dtype_used, ...) as bench
-                "operators_of": "rank 0" if dist.is_distributed else "this process",
-            }
-        )
-        write_json(run_dir / "profile.json", summary)
+        result = _summarize(run_dir, cfg, totals, dist)
+        result.summary.update({"device": str(device), "threads_used": threads, **step_fields})
+        write_json(run_dir / "profile.json", result.summary)
     finish_run(run_dir, "complete")
+    return result
+
+
+def _shared_run_dir(out: Path, run_id: str | None, dist: DistContext) -> Path:
+    """The run folder rank 0 makes, known to every rank; a failure to make it ends every
+    rank with rank 0's message (the others must hear of it, not wait for a timeout)."""
+    from lungbench.core.runs import create_run_dir
+    from lungbench.distributed.group import all_gather
+
+    made, failure = None, None
+    if dist.is_main:
+        try:
+            made = create_run_dir(out, "profile", run_id)
+        except Exception as exc:
+            failure = exc
+    shared = all_gather(
+        dist, (str(made), message_of(failure) if failure else None), "sharing the run folder"
+    )[0]
+    if failure is not None:
+        raise failure
+    if shared[1] is not None:
+        raise UsageError(f"rank 0 could not make the run folder: {shared[1]}")
+    return Path(shared[0])
+
+
+def _summarize(
+    run_dir: Path, cfg: ProfileConfig, totals: dict[str, dict[str, float]], dist: DistContext
+) -> ProfileResult:
+    """Rank 0, after every rank's trace is written: the operator and phase tables, and the
+    summary (profile.json's content, without the device and step fields)."""
+    from lungbench.core.runs import write_table
+
+    files = trace_files(run_dir / "traces")
+    traces = [load_trace(p) for p in files]  # also proves they are valid Chrome traces
+    operators = operator_table(totals, cfg.top, by="cuda" if "cuda" in cfg.activities else "cpu")
+    phases, summary = phase_summary(traces)
+    write_table(run_dir, "operators", operators, index=False)
+    write_table(run_dir, "phases", phases, index=False)
+    top = operators.head(5)[["operator", "self_cpu_ms", "self_cuda_ms"]]
+    summary.update(
+        {
+            "trace_files": [str(p.relative_to(run_dir)) for p in files],
+            "trace_events": sum(len(t["traceEvents"]) for t in traces),
+            "top_operators": top.to_dict("records"),
+            "tensorboard": f"tensorboard --logdir {run_dir}",
+            "world_size": dist.world_size,
+            "operators_of": "rank 0" if dist.is_distributed else "this process",
+        }
+    )
     return ProfileResult(run_dir, files, operators, phases, summary)

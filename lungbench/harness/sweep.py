@@ -13,7 +13,6 @@ everything that finished. Runs: see `lungbench bench --help`.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import statistics
 import time
@@ -116,26 +115,6 @@ class BenchConfig:
             protocol=part(Protocol, Protocol()),
             **{k: record[k] for k in ("num_workers", "pin_memory", "cache") if k in record},
         )
-
-
-@dataclass(frozen=True)
-class SweepSpec:
-    """A sweep: the cross product of filters x batch sizes x devices x threads."""
-
-    base: BenchConfig = field(default_factory=BenchConfig)
-    filters: tuple[int, ...] = (8, 16)
-    batch_sizes: tuple[int, ...] = (2, 4, 8)
-    devices: tuple[str, ...] = ("cpu",)
-    threads: tuple[int | None, ...] = (None,)
-
-    def expand(self) -> list[BenchConfig]:
-        """Configurations in run order: device, threads, filters, then batch size."""
-        return [
-            self.base.with_workload(device=d, threads=t, filters=f, batch_size=b)
-            for d, t, f, b in itertools.product(
-                self.devices, self.threads, self.filters, self.batch_sizes
-            )
-        ]
 
 
 def train_split(info: StoreInfo, labels: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -335,50 +314,35 @@ def refused_for_memory(cfg: BenchConfig, shapes: Sequence[Sequence[int]]) -> dic
     return record
 
 
-def run_sweep(
-    configs: Sequence[BenchConfig],
-    info: StoreInfo,
-    on_record: Callable[[dict[str, Any]], None],
-    progress: Callable[[BenchConfig], None] | None = None,
-    skip: Callable[[BenchConfig], dict[str, Any] | None] | None = None,
-    monitor: Callable[[BenchConfig, Callable[[], dict[str, Any]]], dict[str, Any]] | None = None,
-    prepare: Callable[[BenchConfig], BenchConfig] | None = None,
-) -> list[dict[str, Any]]:
-    """Measure each configuration in order, handing each record to `on_record` at once.
+@dataclass(frozen=True)
+class SweepData:
+    """The store a sweep reads, opened once for all its configurations: the dataset, the
+    per-sample input shapes and the training split its epochs read."""
 
-    `monitor(cfg, run)` may wrap each measurement, e.g. lungbench.measure.telemetry.SweepMonitor,
-    which samples GPU/CPU telemetry while `run()` measures and adds its summary to the record.
+    info: StoreInfo
+    dataset: StoreDataset
+    indices: np.ndarray
 
-    `skip(cfg)` may return a ready record (status "skipped") instead of measuring, e.g. a
-    batch larger than one that ran out of memory (lungbench.harness.sweep_state.SweepState).
+    @classmethod
+    def open(cls, info: StoreInfo, seed: int = 0) -> SweepData:
+        dataset = StoreDataset(info.path)
+        return cls(info, dataset, train_split(info, dataset.labels, seed=seed))
 
-    `prepare(cfg)` may complete a configuration just before it is measured, e.g. with the
-    tuned choice of its "auto" switches (lungbench.harness.tuning).
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return list(self.info.inputs.values())
 
-    A configuration whose step cannot fit in its device's memory is recorded "oom" before
-    anything runs (lungbench.measure.memory), tuning included.
-    """
-    dataset = StoreDataset(info.path)
-    shapes = list(info.inputs.values())  # per sample
-    indices = train_split(info, dataset.labels, seed=configs[0].workload.seed if configs else 0)
-    records = []
-    for cfg in configs:
-        if progress is not None:
-            progress(cfg)
-        skipped = skip(cfg) if skip is not None else None
-        if skipped is None:
-            skipped = refused_for_memory(cfg, shapes)
-        if skipped is not None:
-            record = skipped
-        else:
-            ready = prepare(cfg) if prepare is not None else cfg
-            if monitor is not None:
-                record = monitor(ready, lambda c=ready: measure(c, info, dataset, indices))
-            else:
-                record = measure(ready, info, dataset, indices)
-        on_record(record)
-        records.append(record)
-    return records
+
+Monitor = Callable[[BenchConfig, Callable[[], dict[str, Any]]], dict[str, Any]]
+
+
+def measure_config(cfg: BenchConfig, data: SweepData, monitor: Monitor | None = None) -> dict:
+    """One configuration's record. `monitor(cfg, run)` may wrap the measurement, e.g.
+    lungbench.measure.telemetry.SweepMonitor, which samples GPU/CPU telemetry while `run()`
+    measures and adds its summary to the record."""
+    if monitor is None:
+        return measure(cfg, data.info, data.dataset, data.indices)
+    return monitor(cfg, lambda: measure(cfg, data.info, data.dataset, data.indices))
 
 
 def default_store_path(root: Path, kind: str, n: int, preset: str, seed: int) -> Path:

@@ -40,6 +40,7 @@ import torch
 
 from lungbench.core.cache import measured_number, measured_numbers, register_schema
 from lungbench.core.errors import DataError, UsageError
+from lungbench.measure.allreduce import AlphaBeta
 
 log = logging.getLogger(__name__)
 
@@ -231,13 +232,14 @@ def measured_cpu(
     threads: int,
     peaks: dict[str, float],
     memory_bytes: float,
-    alpha_s: float = 0.0,
-    beta_bytes_per_s: float = 0.0,
+    comm: AlphaBeta | None = None,
     call_latency_s: float = 0.0,
     bandwidth_curve: tuple[tuple[float, float], ...] = (),
     conv_flops: dict[str, float] | None = None,
 ) -> DeviceProfile:
-    """The `cpu` profile filled with this machine's measured numbers at `threads` threads."""
+    """The `cpu` profile filled with this machine's measured numbers at `threads` threads
+    (`comm`: the all-reduce's latency and bandwidth between processes here)."""
+    comm = comm or AlphaBeta(0.0, 0.0)
     found = {d: peaks[d] for d in ("fp32", "bf16", "fp16") if peaks.get(d)}
     return replace(
         base,
@@ -246,8 +248,8 @@ def measured_cpu(
         memory_bandwidth=peaks["copy_bytes_per_s"],
         bandwidth_curve=bandwidth_curve,
         memory_size=memory_bytes,
-        link_bandwidth=beta_bytes_per_s,
-        link_latency_s=alpha_s,
+        link_bandwidth=comm.beta_bytes_per_s,
+        link_latency_s=comm.alpha_s,
         kernel_launch_s=call_latency_s,
         threads=threads,
     )

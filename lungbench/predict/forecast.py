@@ -218,14 +218,12 @@ def cpu_here(
     convolution rate cached per host; `fresh` measures them again, keeping the best)."""
     base = load_profiles()["cpu"]
     limit, _ = memory_limit(torch.device("cpu"))
-    comm = comm or AlphaBeta(0.0, 0.0)
     profile = measured_cpu(
         base,
         threads,
         measure_cpu_peaks(threads, refresh=fresh),
         limit,
-        comm.alpha_s,
-        comm.beta_bytes_per_s,
+        comm,
         latency_s,
         measure_bandwidth_curve(threads, refresh=fresh),
         measure_conv_rates(threads, refresh=fresh),

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from lungbench.data.loader import LoaderOptions, make_loader
 
 
 def trainable_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -53,7 +55,8 @@ def recalibrate_batchnorm(
         m.train()
     target_device = torch.device(device)
     # A lone last sample would fail in a norm over 1x1 maps: keep batches of >= 2.
-    loader = DataLoader(dataset, batch_size=batch_size, drop_last=len(dataset) > batch_size)
+    opts = LoaderOptions(batch_size, shuffle=False, drop_last=len(dataset) > batch_size)
+    loader = make_loader(dataset, opts, target_device)
     try:
         for inputs, _ in loader:
             model(*(x.to(target_device) for x in inputs))

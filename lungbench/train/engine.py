@@ -2,7 +2,7 @@
 
     config = TrainConfig(epochs=30, batch_size=16, lr=1e-3)
     result = fit(model, train_ds, val_ds, config, run_dir=run_dir,
-                 checkpoint_meta={"model_name": "dualpath3d", "model_kwargs": {...}})
+                 options=FitOptions(checkpoint_meta={"model_name": "dualpath3d", ...}))
     probs, targets = infer(model, test_ds)
 
 Batches are `(inputs_tuple, target)` and the model is called as `model(*inputs)`. The default
@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 from lungbench.core.device import parse_device
 from lungbench.core.errors import LungbenchError, UsageError
+from lungbench.data.loader import LoaderOptions, make_loader, to_device
 from lungbench.data.transforms import sample_key
 from lungbench.distributed.group import DistContext, all_gather, single_process, wrap_model
 from lungbench.step import NO_TIMER, TrainStep, make_optimizer
@@ -138,25 +139,19 @@ def epoch_order(
     return list(sampler)
 
 
-def make_loader(
-    dataset: Dataset,
-    indices: list[int],
-    config: TrainConfig,
-    epoch: int,
-    batch_size: int | None = None,
+def epoch_loader(
+    dataset: Dataset, indices: list[int], config: TrainConfig, epoch: int, device: torch.device
 ) -> DataLoader:
-    # Its own generator: creating the iterator must not draw from the global RNG, or a
-    # resumed run would diverge from an uninterrupted one.
-    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size or config.batch_size,
-        sampler=indices,
+    """The epoch's loader (lungbench.data.loader, the one data path) over `indices` in order.
+    Its own generator: creating the iterator must not draw from the global RNG, or a resumed
+    run would diverge from an uninterrupted one."""
+    opts = LoaderOptions(
+        batch_size=config.batch_size,
         num_workers=config.num_workers,
-        generator=generator,
-        pin_memory=config.device.startswith("cuda"),
-        persistent_workers=False,
+        persistent_workers=False,  # a new loader every epoch
+        seed=config.seed * 100_003 + epoch,
     )
+    return make_loader(dataset, opts, device, sampler=indices)
 
 
 class EpochView(Dataset):
@@ -174,15 +169,6 @@ class EpochView(Dataset):
     def __getitem__(self, k: int):
         with sample_key(self.epoch, k):
             return self.dataset[k]
-
-
-def _to_device(batch, device: torch.device):
-    inputs, target = batch
-    non_blocking = device.type == "cuda"
-    return (
-        tuple(x.to(device, non_blocking=non_blocking) for x in inputs),
-        target.to(device, non_blocking=non_blocking),
-    )
 
 
 def training_switches(config: TrainConfig, device: torch.device) -> Switches:
@@ -305,8 +291,8 @@ def evaluate(
     indices = epoch_order(len(dataset), 0, config, dist, shuffle=False)
     model.eval()
     losses, probs, targets = [], [], []
-    for batch in make_loader(dataset, indices, config, epoch):
-        inputs, target = _to_device(batch, device)
+    for batch in epoch_loader(dataset, indices, config, epoch, device):
+        inputs, target = to_device(batch, device)
         with autocast(switches, device):
             logits = model(*inputs)
         task = infer_task(target)
@@ -389,11 +375,35 @@ class _State:
     quality: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class FitOptions:
+    """What a recipe adds to the plain fit (each optional).
+
+    loss_fn: `loss_fn(logits, target) -> scalar`; default: default_loss.
+    metrics_fn: `metrics_fn(val_probs, val_targets) -> {name: value}`, extra validation
+        metrics added to each history row as `val_<name>`.
+    before_eval: called with the model (without its DDP wrapper) after each epoch's training,
+        before its validation: e.g. batch-norm statistics recomputed for the epoch's final
+        weights (lungbench.train.batchnorm); it must be deterministic for a resumed run to
+        match an uninterrupted one.
+    checkpoint_meta: stored in checkpoints, e.g. {"model_name": ..., "model_kwargs": ...} so
+        that load_model_from_checkpoint can rebuild the model.
+    switches: the step's speed switches (lungbench.switches; e.g. the tuned default of
+        `lungbench bench --to-quality`); default: training_switches(config).
+    """
+
+    loss_fn: LossFn | None = None
+    metrics_fn: MetricsFn | None = None
+    before_eval: Callable[[nn.Module], None] | None = None
+    checkpoint_meta: Mapping[str, Any] | None = None
+    switches: Switches | None = None
+
+
 @dataclass
 class _Run:
     """What every epoch of one fit() shares: the one training step (model, loss, optimizer,
     grad scaler, clipping, per-step schedule), the unwrapped model, the epoch scheduler,
-    and where and how to write."""
+    the quality target, the recipe's options, and where and how to write."""
 
     step: TrainStep
     core: nn.Module  # the model without its DDP wrapper (what checkpoints hold)
@@ -403,6 +413,8 @@ class _Run:
     run_dir: Path | None
     meta: dict[str, Any]
     memory: _PeakMemory
+    options: FitOptions
+    target: Any  # lungbench.train.quality target, or None
 
 
 def _gather_rank_states(state: _State, dist: DistContext) -> None:
@@ -419,54 +431,86 @@ def fit(
     val_ds: Dataset,
     config: TrainConfig,
     run_dir: str | os.PathLike | None = None,
-    loss_fn: LossFn | None = None,
     dist: DistContext | None = None,
     resume: str | os.PathLike | None = None,
-    checkpoint_meta: Mapping[str, Any] | None = None,
-    metrics_fn: MetricsFn | None = None,
-    before_eval: Callable[[nn.Module], None] | None = None,
-    switches: Switches | None = None,
+    options: FitOptions | None = None,
 ) -> FitResult:
     """Train `model` on `train_ds`, validating on `val_ds` after every epoch.
 
     Args:
         run_dir: where metrics.csv, tb/ and the checkpoints go (None: nothing written).
-        loss_fn: `loss_fn(logits, target) -> scalar`; default: default_loss.
         dist: the process's DistContext; world_size > 1 wraps the model in DDP.
         resume: a checkpoint_last.pt to continue from exactly.
-        checkpoint_meta: stored in checkpoints, e.g. {"model_name": ..., "model_kwargs": ...}
-            so that load_model_from_checkpoint can rebuild the model.
-        metrics_fn: `metrics_fn(val_probs, val_targets) -> {name: value}`, extra validation
-            metrics added to each history row as `val_<name>`.
-        before_eval: called with the model (without its DDP wrapper) after each epoch's
-            training, before its validation: e.g. batch-norm statistics recomputed for the
-            epoch's final weights (lungbench.train.batchnorm); it must be deterministic
-            for a resumed run to match an uninterrupted one.
-        switches: the step's speed switches (lungbench.switches; e.g. the tuned default of
-            `lungbench bench --to-quality`); default: training_switches(config).
+        options: what the recipe adds (FitOptions: loss, extra metrics, a step before each
+            validation, checkpoint metadata, speed switches).
 
     With `config.target` (lungbench.train.quality) the fit stops after the first epoch whose
     validation meets it; FitResult.time_to_quality records the wall time, epochs and samples.
     """
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        raise UsageError(f"empty training ({len(train_ds)}) or validation ({len(val_ds)}) set")
     dist = dist or single_process(config.device)
+    run = _start_run(model, len(train_ds), config, run_dir, dist, options or FitOptions())
+    state = _restore(Path(resume), run) if resume is not None else _State()
+    run.memory = _PeakMemory(run.step.device)  # from here: loading a checkpoint is not training
+
+    writer = _tensorboard(run.run_dir, config)
+    telemetry = _Telemetry(run.run_dir, config, run.step.device)
+    mlog = open_log(run.run_dir, run.meta.get("model_name"), resumed=resume is not None)
+    mlog.start(hyperparameters(config, dist.world_size), len(train_ds), len(val_ds))
+    start = time.perf_counter()
+    last_path = best_path = None
+    stopped_early = False
+    with stop_on_signals() as stop, contextlib.closing(telemetry), contextlib.closing(mlog):
+        while state.epoch < config.epochs:
+            epoch_start = time.perf_counter()
+            row = _trained_epoch(run, train_ds, state, stop, mlog)
+            _validate_epoch(run, val_ds, state, row, telemetry, mlog)
+            improved = _note_epoch(run, state, row, epoch_start)
+            reached = _check_target(run.target, state, dist.is_main and config.log_epochs)
+            state.epoch, state.step, state.partial = state.epoch + 1, 0, {}
+            _gather_rank_states(state, dist)
+            if run.run_dir is not None:
+                last_path, best_path = _write_epoch(run, state, improved, writer)
+            if dist.is_main and config.log_epochs:
+                tqdm.write(_epoch_line(row, config.epochs, improved), file=sys.stderr)
+            if reached:
+                break
+            if config.patience is not None and state.wait >= config.patience:
+                stopped_early = True
+                break
+        mlog.stop(reached=None if run.target is None else state.quality is not None)
+    if writer is not None:
+        writer.close()
+    if run.run_dir is not None:  # a resumed fit that had finished runs no epoch here
+        last_path = last_path or run.run_dir / LAST_CHECKPOINT
+        best_path = best_path or run.run_dir / BEST_CHECKPOINT
+    _finish(run, state)
+    elapsed = time.perf_counter() - start
+    return _result(state, config, elapsed, run.memory, best_path, last_path, stopped_early)
+
+
+def _start_run(
+    model: nn.Module,
+    n_train: int,
+    config: TrainConfig,
+    run_dir: str | os.PathLike | None,
+    dist: DistContext,
+    options: FitOptions,
+) -> _Run:
+    """The model on its device (wrapped in DDP under a launcher), its optimizer, schedule and
+    training step, seeded; the run folder made (rank 0 alone writes)."""
     device = dist.device if dist.is_distributed else parse_device(config.device, what="device")
     run_dir = Path(run_dir) if run_dir is not None and dist.is_main else None
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-    loss_fn = loss_fn or default_loss
-    meta = dict(checkpoint_meta or {})
-    switches = switches or training_switches(config, device)
+    switches = options.switches or training_switches(config, device)
     target = parse_target(config.target) if config.target is not None else None
-    if len(train_ds) == 0 or len(val_ds) == 0:
-        raise UsageError(f"empty training ({len(train_ds)}) or validation ({len(val_ds)}) set")
-
     seed_everything(config.seed)
-    model = model.to(device)
-    core = model
-    if dist.is_distributed:
-        model = wrap_model(model, dist)
+    core = model.to(device)
+    model = wrap_model(core, dist) if dist.is_distributed else core
     steps_per_epoch = math.ceil(
-        len(epoch_order(len(train_ds), 0, config, dist, True)) / config.batch_size
+        len(epoch_order(n_train, 0, config, dist, True)) / config.batch_size
     )
     optimizer = make_optimizer(
         core.parameters(),
@@ -479,101 +523,86 @@ def fit(
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     step = TrainStep(
         model,
-        loss_fn,
+        options.loss_fn or default_loss,
         switches,
         device,
         optimizer=optimizer,
         grad_clip=config.grad_clip,
         after_step=scheduler.step if config.schedule == "onecycle" else None,
     )
-    run = _Run(step, core, scheduler, config, dist, run_dir, meta, _PeakMemory(device))
-    state = _State()
-    if resume is not None:
-        state = _restore(Path(resume), run)
-    run.memory = _PeakMemory(device)  # from here: loading a checkpoint is not training
-
-    writer = _tensorboard(run_dir, config)
-    telemetry = _Telemetry(run_dir, config, device)
-    mlog = open_log(run_dir, meta.get("model_name"), resumed=resume is not None)
-    mlog.start(hyperparameters(config, dist.world_size), len(train_ds), len(val_ds))
-    start = time.perf_counter()
-    last_path = best_path = None
-    stopped_early = False
-    with stop_on_signals() as stop, contextlib.closing(telemetry), contextlib.closing(mlog):
-        while state.epoch < config.epochs:
-            epoch_start = time.perf_counter()
-            mlog.epoch_start(state.epoch + 1)
-            row = _train_epoch(run, train_ds, state, stop)
-            if row is None:  # a stop signal arrived; the checkpoint is written
-                mlog.stop(reached=False)
-                path = run_dir / LAST_CHECKPOINT if run_dir else None
-                raise TrainingInterrupted(
-                    f"stopped by signal {stop['signal']} in epoch {state.epoch + 1}, step "
-                    f"{state.step}; checkpoint {path}; continue with --resume {path}",
-                    path,
-                )
-            mlog.epoch_stop(state.epoch + 1)
-            mlog.eval_start(state.epoch + 1)
-            if before_eval is not None:
-                before_eval(core)
-            val_loss, probs, targets = evaluate(
-                model, val_ds, config, loss_fn, dist, state.epoch, switches
-            )
-            row.update(
-                {
-                    "val_loss": val_loss,
-                    **{f"val_{k}": v for k, v in classification_metrics(probs, targets).items()},
-                }
-            )
-            if metrics_fn is not None:
-                row.update({f"val_{k}": float(v) for k, v in metrics_fn(probs, targets).items()})
-            accuracy = row.get(target.column if target else "val_auc", float("nan"))
-            mlog.eval_stop(state.epoch + 1, accuracy, {"eval_loss": val_loss})
-            # Energy per sample only where the sampler sees every sample's device: under DDP
-            # rank 0 samples its own GPU and CPU, not the other ranks'.
-            samples = int(row.pop("samples"))
-            state.samples_seen += samples
-            row.update(telemetry.epoch_row(None if dist.is_distributed else samples))
-            if config.schedule != "onecycle":
-                scheduler.step()
-            improved = val_loss < state.best_val_loss
-            if improved:
-                state.best_val_loss, state.best_epoch, state.wait = val_loss, row["epoch"], 0
-                state.best_model = {
-                    k: v.detach().cpu().clone() for k, v in core.state_dict().items()
-                }
-            else:
-                state.wait += 1
-            state.history.append(row)
-            state.elapsed_s += time.perf_counter() - epoch_start
-            reached = _check_target(target, state, dist.is_main and config.log_epochs)
-            state.epoch, state.step, state.partial = state.epoch + 1, 0, {}
-            _gather_rank_states(state, dist)
-            if run_dir is not None:
-                last_path, best_path = _write_epoch(run, state, improved, writer)
-            if dist.is_main and config.log_epochs:
-                tqdm.write(_epoch_line(row, config.epochs, improved), file=sys.stderr)
-            if reached:
-                break
-            if config.patience is not None and state.wait >= config.patience:
-                stopped_early = True
-                break
-        mlog.stop(reached=None if target is None else state.quality is not None)
-    if writer is not None:
-        writer.close()
-    if run_dir is not None:  # a resumed fit that had finished runs no epoch here
-        last_path = last_path or run_dir / LAST_CHECKPOINT
-        best_path = best_path or run_dir / BEST_CHECKPOINT
-    if config.restore_best and state.best_model is not None:
-        core.load_state_dict(state.best_model)
-    if target is not None and state.quality is None and state.history:
-        # not reached: how long the fit ran without reaching it
-        state.quality = quality_record(
-            target, state.history, state.elapsed_s, state.samples_seen
-        ).as_dict()
-    return _result(
-        state, config, time.perf_counter() - start, run.memory, best_path, last_path, stopped_early
+    meta = dict(options.checkpoint_meta or {})
+    return _Run(
+        step, core, scheduler, config, dist, run_dir, meta, _PeakMemory(device), options, target
     )
+
+
+def _trained_epoch(run: _Run, train_ds: Dataset, state: _State, stop: dict, mlog) -> dict:
+    """The epoch's training (from state.step on) and its history row; after a stop signal
+    the checkpoint is written and TrainingInterrupted raised."""
+    mlog.epoch_start(state.epoch + 1)
+    row = _train_epoch(run, train_ds, state, stop)
+    if row is None:  # a stop signal arrived; the checkpoint is written
+        mlog.stop(reached=False)
+        path = run.run_dir / LAST_CHECKPOINT if run.run_dir else None
+        raise TrainingInterrupted(
+            f"stopped by signal {stop['signal']} in epoch {state.epoch + 1}, step "
+            f"{state.step}; checkpoint {path}; continue with --resume {path}",
+            path,
+        )
+    mlog.epoch_stop(state.epoch + 1)
+    return row
+
+
+def _validate_epoch(
+    run: _Run, val_ds: Dataset, state: _State, row: dict, telemetry: _Telemetry, mlog
+) -> None:
+    """Validate after the epoch's training: the validation metrics, the epoch's telemetry and
+    the samples it trained on go into its row; the epoch scheduler steps."""
+    config, options, target = run.config, run.options, run.target
+    mlog.eval_start(state.epoch + 1)
+    if options.before_eval is not None:
+        options.before_eval(run.core)
+    val_loss, probs, targets = evaluate(
+        run.step.model, val_ds, config, run.step.loss_fn, run.dist, state.epoch, run.step.switches
+    )
+    row["val_loss"] = val_loss
+    row.update({f"val_{k}": v for k, v in classification_metrics(probs, targets).items()})
+    if options.metrics_fn is not None:
+        row.update({f"val_{k}": float(v) for k, v in options.metrics_fn(probs, targets).items()})
+    accuracy = row.get(target.column if target else "val_auc", float("nan"))
+    mlog.eval_stop(state.epoch + 1, accuracy, {"eval_loss": val_loss})
+    # Energy per sample only where the sampler sees every sample's device: under DDP rank 0
+    # samples its own GPU and CPU, not the other ranks'.
+    samples = int(row.pop("samples"))
+    state.samples_seen += samples
+    row.update(telemetry.epoch_row(None if run.dist.is_distributed else samples))
+    if config.schedule != "onecycle":
+        run.scheduler.step()
+
+
+def _note_epoch(run: _Run, state: _State, row: dict, epoch_start: float) -> bool:
+    """Add the validated epoch to the history; True if its validation loss is the best so far
+    (its weights are then kept as the best model)."""
+    improved = row["val_loss"] < state.best_val_loss
+    if improved:
+        state.best_val_loss, state.best_epoch, state.wait = row["val_loss"], row["epoch"], 0
+        state.best_model = {k: v.detach().cpu().clone() for k, v in run.core.state_dict().items()}
+    else:
+        state.wait += 1
+    state.history.append(row)
+    state.elapsed_s += time.perf_counter() - epoch_start
+    return improved
+
+
+def _finish(run: _Run, state: _State) -> None:
+    """After the last epoch: the best weights restored if asked, and a quality target that was
+    never met recorded as such (how long the fit ran without reaching it)."""
+    if run.config.restore_best and state.best_model is not None:
+        run.core.load_state_dict(state.best_model)
+    if run.target is not None and state.quality is None and state.history:
+        state.quality = quality_record(
+            run.target, state.history, state.elapsed_s, state.samples_seen
+        ).as_dict()
 
 
 def _check_target(target, state: _State, say: bool) -> bool:
@@ -597,7 +626,9 @@ def _train_epoch(run: _Run, train_ds: Dataset, state: _State, stop: dict) -> dic
     run.step.model.train()
     indices = epoch_order(len(train_ds), state.epoch, config, dist, shuffle=True)
     skip = state.step * config.batch_size  # samples an interrupted run already trained on
-    loader = make_loader(EpochView(train_ds, state.epoch), indices[skip:], config, state.epoch)
+    loader = epoch_loader(
+        EpochView(train_ds, state.epoch), indices[skip:], config, state.epoch, device
+    )
     sums = {
         "loss": 0.0,
         "correct": 0.0,
@@ -617,7 +648,7 @@ def _train_epoch(run: _Run, train_ds: Dataset, state: _State, stop: dict) -> dic
     )
     tick = time.perf_counter()
     for batch in bar:
-        inputs, target = _to_device(batch, device)
+        inputs, target = to_device(batch, device)
         inputs = run.step.prepare_inputs(inputs)  # the switches' memory format
         lr = run.step.optimizer.param_groups[0]["lr"]  # one-cycle moves it after each step
         loss, logits = run.step.run(NO_TIMER, inputs, target)  # the one step (lungbench.step)

@@ -11,7 +11,7 @@ all labels together (`per_label=False`, the seed's formula read literally).
 
     weights = class_weights(train_labels)          # (K,) beta_P, (K,) beta_N
     loss_fn = WeightedBCE(*weights)
-    fit(model, train_ds, val_ds, config, loss_fn=loss_fn)
+    fit(model, train_ds, val_ds, config, options=FitOptions(loss_fn=loss_fn))
 """
 
 from __future__ import annotations

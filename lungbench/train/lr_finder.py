@@ -1,6 +1,6 @@
 """Layer 9 (train): Learning-rate range test (Smith 2017; fastai's `lr_find`, used by seed 001).
 
-    result = find_lr(model, train_ds, loss_fn=None, start_lr=1e-7, end_lr=10, num_iter=100)
+    result = find_lr(model, train_ds, LRRange(start_lr=1e-7, end_lr=10, num_iter=100))
     result.suggestion          # the LR at the steepest descent of the smoothed loss
     fig = lr_finder_figure(result)
 
@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lungbench.core.errors import UsageError
+from lungbench.data.loader import LoaderOptions, make_loader
 from lungbench.step import NO_TIMER, TrainStep, make_optimizer
 from lungbench.switches import Switches
 from lungbench.train.metrics import default_loss
@@ -43,21 +44,32 @@ class LRFinderResult:
     notes: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LRRange:
+    """The range test: from `start_lr` to `end_lr` over `num_iter` mini-batches with
+    `optimizer`; the loss smoothed with `beta`, stopped at `diverge` x the best."""
+
+    start_lr: float = 1e-7
+    end_lr: float = 10.0
+    num_iter: int = 100
+    optimizer: str = "adam"
+    beta: float = 0.98
+    diverge: float = 4.0
+
+
 def find_lr(
     model: nn.Module,
     dataset: Dataset,
+    sweep: LRRange | None = None,
     loss_fn: LossFn | None = None,
-    start_lr: float = 1e-7,
-    end_lr: float = 10.0,
-    num_iter: int = 100,
     batch_size: int = 16,
-    optimizer: str = "adam",
     device: str = "cpu",
-    beta: float = 0.98,
-    diverge: float = 4.0,
     seed: int = 0,
 ) -> LRFinderResult:
-    """Sweep the LR over `num_iter` mini-batches (cycling through `dataset` as needed)."""
+    """Sweep the LR over `sweep.num_iter` mini-batches (cycling through `dataset` as needed)."""
+    sweep = sweep or LRRange()
+    start_lr, end_lr, num_iter = sweep.start_lr, sweep.end_lr, sweep.num_iter
+    beta, diverge = sweep.beta, sweep.diverge
     if not 0 < start_lr < end_lr:
         raise UsageError(f"LR finder needs 0 < start_lr < end_lr, got {start_lr}, {end_lr}")
     if num_iter < 5:
@@ -71,7 +83,7 @@ def find_lr(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UsageError("LR finder: the model has no trainable parameters")
-    opt = make_optimizer(params, Switches(), start_lr, name=optimizer)
+    opt = make_optimizer(params, Switches(), start_lr, name=sweep.optimizer)
     # The training engine's step (lungbench.step.TrainStep), eager FP32, this optimizer.
     train_step = TrainStep(model, loss_fn, Switches(), torch.device(device), optimizer=opt)
 
@@ -81,14 +93,8 @@ def find_lr(
     factor = (end_lr / start_lr) ** (1.0 / (num_iter - 1))
     lrs, losses, smoothed = [], [], []
     avg, best, stopped = 0.0, math.inf, False
-    batches = _cycle(
-        DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-        )
-    )
+    opts = LoaderOptions(batch_size, seed=seed)
+    batches = _cycle(make_loader(dataset, opts, torch.device(device)))
     model.train()
     try:
         for i in range(num_iter):

@@ -17,9 +17,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from lungbench.core.errors import look_up_option
+from lungbench.data.loader import LoaderOptions, make_loader
 from lungbench.train.metrics import to_probabilities
 
 View = Callable[[torch.Tensor], torch.Tensor]
@@ -72,7 +73,8 @@ def tta_predict(
     """(probabilities, targets) over `dataset` in order, each averaged over `views`."""
     model = model.to(device)
     probs, targets = [], []
-    for inputs, target in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    loader = make_loader(dataset, LoaderOptions(batch_size, shuffle=False), torch.device(device))
+    for inputs, target in loader:
         inputs = tuple(x.to(device) for x in inputs)
         probs.append(tta_probabilities(model, inputs, task, views).cpu())
         targets.append(target)
