@@ -45,7 +45,7 @@ from torch.utils.data.distributed import DistributedSampler
 from lungbench.core.device import synchronize
 from lungbench.core.environment import allowed_cores
 from lungbench.core.errors import is_oom, look_up_option, message_of
-from lungbench.data.loader import LoaderOptions, make_loader, to_device
+from lungbench.data.loader import LoaderOptions, make_loader
 from lungbench.data.store import StoreDataset, StoreInfo
 from lungbench.distributed.group import (
     DEFAULT_TIMEOUT_S,
@@ -59,9 +59,15 @@ from lungbench.distributed.group import (
     threads_per_rank,
     wrap_model,
 )
-from lungbench.harness.sweep import BenchConfig, measure, refused_for_memory, train_split
+from lungbench.harness.sweep import (
+    BenchConfig,
+    measure,
+    refused_for_memory,
+    timed_epoch,
+    train_split,
+)
 from lungbench.measure.allreduce import fit_alpha_beta
-from lungbench.measure.data_wait import DeviceWaitClock, data_bound
+from lungbench.measure.data_wait import data_bound
 from lungbench.measure.memory import refusal as memory_refusal
 from lungbench.measure.stats import summarize
 from lungbench.measure.timing import (
@@ -71,7 +77,7 @@ from lungbench.measure.timing import (
     set_threads,
     training_step_flops,
 )
-from lungbench.step import NO_TIMER, TrainStep, bce_loss
+from lungbench.step import TrainStep, bce_loss
 from lungbench.switches import apply_memory_format, backend_flags, resolve_switches
 
 SCALINGS = ("weak", "strong")
@@ -318,23 +324,11 @@ def measure_ddp_epoch(
         seed=cfg.workload.seed,
     )
     loader = make_loader(subset, opts, device, sampler=sampler)
-    steps = 0
-    clock = DeviceWaitClock(device)
     barrier(dist)
-    synchronize(device)
-    start = time.perf_counter()
-    clock.start()
-    with backend_flags(step_fn.switches):
-        for batch in loader:
-            inputs, target = to_device(batch, device)
-            clock.batch_ready()
-            step_fn(NO_TIMER, step_fn.prepare_inputs(inputs), target)
-            clock.step_done()
-            steps += 1
-    synchronize(device)  # note: CPU-GPU sync point; the epoch ends when the last kernel does
+    elapsed, data_wait, steps = timed_epoch(loader, step_fn, device)
     return {
-        "epoch_s": time.perf_counter() - start,
-        "epoch_data_wait_s": clock.seconds(),
+        "epoch_s": elapsed,
+        "epoch_data_wait_s": data_wait,
         "epoch_steps": steps,
         "epoch_samples": len(indices),
     }

@@ -203,6 +203,27 @@ def stop_rule(protocol: Protocol) -> StopRule | None:
     return StopRule(protocol.ci_target, protocol.max_repeats, protocol.budget_s)
 
 
+def timed_epoch(loader, step_fn: TrainStep, device: torch.device) -> tuple[float, float, int]:
+    """One epoch of `step_fn` over `loader`, timed: (wall seconds, seconds the device waited
+    for data, steps). The one epoch loop of bench's single-process and DDP epochs (under DDP
+    the caller holds the ranks at a barrier first, so they start together)."""
+    clock = DeviceWaitClock(device)
+    synchronize(device)
+    start = time.perf_counter()
+    clock.start()
+    batches, steps = len(loader), 0
+    with backend_flags(step_fn.switches):
+        for batch in loader:
+            steps += 1
+            report(f"epoch batch {steps}/{batches}")
+            inputs, target = to_device(batch, device)
+            clock.batch_ready()
+            step_fn(NO_TIMER, step_fn.prepare_inputs(inputs), target)
+            clock.step_done()
+    synchronize(device)  # note: CPU-GPU sync point; the epoch ends when the last kernel does
+    return time.perf_counter() - start, clock.seconds(), steps
+
+
 def measure_epoch(
     cfg: BenchConfig, dataset: StoreDataset, indices: np.ndarray, device: torch.device
 ) -> dict[str, Any]:
@@ -230,21 +251,7 @@ def measure_epoch(
         device,
         indices.tolist(),
     )
-    clock = DeviceWaitClock(device)
-    synchronize(device)
-    start = time.perf_counter()
-    clock.start()
-    batches = len(loader)
-    with backend_flags(switches):
-        for k, batch in enumerate(loader):
-            report(f"epoch batch {k + 1}/{batches}")
-            inputs, target = to_device(batch, device)
-            clock.batch_ready()
-            step_fn(NO_TIMER, step_fn.prepare_inputs(inputs), target)
-            clock.step_done()
-    synchronize(device)  # note: CPU-GPU sync point; the epoch ends when the last kernel does
-    elapsed = time.perf_counter() - start
-    data_wait = clock.seconds()
+    elapsed, data_wait, _ = timed_epoch(loader, step_fn, device)
     return {
         "epoch_s": elapsed,
         "epoch_samples": len(indices),
