@@ -433,19 +433,16 @@ def _data_note(cfg: ChestXrayConfig) -> str:
 
 
 def _store(cfg: ChestXrayConfig, run_dir: Path) -> Path:
-    if cfg.store is not None:
-        return Path(cfg.store)
     from lungbench.data.synth2d import write_chestxray_store
 
-    path = run_dir / "data" / "chestxray-synth.h5"
-    if path.exists():  # a resumed run's (stores are written whole: a temporary file, renamed)
-        return path
-    with tqdm(total=cfg.n, desc="generate chest X-rays", unit="image", file=sys.stderr) as bar:
+    def generate(path: Path, progress) -> None:
         write_chestxray_store(
-            path, cfg.n, seed=cfg.train.seed, size=cfg.image_size, progress=bar.update
+            path, cfg.n, seed=cfg.train.seed, size=cfg.image_size, progress=progress
         )
-    log.info(f"data: {cfg.n} generated chest X-rays, {cfg.image_size}x{cfg.image_size} -> {path}")
-    return path
+        log.info(f"data: {cfg.n} generated chest X-rays, {cfg.image_size}x{cfg.image_size}")
+
+    path = run_dir / "data" / "chestxray-synth.h5"
+    return c2d.store_or_generated(cfg.store, path, cfg.n, ("chest X-rays", "image"), generate)
 
 
 def _pretrain(

@@ -6,14 +6,18 @@ checks, label-column selection, the cost table and the "mean% (+/- std%)" tables
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from lungbench.core.errors import UsageError
 from lungbench.data.store import StoreInfo
@@ -202,6 +206,25 @@ def cost_row(
         "per_sample_activations_mib": round(estimate.per_sample / MIB, 2),
         "epochs_timed": len(later),
     }
+
+
+def store_or_generated(
+    store: str | Path | None,
+    path: Path,
+    n: int,
+    what: tuple[str, str],
+    generate: Callable[[Path, Callable[[int], Any]], None],
+) -> Path:
+    """The user's store, or the generated one at `path`: made once by `generate(path,
+    progress)` (`what`: the samples' name and unit on the progress bar), and reused by a
+    resumed run (stores are written whole: a temporary file, renamed)."""
+    if store is not None:
+        return Path(store)
+    if not path.exists():
+        name, unit = what
+        with tqdm(total=n, desc=f"generate {name}", unit=unit, file=sys.stderr) as bar:
+            generate(path, bar.update)
+    return path
 
 
 def fmt_parameters(table: pd.DataFrame) -> pd.DataFrame:

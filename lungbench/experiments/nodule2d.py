@@ -31,7 +31,6 @@ and the evaluated network would call every crop benign (lungbench.train.batchnor
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -39,7 +38,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Subset
-from tqdm import tqdm
 
 from lungbench.core.errors import UsageError, look_up_option
 from lungbench.core.options import nested, option, positive_int
@@ -396,18 +394,15 @@ def _data_note(cfg: Nodule2DConfig) -> str:
 
 
 def _store(cfg: Nodule2DConfig, run_dir: Path) -> Path:
-    if cfg.store is not None:
-        return Path(cfg.store)
     from lungbench.data.synth2d import write_nodule2d_store
 
-    path = run_dir / "data" / "nodule2d-synth.h5"
-    if path.exists():  # a resumed run's (stores are written whole: a temporary file, renamed)
-        return path
-    with tqdm(total=cfg.n, desc="generate nodule slices", unit="crop", file=sys.stderr) as bar:
+    def generate(path: Path, progress) -> None:
         write_nodule2d_store(
-            path, cfg.n, seed=cfg.train.seed, size=cfg.image_size, progress=bar.update
+            path, cfg.n, seed=cfg.train.seed, size=cfg.image_size, progress=progress
         )
-    return path
+
+    path = run_dir / "data" / "nodule2d-synth.h5"
+    return c2d.store_or_generated(cfg.store, path, cfg.n, ("nodule slices", "crop"), generate)
 
 
 def _split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
