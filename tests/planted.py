@@ -19,7 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-PRELUDE = """
+# The first line of every held child's code: the fast tier's guard (conftest.starts_a_run)
+# knows it for a lungbench run, as `-m lungbench` is.
+RUN_MARK = "# a lungbench run held at a planted point (tests/planted.py)"
+
+PRELUDE = (
+    RUN_MARK
+    + """
 import importlib, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (module doc)
 from pathlib import Path
@@ -38,6 +44,7 @@ setattr(module, {function!r}, planted)
 from lungbench.cli import main
 sys.exit(main({argv!r}))
 """
+)
 
 
 def held_after(target: str, marker: Path, argv: list[str], after: int = 1) -> list[str]:

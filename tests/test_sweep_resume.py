@@ -276,6 +276,7 @@ def test_ctrl_c_between_configurations_ends_cleanly_and_resume_finishes(tmp_path
     assert sorted(r["batch_size"] for r in read_records(run)) == [1, 2]
 
 
+@pytest.mark.slow  # a real process
 @pytest.mark.timeout(420)  # above its own subprocess limits, which say what hung
 def test_killed_sweep_resumes_to_the_same_keys(tmp_path, tiny_store):
     """SIGKILL after the first record (held there: a planted point), a torn line, then
