@@ -11,6 +11,7 @@ import math
 import pytest
 
 from lungbench.core.cache import VERSION, cache_dir, read_cache
+from lungbench.experiments import reproduce
 from lungbench.harness import tuning
 from lungbench.measure import peak_cache
 from lungbench.predict import calibration, comm, ddp_probe, devices, forecast, kernels, rank_share
@@ -87,6 +88,10 @@ CASES = {
             {"when": "x"},
         ],
     ),  # fmt: skip
+    reproduce.TIMES_CACHE: (
+        {"wall_s": 12.5, "utc": "2026-12-06T22:00:00+00:00"},
+        [{"wall_s": "12.5"}, {"wall_s": 0}, {"wall_s": math.inf}, {"utc": "x"}, 12.5],
+    ),
     forecast.PROBE_CACHE: (
         PROBE,
         [

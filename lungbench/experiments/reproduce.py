@@ -47,7 +47,13 @@ from typing import Any
 import pandas as pd
 import torch
 
-from lungbench.core.cache import read_cache, where_key, write_cache
+from lungbench.core.cache import (
+    measured_number,
+    read_cache,
+    register_schema,
+    where_key,
+    write_cache,
+)
 from lungbench.core.errors import DataError, LungbenchError, UsageError, look_up_option
 from lungbench.core.options import config_from_dict, config_from_flat
 from lungbench.core.paths import check_name
@@ -75,6 +81,18 @@ log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 NAME = "reproduce"
 STATE_FILE = "reproduce.json"
 TIMES_CACHE = "reproduce_times.json"
+
+
+def _times_entry(entry: Any) -> bool:
+    """A twin's last wall time here: {"wall_s": seconds > 0, "utc": text}."""
+    return (
+        isinstance(entry, dict)
+        and measured_number(entry.get("wall_s"))
+        and isinstance(entry.get("utc", ""), str)
+    )
+
+
+register_schema(TIMES_CACHE, _times_entry)
 
 # Wall seconds of each twin's --quick run inside `lungbench reproduce --quick` (59 s in all
 # with start-up and report), measured on the 2-core development VM (AMD EPYC, torch 2.13.0
@@ -345,8 +363,8 @@ def _times_key(twin: str, quick: bool, device: str) -> str:
 
 def estimate(twin: str, quick: bool, device: str) -> Estimate:
     """The expected wall time of `twin` (see the module docstring for how)."""
-    own = read_cache(TIMES_CACHE).get(_times_key(twin, quick, device))
-    if isinstance(own, Mapping) and isinstance(own.get("wall_s"), (int, float)):
+    own = read_cache(TIMES_CACHE).get(_times_key(twin, quick, device))  # checked: _times_entry
+    if own is not None:
         return Estimate(twin, float(own["wall_s"]), f"measured here {own.get('utc', '')}".strip())
     base = QUICK_SECONDS[twin]
     if quick:
