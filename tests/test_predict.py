@@ -606,7 +606,10 @@ def test_gpu_validation_flow_on_the_cpu(tmp_path, monkeypatch):
     from lungbench.predict.validate_gpu import GPU_QUICK, run_gpu_validation
 
     monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
-    cases = run_gpu_validation(replace(GPU_QUICK, device="cpu", cpu_threads=1), bench_subprocess)
+    cases = run_gpu_validation(
+        replace(GPU_QUICK, source=replace(GPU_QUICK.source, device="cpu"), cpu_threads=1),
+        bench_subprocess,
+    )
     assert cases[0]["kind"] == "source"
     scored = {(c["kind"], c["target"]): c for c in cases[1:]}
     assert set(scored) == {("batch", "cpu f2 b3"), ("filters", "cpu f3 b2")}
@@ -790,7 +793,7 @@ def test_rotated_validation_reports_the_errors_of_the_values_it_wrote(tmp_path, 
         validate,
         "source_from_record",
         lambda r, env, where: SimpleNamespace(
-            key=validate.QUICK.name(), workload=validate.QUICK.source()
+            key=validate.QUICK.name(), workload=validate.QUICK.source
         ),
     )
     cases = validate.run_rotation(validate.QUICK_ROTATION, launch)

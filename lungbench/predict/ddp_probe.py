@@ -11,7 +11,7 @@ more than one rank:
 
     overhead = DDP step - the slower rank's compute (no_sync) - the all-reduce model
 
-    records = run_ddp_bench(DDPRun(preset="default", filters=8, batch=4), launch)  # torchrun
+    records = run_ddp_bench(DDPRun(Workload(filters=8, batch_size=4, threads=1)), launch)
     ddp_overhead_s(launch)                                                 # cached per host
 
 `launch` starts `lungbench bench` (lungbench.commands._launch.bench_subprocess).
@@ -20,12 +20,13 @@ more than one rank:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lungbench.core.cache import measured_number, read_cache, register_schema, write_cache
+from lungbench.measure.workload import Protocol, Workload
 from lungbench.predict.comm import gloo_host_key
 
 log = logging.getLogger(__name__)
@@ -47,21 +48,40 @@ register_schema(
 BenchLaunch = Callable[[list[str], int, "Path | None"], tuple[list[dict[str, Any]], dict[str, Any]]]
 
 
+def bench_args(
+    workload: Workload,
+    protocol: Protocol,
+    batches: Sequence[int] = (),
+    widths: Sequence[int] = (),
+) -> list[str]:
+    """The `lungbench bench` options that measure `workload` by `protocol` (with `batches`
+    and `widths`: a sweep of those instead of its batch and filters): the one place predict
+    spells them."""
+    w, p = workload, protocol
+    sizes = [str(b) for b in batches or [w.batch_size]]
+    filters = [str(f) for f in widths or [w.filters]]
+    args = ["--model", w.model, "--preset", w.preset, "--filters", *filters, "--batch", *sizes]
+    args += ["--device", w.device, "--seed", str(w.seed)]
+    args += ["--threads", str(w.threads)] if w.threads else []
+    args += ["--warmup", str(p.warmup), "--repeats", str(p.repeats)]
+    if p.epoch_samples is not None:
+        args += ["--epoch-samples", str(p.epoch_samples)]
+    return args + ([] if p.epoch else ["--no-epoch"])
+
+
 @dataclass(frozen=True)
 class DDPRun:
-    """One `lungbench bench` under torchrun: 2 CPU ranks of `threads` threads each."""
+    """One `lungbench bench` under torchrun: 2 CPU ranks, each running `workload` (its
+    threads per rank), timed by `protocol`."""
 
-    preset: str = "dey2018"
-    filters: int = 2
-    batch: int = 2
-    threads: int = 1
+    workload: Workload = Workload(preset="dey2018", filters=2, batch_size=2, threads=1)
+    protocol: Protocol = Protocol(warmup=2, repeats=10, epoch=False)
     scaling: str = "weak"
-    warmup: int = 2
-    repeats: int = 10
     extra: tuple[str, ...] = ()  # more bench options (--eager-fp32: the validation's switches)
 
     def describe(self) -> str:
-        return f"{self.preset} f{self.filters} b{self.batch} t{self.threads} x2 ranks"
+        w = self.workload
+        return f"{w.preset} f{w.filters} b{w.batch_size} t{w.threads} x2 ranks"
 
 
 PROBE = DDPRun()
@@ -72,12 +92,8 @@ def run_ddp_bench(
 ) -> list[dict[str, Any]]:
     """The DDP records (world size 2, status ok) of `run`; [] (with a warning) when the
     launch failed."""
-    bench_args = [
-        "--preset", run.preset, "--filters", str(run.filters), "--batch", str(run.batch),
-        "--threads", str(run.threads), "--no-epoch", "--no-baseline", "--scaling", run.scaling,
-        "--warmup", str(run.warmup), "--repeats", str(run.repeats), *run.extra,
-    ]  # fmt: skip
-    records, _ = launch(bench_args, 2, out)
+    args = [*bench_args(run.workload, run.protocol), "--no-baseline", "--scaling", run.scaling]
+    records, _ = launch([*args, *run.extra], 2, out)
     return [r for r in records if r.get("world_size") == 2]
 
 

@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 from lungbench.core.runs import utc_now
 from lungbench.measure.contention import ContentionWatch
-from lungbench.measure.workload import Workload
+from lungbench.measure.workload import Protocol, Workload
 from lungbench.predict import calibration
-from lungbench.predict.ddp_probe import BenchLaunch, DDPRun, run_ddp_bench
+from lungbench.predict.ddp_probe import BenchLaunch, DDPRun, bench_args, run_ddp_bench
 from lungbench.predict.forecast import (
     Prediction,
     Predictor,
@@ -54,10 +54,9 @@ SWITCH_SETS = ("tuned", "eager-fp32")
 class Plan:
     """The source and the targets of one validation."""
 
-    preset: str = "default"
-    filters: int = 8
-    batch: int = 4
-    threads: int = 1
+    source: Workload = Workload(filters=8, batch_size=4, threads=1)
+    # the step only; the epochs have their own run (epoch_targets, epoch_samples)
+    protocol: Protocol = Protocol(warmup=2, repeats=10, epoch=False)
     switches: str = "tuned"  # tuned: the bench's fast defaults; eager-fp32: the baseline
     # Not 1, 2, 8 or 16: batch 1, half and twice the source's batch and twice its width are
     # the probe's own points (operators.probe_operators): a target there would be measured.
@@ -66,8 +65,6 @@ class Plan:
     thread_counts: tuple[int, ...] = (2,)
     ddp: bool = True
     scalings: tuple[str, ...] = ("weak", "strong")  # of the 2-rank targets
-    warmup: int = 2
-    repeats: int = 10
     # A target is measured in `rounds` alternations with the source (measure_pair), and
     # the 2-rank DDP run `ddp_runs` times, each between two measurements of the source.
     rounds: int = 5
@@ -78,12 +75,8 @@ class Plan:
     epoch_samples: int = 72  # whole batches of 2, 3, 4 and 6
 
     def name(self) -> str:
-        return f"{self.preset} f{self.filters} b{self.batch} t{self.threads} {self.switches}"
-
-    def source(self) -> Workload:
-        return Workload(
-            preset=self.preset, filters=self.filters, batch_size=self.batch, threads=self.threads
-        )
+        w = self.source
+        return f"{w.preset} f{w.filters} b{w.batch_size} t{w.threads} {self.switches}"
 
     def switch_set(self) -> Switches:
         if self.switches not in SWITCH_SETS:
@@ -96,47 +89,55 @@ class Plan:
 
     def probe_points(self) -> tuple[set[int], set[int]]:
         """(batches, widths) the source's probe measures: not targets."""
-        return {1, self.batch, max(1, self.batch // 2), 2 * self.batch}, {
-            self.filters,
-            2 * self.filters,
-        }
+        batch, filters = self.source.batch_size, self.source.filters
+        return {1, batch, max(1, batch // 2), 2 * batch}, {filters, 2 * filters}
 
     def targets(self) -> list[tuple[str, Target]]:
         batches, widths = self.probe_points()
         cases = [("batch", Target(batch=b)) for b in self.batches if b not in batches]
         cases += [("filters", Target(filters=f)) for f in self.widths if f not in widths]
-        cases += [("threads", Target(threads=t)) for t in self.thread_counts if t != self.threads]
+        threads = [t for t in self.thread_counts if t != self.source.threads]
+        cases += [("threads", Target(threads=t)) for t in threads]
         if self.ddp:
             for scaling in self.scalings:
-                if scaling == "weak" or self.batch % 2 == 0:
+                if scaling == "weak" or self.source.batch_size % 2 == 0:
                     cases.append(("ranks", Target(ranks=2, threads=1, scaling=scaling)))
         return cases
 
 
 DEFAULT = Plan()
+
+
+def _source(**changes: Any) -> Workload:
+    """The default plan's source with some fields changed."""
+    return replace(DEFAULT.source, **changes)
+
+
 # The rotation: every source differs from another in one of batch, filters, threads or
 # switches; targets avoid each source's probe points (Plan.targets drops any that do not).
 ROTATION = (
     DEFAULT,
-    Plan(batch=2, batches=(3, 6), widths=(6, 12), epoch_targets=((3, 8), (2, 12))),
+    Plan(_source(batch_size=2), batches=(3, 6), widths=(6, 12), epoch_targets=((3, 8), (2, 12))),
     Plan(
-        filters=16,
-        batch=2,
+        _source(filters=16, batch_size=2),
         batches=(3, 6),
         widths=(12, 24),
         epoch_targets=((3, 16), (2, 12)),
     ),  # fmt: skip
-    Plan(threads=2, batches=(3, 6), widths=(6, 12), thread_counts=(1,), epoch_targets=((6, 8),)),
+    Plan(
+        _source(threads=2),
+        batches=(3, 6),
+        widths=(6, 12),
+        thread_counts=(1,),
+        epoch_targets=((6, 8),),
+    ),
     Plan(switches="eager-fp32", batches=(3, 6), widths=(6, 12), epoch_targets=((6, 8),)),
 )
 QUICK = Plan(
-    preset="dey2018",
-    filters=2,
-    batch=2,
+    _source(preset="dey2018", filters=2, batch_size=2),
+    Protocol(warmup=1, repeats=6, epoch=False),
     batches=(3,),
     widths=(3,),
-    repeats=6,
-    warmup=1,
     rounds=3,
     ddp_runs=1,
     scalings=("weak",),  # each scaling's rank contention starts 2 processes: ~30-60 s
@@ -146,7 +147,14 @@ QUICK = Plan(
 # Two tiny sources (tuned and eager), the second without DDP or epochs: short for tests.
 QUICK_ROTATION = (
     QUICK,
-    replace(QUICK, switches="eager-fp32", batch=4, batches=(3,), ddp=False, epoch_targets=()),
+    replace(
+        QUICK,
+        source=replace(QUICK.source, batch_size=4),
+        switches="eager-fp32",
+        batches=(3,),
+        ddp=False,
+        epoch_targets=(),
+    ),
 )
 
 
@@ -163,7 +171,9 @@ def measure_step_s(workload: Workload, plan: Plan) -> float:
     """The median step of `workload` on this CPU (the plan's switches, fixed repeats)."""
     torch.set_num_threads(workload.threads or torch.get_num_threads())
     cpu = torch.device("cpu")
-    return plain_step_s(workload, plan.switch_set(), cpu, plan.warmup, plan.repeats)
+    return plain_step_s(
+        workload, plan.switch_set(), cpu, plan.protocol.warmup, plan.protocol.repeats
+    )
 
 
 def run_rotation(
@@ -193,7 +203,7 @@ def validate_source(
     """Measure the plan's source, predict every target, measure the targets: the cases,
     the source's own first. `launch` starts `lungbench bench` for the epochs and DDP."""
     switches = plan.switch_set()
-    source_workload = plan.source()
+    source_workload = plan.source
     log.info(f"validation source: {plan.name()}")
     step = measure_step_s(source_workload, plan)
     source = source_here(plan.name(), source_workload, switches, step, fresh=True)
@@ -221,7 +231,7 @@ def validate_source(
     with ContentionWatch() as epoch_watch:
         epochs = epoch_cases(plan, predictor, out)
     cases += [c | {"busy": busy_of(epoch_watch)} for c in epochs]
-    torch.set_num_threads(plan.threads)
+    torch.set_num_threads(plan.source.threads or torch.get_num_threads())
     head = {
         "kind": "source",
         "target": plan.name(),
@@ -247,7 +257,7 @@ def epoch_cases(plan: Plan, predictor: Predictor, out: Path | None) -> list[dict
     log.info("measuring epochs (lungbench bench with the real loader)")
     records, environment = measure_epochs(plan, predictor.launch, out)
     key = {(r["batch_size"], r["filters"]): r for r in records if r.get("epoch_s")}
-    source_record = key.get((plan.batch, plan.filters))
+    source_record = key.get((plan.source.batch_size, plan.source.filters))
     if source_record is None:
         log.warning("note: the epoch run measured no source epoch; epochs not validated")
         return []
@@ -258,7 +268,7 @@ def epoch_cases(plan: Plan, predictor: Predictor, out: Path | None) -> list[dict
         pred = predictor.predict(source, target)
         measured = key.get((batch, filters), {}).get("epoch_s")
         epoch = replace(pred, step_s=pred.epoch_s, interval=pred.epoch_interval)
-        cases.append(case("epoch", f"f{filters} b{batch} t{plan.threads} epoch of "
+        cases.append(case("epoch", f"f{filters} b{batch} t{plan.source.threads} epoch of "
                           f"{plan.epoch_samples}", epoch, measured))  # fmt: skip
     return cases
 
@@ -267,17 +277,13 @@ def measure_epochs(
     plan: Plan, launch: BenchLaunch | None, out: Path | None
 ) -> tuple[list[dict], dict[str, Any]]:
     """(ok records, environment) of `lungbench bench` over the source and the epoch targets."""
-    batches = sorted({plan.batch, *(b for b, _ in plan.epoch_targets)})
-    widths = sorted({plan.filters, *(f for _, f in plan.epoch_targets)})
-    bench_args = [
-        "--preset", plan.preset, "--batch", *map(str, batches), "--filters", *map(str, widths),
-        "--threads", str(plan.threads), "--epoch-samples", str(plan.epoch_samples),
-        "--warmup", str(plan.warmup), "--repeats", str(plan.repeats), "--no-tune",
-        *plan.bench_switches(),
-    ]  # fmt: skip
+    batches = sorted({plan.source.batch_size, *(b for b, _ in plan.epoch_targets)})
+    widths = sorted({plan.source.filters, *(f for _, f in plan.epoch_targets)})
+    protocol = replace(plan.protocol, epoch=True, epoch_samples=plan.epoch_samples)
+    args = [*bench_args(plan.source, protocol, batches, widths), "--no-tune"]
     if launch is None:
         return [], {}
-    return launch(bench_args, 1, out)
+    return launch([*args, *plan.bench_switches()], 1, out)
 
 
 def measure_pair(source: Workload, target: Workload, plan: Plan) -> tuple[float, float]:
@@ -289,13 +295,13 @@ def measure_pair(source: Workload, target: Workload, plan: Plan) -> tuple[float,
     cpu = torch.device("cpu")
     switches = plan.switch_set()
     timers = [(w.threads, step_timer(w, switches, cpu)) for w in (source, target)]
-    block = max(plan.repeats // 2, 3)
+    block = max(plan.protocol.repeats // 2, 3)
     rounds: list[tuple[float, float]] = []
     for _ in range(plan.rounds):
         medians = []
         for threads, time_steps in timers:
             torch.set_num_threads(threads or torch.get_num_threads())
-            time_steps(1 if rounds else plan.warmup)  # the pool wakes, the caches refill
+            time_steps(1 if rounds else plan.protocol.warmup)  # the pool wakes, caches refill
             medians.append(statistics.median(time_steps(block)))
         rounds.append((medians[0], medians[1]))
     torch.set_num_threads(source.threads or torch.get_num_threads())
@@ -340,10 +346,7 @@ def measure_ddp(
     ratio to the source's step measured just before and after it, per scaling: the median
     over `plan.ddp_runs` runs. {scaling: ratio}; {} when the launch failed."""
     log.info("measuring the 2-rank DDP run (torchrun, Gloo)")
-    run = DDPRun(
-        plan.preset, plan.filters, plan.batch, 1, "both", plan.warmup, plan.repeats,
-        tuple(plan.bench_switches()),
-    )  # fmt: skip
+    run = DDPRun(replace(source, threads=1), plan.protocol, "both", tuple(plan.bench_switches()))
     ratios: dict[str, list[float]] = {}
     for i in range(plan.ddp_runs):
         before = measure_step_s(source, plan)

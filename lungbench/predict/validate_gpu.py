@@ -26,8 +26,9 @@ import torch
 
 from lungbench.core.errors import UsageError
 from lungbench.core.runs import utc_now
+from lungbench.measure.workload import Protocol, Workload
 from lungbench.predict import calibration
-from lungbench.predict.ddp_probe import BenchLaunch
+from lungbench.predict.ddp_probe import BenchLaunch, bench_args
 from lungbench.predict.devices import load_profiles
 from lungbench.predict.forecast import Predictor, Target, source_from_record
 from lungbench.predict.validate import case
@@ -39,20 +40,24 @@ log = logging.getLogger(__name__)
 class GPUPlan:
     """The source configuration and the targets of one GPU validation."""
 
-    preset: str = "default"
-    filters: int = 8
-    batch: int = 4
+    # its device: the accelerator ("cuda"; "cpu" only in tests, the flow without a GPU)
+    source: Workload = Workload(filters=8, batch_size=4, device="cuda")
+    protocol: Protocol = Protocol(warmup=5, repeats=20, epoch=False)
     batches: tuple[int, ...] = (2, 8, 16, 32)
     widths: tuple[int, ...] = (4, 16, 24)
-    warmup: int = 5
-    repeats: int = 20
-    device: str = "cuda"  # the accelerator; "cpu" only in tests (the flow without a GPU)
     cpu_threads: int | None = None  # the CPU source's threads (None: every core)
+
+    @property
+    def device(self) -> str:
+        return self.source.device
 
 
 GPU_DEFAULT = GPUPlan()
 GPU_QUICK = GPUPlan(
-    preset="dey2018", filters=2, batch=2, batches=(3,), widths=(3,), warmup=1, repeats=3
+    Workload(preset="dey2018", filters=2, batch_size=2, device="cuda"),
+    Protocol(warmup=1, repeats=3, epoch=False),
+    batches=(3,),
+    widths=(3,),
 )
 
 
@@ -83,16 +88,17 @@ def run_gpu_validation(plan: GPUPlan, launch: BenchLaunch, out: Path | None = No
         raise UsageError("--validate --gpu: no CUDA device on this machine")
     gpu_records, gpu_environment = measure(plan, plan.device, launch, out)
     key = {(r["batch_size"], r["filters"]): r for r in gpu_records}
-    source_record = key.get((plan.batch, plan.filters))
+    w = plan.source
+    source_record = key.get((w.batch_size, w.filters))
     if source_record is None:
         raise UsageError(
             f"--validate --gpu: the {plan.device} bench measured no source configuration "
-            f"(f{plan.filters} b{plan.batch}); see the warnings above"
+            f"(f{w.filters} b{w.batch_size}); see the warnings above"
         )
     predictor = Predictor(launch=launch)
     source = source_from_record(source_record, gpu_environment, "GPU validation")
     cases: list[dict[str, Any]] = [
-        {"kind": "source", "target": f"{plan.preset} f{plan.filters} b{plan.batch} on "
+        {"kind": "source", "target": f"{w.preset} f{w.filters} b{w.batch_size} on "
          f"{plan.device}", "measured_s": source_record["step_s_median"],
          "note": "GPU targets from one bench run; CPU -> GPU through the GPU's profile"},
     ]  # fmt: skip
@@ -139,15 +145,11 @@ def measure(
     """(ok records, environment) of the source and its targets on `device`: one bench of
     the batches at the source's width, one of the widths at its batch."""
     log.info(f"measuring the validation's configurations on {device} (lungbench bench)")
-    common = [
-        "--device", device, "--preset", plan.preset, "--no-epoch", "--no-tune",
-        "--warmup", str(plan.warmup), "--repeats", str(plan.repeats),
-    ]  # fmt: skip
-    if device == "cpu" and plan.cpu_threads:
-        common += ["--threads", str(plan.cpu_threads)]
+    threads = plan.cpu_threads if device == "cpu" else None
+    source = replace(plan.source, device=device, threads=threads)
     grids = [
-        (sorted({plan.batch, *plan.batches}), [plan.filters]),
-        ([plan.batch], sorted({plan.filters, *plan.widths})),
+        (sorted({source.batch_size, *plan.batches}), [source.filters]),
+        ([source.batch_size], sorted({source.filters, *plan.widths})),
     ]
     records: list[dict] = []
     seen: set[tuple[int, int]] = set()  # (batch, filters) already in records
@@ -155,7 +157,7 @@ def measure(
     for i, (batches, widths) in enumerate(grids):
         if len(batches) == 1 and len(widths) == 1 and records:
             continue  # the source alone: measured by the first run already
-        args = [*common, "--batch", *map(str, batches), "--filters", *map(str, widths)]
+        args = [*bench_args(source, plan.protocol, batches, widths), "--no-tune"]
         if launch is None:
             break
         found, environment = launch(args, 1, None if out is None else out / f"{device}-{i + 1}")
