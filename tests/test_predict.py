@@ -302,6 +302,18 @@ def test_a_user_profile_and_a_malformed_one(tmp_path):
         parse_profile('name = "x"\nkind = "cuda"\n[peak_flops]\nfp32 = { value = 1 }\n', "x.toml")
 
 
+@pytest.mark.parametrize("value", ["nan", "-74.5e9", "inf"])
+def test_a_measured_profile_takes_0_as_a_placeholder_but_no_impossible_number(value):
+    """The CPU's profile is measured when used, its 0s are placeholders; a NaN or a negative
+    number written into one is still refused (it would be silently replaced)."""
+    text = (Path(__file__).parents[1] / "lungbench/predict/devices/cpu.toml").read_text()
+    assert parse_profile(text, "cpu.toml").measured
+    bad = text.replace("fp32 = { value = 0,", f"fp32 = {{ value = {value},", 1)
+    assert bad != text
+    with pytest.raises(DataError, match=r"\[peak_flops\] fp32 = .*must be a finite number"):
+        parse_profile(bad, "mine.toml")
+
+
 # ---- the command -----------------------------------------------------------------------------
 
 

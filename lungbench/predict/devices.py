@@ -124,8 +124,8 @@ FRACTIONS = {("efficiency", "compute"), ("efficiency", "memory")}
 
 
 def _value(table: dict[str, Any], section: str, key: str, where: str) -> tuple[float, str]:
-    """The number and its source; a profile measured when used (the CPU's) has 0s as
-    placeholders, any other must have numbers a device can have."""
+    """The number and its source: a number a device can have, or in a profile measured when
+    used (the CPU's) 0 as a placeholder (a NaN or a negative number is refused there too)."""
     try:
         entry = table[section][key]
         raw, source = entry["value"], str(entry["source"])
@@ -138,8 +138,8 @@ def _value(table: dict[str, Any], section: str, key: str, where: str) -> tuple[f
         ) from None
     if not source.strip():
         raise DataError(f"{where}: [{section}] {key} has no source")
-    if table.get("measured") is True:
-        return value, source
+    if table.get("measured") is True and value == 0:
+        return value, source  # a placeholder: measured when the profile is used
     if (section, key) in FRACTIONS:
         allowed, ok = "above 0 and at most 1", 0 < value <= 1
     elif (section, key) in MAY_BE_ZERO:
