@@ -170,11 +170,40 @@ def test_a_twin_folder_inside_is_kept(tmp_path):
     runlock.unlock_run(run)
 
 
-@pytest.mark.parametrize("entry", [[], {"status": 3}, {"attempts": "two"}, {"run_dir": 7}])
-def test_a_twin_entry_of_the_wrong_type_is_one_line(tmp_path, entry):
+@pytest.mark.parametrize(
+    "entry, says",
+    [
+        ([], "not an object"),
+        ({"status": 3}, "field 'status' is 3"),
+        ({"attempts": "two"}, "field 'attempts'"),
+        ({"run_dir": 7}, "field 'run_dir'"),
+        ({"colour": "red"}, "unknown field 'colour'"),
+        ({"estimate_s": float("nan")}, "field 'estimate_s' is nan, not a finite number"),
+        ({"wall_s": -3.0}, "field 'wall_s' is -3.0"),
+    ],
+)
+def test_a_twin_entry_of_the_wrong_type_is_one_line_in_words(tmp_path, entry, says):
     run = _reproduction(tmp_path, None)
     state = json.loads((run / reproduce.STATE_FILE).read_text())
     state["twins"]["mosmed"] = entry
-    write_json(run / reproduce.STATE_FILE, state)
-    with pytest.raises(DataError, match="not a readable reproduction"):
+    (run / reproduce.STATE_FILE).write_text(json.dumps(state))  # NaN as JSON writers spell it
+    with pytest.raises(DataError, match="not a readable reproduction") as err:
         reproduce.plan_resume(run, tmp_path)
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ({"twins": []}, "'config' and 'twins' objects"),
+        ({"config": ["mosmed"]}, "config is list"),
+        ({"config": {"twins": ["speedupp"], "quick": True, "device": "cpu"}}, "unknown twin"),
+    ],
+)
+def test_a_reproduce_json_of_the_wrong_shape_names_the_file_in_words(tmp_path, change, says):
+    run = _reproduction(tmp_path, None)
+    state = json.loads((run / reproduce.STATE_FILE).read_text())
+    write_json(run / reproduce.STATE_FILE, {**state, **change})
+    with pytest.raises(DataError, match="reproduce.json") as err:
+        reproduce.plan_resume(run, tmp_path)
+    assert says in str(err.value) and "--only" not in str(err.value)

@@ -314,6 +314,16 @@ def test_a_measured_profile_takes_0_as_a_placeholder_but_no_impossible_number(va
         parse_profile(bad, "mine.toml")
 
 
+def test_a_device_file_that_says_measured_is_refused(tmp_path):
+    """`measured = true` stands for this machine's CPU: a user's file with it would be
+    replaced by this machine's numbers without a word."""
+    text = (Path(__file__).parents[1] / "lungbench/predict/devices/cpu.toml").read_text()
+    mine = tmp_path / "othercpu.toml"
+    mine.write_text(text.replace('name = "cpu"', 'name = "othercpu"'))
+    with pytest.raises(DataError, match="measured = true means"):
+        load_profiles([str(mine)])
+
+
 # ---- the command -----------------------------------------------------------------------------
 
 

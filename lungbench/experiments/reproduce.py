@@ -38,6 +38,7 @@ takes far less.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -491,6 +492,8 @@ def _resume_plan(run: str | Path, run_dir: Path) -> Plan:
     try:
         info = read_json(run_dir / RUN_FILE)
         state = read_json(run_dir / STATE_FILE)
+        if not isinstance(state, dict) or not isinstance(state.get("twins"), dict):
+            raise TypeError("needs an object with 'config' and 'twins' objects")
         config = _saved_config(state["config"])
         states = {n: _twin_state(state["twins"].get(n, {})) for n in config.twins}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -588,9 +591,14 @@ _STATE_TYPES = {
 
 def _saved_config(data: Any) -> ReproduceConfig:
     """reproduce.json's "config", its types checked (TypeError / ValueError name the field)."""
+    if not isinstance(data, dict):
+        raise TypeError(f"config is {type(data).__name__}, not an object")
     twins, quick, device = data["twins"], data["quick"], data["device"]
     if not isinstance(twins, list) or not all(isinstance(t, str) for t in twins):
         raise TypeError(f"config.twins is {twins!r}, not a list of twin names")
+    unknown = [t for t in twins if t not in TWINS]
+    if unknown:
+        raise ValueError(f"config.twins: unknown twin {unknown[0]!r}; known: {', '.join(TWINS)}")
     if not isinstance(quick, bool):
         raise TypeError(f"config.quick is {quick!r}, not true or false")
     if not isinstance(device, str):
@@ -609,10 +617,16 @@ def _twin_state(data: Mapping[str, Any]) -> TwinState:
     if not isinstance(data, Mapping):
         raise TypeError(f"a twin's entry is {type(data).__name__}, not an object")
     for key, value in data.items():
-        if key in _STATE_TYPES and (
-            not isinstance(value, _STATE_TYPES[key]) or isinstance(value, bool)
-        ):
+        if key not in _STATE_TYPES:
+            raise TypeError(
+                f"unknown field {key!r} in a twin's entry; known: {', '.join(_STATE_TYPES)}"
+            )
+        if not isinstance(value, _STATE_TYPES[key]) or isinstance(value, bool):
             raise TypeError(f"field {key!r} is {value!r}")
+        if isinstance(value, float) and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"field {key!r} is {value!r}, not a finite number >= 0")
+        if key == "attempts" and value < 0:
+            raise ValueError(f"field 'attempts' is {value!r}, not a count")
     return TwinState(**data)
 
 

@@ -213,6 +213,12 @@ def load_profiles(files: list[str] | tuple[str, ...] = ()) -> dict[str, DevicePr
         except (OSError, UnicodeDecodeError) as exc:
             raise DataError(f"--device-file {path}: not a UTF-8 text file ({exc})") from None
         profile = parse_profile(text, str(path))
+        if profile.measured:  # it would be replaced by this machine's CPU, its numbers unused
+            raise DataError(
+                f"--device-file {path}: measured = true means 'this machine's CPU, measured "
+                "when used' (the shipped cpu profile); a profile of another device needs "
+                "measured = false and that device's numbers"
+            )
         profiles[profile.name] = profile
     return profiles
 
