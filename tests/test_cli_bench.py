@@ -51,6 +51,7 @@ def test_tiny_sweep_writes_every_file(tmp_path, capsys, tiny_store):
         "2",
         "4",
         "2",  # given twice: measured once
+        "--no-tune",  # tuning has its own tests (test_tuning); this one is about the files
     )
     assert code == 0, err
     run = tmp_path / "tiny"
