@@ -17,6 +17,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 # The first line of every held child's code: the fast tier's guard (conftest.starts_a_run)
@@ -72,3 +73,33 @@ def wait_for_marker(marker: Path, job: subprocess.Popen, limit_s: float = 240) -
         assert job.poll() is None, f"the child ended (exit {job.returncode}) before its point"
         assert time.monotonic() < deadline, f"the child did not reach its point in {limit_s} s"
         time.sleep(0.02)
+
+
+def signalled_at(
+    target: str,
+    marker: Path,
+    argv: list[str],
+    signum: int,
+    cwd: Path,
+    env: Mapping[str, str],
+) -> tuple[int, str]:
+    """Run `lungbench ARGV` held after `target`'s first return (held_after), send it
+    `signum` there, let it go and wait: (exit code, stderr). The child is killed if the test
+    fails before it ends."""
+    job = subprocess.Popen(
+        held_after(target, marker, argv),
+        cwd=cwd,
+        env=dict(env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_marker(marker, job)
+        job.send_signal(signum)
+        let_go(marker)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    return job.returncode, err

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from planted import held_after, let_go, wait_for_marker
+from planted import held_after, signalled_at, wait_for_marker
 from torch import nn
 
 from lungbench.cli import main
@@ -249,25 +249,10 @@ def test_ctrl_c_between_configurations_ends_cleanly_and_resume_finishes(tmp_path
                str(tiny_store), "--out", str(tmp_path), "--threads", "1"]  # fmt: skip
     marker = tmp_path / "first-record"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    job = subprocess.Popen(
-        held_after(
-            "lungbench.core.runs:append_record", marker, ["bench", *options, "--run-id", "c"]
-        ),
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_for_marker(marker, job)
-        job.send_signal(signal.SIGINT)
-        let_go(marker)
-        _, err = job.communicate(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 130, err[-800:]
+    argv = ["bench", *options, "--run-id", "c"]
+    target = "lungbench.core.runs:append_record"
+    code, err = signalled_at(target, marker, argv, signal.SIGINT, tmp_path, env)
+    assert code == 130, err[-800:]
     run = tmp_path / "c"
     assert read_json(run / "run.json")["status"] == "interrupted"
     assert [r["batch_size"] for r in read_records(run)] == [1]
@@ -406,23 +391,10 @@ def test_training_stopped_by_sigterm_and_resumed_matches_uninterrupted(tmp_path,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
     marker = tmp_path / "first-epoch-written"  # held there: the signal lands in epoch 2
-    job = subprocess.Popen(
-        held_after("lungbench.train.engine:_write_epoch", marker, [*base, "--run-id", "cut"]),
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_for_marker(marker, job)
-        job.send_signal(signal.SIGTERM)
-        let_go(marker)
-        _, err = job.communicate(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 143, err[-500:]
+    argv = [*base, "--run-id", "cut"]
+    target = "lungbench.train.engine:_write_epoch"
+    code, err = signalled_at(target, marker, argv, signal.SIGTERM, tmp_path, env)
+    assert code == 143, err[-500:]
     checkpoint = tmp_path / "cut" / "checkpoint_last.pt"
     # the message names the run folder (a run folder continues in place); a checkpoint
     # file is still accepted, into a new run folder, as below
