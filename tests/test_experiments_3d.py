@@ -42,6 +42,17 @@ def cv_stores(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def small_stores(tmp_path_factory):
+    """Tiny LUNGx-like and LIDC-like stores (6 nodules each) on the dey2018 grid, for the
+    fast tests that are refused or fail before any training."""
+    root = tmp_path_factory.mktemp("small_stores")
+    lungx, lidc = root / "lungx.h5", root / "lidc.h5"
+    write_synthetic_store(lungx, "lungx", 6, geometry("dey2018"), seed=0, workers=1)
+    write_synthetic_store(lidc, "lidc", 6, geometry("dey2018"), seed=1, workers=1)
+    return lungx, lidc
+
+
+@pytest.fixture(scope="module")
 def quick_cv(out_root, cv_stores):
     """One `lungbench train lungx-cv --quick` run (with pre-training) on the small stores."""
     lungx, lidc = cv_stores
@@ -230,8 +241,8 @@ def test_resume_from_a_corrupt_checkpoint(quick_cv, tmp_path, capsys):
     assert set((root / "data").glob("*")) == data_before  # no data generated either
 
 
-def test_lidc_store_on_another_grid_is_rejected_before_pretraining(cv_stores, tmp_path, capsys):
-    lungx, _ = cv_stores
+def test_lidc_store_on_another_grid_is_rejected_before_pretraining(small_stores, tmp_path, capsys):
+    lungx, _ = small_stores
     other = tmp_path / "lidc_default.h5"
     write_synthetic_store(other, "lidc", 4, geometry("default"), seed=2, workers=1)
     code = main(
@@ -380,14 +391,14 @@ def test_lungx_cv_write_folds_needs_a_store(tmp_path, capsys):
     assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
 
 
-def test_failure_after_the_run_folder_is_marked_failed(cv_stores, tmp_path, monkeypatch):
+def test_failure_after_the_run_folder_is_marked_failed(small_stores, tmp_path, monkeypatch):
     from lungbench.experiments import lidc_pretrain
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full\nmore detail")
 
     monkeypatch.setattr(lidc_pretrain, "pretrain", broken)
-    argv = ["train", "lidc-pretrain", "--quick", "--store", str(cv_stores[1])]
+    argv = ["train", "lidc-pretrain", "--quick", "--store", str(small_stores[1])]
     with pytest.raises(RuntimeError):
         main([*argv, "--out", str(tmp_path), "--run-id", "lp", "--no-progress"])
     info = json.loads((tmp_path / "lp" / "run.json").read_text())

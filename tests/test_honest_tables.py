@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import numpy as np
 import pandas as pd
+import pytest
 
 from lungbench.cli import main
 from lungbench.core.runs import read_json, read_records
 
 
-def _bench(tmp_path, capsys, tiny_store, *extra):
+@pytest.fixture(scope="module")
+def partial_run(tmp_path_factory, tiny_store):
+    """One tiny sweep with a partial epoch (6 samples), read by every test here: the run
+    folder and what it printed."""
+    out = tmp_path_factory.mktemp("honest")
     argv = ["bench", "--preset", "dey2018", "--filters", "2", "--batch", "2", "4"]
     argv += ["--repeats", "3", "--warmup", "1", "--store", str(tiny_store), "--no-tune"]
-    assert main([*argv, "--out", str(tmp_path), "--run-id", "h", *extra]) == 0
-    return tmp_path / "h", capsys.readouterr().out
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main([*argv, "--out", str(out), "--run-id", "h", "--epoch-samples", "6"])
+    assert code == 0
+    return out / "h", printed.getvalue()
 
 
-def test_long_form_measurements_round_trip_through_pandas(tmp_path, capsys, tiny_store):
-    run, _ = _bench(tmp_path, capsys, tiny_store, "--epoch-samples", "6")
+def test_long_form_measurements_round_trip_through_pandas(partial_run):
+    run, _ = partial_run
     records = {r["key"]: r for r in read_records(run)}
     long = pd.read_csv(run / "tables" / "measurements.csv")
     assert set(long["unit"]) == {"s"}
@@ -31,8 +42,8 @@ def test_long_form_measurements_round_trip_through_pandas(tmp_path, capsys, tiny
     assert len(wide) == len(records)
 
 
-def test_records_carry_provenance_and_partial_epochs_say_so(tmp_path, capsys, tiny_store):
-    run, out = _bench(tmp_path, capsys, tiny_store, "--epoch-samples", "6")
+def test_records_carry_provenance_and_partial_epochs_say_so(partial_run):
+    run, out = partial_run
     env = read_json(run / "environment.json")
     for r in read_records(run):
         assert r["environment_file"] == "environment.json"
