@@ -148,7 +148,7 @@ def test_profile_keeps_its_options_and_shares_the_switches():
 
 def test_no_options_give_the_default_request():
     args = _parser(bench, "bench").parse_args([])
-    assert config_from_args(args, BenchRequest, {}, {}) == BenchRequest()
+    assert config_from_args(args, BenchRequest) == BenchRequest()
     assert asked_switches(BenchRequest(), False, ["cpu"]) == BenchRequest()
 
 
@@ -156,7 +156,7 @@ def test_no_options_give_the_default_request():
 def test_options_round_trip_the_request(request_):
     argv = _argv(BenchRequest, request_)
     args = _parser(bench, "bench").parse_args(argv)
-    assert config_from_args(args, BenchRequest, {}, {}) == request_, argv
+    assert config_from_args(args, BenchRequest) == request_, argv
 
 
 def test_aliases_repeats_and_the_forced_switches():
@@ -164,7 +164,7 @@ def test_aliases_repeats_and_the_forced_switches():
     argv = ["--batch", "4", "2", "4", "--device", "cpu", "cuda", "cpu", "--workers", "3"]
     argv += ["--threads", "2", "2", "--filters", "8", "8", "--dtype", "bf16", "--tf32"]
     args = parser.parse_args(argv)
-    request = asked_switches(config_from_args(args, BenchRequest, {}, {}), False, ("cpu", "cuda"))
+    request = asked_switches(config_from_args(args, BenchRequest), False, ("cpu", "cuda"))
     assert request.batch_sizes == (4, 2) and request.devices == ("cpu", "cuda")
     assert request.threads == (2,) and request.filters == (8,) and request.num_workers == 3
     assert request.strict_switches == ("dtype",)  # tf32 is CUDA-only: meant for the CUDA rows
@@ -186,7 +186,7 @@ def test_sweep_files_parse(path):
     request = apply_sweep_file(path, BenchRequest(), BenchRequest())
     assert isinstance(request, BenchRequest) and request != BenchRequest()
     args = _parser(bench, "bench").parse_args(["--config", str(path), "--repeats", "3"])
-    given = config_from_args(args, BenchRequest, {}, {})
+    given = config_from_args(args, BenchRequest)
     merged, resume = apply_resume_and_config(given, BenchRequest(), args.config, args.resume)
     assert resume is None and merged.repeats == 3  # the command line wins over the file
     assert dataclasses.replace(merged, repeats=request.repeats) == request
@@ -215,8 +215,54 @@ def test_an_old_run_folder_resumes_with_the_generated_options(tmp_path):
     shutil.copytree(REPO / "tests" / "fixtures" / "bench-v0.1.0", run)
     parser = _parser(bench, "bench")
     args = parser.parse_args(["--resume", str(run), "--filters", "2"])
-    given = asked_switches(config_from_args(args, BenchRequest, {}, {}), False, ["cpu"])
+    given = asked_switches(config_from_args(args, BenchRequest), False, ["cpu"])
     request, point = apply_resume_and_config(given, BenchRequest(), None, args.resume)
     assert point is not None and point.run_dir == run
     assert request.filters == (2,) and request.batch_sizes == (2, 4) and request.repeats == 2
     assert request.tune is True and request.ci_target_pct == 3.0  # fields the old run lacks
+
+
+def _parser_of(*names: str) -> argparse.ArgumentParser:
+    """The parser of `lungbench NAME [SUBNAME]` (the lazy command table loads it)."""
+    from lungbench import cli
+
+    parser = cli.build_parser()
+    for name in names:
+        (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        parser = sub.load(name) if hasattr(sub, "load") else sub.choices[name]
+    return parser
+
+
+def _action(parser: argparse.ArgumentParser, flag: str) -> argparse.Action:
+    (action,) = [a for a in parser._actions if flag in a.option_strings]
+    return action
+
+
+def test_the_workload_is_declared_once_on_workload_and_protocol():
+    """bench, profile, predict and the training recipes take the workload's options as
+    Workload / Protocol declare them: one flag, one value parser, one help text."""
+    from lungbench.core.options import declared_option
+    from lungbench.measure.workload import Protocol, Workload
+
+    parsers = {
+        "bench": _parser_of("bench"),
+        "profile": _parser_of("profile"),
+        "predict": _parser_of("predict"),
+        "train": _parser_of("train", "lidc-pretrain"),
+    }
+    where = {
+        (Workload, "batch_size"): ("bench", "profile", "predict", "train"),
+        (Workload, "filters"): ("bench", "profile", "predict"),
+        (Workload, "threads"): ("bench", "profile", "predict"),
+        (Workload, "seed"): ("bench", "profile"),
+        (Protocol, "warmup"): ("bench",),
+        (Protocol, "epoch_samples"): ("bench", "predict"),
+    }
+    for (cls, name), commands in where.items():
+        declared = declared_option(cls, name)
+        for command in commands:
+            action = _action(parsers[command], declared.flag_of(name))
+            assert action.type.__wrapped__ is declared.type, (command, name)
+    assert _action(parsers["profile"], "--filters").help.startswith("base width (default: 16)")
+    assert _action(parsers["predict"], "--filters").nargs == "+"
+    assert _action(parsers["bench"], "--device").metavar == "DEVICE"

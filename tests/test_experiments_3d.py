@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -261,7 +262,8 @@ def test_default_pretraining_store_is_on_the_lungx_grid_with_other_nodules(tmp_p
     from lungbench.commands.train import lungx_cv as command
     from lungbench.experiments import common3d, lidc_pretrain, lungx_cv
 
-    monkeypatch.setitem(lidc_pretrain.QUICK, "synth_n", 6)  # tiny n
+    # tiny n; lungx_cv reads lidc_pretrain.QUICK when it runs
+    monkeypatch.setattr(lidc_pretrain, "QUICK", replace(lidc_pretrain.QUICK, synth_n=6))
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     args = parser.parse_args(["--quick", "--synth-n", "6", "--out", str(tmp_path)])
@@ -342,8 +344,8 @@ def test_mosmed_memory_is_measured_on_cuda_and_estimated_on_cpu(tmp_path):
 def test_mosmed_full_defaults_can_stop_early_or_run_all_epochs():
     from lungbench.experiments import mosmed
 
-    patience = mosmed.FULL["patience"]
-    assert patience is None or patience < mosmed.FULL["epochs"]
+    patience = mosmed.FULL.train.patience
+    assert patience is None or patience < mosmed.FULL.train.epochs
 
 
 def _cv_config(tmp_path, *argv):

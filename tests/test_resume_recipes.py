@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from lungbench.cli import main
-from lungbench.core.options import config_from_flat
 from lungbench.data.geometry import geometry
 from lungbench.data.synth import write_synthetic_store
 from lungbench.data.synth2d import write_chestxray_store
@@ -92,10 +91,10 @@ def test_chestxray_stopped_keeps_finished_fits_and_resumes_the_rest(
 
 def test_chestxray_quick_grid_is_eight_fits():
     """--quick: 2 folds x (A, the middle B depth, C, D), not 5 x (A, 3 B depths, C, D)."""
-    cfg = config_from_flat(chestxray.ChestXrayConfig, {**chestxray.FULL, **chestxray.QUICK})
+    cfg = chestxray.QUICK
     assert [m.label for m in chestxray.methods_of(cfg)] == ["A", "B_9", "C", "D"]
     assert cfg.folds == 2
-    full = config_from_flat(chestxray.ChestXrayConfig, dict(chestxray.FULL))
+    full = chestxray.FULL
     assert [m.label for m in chestxray.methods_of(full)] == ["A", "B_10", "B_22", "B_40", "C", "D"]
     assert full.folds == 5
 

@@ -19,7 +19,7 @@ from lungbench.commands._options import (
     shown_value,
 )
 from lungbench.commands.train import EXPERIMENT_MODULES
-from lungbench.core.options import nested, option, positive_int
+from lungbench.core.options import flat_values, nested, option, positive_int, replaced
 
 # Every option each recipe had when they were written by hand: none may go missing.
 FLAGS = {
@@ -81,42 +81,41 @@ def test_every_declared_option_is_in_help_with_its_defaults(module_name):
     helped = _squeezed(parser.format_help())
     shown = list(shown_options(cls))
     assert shown, cls
+    fulls, quicks = flat_values(full), flat_values(quick)
+    assert any(quicks[item.name] != fulls[item.name] for item in shown)
     for item in shown:
-        spec, value = item.option, full.get(item.name, item.default)
+        spec, value, quick_value = item.option, fulls[item.name], quicks[item.name]
         assert spec.flag_of(item.name) in flags, item.name
-        text = help_text(spec, value, quick.get(item.name, dataclasses.MISSING))
+        differs = quick_value != value
+        text = help_text(spec, value, quick_value if differs else dataclasses.MISSING)
         assert _squeezed(text) in helped, (item.name, text)
         said = spec.default_text or shown_value(value)
         assert _squeezed(f"(default:{said}") in _squeezed(text), item.name
-        if item.name in quick and not spec.default_text:
-            assert _squeezed(f"--quick:{shown_value(quick[item.name])}") in _squeezed(text)
+        if differs and not spec.default_text:  # --quick's value, said where it differs only
+            assert _squeezed(f"--quick:{shown_value(quick_value)}") in _squeezed(text)
 
 
 @pytest.mark.parametrize("module_name", EXPERIMENT_MODULES)
 @pytest.mark.parametrize("mode", ["full", "quick"])
 def test_no_options_give_the_full_or_quick_config(module_name, mode):
     command, cls, full, quick, parser = _recipe(module_name)
+    assert isinstance(full, cls) and isinstance(quick, cls)
     argv = ["--quick"] if mode == "quick" else []
     cfg = command.make_config(parser.parse_args(argv))
-    assert isinstance(cfg, cls)
-    expected = {**full, **quick} if mode == "quick" else full
-    for name, value in expected.items():
-        assert _value(cfg, name) == value, name
-    for item in shown_options(cls):  # options without a FULL value keep the field default
-        if item.name not in expected:
-            assert _value(cfg, item.name) == item.default, item.name
+    assert cfg == (quick if mode == "quick" else full)
 
 
 def _argv(cls, cfg, full) -> list[str]:
     """The options that say `cfg`'s values on the command line (without --quick)."""
     argv = []
+    fulls = flat_values(full)
     for item in shown_options(cls):
         spec, value = item.option, _value(cfg, item.name)
         flag = spec.flag_of(item.name)
         if value in (None, ()) or spec.convert is not None:
             continue  # the default already (None, ()), or said in another form (tested apart)
         if isinstance(value, bool):
-            if value != full.get(item.name, item.default):
+            if value != fulls[item.name]:
                 argv.append(flag)
         elif isinstance(value, tuple):
             argv += [flag, *map(str, value)]
@@ -169,23 +168,44 @@ class _Outer:
 
 
 def test_generator_on_a_small_config():
+    full = _Outer(n=5, inner=_Inner(hidden=1))
+    quick = replaced(full, {"n": 1})
     parser = argparse.ArgumentParser()
-    add_config_options(parser, _Outer, {"n": 5, "hidden": 1}, {"n": 1}, quick_help="small")
+    add_config_options(parser, _Outer, full, quick, quick_help="small")
     text = parser.format_help()
     assert "items (default: 5; --quick: 1)" in text and "--sz SIZE" in text
+    assert "names (default: a)" in text  # --quick keeps it: not said
     assert "quiet (default: on)" in text and "--hidden" not in text
-    cfg = config_from_args(parser.parse_args([]), _Outer, {"n": 5, "hidden": 1}, {"n": 1})
-    assert cfg == _Outer(n=5, inner=_Inner(hidden=1))
+    cfg = config_from_args(parser.parse_args([]), _Outer, full, quick)
+    assert cfg == full
     argv = ["--quick", "--names", "x", "y", "--sz", "7", "--no-verbose"]
-    cfg = config_from_args(parser.parse_args(argv), _Outer, {"n": 5}, {"n": 1})
-    assert cfg == _Outer(n=1, names=("x", "y"), inner=_Inner(size=7, verbose=False))
+    cfg = config_from_args(parser.parse_args(argv), _Outer, full, quick)
+    assert cfg == _Outer(n=1, names=("x", "y"), inner=_Inner(size=7, verbose=False, hidden=1))
     with pytest.raises(SystemExit):
         parser.parse_args(["--sz", "0"])  # the field's parser: an integer >= 1
 
 
-def test_overlays_must_name_fields_and_names_must_be_unambiguous():
-    with pytest.raises(TypeError, match="name no field"):
-        add_config_options(argparse.ArgumentParser(), _Outer, {"n": 1, "nn": 2}, {}, quick_help="")
+def test_without_full_and_quick_the_field_defaults_stand():
+    """A config whose fields all have defaults needs neither FULL nor QUICK; a FULL alone
+    changes the defaults said and given."""
+    parser = argparse.ArgumentParser()
+    add_config_options(parser, _Inner, quick_help=None)
+    assert "inner size (default: 2)" in parser.format_help()
+    assert "--quick" not in parser.format_help()
+    assert config_from_args(parser.parse_args([]), _Inner) == _Inner()
+    assert config_from_args(parser.parse_args(["--size", "3"]), _Inner) == _Inner(size=3)
+    parser = argparse.ArgumentParser()
+    add_config_options(parser, _Inner, _Inner(size=4, hidden=2), None, quick_help=None)
+    assert "inner size (default: 4)" in parser.format_help()
+    args = parser.parse_args(["--no-verbose"])
+    assert config_from_args(args, _Inner, _Inner(size=4, hidden=2)) == _Inner(4, False, 2)
+
+
+def test_changes_must_name_fields_and_names_must_be_unambiguous():
+    with pytest.raises(TypeError, match="no field"):
+        replaced(_Outer(n=1, inner=_Inner()), {"n": 2, "nn": 2})
+    with pytest.raises(TypeError, match="must be one"):  # FULL/QUICK are configs, not dicts
+        add_config_options(argparse.ArgumentParser(), _Outer, {"n": 1}, quick_help="")
 
     @dataclasses.dataclass(frozen=True, kw_only=True)
     class Clash:
@@ -193,7 +213,7 @@ def test_overlays_must_name_fields_and_names_must_be_unambiguous():
         inner: _Inner = nested(_Inner, show={})
 
     with pytest.raises(TypeError, match="share"):
-        add_config_options(argparse.ArgumentParser(), Clash, {}, {}, quick_help="")
+        add_config_options(argparse.ArgumentParser(), Clash, quick_help="")
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,15 @@
 """Layer 12 (commands): argparse options made from a config's field declarations, and the config made back from them.
 
 A recipe declares its options on its frozen config (lungbench.core.options: `option`,
-`nested`) and its full and --quick values in two dicts, FULL and QUICK (the quick overlay:
-a key missing there keeps the full value). `add_config_options` adds one option per declared
-field, its help text ending with both defaults; `config_from_args` builds the config: the
-user's value, else the --quick one (with --quick), else the full one, else the field's
-default.
+`nested`) and its full and --quick values as two instances of it, FULL and QUICK (FULL with
+some fields replaced: `QUICK = replaced(FULL, {...})`). `add_config_options` adds one option
+per declared field, its help text ending with FULL's value and, where it differs, QUICK's;
+`config_from_args` builds the config: QUICK (with --quick) or FULL with the values the user
+gave. Without FULL the field defaults stand in for it, without QUICK FULL does.
 
     add_config_options(parser, MosmedConfig, FULL, QUICK, quick_help="tiny smoke run")
     cfg = config_from_args(parser.parse_args(argv), MosmedConfig, FULL, QUICK)
+    add_config_options(parser, Workload, Workload(filters=16), quick_help=None)
 """
 
 from __future__ import annotations
@@ -16,11 +17,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from lungbench.commands._args import for_argparse
-from lungbench.core.options import ON_OFF, Nested, Option, field_default, spec_of
+from lungbench.core.options import (
+    ON_OFF,
+    Nested,
+    Option,
+    config_from_flat,
+    declared_option,
+    field_default,
+    flat_values,
+    replaced,
+    spec_of,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +61,10 @@ def shown_options(cls: type) -> Iterator[Shown]:
                 yield Shown(name, dataclasses.replace(base, **changes), field_default(inner[name]))
 
 
-def check_overlays(cls: type, full: Mapping[str, Any], quick: Mapping[str, Any]) -> None:
-    """TypeError when FULL/QUICK name no field of `cls` or of a nested config, or when a name
-    is a field of both (the flat overlays and argparse's dests need one meaning per name)."""
+def check_flat_names(cls: type, *configs: Any) -> None:
+    """TypeError when a field of `cls` is also a field of a nested config (the flat names of
+    `replaced` and argparse's dests need one meaning per name), or when one of `configs`
+    (None: none given) is not a `cls`."""
     names = [f.name for f in dataclasses.fields(cls)]
     for f in dataclasses.fields(cls):
         spec = spec_of(f)
@@ -61,9 +73,9 @@ def check_overlays(cls: type, full: Mapping[str, Any], quick: Mapping[str, Any])
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise TypeError(f"{cls.__name__}: fields of the config and a nested one share {twice}")
-    unknown = sorted((set(full) | set(quick)) - set(names))
-    if unknown:
-        raise TypeError(f"{cls.__name__}: FULL/QUICK name no field: {unknown}")
+    for cfg in configs:
+        if cfg is not None and not isinstance(cfg, cls):
+            raise TypeError(f"{cls.__name__}: FULL/QUICK must be one, got {type(cfg).__name__}")
 
 
 def shown_value(value: Any) -> str:
@@ -102,44 +114,73 @@ def section(parser: argparse.ArgumentParser, title: str | None) -> Any:
 def add_config_options(
     parser: argparse.ArgumentParser,
     cls: type,
-    full: Mapping[str, Any],
-    quick: Mapping[str, Any],
+    full: Any = None,
+    quick: Any = None,
     *,
     quick_help: str | None,
 ) -> None:
-    """--quick (unless `quick_help` is None: a config without a quick overlay) and one
-    option per declared field of `cls` (nested ones included); every option's argparse
-    default is None, so that config_from_args sees what the user gave."""
-    check_overlays(cls, full, quick)
+    """--quick (unless `quick_help` is None: a config without a quick size) and one option
+    per declared field of `cls` (nested ones included), its help text saying the value of
+    config `full` (None: the field's default) and, where it differs, the value of config
+    `quick`; every option's argparse default is None, so that config_from_args sees what
+    the user gave."""
+    check_flat_names(cls, full, quick)
+    fulls = flat_values(full) if full is not None else {}
+    quicks = flat_values(quick) if quick is not None else {}
     if quick_help is not None:
         parser.add_argument("--quick", action="store_true", help=quick_help)
     for shown in shown_options(cls):
         option, name = shown.option, shown.name
-        value = full.get(name, shown.default)
+        value = fulls.get(name, shown.default)
         if value is dataclasses.MISSING:
             raise TypeError(f"{cls.__name__}: option {name} has no default in FULL or the field")
         flag = option.flag_of(name)
-        text = help_text(option, value, quick.get(name, dataclasses.MISSING))
-        how: dict[str, Any] = {"dest": name, "default": None, "help": text.replace("%", "%%")}
-        switch = isinstance(value, bool) and option.choices is None and option.type is None
-        if option.action is None and switch:
-            how["action"] = "store_false" if flag.startswith("--no-") else "store_true"
-        elif option.action == ON_OFF:
-            how["action"] = argparse.BooleanOptionalAction
-        else:
-            if option.action is not None:
-                how["action"] = option.action
-            if option.type is not None:
-                how["type"] = for_argparse(option.type)
-            for key in ("choices", "nargs", "metavar"):
-                if getattr(option, key) is not None:
-                    how[key] = getattr(option, key)
+        quick_value = quicks.get(name, dataclasses.MISSING)
+        if quick_value == value:
+            quick_value = dataclasses.MISSING  # --quick keeps the full value: not said
+        text = help_text(option, value, quick_value)
+        how = {"dest": name, "default": None, "help": text.replace("%", "%%")}
+        how.update(argparse_keywords(option, flag, value))
         section(parser, option.group).add_argument(flag, **how)
         for alias in option.aliases:  # an old spelling: accepted, hidden, warned about
             hidden = {**how, "help": argparse.SUPPRESS}
             if "action" not in hidden:
                 hidden["action"] = renamed(flag)
             parser.add_argument(alias, **hidden)
+
+
+def argparse_keywords(option: Option, flag: str, default: Any) -> dict[str, Any]:
+    """add_argument's action, type, choices, nargs and metavar of a declared option whose
+    field default is `default` (a bool one is a switch)."""
+    how: dict[str, Any] = {}
+    switch = isinstance(default, bool) and option.choices is None and option.type is None
+    if option.action is None and switch:
+        how["action"] = "store_false" if flag.startswith("--no-") else "store_true"
+    elif option.action == ON_OFF:
+        how["action"] = argparse.BooleanOptionalAction
+    else:
+        if option.action is not None:
+            how["action"] = option.action
+        if option.type is not None:
+            how["type"] = for_argparse(option.type)
+        for key in ("choices", "nargs", "metavar"):
+            if getattr(option, key) is not None:
+                how[key] = getattr(option, key)
+    return how
+
+
+def add_declared(parser: argparse.ArgumentParser, cls: type, name: str, **changes: Any) -> None:
+    """Option `name` as config `cls` declares it (flag, value parser), with `changes`: how
+    `predict` takes several target values of the workload's options. Its argparse default
+    is None (not given) and its help says no default.
+
+        add_declared(p, Workload, "filters", nargs="+", help="base widths")
+    """
+    option = dataclasses.replace(declared_option(cls, name), **changes)
+    flag = option.flag_of(name)
+    how = {"dest": name, "default": None, "help": option.help.replace("%", "%%")}
+    how.update(argparse_keywords(option, flag, None))
+    section(parser, option.group).add_argument(flag, **how)
 
 
 def renamed(current: str) -> type[argparse.Action]:
@@ -158,31 +199,17 @@ def renamed(current: str) -> type[argparse.Action]:
 def config_from_args(
     args: argparse.Namespace,
     cls: type,
-    full: Mapping[str, Any],
-    quick: Mapping[str, Any],
+    full: Any = None,
+    quick: Any = None,
     **fixed: Any,
 ) -> Any:
-    """Config `cls` from options added by add_config_options: per field the user's value
-    (converted), else QUICK's (with --quick), else FULL's, else the field's default; `fixed`
-    sets fields (of `cls` or a nested config) outright."""
-    check_overlays(cls, full, quick)
-    mode = {**full, **quick} if getattr(args, "quick", False) else dict(full)
-    return _build(cls, {**mode, **given_values(args, cls), **fixed})
-
-
-def _build(cls: type, values: Mapping[str, Any]) -> Any:
-    """`cls` from the flat `values` (a nested config built from them too); fields missing
-    there keep their defaults."""
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        spec = spec_of(f)
-        if not f.init:
-            continue
-        if f.name in values:
-            kwargs[f.name] = values[f.name]
-        elif isinstance(spec, Nested):
-            kwargs[f.name] = _build(spec.cls, values)
-    return cls(**kwargs)
+    """Config `cls` from options added by add_config_options: config `quick` (with --quick,
+    if given) or `full` (None: the field defaults) with the values the user gave (converted);
+    `fixed` sets fields (of `cls` or a nested config) outright."""
+    check_flat_names(cls, full, quick)
+    base = quick if quick is not None and getattr(args, "quick", False) else full
+    changes = {**given_values(args, cls), **fixed}
+    return config_from_flat(cls, changes) if base is None else replaced(base, changes)
 
 
 def given_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -195,24 +222,6 @@ def given_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
                 value = shown.option.convert(value)
             given[shown.name] = tuple(value) if isinstance(value, list) else value
     return given
-
-
-def flat_values(cfg: Any) -> dict[str, Any]:
-    """A config's field values by name, a nested config's fields in place of it (the flat
-    names of FULL/QUICK and of the options)."""
-    values = {}
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(spec_of(f), Nested):
-            values.update(flat_values(value))
-        else:
-            values[f.name] = value
-    return values
-
-
-def replaced(cfg: Any, changes: Mapping[str, Any]) -> Any:
-    """`cfg` with the flat `changes` (fields of it or of a nested config) applied."""
-    return _build(type(cfg), {**flat_values(cfg), **changes})
 
 
 def flag_of(cls: type, name: str) -> str:

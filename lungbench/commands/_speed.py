@@ -45,7 +45,7 @@ def add_switch_options(p: argparse.ArgumentParser) -> None:
     """The speed-switch options, shared by `bench` and `profile` (the same step runs):
     SwitchRequest's fields and --eager-fp32. `bench` has the fields through BenchRequest
     and adds only --eager-fp32."""
-    add_config_options(p, SwitchRequest, {}, {}, quick_help=None)
+    add_config_options(p, SwitchRequest, quick_help=None)
     add_eager_fp32(p)
 
 
@@ -125,7 +125,7 @@ def asked_switches(request: R, eager_fp32: bool, devices: Sequence[str]) -> R:
 
 def switch_request(args: argparse.Namespace, devices: Sequence[str]) -> SwitchRequest:
     """The SwitchRequest of the options of add_switch_options (asked_switches)."""
-    request = config_from_args(args, SwitchRequest, {}, {})
+    request = config_from_args(args, SwitchRequest)
     return asked_switches(request, args.eager_fp32, devices)
 
 

@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for title in (WHAT, HOW, DATA, LAUNCHER, SWITCH_OPTIONS, MODES, FINDER):
         section(p, title)  # the --help sections in this order
     # Every BenchRequest field declared with option(...): its flag, parser, default, help.
-    add_config_options(p, BenchRequest, {}, {}, quick_help=None)
+    add_config_options(p, BenchRequest, quick_help=None)
     section(p, WHAT).add_argument(
         "--list-models", action="store_true", help="list registered models and exit"
     )
@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.list_models:
         print("\n".join(list_models()))
         return 0
-    request = config_from_args(args, BenchRequest, {}, {})
+    request = config_from_args(args, BenchRequest)
     if args.to_quality:
         return run_quality_cli(request, args)
     if args.ablation or args.loader:

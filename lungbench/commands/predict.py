@@ -12,6 +12,8 @@ from typing import Any
 
 from lungbench.commands._args import positive_int
 from lungbench.commands._launch import bench_subprocess
+from lungbench.commands._options import add_declared
+from lungbench.measure.workload import Protocol, Workload
 
 DESCRIPTION = """\
 Project the training step and epoch time of a measured `lungbench bench` (or `lungbench
@@ -64,9 +66,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--from", dest="run", metavar="RUN", help="a lungbench bench or profile run folder"
     )
-    p.add_argument("--batch", type=positive_int, nargs="+", help="batch sizes (per rank, weak)")
-    p.add_argument("--filters", type=positive_int, nargs="+", help="base widths")
-    p.add_argument("--threads", type=positive_int, nargs="+", help="CPU threads (per rank)")
+    # The targets: the workload's own options (declared on Workload, Protocol), several values
+    targets = {"nargs": "+", "group": None}
+    add_declared(p, Workload, "batch_size", **targets, help="batch sizes (per rank, weak)")
+    add_declared(p, Workload, "filters", **targets, help="base widths")
+    add_declared(p, Workload, "threads", **targets, help="CPU threads (per rank)")
     p.add_argument("--ranks", type=positive_int, nargs="+", default=[1], help="DDP ranks")
     p.add_argument(
         "--scaling",
@@ -74,9 +78,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="weak",
         help="weak: the batch is per rank; strong: the batch is global, split (default: weak)",
     )
-    p.add_argument(
-        "--epoch-samples",
-        type=positive_int,
+    add_declared(
+        p,
+        Protocol,
+        "epoch_samples",
+        group=None,
         help="samples in an epoch (default: the run's training split, else the thesis's 603)",
     )
     p.add_argument("--device", nargs="+", help="device profiles (default: the run's device)")
@@ -242,7 +248,7 @@ def _targets(args: argparse.Namespace):
     from lungbench.predict.forecast import Target
 
     for batch, filters, threads, ranks, device in itertools.product(
-        args.batch or [None],
+        args.batch_size or [None],
         args.filters or [None],
         args.threads or [None],
         args.ranks,

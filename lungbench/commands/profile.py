@@ -7,7 +7,12 @@ import json
 from pathlib import Path
 
 from lungbench.commands._args import add_dist_timeout, non_negative_int, positive_int
+from lungbench.commands._options import add_config_options, config_from_args, section
 from lungbench.commands._speed import add_switch_options, switch_request
+from lungbench.measure.workload import WORKLOAD, Workload
+
+# The workload profiled by default: the thesis's reference step (filters 16, batch 2).
+PROFILED = Workload(filters=16)
 
 DESCRIPTION = """\
 Run the training step of a model (default: the two-path 3D CNN, filters 16, batch 2) under
@@ -44,26 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    g = p.add_argument_group("workload")
-    g.add_argument("--model", default="dualpath3d", help="registered model (default: dualpath3d)")
-    g.add_argument(
-        "--preset",
-        default="default",
-        help="geometry preset of the two-path model: default, iso64, dey2018 (default: default)",
-    )
-    g.add_argument("--filters", type=positive_int, default=16, help="base width (default: 16)")
-    g.add_argument("--batch", type=positive_int, default=2, help="batch size (default: 2)")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    g.add_argument(
-        "--threads", type=positive_int, default=None, help="CPU intra-op threads (default: torch's)"
-    )
-    g.add_argument(
+    add_config_options(p, Workload, PROFILED, quick_help=None)  # declared on Workload
+    section(p, WORKLOAD).add_argument(
         "--store",
         default=None,
         help="read batches from this HDF5 store through a DataLoader; it needs at least "
         "--batch samples on the --preset grid (default: random tensors)",
     )
-    g.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: 0)")
     s = p.add_argument_group("profiler schedule and options")
     s.add_argument("--wait", type=non_negative_int, default=1, help="steps skipped (default: 1)")
     s.add_argument(
@@ -107,13 +99,14 @@ def _run(args: argparse.Namespace) -> int:
     from lungbench.distributed.group import group_session, init_distributed
     from lungbench.harness.profiler import run_profile
 
-    if args.roofline and not args.device.startswith("cpu"):
+    cfg = _config(args)
+    device = cfg.workload.device
+    if args.roofline and not device.startswith("cpu"):
         from lungbench.core.errors import UsageError
 
         raise UsageError("--roofline: the CPU only for now (its bounds are this CPU's peaks)")
-    cfg = _config(args)
     # World size 1 without a launcher; under one, every rank profiles its DDP step.
-    dist = init_distributed(args.device, timeout_s=args.dist_timeout)
+    dist = init_distributed(device, timeout_s=args.dist_timeout)
     with group_session(dist):
         result = run_profile(cfg, Path(args.out), args.run_id, dist=dist)
     if result is None:  # not rank 0: rank 0 writes and prints
@@ -127,28 +120,20 @@ def _run(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace):
     """The ProfileConfig of the command line."""
     from lungbench.harness.profiler import ProfileConfig, ProfileSchedule, parse_activities
-    from lungbench.measure.workload import Workload
     from lungbench.switches import switches_of
 
+    workload = config_from_args(args, Workload, PROFILED)
     activities = args.activities
     if activities is None:
-        activities = "cpu,cuda" if args.device.startswith("cuda") else "cpu"
-    asked = switch_request(args, [args.device])  # the switch options, as in bench
+        activities = "cpu,cuda" if workload.device.startswith("cuda") else "cpu"
+    asked = switch_request(args, [workload.device])  # the switch options, as in bench
     cfg = ProfileConfig(
-        workload=Workload(
-            model=args.model,
-            preset=args.preset,
-            filters=args.filters,
-            batch_size=args.batch,
-            device=args.device,
-            threads=args.threads,
-            seed=args.seed,
-        ),
+        workload=workload,
         switches=switches_of(asked),
         strict_switches=asked.strict_switches,
         schedule=ProfileSchedule(args.wait, args.warmup, args.active, args.repeat),
         steps=args.steps,
-        activities=parse_activities(activities, args.device),
+        activities=parse_activities(activities, workload.device),
         record_shapes=not args.no_shapes,
         profile_memory=not args.no_memory,
         with_stack=args.with_stack,

@@ -12,6 +12,13 @@ config back from the parsed options.
         n: int = option(600, type=positive_int, group="data", help="generated crops")
         train: TrainConfig = nested(TrainConfig, group="training", show={"epochs": {}})
 
+A recipe's full-size values are an instance of its config (only the fields that differ from
+their defaults given), its --quick values that instance with some fields replaced, named by
+their flat names (a nested config's fields by their own names, as the options are):
+
+    FULL = Config(n=400, train=TrainConfig(epochs=30))
+    QUICK = replaced(FULL, {"n": 60, "epochs": 2})
+
 The value parsers (positive_int, unit_fraction, ...) turn text typed by a user into a value
 or raise OptionValueError saying what was expected.
 """
@@ -78,6 +85,26 @@ def option(default: Any = dataclasses.MISSING, *, help: str, **how: Any) -> Any:
 def nested(cls: type, *, show: Mapping[str, Mapping[str, Any]], group: str | None = None) -> Any:
     """A dataclass field holding config `cls`, the fields in `show` offered as options."""
     return dataclasses.field(metadata={OPTION: Nested(cls, dict(show), group)})
+
+
+def option_like(cls: type, name: str, default: Any = dataclasses.MISSING, **changes: Any) -> Any:
+    """A field that is option `name` of config `cls` (its flag, type and help declared once,
+    there) with `changes`: a sweep's list of values, another section, a longer help.
+
+        filters: tuple[int, ...] = option_like(Workload, "filters", (8, 16), nargs="+")
+    """
+    spec = declared_option(cls, name)
+    return dataclasses.field(
+        default=default, metadata={OPTION: dataclasses.replace(spec, **changes)}
+    )
+
+
+def declared_option(cls: type, name: str) -> Option:
+    """The Option declared on field `name` of config `cls`; TypeError when it has none."""
+    for f in dataclasses.fields(cls):
+        if f.name == name and isinstance(spec_of(f), Option):
+            return spec_of(f)
+    raise TypeError(f"{cls.__name__}.{name} declares no option")
 
 
 def spec_of(f: dataclasses.Field) -> Option | Nested | None:
@@ -170,10 +197,10 @@ def _tuples(value: Any) -> Any:
 
 
 def config_from_flat(cls: type, values: Mapping[str, Any]) -> Any:
-    """Config `cls` from flat values (FULL/QUICK-style: a nested config's fields by their
+    """Config `cls` from flat values (the options' names: a nested config's fields by their
     own names); fields missing there keep their defaults.
 
-        cfg = config_from_flat(MosmedConfig, {**FULL, **QUICK})
+        cfg = config_from_flat(MosmedConfig, {"epochs": 2, "synth_n": 32})
     """
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -184,3 +211,29 @@ def config_from_flat(cls: type, values: Mapping[str, Any]) -> Any:
         elif isinstance(spec_of(f), Nested):
             kwargs[f.name] = config_from_flat(spec_of(f).cls, values)
     return cls(**kwargs)
+
+
+def flat_values(cfg: Any) -> dict[str, Any]:
+    """A config's field values by name, a nested config's fields in place of it (the flat
+    names of the options and of `replaced`)."""
+    values = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(spec_of(f), Nested):
+            values.update(flat_values(value))
+        else:
+            values[f.name] = value
+    return values
+
+
+def replaced(cfg: Any, changes: Mapping[str, Any]) -> Any:
+    """`cfg` with the flat `changes` (fields of it or of a nested config, by their own names)
+    applied; TypeError for a name that is neither.
+
+        QUICK = replaced(FULL, {"epochs": 2, "synth_n": 32})
+    """
+    values = flat_values(cfg)
+    unknown = sorted(set(changes) - set(values) - {f.name for f in dataclasses.fields(cfg)})
+    if unknown:
+        raise TypeError(f"{type(cfg).__name__}: no field {unknown}")
+    return config_from_flat(type(cfg), {**values, **changes})

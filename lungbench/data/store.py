@@ -75,6 +75,11 @@ class StoreInfo:
         return self.inputs[next(iter(self.inputs))][1:]
 
 
+# Every dataset is chunked one sample a chunk and compressed with LZF: fast to decode (a
+# loader reads random samples) and shipped with h5py itself, so any reader can open it.
+COMPRESSION = "lzf"
+
+
 class StoreWriter:
     """Append samples to a new store; atomically published on successful close.
 
@@ -92,7 +97,6 @@ class StoreWriter:
         task: str = "binary",
         units: str | Mapping[str, str] = "HU",
         provenance: Mapping[str, Any] | None = None,
-        compression: str | None = "lzf",
         require_all_classes: bool = False,
     ) -> None:
         if task not in TASKS:
@@ -134,7 +138,7 @@ class StoreWriter:
                 maxshape=(None, *shape),
                 dtype=dtype,
                 chunks=(1, *shape),
-                compression=compression,
+                compression=COMPRESSION,
             )
             ds.attrs["units"] = self.units[name]
         label_shape = (len(self.label_names),) if task == "multilabel" else ()

@@ -43,7 +43,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from lungbench.core.errors import UsageError
-from lungbench.core.options import nested, option, positive_int, unit_fraction
+from lungbench.core.options import nested, option, positive_int, replaced, unit_fraction
 from lungbench.core.runs import append_record, markdown, read_records, write_table
 from lungbench.data.splits import Split, cv_splits
 from lungbench.data.store import StoreDataset, StoreInfo, read_info
@@ -60,35 +60,6 @@ from lungbench.train.transfer import Method
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 NAME = "chestxray"
-# Quick: every table of the full run from 8 short fits (2 folds x A, one B, C, D), not 30.
-QUICK = {
-    "model": "resnet18",
-    "n": 60,
-    "image_size": 32,
-    "epochs": 1,
-    "batch_size": 8,
-    "folds": 2,
-    "pretrain_epochs": 1,
-    "cost_samples": 16,
-    "cost_epochs": 2,
-    "quick": True,
-}
-FULL = {
-    "model": "resnet50",
-    "n": 400,
-    "image_size": 64,
-    "epochs": 30,
-    "batch_size": 16,
-    "pretrain_epochs": 5,
-    "cost_samples": 64,
-    "cost_epochs": 3,
-    "optimizer": "adam",  # seed 004: Adam at 1e-4
-    "lr": 1e-4,
-    "progress": False,  # dozens of fits (methods x folds); each prints its own summary
-    "log_epochs": False,
-    "tensorboard": False,
-    "telemetry_interval": 1.0,  # fits with a folder: the pretraining
-}
 # The --help sections of the options below.
 DATA, MODEL, TRAINING, COST = (
     "data",
@@ -238,6 +209,40 @@ class ChestXrayConfig:
                 )
             if self.folds > self.n:
                 raise UsageError(f"--folds {self.folds} is more than the {self.n} images (--n)")
+
+
+FULL = ChestXrayConfig(
+    model="resnet50",
+    n=400,
+    image_size=64,
+    pretrain_epochs=5,
+    cost_samples=64,
+    cost_epochs=3,
+    train=TrainConfig(
+        epochs=30,
+        lr=1e-4,  # seed 004: Adam (TrainConfig's optimizer) at 1e-4
+        progress=False,  # dozens of fits (methods x folds); each prints its own summary
+        log_epochs=False,
+        tensorboard=False,
+        telemetry_interval=1.0,  # fits with a folder: the pretraining
+    ),
+)
+# Quick: every table of the full run from 8 short fits (2 folds x A, one B, C, D), not 30.
+QUICK = replaced(
+    FULL,
+    {
+        "model": "resnet18",
+        "n": 60,
+        "image_size": 32,
+        "epochs": 1,
+        "batch_size": 8,
+        "folds": 2,
+        "pretrain_epochs": 1,
+        "cost_samples": 16,
+        "cost_epochs": 2,
+        "quick": True,
+    },
+)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lungbench.core.options import nested, option, positive_int, unit_fraction
+from lungbench.core.options import nested, option, positive_int, replaced, unit_fraction
 from lungbench.core.runs import save_figure, write_table
 from lungbench.data.splits import stratified_split
 from lungbench.data.store import StoreInfo, read_info, read_meta
@@ -49,31 +49,6 @@ from lungbench.train.engine import METRICS_FILE, FitOptions, fit, infer
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 NAME = "lidc-pretrain"
-FULL = {
-    "epochs": 30,
-    "batch_size": 16,
-    "lr": 1e-3,
-    "optimizer": "adam",
-    "schedule": "constant",
-    "patience": None,
-    "synth_n": 754,
-    "filters": 8,
-    "depth": 4,
-    "telemetry_interval": 1.0,
-    "quick": False,
-}
-QUICK = {
-    "epochs": 3,
-    "batch_size": 16,
-    "lr": 3e-3,
-    "optimizer": "adam",
-    "schedule": "constant",
-    "patience": None,
-    "synth_n": 48,
-    "filters": 4,
-    "depth": 3,
-    "quick": True,
-}
 MODEL = "dualpath3d"
 
 
@@ -118,6 +93,12 @@ class PretrainConfig:
     @property
     def model_kwargs(self) -> dict:
         return {"preset": self.preset, "filters": self.filters, "depth": self.depth}
+
+
+FULL = PretrainConfig(train=TrainConfig(epochs=30, telemetry_interval=1.0))
+QUICK = replaced(
+    FULL, {"epochs": 3, "lr": 3e-3, "synth_n": 48, "filters": 4, "depth": 3, "quick": True}
+)
 
 
 @dataclass

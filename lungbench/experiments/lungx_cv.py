@@ -36,7 +36,14 @@ import numpy as np
 import pandas as pd
 
 from lungbench.core.errors import UsageError
-from lungbench.core.options import nested, option, positive_float, positive_int, unit_fraction
+from lungbench.core.options import (
+    nested,
+    option,
+    positive_float,
+    positive_int,
+    replaced,
+    unit_fraction,
+)
 from lungbench.core.runs import append_record, read_records, save_figure, write_table
 from lungbench.data.splits import (
     Split,
@@ -58,29 +65,6 @@ from lungbench.train.metrics import classification_metrics
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 NAME = "lungx-cv"
-FULL = {
-    "epochs": 30,
-    "batch_size": 8,
-    "lr": 1e-3,
-    "optimizer": "adam",
-    "schedule": "constant",
-    "patience": None,
-    "synth_n": 73,
-    "finetune_lr": 1e-4,
-    "telemetry_interval": 1.0,
-    "quick": False,
-}
-QUICK = {
-    "epochs": 2,
-    "batch_size": 8,
-    "lr": 3e-3,
-    "optimizer": "adam",
-    "schedule": "constant",
-    "patience": None,
-    "synth_n": 36,
-    "finetune_lr": 1e-3,
-    "quick": True,
-}
 REGIMES = {
     "lidc_only": "LIDC only",
     "without_pretraining": "w/o pre-training",
@@ -150,6 +134,12 @@ class CVConfig:
                 "by runs with any --seed and keeps no folds (each run's folds are in its "
                 "tables/predictions.csv)"
             )
+
+
+FULL = CVConfig(
+    finetune_lr=1e-4, train=TrainConfig(epochs=30, batch_size=8, telemetry_interval=1.0)
+)
+QUICK = replaced(FULL, {"epochs": 2, "lr": 3e-3, "synth_n": 36, "finetune_lr": 1e-3, "quick": True})
 
 
 def fold_assignment(cfg: CVConfig, info: StoreInfo) -> tuple[np.ndarray, str]:
@@ -334,7 +324,8 @@ def write_outputs(run_dir: Path, info: StoreInfo) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def _lidc_sizes(cfg: CVConfig) -> dict:
+def _lidc_sizes(cfg: CVConfig) -> lidc_pretrain.PretrainConfig:
+    """lidc-pretrain's config at this run's size: its QUICK with --quick, else its FULL."""
     return lidc_pretrain.QUICK if cfg.quick else lidc_pretrain.FULL
 
 
@@ -349,7 +340,7 @@ def lidc_store(
     """
     info = lidc_pretrain.nodule_store(
         store,
-        _lidc_sizes(cfg)["synth_n"],
+        _lidc_sizes(cfg).synth_n,
         "lidc",
         Path(out),
         data_seed + 1,
@@ -374,14 +365,16 @@ def _pretrain_first(
         log.info(f"pre-training done before: {done['pretrain']['checkpoint']}")
         return done["pretrain"]["checkpoint"]
     sizes = _lidc_sizes(cfg)
-    train = dataclasses.replace(cfg.train, epochs=sizes["epochs"], batch_size=16, lr=sizes["lr"])
+    train = dataclasses.replace(
+        cfg.train, epochs=sizes.train.epochs, batch_size=16, lr=sizes.train.lr
+    )
     pcfg = lidc_pretrain.PretrainConfig(
         train=train,
         store=str(info.path),
-        synth_n=sizes["synth_n"],
+        synth_n=sizes.synth_n,
         preset=common3d.nodule_preset(info),
-        filters=sizes["filters"],
-        depth=sizes["depth"],
+        filters=sizes.filters,
+        depth=sizes.depth,
         quick=cfg.quick,
     )
     sub = run_dir / "lidc_pretrain"

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from lungbench.core.errors import UsageError
-from lungbench.core.options import nested, option, positive_int, unit_fraction
+from lungbench.core.options import nested, option, positive_int, replaced, unit_fraction
 from lungbench.core.runs import append_record, read_records, save_figure, write_table
 from lungbench.data.splits import stratified_split
 from lungbench.data.store import StoreInfo, read_info, read_meta
@@ -39,35 +39,6 @@ from lungbench.train.engine import METRICS_FILE, FitOptions, fit, seed_everythin
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 NAME = "mosmed"
-FULL = {
-    "epochs": 10,
-    "batch_size": 2,
-    "lr": 1e-4,
-    "optimizer": "adam",
-    "schedule": "constant",
-    "patience": None,  # 10 epochs (seed 002); early stopping off
-    "synth_n": 200,
-    "grid": (64, 128, 128),
-    "filters": KERAS_FILTERS,
-    "dense": 512,
-    "padding": "valid",
-    "telemetry_interval": 1.0,
-    "quick": False,
-}
-QUICK = {
-    "epochs": 2,
-    "batch_size": 4,
-    "lr": 1e-3,
-    "optimizer": "adam",
-    "schedule": "constant",
-    "patience": None,
-    "synth_n": 32,
-    "grid": (16, 32, 32),
-    "filters": (8, 8, 16, 32),
-    "dense": 64,
-    "padding": "same",
-    "quick": True,
-}
 MODEL = "mosmed3d"
 
 
@@ -139,6 +110,24 @@ class MosmedConfig:
             "dense": self.dense,
             "padding": self.padding,
         }
+
+
+# 10 epochs (seed 002: "at least 10"), early stopping off (patience None).
+FULL = MosmedConfig(train=TrainConfig(epochs=10, batch_size=2, lr=1e-4, telemetry_interval=1.0))
+QUICK = replaced(
+    FULL,
+    {
+        "epochs": 2,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "synth_n": 32,
+        "grid": (16, 32, 32),
+        "filters": (8, 8, 16, 32),
+        "dense": 64,
+        "padding": "same",
+        "quick": True,
+    },
+)
 
 
 def volume_store(cfg: MosmedConfig, out: Path, data_seed: int) -> StoreInfo:

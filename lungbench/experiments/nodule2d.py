@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import Subset
 
 from lungbench.core.errors import UsageError, look_up_option
-from lungbench.core.options import nested, option, positive_int
+from lungbench.core.options import nested, option, positive_int, replaced
 from lungbench.core.runs import (
     append_record,
     markdown,
@@ -65,27 +65,6 @@ from lungbench.train.tta import DEFAULT_VIEWS, VIEWS, tta_predict
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 NAME = "nodule2d"
-# Quick: enough steps (4 epochs of 128 crops, batch 16) for the network to tell the classes
-# apart and for Grad-CAM to find the nodule; one-cycle, so its shape shows in lr_schedule.png.
-QUICK = {
-    "model": "resnet18",
-    "n": 160,
-    "epochs": 4,
-    "batch_size": 16,
-    "schedule": "onecycle",
-    "lr_iters": 20,
-}
-FULL = {
-    "model": "resnet50",
-    "n": 600,
-    "epochs": 30,
-    "lr_iters": 100,
-    "batch_size": 32,
-    "schedule": "cosine",
-    "lr": 1e-3,  # replaced by the LR finder's suggestion when find_lr (no --lr given)
-    "tensorboard": False,
-    "telemetry_interval": 1.0,
-}
 GRID = 8  # images per grid
 CAM_MIN_SIZE = 7  # Grad-CAM explains the deepest stage with maps of >= 7x7 cells
 
@@ -191,6 +170,34 @@ class Nodule2DConfig:
         look_up_option(self.augmentation, PRESETS, what="augmentation preset")
         for view in self.tta_views:
             look_up_option(view, VIEWS, what="TTA view")
+
+
+FULL = Nodule2DConfig(
+    model="resnet50",
+    n=600,
+    lr_iters=100,
+    # lr: TrainConfig's 1e-3, replaced by the LR finder's suggestion when find_lr (no --lr)
+    train=TrainConfig(
+        epochs=30,
+        batch_size=32,
+        schedule="cosine",
+        tensorboard=False,
+        telemetry_interval=1.0,
+    ),
+)
+# Quick: enough steps (4 epochs of 128 crops, batch 16) for the network to tell the classes
+# apart and for Grad-CAM to find the nodule; one-cycle, so its shape shows in lr_schedule.png.
+QUICK = replaced(
+    FULL,
+    {
+        "model": "resnet18",
+        "n": 160,
+        "epochs": 4,
+        "batch_size": 16,
+        "schedule": "onecycle",
+        "lr_iters": 20,
+    },
+)
 
 
 @dataclass

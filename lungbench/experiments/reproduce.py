@@ -26,9 +26,9 @@ interrupted or failed one continues in its folder (each recipe resumes: finished
 fits are kept, lungbench.experiments.resumable; bench measures only what it lacks) or,
 when its folder cannot be continued, starts again in a new one.
 
-Time estimate (before anything runs): per twin, the wall time of its last run of the same
-size on this host and device (kept in $LUNGBENCH_CACHE_DIR/reproduce_times.json after every
-twin that completes), else the table QUICK_SECONDS measured on the 2-core development VM;
+Time estimate (before anything runs): per twin, the median wall time of its last 5 runs of
+the same size on this host and device, with their spread (kept in
+$LUNGBENCH_CACHE_DIR/reproduce_times.json after every twin that completes), else the table QUICK_SECONDS measured on the 2-core development VM;
 a full-size twin without a time of its own is its quick time (data, set-up, evaluation)
 plus its full training's FLOPs (training samples passed x FLOPs per sample, FULL_GFLOP) at
 TRAIN_GFLOPS, the rate a training step of that network sustained on that VM. On a GPU it
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -56,7 +57,7 @@ from lungbench.core.cache import (
     write_cache,
 )
 from lungbench.core.errors import DataError, LungbenchError, UsageError, look_up_option
-from lungbench.core.options import config_from_dict, config_from_flat
+from lungbench.core.options import config_from_dict, flat_values, replaced
 from lungbench.core.paths import check_name
 from lungbench.core.runlock import held_unless_failed
 from lungbench.core.runs import (
@@ -84,12 +85,19 @@ STATE_FILE = "reproduce.json"
 TIMES_CACHE = "reproduce_times.json"
 
 
+KEPT_TIMES = 5  # the wall times a twin keeps per host, size and device: the estimate's spread
+
+
 def _times_entry(entry: Any) -> bool:
-    """A twin's last wall time here: {"wall_s": seconds > 0, "utc": text}."""
+    """A twin's wall times here: {"wall_s": the last, seconds > 0, "utc": text, "runs": the
+    last KEPT_TIMES, each > 0 (absent in caches written before lungbench kept them)}."""
+    runs = entry.get("runs", []) if isinstance(entry, dict) else None
     return (
         isinstance(entry, dict)
         and measured_number(entry.get("wall_s"))
         and isinstance(entry.get("utc", ""), str)
+        and isinstance(runs, list)
+        and all(measured_number(r) for r in runs)
     )
 
 
@@ -179,9 +187,8 @@ class Twin:
 
 
 def _recipe_config(module, cls, ctx: TwinContext):
-    """The recipe's config at the context's size (its FULL with QUICK over it) on its device."""
-    values = {**module.FULL, **(module.QUICK if ctx.quick else {}), "device": ctx.device}
-    return config_from_flat(cls, values)
+    """The recipe's config at the context's size (its QUICK or its FULL) on its device."""
+    return replaced(module.QUICK if ctx.quick else module.FULL, {"device": ctx.device})
 
 
 def _point(ctx: TwinContext, recipe: str):
@@ -258,7 +265,7 @@ def _sizes(module_name: str, quick: bool) -> dict[str, Any]:
     import importlib
 
     module = importlib.import_module(f"lungbench.experiments.{module_name}")
-    return {**module.FULL, **(module.QUICK if quick else {})}
+    return flat_values(module.QUICK if quick else module.FULL)
 
 
 def _passes_lidc(quick: bool) -> float:
@@ -281,7 +288,7 @@ def _passes_mosmed(quick: bool) -> float:
 
 def _passes_chestxray(quick: bool) -> float:
     s = _sizes("chestxray", quick)
-    folds = s.get("folds", 5)
+    folds = s["folds"]
     # A, every B depth (3 at full size, 1 at quick), C for one weights source, then D
     fits = folds * (3 + (1 if quick else 3))
     train = s["n"] * (folds - 1) / folds * 0.9
@@ -290,7 +297,7 @@ def _passes_chestxray(quick: bool) -> float:
 
 def _passes_nodule2d(quick: bool) -> float:
     s = _sizes("nodule2d", quick)
-    return s["epochs"] * s["n"] * 0.8 * 2 + s["lr_iters"] * s.get("batch_size", 32)
+    return s["epochs"] * s["n"] * 0.8 * 2 + s["lr_iters"] * s["batch_size"]
 
 
 TWINS: dict[str, Twin] = {
@@ -366,10 +373,10 @@ def estimate(twin: str, quick: bool, device: str) -> Estimate:
     """The expected wall time of `twin` (see the module docstring for how)."""
     own = read_cache(TIMES_CACHE).get(_times_key(twin, quick, device))  # checked: _times_entry
     if own is not None:
-        return Estimate(twin, float(own["wall_s"]), f"measured here {own.get('utc', '')}".strip())
+        return _measured_here(twin, own)
     base = QUICK_SECONDS[twin]
     if quick:
-        return Estimate(twin, base, "the development VM's quick time")
+        return Estimate(twin, base, "the development VM's quick time (none measured here yet)")
     if twin == "speedup":
         return Estimate(twin, SPEEDUP_FULL_SECONDS, "the development VM's full time")
     train = TWINS[twin].passes(False) * FULL_GFLOP[twin] / TRAIN_GFLOPS[twin]
@@ -381,10 +388,29 @@ def estimate(twin: str, quick: bool, device: str) -> Estimate:
     )
 
 
+def _measured_here(twin: str, own: dict[str, Any]) -> Estimate:
+    """The median of this host's kept wall times of `twin`, saying how many and how far
+    apart they were: how sure the estimate is."""
+    runs = [float(r) for r in own.get("runs") or [own["wall_s"]]]
+    middle = statistics.median(runs)
+    if len(runs) == 1:
+        how = f"measured here once ({own.get('utc', '?')}); its spread shows after a second run"
+    else:
+        spread = (max(runs) - min(runs)) / 2 / middle
+        how = (
+            f"measured here: median of {len(runs)} runs, {duration(min(runs))} to "
+            f"{duration(max(runs))} (+-{spread:.0%})"
+        )
+    return Estimate(twin, middle, how)
+
+
 def remember_time(twin: str, quick: bool, device: str, seconds: float) -> None:
-    """Keep a completed twin's wall time for the next estimate on this host and device."""
+    """Keep a completed twin's wall time (its last KEPT_TIMES) for the next estimate on this
+    host and device."""
     entries = read_cache(TIMES_CACHE)
-    entries[_times_key(twin, quick, device)] = {"wall_s": round(seconds, 1), "utc": utc_now()}
+    key = _times_key(twin, quick, device)
+    runs = [*entries.get(key, {}).get("runs", []), round(seconds, 1)][-KEPT_TIMES:]
+    entries[key] = {"wall_s": round(seconds, 1), "utc": utc_now(), "runs": runs}
     write_cache(TIMES_CACHE, entries)
 
 
@@ -398,7 +424,8 @@ def estimate_table(estimates: Sequence[Estimate]) -> pd.DataFrame:
 
 
 HOW_ESTIMATED = (
-    "estimate: per twin, its last wall time at this size on this host and device, else the "
+    "estimate: per twin, the median of its last 5 wall times at this size on this host and "
+    "device (with their spread), else the "
     "quick time measured on a quiet 2-core VM (at full size plus the training's FLOPs at the "
     "rate that network's step sustained there); a busy machine takes several times longer, "
     "a GPU far less"

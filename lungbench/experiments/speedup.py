@@ -30,6 +30,7 @@ from lungbench.core.options import (
     ON_OFF,
     non_negative_int,
     option,
+    option_like,
     positive_float,
     positive_int,
 )
@@ -116,53 +117,50 @@ class BenchRequest(SwitchRequest):
     option(...) are the command's options (lungbench.commands._options builds the parser
     and the request from them); `--config` sweep files use the same names."""
 
-    model: str = option(
-        "dualpath3d", group=WHAT, default_note="see `--list-models`", help="registered model"
+    # The workload's options are declared on Workload (and Protocol); a sweep takes lists.
+    model: str = option_like(
+        Workload, "model", "dualpath3d", group=WHAT, default_note="see `--list-models`"
     )
-    preset: str = option(
-        "default",
-        group=WHAT,
-        help="geometry preset of the two-path model: default (32^3), iso64 (64^3), "
-        "dey2018 (5x50x50)",
-    )
-    filters: tuple[int, ...] = option(
+    preset: str = option_like(Workload, "preset", "default", group=WHAT)
+    filters: tuple[int, ...] = option_like(
+        Workload,
+        "filters",
         (8, 16),
-        type=positive_int,
         nargs="+",
         group=WHAT,
         convert=_unique,
         default_note="as the thesis",
         help="base widths to sweep",
     )
-    batch_sizes: tuple[int, ...] = option(
+    batch_sizes: tuple[int, ...] = option_like(
+        Workload,
+        "batch_size",
         (2, 4, 8),
-        flag="--batch",
-        type=positive_int,
         nargs="+",
-        metavar="BATCH",
         group=WHAT,
         convert=_unique,
         help="batch sizes to sweep",
     )
-    devices: tuple[str, ...] = option(
+    devices: tuple[str, ...] = option_like(
+        Workload,
+        "device",
         ("cpu",),
-        flag="--device",
         nargs="+",
         metavar="DEVICE",
         group=WHAT,
         convert=_unique,
         help="devices: cpu, cuda, cuda:N; the first is the speed-up baseline",
     )
-    threads: tuple[int | None, ...] = option(
+    threads: tuple[int | None, ...] = option_like(
+        Workload,
+        "threads",
         (None,),
-        type=positive_int,
         nargs="+",
         group=WHAT,
         convert=_unique,
-        default_text="torch's, all cores",
         help="CPU intra-op thread counts to sweep",
     )
-    warmup: int = option(3, type=non_negative_int, group=HOW, help="warm-up steps off the clock")
+    warmup: int = option_like(Protocol, "warmup", 3, group=HOW)
     repeats: int | None = option(  # exactly this many; None = adaptive (below)
         None,
         type=positive_int,
@@ -201,13 +199,7 @@ class BenchRequest(SwitchRequest):
         default_text="the epoch is timed",
         help="skip the end-to-end epoch; the table then uses the step time",
     )
-    epoch_samples: int | None = option(
-        None,
-        type=positive_int,
-        group=HOW,
-        default_text="the whole 80% training split",
-        help="samples per timed epoch",
-    )
+    epoch_samples: int | None = option_like(Protocol, "epoch_samples", None, group=HOW)
     num_workers: int = option(
         0,
         flag="--workers",

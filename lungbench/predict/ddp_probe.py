@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from lungbench.core.cache import measured_number, read_cache, register_schema, write_cache
+from lungbench.core.options import declared_option
 from lungbench.measure.workload import Protocol, Workload
 from lungbench.predict.comm import gloo_host_key
 
@@ -57,16 +58,25 @@ def bench_args(
     """The `lungbench bench` options that measure `workload` by `protocol` (with `batches`
     and `widths`: a sweep of those instead of its batch and filters): the one place predict
     spells them."""
-    w, p = workload, protocol
-    sizes = [str(b) for b in batches or [w.batch_size]]
-    filters = [str(f) for f in widths or [w.filters]]
-    args = ["--model", w.model, "--preset", w.preset, "--filters", *filters, "--batch", *sizes]
-    args += ["--device", w.device, "--seed", str(w.seed)]
-    args += ["--threads", str(w.threads)] if w.threads else []
-    args += ["--warmup", str(p.warmup), "--repeats", str(p.repeats)]
-    if p.epoch_samples is not None:
-        args += ["--epoch-samples", str(p.epoch_samples)]
-    return args + ([] if p.epoch else ["--no-epoch"])
+    values = {f.name: [getattr(workload, f.name)] for f in fields(Workload)}
+    values["batch_size"] = list(batches) or values["batch_size"]
+    values["filters"] = list(widths) or values["filters"]
+    args = _flags(Workload, values)
+    args += _flags(
+        Protocol, {"warmup": [protocol.warmup], "epoch_samples": [protocol.epoch_samples]}
+    )
+    args += ["--repeats", str(protocol.repeats)]  # bench's own: exactly N (None = adaptive)
+    return args + ([] if protocol.epoch else ["--no-epoch"])
+
+
+def _flags(cls: type, values: dict[str, list[Any]]) -> list[str]:
+    """Each option of `cls` named in `values`, spelled by its declaration: flag and values
+    (a None value: the option left out, its default)."""
+    args = []
+    for name, given in values.items():
+        if None not in given:
+            args += [declared_option(cls, name).flag_of(name), *map(str, given)]
+    return args
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,11 @@ from lungbench.core.options import (
     non_negative_float,
     non_negative_int,
     option,
+    option_like,
     positive_float,
     positive_int,
 )
+from lungbench.measure.workload import Workload
 from lungbench.step import OPTIMIZERS
 from lungbench.train.quality import parse_target, target_option
 
@@ -48,7 +50,7 @@ class TrainConfig:
     # The options every `lungbench train` recipe may offer (lungbench.core.options; a recipe
     # picks which, with its own flag or help where it differs).
     epochs: int = option(10, type=positive_int, help="epochs")
-    batch_size: int = option(16, flag="--batch", type=positive_int, help="batch size")
+    batch_size: int = option_like(Workload, "batch_size", 16, group=None)
     lr: float = option(1e-3, type=positive_float, help="learning rate")
     optimizer: str = option("adam", choices=OPTIMIZERS, help="optimizer")
     momentum: float = 0.9

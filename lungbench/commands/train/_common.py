@@ -30,12 +30,13 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
 def recipe_config(
     args: argparse.Namespace,
     cls: type,
-    full: Mapping[str, Any],
-    quick: Mapping[str, Any],
+    full: Any,
+    quick: Any,
     **fixed: Any,
 ) -> Any:
-    """The recipe's config from the options (config_from_args); UsageError for impossible
-    values (the config's own checks) or a device this machine does not have."""
+    """The recipe's config: its QUICK (with --quick) or FULL config with the options given
+    (config_from_args); UsageError for impossible values (the config's own checks) or a
+    device this machine does not have."""
     from lungbench.core.device import parse_device
 
     cfg = config_from_args(args, cls, full, quick, **fixed)
@@ -71,9 +72,9 @@ def resumed_config(args: argparse.Namespace, cls: type, saved: Mapping[str, Any]
     """The config a resumed run continues with: its saved one (config.json), with the
     RESUME_MAY_CHANGE options the user gave; UsageError naming any other option given
     with a value the run does not have."""
-    from lungbench.commands._options import flag_of, flat_values, given_values, replaced
+    from lungbench.commands._options import flag_of, given_values
     from lungbench.core.errors import UsageError
-    from lungbench.core.options import config_from_dict
+    from lungbench.core.options import config_from_dict, flat_values, replaced
     from lungbench.core.runs import to_jsonable
 
     cfg = config_from_dict(cls, saved)

@@ -8,7 +8,7 @@ import argparse
 from lungbench.commands._options import add_config_options
 from lungbench.commands.train import _common as common
 from lungbench.experiments import chestxray as recipe
-from lungbench.experiments.chestxray import FULL, QUICK, ChestXrayConfig, run
+from lungbench.experiments.chestxray import ChestXrayConfig, run
 
 NAME = recipe.NAME  # the sub-command: `lungbench train NAME`
 HELP = "seed 004: transfer methods A-D x pretrained weights, weighted BCE, 5-fold CV, costs"
@@ -42,13 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "tiny settings for a smoke run (60 images of 32x32, 1 epoch, 2 folds x A, the middle "
         "B depth, C, D: 8 fits)"
     )
-    add_config_options(p, ChestXrayConfig, FULL, QUICK, quick_help=quick)
+    add_config_options(p, ChestXrayConfig, recipe.FULL, recipe.QUICK, quick_help=quick)
     common.add_output_options(p)
     common.add_resume_option(p)
 
 
 def make_config(args: argparse.Namespace) -> ChestXrayConfig:
-    return common.recipe_config(args, ChestXrayConfig, FULL, QUICK)
+    return common.recipe_config(args, ChestXrayConfig, recipe.FULL, recipe.QUICK)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from lungbench.commands._options import add_config_options, section
 from lungbench.commands.train import _common as common
 from lungbench.distributed.group import group_session, init_distributed
 from lungbench.experiments import lidc_pretrain as recipe
-from lungbench.experiments.lidc_pretrain import FULL, QUICK, PretrainConfig, run
+from lungbench.experiments.lidc_pretrain import PretrainConfig, run
 
 NAME = recipe.NAME  # the sub-command: `lungbench train NAME`
 HELP = "seed 000: pre-train the two-path 3D CNN on LIDC (20%% validation, batch 16)"
@@ -46,7 +46,7 @@ DISTRIBUTED = True
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_config_options(p, PretrainConfig, FULL, QUICK, quick_help=common.QUICK_HELP)
+    add_config_options(p, PretrainConfig, recipe.FULL, recipe.QUICK, quick_help=common.QUICK_HELP)
     d = section(p, "data and model")
     d.add_argument(
         "--resume",
@@ -67,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def make_config(args: argparse.Namespace) -> PretrainConfig:
-    return common.recipe_config(args, PretrainConfig, FULL, QUICK)
+    return common.recipe_config(args, PretrainConfig, recipe.FULL, recipe.QUICK)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from lungbench.commands._args import non_negative_int
 from lungbench.commands._options import add_config_options, section
 from lungbench.commands.train import _common as common
 from lungbench.experiments import lungx_cv as recipe
-from lungbench.experiments.lungx_cv import FULL, QUICK, REGIMES, CVConfig, run
+from lungbench.experiments.lungx_cv import REGIMES, CVConfig, run
 
 NAME = recipe.NAME  # the sub-command: `lungbench train NAME`
 HELP = "seed 000: LUNGx 3-fold CV, LIDC only / w/o / w/ pre-training (AUC table, confusion)"
@@ -42,7 +42,7 @@ examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_config_options(p, CVConfig, FULL, QUICK, quick_help=common.QUICK_HELP)
+    add_config_options(p, CVConfig, recipe.FULL, recipe.QUICK, quick_help=common.QUICK_HELP)
     d = section(p, "data and model")
     d.add_argument(
         "--lidc-store",
@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def make_config(args: argparse.Namespace) -> CVConfig:
-    return common.recipe_config(args, CVConfig, FULL, QUICK)
+    return common.recipe_config(args, CVConfig, recipe.FULL, recipe.QUICK)
 
 
 def main(args: argparse.Namespace) -> int:

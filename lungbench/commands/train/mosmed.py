@@ -9,7 +9,7 @@ from lungbench.commands._args import non_negative_int
 from lungbench.commands._options import add_config_options, section
 from lungbench.commands.train import _common as common
 from lungbench.experiments import mosmed as recipe
-from lungbench.experiments.mosmed import FULL, QUICK, MosmedConfig, memory_note, run
+from lungbench.experiments.mosmed import MosmedConfig, memory_note, run
 
 NAME = recipe.NAME  # the sub-command: `lungbench train NAME`
 HELP = "seed 002: CT-0 vs CT-2/3 with the MosMed 3D CNN and its six modifications"
@@ -44,7 +44,7 @@ examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_config_options(p, MosmedConfig, FULL, QUICK, quick_help=common.QUICK_HELP)
+    add_config_options(p, MosmedConfig, recipe.FULL, recipe.QUICK, quick_help=common.QUICK_HELP)
     section(p, "data and model").add_argument(
         "--data-seed",
         type=non_negative_int,
@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def make_config(args: argparse.Namespace) -> MosmedConfig:
-    return common.recipe_config(args, MosmedConfig, FULL, QUICK)
+    return common.recipe_config(args, MosmedConfig, recipe.FULL, recipe.QUICK)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ import argparse
 from lungbench.commands._options import add_config_options
 from lungbench.commands.train import _common as common
 from lungbench.experiments import nodule2d as recipe
-from lungbench.experiments.nodule2d import FULL, QUICK, Nodule2DConfig, run
+from lungbench.experiments.nodule2d import Nodule2DConfig, run
 
 NAME = recipe.NAME  # the sub-command: `lungbench train NAME`
 HELP = "seed 001: 2D nodule crops, LR finder, cosine/one-cycle, rotation aug, TTA, Grad-CAM"
@@ -28,14 +28,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     quick = "smoke run: 160 crops, resnet18, 4 one-cycle epochs, 20 LR-finder steps"
-    add_config_options(p, Nodule2DConfig, FULL, QUICK, quick_help=quick)
+    add_config_options(p, Nodule2DConfig, recipe.FULL, recipe.QUICK, quick_help=quick)
     common.add_output_options(p)
     common.add_resume_option(p)
 
 
 def make_config(args: argparse.Namespace) -> Nodule2DConfig:
     # A given --lr skips the LR finder; without one the finder's suggestion replaces FULL's.
-    return common.recipe_config(args, Nodule2DConfig, FULL, QUICK, find_lr=args.lr is None)
+    return common.recipe_config(
+        args, Nodule2DConfig, recipe.FULL, recipe.QUICK, find_lr=args.lr is None
+    )
 
 
 def main(args: argparse.Namespace) -> int:
