@@ -77,8 +77,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         write_synthetic_store(
             out, args.kind, args.n, geometry(args.grid), args.seed, progress=bar.update
         )
-    info = read_info(out)
-    print(f"wrote {out}: {info.n} samples, inputs {info.inputs}, labels {info.label_names}")
+    _say_written(out)
     return 0
 
 
@@ -265,8 +264,7 @@ def _run_lidc(args: argparse.Namespace) -> int:
             )
             if skipped:
                 print(f"skipped {skipped} nodules whose series is not under {args.dicom}")
-    info = read_info(out)
-    print(f"wrote {out}: {info.n} samples, inputs {info.inputs}, labels {info.label_names}")
+    _say_written(out)
     return 0
 
 
@@ -293,12 +291,7 @@ def register_lungx(sub: argparse._SubParsersAction) -> None:
         help="geometry preset of the two cubes (default: default)",
     )
     add_allow_modality(p)
-    p.add_argument(
-        "--allow-missing-classes",
-        action="store_true",
-        help="write the store even if a class has no sample (default: refuse; such a store "
-        "cannot train a classifier)",
-    )
+    add_allow_missing_classes(p)
     p.add_argument("--out", required=True, help="output store (.h5)")
     p.set_defaults(func=_run_lungx)
 
@@ -331,8 +324,7 @@ def _run_lungx(args: argparse.Namespace) -> int:
             modalities=("CT", *args.allow_modality),
             allow_missing_classes=args.allow_missing_classes,
         )
-    info = read_info(out)
-    print(f"wrote {out}: {info.n} samples, inputs {info.inputs}, labels {info.label_names}")
+    _say_written(out)
     return 0
 
 
@@ -364,12 +356,7 @@ def register_mosmed(sub: argparse._SubParsersAction) -> None:
         metavar=("D", "H", "W"),
         help="output grid (default: 64 128 128)",
     )
-    p.add_argument(
-        "--allow-missing-classes",
-        action="store_true",
-        help="write the store even if a class has no sample (default: refuse; such a store "
-        "cannot train a classifier)",
-    )
+    add_allow_missing_classes(p)
     p.add_argument("--out", required=True, help="output store (.h5)")
     p.set_defaults(func=_run_mosmed)
 
@@ -388,8 +375,7 @@ def _run_mosmed(args: argparse.Namespace) -> int:
             progress=bar.update,
             allow_missing_classes=args.allow_missing_classes,
         )
-    info = read_info(out)
-    print(f"wrote {out}: {info.n} samples, inputs {info.inputs}, labels {info.label_names}")
+    _say_written(out)
     return 0
 
 
@@ -458,6 +444,21 @@ def _run_images(args: argparse.Namespace) -> int:
             tuple(args.window) if args.window else None,
             progress=bar.update,
         )
+    _say_written(out)
+    return 0
+
+
+def add_allow_missing_classes(p: argparse.ArgumentParser) -> None:
+    """--allow-missing-classes of the readers of labelled archives (lungx, mosmed)."""
+    p.add_argument(
+        "--allow-missing-classes",
+        action="store_true",
+        help="write the store even if a class has no sample (default: refuse; such a store "
+        "cannot train a classifier)",
+    )
+
+
+def _say_written(out: Path) -> None:
+    """The store just written, described in one line from its own header."""
     info = read_info(out)
     print(f"wrote {out}: {info.n} samples, inputs {info.inputs}, labels {info.label_names}")
-    return 0
