@@ -2,6 +2,10 @@
 
 Import from this package, not from `registry` alone: importing the package registers every
 built-in architecture.
+
+What may live here: networks (nn.Module) and how the registry builds them and names their
+inputs. What may not: optimizers, precision or layout switches (lungbench.switches, step),
+or data.
 """
 
 from lungbench.models.registry import (
