@@ -6,11 +6,13 @@ Each sub-command is a `register_<name>(sub)` function here; the work is in lungb
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
 
 from lungbench.commands._args import non_negative_int, positive_int
+from lungbench.commands._options import add_config_options, config_from_args
 from lungbench.core.errors import UsageError
 from lungbench.data.store import read_info
 
@@ -380,6 +382,8 @@ def _run_mosmed(args: argparse.Namespace) -> int:
 
 
 def register_images(sub: argparse._SubParsersAction) -> None:
+    from lungbench.data.images import ImageStoreOptions
+
     p = sub.add_parser(
         "images",
         help="2D images + label CSV (ChestX-ray8 Data_Entry or binary crops) -> `image` store",
@@ -395,55 +399,18 @@ def register_images(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("folder", help="folder of the image files named in the CSV")
     p.add_argument("csv", help="label CSV")
-    p.add_argument(
-        "--labels",
-        nargs="+",
-        default=None,
-        help="allowed label names, in output order (default: the 14 ChestX-ray14 "
-        "findings, or benign malignant for a binary CSV)",
-    )
-    p.add_argument(
-        "--size",
-        type=positive_int,
-        nargs=2,
-        default=(512, 512),
-        metavar=("H", "W"),
-        help="output size (default: 512 512; 64 64 for nodule crops)",
-    )
-    p.add_argument(
-        "--channels",
-        type=int,
-        choices=(1, 3),
-        default=1,
-        help="1 grayscale or 3 repeated channels for ImageNet models (default: 1)",
-    )
-    p.add_argument(
-        "--window",
-        type=float,
-        nargs=2,
-        default=None,
-        metavar=("LO", "HI"),
-        help="window for DICOM images (default: the file's WindowCenter/Width)",
-    )
+    add_config_options(p, ImageStoreOptions, quick_help=None)
     p.add_argument("--out", required=True, help="output store (.h5)")
     p.set_defaults(func=_run_images)
 
 
 def _run_images(args: argparse.Namespace) -> int:
-    from lungbench.data.images import write_images_store
+    from lungbench.data.images import ImageStoreOptions, write_images_store
 
     out = _output_path(args.out)
+    options = config_from_args(args, ImageStoreOptions)
     with tqdm(desc="images", unit="image") as bar:
-        write_images_store(
-            args.folder,
-            args.csv,
-            out,
-            args.size,
-            args.labels,
-            args.channels,
-            tuple(args.window) if args.window else None,
-            progress=bar.update,
-        )
+        write_images_store(args.folder, args.csv, out, **asdict(options), progress=bar.update)
     _say_written(out)
     return 0
 

@@ -22,11 +22,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
 from lungbench.core.errors import DataError, UsageError
+from lungbench.core.options import option, positive_int
 from lungbench.data.store import StoreWriter
 
 CHESTXRAY14 = (
@@ -246,6 +248,38 @@ def to_gray8(image, path: Path):
     low, high = float(values.min()), float(values.max())
     scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
     return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+
+
+@dataclass(frozen=True)
+class ImageStoreOptions:
+    """How `lungbench data images` converts the images: the keyword arguments of
+    write_images_store, declared with their command-line options."""
+
+    labels: tuple[str, ...] | None = option(
+        None,
+        nargs="+",
+        default_text="the 14 ChestX-ray14 findings, or benign malignant for a binary CSV",
+        help="allowed label names, in output order",
+    )
+    size: tuple[int, int] = option(
+        (512, 512),
+        type=positive_int,
+        nargs=2,
+        metavar=("H", "W"),
+        default_note="64 64 for nodule crops",
+        help="output size",
+    )
+    channels: int = option(
+        1, type=int, choices=(1, 3), help="1 grayscale or 3 repeated channels for ImageNet models"
+    )
+    window: tuple[float, float] | None = option(
+        None,
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        default_text="the file's WindowCenter/Width",
+        help="window for DICOM images",
+    )
 
 
 def write_images_store(

@@ -96,16 +96,9 @@ def write_nodule2d_store(
         "spacing_mm": NODULE_SPACING_MM,
         "kind": kind,
         "malignant_fraction": malignant_fraction,
-        "generated": True,
     }
-    with StoreWriter(
-        out,
-        kind="synth-nodule2d",
-        inputs={"image": (1, size, size)},
-        label_names=NODULE_LABELS,
-        task="binary",
-        units="uint8",
-        provenance=provenance,
+    with _generated_images(
+        out, "synth-nodule2d", size, NODULE_LABELS, "binary", provenance
     ) as writer:
         for i, label in enumerate(labels):
             image, diameter = nodule_slice(i, seed, int(label), size, kind)
@@ -318,17 +311,8 @@ def write_chestxray_store(
         "n": n,
         "size": size,
         "prevalence_scale": prevalence_scale,
-        "generated": True,
     }
-    with StoreWriter(
-        out,
-        kind="synth-chestxray",
-        inputs={"image": (1, size, size)},
-        label_names=names,
-        task="multilabel",
-        units="uint8",
-        provenance=provenance,
-    ) as writer:
+    with _generated_images(out, "synth-chestxray", size, names, "multilabel", provenance) as writer:
         for i in range(n):
             rng = np.random.default_rng([seed, i, 4])
             flags = draw_findings(rng, names, prevalence_scale)
@@ -341,6 +325,26 @@ def write_chestxray_store(
             )
             if progress is not None:
                 progress(1)
+
+
+def _generated_images(
+    out: str | os.PathLike,
+    kind: str,
+    size: int,
+    label_names: Sequence[str],
+    task: str,
+    provenance: dict,
+) -> StoreWriter:
+    """A store of generated 8-bit (1, size, size) images, its provenance marked generated."""
+    return StoreWriter(
+        out,
+        kind=kind,
+        inputs={"image": (1, size, size)},
+        label_names=label_names,
+        task=task,
+        units="uint8",
+        provenance={**provenance, "generated": True},
+    )
 
 
 def _check_n_size(n: int, size: int) -> None:

@@ -98,6 +98,15 @@ def data_word(info: StoreInfo) -> str:
     return "generated data" if info.provenance.get("generator") else info.path.name
 
 
+def store_run_config(
+    name: str, cfg: object, info: StoreInfo, data_seed: int, **more: object
+) -> dict[str, object]:
+    """config.json of recipe `name` trained on store `info`: its config, the store, what its
+    data are and the seed that made them, and `more`."""
+    data = {"data": data_note(info), "data_seed": data_seed}
+    return {"experiment": name, "config": cfg, "store": info.path, **data, **more}
+
+
 def data_note(info: StoreInfo) -> str:
     """'generated (...)' for the generators' stores, the file otherwise."""
     generator = info.provenance.get("generator")

@@ -302,14 +302,7 @@ def run(
     if not dist.is_main:
         pretrain(cfg, info, None, resume=resume, dist=dist)  # every rank resumes
         return None
-    config = {
-        "experiment": NAME,
-        "config": cfg,
-        "store": info.path,
-        "data": note,
-        "data_seed": data_seed,
-        "distributed": dist.describe(),
-    }
+    config = common3d.store_run_config(NAME, cfg, info, data_seed, distributed=dist.describe())
     with common3d.training_run(
         out,
         run_id,

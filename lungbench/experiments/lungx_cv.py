@@ -423,15 +423,9 @@ def run(
     preset = common3d.nodule_preset(info)
     lidc = None if cfg.pretrained else lidc_store(cfg, preset, out, data_seed, lidc_store_path)
     note = common3d.data_note(info)
-    config = {
-        "experiment": NAME,
-        "config": cfg,
-        "store": info.path,
-        "data": note,
-        "data_seed": data_seed,
-        "lidc_store": lidc_store_path,
-        "folds": folds_how,
-    }
+    config = common3d.store_run_config(
+        NAME, cfg, info, data_seed, lidc_store=lidc_store_path, folds=folds_how
+    )
     with common3d.training_run(
         out,
         run_id,

@@ -325,13 +325,7 @@ def run(
     started = time.perf_counter()
     info = volume_store(cfg, Path(out), data_seed)
     note = common3d.data_note(info)
-    config = {
-        "experiment": NAME,
-        "config": cfg,
-        "store": info.path,
-        "data": note,
-        "data_seed": data_seed,
-    }
+    config = common3d.store_run_config(NAME, cfg, info, data_seed)
     with common3d.training_run(
         out,
         run_id,
