@@ -14,6 +14,7 @@ with it. How each switch is chosen and applied lives in lungbench.switches.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lungbench.core.cache import cache_dir
 from lungbench.core.errors import look_up_option
 from lungbench.switches import Switches, apply_memory_format, autocast, to_memory_format
 
@@ -113,7 +115,7 @@ class TrainStep:
             )
         self.forward = self.model
         if self.switches.compile != "off":
-            self.forward = torch.compile(self.model, mode=self.switches.compile)
+            self.forward = compiled(self.model, self.switches.compile)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.switches.dtype == "fp16")
 
     def prepare_inputs(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -225,3 +227,13 @@ def _capture(step: TrainStep, inputs: Sequence[torch.Tensor], target: torch.Tens
 def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy on logits (B, 1) against targets (B,)."""
     return F.binary_cross_entropy_with_logits(logits.reshape(target.shape), target)
+
+
+def compiled(model: nn.Module, mode: str) -> Callable[..., torch.Tensor]:
+    """torch.compile(model), its generated code and graphs cached under lungbench's cache
+    ($LUNGBENCH_CACHE_DIR/inductor, unless TORCHINDUCTOR_CACHE_DIR says otherwise): inductor's
+    FX-graph and AOTAutograd caches then survive the process, so a compile is paid once per
+    host and workload, not in every run (its default, /tmp/torchinductor_<user>, is wiped
+    with /tmp)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    return torch.compile(model, mode=mode)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -155,3 +157,38 @@ def test_single_process_measurements_refuse_a_launcher(option, tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{option}: runs in one process; torchrun started 2" in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_compiled_variant_says_its_one_off_cost_and_when_it_pays_off():
+    """Planted records: the compile is paid in the first steps; the gain is counted against
+    the same switches without compile (else eager FP32); a slower compiled step never pays."""
+    from lungbench.harness.ablation import ablation_table, attach_one_off_costs
+
+    def record(variant, step_s, first_s, **switches):
+        sw = {"dtype": "fp32", "memory_format": "contiguous", "optimizer": "default"}
+        sw |= {"tf32": False, "cudnn_benchmark": False, "compile": "off"} | switches
+        return {"variant": variant, "step_s_median": step_s, "first_steps_s": first_s, **sw}
+
+    records = [
+        record("eager_fp32", 0.030, 0.2),
+        record("+bf16", 0.024, 0.2, dtype="bf16"),
+        record("+compile-default", 0.022, 20.0, dtype="bf16", compile="default"),
+        record("compile", 0.031, 12.0, compile="default"),  # a single: against eager
+    ]
+    attach_one_off_costs(records, first_steps=3)
+    ladder, single = records[2], records[3]
+    assert ladder["one_off_s"] == pytest.approx(20.0 - 3 * 0.022)
+    assert (ladder["gain_against"], ladder["gain_per_step_s"]) == ("+bf16", pytest.approx(0.002))
+    assert ladder["pays_off_after_steps"] == math.ceil((20.0 - 3 * 0.022) / 0.002)
+    assert single["gain_against"] == "eager_fp32" and single["pays_off_after_steps"] is None
+    assert "one_off_s" not in records[1], "only compiled variants have a one-off cost"
+    for r in records:  # the table's other columns
+        r |= {"added": "", "step_s_iqr": 0.001, "speedup": 1.0, "step_s_min": r["step_s_median"]}
+        r |= {"speedup_best": 1.0, "speedup_round_median": 1.0, "speedup_round_iqr": 0.0}
+        r |= {"samples_per_s": 1.0, "achieved_flops": 1e9, "loss_after_n": 0.5}
+        r |= {"loss_delta": 0.0, "tolerance": 0.01, "accuracy_ok": True}
+    words = ablation_table(records)["one-off s (compile)"]
+    after = f"{ladder['pays_off_after_steps']:,}"
+    assert words["+compile-default"] == f"19.9 (pays off after {after} steps vs +bf16)"
+    assert words["compile"] == "11.9 (never pays off (no faster) vs eager_fp32)"
+    assert words["eager_fp32"] == ""

@@ -226,3 +226,19 @@ def test_cuda_switches_match_fp32(switches):
             return float(bce_loss(model(*data[-1][0]), data[-1][1]))
 
     assert abs(run(switches) - run(eager_fp32())) <= tolerance(switches)
+
+
+def test_a_compiled_step_keeps_its_generated_code_in_lungbench_cache(tmp_path, monkeypatch):
+    """The compile is paid once per host and workload: inductor's caches live under
+    $LUNGBENCH_CACHE_DIR/inductor (compiling itself is lazy: nothing compiles here)."""
+    import os
+
+    from lungbench.step import compiled
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
+    compiled(torch.nn.Linear(2, 1), "default")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    compiled(torch.nn.Linear(2, 1), "default")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine"), "the user's wins"

@@ -18,6 +18,8 @@ Output: results/<run-id>/{records.jsonl, tables/ablation.csv|.md, environment.js
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -203,17 +205,52 @@ def run_ablation(
     # How far training moves the loss: a tolerance is only a check when the move is larger.
     initial = fp32_loss(reference.to(device), batches[-1])
 
-    runners, losses = [], []
+    runners, losses, first_steps = [], [], []
     for variant in variants:
         # the ablation shows each variant (a compile takes minutes); the tuning pass its table
         (log.info if label == "ablation" else log.debug)(
             f"{label}: {variant.name} (accuracy steps{', compiling' if _compiles(variant) else ''})"
         )
+        started = time.perf_counter()
         runner = _make_runner(cfg, variant, init, batches, timing_batch, device)
         losses.append(accuracy_run(runner))
+        first_steps.append(time.perf_counter() - started)  # a compile is paid here
         runners.append(runner)
     samples = _interleaved(runners, cfg.warmup, cfg.rounds, device)
-    return _records(cfg, runners, samples, losses, flops, threads, initial)
+    records = _records(cfg, runners, samples, losses, flops, threads, initial)
+    for record, seconds in zip(records, first_steps, strict=True):
+        record["first_steps_s"] = seconds
+    attach_one_off_costs(records, cfg.accuracy_steps)
+    return records
+
+
+def attach_one_off_costs(records: list[dict[str, Any]], first_steps: int) -> None:
+    """For each compiled variant: its one-off cost (the wall time of its first
+    `first_steps` steps, the compile among them, beyond that many of its timed steps), its
+    gain per step over the same switches without compile (else eager FP32, the first
+    record), and after how many steps the gain has paid the cost back (None: never, the
+    compiled step is not faster)."""
+    for r in records:
+        if r.get("compile", "off") == "off":
+            continue
+        base = _uncompiled_twin(r, records)
+        r["one_off_s"] = max(r["first_steps_s"] - first_steps * r["step_s_median"], 0.0)
+        r["gain_per_step_s"] = base["step_s_median"] - r["step_s_median"]
+        r["gain_against"] = base["variant"]
+        gain = r["gain_per_step_s"]
+        r["pays_off_after_steps"] = math.ceil(r["one_off_s"] / gain) if gain > 0 else None
+
+
+def _uncompiled_twin(record: dict[str, Any], records: Sequence[dict[str, Any]]) -> dict:
+    """The record whose switches are `record`'s with compile off (CUDA graphs aside: the
+    compile rung turns them off); else the first (eager FP32)."""
+    keys = ("dtype", "memory_format", "optimizer", "tf32", "cudnn_benchmark")
+    for other in records:
+        if other.get("compile", "off") == "off" and all(
+            other.get(k) == record.get(k) for k in keys
+        ):
+            return other
+    return records[0]
 
 
 def _make_runner(
@@ -325,9 +362,19 @@ def ablation_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
                 "|Δ loss|": r["loss_delta"],
                 "tolerance": r["tolerance"],
                 "accuracy": "ok" if r["accuracy_ok"] else "FAIL",
+                "one-off s (compile)": _one_off(r),
             }
         )
     return pd.DataFrame(rows).set_index("variant")
+
+
+def _one_off(record: dict[str, Any]) -> str:
+    """A compiled variant's one-off cost and when its gain pays it back, in words."""
+    if "one_off_s" not in record:
+        return ""
+    after = record["pays_off_after_steps"]
+    paid = f"pays off after {after:,} steps" if after else "never pays off (no faster)"
+    return f"{record['one_off_s']:.1f} ({paid} vs {record['gain_against']})"
 
 
 def attach_peaks(records: list[dict[str, Any]], peaks: dict[str, float]) -> None:

@@ -70,7 +70,13 @@ def _alternative(row: Any) -> bool:
         and measured_number(row["speedup_vs_eager"])
         and isinstance(row["accuracy_ok"], bool)
         and (loss is None or measured_number(abs(loss), zero=True))
+        and ("one_off_s" not in row or measured_number(row["one_off_s"], zero=True))
+        and (row.get("pays_off_after_steps") is None or _count(row["pays_off_after_steps"]))
     )
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 register_schema(CACHE_FILE, _tuning_entry)
@@ -283,6 +289,8 @@ def _row(record: dict[str, Any], eager_s: float, pass_: int) -> dict[str, Any]:
         "accuracy_ok": bool(record["accuracy_ok"]),
         "loss_delta": record["loss_delta"],
         "fell_back": "; ".join(record.get("switch_fallbacks") or ()) or None,
+        # a compiled candidate: its one-off cost and when it pays off (harness.ablation)
+        **{k: record[k] for k in ("one_off_s", "pays_off_after_steps") if k in record},
     }
 
 
@@ -302,7 +310,13 @@ def _quiet_ablation() -> Iterator[None]:
 def _flag(row: dict[str, Any]) -> str:
     if row["fell_back"]:
         return " (fell back: not used)"
-    return "" if row["accuracy_ok"] else " (accuracy FAIL)"
+    if not row["accuracy_ok"]:
+        return " (accuracy FAIL)"
+    if "one_off_s" in row:
+        after = row["pays_off_after_steps"]
+        paid = f"pays off after {after:,} steps" if after else "never pays off"
+        return f" (one-off {row['one_off_s']:.1f} s compiling, {paid})"
+    return ""
 
 
 def _switches_of(record: dict[str, Any]) -> Switches:
