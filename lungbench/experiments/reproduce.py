@@ -28,8 +28,8 @@ when its folder cannot be continued, starts again in a new one.
 
 Time estimate (before anything runs): per twin, the median wall time of its last 5 runs of
 the same size on this host and device, with their spread (kept in
-$LUNGBENCH_CACHE_DIR/reproduce_times.json after every twin that completes), else the table QUICK_SECONDS measured on the 2-core development VM;
-a full-size twin without a time of its own is its quick time (data, set-up, evaluation)
+$LUNGBENCH_CACHE_DIR/reproduce_times.json after every twin that completes), else the table
+QUICK_SECONDS measured on the 2-core development VM; a full-size twin without a time of its own is its quick time (data, set-up, evaluation)
 plus its full training's FLOPs (training samples passed x FLOPs per sample, FULL_GFLOP) at
 TRAIN_GFLOPS, the rate a training step of that network sustained on that VM. On a GPU it
 takes far less.
@@ -186,7 +186,7 @@ class Twin:
     passes: Callable[[bool], float]  # training samples passed, at quick (True) or full size
 
 
-def _recipe_config(module, cls, ctx: TwinContext):
+def _recipe_config(module, ctx: TwinContext):
     """The recipe's config at the context's size (its QUICK or its FULL) on its device."""
     return replaced(module.QUICK if ctx.quick else module.FULL, {"device": ctx.device})
 
@@ -204,7 +204,7 @@ def _run_recipe(ctx: TwinContext, recipe, cls, saved_as: str = "config") -> Path
     if point is not None:
         cfg = config_from_dict(cls, point.config[saved_as])
     else:
-        cfg = _recipe_config(recipe, cls, ctx)
+        cfg = _recipe_config(recipe, ctx)
     return recipe.run(cfg, ctx.out, ctx.run_id, resume=point).run_dir
 
 
@@ -232,7 +232,7 @@ def _run_lungx(ctx: TwinContext) -> Path:
     if point is not None:
         cfg = config_from_dict(recipe.CVConfig, point.config["config"])
     else:
-        cfg = _recipe_config(recipe, recipe.CVConfig, ctx)
+        cfg = _recipe_config(recipe, ctx)
         lidc = ctx.done.get("lidc-pretrain")
         best = lidc / "checkpoint_best.pt" if lidc is not None else None
         if best is not None and best.is_file():  # the thesis: fine-tune the LIDC model
