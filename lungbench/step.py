@@ -229,11 +229,22 @@ def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.reshape(target.shape), target)
 
 
+def keep_compiled_code_in_our_cache() -> None:
+    """Inductor's cache folder under lungbench's, unless TORCHINDUCTOR_CACHE_DIR is set.
+    Inductor fixes its folder for the process the first time anything asks for it
+    (FlopCounterMode does, before any compile), so this runs when this module is imported,
+    and again before each compile."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+
+
+keep_compiled_code_in_our_cache()
+
+
 def compiled(model: nn.Module, mode: str) -> Callable[..., torch.Tensor]:
     """torch.compile(model), its generated code and graphs cached under lungbench's cache
     ($LUNGBENCH_CACHE_DIR/inductor, unless TORCHINDUCTOR_CACHE_DIR says otherwise): inductor's
     FX-graph and AOTAutograd caches then survive the process, so a compile is paid once per
     host and workload, not in every run (its default, /tmp/torchinductor_<user>, is wiped
     with /tmp)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    keep_compiled_code_in_our_cache()
     return torch.compile(model, mode=mode)
