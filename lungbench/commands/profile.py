@@ -6,9 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from lungbench.commands._args import add_dist_timeout, non_negative_int, positive_int
+from lungbench.commands._args import add_dist_timeout, positive_int
 from lungbench.commands._options import add_config_options, config_from_args, section
 from lungbench.commands._speed import add_switch_options, switch_request
+from lungbench.harness.profiler import SCHEDULE, ProfileSchedule
 from lungbench.measure.workload import WORKLOAD, Workload
 
 # The workload profiled by default: the thesis's reference step (filters 16, batch 2).
@@ -56,13 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="read batches from this HDF5 store through a DataLoader; it needs at least "
         "--batch samples on the --preset grid (default: random tensors)",
     )
-    s = p.add_argument_group("profiler schedule and options")
-    s.add_argument("--wait", type=non_negative_int, default=1, help="steps skipped (default: 1)")
-    s.add_argument(
-        "--warmup", type=non_negative_int, default=1, help="steps profiled, discarded (default: 1)"
-    )
-    s.add_argument("--active", type=positive_int, default=3, help="steps recorded (default: 3)")
-    s.add_argument("--repeat", type=positive_int, default=1, help="cycles (default: 1)")
+    add_config_options(p, ProfileSchedule, quick_help=None)  # declared on ProfileSchedule
+    s = section(p, SCHEDULE)
     s.add_argument(
         "--steps",
         type=positive_int,
@@ -119,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace):
     """The ProfileConfig of the command line."""
-    from lungbench.harness.profiler import ProfileConfig, ProfileSchedule, parse_activities
+    from lungbench.harness.profiler import ProfileConfig, parse_activities
     from lungbench.switches import switches_of
 
     workload = config_from_args(args, Workload, PROFILED)
@@ -131,7 +127,7 @@ def _config(args: argparse.Namespace):
         workload=workload,
         switches=switches_of(asked),
         strict_switches=asked.strict_switches,
-        schedule=ProfileSchedule(args.wait, args.warmup, args.active, args.repeat),
+        schedule=config_from_args(args, ProfileSchedule),
         steps=args.steps,
         activities=parse_activities(activities, workload.device),
         record_shapes=not args.no_shapes,

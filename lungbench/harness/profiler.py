@@ -36,6 +36,7 @@ import torch
 from torch.profiler import ProfilerActivity, record_function
 
 from lungbench.core.errors import DataError, UsageError, look_up_option, message_of
+from lungbench.core.options import non_negative_int, option, positive_int
 from lungbench.distributed.group import DistContext
 from lungbench.harness.ddp import ddp_train_step
 from lungbench.harness.tuning import Tuner, TuningOptions, fast_choice
@@ -50,14 +51,18 @@ log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 ACTIVITIES = {"cpu": ProfilerActivity.CPU, "cuda": ProfilerActivity.CUDA}
 
 
+SCHEDULE = "profiler schedule and options"  # the --help section of the schedule's options
+
+
 @dataclass(frozen=True)
 class ProfileSchedule:
-    """torch.profiler's schedule; one cycle = wait + warmup + active steps."""
+    """torch.profiler's schedule; one cycle = wait + warmup + active steps (each field
+    declared with its `lungbench profile` option)."""
 
-    wait: int = 1
-    warmup: int = 1
-    active: int = 3
-    repeat: int = 1
+    wait: int = option(1, type=non_negative_int, group=SCHEDULE, help="steps skipped")
+    warmup: int = option(1, type=non_negative_int, group=SCHEDULE, help="steps profiled, discarded")
+    active: int = option(3, type=positive_int, group=SCHEDULE, help="steps recorded")
+    repeat: int = option(1, type=positive_int, group=SCHEDULE, help="cycles")
 
     @property
     def steps(self) -> int:
