@@ -230,14 +230,23 @@ def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def keep_compiled_code_in_our_cache() -> None:
-    """Inductor's cache folder under lungbench's, unless TORCHINDUCTOR_CACHE_DIR is set.
-    Inductor fixes its folder for the process the first time anything asks for it
-    (FlopCounterMode does, before any compile), so this runs when this module is imported,
-    and again before each compile."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    """Inductor's cache folder under lungbench's ($LUNGBENCH_CACHE_DIR/inductor) unless the
+    user chose one in TORCHINDUCTOR_CACHE_DIR. Inductor writes its own default
+    (/tmp/torchinductor_<user>) into that variable the first time anything asks for its
+    folder (FlopCounterMode does, before any compile), so its default counts as not chosen.
+    Inductor reads the variable at every cache access, so setting it before the compile
+    (which runs at the first call) is enough."""
+    current, default = os.environ.get("TORCHINDUCTOR_CACHE_DIR"), _inductor_default()
+    if current is None or (default and os.path.abspath(current) == os.path.abspath(default)):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
 
 
-keep_compiled_code_in_our_cache()
+def _inductor_default() -> str:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # another torch: only an unset variable counts as not chosen
+        return ""
+    return default_cache_dir()
 
 
 def compiled(model: nn.Module, mode: str) -> Callable[..., torch.Tensor]:

@@ -242,3 +242,10 @@ def test_a_compiled_step_keeps_its_generated_code_in_lungbench_cache(tmp_path, m
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     compiled(torch.nn.Linear(2, 1), "default")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine"), "the user's wins"
+    # inductor writes its own default into the variable when anything asks for its folder
+    # (FlopCounterMode does): that default is no user's choice
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    compiled(torch.nn.Linear(2, 1), "default")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")

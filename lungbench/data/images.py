@@ -286,10 +286,10 @@ def write_images_store(
     folder: str | os.PathLike,
     csv: str | os.PathLike,
     out: str | os.PathLike,
-    size: Sequence[int] = (512, 512),
-    labels: Sequence[str] | None = None,
-    channels: int = 1,
-    window: tuple[float, float] | None = None,
+    size: Sequence[int] = ImageStoreOptions.size,  # the defaults: as the options declare them
+    labels: Sequence[str] | None = ImageStoreOptions.labels,
+    channels: int = ImageStoreOptions.channels,
+    window: tuple[float, float] | None = ImageStoreOptions.window,
     progress: Callable[[int], None] | None = None,
 ) -> int:
     """Convert the images listed in `csv` (files under `folder`) into a store at `out`."""

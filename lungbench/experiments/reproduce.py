@@ -29,10 +29,10 @@ when its folder cannot be continued, starts again in a new one.
 Time estimate (before anything runs): per twin, the median wall time of its last 5 runs of
 the same size on this host and device, with their spread (kept in
 $LUNGBENCH_CACHE_DIR/reproduce_times.json after every twin that completes), else the table
-QUICK_SECONDS measured on the 2-core development VM; a full-size twin without a time of its own is its quick time (data, set-up, evaluation)
-plus its full training's FLOPs (training samples passed x FLOPs per sample, FULL_GFLOP) at
-TRAIN_GFLOPS, the rate a training step of that network sustained on that VM. On a GPU it
-takes far less.
+QUICK_SECONDS measured on the 2-core development VM; a full-size twin without a time of its
+own is its quick time (data, set-up, evaluation) plus its full training's FLOPs (training
+samples passed x FLOPs per sample, FULL_GFLOP) at TRAIN_GFLOPS, the rate a training step of
+that network sustained on that VM. On a GPU it takes far less.
 """
 
 from __future__ import annotations

@@ -362,14 +362,15 @@ def ablation_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
                 "|Δ loss|": r["loss_delta"],
                 "tolerance": r["tolerance"],
                 "accuracy": "ok" if r["accuracy_ok"] else "FAIL",
-                "one-off s (compile)": _one_off(r),
+                "one-off s (compile)": one_off_words(r),
             }
         )
     return pd.DataFrame(rows).set_index("variant")
 
 
-def _one_off(record: dict[str, Any]) -> str:
-    """A compiled variant's one-off cost and when its gain pays it back, in words."""
+def one_off_words(record: dict[str, Any]) -> str:
+    """A compiled variant's one-off cost and when its gain pays it back, in words ("" for
+    a variant that compiles nothing); the ablation table and the tuning line say it so."""
     if "one_off_s" not in record:
         return ""
     after = record["pays_off_after_steps"]

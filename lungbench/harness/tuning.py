@@ -37,7 +37,7 @@ from lungbench.core.cache import (
 )
 from lungbench.core.errors import message_of
 from lungbench.core.runs import utc_now
-from lungbench.harness.ablation import AblationConfig, Variant, run_ablation
+from lungbench.harness.ablation import AblationConfig, Variant, one_off_words, run_ablation
 from lungbench.measure.workload import Workload
 from lungbench.switches import (
     Switches,
@@ -70,8 +70,17 @@ def _alternative(row: Any) -> bool:
         and measured_number(row["speedup_vs_eager"])
         and isinstance(row["accuracy_ok"], bool)
         and (loss is None or measured_number(abs(loss), zero=True))
-        and ("one_off_s" not in row or measured_number(row["one_off_s"], zero=True))
-        and (row.get("pays_off_after_steps") is None or _count(row["pays_off_after_steps"]))
+        and ("one_off_s" not in row or _one_off_ok(row))
+    )
+
+
+def _one_off_ok(row: dict[str, Any]) -> bool:
+    """A compiled candidate's one-off fields (ONE_OFF_FIELDS) as one_off_words reads them."""
+    after = row.get("pays_off_after_steps")
+    return (
+        measured_number(row["one_off_s"], zero=True)
+        and (after is None or _count(after))
+        and isinstance(row.get("gain_against"), str)
     )
 
 
@@ -280,6 +289,10 @@ def _measure(
     return Tuning(chosen["variant"], switches, "measured", rows)
 
 
+# What a compiled candidate's row keeps of its ablation record (harness.ablation)
+ONE_OFF_FIELDS = ("one_off_s", "pays_off_after_steps", "gain_against")
+
+
 def _row(record: dict[str, Any], eager_s: float, pass_: int) -> dict[str, Any]:
     return {
         "name": record["variant"],
@@ -290,7 +303,7 @@ def _row(record: dict[str, Any], eager_s: float, pass_: int) -> dict[str, Any]:
         "loss_delta": record["loss_delta"],
         "fell_back": "; ".join(record.get("switch_fallbacks") or ()) or None,
         # a compiled candidate: its one-off cost and when it pays off (harness.ablation)
-        **{k: record[k] for k in ("one_off_s", "pays_off_after_steps") if k in record},
+        **{k: record[k] for k in ONE_OFF_FIELDS if k in record},
     }
 
 
@@ -312,11 +325,8 @@ def _flag(row: dict[str, Any]) -> str:
         return " (fell back: not used)"
     if not row["accuracy_ok"]:
         return " (accuracy FAIL)"
-    if "one_off_s" in row:
-        after = row["pays_off_after_steps"]
-        paid = f"pays off after {after:,} steps" if after else "never pays off"
-        return f" (one-off {row['one_off_s']:.1f} s compiling, {paid})"
-    return ""
+    said = one_off_words(row)
+    return f" (compile, one-off s: {said})" if said else ""
 
 
 def _switches_of(record: dict[str, Any]) -> Switches:
