@@ -869,17 +869,15 @@ def test_leave_one_source_out_coverage_by_hand():
 # ---- fast when warm: the second predict on a host measures nothing ---------------------------
 
 
-@pytest.mark.parametrize("busy", [False, True], ids=["quiet", "busy"])
-def test_a_second_predict_on_the_host_measures_nothing(tmp_path, monkeypatch, capsys, busy):
-    """On a quiet and on a busy machine (planted: every ContentionWatch's verdict), the same
-    question gets the same answer, every figure from this host's cache."""
+def plant_measurements(monkeypatch, busy: bool, ddp_s: float):
+    """Every measurement predict makes, planted and counted: (calls made so far). The ranks
+    side by side: 10 ms alone, 12 ms their compute together, `ddp_s` their DDP step."""
     from collections import Counter
 
     from lungbench.measure import peak, peak_cache
     from lungbench.measure.contention import ContentionWatch
     from lungbench.predict import comm, ddp_probe, forecast, kernels, rank_share
 
-    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path / "cache"))
     verdict = {"busy": busy, "busy_reason": "planted load" if busy else None}
     monkeypatch.setattr(ContentionWatch, "stop", lambda self: verdict)
     calls: Counter = Counter()
@@ -905,13 +903,27 @@ def test_a_second_predict_on_the_host_measures_nothing(tmp_path, monkeypatch, ca
     ddp = [{"world_size": 2, "step_s_median": 0.02, "allreduce_model_s": 0.001,
             "ranks": [{"compute_s_median": 0.015}]}]  # fmt: skip
     monkeypatch.setattr(ddp_probe, "run_ddp_bench", counted("ddp", ddp))
-    monkeypatch.setattr(rank_share, "side_by_side", counted("ranks", (0.010, 0.012)))
+    times = rank_share.RankTimes(alone_s=0.010, together_s=0.012, ddp_s=ddp_s)
+    monkeypatch.setattr(rank_share, "side_by_side", counted("ranks", times))
+    return calls
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["quiet", "busy"])
+def test_a_second_predict_on_the_host_measures_nothing(tmp_path, monkeypatch, capsys, busy):
+    """On a quiet and on a busy machine (planted: every ContentionWatch's verdict), the same
+    question gets the same answer, every figure from this host's cache."""
+    from collections import Counter
+
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    calls = plant_measurements(monkeypatch, busy, ddp_s=0.016)
     run = tmp_path / "profile-run"
     plant_profile_run(run)
     argv = ["predict", "--from", str(run), "--batch", "4", "--ranks", "1", "2", "--json"]
     assert main(argv) == 0
     first = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert {"probe", "peaks", "gloo", "ddp", "ranks"} <= set(calls)
+    assert {"probe", "peaks", "ranks"} <= set(calls)
+    # the DDP step was measured side by side: no all-reduce model, no tiny-model probe
+    assert not {"gloo", "ddp"} & set(calls)
     calls.clear()
     assert main(argv) == 0
     assert calls == Counter()  # nothing measured again: every figure from this host's cache
@@ -921,7 +933,31 @@ def test_a_second_predict_on_the_host_measures_nothing(tmp_path, monkeypatch, ca
     assert said_busy == [busy] * len(second), "each answer says which numbers it used"
     two_ranks = second[1]
     assert any("1.20x its time alone" in n and "2 processes" in n for n in two_ranks["notes"])
-    assert any("+ 4.0 ms per step" in n for n in two_ranks["notes"])  # 20 - 15 - 1 ms
+    # step = alone x (12 / 10) + alone x (16 - 12) / 10: communication is 0.4 / 1.6 of it
+    parts = two_ranks["parts_s"]
+    assert parts["communication"] == pytest.approx(0.25 * two_ranks["step_s"])
+    assert any(
+        f"communication: {1e3 * parts['communication']:.1f} ms per step" in n
+        and "2 processes side by side" in n
+        for n in two_ranks["notes"]
+    )
+
+
+def test_a_ddp_step_no_slower_than_its_compute_falls_back_to_the_model(
+    tmp_path, monkeypatch, capsys
+):
+    """Side by side, a DDP step that came out faster than the ranks' compute is a measurement
+    problem: said, and the all-reduce model plus the per-host DDP probe used instead."""
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    calls = plant_measurements(monkeypatch, busy=False, ddp_s=0.011)
+    run = tmp_path / "profile-run"
+    plant_profile_run(run)
+    assert main(["predict", "--from", str(run), "--ranks", "2", "--json"]) == 0
+    two_ranks = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert {"gloo", "ddp"} <= set(calls)
+    notes = two_ranks["notes"]
+    assert any("no slower than their compute (-1.00 ms), a measurement problem" in n for n in notes)
+    assert any("+ 4.0 ms per step" in n for n in notes)  # the probe's: 20 - 15 - 1 ms
 
 
 def test_a_ddp_loss_of_zero_or_less_is_a_measurement_problem_in_words():
@@ -1001,3 +1037,18 @@ def test_predict_through_the_cli_a_bench_run_to_gpu_ranks_and_the_thesis(
     assert "M100 (1 GPU) (projected)" in out and "M100 (4 GPUs) (projected)" in out
     projected = pd.read_csv(run / "tables" / "speedup_b2_projected.csv", index_col=0)
     assert len(projected) == 2
+
+
+def test_epoch_outside_the_steps_is_bounded_by_the_measured_data_wait():
+    from lungbench.predict.forecast import epoch_outside
+
+    record = {"epoch_s": 1.0, "epoch_samples": 72, "epoch_split_samples": 603,
+              "batch_size": 4, "step_s_median": 0.040}  # fmt: skip
+    # 18 steps of 40 ms: 280 ms outside them
+    assert epoch_outside(record) == (603, pytest.approx(0.280 / 72))
+    # a data wait of 70 ms measured apart: the other 210 ms were slow steps, not data
+    assert epoch_outside({**record, "epoch_data_wait_s": 0.070})[1] == pytest.approx(0.070 / 72)
+    # a residual below the data wait is kept (the epoch's steps ran faster than the median)
+    assert epoch_outside({**record, "epoch_data_wait_s": 0.5})[1] == pytest.approx(0.280 / 72)
+    assert epoch_outside({**record, "epoch_s": 0.5})[1] == 0.0  # never below 0
+    assert epoch_outside({"batch_size": 4, "step_s_median": 0.04}) == (603, None)

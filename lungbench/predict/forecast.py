@@ -89,6 +89,17 @@ class Target:
     epoch_samples: int | None = None  # None: the source's training split
 
 
+@dataclass(frozen=True)
+class SideBySide:
+    """Ranks sharing this machine (rank_share): each rank's compute over its time alone, the
+    DDP step's communication beyond it over that time (None: use the all-reduce model), and
+    what to say of them."""
+
+    compute: float = 1.0
+    communication: float | None = None
+    notes: tuple[str, ...] = ()
+
+
 @dataclass
 class Source:
     """One measured configuration and what the model needs of it."""
@@ -202,13 +213,21 @@ def record_from_profile(
 
 
 def epoch_outside(record: Mapping[str, Any]) -> tuple[int, float | None]:
-    """(epoch samples, seconds per sample an epoch spends outside the training steps)."""
+    """(epoch samples, seconds per sample an epoch spends outside the training steps): the
+    epoch less its steps at the median step, at most the data wait the epoch measured
+    apart. The residual alone also holds every step of the epoch that ran slower than the
+    median (a disturbance, a fresh model's first allocations): on the dev box three quiet
+    72-sample epochs left 22-55 ms beside a 70-76 ms data wait, yet one validation source
+    left 240 ms and put three epoch predictions 15-27% high."""
     samples = int(record.get("epoch_split_samples") or DEFAULT_EPOCH_SAMPLES)
     if not record.get("epoch_s") or not record.get("epoch_samples"):
         return samples, None
     steps = math.ceil(record["epoch_samples"] / record["batch_size"])
-    outside = record["epoch_s"] - steps * record["step_s_median"]
-    return samples, max(outside, 0.0) / record["epoch_samples"]
+    outside = max(record["epoch_s"] - steps * record["step_s_median"], 0.0)
+    data_wait = record.get("epoch_data_wait_s")
+    if isinstance(data_wait, (int, float)) and data_wait >= 0:
+        outside = min(outside, float(data_wait))
+    return samples, outside / record["epoch_samples"]
 
 
 def cpu_here(
@@ -333,6 +352,20 @@ def source_here(
     workload and switches, then from the cache, so the same question gets the same answer;
     `fresh` probes again). `step_s` None: the probe's own plain step."""
     table, busy = cached_probe(workload, switches, fresh)
+    if step_s is not None and not agrees(table.step_s, step_s) and not fresh:
+        log.info(
+            f"the cached operator probe's step ({table.step_s * 1e3:.1f} ms) is "
+            f"{100 * abs(table.step_s / step_s - 1):.0f}% off the run's ({step_s * 1e3:.1f} "
+            "ms): probing again"
+        )
+        table, busy = cached_probe(workload, switches, fresh=True)
+    reasons = [f"its operator probe ran while busy ({busy})"] if busy else []
+    if step_s is not None and not agrees(table.step_s, step_s):
+        reasons.append(
+            f"its operator probe's step ({table.step_s * 1e3:.1f} ms) is "
+            f"{100 * abs(table.step_s / step_s - 1):.0f}% off the run's ({step_s * 1e3:.1f} "
+            "ms): one of them ran on a disturbed machine"
+        )
     threads = workload.threads or torch.get_num_threads()
     device = cpu_here(threads, table.call_latency_s, fresh=fresh)
     return Source(
@@ -346,11 +379,20 @@ def source_here(
         epoch_samples,
         outside_s_per_sample,
         socket.gethostname(),
-        busy=busy and f"its operator probe ran while busy ({busy})",
+        busy="; ".join(reasons) or None,
     )
 
 
 PROBE_CACHE = "operator_probe.json"
+# How far the probe's plain step may be from the run's before the probe is taken again: the
+# probe sets the ratios between calls, so one measured on a disturbed machine skews them
+# (a 25% slower probe put 4 ms outside the calls and a b2 -> b8 prediction 13% low).
+PROBE_AGREEMENT = 0.15
+
+
+def agrees(probe_s: float, step_s: float) -> bool:
+    """True when the probe's plain step is within PROBE_AGREEMENT of the run's step."""
+    return abs(probe_s / step_s - 1) <= PROBE_AGREEMENT
 
 
 def _probe_entry(entry: Any) -> bool:
@@ -379,7 +421,9 @@ def _call_entry(call: Any) -> bool:
 
 
 register_schema(PROBE_CACHE, _probe_entry)
-PROBE_VERSION = 6  # bump when probe_operators measures something else (6: conv signatures)
+# bump when probe_operators measures something else (6: conv signatures; 7: the overhead
+# outside the calls paired within each round)
+PROBE_VERSION = 7
 
 
 def _probe_key(workload: Workload, switches: Switches) -> str:
@@ -559,30 +603,41 @@ class Predictor:
             )
         return self._cpu[threads]
 
-    def rank_factor(
+    def side_by_side(
         self,
         source: Source,
         device: DeviceProfile,
         workload: Workload,
         switches: Switches,
         ranks: int,
-    ) -> tuple[float, str | None]:
-        """(how much slower one rank's step runs with `ranks` processes side by side on this
-        machine, a note): measured with that many processes (rank_share), each at the
-        target's threads. Only for this machine's CPU: a run measured elsewhere says nothing
-        of its machine at other threads, and GPU ranks each have their own device."""
+    ) -> SideBySide:
+        """How `ranks` processes of `workload` share this machine (rank_share): each rank's
+        compute against its time alone, and what their DDP step adds beyond it, both
+        measured with that many processes at the target's threads. Only for this machine's
+        CPU: a run measured elsewhere says nothing of its machine at other threads, and GPU
+        ranks each have their own device."""
         if ranks <= 1 or not on_this_cpu(source, device):
-            return 1.0, None
-        factor = self.rank_contention.factor(workload, switches, ranks)
-        if factor is None:
-            return 1.0, (
+            return SideBySide()
+        entry = self.rank_contention.entry(workload, switches, ranks)
+        if entry is None or not entry.get("factor"):
+            return SideBySide(notes=(
                 f"rank contention: {ranks} processes side by side could not be timed (a "
-                "measurement problem); no contention assumed"
-            )
-        return factor, (
+                "measurement problem); no contention assumed",
+            ))  # fmt: skip
+        factor, share = entry["factor"], entry.get("communication")
+        notes = [
             f"ranks side by side: each rank's step {factor:.2f}x its time alone, measured with "
             f"{ranks} processes of {workload.threads} thread(s) each on this machine"
-        )
+        ]
+        if share is not None and share <= 0:
+            notes.append(
+                f"communication: the {ranks} processes' DDP step came out no slower than their "
+                f"compute ({1e3 * (entry['ddp_s'] - entry['together_s']):+.2f} ms), a "
+                "measurement problem (a noisy or busy machine); the all-reduce model is used "
+                "instead: `lungbench predict --remeasure` on a quiet machine measures it again"
+            )
+            share = None
+        return SideBySide(factor, share, tuple(notes))
 
     def gloo(self) -> AlphaBeta:
         if self._gloo is None:
@@ -622,11 +677,15 @@ class Predictor:
         if not fits(pred, workload, device):
             return pred
         switches = replace(source.switches, dtype=target.dtype or source.switches.dtype)
-        estimate = self._step(source, workload, switches, device)
-        shared, note = self.rank_factor(source, device, workload, switches, target.ranks)
-        if note:
-            pred.notes.append(note)
-        self._finish(pred, source, scaled(estimate, shared), workload, device, target)
+        alone = self._step(source, workload, switches, device)
+        ranks = self.side_by_side(source, device, workload, switches, target.ranks)
+        pred.notes.extend(ranks.notes)
+        measured_comm = None
+        if ranks.communication is not None:
+            measured_comm = alone.step_s * ranks.communication
+            pred.notes.append(measured_communication_note(measured_comm, target.ranks))
+        estimate = scaled(alone, ranks.compute)
+        self._finish(pred, source, estimate, workload, device, target, measured_comm)
         if "filters" in pred.kinds and device.kind == "cpu" and not on_this_cpu(source, device):
             pred.notes.extend(channel_notes(workload))
         if not pred.kinds and target.dtype is None:
@@ -702,12 +761,17 @@ class Predictor:
         workload: Workload,
         device: DeviceProfile,
         target: Target,
+        measured_comm: float | None = None,
     ) -> None:
+        """The prediction's step, epoch, parts and intervals; `measured_comm`: the exposed
+        communication measured side by side (None: the all-reduce model's)."""
         parts = dict(estimate.parts)
         step = estimate.step_s
         if target.ranks > 1:
             backward = estimate.phases.get("backward", 0.0)
-            exposed = self._communication(pred, workload, device, source, target, backward)
+            exposed = measured_comm
+            if exposed is None:
+                exposed = self._communication(pred, workload, device, source, target, backward)
             parts["communication"] = exposed
             step += exposed
         epoch_samples = target.epoch_samples or source.epoch_samples
@@ -768,6 +832,15 @@ def scaled(estimate: StepEstimate, factor: float) -> StepEstimate:
         estimate.step_s * factor,
         {k: v * factor for k, v in estimate.parts.items()},
         {k: v * factor for k, v in estimate.phases.items()},
+    )
+
+
+def measured_communication_note(seconds: float, ranks: int) -> str:
+    """In words, the communication a DDP step measured side by side adds."""
+    return (
+        f"communication: {seconds * 1e3:.1f} ms per step, what the DDP step of {ranks} "
+        "processes side by side took beyond their compute (all-reduce, DDP's hooks, Gloo "
+        "waiting for cores), measured on this workload"
     )
 
 

@@ -1,5 +1,5 @@
 """Layer 8 (predict): how much slower one rank's step runs when N ranks share this machine,
-measured with N independent processes side by side.
+and what its DDP step adds beyond that, measured with N processes side by side.
 
 Ranks on one machine are separate processes, each with its own thread pool. One process's
 intra-op scaling says nothing about them: the dev box ran 2 threads of one process at
@@ -7,15 +7,24 @@ intra-op scaling says nothing about them: the dev box ran 2 threads of one proce
 speed (30.7 ms a step against 33.6 ms alone), and a contention taken from the 1- and
 2-thread convolution rates predicted +58% for that 2-rank run. So the contention is
 measured as it happens: N worker processes (multiprocessing, spawn: no `lungbench`
-command) each build the target's step at its own thread count, and in every round
-worker 0 first runs a few steps alone while the others wait, then all N run together.
-The factor is the median step together over the median step alone; alternating rounds
-keep a drifting machine's speed on both sides of the ratio.
+command) join one Gloo group and each builds the target's step at its own thread count.
+In every round
+  * worker 0 runs a few plain steps alone while the others wait (alone);
+  * all N run the step's compute together, each step started at once on every rank and
+    its time the slowest rank's, since a DDP step ends when the slowest rank does
+    (together: forward and backward under no_sync, then the optimizer);
+  * all N run the DDP step itself (ddp: the gradient all-reduce, DDP's hooks, and the
+    Gloo threads waiting for cores the ranks hold).
+A DDP step's loss beyond its compute is model-dependent (the dev box: 7.7 ms for f8 b2
+against 4.5 ms for the tiny model the per-host probe used), so it is measured here on the
+target's own model. Alternating rounds keep a drifting machine's speed on both sides.
 
-    factor = RankContention().factor(workload, switches, ranks=2)   # cached per host
+    share = RankContention().entry(workload, switches, ranks=2)   # cached per host
+    share["factor"]          # together / alone
+    share["communication"]   # (ddp - together) / alone; None when the DDP step failed
 
 Cached per host, torch version, workload, switches and ranks (rank_contention.json);
-`fresh` measures again.
+`fresh` measures again. A failed measurement is not cached.
 """
 
 from __future__ import annotations
@@ -23,10 +32,12 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import queue
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from datetime import timedelta
 
 import torch
 
@@ -37,6 +48,7 @@ from lungbench.core.cache import (
     where_key,
     write_cache,
 )
+from lungbench.core.errors import message_of
 from lungbench.measure.workload import Workload
 from lungbench.switches import Switches
 
@@ -46,68 +58,179 @@ CACHE_FILE = "rank_contention.json"
 
 
 def _contention_entry(entry: dict) -> bool:
-    """Times alone and together (above 0), and their ratio (None when alone was 0)."""
-    factor = entry["factor"]
+    """Times alone, together and under DDP (above 0), the contention factor and the
+    communication share (None: not measured). An entry from before the DDP step was measured
+    lacks "ddp_s" and is measured again."""
+    factor, share = entry["factor"], entry["communication"]
     return (
-        measured_number(entry["alone_s"], zero=True)
-        and measured_number(entry["together_s"], zero=True)
+        measured_number(entry["alone_s"])
+        and measured_number(entry["together_s"])
+        and (entry["ddp_s"] is None or measured_number(entry["ddp_s"]))
         and (factor is None or measured_number(factor))
+        and (share is None or isinstance(share, (int, float)))  # of either sign: see forecast
     )
 
 
 register_schema(CACHE_FILE, _contention_entry)
-ROUNDS = 5  # alternated alone/together rounds
-STEPS = 3  # steps per worker per round (their median)
-TIMEOUT_S = 600.0
-
-# (workload, switches, ranks, rounds) -> (seconds alone, seconds together): what a
-# measurement returns; tests plant their own.
-Measure = Callable[[Workload, Switches, int, int], tuple[float, float]]
+ROUNDS = 5  # alternated alone/together/ddp rounds
+STEPS = 4  # steps per worker per phase and round
+WARM_STEPS = 2  # untimed: the optimizer state is built, the caches fill
+TIMEOUT_S = 600.0  # the whole measurement; a lost worker breaks the others' barrier
 
 
-def _worker(workload, switches, index, rounds, barrier, results) -> None:
-    """One rank's process: its own threads, its own step; timed alone (worker 0) and
-    together with the others, round by round."""
+@dataclass(frozen=True)
+class RankTimes:
+    """Median seconds of one step: one process alone, N processes' compute together (the
+    slowest rank's), and N processes' DDP step (None: it failed)."""
+
+    alone_s: float
+    together_s: float
+    ddp_s: float | None
+
+
+# (workload, switches, ranks, rounds) -> RankTimes: what a measurement returns; tests plant
+# their own.
+Measure = Callable[[Workload, Switches, int, int], RankTimes]
+
+
+class _Rank:
+    """One worker's steps: a plain one (timed alone) and a DDP-wrapped one."""
+
+    def __init__(self, workload: Workload, switches: Switches, index: int) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from lungbench.step import TrainStep, bce_loss
+
+        cpu = torch.device("cpu")
+        self.inputs, self.target = workload.random_batch(cpu, workload.seed + 1000 * index)
+        self.plain = TrainStep(workload.build_model(cpu), bce_loss, switches, cpu)
+        ddp = DistributedDataParallel(
+            workload.build_model(cpu), bucket_cap_mb=switches.ddp_bucket_mb
+        )
+        self.ddp = TrainStep(ddp, bce_loss, switches, cpu)
+        self.inputs = self.plain.prepare_inputs(self.inputs)
+
+    def plain_step(self) -> None:
+        from lungbench.step import NO_TIMER
+
+        self.plain(NO_TIMER, self.inputs, self.target)
+
+    def compute_step(self) -> None:
+        """The DDP step's compute: forward and backward with no gradient all-reduce, then the
+        optimizer."""
+        from lungbench.step import NO_TIMER
+
+        self.ddp.forward_backward(NO_TIMER, self.inputs, self.target, sync=False)
+        self.ddp.optimizer_step(NO_TIMER)
+
+    def ddp_step(self) -> None:
+        from lungbench.step import NO_TIMER
+
+        self.ddp(NO_TIMER, self.inputs, self.target)
+
+
+def _timed(run: Callable[[], None], steps: int, barrier) -> list[float]:
+    """Seconds of `steps` calls of `run`, each started when every worker reached the
+    barrier (None: this worker runs alone, the others wait at the next barrier)."""
+    times = []
+    for _ in range(steps):
+        if barrier is not None:
+            barrier.wait()
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _measure_rank(workload, switches, index, ranks, port, rounds, barrier) -> dict:
     from lungbench.measure.timing import set_threads
-    from lungbench.predict.operators import step_timer
+    from lungbench.switches import backend_flags
 
     set_threads(workload.threads or 1)
-    time_steps = step_timer(workload, switches, torch.device("cpu"))
-    time_steps(2)  # the optimizer state is built, the caches fill
-    alone, together = [], []
-    for _ in range(rounds):
-        barrier.wait()
-        if index == 0:
-            alone.append(statistics.median(time_steps(STEPS)))
-        barrier.wait()
-        together.append(statistics.median(time_steps(STEPS)))
-    results.put((index, alone, together))
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=index,
+        world_size=ranks,
+        timeout=timedelta(seconds=TIMEOUT_S),
+    )
+    try:
+        rank = _Rank(workload, switches, index)
+        times: dict[str, list[float]] = {"alone": [], "together": [], "ddp": []}
+        with backend_flags(switches):
+            if index == 0:
+                _timed(rank.plain_step, WARM_STEPS, None)
+            _timed(rank.compute_step, WARM_STEPS, barrier)
+            _timed(rank.ddp_step, WARM_STEPS, barrier)
+            for _ in range(rounds):
+                barrier.wait()
+                if index == 0:
+                    times["alone"] += _timed(rank.plain_step, STEPS, None)
+                times["together"] += _timed(rank.compute_step, STEPS, barrier)
+                times["ddp"] += _timed(rank.ddp_step, STEPS, barrier)
+        return times
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _worker(workload, switches, index, ranks, port, rounds, barrier, results) -> None:
+    """One rank's process: its times, or the one line that says why it failed (the barrier
+    broken, so the other workers stop waiting)."""
+    try:
+        results.put((index, _measure_rank(workload, switches, index, ranks, port, rounds, barrier)))
+    except Exception as exc:  # noqa: BLE001 - any failure is reported, not raised, in a worker
+        barrier.abort()
+        results.put((index, message_of(exc)))
+
+
+def _slowest(per_worker: list[list[float]]) -> float:
+    """Median over steps of the slowest worker's time at each step."""
+    return statistics.median(max(step) for step in zip(*per_worker, strict=True))
 
 
 def side_by_side(
     workload: Workload, switches: Switches, ranks: int, rounds: int = ROUNDS
-) -> tuple[float, float]:
-    """(median step alone, median step of `ranks` processes running at once), each process
-    at the workload's threads."""
+) -> RankTimes:
+    """Steps of `ranks` processes side by side, each at the workload's threads (module doc).
+    Raises RuntimeError with the first worker's reason when a worker failed."""
+    from lungbench.distributed.launch import free_port
+
     context = mp.get_context("spawn")  # a forked OpenMP pool can hang in the child
-    barrier = context.Barrier(ranks)
+    barrier = context.Barrier(ranks, timeout=TIMEOUT_S)
     results = context.Queue()
+    port = free_port()
+    args = (workload, switches)
     workers = [
-        context.Process(target=_worker, args=(workload, switches, i, rounds, barrier, results))
+        context.Process(target=_worker, args=(*args, i, ranks, port, rounds, barrier, results))
         for i in range(ranks)
     ]
     for w in workers:
         w.start()
     try:
-        done = [results.get(timeout=TIMEOUT_S) for _ in workers]
+        done = dict(results.get(timeout=TIMEOUT_S) for _ in workers)
+    except queue.Empty:
+        raise RuntimeError(f"no answer from the {ranks} processes in {TIMEOUT_S:.0f} s") from None
     finally:
-        for w in workers:
-            w.join(timeout=10)
-            if w.is_alive():
-                w.terminate()
-    alone = next(a for i, a, _ in done if i == 0)
-    together = [t for _, _, times in done for t in times]
-    return statistics.median(alone), statistics.median(together)
+        _stop(workers)
+    failed = [why for why in done.values() if isinstance(why, str)]
+    if failed:
+        raise RuntimeError(failed[0])
+    ddp = [done[i]["ddp"] for i in range(ranks)]
+    return RankTimes(
+        alone_s=statistics.median(done[0]["alone"]),
+        together_s=_slowest([done[i]["together"] for i in range(ranks)]),
+        ddp_s=_slowest(ddp),
+    )
+
+
+def _stop(workers: list) -> None:
+    """Every worker ended: joined, or terminated after a grace period."""
+    deadline = time.monotonic() + 10.0
+    for w in workers:
+        w.join(timeout=max(0.1, deadline - time.monotonic()))
+        if w.is_alive():
+            w.terminate()
+            w.join(timeout=5)
 
 
 def _key(workload: Workload, switches: Switches, ranks: int) -> str:
@@ -118,7 +241,8 @@ def _key(workload: Workload, switches: Switches, ranks: int) -> str:
 
 class RankContention:
     """Per (workload, switches, ranks): the step's slow-down with `ranks` processes side by
-    side, measured once per host (the cache), or once per instance with `fresh`."""
+    side and what their DDP step adds, measured once per host (the cache), or once per
+    instance with `fresh`."""
 
     def __init__(self, measure: Measure | None = None, fresh: bool = False) -> None:
         self.measure = measure or side_by_side  # looked up now: a test may plant its own
@@ -126,34 +250,35 @@ class RankContention:
         self.measured = 0  # measurements made (a warm cache makes none)
         self._seen: set[str] = set()
 
-    def entry(self, workload: Workload, switches: Switches, ranks: int) -> dict[str, float]:
-        """{"alone_s", "together_s", "factor"} of `ranks` processes of `workload`."""
+    def entry(self, workload: Workload, switches: Switches, ranks: int) -> dict | None:
+        """{"alone_s", "together_s", "ddp_s", "factor", "communication"} of `ranks`
+        processes of `workload`; None when they could not be timed (said in the log)."""
         key = _key(workload, switches, ranks)
         cache = read_cache(CACHE_FILE)
         if key in cache and not (self.fresh and key not in self._seen):
             return cache[key]
         log.info(
             f"measuring {ranks} processes of f{workload.filters} b{workload.batch_size} "
-            f"t{workload.threads} side by side (rank contention: each process starts torch, "
-            "about 15-60 s, once per host and workload)"
+            f"t{workload.threads} side by side, alone, together and under DDP (rank "
+            "contention: each process starts torch, about 10-30 s, once per host and workload)"
         )
         started = time.perf_counter()
-        alone, together = self.measure(workload, switches, ranks, ROUNDS)
+        try:
+            times = self.measure(workload, switches, ranks, ROUNDS)
+        except (RuntimeError, OSError, ValueError) as exc:
+            log.warning(f"note: {ranks} processes side by side could not be timed: {exc}")
+            return None
         self.measured += 1
-        cache = read_cache(CACHE_FILE)  # another process may have written meanwhile
-        cache[key] = {
-            "alone_s": alone,
-            "together_s": together,
-            "factor": together / alone if alone > 0 else None,
+        entry = {
+            **asdict(times),
+            "factor": times.together_s / times.alone_s,
+            "communication": (
+                None if times.ddp_s is None else (times.ddp_s - times.together_s) / times.alone_s
+            ),
             "took_s": time.perf_counter() - started,
         }
+        cache = read_cache(CACHE_FILE)  # another process may have written meanwhile
+        cache[key] = entry
         write_cache(CACHE_FILE, cache)
         self._seen.add(key)
-        return cache[key]
-
-    def factor(self, workload: Workload, switches: Switches, ranks: int) -> float | None:
-        """together / alone; None when the measurement failed (no positive time)."""
-        if ranks <= 1:
-            return 1.0
-        value = self.entry(workload, switches, ranks).get("factor")
-        return float(value) if value and value > 0 else None
+        return entry
