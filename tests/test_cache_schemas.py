@@ -69,13 +69,36 @@ CASES = {
         [{"overhead_s": "0.002"}, {"overhead_s": math.nan}, {"probe": "f2 b2"}],
     ),
     rank_share.CACHE_FILE: (
-        {"alone_s": 0.01, "together_s": 0.012, "ddp_s": 0.015, "factor": 1.2,
-         "communication": 0.3, "took_s": 20.0},
+        {
+            "alone_s": 0.01,
+            "together_s": 0.012,
+            "ddp_s": 0.015,
+            "factor": 1.2,
+            "communication": 0.3,
+            "took_s": 20.0,
+        },
         [
-            {"alone_s": 0.01, "together_s": "0.012", "ddp_s": None, "factor": 1.2,
-             "communication": None},
-            {"alone_s": 0.01, "together_s": 0.012, "ddp_s": None, "factor": -1.0,
-             "communication": None},
+            {
+                "alone_s": 0.01,
+                "together_s": "0.012",
+                "ddp_s": 0.015,
+                "factor": 1.2,
+                "communication": 0.3,
+            },
+            {
+                "alone_s": 0.01,
+                "together_s": 0.012,
+                "ddp_s": 0.015,
+                "factor": -1.0,
+                "communication": 0.3,
+            },
+            {
+                "alone_s": 0.01,
+                "together_s": 0.012,
+                "ddp_s": None,
+                "factor": 1.2,
+                "communication": None,
+            },
             {"alone_s": 0.01, "together_s": 0.012, "factor": 1.2},  # before the DDP step
             {"factor": 1.2},
         ],

@@ -5,6 +5,7 @@ inputs, and `predict --validate --quick` end to end."""
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -502,8 +503,14 @@ def test_intervals_from_signed_validation_errors_by_hand():
         {"kind": "threads", "predicted_s": 1.0, "measured_s": 1.0, "error": 0.0},
     ]
     bounds = calibration.error_bounds(cases)
-    # 3 cases: ranks floor(4 x 0.05) -> 1 and ceil(4 x 0.95) = 4 -> 3: their whole range
-    assert bounds["filters"] == pytest.approx((math.log(0.95), math.log(1.25)))
+    # 3 cases: their whole range (ranks floor(4 x 0.05) -> 1 and ceil(4 x 0.95) = 4 -> 3),
+    # widened to mean +- t(0.95, 2) s sqrt(4 / 3): 2.92 standard deviations each side
+    logs = [math.log(1.10), math.log(1.25), math.log(0.95)]
+    mean, sd = sum(logs) / 3, statistics.stdev(logs)
+    half = 2.919986 * sd * math.sqrt(4 / 3)
+    assert bounds["filters"] == pytest.approx((mean - half, mean + half), rel=1e-5)
+    assert mean - half < math.log(0.95) and mean + half > math.log(1.25)
+    assert bounds["threads"] == (0.0, 0.0)  # one case: its range
     low, high = bounds["filters"]
     # the interval reaches further up than down: the model is low on this kind
     lo, hi = calibration.interval(1.0, calibration.log_bounds(["filters"], bounds))
@@ -514,10 +521,18 @@ def test_intervals_from_signed_validation_errors_by_hand():
     assert calibration.log_bounds([], bounds) == (0.0, 0.0)  # the source itself
     assert calibration.log_bounds(["ranks"], bounds) is None  # never validated
     assert calibration.interval(1.0, None) is None
-    # 39 cases: ranks floor(40 x 0.05) = 2 and ceil(40 x 0.95) = 38
-    many = [{"kind": "batch", "predicted_s": 1.0, "measured_s": 1 + k / 100} for k in range(39)]
-    assert calibration.error_bounds(many)["batch"] == pytest.approx(
-        (math.log(1.01), math.log(1.37))
+    # 39 cases: ranks floor(40 x 0.05) = 2 and ceil(40 x 0.95) = 38 where the t interval
+    # is narrower: most cases together, two far out on each side
+    logs = [0.0] * 35 + [-0.3, -0.2, 0.2, 0.3]
+    many = [{"kind": "batch", "predicted_s": 1.0, "measured_s": math.exp(r)} for r in logs]
+    assert calibration.error_bounds(many)["batch"] == pytest.approx((-0.2, 0.2))
+    # ... and the t interval where it is wider: cases spread evenly
+    even = [{"kind": "batch", "predicted_s": 1.0, "measured_s": 1 + k / 100} for k in range(39)]
+    logs = [math.log(1 + k / 100) for k in range(39)]
+    half = 1.686 * statistics.stdev(logs) * math.sqrt(1 + 1 / 39)  # t(0.95, 38) = 1.686
+    centre = statistics.mean(logs)
+    assert calibration.error_bounds(even)["batch"] == pytest.approx(
+        (centre - half, centre + half), rel=1e-3
     )
 
 
@@ -903,7 +918,7 @@ def plant_measurements(monkeypatch, busy: bool, ddp_s: float):
     ddp = [{"world_size": 2, "step_s_median": 0.02, "allreduce_model_s": 0.001,
             "ranks": [{"compute_s_median": 0.015}]}]  # fmt: skip
     monkeypatch.setattr(ddp_probe, "run_ddp_bench", counted("ddp", ddp))
-    times = rank_share.RankTimes(alone_s=0.010, together_s=0.012, ddp_s=ddp_s)
+    times = rank_share.RankTimes(0.010, 0.012, ddp_s, 1.2, (ddp_s - 0.012) / 0.010)
     monkeypatch.setattr(rank_share, "side_by_side", counted("ranks", times))
     return calls
 
@@ -1052,3 +1067,18 @@ def test_epoch_outside_the_steps_is_bounded_by_the_measured_data_wait():
     assert epoch_outside({**record, "epoch_data_wait_s": 0.5})[1] == pytest.approx(0.280 / 72)
     assert epoch_outside({**record, "epoch_s": 0.5})[1] == 0.0  # never below 0
     assert epoch_outside({"batch_size": 4, "step_s_median": 0.04}) == (603, None)
+
+
+def test_rank_times_pair_each_round_and_wait_for_the_slowest_rank():
+    from lungbench.predict.rank_share import rank_times
+
+    # 2 rounds; the machine runs round 2 at half speed. Worker 0 alone: 10 ms, then 20 ms.
+    alone = [[0.010, 0.011, 0.009], [0.020, 0.020, 0.021]]
+    # together: each step the slower worker's time counts (12 ms, then 24 ms)
+    together = [[[0.012, 0.010, 0.012], [0.024, 0.020, 0.024]],
+                [[0.011, 0.012, 0.010], [0.022, 0.024, 0.020]]]  # fmt: skip
+    ddp = [[[0.015] * 3, [0.030] * 3], [[0.014] * 3, [0.029] * 3]]
+    times = rank_times(alone, together, ddp)
+    assert times.factor == pytest.approx(1.2)  # each round 12/10 and 24/20
+    assert times.communication == pytest.approx(0.3)  # (15 - 12) / 10 and (30 - 24) / 20
+    assert times.alone_s == pytest.approx(0.015)  # the medians over rounds

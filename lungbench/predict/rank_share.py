@@ -17,11 +17,12 @@ In every round
     Gloo threads waiting for cores the ranks hold).
 A DDP step's loss beyond its compute is model-dependent (the dev box: 7.7 ms for f8 b2
 against 4.5 ms for the tiny model the per-host probe used), so it is measured here on the
-target's own model. Alternating rounds keep a drifting machine's speed on both sides.
+target's own model. Each ratio is the median over rounds of that round's ratio: a machine
+whose speed drifts moves both sides of it together.
 
     share = RankContention().entry(workload, switches, ranks=2)   # cached per host
     share["factor"]          # together / alone
-    share["communication"]   # (ddp - together) / alone; None when the DDP step failed
+    share["communication"]   # (ddp - together) / alone
 
 Cached per host, torch version, workload, switches and ranks (rank_contention.json);
 `fresh` measures again. A failed measurement is not cached.
@@ -58,22 +59,17 @@ CACHE_FILE = "rank_contention.json"
 
 
 def _contention_entry(entry: dict) -> bool:
-    """Times alone, together and under DDP (above 0), the contention factor and the
-    communication share (None: not measured). An entry from before the DDP step was measured
-    lacks "ddp_s" and is measured again."""
-    factor, share = entry["factor"], entry["communication"]
-    return (
-        measured_number(entry["alone_s"])
-        and measured_number(entry["together_s"])
-        and (entry["ddp_s"] is None or measured_number(entry["ddp_s"]))
-        and (factor is None or measured_number(factor))
-        and (share is None or isinstance(share, (int, float)))  # of either sign: see forecast
-    )
+    """Times alone, together and under DDP and the contention factor (above 0), and the
+    communication share (of either sign: 0 or less is a measurement problem forecast says
+    in words). An entry from before the DDP step was measured lacks "ddp_s": measured again."""
+    times = (entry["alone_s"], entry["together_s"], entry["ddp_s"], entry["factor"])
+    share = entry["communication"]
+    return all(measured_number(t) for t in times) and measured_number(abs(share), zero=True)
 
 
 register_schema(CACHE_FILE, _contention_entry)
-ROUNDS = 5  # alternated alone/together/ddp rounds
-STEPS = 4  # steps per worker per phase and round
+ROUNDS = 8  # alternated alone/together/ddp rounds
+STEPS = 3  # steps per worker per phase and round
 WARM_STEPS = 2  # untimed: the optimizer state is built, the caches fill
 TIMEOUT_S = 600.0  # the whole measurement; a lost worker breaks the others' barrier
 
@@ -81,11 +77,15 @@ TIMEOUT_S = 600.0  # the whole measurement; a lost worker breaks the others' bar
 @dataclass(frozen=True)
 class RankTimes:
     """Median seconds of one step: one process alone, N processes' compute together (the
-    slowest rank's), and N processes' DDP step (None: it failed)."""
+    slowest rank's), and N processes' DDP step; and the ratios the model uses, each the
+    median over rounds of that round's ratio (paired within a round, so a machine whose
+    speed drifts from round to round moves both sides of each ratio together)."""
 
     alone_s: float
     together_s: float
-    ddp_s: float | None
+    ddp_s: float
+    factor: float  # together / alone
+    communication: float  # (ddp - together) / alone
 
 
 # (workload, switches, ranks, rounds) -> RankTimes: what a measurement returns; tests plant
@@ -143,6 +143,7 @@ def _timed(run: Callable[[], None], steps: int, barrier) -> list[float]:
 
 
 def _measure_rank(workload, switches, index, ranks, port, rounds, barrier) -> dict:
+    """This worker's step times, per phase a list of rounds, each a list of steps."""
     from lungbench.measure.timing import set_threads
     from lungbench.switches import backend_flags
 
@@ -156,7 +157,7 @@ def _measure_rank(workload, switches, index, ranks, port, rounds, barrier) -> di
     )
     try:
         rank = _Rank(workload, switches, index)
-        times: dict[str, list[float]] = {"alone": [], "together": [], "ddp": []}
+        times: dict[str, list[list[float]]] = {"alone": [], "together": [], "ddp": []}
         with backend_flags(switches):
             if index == 0:
                 _timed(rank.plain_step, WARM_STEPS, None)
@@ -165,9 +166,9 @@ def _measure_rank(workload, switches, index, ranks, port, rounds, barrier) -> di
             for _ in range(rounds):
                 barrier.wait()
                 if index == 0:
-                    times["alone"] += _timed(rank.plain_step, STEPS, None)
-                times["together"] += _timed(rank.compute_step, STEPS, barrier)
-                times["ddp"] += _timed(rank.ddp_step, STEPS, barrier)
+                    times["alone"].append(_timed(rank.plain_step, STEPS, None))
+                times["together"].append(_timed(rank.compute_step, STEPS, barrier))
+                times["ddp"].append(_timed(rank.ddp_step, STEPS, barrier))
         return times
     finally:
         torch.distributed.destroy_process_group()
@@ -186,6 +187,26 @@ def _worker(workload, switches, index, ranks, port, rounds, barrier, results) ->
 def _slowest(per_worker: list[list[float]]) -> float:
     """Median over steps of the slowest worker's time at each step."""
     return statistics.median(max(step) for step in zip(*per_worker, strict=True))
+
+
+def rank_times(alone: list[list[float]], together: list[list[list[float]]], ddp) -> RankTimes:
+    """RankTimes from worker 0's plain steps per round (`alone`) and every worker's steps
+    per round (`together`, `ddp`: [worker][round][step])."""
+
+    def per_round(phase):
+        return [_slowest([worker[r] for worker in phase]) for r in range(len(alone))]
+
+    alone_r = [statistics.median(steps) for steps in alone]
+    together_r, ddp_r = per_round(together), per_round(ddp)
+    return RankTimes(
+        alone_s=statistics.median(alone_r),
+        together_s=statistics.median(together_r),
+        ddp_s=statistics.median(ddp_r),
+        factor=statistics.median(t / a for t, a in zip(together_r, alone_r, strict=True)),
+        communication=statistics.median(
+            (d - t) / a for d, t, a in zip(ddp_r, together_r, alone_r, strict=True)
+        ),
+    )
 
 
 def side_by_side(
@@ -215,11 +236,10 @@ def side_by_side(
     failed = [why for why in done.values() if isinstance(why, str)]
     if failed:
         raise RuntimeError(failed[0])
-    ddp = [done[i]["ddp"] for i in range(ranks)]
-    return RankTimes(
-        alone_s=statistics.median(done[0]["alone"]),
-        together_s=_slowest([done[i]["together"] for i in range(ranks)]),
-        ddp_s=_slowest(ddp),
+    return rank_times(
+        done[0]["alone"],
+        [done[i]["together"] for i in range(ranks)],
+        [done[i]["ddp"] for i in range(ranks)],
     )
 
 
@@ -269,14 +289,7 @@ class RankContention:
             log.warning(f"note: {ranks} processes side by side could not be timed: {exc}")
             return None
         self.measured += 1
-        entry = {
-            **asdict(times),
-            "factor": times.together_s / times.alone_s,
-            "communication": (
-                None if times.ddp_s is None else (times.ddp_s - times.together_s) / times.alone_s
-            ),
-            "took_s": time.perf_counter() - started,
-        }
+        entry = {**asdict(times), "took_s": time.perf_counter() - started}
         cache = read_cache(CACHE_FILE)  # another process may have written meanwhile
         cache[key] = entry
         write_cache(CACHE_FILE, cache)
