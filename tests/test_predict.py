@@ -467,12 +467,13 @@ def test_channels_off_the_simd_block_are_named(monkeypatch):
 def test_validations_of_an_earlier_model_are_not_pooled(tmp_path, monkeypatch):
     from lungbench.predict import calibration
 
-    # the shipped intervals come from validations whose batch, filters and threads cases
-    # still describe this model; its ranks cases (model 2: contention from conv rates) do not
+    # the shipped intervals come from validations of this model, every kind of them; a
+    # model-3 run's cases (ranks without their DDP step) describe none of its kinds
     shipped = calibration.shipped_cases()
     kept = calibration.pooled(shipped["cases"], shipped["model"])
-    assert {c["kind"] for c in kept} >= {"batch", "filters", "threads"}
-    assert "ranks" not in {c["kind"] for c in kept} and shipped["model"] < 3
+    assert {c["kind"] for c in kept} == {"batch", "filters", "threads", "ranks", "epoch"}
+    assert shipped["model"] == calibration.MODEL_VERSION
+    assert calibration.pooled(shipped["cases"], 3) == []
     monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
     case = {"kind": "batch", "predicted_s": 1.0, "measured_s": 1.5}
     monkeypatch.setattr(calibration, "FIRST_MODEL", {"*": 1})
@@ -754,7 +755,9 @@ def test_an_interval_of_another_host_says_so_and_is_wider(tmp_path, monkeypatch)
         for m in ms
     ]
     monkeypatch.setattr(
-        calibration, "shipped_cases", lambda: {"model": 3, "host": "a and b", "cases": cases}
+        calibration,
+        "shipped_cases",
+        lambda: {"model": calibration.MODEL_VERSION, "host": "a and b", "cases": cases},
     )
     shipped = calibration.for_this_host()
     assert not shipped.own_host and "NOT this host" in shipped.source
