@@ -5,8 +5,10 @@ thread counts, ranks and devices, projected from one measured run, with its erro
     model.py      per-operator scaling: measured time x (target bound / source bound)
     kernels.py    convolution calls made again alone: target/source time ratio on this CPU
     comm.py       ring all-reduce of DDP's buckets, alpha-beta fitted from Gloo all-reduces
-    ddp_probe.py  what a CPU DDP step loses beyond its all-reduce (a tiny model, torchrun)
-    rank_share.py  how much slower a rank runs beside N-1 others: N processes side by side
+    ddp_probe.py  what a CPU DDP step loses beyond its all-reduce (a tiny model, torchrun;
+                  the fallback when rank_share cannot time the target's DDP step)
+    rank_share.py  how much slower a rank runs beside N-1 others and what their DDP step
+                   adds: N processes side by side in one Gloo group
     devices.py    device profiles (TOML, vendor data sheets); this machine's peaks, bandwidth
                   curve and convolution rate
     forecast.py   a bench run folder -> predictions (step, epoch, bound, interval)

@@ -4,10 +4,12 @@ all-reduce, measured once per host with a tiny model.
 On a CPU the Gloo thread that all-reduces a bucket during the backward pass has to wait for
 a core the ranks' compute threads hold; with the ranks' skew and DDP's hooks, a step loses
 milliseconds even when its all-reduce alone takes a fraction of one (the dev box: 3.6 ms
-for a 46 KB gradient whose isolated all-reduce took 0.37 ms). That cost depends on the
-machine and its scheduler, not on the model, so it is measured on the smallest workload
-(the dey2018 preset at 2 filters, 2 samples per rank) and added to every CPU prediction of
-more than one rank:
+for a 46 KB gradient whose isolated all-reduce took 0.37 ms). That cost depends on the model
+too (f8 b2 lost 7.7 ms where this tiny model lost 4.5), so a prediction of ranks on this
+machine measures the target's own DDP step side by side (rank_share); this per-host figure
+on the smallest workload (the dey2018 preset at 2 filters, 2 samples per rank) is the
+fallback, added to the all-reduce model when that measurement fails or comes out no slower
+than the ranks' compute:
 
     overhead = DDP step - the slower rank's compute (no_sync) - the all-reduce model
 
