@@ -35,9 +35,9 @@ for that kind of prediction; on a host with none, the shipped ones, widened by t
 across the shipped hosts, and said; a busy source widens them too, with a warning. A target
 the run measured is returned as "measured" with its record's interval. The first predict
 on a host measures it (says what and for how long); later ones read the cache. The shipped
-validation (2 runs of `--validate`, 5 rotated sources each, 96 cases) had a 3.3% median
-error (batch, filters and epochs 2.4-2.7%; threads and 2 ranks 11.5-11.8%, where this VM's
-own measurements do not repeat) and covered 93% of cases leave-one-source-out; see
+validation (3 runs of `--validate`, 5 rotated sources each, 144 cases) had a 3.5% median
+error (batch, filters and epochs 2.0-4.0%, threads 8.6%, 2 ranks 11.8%, where this VM's
+own measurements do not repeat) and covered 92% of cases leave-one-source-out; see
 docs/predict.md. CPU -> GPU projections have not been validated on a GPU."""
 
 EPILOG = """\
