@@ -1085,3 +1085,27 @@ def test_rank_times_pair_each_round_and_wait_for_the_slowest_rank():
     assert times.factor == pytest.approx(1.2)  # each round 12/10 and 24/20
     assert times.communication == pytest.approx(0.3)  # (15 - 12) / 10 and (30 - 24) / 20
     assert times.alone_s == pytest.approx(0.015)  # the medians over rounds
+
+
+def test_a_probe_off_the_run_is_taken_again_once_and_said(tmp_path, monkeypatch):
+    from lungbench.predict import forecast
+    from lungbench.predict.operators import OperatorTable
+
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
+    probes = []
+
+    def probe(workload, switches):  # a probe that always reads a 40 ms step
+        probes.append(workload)
+        call = OpCall("aten.mm", flops=1.0, bytes=1.0, dtype="fp32", seconds=0.03)
+        return OperatorTable((call,), 0.040, 0.01, 1e-6)
+
+    monkeypatch.setattr(forecast, "probe_operators", probe)
+    monkeypatch.setattr(forecast, "cpu_here", lambda *args, **kwargs: "this cpu")
+    w, switches = Workload(preset="dey2018", filters=2, batch_size=2, threads=1), Switches()
+    source = forecast.source_here("run", w, switches, 0.020)
+    assert len(probes) == 2  # probed, then again: its 40 ms step is 100% off the run's 20
+    assert "100% off the run's (20.0 ms)" in source.busy  # still off: said, and widened
+    assert forecast.source_here("run", w, switches, 0.020).busy == source.busy
+    assert len(probes) == 2  # not again for the same run: a second predict stays fast
+    assert forecast.source_here("run", w, switches, 0.038).busy is None  # within 15%
+    assert len(probes) == 2

@@ -352,13 +352,15 @@ def source_here(
     workload and switches, then from the cache, so the same question gets the same answer;
     `fresh` probes again). `step_s` None: the probe's own plain step."""
     table, busy = cached_probe(workload, switches, fresh)
-    if step_s is not None and not agrees(table.step_s, step_s) and not fresh:
+    off = step_s is not None and not agrees(table.step_s, step_s)
+    if off and not fresh and not probed_again_for(workload, switches, step_s):
         log.info(
             f"the cached operator probe's step ({table.step_s * 1e3:.1f} ms) is "
             f"{100 * abs(table.step_s / step_s - 1):.0f}% off the run's ({step_s * 1e3:.1f} "
             "ms): probing again"
         )
         table, busy = cached_probe(workload, switches, fresh=True)
+        probed_again_for(workload, switches, step_s, mark=True)
     reasons = [f"its operator probe ran while busy ({busy})"] if busy else []
     if step_s is not None and not agrees(table.step_s, step_s):
         reasons.append(
@@ -393,6 +395,23 @@ PROBE_AGREEMENT = 0.15
 def agrees(probe_s: float, step_s: float) -> bool:
     """True when the probe's plain step is within PROBE_AGREEMENT of the run's step."""
     return abs(probe_s / step_s - 1) <= PROBE_AGREEMENT
+
+
+def probed_again_for(
+    workload: Workload, switches: Switches, step_s: float, mark: bool = False
+) -> bool:
+    """Whether the cached probe was already taken again for a run of `step_s` (`mark`: say
+    it was): a run measured in a slow minute disagrees with every probe, and probing again
+    on each predict would make none of them fast."""
+    key, step = _probe_key(workload, switches), f"{step_s:.9f}"
+    cache = read_cache(PROBE_CACHE)
+    entry = cache.get(key)
+    if entry is None:
+        return False
+    if mark:
+        entry["probed_again_for"] = [*entry.get("probed_again_for", []), step][-20:]
+        write_cache(PROBE_CACHE, cache)
+    return step in entry.get("probed_again_for", [])
 
 
 def _probe_entry(entry: Any) -> bool:
