@@ -39,6 +39,7 @@ with AVX512-BF16 but no AMX ran bf16 autocast at 0.89x of eager FP32):
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import shutil
@@ -225,8 +226,11 @@ def fast_defaults(device: torch.device) -> Switches:
             optimizer="fused",
             cuda_graphs=False,
         )
-    # CPU: contiguous, because channels_last_3d measured 0.97x on the dev box; bf16 measured
-    # 1.15-1.2x where the CPU has native bf16 (module docstring).
+    # CPU: contiguous, because channels_last_3d measured 0.97x on the dev box (before the
+    # first convolution kept it: then bf16 + foreach + channels_last_3d ran 1.20x bf16 +
+    # foreach there, f16 b2 at 2 threads, which the tuning pass finds where it holds; this
+    # fallback is not changed on one machine's word); bf16 measured 1.15-1.2x where the CPU
+    # has native bf16 (module docstring).
     dtype = "bf16" if bf16_supported(device) else "fp32"
     return Switches(
         memory_format="contiguous",
@@ -437,14 +441,42 @@ def to_memory_format(tensor: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def apply_memory_format(model: nn.Module, name: str) -> nn.Module:
-    """Convert 4D/5D parameters and buffers in place (each by its own rank).
+    """Convert 4D/5D parameters and buffers in place (each by its own rank), and keep the
+    output of every convolution fed one channel in that format (`_keep_output_format`).
 
     `Module.to(memory_format=...)` would raise on a 4D weight in a 5D model (or the other
     way round), so each tensor gets the format of its own rank.
     """
     for tensor in [*model.parameters(), *model.buffers()]:
         tensor.data = to_memory_format(tensor.data, name)
+    _keep_output_format(model, name)
     return model
+
+
+_FORMAT_HOOK = "_lungbench_output_format"  # the module attribute holding its hook's handle
+
+
+def _keep_output_format(model: nn.Module, name: str) -> None:
+    """A one-channel input has the same strides contiguous and channels-last, so a
+    convolution fed one cannot tell which layout was asked for: oneDNN writes its output
+    contiguous, and every layer after it follows. With channels_last_3d the dual-path model's
+    largest max-pool then stayed contiguous (5.1 ms forward on the dev box where channels-last
+    takes 0.47 ms) and the format lost 0.97x; a forward hook converts such a convolution's
+    output. Applying another format replaces the hook; contiguous removes it."""
+    for module in model.modules():
+        handle = getattr(module, _FORMAT_HOOK, None)
+        if handle is not None:
+            handle.remove()
+            delattr(module, _FORMAT_HOOK)
+        if name == "contiguous" or not isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            continue
+        if module.in_channels == 1:
+            hook = functools.partial(_output_in_format, name=name)
+            setattr(module, _FORMAT_HOOK, module.register_forward_hook(hook))
+
+
+def _output_in_format(module: nn.Module, inputs: Any, output: torch.Tensor, name: str):
+    return to_memory_format(output, name)
 
 
 @contextlib.contextmanager

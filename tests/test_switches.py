@@ -98,6 +98,28 @@ def test_memory_format_converts_every_5d_tensor_and_inputs():
     assert x.is_contiguous(memory_format=torch.channels_last_3d)
 
 
+def test_channels_last_reaches_past_the_one_channel_convolution():
+    """A 1-channel input is both contiguous and channels-last, so the first convolution
+    would write its output contiguous and every layer after it would follow: the format
+    keeps that output channels-last; going back to contiguous removes the hook."""
+    model = tiny_model()
+    features = model.context_path.features
+    seen = []
+    features[1].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x = torch.rand(2, 1, *GRID).contiguous(memory_format=torch.channels_last_3d)
+    model(x, x)
+    assert not seen[-1].is_contiguous(memory_format=torch.channels_last_3d)  # lost at once
+    apply_memory_format(model, "channels_last_3d")
+    apply_memory_format(model, "channels_last_3d")  # again: one hook, not two
+    assert len(features[0]._forward_hooks) == 1
+    model(x, x)
+    assert seen[-1].is_contiguous(memory_format=torch.channels_last_3d)
+    apply_memory_format(model, "contiguous")
+    assert not features[0]._forward_hooks
+    model(x.contiguous(), x.contiguous())
+    assert seen[-1].is_contiguous()
+
+
 @pytest.mark.parametrize(
     ("requested", "field", "ran"),
     [

@@ -51,6 +51,9 @@ from lungbench.switches import (
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 CACHE_FILE = "tuning.json"
+# Bump when a candidate's switches run differently, so choices made before are measured
+# again (2: channels-last keeps a one-channel convolution's output channels-last).
+TUNING_VERSION = 2
 
 
 def _tuning_entry(entry: Any) -> bool:
@@ -354,7 +357,7 @@ def cache_key(
         f"{where_key(device)}|{w.model}|{w.preset}"
         f"|f{w.filters}|b{w.batch_size}|t{w.threads}"
         f"|{'x'.join(map(str, shapes[0]))}"
-        f"|{'compile' if allow_compile else 'eager'}"
+        f"|{'compile' if allow_compile else 'eager'}|v{TUNING_VERSION}"
     )
 
 
