@@ -25,7 +25,7 @@ from torch import nn
 
 from lungbench.core.cache import cache_dir
 from lungbench.core.errors import look_up_option
-from lungbench.switches import Switches, apply_memory_format, autocast, to_memory_format
+from lungbench.switches import Switches, apply_memory_format, autocast, input_in_format
 
 OPTIMIZERS = ("adam", "sgd", "adadelta")
 
@@ -120,7 +120,7 @@ class TrainStep:
 
     def prepare_inputs(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Inputs in the step's memory format."""
-        return [to_memory_format(x, self.switches.memory_format) for x in inputs]
+        return [input_in_format(x, self.switches.memory_format) for x in inputs]
 
     def __call__(
         self, timer: Any, inputs: Sequence[torch.Tensor], target: torch.Tensor

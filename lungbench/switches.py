@@ -440,6 +440,24 @@ def to_memory_format(tensor: torch.Tensor, name: str) -> torch.Tensor:
     return tensor.contiguous(memory_format=torch_memory_format(name, tensor.dim()))
 
 
+def input_in_format(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """A model input in memory format `name`. A one-channel input is laid out the same in
+    both formats, and `contiguous(memory_format=...)` leaves its contiguous strides, from
+    which the first convolution infers a contiguous output; the same bytes viewed with
+    channels-last strides (no copy) make it write channels-last, which saves the hook's
+    copy (`_keep_output_format`: 1.5 ms of the dev box's f16 b2 step)."""
+    out = to_memory_format(tensor, name)
+    if name == "contiguous" or out.dim() not in (4, 5) or out.size(1) != 1:
+        return out
+    if not out.is_contiguous():  # not one plain block: no relabelling of its bytes
+        return out
+    sizes = out.shape
+    spatial = [1]
+    for size in reversed(sizes[2:]):  # W, H(, D): each stride the product of those after it
+        spatial.insert(0, spatial[0] * size)
+    return out.as_strided(sizes, (spatial[0], 1, *spatial[1:]))
+
+
 def apply_memory_format(model: nn.Module, name: str) -> nn.Module:
     """Convert 4D/5D parameters and buffers in place (each by its own rank), and keep the
     output of every convolution fed one channel in that format (`_keep_output_format`).
