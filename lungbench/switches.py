@@ -18,7 +18,8 @@ with AVX512-BF16 but no AMX ran bf16 autocast at 0.89x of eager FP32):
           fp32), foreach Adam, compile off. Measured on the 2-core AMD EPYC (AVX512-BF16) dev
           box, dualpath3d f16 batch 2 default grid, 20 interleaved rounds on a quiet machine:
           eager FP32 contiguous 30.7 ms/step (46% of the FP32 matmul peak); channels_last_3d
-          0.97x (no gain here); foreach Adam
+          0.97x (then: the first convolution left it contiguous; kept since, it measured
+          1.36x and the tuning pass picks it: docs/performance.md); foreach Adam
           1.0x; bf16 1.15-1.2x; torch.compile + bf16 1.28-1.30x. Compile stays off by
           default: its first step costs 1-2.5 minutes on 2 cores, more than a default sweep;
           ask for it with `--compile default`.
