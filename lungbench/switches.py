@@ -18,8 +18,8 @@ with AVX512-BF16 but no AMX ran bf16 autocast at 0.89x of eager FP32):
           fp32), foreach Adam, compile off. Measured on the 2-core AMD EPYC (AVX512-BF16) dev
           box, dualpath3d f16 batch 2 default grid, 20 interleaved rounds on a quiet machine:
           eager FP32 contiguous 30.7 ms/step (46% of the FP32 matmul peak); channels_last_3d
-          0.97x (then: the first convolution left it contiguous; kept since, it measured
-          1.36x and the tuning pass picks it: docs/performance.md); foreach Adam
+          0.97x (then: the first convolution left it contiguous; viewed channels-last since,
+          it measured 1.36x and the tuning pass picks it: docs/performance.md); foreach Adam
           1.0x; bf16 1.15-1.2x; torch.compile + bf16 1.28-1.30x. Compile stays off by
           default: its first step costs 1-2.5 minutes on 2 cores, more than a default sweep;
           ask for it with `--compile default`.
@@ -442,11 +442,12 @@ def to_memory_format(tensor: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def input_in_format(tensor: torch.Tensor, name: str) -> torch.Tensor:
-    """A model input in memory format `name`. A one-channel input is laid out the same in
-    both formats, and `contiguous(memory_format=...)` leaves its contiguous strides, from
-    which the first convolution infers a contiguous output; the same bytes viewed with
-    channels-last strides (no copy) make it write channels-last, which saves the hook's
-    copy (`_keep_output_format`: 1.5 ms of the dev box's f16 b2 step)."""
+    """A model input in memory format `name`. A one-channel tensor has the same bytes in
+    both layouts, and `contiguous(memory_format=...)` leaves it its contiguous strides, from
+    which a convolution infers a contiguous output and every layer after it follows: with
+    channels_last_3d the dual-path model's largest max-pool then stayed contiguous (5.1 ms
+    forward on the dev box where channels-last takes 0.47 ms) and the format lost (0.97x).
+    Such an input is viewed with channels-last strides instead: no copy."""
     out = to_memory_format(tensor, name)
     if name == "contiguous" or out.dim() not in (4, 5) or out.size(1) != 1:
         return out
@@ -460,28 +461,26 @@ def input_in_format(tensor: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def apply_memory_format(model: nn.Module, name: str) -> nn.Module:
-    """Convert 4D/5D parameters and buffers in place (each by its own rank), and keep the
-    output of every convolution fed one channel in that format (`_keep_output_format`).
+    """Convert 4D/5D parameters and buffers in place (each by its own rank), and view the
+    input of every convolution fed one channel in that format (`_view_one_channel_inputs`).
 
     `Module.to(memory_format=...)` would raise on a 4D weight in a 5D model (or the other
     way round), so each tensor gets the format of its own rank.
     """
     for tensor in [*model.parameters(), *model.buffers()]:
         tensor.data = to_memory_format(tensor.data, name)
-    _keep_output_format(model, name)
+    _view_one_channel_inputs(model, name)
     return model
 
 
-_FORMAT_HOOK = "_lungbench_output_format"  # the module attribute holding its hook's handle
+_FORMAT_HOOK = "_lungbench_input_format"  # the module attribute holding its hook's handle
 
 
-def _keep_output_format(model: nn.Module, name: str) -> None:
-    """A one-channel input has the same strides contiguous and channels-last, so a
-    convolution fed one cannot tell which layout was asked for: oneDNN writes its output
-    contiguous, and every layer after it follows. With channels_last_3d the dual-path model's
-    largest max-pool then stayed contiguous (5.1 ms forward on the dev box where channels-last
-    takes 0.47 ms) and the format lost 0.97x; a forward hook converts such a convolution's
-    output. Applying another format replaces the hook; contiguous removes it."""
+def _view_one_channel_inputs(model: nn.Module, name: str) -> None:
+    """A forward pre-hook on every convolution fed one channel views its input in format
+    `name` (input_in_format), so that every caller, not only TrainStep.prepare_inputs
+    (evaluation, a user's own loop), gets the layout asked for. Applying another format
+    replaces the hook; contiguous removes it."""
     for module in model.modules():
         handle = getattr(module, _FORMAT_HOOK, None)
         if handle is not None:
@@ -490,12 +489,12 @@ def _keep_output_format(model: nn.Module, name: str) -> None:
         if name == "contiguous" or not isinstance(module, (nn.Conv2d, nn.Conv3d)):
             continue
         if module.in_channels == 1:
-            hook = functools.partial(_output_in_format, name=name)
-            setattr(module, _FORMAT_HOOK, module.register_forward_hook(hook))
+            hook = functools.partial(_input_viewed, name=name)
+            setattr(module, _FORMAT_HOOK, module.register_forward_pre_hook(hook))
 
 
-def _output_in_format(module: nn.Module, inputs: Any, output: torch.Tensor, name: str):
-    return to_memory_format(output, name)
+def _input_viewed(module: nn.Module, args: tuple, name: str) -> tuple:
+    return (input_in_format(args[0], name), *args[1:])
 
 
 @contextlib.contextmanager

@@ -117,7 +117,8 @@ def test_a_one_channel_input_is_viewed_channels_last_without_a_copy():
 def test_channels_last_reaches_past_the_one_channel_convolution():
     """A 1-channel input is both contiguous and channels-last, so the first convolution
     would write its output contiguous and every layer after it would follow: the format
-    keeps that output channels-last; going back to contiguous removes the hook."""
+    views that input channels-last for every caller (here the model called directly, as
+    evaluation calls it); going back to contiguous removes the hook."""
     model = tiny_model()
     features = model.context_path.features
     seen = []
@@ -127,11 +128,11 @@ def test_channels_last_reaches_past_the_one_channel_convolution():
     assert not seen[-1].is_contiguous(memory_format=torch.channels_last_3d)  # lost at once
     apply_memory_format(model, "channels_last_3d")
     apply_memory_format(model, "channels_last_3d")  # again: one hook, not two
-    assert len(features[0]._forward_hooks) == 1
+    assert len(features[0]._forward_pre_hooks) == 1
     model(x, x)
     assert seen[-1].is_contiguous(memory_format=torch.channels_last_3d)
     apply_memory_format(model, "contiguous")
-    assert not features[0]._forward_hooks
+    assert not features[0]._forward_pre_hooks
     model(x.contiguous(), x.contiguous())
     assert seen[-1].is_contiguous()
 
