@@ -1109,3 +1109,28 @@ def test_a_probe_off_the_run_is_taken_again_once_and_said(tmp_path, monkeypatch)
     assert len(probes) == 2  # not again for the same run: a second predict stays fast
     assert forecast.source_here("run", w, switches, 0.038).busy is None  # within 15%
     assert len(probes) == 2
+
+
+def test_ranks_that_could_not_be_timed_are_said_and_not_cached(tmp_path, monkeypatch, capsys):
+    """A failed side-by-side measurement (a worker died, a port was taken): the prediction
+    says so and falls back on the all-reduce model; nothing is cached, so the next predict
+    measures again."""
+    from lungbench.predict import rank_share
+
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    calls = plant_measurements(monkeypatch, busy=False, ddp_s=0.016)
+
+    def failed(*args, **kwargs):
+        calls["ranks"] += 1
+        raise RuntimeError("worker 1: address already in use")
+
+    monkeypatch.setattr(rank_share, "side_by_side", failed)
+    run = tmp_path / "profile-run"
+    plant_profile_run(run)
+    for attempt in (1, 2):
+        assert main(["predict", "--from", str(run), "--ranks", "2", "--json"]) == 0
+        notes = json.loads(capsys.readouterr().out.splitlines()[-1])["notes"]
+        assert any("could not be timed" in n and "no contention assumed" in n for n in notes)
+        assert any("+ 4.0 ms per step" in n for n in notes)  # the fallback: the probe's figure
+        assert calls["ranks"] == attempt  # not cached: measured again
+    assert not (tmp_path / "cache" / rank_share.CACHE_FILE).exists()

@@ -637,18 +637,18 @@ class Predictor:
         ranks each have their own device."""
         if ranks <= 1 or not on_this_cpu(source, device):
             return SideBySide()
-        entry = self.rank_contention.entry(workload, switches, ranks)
-        if entry is None or not entry.get("factor"):
+        entry = self.rank_contention.entry(workload, switches, ranks)  # checked: its schema
+        if entry is None:
             return SideBySide(notes=(
                 f"rank contention: {ranks} processes side by side could not be timed (a "
                 "measurement problem); no contention assumed",
             ))  # fmt: skip
-        factor, share = entry["factor"], entry.get("communication")
+        factor, share = entry["factor"], entry["communication"]
         notes = [
             f"ranks side by side: each rank's step {factor:.2f}x its time alone, measured with "
             f"{ranks} processes of {workload.threads} thread(s) each on this machine"
         ]
-        if share is not None and share <= 0:
+        if share <= 0:
             notes.append(
                 f"communication: the {ranks} processes' DDP step came out no slower than their "
                 f"compute ({1e3 * (entry['ddp_s'] - entry['together_s']):+.2f} ms), a "
