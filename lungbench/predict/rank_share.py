@@ -68,9 +68,12 @@ def _contention_entry(entry: dict) -> bool:
 
 
 register_schema(CACHE_FILE, _contention_entry)
-ROUNDS = 8  # alternated alone/together/ddp rounds
+ROUNDS = 12  # alternated alone/together/ddp rounds
 STEPS = 3  # steps per worker per phase and round
 WARM_STEPS = 2  # untimed: the optimizer state is built, the caches fill
+# Bump when the measurement changes, so entries measured before are measured again
+# (2: the workers keep freed memory as lungbench processes do, 12 rounds).
+MEASURE_VERSION = 2
 TIMEOUT_S = 600.0  # the whole measurement; a lost worker breaks the others' barrier
 
 
@@ -144,9 +147,14 @@ def _timed(run: Callable[[], None], steps: int, barrier) -> list[float]:
 
 def _measure_rank(workload, switches, index, ranks, port, rounds, barrier) -> dict:
     """This worker's step times, per phase a list of rounds, each a list of steps."""
+    from lungbench.core.allocator import keep_freed_memory
     from lungbench.measure.timing import set_threads
     from lungbench.switches import backend_flags
 
+    # As every lungbench process does (lungbench.cli): without it each step page-faults its
+    # freed activations in again, and a worker's step alone ran 5-20% slower than the
+    # bench's.
+    keep_freed_memory()
     set_threads(workload.threads or 1)
     torch.distributed.init_process_group(
         "gloo",
@@ -256,7 +264,7 @@ def _stop(workers: list) -> None:
 def _key(workload: Workload, switches: Switches, ranks: int) -> str:
     where = where_key(torch.device("cpu")).rsplit("|", 2)  # host | cpu model | torch
     items = sorted(asdict(workload).items()), sorted(asdict(switches).items())
-    return json.dumps([where[0], where[-1], ranks, str(items)])
+    return json.dumps([where[0], where[-1], ranks, str(items), f"v{MEASURE_VERSION}"])
 
 
 class RankContention:

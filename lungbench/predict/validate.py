@@ -68,7 +68,7 @@ class Plan:
     # A target is measured in `rounds` alternations with the source (measure_pair), and
     # the 2-rank DDP run `ddp_runs` times, each between two measurements of the source.
     rounds: int = 5
-    ddp_runs: int = 2
+    ddp_runs: int = 3  # the median of 3: one slow minute moves a 2-rank run by 10-25%
     # Epochs: one `lungbench bench` of the source and these (batch, filters), each with an
     # epoch of `epoch_samples` through the real loader; the source's predicts the others.
     epoch_targets: tuple[tuple[int, int], ...] = ((6, 8), (4, 12), (6, 12))
