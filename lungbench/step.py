@@ -25,7 +25,13 @@ from torch import nn
 
 from lungbench.core.cache import cache_dir
 from lungbench.core.errors import look_up_option
-from lungbench.switches import Switches, apply_memory_format, autocast, input_in_format
+from lungbench.switches import (
+    Switches,
+    apply_memory_format,
+    autocast,
+    input_in_format,
+    pools_in_input_dtype,
+)
 
 OPTIMIZERS = ("adam", "sgd", "adadelta")
 
@@ -106,6 +112,7 @@ class TrainStep:
 
     def __post_init__(self) -> None:
         apply_memory_format(self.model, self.switches.memory_format)
+        pools_in_input_dtype(self.model, self.switches.dtype != "fp32")
         if self.optimizer is None:
             self.optimizer = make_optimizer(
                 self.model.parameters(),

@@ -23,6 +23,7 @@ from lungbench.switches import (
     eager_fp32,
     fast_defaults,
     input_in_format,
+    pools_in_input_dtype,
     resolve,
 )
 
@@ -112,6 +113,36 @@ def test_a_one_channel_input_is_viewed_channels_last_without_a_copy():
     assert input_in_format(wide, "channels_last_3d").is_contiguous(
         memory_format=torch.channels_last_3d
     )
+
+
+@pytest.mark.skipif(not bf16_supported(CPU), reason="needs a CPU with bf16")
+def test_max_pools_run_in_bf16_under_autocast_with_the_same_values(tmp_path):
+    """CPU autocast runs max-pools in FP32, casting their bf16 input up and back. A max
+    selects one of its inputs, so pooling in bf16 must give exactly the FP32 path's values
+    and gradients, without the casts; FP32 switches give back plain max-pools."""
+    model = tiny_model()
+    pools = [m for m in model.modules() if isinstance(m, torch.nn.MaxPool3d)]
+    x = torch.randn(2, 3, 8, 8, 8, requires_grad=True)
+
+    def pooled(pool):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = pool(x.to(torch.bfloat16))
+        (grad,) = torch.autograd.grad(y.float().pow(2).sum(), x)
+        return y, grad
+
+    plain_y, plain_grad = pooled(pools[0])
+    assert plain_y.dtype == torch.float32  # autocast's own policy: the pool in FP32
+    step = TrainStep(model, bce_loss, Switches(dtype="bf16"), CPU)
+    assert all(type(p).__name__ == "MaxPool3dInInputDtype" for p in pools)
+    y, grad = pooled(pools[0])
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y.float(), plain_y) and torch.equal(grad, plain_grad)
+    torch.save(step.model, tmp_path / "model.pt")  # the swapped class still pickles
+    assert set(torch.load(tmp_path / "model.pt", weights_only=False).state_dict()) == set(
+        tiny_model().state_dict()
+    )
+    pools_in_input_dtype(model, autocast_on=False)
+    assert all(type(p) is torch.nn.MaxPool3d for p in pools)
 
 
 def test_channels_last_reaches_past_the_one_channel_convolution():

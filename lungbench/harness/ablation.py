@@ -42,6 +42,7 @@ from lungbench.step import TrainStep, bce_loss
 from lungbench.switches import (
     Resolved,
     Switches,
+    adam_implementations,
     backend_flags,
     bf16_supported,
     compiler_available,
@@ -97,7 +98,8 @@ def tolerance(switches: Switches) -> float:
 def ladder(device: torch.device, compile_mode: str = "default") -> list[Variant]:
     """The cumulative ladder for `device`: each variant adds one switch to the previous.
 
-    CPU: channels_last_3d, foreach Adam, bf16 autocast (where native), torch.compile.
+    CPU: channels_last_3d, fused Adam (foreach on a torch without a CPU fused Adam), bf16
+    autocast (where native), torch.compile.
     CUDA: TF32, cudnn.benchmark, channels_last_3d, fused Adam, bf16, CUDA graphs, and
     torch.compile as the last rung (in place of CUDA graphs: compile manages its own).
     """
@@ -109,13 +111,8 @@ def ladder(device: torch.device, compile_mode: str = "default") -> list[Variant]
             ("cudnn_benchmark", "cudnn.benchmark", {"cudnn_benchmark": True}),
         ]
     steps.append(("channels_last_3d", "channels_last_3d", {"memory_format": "channels_last_3d"}))
-    steps.append(
-        (
-            "fused" if cuda else "foreach",
-            "fused Adam" if cuda else "foreach Adam",
-            {"optimizer": "fused" if cuda else "foreach"},
-        )
-    )
+    adam = adam_implementations(device)[-1]  # fused where the device has it
+    steps.append((adam, f"{adam} Adam", {"optimizer": adam}))
     if bf16_supported(device):
         steps.append(("bf16", "bf16 autocast", {"dtype": "bf16"}))
     if cuda:

@@ -6,7 +6,7 @@ measures the candidate recipes on this device, interleaved (lungbench.harness.ab
 runners: the same initial weights and batches for every candidate), checks each one's loss
 after a few steps against eager FP32, and picks the fastest that passes:
 
-  1. eager FP32 and each single switch on its own (channels_last_3d, foreach / fused Adam,
+  1. eager FP32 and each single switch on its own (channels_last_3d, foreach and fused Adam,
      bf16 / fp16 autocast where the device has them, TF32 + cudnn.benchmark and CUDA graphs
      on CUDA, torch.compile only when allowed: its first step costs minutes on a small CPU);
   2. when two or more singles beat eager, their combination, against eager and the best
@@ -41,6 +41,7 @@ from lungbench.harness.ablation import AblationConfig, Variant, one_off_words, r
 from lungbench.measure.workload import Workload
 from lungbench.switches import (
     Switches,
+    adam_implementations,
     bf16_supported,
     compiler_available,
     eager_fp32,
@@ -52,8 +53,9 @@ log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
 CACHE_FILE = "tuning.json"
 # Bump when a candidate's switches run differently, so choices made before are measured
-# again (2: channels-last keeps a one-channel convolution's output channels-last).
-TUNING_VERSION = 2
+# again (2: channels-last keeps a one-channel convolution's output channels-last; 3: fused
+# Adam a CPU candidate, max-pools in bf16 under bf16 autocast).
+TUNING_VERSION = 3
 
 
 def _tuning_entry(entry: Any) -> bool:
@@ -134,8 +136,8 @@ def candidates(device: torch.device, ndim: int = 5, allow_compile: bool = False)
     if ndim in (4, 5):
         fmt = "channels_last_3d" if ndim == 5 else "channels_last"
         singles.append((fmt, fmt, {"memory_format": fmt}))
-    impl = "fused" if cuda else "foreach"
-    singles.append((impl, f"{impl} Adam", {"optimizer": impl}))
+    for impl in adam_implementations(device):
+        singles.append((impl, f"{impl} Adam", {"optimizer": impl}))
     if bf16_supported(device):
         singles.append(("bf16", "bf16 autocast", {"dtype": "bf16"}))
     if cuda:
@@ -163,14 +165,20 @@ def combine(variants: Sequence[Variant]) -> Variant:
     return Variant(name, " + ".join(v.added for v in variants), replace(base, **changes))
 
 
-def _one_dtype(winners: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The winners without a second autocast dtype (bf16 and fp16 both beating eager on a
-    GPU): only the faster one is combined, so the combination runs what its name says."""
-    dtypes = [r for r in winners if r.get("dtype_used", "fp32") != "fp32"]
-    if len(dtypes) < 2:
-        return winners
-    keep = min(dtypes, key=lambda r: r["step_s_median"])
-    return [r for r in winners if r not in dtypes or r is keep]
+# Switches of which a combination takes one value: two winners setting one of them (bf16 and
+# fp16 both beating eager on a GPU, foreach and fused Adam on a CPU) are not both combined.
+ONE_VALUE = {"dtype": "fp32", "optimizer": "default"}
+
+
+def _one_value_each(winners: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The winners with only the fastest of those that set the same ONE_VALUE switch, so
+    the combination runs what its name says."""
+    for name, plain in ONE_VALUE.items():
+        setting = [r for r in winners if r.get(f"{name}_used", plain) != plain]
+        if len(setting) >= 2:
+            keep = min(setting, key=lambda r: r["step_s_median"])
+            winners = [r for r in winners if r not in setting or r is keep]
+    return winners
 
 
 def pick(measured: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -266,7 +274,7 @@ def _measure(
         and r["step_s_median"] < eager["step_s_median"]
     ]
     chosen = pick(first)
-    winners = _one_dtype(winners)
+    winners = _one_value_each(winners)
     if len(winners) >= 2:
         by_name = {v.name: v for v in candidates(device, ndim, options.allow_compile)}
         best = min(winners, key=lambda r: r["step_s_median"])
