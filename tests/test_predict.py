@@ -378,6 +378,9 @@ def test_validate_quick_end_to_end(tmp_path, monkeypatch, capsys):
     assert scored, "some cases were measured and scored"
     for c in scored:
         assert c["error"] == pytest.approx(c["predicted_s"] / c["measured_s"] - 1)
+    # the ranks side by side ran with the allocator every lungbench process has
+    ranks = json.loads((tmp_path / "rank_contention.json").read_text())["entries"]
+    assert ranks and all("freed memory kept" in e["allocator"] for e in ranks.values())
 
 
 def plant_profile_run(run: Path) -> None:
@@ -1134,3 +1137,50 @@ def test_ranks_that_could_not_be_timed_are_said_and_not_cached(tmp_path, monkeyp
         assert any("+ 4.0 ms per step" in n for n in notes)  # the fallback: the probe's figure
         assert calls["ranks"] == attempt  # not cached: measured again
     assert not (tmp_path / "cache" / rank_share.CACHE_FILE).exists()
+
+
+def test_ranks_measured_while_busy_are_measured_again_and_said(tmp_path, monkeypatch, capsys):
+    """Other work on the cores while the processes run side by side (planted: the watch
+    around that measurement reads busy, every other reads quiet): measured once more; still
+    busy, the entry keeps why, and the prediction warns and widens its interval."""
+    from lungbench.measure.contention import ContentionWatch
+    from lungbench.predict import rank_share
+
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    calls = plant_measurements(monkeypatch, busy=False, ddp_s=0.016)
+    ranks_running = []
+    planted_ranks = rank_share.side_by_side
+
+    def side_by_side(*args, **kwargs):
+        ranks_running.append(True)
+        return planted_ranks(*args, **kwargs)
+
+    def stop(self):
+        busy = bool(ranks_running) and ranks_running.pop()
+        self.result = {"busy": busy, "busy_reason": "planted load" if busy else None}
+        return self.result
+
+    monkeypatch.setattr(rank_share, "side_by_side", side_by_side)
+    monkeypatch.setattr(ContentionWatch, "stop", stop)
+    run = tmp_path / "profile-run"
+    plant_profile_run(run)
+    assert main(["predict", "--from", str(run), "--ranks", "2", "--json"]) == 0
+    busy = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert calls["ranks"] == 2  # busy: measured once more
+    (entry,) = json.loads((tmp_path / "cache" / rank_share.CACHE_FILE).read_text())[
+        "entries"
+    ].values()
+    assert entry["busy_reason"] == "planted load"
+    assert "2 processes side by side ran while busy (planted load)" in busy["busy"]
+    assert any(
+        n.startswith("warning:") and "side by side ran while busy" in n for n in busy["notes"]
+    )
+    # the same prediction from a quiet measurement: the same step, a narrower interval
+    monkeypatch.setattr(rank_share, "side_by_side", planted_ranks)
+    assert main(["predict", "--from", str(run), "--ranks", "2", "--json", "--remeasure"]) == 0
+    quiet = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert quiet["busy"] is None and quiet["step_s"] == pytest.approx(busy["step_s"])
+    if quiet["interval"]:
+        assert (
+            busy["interval"][1] / busy["interval"][0] > quiet["interval"][1] / quiet["interval"][0]
+        )

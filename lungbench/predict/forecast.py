@@ -98,6 +98,7 @@ class SideBySide:
     compute: float = 1.0
     communication: float | None = None
     notes: tuple[str, ...] = ()
+    busy: str | None = None  # why the processes side by side count as measured while busy
 
 
 @dataclass
@@ -143,6 +144,7 @@ class Prediction:
     kinds: tuple[str, ...] = ()
     memory_need_bytes: int | None = None
     memory_limit_bytes: int | None = None
+    busy: str | None = None  # why what it was made from counts as measured while busy
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -656,7 +658,10 @@ class Predictor:
                 "instead: `lungbench predict --remeasure` on a quiet machine measures it again"
             )
             share = None
-        return SideBySide(factor, share, tuple(notes))
+        busy = entry.get("busy_reason")
+        if busy:
+            busy = f"its {ranks} processes side by side ran while busy ({busy})"
+        return SideBySide(factor, share, tuple(notes), busy)
 
     def gloo(self) -> AlphaBeta:
         if self._gloo is None:
@@ -704,6 +709,8 @@ class Predictor:
             measured_comm = alone.step_s * ranks.communication
             pred.notes.append(measured_communication_note(measured_comm, target.ranks))
         estimate = scaled(alone, ranks.compute)
+        if ranks.busy:  # a busy measurement of the ranks: the same warning and wider interval
+            source = replace(source, busy="; ".join(filter(None, (source.busy, ranks.busy))))
         self._finish(pred, source, estimate, workload, device, target, measured_comm)
         if "filters" in pred.kinds and device.kind == "cpu" and not on_this_cpu(source, device):
             pred.notes.extend(channel_notes(workload))
@@ -833,6 +840,7 @@ class Predictor:
             else f"none: {', '.join(missing)} predictions not validated"
         )
         if source.busy:
+            pred.busy = source.busy
             pred.interval_basis += f"; widened by {100 * math.expm1(BUSY_WIDEN):.0f}%: busy source"
             pred.notes.append(
                 f"warning: the source was measured on a busy machine ({source.busy}); this "

@@ -224,9 +224,11 @@ def validate_source(
                     source_workload, target_workload(source_workload, target), plan
                 )
         seen = ddp_watch if kind == "ranks" else watch
+        # busy: while the target was measured, or while what predicted it was (the source's
+        # probe, the ranks side by side)
         cases.append(
             case(kind, describe_target(target, pred), rescaled(pred, now / step), measured)
-            | {"busy": busy_of(seen)}
+            | {"busy": busy_of(seen) or pred.busy}
         )
     with ContentionWatch() as epoch_watch:
         epochs = epoch_cases(plan, predictor, out)
