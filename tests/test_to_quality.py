@@ -59,6 +59,9 @@ def test_quality_table_reports_median_spread_and_speedup_over_reached_runs():
     assert (tuned["runs"], tuned["reached"], tuned["median s"]) == (3, 2, 5.0)
     assert tuned["median epochs"] == 2.5 and tuned["median samples"] == 40.0
     assert tuned["speed-up to quality"] == pytest.approx(12.0 / 5.0)
+    # paired per seed, over the seeds both reached: 10/6 and 14/4
+    assert tuned["paired speed-up (median, min-max)"] == "2.583 (1.667-3.500, 2 seeds)"
+    assert eager["paired speed-up (median, min-max)"] == "1.000 (1.000-1.000, 3 seeds)"
 
 
 def test_request_check_refuses_bad_values():

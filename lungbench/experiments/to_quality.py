@@ -13,7 +13,9 @@ for each of `seeds` seeds (initial weights and sample order; the data split stay
 the two variants alternating ABBA so that a drift of the shared machine's load falls on both.
 Each fit's record goes to records.jsonl; tables/time_to_quality gives per variant how many
 runs reached the target, the median time with its min-max, MLPerf's olympic mean (the runs'
-mean without the fastest and the slowest) and the median epochs and samples.
+mean without the fastest and the slowest), the median epochs and samples, and the speed-up
+over eager FP32 both as the ratio of the medians and paired per seed (the median of the
+per-seed ratios: a seed sets how many epochs both need).
 
     lungbench bench --to-quality                              the default quick target
     lungbench bench --to-quality --target auc=0.9 --quality-seeds 5
@@ -106,7 +108,8 @@ def olympic_mean(values: Sequence[float]) -> float:
 def quality_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Per variant: runs, runs that reached the target, the median time to it with min-max,
     the olympic mean and the median epochs and samples, over the runs that reached it; the
-    ratio of eager FP32's median to the variant's ("speed-up to quality")."""
+    ratio of eager FP32's median to the variant's ("speed-up to quality") and the per-seed
+    ratios (paired_speedup)."""
     rows = []
     for name in dict.fromkeys(r["variant"] for r in records):
         mine = [r for r in records if r["variant"] == name]
@@ -129,7 +132,26 @@ def quality_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     table = pd.DataFrame(rows).set_index("variant")
     if "eager_fp32" in table.index:
         table["speed-up to quality"] = table.loc["eager_fp32", "median s"] / table["median s"]
+        table["paired speed-up (median, min-max)"] = [
+            paired_speedup(records, name) for name in table.index
+        ]
     return table
+
+
+def paired_speedup(records: Sequence[dict[str, Any]], variant: str) -> str:
+    """Eager FP32's time over the variant's for each seed both reached the target with: the
+    median of those ratios and their range, in words. A seed sets the epochs both need (3 to
+    14 on the quick target), so the ratio of the two medians can compare one seed's run with
+    another's; the same seed's two runs differ only by the switches and the machine's noise."""
+    wall = {(r["variant"], r["seed"]): float(r["wall_s"]) for r in records if r["reached"]}
+    ratios = sorted(
+        wall[("eager_fp32", seed)] / wall[(variant, seed)]
+        for (name, seed) in wall
+        if name == variant and ("eager_fp32", seed) in wall
+    )
+    if not ratios:
+        return "no seed reached by both"
+    return f"{np.median(ratios):.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f}, {len(ratios)} seeds)"
 
 
 def tuned_switches(
