@@ -10,8 +10,9 @@ ran (`dtype_used`, ...) and why it differs (`switch_fallbacks`).
 
 "auto" is chosen by measurement where the run happens: `lungbench bench` and `profile` run a
 short tuning pass per workload and device (lungbench.harness.tuning) and pass its choice as
-`fast`. The table below (`fast_defaults`) is only the fallback when no pass ran (--no-tune,
-under a launcher); it was measured on one machine and can be slower elsewhere (an Intel Xeon
+`fast`; under a launcher each rank runs the choice cached for one rank's workload on rank 0's
+host (lungbench.harness.ddp.agreed_tuning). The table below (`fast_defaults`) is only the
+fallback when no pass ran (--no-tune, or no cached choice under a launcher); it was measured on one machine and can be slower elsewhere (an Intel Xeon
 with AVX512-BF16 but no AMX ran bf16 autocast at 0.89x of eager FP32):
 
     cpu   contiguous, bf16 autocast where the CPU has native bf16 (AVX512-BF16 / AMX; else

@@ -11,10 +11,12 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from launchenv import clean_env
 from planted import held_after, wait_for_marker
 
@@ -539,3 +541,54 @@ def test_alpha_beta_fit_recovers_the_planted_values_and_refuses_nonsense():
     assert fit_alpha_beta([1e3, 1e6], [2e-3, 1e-3], 2) is None  # larger was faster: noise
     assert fit_alpha_beta([1e3, 1e3], [1e-3, 1e-3], 2) is None  # one size: no slope
     assert fit_alpha_beta(sizes, [1e-3] * 3, 1) is None
+
+
+@pytest.mark.timeout(480)
+@pytest.mark.distributed
+def test_ranks_run_the_choice_one_process_tuned_on_rank_0s_host(tmp_path, tiny_store, monkeypatch):
+    """A 1-process tuning pass cached a choice for one rank's workload (planted: channels-
+    last, which the device's table never picks on a CPU): every rank of the DDP step runs it,
+    and the record says where it came from; --no-tune keeps the table."""
+    from lungbench.core.cache import write_cache
+    from lungbench.data.store import read_info
+    from lungbench.harness import tuning
+    from lungbench.measure.workload import Workload
+    from lungbench.switches import eager_fp32
+
+    cache = tmp_path / "cache"
+    shapes = list(read_info(tiny_store).inputs.values())
+    rank = Workload(preset="dey2018", filters=2, batch_size=2, threads=1)
+    chosen = replace(eager_fp32(), memory_format="channels_last_3d")
+    entry = {"choice": "+channels_last_3d", "switches": vars(chosen), "alternatives": []}
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(cache))  # this test's own cache
+    torch.set_num_threads(1)  # a tuning pass runs at the workload's threads: its key says so
+    key = tuning.cache_key(rank, torch.device("cpu"), shapes=shapes)
+    write_cache(tuning.CACHE_FILE, {key: entry})
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    for extra, run_id in (([], "tuned"), (["--no-tune"], "table")):
+        argv = bench_argv(tmp_path, tiny_store, "--batch", "2", "--repeats", "2", "--no-epoch")
+        argv[argv.index("ddp")] = run_id
+        argv += ["--scaling", "weak", "--no-baseline", *extra]
+        proc = subprocess.run(
+            [*launch, *argv[1:]], env=clean_env(LUNGBENCH_CACHE_DIR=str(cache)),
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (record,) = read_records(tmp_path / "out" / run_id)
+        assert record["world_size"] == 2
+        if extra:
+            assert record["memory_format_used"] == "contiguous"
+            assert record["tuning_source"] == "table" and "--no-tune" in record["tuning_note"]
+        else:
+            assert record["memory_format_used"] == "channels_last_3d"
+            assert (record["tuning_choice"], record["tuning_source"]) == (
+                "+channels_last_3d",
+                "cache, rank 0",
+            )

@@ -129,7 +129,9 @@ def _run(args: argparse.Namespace) -> int:
 
     # One process without a launcher: world size 1, no process group, the plain sweep.
     dist = init_distributed(_group_device(request.devices), timeout_s=args.dist_timeout)
-    ddp = DDPOptions(parse_scaling(args.scaling), args.baseline, args.dist_timeout)
+    ddp = DDPOptions(
+        parse_scaling(args.scaling), args.baseline, args.dist_timeout, cached_tuning=request.tune
+    )
     if dist.is_distributed and resume is not None:
         from lungbench.core.errors import UsageError
 

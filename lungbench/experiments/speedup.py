@@ -678,8 +678,10 @@ def run_ddp_bench(request, dist: DistContext, options: DDPOptions):
             if record.get("scaling") == "none":
                 record["platform"] = _platform(record, torch.device(record["device"]))
             attach_peak(record, peaks.get(record["device"]))
-            # every rank must run the same switches: no tuning pass under a launcher
-            record.update(untuned("under a launcher: the device's table (tune in one process)"))
+            # every rank runs the same switches: rank 0's cached choice, or the table
+            # (lungbench.harness.ddp.agreed_tuning); no rank stops to tune
+            if "tuning_source" not in record:
+                record.update(untuned("under a launcher: the device's table"))
             record.update(provenance(env))
             append_record(run_dir, record)
             bar.update(1)

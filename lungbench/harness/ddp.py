@@ -31,7 +31,7 @@ import re
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -56,6 +56,7 @@ from lungbench.distributed.group import (
     collective_guard,
     gather_records,
     parameter_digest,
+    single_process,
     threads_per_rank,
     wrap_model,
 )
@@ -66,6 +67,7 @@ from lungbench.harness.sweep import (
     timed_epoch,
     train_split,
 )
+from lungbench.harness.tuning import cached_tuning, untuned
 from lungbench.measure.allreduce import fit_alpha_beta
 from lungbench.measure.data_wait import data_bound
 from lungbench.measure.memory import refusal as memory_refusal
@@ -78,7 +80,13 @@ from lungbench.measure.timing import (
     training_step_flops,
 )
 from lungbench.step import TrainStep, bce_loss
-from lungbench.switches import apply_memory_format, backend_flags, resolve_switches
+from lungbench.switches import (
+    Switches,
+    apply_memory_format,
+    backend_flags,
+    has_auto,
+    resolve_switches,
+)
 
 SCALINGS = ("weak", "strong")
 
@@ -120,6 +128,9 @@ class DDPOptions:
     scaling: tuple[str, ...] = SCALINGS
     baseline: bool = True  # rank 0 also measures world size 1 (the scaling reference)
     timeout_s: float = DEFAULT_TIMEOUT_S
+    # "auto" switches: the choice a 1-process tuning pass cached on rank 0's host for one
+    # rank's workload (False, --no-tune: the device's table)
+    cached_tuning: bool = True
 
 
 def parse_scaling(text: str) -> tuple[str, ...]:
@@ -524,6 +535,47 @@ def _group(cfg: BenchConfig) -> tuple:
     return (w.threads, w.filters, w.batch_size)
 
 
+NO_CACHED_CHOICE = (
+    "under a launcher: the device's table; no tuning pass cached one rank's workload on rank "
+    "0's host (run that workload in one process first: lungbench bench --batch B --threads T)"
+)
+
+
+def agreed_tuning(
+    cfg: BenchConfig, per_rank: int, info: StoreInfo, dist: DistContext, options: DDPOptions
+) -> tuple[BenchConfig, dict[str, Any]]:
+    """`cfg` with its "auto" switches set to what a 1-process tuning pass cached on rank 0's
+    host for one rank's workload (its batch and threads), the same on every rank (rank 0
+    says; no rank stops to tune), and the record fields saying so; without such a choice,
+    or with --no-tune, the device's table. So a DDP step runs what one process of the same
+    workload measured fastest, and a prediction made from that process holds for it."""
+    if not options.cached_tuning:
+        return cfg, untuned("--no-tune: the device's table (lungbench.step)")
+    if not has_auto(cfg.switches):
+        return cfg, {}
+    found = None
+    if dist.is_main:
+        threads = cfg.workload.threads
+        if dist.device.type == "cpu" and threads is None:
+            threads = threads_per_rank(dist)
+        rank_workload = replace(cfg.workload, batch_size=per_rank, threads=threads)
+        tuning = cached_tuning(rank_workload, dist.device, list(info.inputs.values()))
+        found = tuning and (asdict(tuning.switches), tuning.record())
+    chosen = all_gather(dist, found, "agreeing on the tuned switches")[0]
+    if chosen is None:
+        return cfg, untuned(NO_CACHED_CHOICE)
+    switches, fields = chosen
+    return replace(cfg, fast=Switches(**switches)), {**fields, "tuning_source": "cache, rank 0"}
+
+
+def alone_tuning(
+    cfg: BenchConfig, info: StoreInfo, dist: DistContext, options: DDPOptions
+) -> tuple[BenchConfig, dict[str, Any]]:
+    """agreed_tuning for a 1-process reference rank 0 measures while the others wait."""
+    alone = single_process(dist.device)
+    return agreed_tuning(cfg, cfg.workload.batch_size, info, alone, options)
+
+
 def run_ddp_sweep(
     configs: Sequence[BenchConfig],
     info: StoreInfo,
@@ -557,11 +609,14 @@ def run_ddp_sweep(
                         w = c.workload
                         progress(f"1 process {w.device} f{w.filters} b{w.batch_size}")
                     one = baseline_config(c, c.workload.device, threads_per_rank(dist))
-                    emit(measured(one, partial(baseline_record, one, info, dataset, indices)))
+                    one, chosen = alone_tuning(one, info, dist, options)
+                    run = partial(baseline_record, one, info, dataset, indices)
+                    emit(measured(one, run) | chosen)
                     whole = whole_machine_config(c, dist)
                     if whole is not None:  # labelled: not the reference of the efficiency
+                        whole, chosen = alone_tuning(whole, info, dist, options)
                         run = partial(baseline_record, whole, info, dataset, indices, WHOLE)
-                        emit(measured(whole, run))
+                        emit(measured(whole, run) | chosen)
             barrier(
                 dist,
                 "waiting for rank 0's 1-process baseline (raise --dist-timeout or "
@@ -584,10 +639,11 @@ def run_ddp_sweep(
                     record = base_record(cfg, scaling, per_rank, dist)
                     emit({**record, "status": "oom", "error": refused, "memory_refused": True})
                 continue
-            ddp = partial(ddp_record, cfg, scaling, per_rank, info, dataset, indices, dist)
-            record = measured(cfg, ddp, device=str(dist.device), per_sample=False)
+            ready, chosen = agreed_tuning(cfg, per_rank, info, dist, options)
+            ddp = partial(ddp_record, ready, scaling, per_rank, info, dataset, indices, dist)
+            record = measured(ready, ddp, device=str(dist.device), per_sample=False)
             if dist.is_main:
-                emit(record)
+                emit(record | chosen)
     return records
 
 

@@ -193,6 +193,33 @@ def pick(measured: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return min(fit, key=lambda m: m["step_s_median"])
 
 
+def cached_tuning(
+    workload: Workload, device: torch.device, shapes: Sequence[tuple[int, ...]] | None = None
+) -> Tuning | None:
+    """The choice a tuning pass cached for `workload` on this host, or None; never measures
+    (under a launcher every rank must run the same switches, and no rank may stop to tune).
+    The key names the threads torch runs with, which a tuning pass sets to the workload's:
+    looked up with the same."""
+    running = torch.get_num_threads()
+    torch.set_num_threads(workload.threads or running)
+    try:
+        entry = read_cache(CACHE_FILE).get(cache_key(workload, device, False, shapes))
+    finally:
+        torch.set_num_threads(running)
+    if entry is None:
+        return None
+    try:
+        return Tuning(
+            entry["choice"],
+            Switches(**entry["switches"]),
+            "cache",
+            tuple(entry.get("alternatives", ())),
+            f"measured {entry.get('measured_utc', '?')} in one process on this host",
+        )
+    except (KeyError, TypeError, AttributeError):  # an entry of another layout
+        return None
+
+
 def tune(
     workload: Workload,
     device: torch.device,
