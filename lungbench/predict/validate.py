@@ -84,8 +84,10 @@ class Plan:
         return fast_defaults(torch.device("cpu")) if self.switches == "tuned" else eager_fp32()
 
     def bench_switches(self) -> list[str]:
-        """The `lungbench bench` options that run this plan's switches."""
-        return ["--eager-fp32"] if self.switches == "eager-fp32" else []
+        """The `lungbench bench` options that run this plan's switches: "tuned" is the
+        device's table (fast_defaults), so no tuning pass, and no choice a tuning pass
+        cached on this host (a launcher's ranks take one), may run anything else."""
+        return ["--eager-fp32"] if self.switches == "eager-fp32" else ["--no-tune"]
 
     def probe_points(self) -> tuple[set[int], set[int]]:
         """(batches, widths) the source's probe measures: not targets."""
@@ -282,7 +284,7 @@ def measure_epochs(
     batches = sorted({plan.source.batch_size, *(b for b, _ in plan.epoch_targets)})
     widths = sorted({plan.source.filters, *(f for _, f in plan.epoch_targets)})
     protocol = replace(plan.protocol, epoch=True, epoch_samples=plan.epoch_samples)
-    args = [*bench_args(plan.source, protocol, batches, widths), "--no-tune"]
+    args = bench_args(plan.source, protocol, batches, widths)
     if launch is None:
         return [], {}
     return launch([*args, *plan.bench_switches()], 1, out)
