@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -134,3 +135,15 @@ def test_bench_records_say_how_auto_was_chosen(tmp_path, capsys, tiny_store, ext
 def test_no_tune_with_retune_is_a_usage_error(tmp_path, capsys):
     assert main(["bench", "--no-tune", "--retune", "--out", str(tmp_path)]) == 2
     assert "--no-tune skips the tuning pass; drop --retune" in capsys.readouterr().err
+
+
+def test_the_key_names_the_workloads_threads_not_the_callers():
+    """A launcher's rank (torchrun sets one thread) looks up what a 1-process pass at the
+    same workload threads cached, whatever threads the caller runs."""
+    one = Workload(preset="dey2018", filters=2, batch_size=2, threads=1)
+    keys = set()
+    for running in (1, 2):
+        torch.set_num_threads(running)
+        keys.add(tuning.cache_key(one, CPU))
+    assert len(keys) == 1 and "x1|" in keys.pop()
+    assert tuning.cache_key(replace(one, threads=2), CPU) != tuning.cache_key(one, CPU)

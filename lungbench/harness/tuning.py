@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 CACHE_FILE = "tuning.json"
 # Bump when a candidate's switches run differently, so choices made before are measured
 # again (2: channels-last keeps a one-channel convolution's output channels-last; 3: fused
-# Adam a CPU candidate, max-pools in bf16 under bf16 autocast).
+# Adam a CPU candidate, max-pools in bf16 under bf16 autocast; the key names the workload's
+# threads, so a launcher's rank finds the choice one process made).
 TUNING_VERSION = 3
 
 
@@ -197,15 +198,8 @@ def cached_tuning(
     workload: Workload, device: torch.device, shapes: Sequence[tuple[int, ...]] | None = None
 ) -> Tuning | None:
     """The choice a tuning pass cached for `workload` on this host, or None; never measures
-    (under a launcher every rank must run the same switches, and no rank may stop to tune).
-    The key names the threads torch runs with, which a tuning pass sets to the workload's:
-    looked up with the same."""
-    running = torch.get_num_threads()
-    torch.set_num_threads(workload.threads or running)
-    try:
-        entry = read_cache(CACHE_FILE).get(cache_key(workload, device, False, shapes))
-    finally:
-        torch.set_num_threads(running)
+    (under a launcher every rank must run the same switches, and no rank may stop to tune)."""
+    entry = read_cache(CACHE_FILE).get(cache_key(workload, device, False, shapes))
     if entry is None:
         return None
     try:
@@ -388,8 +382,12 @@ def cache_key(
     if not shapes:
         shapes = [s[1:] for s in workload.input_shapes(1)]
     w = workload
+    where = where_key(device)
+    if device.type == "cpu" and w.threads:  # the threads the pass runs at, not the caller's
+        host, cpu, version = where.split("|")
+        where = f"{host}|{cpu.rsplit(' x', 1)[0]} x{w.threads}|{version}"
     return (
-        f"{where_key(device)}|{w.model}|{w.preset}"
+        f"{where}|{w.model}|{w.preset}"
         f"|f{w.filters}|b{w.batch_size}|t{w.threads}"
         f"|{'x'.join(map(str, shapes[0]))}"
         f"|{'compile' if allow_compile else 'eager'}|v{TUNING_VERSION}"
