@@ -32,13 +32,14 @@ compute, memory bandwidth, launch/latency, communication or data. Probes and fit
 measured once per host and cached, so the same question gets the same answer. Intervals
 (90%) are the range of measured/predicted this host's last `predict --validate` runs showed
 for that kind of prediction; on a host with none, the shipped ones, widened by the spread
-across the shipped hosts, and said; a busy source widens them too, with a warning. A target
-the run measured is returned as "measured" with its record's interval. The first predict
-on a host measures it (says what and for how long); later ones read the cache. The shipped
-validation (3 runs of `--validate`, 5 rotated sources each, 144 cases) had a 3.5% median
-error (batch, filters and epochs 2.0-4.0%, threads 8.6%, 2 ranks 11.8%, where this VM's
-own measurements do not repeat) and covered 92% of cases leave-one-source-out; see
-docs/predict.md. CPU -> GPU projections have not been validated on a GPU."""
+across the shipped hosts, and said; a busy source, or ranks measured side by side while
+other processes used the cores, widens them too, with a warning. A target the run measured
+is returned as "measured" with its record's interval. The first predict on a host measures
+it (says what and for how long); later ones read the cache. The shipped validation (3 runs
+of `--validate`, 5 rotated sources each, 144 cases) had a 2.9% median error (batch, filters,
+2 ranks and epochs 1.7-4.8%, threads 10.3%, where a 2-thread step on this VM moves with
+its neighbours) and covered 94% of cases leave-one-source-out; see docs/predict.md.
+CPU -> GPU projections have not been validated on a GPU."""
 
 EPILOG = """\
 examples:
