@@ -114,3 +114,24 @@ def test_run_to_quality_end_to_end_with_a_planted_tuning(tmp_path, monkeypatch):
     assert (done.run_dir / "tables" / "time_to_quality.csv").exists()
     assert (done.run_dir / "fits" / "tuned-seed1" / "mlperf.log").exists()
     assert list(done.table["reached"]) == [2, 2]
+
+
+def test_the_tuning_pass_measures_the_model_that_is_trained(monkeypatch):
+    """Depth, filters, batch and threads of the trained model reach the tuner (not the
+    bench's depth-4 default), and each run builds its model from the same description."""
+    from lungbench.harness import tuning
+    from lungbench.switches import Switches
+
+    seen = []
+
+    def planted(workload, device, options, shapes):
+        seen.append((workload, shapes))
+        return tuning.Tuning("planted", Switches(), "measured", (), "")
+
+    monkeypatch.setattr(tuning, "tune", planted)
+    request = QualityRequest(filters=2, depth=3, batch_size=4, threads=1, preset="dey2018")
+    to_quality.tuned_switches(request, [(1, 5, 50, 50)] * 2)
+    ((workload, shapes),) = seen
+    assert (workload.depth, workload.filters, workload.batch_size, workload.threads) == (3, 2, 4, 1)
+    assert shapes == [(1, 5, 50, 50)] * 2
+    assert to_quality.trained_workload(request).model_kwargs()["depth"] == 3

@@ -147,3 +147,29 @@ def test_the_key_names_the_workloads_threads_not_the_callers():
         keys.add(tuning.cache_key(one, CPU))
     assert len(keys) == 1 and "x1|" in keys.pop()
     assert tuning.cache_key(replace(one, threads=2), CPU) != tuning.cache_key(one, CPU)
+
+
+def test_a_depth_is_tuned_on_its_own_model_and_cached_under_its_own_key(monkeypatch):
+    """bench --to-quality trains depth 3: its choice is measured on that model (the
+    ablation's runners build it) and never taken for the bench's default depth."""
+    built = []
+
+    def planted(config, variants, label="ablation"):
+        built.append(
+            sum(
+                1
+                for m in config.workload.build_model(CPU).modules()
+                if m.__class__.__name__ == "Conv3d"
+            )
+        )
+        return [_record(v.name, 30 if v.name == "eager_fp32" else 40) for v in variants]
+
+    monkeypatch.setattr(tuning, "run_ablation", planted)
+    three = replace(TINY, depth=3)
+    tune(three, CPU)
+    assert built == [2 * 3]  # two paths of three conv levels
+    assert tuning.cache_key(three, CPU) != tuning.cache_key(TINY, CPU)
+    assert "|f2|d3|b2|" in tuning.cache_key(three, CPU)
+    assert "|d" not in tuning.cache_key(TINY, CPU).split("|f2", 1)[1]  # the default: as before
+    with pytest.raises(ValueError, match="takes no depth"):
+        replace(TINY, model="resnet18", depth=3).model_kwargs()

@@ -154,26 +154,33 @@ def paired_speedup(records: Sequence[dict[str, Any]], variant: str) -> str:
     return f"{np.median(ratios):.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f}, {len(ratios)} seeds)"
 
 
-def tuned_switches(
-    request: QualityRequest, shapes: Sequence[Sequence[int]]
-) -> tuple[Switches, dict]:
-    """The tuned default for the workload (lungbench.harness.tuning: measured once, cached per
-    host) and the record fields saying what was chosen. The tuner's workload has no depth:
-    it measures the bench's dualpath3d (depth 4) at these filters and batch, and its choice
-    is applied to the trained model (depth 3 by default)."""
-    from lungbench.harness.tuning import TuningOptions, tune
+def trained_workload(request: QualityRequest):
+    """What every run trains, as a measure.Workload: the one description the tuning pass
+    measures and each run builds its model from."""
     from lungbench.measure.workload import Workload
 
-    workload = Workload(
+    return Workload(
         model=MODEL,
         preset=request.preset,
         filters=request.filters,
         batch_size=request.batch_size,
         device=request.device,
         threads=request.threads,
+        depth=request.depth,
     )
+
+
+def tuned_switches(
+    request: QualityRequest, shapes: Sequence[Sequence[int]]
+) -> tuple[Switches, dict]:
+    """The tuned default for the workload (lungbench.harness.tuning: measured once, cached per
+    host) and the record fields saying what was chosen. The tuning pass measures the model
+    that is trained (its depth, filters, batch and the store's shapes), not the bench's
+    depth-4 default: a switch that wins on one may lose on the other."""
+    from lungbench.harness.tuning import TuningOptions, tune
+
     tuning = tune(
-        workload,
+        trained_workload(request),
         parse_device(request.device),
         TuningOptions(retune=request.retune),
         [tuple(s) for s in shapes],
@@ -210,7 +217,7 @@ def one_run(
 
     train_ds, val_ds = data
     seed_everything(seed)  # the initial weights depend on the seed only
-    model = create_model(MODEL, preset=request.preset, filters=request.filters, depth=request.depth)
+    model = create_model(MODEL, **trained_workload(request).model_kwargs())
     threads = torch.get_num_threads()
     if request.threads:
         torch.set_num_threads(request.threads)

@@ -275,7 +275,8 @@ def _measure(
     )
     w = workload
     log.info(
-        f"tuning {w.model} {w.preset} f{w.filters} b{w.batch_size} on {w.device}: which "
+        f"tuning {w.model} {w.preset} f{w.filters}"
+        f"{'' if w.depth is None else f' depth {w.depth}'} b{w.batch_size} on {w.device}: which "
         "switches are fastest here (once; cached, --retune measures again)"
     )
     with _quiet_ablation():
@@ -386,9 +387,10 @@ def cache_key(
     if device.type == "cpu" and w.threads:  # the threads the pass runs at, not the caller's
         host, cpu, version = where.split("|")
         where = f"{host}|{cpu.rsplit(' x', 1)[0]} x{w.threads}|{version}"
+    depth = "" if w.depth is None else f"|d{w.depth}"  # the model's default: no part
     return (
         f"{where}|{w.model}|{w.preset}"
-        f"|f{w.filters}|b{w.batch_size}|t{w.threads}"
+        f"|f{w.filters}{depth}|b{w.batch_size}|t{w.threads}"
         f"|{'x'.join(map(str, shapes[0]))}"
         f"|{'compile' if allow_compile else 'eager'}|v{TUNING_VERSION}"
     )

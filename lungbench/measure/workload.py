@@ -63,13 +63,23 @@ class Workload:
         help="CPU intra-op threads",
     )
     seed: int = option(0, type=non_negative_int, group=WORKLOAD, help="random seed")
+    # Conv levels per path, for a model whose builder takes `depth` (None: the builder's
+    # default, dualpath3d's 4). No command-line option: set where a recipe trains another
+    # depth than the bench's, so that what is tuned or measured is what is trained
+    # (`bench --to-quality` trains lidc-pretrain's depth-3 quick model).
+    depth: int | None = None
 
     def model_kwargs(self) -> dict[str, Any]:
-        """The options of this workload that its model's builder takes."""
+        """The options of this workload that its model's builder takes (ValueError for a
+        depth given to a model without one)."""
         from lungbench.models import model_builder
 
         accepted = inspect.signature(model_builder(self.model)).parameters
-        options = {"preset": self.preset, "filters": self.filters}
+        options: dict[str, Any] = {"preset": self.preset, "filters": self.filters}
+        if self.depth is not None:
+            if "depth" not in accepted:
+                raise ValueError(f"model {self.model!r} takes no depth (given {self.depth})")
+            options["depth"] = self.depth
         return {k: v for k, v in options.items() if k in accepted}
 
     def input_shapes(self, batch: int | None = None) -> list[tuple[int, ...]]:
