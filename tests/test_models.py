@@ -7,7 +7,7 @@ import torch
 
 from lungbench.core.errors import UsageError
 from lungbench.data.geometry import GEOMETRY_PRESETS, geometry
-from lungbench.models import create_model, example_input_shapes, list_models
+from lungbench.models import create_model, example_input_shapes, input_shapes, list_models
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -64,3 +64,39 @@ def test_paths_are_separate_and_both_used():
 def test_bad_options(bad):
     with pytest.raises(UsageError):
         create_model("dualpath3d", **bad)
+
+
+def _relu_before_pool(model):
+    """The same modules in the thesis's order: ReLU, then MaxPool (ConvPath runs the pool
+    first: the two commute)."""
+    for path in (model.context_path, model.zoom_path):
+        mods = list(path.features)
+        pools = [i for i, m in enumerate(mods) if isinstance(m, torch.nn.MaxPool3d)]
+        for i in pools:
+            mods[i], mods[i + 1] = mods[i + 1], mods[i]
+        path.features = torch.nn.Sequential(*mods)
+    return model
+
+
+@pytest.mark.parametrize("preset", ["default", "dey2018"])
+def test_pooling_before_the_relu_gives_the_same_values_and_gradients(preset):
+    """Max and ReLU commute, so the pooled levels' cheaper order is the same network: the
+    same logits and weight gradients, bit for bit, as ReLU -> MaxPool; and a state dict of
+    one order loads into the other (the modules keep their indices)."""
+    torch.manual_seed(0)
+    new = create_model("dualpath3d", preset=preset, filters=2)
+    old = _relu_before_pool(create_model("dualpath3d", preset=preset, filters=2))
+    old.load_state_dict(new.state_dict())
+    assert [type(m).__name__ for m in new.context_path.features][:4] == [
+        "Conv3d", "BatchNorm3d", "MaxPool3d", "ReLU",
+    ]  # fmt: skip
+    inputs = [torch.randn(s) for s in input_shapes("dualpath3d", 2, preset=preset, filters=2)]
+    grads = []
+    for model in (new, old):
+        model.train().zero_grad()
+        torch.manual_seed(1)  # the head's dropout: the same mask for both
+        out = model(*[x.clone() for x in inputs])
+        out.square().sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1], strict=True))

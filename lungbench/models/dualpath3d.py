@@ -28,7 +28,13 @@ def _pool_kernel(size: Sequence[int]) -> tuple[int, ...]:
 
 class ConvPath(nn.Module):
     """`depth` levels of Conv3d(3) -> BatchNorm -> ReLU -> MaxPool, width doubling per level,
-    then global average pooling: (B, in_channels, *grid) -> (B, filters * 2**(depth-1))."""
+    then global average pooling: (B, in_channels, *grid) -> (B, filters * 2**(depth-1)).
+
+    A pooled level runs MaxPool before the ReLU: max and ReLU commute exactly (ReLU keeps
+    the order of positive values and zeroes the rest), values and gradients included, and
+    the ReLU then touches an eighth of the elements (ReLU forward + backward took 1.0 ms of
+    the 17-20 ms default step on the dev box). The modules keep their indices (conv, BN,
+    then pool and ReLU swapped), so checkpoints of either order load."""
 
     def __init__(self, in_channels: int, filters: int, depth: int, grid: Sequence[int]) -> None:
         super().__init__()
@@ -39,12 +45,12 @@ class ConvPath(nn.Module):
             layers += [
                 nn.Conv3d(channels, width, kernel_size=3, padding=1, bias=False),
                 nn.BatchNorm3d(width),
-                nn.ReLU(inplace=True),
             ]
             if level < depth - 1:
                 kernel = _pool_kernel(size)
                 layers.append(nn.MaxPool3d(kernel))
                 size = [s // k for s, k in zip(size, kernel, strict=True)]
+            layers.append(nn.ReLU(inplace=True))
             channels = width
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool3d(1)
