@@ -578,7 +578,9 @@ def plant_machine(monkeypatch, busy: list[bool]) -> None:
     verdicts = iter(busy)
 
     def stop(self):
-        return {"busy": (b := next(verdicts)), "busy_reason": "planted load" if b else None}
+        b = next(verdicts)
+        self.result = {"busy": b, "busy_reason": "planted load" if b else None}
+        return self.result  # as the real stop: returned and kept (read as watch.result)
 
     monkeypatch.setattr(ContentionWatch, "stop", stop)
 
@@ -1104,6 +1106,7 @@ def test_a_probe_off_the_run_is_taken_again_once_and_said(tmp_path, monkeypatch)
 
     monkeypatch.setattr(forecast, "probe_operators", probe)
     monkeypatch.setattr(forecast, "cpu_here", lambda *args, **kwargs: "this cpu")
+    plant_machine(monkeypatch, busy=[False] * 10)  # quiet, whatever the host's load
     w, switches = Workload(preset="dey2018", filters=2, batch_size=2, threads=1), Switches()
     source = forecast.source_here("run", w, switches, 0.020)
     assert len(probes) == 2  # probed, then again: its 40 ms step is 100% off the run's 20
