@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch import nn
 
 from lungbench.cli import main
 from lungbench.core.cache import VERSION, cache_dir, write_cache
@@ -155,13 +156,8 @@ def test_a_depth_is_tuned_on_its_own_model_and_cached_under_its_own_key(monkeypa
     built = []
 
     def planted(config, variants, label="ablation"):
-        built.append(
-            sum(
-                1
-                for m in config.workload.build_model(CPU).modules()
-                if m.__class__.__name__ == "Conv3d"
-            )
-        )
+        convs = [m for m in config.workload.build_model(CPU).modules() if isinstance(m, nn.Conv3d)]
+        built.append(len(convs))
         return [_record(v.name, 30 if v.name == "eager_fp32" else 40) for v in variants]
 
     monkeypatch.setattr(tuning, "run_ablation", planted)
