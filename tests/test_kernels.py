@@ -1,6 +1,6 @@
-"""Convolution calls made again alone (lungbench.predict.kernels): their signatures
-round-trip to tensors of the recorded shapes, and the ratio of two calls is measured, cached
-and refused where a call cannot be made."""
+"""Convolution, pooling and BatchNorm calls made again alone (lungbench.predict.kernels):
+their signatures round-trip to tensors of the recorded shapes, and the ratio of two calls is
+measured, cached and refused where a call cannot be made."""
 
 from __future__ import annotations
 
@@ -32,9 +32,28 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / kernels.CACHE_FILE
 
 
-def test_only_convolutions_keep_a_signature():
+def pool_norm_calls(batch: int = 2, channels: int = 4, side: int = 8):
+    """The aten calls of one BatchNorm3d + MaxPool3d step, as the recorder keeps them."""
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.BatchNorm3d(channels), torch.nn.MaxPool3d(2))
+    x = torch.randn(batch, channels, side, side, side, requires_grad=True)
+    with operator_counter(record=True) as ops:
+        layers(x).relu().sum().backward()
+    return ops.calls
+
+
+def test_convolutions_pooling_and_batchnorm_keep_a_signature_and_nothing_else():
     calls = conv_calls(2, 4)
     assert set(calls) == {"aten.convolution", "aten.convolution_backward"}
+    signed = {c.name for c in pool_norm_calls() if c.signature}
+    unsigned = {c.name for c in pool_norm_calls() if not c.signature}
+    assert signed == {
+        "aten.native_batch_norm",
+        "aten.native_batch_norm_backward",
+        "aten.max_pool3d_with_indices",
+        "aten.max_pool3d_with_indices_backward",
+    }
+    assert "aten.relu" in unsigned and "aten.threshold_backward" in unsigned
     forward = json.loads(calls["aten.convolution"].signature)
     assert forward[0] == ["tensor", [2, 4, 8, 8, 8], "float32", False]
     assert forward[1] == ["tensor", [8, 4, 3, 3, 3], "float32", False]
@@ -50,6 +69,26 @@ def test_signatures_decode_to_tensors_of_their_shapes_and_layouts():
     assert weight.shape == (8, 4, 3, 3, 3)
     backward = call_runner(calls["aten.convolution_backward"], torch.device("cpu"))
     backward()  # the backward runs alone with its recorded output mask
+
+
+def test_pooling_and_batchnorm_calls_are_made_again_alone_as_recorded():
+    for call in pool_norm_calls():
+        if call.signature:
+            call_runner(call, torch.device("cpu"))()  # runs with its recorded arguments
+
+
+def test_a_max_pool_backward_alone_scatters_through_indices_its_forward_could_make():
+    backward = next(
+        c for c in pool_norm_calls() if c.name == "aten.max_pool3d_with_indices_backward"
+    )
+    args = [decode(a, torch.device("cpu")) for a in json.loads(backward.signature)]
+    indices = kernels.pooled_indices(args)
+    grad_output, x = args[0], args[1]
+    assert indices.shape == grad_output.shape and indices.dtype == torch.int64
+    # each index points at the largest element of its own 2x2x2 window of x
+    pooled = torch.nn.functional.max_pool3d(x, 2)
+    flat = x.flatten(2).gather(2, indices.flatten(2))
+    assert torch.equal(flat.view_as(pooled), pooled)
 
 
 def test_ratio_of_a_call_to_itself_is_one_without_timing(cache, monkeypatch):

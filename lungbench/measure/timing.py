@@ -263,8 +263,8 @@ class OpCall:
     """One aten operator call of a step: FLOPs (torch's flop registry: matmul and
     convolution, 2 per multiply-add), bytes its tensors take and return, the dtype its
     math ran in, the step phase it ran in, its measured seconds (0 when not timed) and, for
-    a convolution, its `signature`: its arguments as JSON, tensors as shape, dtype and
-    layout, so that the same call can be made again alone (lungbench.predict.
+    a call of SIGNED_OPERATORS, its `signature`: its arguments as JSON, tensors as shape,
+    dtype and layout, so that the same call can be made again alone (lungbench.predict.
     kernels); "" for other operators."""
 
     name: str
@@ -287,9 +287,20 @@ def _math_dtype(tensors: Sequence[object]) -> str:
     return "fp32"
 
 
-# Operators whose calls keep their signature: the convolutions, whose speed per FLOP moves
-# with their shapes in ways no bound says (lungbench.predict.kernels).
-SIGNED_OPERATORS = ("aten.convolution", "aten.convolution_backward")
+# Operators whose calls keep their signature, so that lungbench.predict.kernels can make
+# them again alone: the convolutions, whose speed per FLOP moves with their shapes in ways
+# no bound says; and the pooling and BatchNorm calls, which run far below their memory bound
+# (the Zen 3 dev VM, f8 b2: a BatchNorm at 1/17 of its copy bandwidth) and so scale with
+# threads like compute, not like the copy bandwidth their bound reads (1 -> 2 threads: 0.57-
+# 0.70 of the time measured in the step, 0.88-0.93 by the bound).
+SIGNED_OPERATORS = (
+    "aten.convolution",
+    "aten.convolution_backward",
+    "aten.max_pool3d_with_indices",
+    "aten.max_pool3d_with_indices_backward",
+    "aten.native_batch_norm",
+    "aten.native_batch_norm_backward",
+)
 
 
 def call_signature(args: Sequence[object]) -> str:

@@ -444,7 +444,7 @@ def _call_entry(call: Any) -> bool:
 register_schema(PROBE_CACHE, _probe_entry)
 # bump when probe_operators measures something else (6: conv signatures; 7: the overhead
 # outside the calls paired within each round)
-PROBE_VERSION = 7
+PROBE_VERSION = 8
 
 
 def _probe_key(workload: Workload, switches: Switches) -> str:

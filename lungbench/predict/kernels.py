@@ -1,4 +1,5 @@
-"""Layer 8 (predict): convolution calls timed alone, the source's against the target's.
+"""Layer 8 (predict): convolution, pooling and BatchNorm calls timed alone, the source's
+against the target's.
 
 A convolution's time per FLOP moves with its channels, batch and threads in ways no bound
 says. The dev box, one thread, a 3D convolution from c to 2c channels (forward and both
@@ -8,6 +9,12 @@ low. So where the target runs on this machine, the model does not scale a convol
 by its bounds: it makes the source's call and the target's call again, alone, alternated
 (a shared machine drifts), and scales the call's in-step time by the median ratio. Habitat
 (Yu et al., USENIX ATC 2021) likewise measures the kernels it cannot scale.
+
+The pooling and BatchNorm calls are made alone for another reason: they run far below their
+memory bound, so their time does not follow the copy bandwidth their bound reads when the
+threads change (the Zen 3 dev VM, f8 b2, 1 -> 2 threads: the step's max-pools took 0.57 of
+their time, its BatchNorms 0.70, where the bandwidth curve said 0.88-0.93; every 1 -> 2
+thread prediction of model 5 was 17-39% high there).
 
     ratios = KernelRatios()
     ratios.ratio(source_call, 1, target_call, 2)   # target's seconds / source's, alone
@@ -42,6 +49,12 @@ ROUNDS = 5  # alternated source/target pairs; the ratio is their median
 OPERATORS = {
     "aten.convolution": torch.ops.aten.convolution.default,
     "aten.convolution_backward": torch.ops.aten.convolution_backward.default,
+    "aten.max_pool3d_with_indices": torch.ops.aten.max_pool3d_with_indices.default,
+    "aten.max_pool3d_with_indices_backward": (
+        torch.ops.aten.max_pool3d_with_indices_backward.default
+    ),
+    "aten.native_batch_norm": torch.ops.aten.native_batch_norm.default,
+    "aten.native_batch_norm_backward": torch.ops.aten.native_batch_norm_backward.default,
 }
 
 
@@ -64,11 +77,24 @@ def call_runner(call: OpCall, device: torch.device) -> Callable[[], None]:
     """A function that makes `call` again with fresh tensors of its shapes."""
     operator = OPERATORS[call.name]
     args = [decode(a, device) for a in json.loads(call.signature)]
+    if call.name == "aten.max_pool3d_with_indices_backward":
+        args[-1] = pooled_indices(args)
 
     def run() -> None:
         operator(*args)
 
     return run
+
+
+def pooled_indices(args: list) -> torch.Tensor:
+    """A max-pool backward's indices, made by the forward pooling of its input (random
+    indices could point outside each window, or all at one element, which scatters at
+    another speed)."""
+    _, x, kernel, stride, padding, dilation, ceil_mode, _ = args
+    _, indices = torch.ops.aten.max_pool3d_with_indices(
+        x, kernel, stride, padding, dilation, ceil_mode
+    )
+    return indices
 
 
 def timed(run: Callable[[], None], threads: int) -> float:

@@ -13,8 +13,10 @@ GPU -> GPU) each call keeps its measured efficiency (Habitat's idea, Yu et al., 
 2021): its measured time less a fixed per-call latency is scaled by roof' / roof, the ratio
 of the bounds that limit it on target and source. What the step spends outside the calls
 (Python, autograd, the dispatcher) does not depend on shapes and is kept. A call whose
-ratio was measured (`kernel_ratio`: the convolutions, made alone on this machine by
-lungbench.predict.kernels) is scaled by that ratio instead.
+ratio was measured (`kernel_ratio`: the convolutions, poolings and BatchNorms, made alone on
+this machine by lungbench.predict.kernels) is scaled by that ratio instead: a convolution's
+rate moves with its shapes, and a pooling or BatchNorm runs so far below its memory bound
+that its time does not follow the copy bandwidth when the threads change.
 
 Across kinds (a CPU run -> a GPU profile) a CPU's efficiency says nothing about a GPU's:
 each kernel takes launch + roof' / efficiency (the profile's fraction of peak), and the host
