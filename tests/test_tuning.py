@@ -37,6 +37,49 @@ def test_pick_takes_the_fastest_accurate_candidate():
     assert pick([eager, fast_wrong])["variant"] == "eager_fp32"  # never a failed check
 
 
+def _rounds(name, ms_per_round, **switches):
+    """A record with its per-round step times (ms), as the ablation keeps them."""
+    record = _record(name, sorted(ms_per_round)[len(ms_per_round) // 2], **switches)
+    record["samples_s"] = {"step": [ms / 1e3 for ms in ms_per_round]}
+    return record
+
+
+def test_a_gain_within_the_noise_or_in_too_few_rounds_keeps_eager():
+    eager = _rounds("eager_fp32", [30, 31, 29, 30, 32])
+    slight = _rounds("+foreach", [29.5, 30.5, 28.6, 29.5, 31.5], optimizer="foreach")  # 1-2%
+    lucky = _rounds("+fused", [25, 25, 31, 31, 25], optimizer="fused")  # 3 of 5 rounds
+    clear = _rounds("+channels_last_3d", [27, 28, 28, 27, 29], memory_format="channels_last")
+    assert pick([eager, slight])["variant"] == "eager_fp32"
+    assert pick([eager, lucky])["variant"] == "eager_fp32"
+    assert pick([eager, slight, lucky, clear])["variant"] == "+channels_last_3d"
+    # the margin is what the rule says: just under it fails, at it passes
+    at = _rounds("+at", [30 / (1 + tuning.MIN_GAIN)] * 5)
+    under = _rounds("+under", [30 / (1 + 0.9 * tuning.MIN_GAIN)] * 5)
+    flat = _rounds("eager_fp32", [30] * 5)
+    assert tuning.clear_gain(at, flat) and not tuning.clear_gain(under, flat)
+
+
+def test_a_single_winner_must_win_again_in_a_second_pass(monkeypatch):
+    passes = []
+
+    def planted(config, variants, label="ablation"):
+        passes.append([v.name for v in variants])
+        second = len(passes) == 2  # foreach's first-pass gain does not show again
+        times = {"eager_fp32": 30, "+foreach": 30.2 if second else 27}
+        return [
+            _rounds(v.name, [times.get(v.name, 40)] * 5, optimizer=v.switches.optimizer)
+            for v in variants
+        ]
+
+    monkeypatch.setattr(tuning, "run_ablation", planted)
+    monkeypatch.setattr(tuning, "bf16_supported", lambda device: False)
+    monkeypatch.setattr(tuning, "adam_implementations", lambda device: ("foreach",))
+    chosen = tune(replace(TINY, filters=5), CPU)
+    assert passes[1] == ["eager_fp32", "+foreach"]  # eager and the one winner, again
+    assert chosen.choice == "eager_fp32" and chosen.switches == eager_fp32()
+    assert [r["pass"] for r in chosen.alternatives].count(2) == 2
+
+
 def test_tune_chooses_by_measurement_combines_winners_and_caches(monkeypatch):
     passes = []
 
