@@ -35,12 +35,12 @@ for that kind of prediction; on a host with none, the shipped ones, widened by t
 across the shipped hosts, and said; a busy source, or ranks measured side by side while
 other processes used the cores, widens them too, with a warning. A target the run measured
 is returned as "measured" with its record's interval. The first predict on a host measures
-it (says what and for how long); later ones read the cache. The shipped validation (3 runs
-of `--validate`, 5 rotated sources each, 144 cases, a Zen 4) had a 2.9% median error (batch,
-filters, 2 ranks and epochs 1.7-4.8%, threads 10.3%) and covered 94% of cases
-leave-one-source-out; on an unseen Zen 3 host, 4.6% (threads 31%: a 1 -> 2 thread
-prediction runs high on both hosts, not fixed yet); see docs/predict.md. CPU -> GPU
-projections have not been validated on a GPU."""
+it (says what and for how long); later ones read the cache. The shipped validation (model 6:
+2 runs of `--validate` on a 2-core Zen 3, 5 rotated sources each, 96 cases) had a 5.6% median
+error (batch 5.0%, filters 3.1%, threads 8.0%, epochs 4.7%; 2 ranks 11.8%, predicted low
+there: torchrun's ranks ran slower than the side-by-side measurement says, not fixed yet) and
+covered 90% of cases leave-one-source-out; see docs/predict.md. CPU -> GPU projections have
+not been validated on a GPU."""
 
 EPILOG = """\
 examples:
