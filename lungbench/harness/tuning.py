@@ -14,8 +14,8 @@ after a few steps against eager FP32, and picks the fastest that passes:
      beat eager clearly again there, or eager FP32 stays.
 
 Eager FP32 is always a candidate and a switch must beat it clearly twice, so the choice is
-never slower than it beyond the noise of the pass. The choice is cached per host, device, torch version and workload in
-`$LUNGBENCH_CACHE_DIR/tuning.json` (default ~/.cache/lungbench) and reused; `lungbench bench
+never slower than it beyond the noise of the passes. The choice is cached per host, device,
+torch version and workload in `$LUNGBENCH_CACHE_DIR/tuning.json` (default ~/.cache/lungbench) and reused; `lungbench bench
 --retune` measures again. Every record carries the choice and the measured alternatives.
 """
 
@@ -58,8 +58,9 @@ CACHE_FILE = "tuning.json"
 # Bump when a candidate's switches run differently, so choices made before are measured
 # again (2: channels-last keeps a one-channel convolution's output channels-last; 3: fused
 # Adam a CPU candidate, max-pools in bf16 under bf16 autocast; the key names the workload's
-# threads, so a launcher's rank finds the choice one process made).
-TUNING_VERSION = 3
+# threads, so a launcher's rank finds the choice one process made; 4: a switch must beat eager
+# clearly, twice, see MIN_GAIN).
+TUNING_VERSION = 4
 
 
 def _tuning_entry(entry: Any) -> bool:
