@@ -15,8 +15,8 @@ after a few steps against eager FP32, and picks the fastest that passes:
 
 Eager FP32 is always a candidate and a switch must beat it clearly twice, so the choice is
 never slower than it beyond the noise of the passes. The choice is cached per host, device,
-torch version and workload in `$LUNGBENCH_CACHE_DIR/tuning.json` (default ~/.cache/lungbench) and reused; `lungbench bench
---retune` measures again. Every record carries the choice and the measured alternatives.
+torch version and workload in `$LUNGBENCH_CACHE_DIR/tuning.json` (default
+~/.cache/lungbench) and reused; `lungbench bench --retune` measures again. Every record carries the choice and the measured alternatives.
 """
 
 from __future__ import annotations
@@ -200,11 +200,8 @@ MIN_ROUNDS_WON = 0.8
 
 def clear_gain(record: dict[str, Any], eager: dict[str, Any]) -> bool:
     """True when `record` beat `eager` (the same pass's eager FP32) clearly (MIN_GAIN,
-    MIN_ROUNDS_WON); from the two medians alone where a record has no per-round samples."""
-    mine = (record.get("samples_s") or {}).get(STEP)
-    base = (eager.get("samples_s") or {}).get(STEP)
-    if not mine or not base or len(mine) != len(base):
-        return eager["step_s_median"] / record["step_s_median"] >= 1 + MIN_GAIN
+    MIN_ROUNDS_WON), round by round over their step samples."""
+    base, mine = eager["samples_s"][STEP], record["samples_s"][STEP]
     ratios = [b / m for b, m in zip(base, mine, strict=True)]
     won = sum(r > 1 for r in ratios) / len(ratios)
     return statistics.median(ratios) >= 1 + MIN_GAIN and won >= MIN_ROUNDS_WON

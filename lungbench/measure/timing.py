@@ -289,10 +289,8 @@ def _math_dtype(tensors: Sequence[object]) -> str:
 
 # Operators whose calls keep their signature, so that lungbench.predict.kernels can make
 # them again alone: the convolutions, whose speed per FLOP moves with their shapes in ways
-# no bound says; and the pooling and BatchNorm calls, which run far below their memory bound
-# (the Zen 3 dev VM, f8 b2: a BatchNorm at 1/17 of its copy bandwidth) and so scale with
-# threads like compute, not like the copy bandwidth their bound reads (1 -> 2 threads: 0.57-
-# 0.70 of the time measured in the step, 0.88-0.93 by the bound).
+# no bound says, and the poolings and BatchNorms, whose thread scaling their memory bound
+# does not say (why: that module's doc).
 SIGNED_OPERATORS = (
     "aten.convolution",
     "aten.convolution_backward",

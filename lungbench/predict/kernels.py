@@ -12,9 +12,9 @@ by its bounds: it makes the source's call and the target's call again, alone, al
 
 The pooling and BatchNorm calls are made alone for another reason: they run far below their
 memory bound, so their time does not follow the copy bandwidth their bound reads when the
-threads change (the Zen 3 dev VM, f8 b2, 1 -> 2 threads: the step's max-pools took 0.57 of
-their time, its BatchNorms 0.70, where the bandwidth curve said 0.88-0.93; every 1 -> 2
-thread prediction of model 5 was 17-39% high there).
+threads change (the Zen 3 dev VM, f8 b2, 1 -> 2 threads: the step's max-pools took 0.54-0.61
+of their time and its BatchNorms 0.67-0.70, where the bandwidth curve said 0.88-0.93, and
+made alone 0.53 and 0.69; every 1 -> 2 thread prediction of model 5 was 17-39% high there).
 
     ratios = KernelRatios()
     ratios.ratio(source_call, 1, target_call, 2)   # target's seconds / source's, alone
@@ -39,22 +39,16 @@ from lungbench.core.cache import (
     where_key,
     write_cache,
 )
-from lungbench.measure.timing import OpCall, set_threads
+from lungbench.measure.timing import SIGNED_OPERATORS, OpCall, set_threads
 
 CACHE_FILE = "kernel_ratios.json"
 # a ratio, or None: the call cannot be made alone (its bounds scale it)
 register_schema(CACHE_FILE, lambda ratio: ratio is None or measured_number(ratio))
 
 ROUNDS = 5  # alternated source/target pairs; the ratio is their median
+# The calls that keep a signature, by name: each is made again through its aten overload.
 OPERATORS = {
-    "aten.convolution": torch.ops.aten.convolution.default,
-    "aten.convolution_backward": torch.ops.aten.convolution_backward.default,
-    "aten.max_pool3d_with_indices": torch.ops.aten.max_pool3d_with_indices.default,
-    "aten.max_pool3d_with_indices_backward": (
-        torch.ops.aten.max_pool3d_with_indices_backward.default
-    ),
-    "aten.native_batch_norm": torch.ops.aten.native_batch_norm.default,
-    "aten.native_batch_norm_backward": torch.ops.aten.native_batch_norm_backward.default,
+    name: getattr(torch.ops.aten, name.removeprefix("aten.")).default for name in SIGNED_OPERATORS
 }
 
 
