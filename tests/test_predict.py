@@ -1186,3 +1186,37 @@ def test_ranks_measured_while_busy_are_measured_again_and_said(tmp_path, monkeyp
     assert quiet["busy"] is None and quiet["step_s"] == pytest.approx(busy["step_s"])
     width = {p["busy"]: p["interval"][1] / p["interval"][0] for p in (busy, quiet)}
     assert width[busy["busy"]] > width[None]
+
+
+def test_a_side_by_side_process_that_ends_without_answering_is_said_at_once():
+    """A worker that could not start (a `python -` caller: spawn cannot re-import its main
+    module) or was killed: the measurement fails with its exit code, not after waiting out
+    the 600 s timeout at the others' barrier. The deadline here is an hour away, so only
+    the dead-worker path can end the wait."""
+    import multiprocessing as mp
+    import time
+
+    from lungbench.predict import rank_share
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    worker = context.Process(target=sys.exit, args=(3,))
+    worker.start()
+    with pytest.raises(RuntimeError, match=r"process 1 of 1 ended \(exit code 3\)"):
+        rank_share._answers([worker], results, time.monotonic() + 3600)
+
+
+def test_an_answer_sent_before_its_process_ended_is_kept():
+    """The worker put its times and exited: its answer counts, the exit is no failure."""
+    import multiprocessing as mp
+    import time
+
+    from lungbench.predict import rank_share
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    worker = context.Process(target=sys.exit, args=(0,))
+    worker.start()
+    worker.join()
+    results.put((0, {"alone": []}))
+    assert rank_share._answers([worker], results, time.monotonic() + 3600) == {0: {"alone": []}}

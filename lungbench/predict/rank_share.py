@@ -82,6 +82,7 @@ WARM_STEPS = 2  # untimed: the optimizer state is built, the caches fill
 # (2: the workers keep freed memory as lungbench processes do, 12 rounds).
 MEASURE_VERSION = 2
 TIMEOUT_S = 600.0  # the whole measurement; a lost worker breaks the others' barrier
+POLL_S = 1.0  # how often the parent looks for a worker that ended without answering
 
 
 @dataclass(frozen=True)
@@ -244,9 +245,7 @@ def side_by_side(
     for w in workers:
         w.start()
     try:
-        done = dict(results.get(timeout=TIMEOUT_S) for _ in workers)
-    except queue.Empty:
-        raise RuntimeError(f"no answer from the {ranks} processes in {TIMEOUT_S:.0f} s") from None
+        done = _answers(workers, results, time.monotonic() + TIMEOUT_S)
     finally:
         _stop(workers)
     failed = [why for why in done.values() if isinstance(why, str)]
@@ -258,6 +257,46 @@ def side_by_side(
         [done[i]["ddp"] for i in range(ranks)],
     )
     return replace(times, allocator=done[0]["allocator"])
+
+
+def _answers(workers: list, results, deadline: float) -> dict[int, Any]:
+    """{worker index: its times or why it failed}, waiting until `deadline` (monotonic).
+    A worker that ended without answering (it could not start: a spawned process re-imports
+    the caller's __main__, which a `python -` script does not have; or it was killed) is
+    said at once, not waited out: the others would wait at their barrier until the timeout."""
+    done: dict[int, Any] = {}
+    while len(done) < len(workers):
+        try:
+            index, answer = results.get(timeout=POLL_S)
+            done[index] = answer
+            continue
+        except queue.Empty:
+            pass
+        ended = [i for i, w in enumerate(workers) if i not in done and w.exitcode is not None]
+        if ended:
+            done.update(_drained(results))  # an answer sent just before its worker ended
+            lost = [i for i in ended if i not in done]
+            if lost:
+                code = workers[lost[0]].exitcode
+                raise RuntimeError(
+                    f"process {lost[0] + 1} of {len(workers)} ended (exit code {code}) "
+                    "without an answer (if it could not start: a spawned process imports "
+                    "its caller's main module, so call this from a file, not from stdin)"
+                )
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no answer from the {len(workers)} processes in {TIMEOUT_S:.0f} s")
+    return done
+
+
+def _drained(results) -> dict[int, Any]:
+    """The answers already in the queue."""
+    answers = {}
+    while True:
+        try:
+            index, answer = results.get(timeout=0.5)
+        except queue.Empty:
+            return answers
+        answers[index] = answer
 
 
 def _stop(workers: list) -> None:
