@@ -31,6 +31,9 @@ if [[ $MODE == --dry-run ]]; then
     EPOCH=(--epoch-samples 8)
     ABLATE=(--ablation --preset dey2018 --filters 2 --batch 2 --repeats 2 --compile off)
     PROFILE=(--preset dey2018 --filters 2 --batch 2 --wait 0 --warmup 1 --active 1)
+    # one module's CUDA-marked tests (all skipped on CPU): the step runs, without the
+    # whole suite's collection (18 s)
+    GPU_TESTS=(tests/test_switches.py)
 else
     DEV=cuda
     DEVICES=(cpu cuda)
@@ -39,6 +42,7 @@ else
     EPOCH=(--epoch-samples 64)
     ABLATE=(--ablation --filters 16 --batch 2 --repeats 10 --compile off)
     PROFILE=(--filters 16 --batch 2)
+    GPU_TESTS=(tests)
 fi
 
 step() {  # step NAME COMMAND...: run it with a time limit, log ok / FAILED and the seconds
@@ -68,7 +72,7 @@ step ddp "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m lungb
     --device "$DEV" "${SIZE[@]}" "${EPOCH[@]}" --out "$RESULTS" --run-id ddp-1gpu
 step profile "$PY" -m lungbench profile --device "$DEV" --activities "$ACTIVITIES" \
     "${PROFILE[@]}" --out "$RESULTS" --run-id profile
-step gpu-tests "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+step gpu-tests "$PY" -m pytest -q -m gpu -p no:cacheprovider "${GPU_TESTS[@]}"
 # The prediction model's error on this GPU (GPU -> GPU and CPU -> GPU), its table written
 # beside the bench's: results/predict-validate-gpu.md. Needs CUDA: not in --dry-run.
 if [[ $MODE != --dry-run ]]; then

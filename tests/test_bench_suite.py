@@ -18,7 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(420)  # above its own subprocess limits, which say what hung
 def test_bench_suite_quick_mode(tmp_path):
     report = tmp_path / "bench.json"
-    env = {**os.environ, "LUNGBENCH_BENCH_QUICK": "1", "LUNGBENCH_BENCH_THREADS": "2"}
+    # Not an xdist worker's variables: the inner pytest would take itself for one, and
+    # pytest-benchmark turns itself off under xdist.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env |= {"LUNGBENCH_BENCH_QUICK": "1", "LUNGBENCH_BENCH_THREADS": "2"}
     result = subprocess.run(
         [
             sys.executable,
