@@ -241,16 +241,32 @@ def test_tensorboard_plugin_lists_the_run(profile_run):
 @pytest.mark.distributed
 def test_profile_under_torchrun_profiles_the_ddp_step(tmp_path):
     """2 Gloo ranks: one run folder (rank 0's), a trace per rank, and a summary with the
-    gradient all-reduce in it (the overlap share is DDP's, not a hand-made trace's)."""
+    gradient all-reduce in it (the overlap share is DDP's, not a hand-made trace's). Its
+    switches are the choice a 1-process tuning pass cached for one rank's workload, as
+    `lungbench bench` under a launcher takes it (planted: channels-last, which the device's
+    table never picks on a CPU), so the step profiled is the step timed."""
+    from dataclasses import replace
+
     from launchenv import clean_env
 
+    from lungbench.core.cache import write_cache
+    from lungbench.harness import tuning
+    from lungbench.switches import eager_fp32
+
+    cache = tmp_path / "cache"
+    rank = Workload(preset="dey2018", filters=4, batch_size=2, threads=1)
+    chosen = replace(eager_fp32(), memory_format="channels_last_3d")
+    entry = {"choice": "+channels_last_3d", "switches": vars(chosen), "alternatives": []}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LUNGBENCH_CACHE_DIR", str(cache))
+        write_cache(tuning.CACHE_FILE, {tuning.cache_key(rank, torch.device("cpu")): entry})
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         + ["-m", "lungbench", "profile", "--threads", "1", "--preset", "dey2018"]
         + ["--filters", "4", "--wait", "0", "--warmup", "1", "--active", "2"]
         + ["--out", str(out), "--run-id", "ddp", "--dist-timeout", "120"],
-        env=clean_env(),
+        env=clean_env(LUNGBENCH_CACHE_DIR=str(cache)),
         capture_output=True,
         text=True,
         timeout=240,
@@ -264,5 +280,10 @@ def test_profile_under_torchrun_profiles_the_ddp_step(tmp_path):
     summary = read_json(run / "profile.json")
     assert summary["world_size"] == 2 and summary["profiled_steps"] == 4  # 2 per rank
     assert summary["communication_ms"] > 0 and 0 <= summary["communication_overlap_fraction"] <= 1
+    assert summary["memory_format_used"] == "channels_last_3d"
+    assert (summary["tuning_choice"], summary["tuning_source"]) == (
+        "+channels_last_3d",
+        "cache, rank 0",
+    )
     assert read_json(run / "config.json")["distributed"]["world_size"] == 2
     assert read_json(run / "run.json")["status"] == "complete"

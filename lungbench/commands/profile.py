@@ -30,7 +30,9 @@ TensorBoard's torch-tb-profiler plugin, https://ui.perfetto.dev and chrome://tra
 tables/operators.csv (top operators by self CPU, or CUDA, time), tables/phases.csv
 (data / compute / communication per step) and profile.json (shares, communication overlap).
 Under torchrun / srun / mpiexec every rank profiles its DDP step (traces/rank<R>.*), and the
-summary gives the share of the gradient all-reduce that overlapped with compute."""
+summary gives the share of the gradient all-reduce that overlapped with compute. Its switches
+are those `lungbench bench` takes there: the choice a 1-process tuning pass cached on rank
+0's host for one rank's workload, else the device's table (profile.json: tuning_source)."""
 
 EPILOG = """\
 examples:

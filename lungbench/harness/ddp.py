@@ -79,6 +79,7 @@ from lungbench.measure.timing import (
     set_threads,
     training_step_flops,
 )
+from lungbench.measure.workload import Workload
 from lungbench.step import TrainStep, bce_loss
 from lungbench.switches import (
     Switches,
@@ -553,19 +554,34 @@ def agreed_tuning(
         return cfg, untuned("--no-tune: the device's table (lungbench.step)")
     if not has_auto(cfg.switches):
         return cfg, {}
+    fast, fields = agreed_choice(cfg.workload, per_rank, dist, list(info.inputs.values()))
+    return (cfg if fast is None else replace(cfg, fast=fast)), fields
+
+
+def agreed_choice(
+    workload: Workload,
+    per_rank: int,
+    dist: DistContext,
+    shapes: Sequence[tuple[int, ...]] | None = None,
+) -> tuple[Switches | None, dict[str, Any]]:
+    """The switches a 1-process tuning pass cached on rank 0's host for one rank's workload
+    (`per_rank` samples, its threads per rank), the same on every rank (rank 0 reads, all
+    take its answer), and the record fields saying so; (None, fields saying why) without
+    such a choice: the device's table. `lungbench bench` and `lungbench profile` under a
+    launcher both take it, so they run the step one process measured fastest."""
     found = None
     if dist.is_main:
-        threads = cfg.workload.threads
+        threads = workload.threads
         if dist.device.type == "cpu" and threads is None:
             threads = threads_per_rank(dist)
-        rank_workload = replace(cfg.workload, batch_size=per_rank, threads=threads)
-        tuning = cached_tuning(rank_workload, dist.device, list(info.inputs.values()))
+        rank_workload = replace(workload, batch_size=per_rank, threads=threads)
+        tuning = cached_tuning(rank_workload, dist.device, shapes)
         found = tuning and (asdict(tuning.switches), tuning.record())
     chosen = all_gather(dist, found, "agreeing on the tuned switches")[0]
     if chosen is None:
-        return cfg, untuned(NO_CACHED_CHOICE)
+        return None, untuned(NO_CACHED_CHOICE)
     switches, fields = chosen
-    return replace(cfg, fast=Switches(**switches)), {**fields, "tuning_source": "cache, rank 0"}
+    return Switches(**switches), {**fields, "tuning_source": "cache, rank 0"}
 
 
 def alone_tuning(

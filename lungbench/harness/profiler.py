@@ -38,13 +38,19 @@ from torch.profiler import ProfilerActivity, record_function
 from lungbench.core.errors import DataError, UsageError, look_up_option, message_of
 from lungbench.core.options import non_negative_int, option, positive_int
 from lungbench.distributed.group import DistContext
-from lungbench.harness.ddp import ddp_train_step
+from lungbench.harness.ddp import agreed_choice, ddp_train_step
 from lungbench.harness.tuning import Tuner, TuningOptions, fast_choice
 from lungbench.measure.timing import training_step_flops
 from lungbench.measure.trace import load_trace, phase_summary, trace_files
 from lungbench.measure.workload import Workload
 from lungbench.step import TrainStep, bce_loss
-from lungbench.switches import Switches, auto_switches, backend_flags, resolve_switches
+from lungbench.switches import (
+    Switches,
+    auto_switches,
+    backend_flags,
+    has_auto,
+    resolve_switches,
+)
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
 
@@ -189,12 +195,21 @@ def _tuned(
     cfg: ProfileConfig, device: torch.device, dist: DistContext
 ) -> tuple[ProfileConfig, dict[str, Any]]:
     """`cfg` with the tuned choice for its "auto" switches (the one `lungbench bench` uses,
-    from the same cache) and the record fields saying so."""
+    from the same cache) and the record fields saying so. Under a launcher no rank stops to
+    tune (every rank must run the same switches): rank 0's cached choice for one rank's
+    workload, as `lungbench bench` takes it, so the DDP step profiled is the one timed."""
     skip = None
     if not cfg.tune:
         skip = "--no-tune"
-    elif dist.is_distributed:  # every rank must run the same switches: no per-rank timing
-        skip = "under a launcher (tune in one process)"
+    elif dist.is_distributed:
+        if not has_auto(cfg.switches):
+            return cfg, {}
+        w = cfg.workload
+        rank_workload = (
+            replace(w, threads=torch.get_num_threads()) if dist.device.type == "cpu" else w
+        )
+        fast, fields = agreed_choice(rank_workload, w.batch_size, dist)
+        return replace(cfg, fast=fast), fields
     tuner = Tuner(TuningOptions(retune=cfg.retune, allow_compile=cfg.tune_compile))
     fast, fields = fast_choice(cfg.switches, cfg.workload, device, tuner, skip)
     return replace(cfg, fast=fast), fields
