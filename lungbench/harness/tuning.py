@@ -16,7 +16,8 @@ after a few steps against eager FP32, and picks the fastest that passes:
 Eager FP32 is always a candidate and a switch must beat it clearly twice, so the choice is
 never slower than it beyond the noise of the passes. The choice is cached per host, device,
 torch version and workload in `$LUNGBENCH_CACHE_DIR/tuning.json` (default
-~/.cache/lungbench) and reused; `lungbench bench --retune` measures again. Every record carries the choice and the measured alternatives.
+~/.cache/lungbench) and reused; `lungbench bench --retune` measures again. Every record
+carries the choice and the measured alternatives.
 """
 
 from __future__ import annotations

@@ -245,7 +245,7 @@ def side_by_side(
     for w in workers:
         w.start()
     try:
-        done = _answers(workers, results, time.monotonic() + TIMEOUT_S)
+        done = _answers(workers, results, TIMEOUT_S)
     finally:
         _stop(workers)
     failed = [why for why in done.values() if isinstance(why, str)]
@@ -259,11 +259,12 @@ def side_by_side(
     return replace(times, allocator=done[0]["allocator"])
 
 
-def _answers(workers: list, results, deadline: float) -> dict[int, Any]:
-    """{worker index: its times or why it failed}, waiting until `deadline` (monotonic).
+def _answers(workers: list, results, timeout_s: float) -> dict[int, Any]:
+    """{worker index: its times or why it failed}, waiting up to `timeout_s` in all.
     A worker that ended without answering (it could not start: a spawned process re-imports
     the caller's __main__, which a `python -` script does not have; or it was killed) is
     said at once, not waited out: the others would wait at their barrier until the timeout."""
+    deadline = time.monotonic() + timeout_s
     done: dict[int, Any] = {}
     while len(done) < len(workers):
         try:
@@ -284,7 +285,7 @@ def _answers(workers: list, results, deadline: float) -> dict[int, Any]:
                     "its caller's main module, so call this from a file, not from stdin)"
                 )
         if time.monotonic() > deadline:
-            raise RuntimeError(f"no answer from the {len(workers)} processes in {TIMEOUT_S:.0f} s")
+            raise RuntimeError(f"no answer from the {len(workers)} processes in {timeout_s:.0f} s")
     return done
 
 
