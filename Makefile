@@ -52,8 +52,10 @@ bench: install
 test: install-test
 	$(BIN)/python -m pytest $(PARALLEL)
 
+# The fast tier fuzzes the input readers with 40 examples a property; make test with the full
+# budget (150-200).
 test-fast: install-test
-	$(BIN)/python -m pytest $(PARALLEL) $(FAST)
+	LUNGBENCH_FUZZ_EXAMPLES=40 $(BIN)/python -m pytest $(PARALLEL) $(FAST)
 
 lint: install-dev
 	$(BIN)/ruff check lungbench tests bench

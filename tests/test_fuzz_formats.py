@@ -27,6 +27,7 @@ from lungbench.measure import peak_cache  # noqa: F401 - registers its cache sch
 from lungbench.predict import devices, forecast, kernels  # noqa: F401 - register schemas
 from lungbench.predict.devices import parse_profile, shipped_profiles
 
+# LUNGBENCH_FUZZ_EXAMPLES: fewer examples for the fast tier (the Makefile's test-fast).
 FUZZ_EXAMPLES = int(os.environ.get("LUNGBENCH_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(
     max_examples=FUZZ_EXAMPLES,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,8 +29,9 @@ from lungbench.core.errors import DataError, UsageError
 from lungbench.data.dicom import IN_PLANE_TOLERANCE_PX, load_series
 from lungbench.data.store import StoreDataset, StoreWriter, read_info
 
+# LUNGBENCH_FUZZ_EXAMPLES: fewer examples for the fast tier (the Makefile's test-fast).
 FUZZ = settings(
-    max_examples=200,
+    max_examples=int(os.environ.get("LUNGBENCH_FUZZ_EXAMPLES", "200")),
     deadline=None,
     derandomize=True,  # the same examples on every run: a fixed budget, no flaky CI
     database=None,

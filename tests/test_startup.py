@@ -47,6 +47,17 @@ def test_version_and_help_load_no_heavy_library(argv):
     assert _loaded_after(code) == set()
 
 
+def test_bench_and_predict_load_plots_and_scipy_only_when_used():
+    """matplotlib (0.7 s) is imported when a sweep's plots are drawn and scipy.stats (1 s)
+    when an interval is computed: `bench --help`, a refused option and a DDP rank that
+    never draws do not pay for them."""
+    code = (
+        "import lungbench.experiments.speedup, lungbench.predict.calibration\n"
+        "import lungbench.commands.bench, lungbench.commands.predict"
+    )
+    assert _loaded_after(code).isdisjoint({"matplotlib", "scipy"})
+
+
 def test_report_and_compare_need_no_torch_or_monai():
     """`lungbench report` and `lungbench compare` read files: no tensor is made."""
     code = (

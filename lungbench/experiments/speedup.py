@@ -79,9 +79,7 @@ from lungbench.measure.telemetry import SweepMonitor
 from lungbench.measure.timing import reporting
 from lungbench.measure.workload import Protocol, Workload
 from lungbench.models import create_model, list_models
-from lungbench.report.bench_outputs import write_bench_outputs
 from lungbench.report.labels import config_label
-from lungbench.report.scaling import write_scaling_outputs
 from lungbench.switches import SwitchRequest, check_switches, switches_of
 
 log = logging.getLogger(__name__)  # progress: the CLI shows it on stderr
@@ -490,6 +488,22 @@ def run_bench(
         table_text = write_bench_outputs(run_dir, records)
     finish_run(run_dir, "complete")
     return BenchResult(run_dir, records, table_text)
+
+
+def write_bench_outputs(run_dir: Path, records: list[dict[str, Any]]) -> str:
+    """The tables and plots of a finished (or interrupted) sweep. matplotlib is imported here,
+    when there is something to draw, not at import: `bench --help`, a refused option and every
+    DDP rank but rank 0 never draw."""
+    from lungbench.report.bench_outputs import write_bench_outputs as write
+
+    return write(run_dir, records)
+
+
+def write_scaling_outputs(run_dir: Path, records: list[dict[str, Any]]) -> str:
+    """The DDP scaling tables and plots; matplotlib imported when drawn, as above."""
+    from lungbench.report.scaling import write_scaling_outputs as write
+
+    return write(run_dir, records)
 
 
 def sweep_configs(

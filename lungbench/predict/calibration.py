@@ -38,8 +38,6 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from scipy.stats import t as t_distribution
-
 from lungbench.core.cache import measured_number, read_cache, register_schema, write_cache
 
 CACHE_FILE = "predict_validation.json"
@@ -198,10 +196,18 @@ def error_bounds(cases: Iterable[dict[str, Any]]) -> dict[str, tuple[float, floa
         high = logs[min(math.ceil((n + 1) * HIGH), n) - 1]
         if n >= 3:
             centre, spread = statistics.mean(logs), statistics.stdev(logs)
-            half = float(t_distribution.ppf(HIGH, n - 1)) * spread * math.sqrt(1 + 1 / n)
+            half = float(_t_quantile(HIGH, n - 1)) * spread * math.sqrt(1 + 1 / n)
             low, high = min(low, centre - half), max(high, centre + half)
         bounds[kind] = (low, high)
     return bounds
+
+
+def _t_quantile(q: float, dof: int) -> float:
+    """Student's t quantile. scipy.stats is imported here, not at the top: it costs about a
+    second of start-up, which every `predict` and `bench` would pay for a few intervals."""
+    from scipy.stats import t
+
+    return float(t.ppf(q, dof))
 
 
 def log_bounds(
