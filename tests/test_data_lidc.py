@@ -524,6 +524,25 @@ def _tiny_db(path: Path, series_uid: str, nodules: int = 1) -> Path:
     return path
 
 
+def test_contours_are_read_as_row_col_points(tmp_path):
+    db = _tiny_db(tmp_path / "tiny.sqlite", "1.2.3")
+    _, annotations = lidc.read_database(db)
+    points = annotations[1][0].contours[0].points
+    np.testing.assert_array_equal(points, [[10, 10], [10, 14], [14, 14], [14, 10]])  # (y, x)
+    assert points.flags.c_contiguous
+
+
+@pytest.mark.parametrize(
+    "coords", ["10,10\n14", "", "10,10\nx,14", "10,10,12\n14,10", "10,10,1\n14,10,1"]
+)
+def test_a_broken_contour_is_one_error_naming_the_database(tmp_path, coords):
+    db = _tiny_db(tmp_path / "tiny.sqlite", "1.2.3")
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE contours SET coords = ? WHERE id = 2", (coords,))
+    with pytest.raises(DataError, match="tiny.sqlite: not a readable LIDC annotation database"):
+        lidc.read_database(db)
+
+
 def test_dicom_mode_cuts_cubes_from_the_series(tmp_path):
     hu = np.full((12, 24, 24), -850, np.int16)
     hu[5:8, 10:15, 10:15] = 60  # slices at -90, -88, -86 mm; rows/cols 10..14

