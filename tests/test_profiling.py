@@ -244,17 +244,21 @@ def test_profile_under_torchrun_profiles_the_ddp_step(tmp_path):
     gradient all-reduce in it (the overlap share is DDP's, not a hand-made trace's). Its
     switches are the choice a 1-process tuning pass cached for one rank's workload, as
     `lungbench bench` under a launcher takes it (planted: channels-last, which the device's
-    table never picks on a CPU), so the step profiled is the step timed."""
+    table never picks on a CPU), so the step profiled is the step timed. No --threads: each
+    rank takes its share of the cores, as bench's ranks do, and the choice cached for it."""
     from dataclasses import replace
 
     from launchenv import clean_env
 
     from lungbench.core.cache import write_cache
+    from lungbench.distributed.group import DistContext
     from lungbench.harness import tuning
+    from lungbench.harness.ddp import rank_threads
     from lungbench.switches import eager_fp32
 
     cache = tmp_path / "cache"
-    rank = Workload(preset="dey2018", filters=4, batch_size=2, threads=1)
+    threads = rank_threads(Workload(), DistContext(world_size=2, local_world_size=2))
+    rank = Workload(preset="dey2018", filters=4, batch_size=2, threads=threads)
     chosen = replace(eager_fp32(), memory_format="channels_last_3d")
     entry = {"choice": "+channels_last_3d", "switches": vars(chosen), "alternatives": []}
     with pytest.MonkeyPatch.context() as patch:
@@ -263,7 +267,7 @@ def test_profile_under_torchrun_profiles_the_ddp_step(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        + ["-m", "lungbench", "profile", "--threads", "1", "--preset", "dey2018"]
+        + ["-m", "lungbench", "profile", "--preset", "dey2018"]
         + ["--filters", "4", "--wait", "0", "--warmup", "1", "--active", "2"]
         + ["--out", str(out), "--run-id", "ddp", "--dist-timeout", "120"],
         env=clean_env(LUNGBENCH_CACHE_DIR=str(cache)),
@@ -285,5 +289,6 @@ def test_profile_under_torchrun_profiles_the_ddp_step(tmp_path):
         "+channels_last_3d",
         "cache, rank 0",
     )
-    assert read_json(run / "config.json")["distributed"]["world_size"] == 2
+    config = read_json(run / "config.json")
+    assert config["distributed"]["world_size"] == 2 and config["threads_used"] == threads
     assert read_json(run / "run.json")["status"] == "complete"

@@ -30,9 +30,10 @@ TensorBoard's torch-tb-profiler plugin, https://ui.perfetto.dev and chrome://tra
 tables/operators.csv (top operators by self CPU, or CUDA, time), tables/phases.csv
 (data / compute / communication per step) and profile.json (shares, communication overlap).
 Under torchrun / srun / mpiexec every rank profiles its DDP step (traces/rank<R>.*), and the
-summary gives the share of the gradient all-reduce that overlapped with compute. Its switches
-are those `lungbench bench` takes there: the choice a 1-process tuning pass cached on rank
-0's host for one rank's workload, else the device's table (profile.json: tuning_source)."""
+summary gives the share of the gradient all-reduce that overlapped with compute. Its threads
+and switches are those `lungbench bench` takes there: --threads, else each rank's share of its
+node's cores; the choice a 1-process tuning pass cached on rank 0's host for one rank's
+workload, else the device's table (profile.json: threads_used, tuning_source)."""
 
 EPILOG = """\
 examples:

@@ -346,6 +346,13 @@ def measure_ddp_epoch(
     }
 
 
+def rank_threads(workload: Workload, dist: DistContext) -> int:
+    """Intra-op threads of one rank's CPU step: the workload's, else the cores this rank may
+    use without oversubscribing its node. `bench` and `profile` under a launcher both set it,
+    and the tuning choice they share is cached under it."""
+    return workload.threads or threads_per_rank(dist)
+
+
 def measure_rank(
     cfg: BenchConfig,
     scaling: str,
@@ -358,7 +365,7 @@ def measure_rank(
     """This rank's part of one DDP measurement. A failed collective raises DistributedError
     (the job cannot go on); any other failure becomes this rank's status, as in harness."""
     threads = (
-        set_threads(cfg.workload.threads or threads_per_rank(dist))
+        set_threads(rank_threads(cfg.workload, dist))
         if dist.device.type == "cpu"
         else torch.get_num_threads()
     )
@@ -571,9 +578,7 @@ def agreed_choice(
     launcher both take it, so they run the step one process measured fastest."""
     found = None
     if dist.is_main:
-        threads = workload.threads
-        if dist.device.type == "cpu" and threads is None:
-            threads = threads_per_rank(dist)
+        threads = rank_threads(workload, dist) if dist.device.type == "cpu" else workload.threads
         rank_workload = replace(workload, batch_size=per_rank, threads=threads)
         tuning = cached_tuning(rank_workload, dist.device, shapes)
         found = tuning and (asdict(tuning.switches), tuning.record())

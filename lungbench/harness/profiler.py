@@ -38,7 +38,7 @@ from torch.profiler import ProfilerActivity, record_function
 from lungbench.core.errors import DataError, UsageError, look_up_option, message_of
 from lungbench.core.options import non_negative_int, option, positive_int
 from lungbench.distributed.group import DistContext
-from lungbench.harness.ddp import agreed_choice, ddp_train_step
+from lungbench.harness.ddp import agreed_choice, ddp_train_step, rank_threads
 from lungbench.harness.tuning import Tuner, TuningOptions, fast_choice
 from lungbench.measure.timing import training_step_flops
 from lungbench.measure.trace import load_trace, phase_summary, trace_files
@@ -204,11 +204,7 @@ def _tuned(
     elif dist.is_distributed:
         if not has_auto(cfg.switches):
             return cfg, {}
-        w = cfg.workload
-        rank_workload = (
-            replace(w, threads=torch.get_num_threads()) if dist.device.type == "cpu" else w
-        )
-        fast, fields = agreed_choice(rank_workload, w.batch_size, dist)
+        fast, fields = agreed_choice(cfg.workload, cfg.workload.batch_size, dist)
         return replace(cfg, fast=fast), fields
     tuner = Tuner(TuningOptions(retune=cfg.retune, allow_compile=cfg.tune_compile))
     fast, fields = fast_choice(cfg.switches, cfg.workload, device, tuner, skip)
@@ -448,7 +444,12 @@ def run_profile(
     device = validate(cfg, Path(out))
     if dist.is_distributed:
         device = dist.device  # cuda:<local rank> on a GPU node
-    threads = set_threads(w.threads) if device.type == "cpu" else torch.get_num_threads()
+    if device.type != "cpu":
+        threads = torch.get_num_threads()
+    elif dist.is_distributed:  # each rank's share of its node, as `lungbench bench` gives it
+        threads = set_threads(rank_threads(w, dist))
+    else:
+        threads = set_threads(w.threads)
     run_dir = _shared_run_dir(Path(out), run_id, dist)
     with marking_run(run_dir) if dist.is_main else contextlib.nullcontext():
         if dist.is_main:  # a failure marks the run "failed", Ctrl-C "interrupted"
