@@ -25,11 +25,12 @@ from torch import nn
 
 from lungbench.core.cache import cache_dir
 from lungbench.core.errors import look_up_option
+from lungbench.distributed.group import DistContext, wrap_model
 from lungbench.switches import (
     Switches,
     apply_memory_format,
     autocast,
-    input_in_format,
+    in_format,
     pools_in_input_dtype,
 )
 
@@ -60,6 +61,20 @@ def make_optimizer(
     if capturable:
         kwargs["capturable"] = True
     return torch.optim.Adam(params, **kwargs)
+
+
+def distributed_model(
+    model: nn.Module, dist: DistContext, switches: Switches, bucket_cap_mb: float | None = None
+) -> nn.Module:
+    """`model` on this rank's device in the switches' memory format, then in DDP under a
+    launcher: the one way every DDP step (bench's ranks, training, predict's ranks side by
+    side) is built. The layout comes first because DDP lays out its gradient buckets from the
+    parameters' strides when it is built: a model converted after (TrainStep converts too,
+    a no-op here) keeps contiguous bucket views, so every synced step copies each
+    channels-last gradient into them, and torch warns "Grad strides do not match bucket view
+    strides" on the user's terminal."""
+    apply_memory_format(model.to(dist.device), switches.memory_format)
+    return wrap_model(model, dist, bucket_cap_mb=bucket_cap_mb)
 
 
 class _NoTimer:
@@ -127,7 +142,7 @@ class TrainStep:
 
     def prepare_inputs(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Inputs in the step's memory format."""
-        return [input_in_format(x, self.switches.memory_format) for x in inputs]
+        return [in_format(x, self.switches.memory_format) for x in inputs]
 
     def __call__(
         self, timer: Any, inputs: Sequence[torch.Tensor], target: torch.Tensor

@@ -461,15 +461,18 @@ def to_memory_format(tensor: torch.Tensor, name: str) -> torch.Tensor:
     return tensor.contiguous(memory_format=torch_memory_format(name, tensor.dim()))
 
 
-def input_in_format(tensor: torch.Tensor, name: str) -> torch.Tensor:
-    """A model input in memory format `name`. A one-channel tensor has the same bytes in
-    both layouts, and `contiguous(memory_format=...)` leaves it its contiguous strides, from
-    which a convolution infers a contiguous output and every layer after it follows: with
-    channels_last_3d the dual-path model's largest max-pool then stayed contiguous (5.1 ms
-    forward on the dev box where channels-last takes 0.47 ms) and the format lost (0.97x).
-    Such an input is viewed with channels-last strides instead: no copy."""
+def in_format(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """A model input or parameter in memory format `name`. A one-channel tensor has the same
+    bytes in both layouts, and `contiguous(memory_format=...)` leaves it its contiguous
+    strides. On an input, a convolution infers a contiguous output from them and every layer
+    after it follows: with channels_last_3d the dual-path model's largest max-pool then stayed
+    contiguous (5.1 ms forward on the dev box where channels-last takes 0.47 ms) and the
+    format lost (0.97x). On a one-input-channel weight, its gradient comes back with
+    channels-last strides, which DDP compares with the bucket view it built from the weight:
+    it copies the gradient every step and warns. Such a tensor is viewed with channels-last
+    strides instead: no copy."""
     out = to_memory_format(tensor, name)
-    if name == "contiguous" or out.dim() not in (4, 5) or out.size(1) != 1:
+    if out.dim() not in (4, 5) or out.size(1) != 1:
         return out
     if not out.is_contiguous():  # not one plain block: no relabelling of its bytes
         return out
@@ -477,7 +480,9 @@ def input_in_format(tensor: torch.Tensor, name: str) -> torch.Tensor:
     spatial = [1]
     for size in reversed(sizes[2:]):  # W, H(, D): each stride the product of those after it
         spatial.insert(0, spatial[0] * size)
-    return out.as_strided(sizes, (spatial[0], 1, *spatial[1:]))
+    # contiguous: back to the plain strides (a tensor viewed channels-last before keeps them)
+    strides = (spatial[0], *spatial) if name == "contiguous" else (spatial[0], 1, *spatial[1:])
+    return out if out.stride() == strides else out.as_strided(sizes, strides)
 
 
 def apply_memory_format(model: nn.Module, name: str) -> nn.Module:
@@ -488,7 +493,7 @@ def apply_memory_format(model: nn.Module, name: str) -> nn.Module:
     way round), so each tensor gets the format of its own rank.
     """
     for tensor in [*model.parameters(), *model.buffers()]:
-        tensor.data = to_memory_format(tensor.data, name)
+        tensor.data = in_format(tensor.data, name)  # one-channel weights too
     _view_one_channel_inputs(model, name)
     return model
 
@@ -498,7 +503,7 @@ _FORMAT_HOOK = "_lungbench_input_format"  # the module attribute holding its hoo
 
 def _view_one_channel_inputs(model: nn.Module, name: str) -> None:
     """A forward pre-hook on every convolution fed one channel views its input in format
-    `name` (input_in_format), so that every caller, not only TrainStep.prepare_inputs
+    `name` (in_format), so that every caller, not only TrainStep.prepare_inputs
     (evaluation, a user's own loop), gets the layout asked for. Applying another format
     replaces the hook; contiguous removes it."""
     for module in model.modules():
@@ -514,7 +519,7 @@ def _view_one_channel_inputs(model: nn.Module, name: str) -> None:
 
 
 def _input_viewed(module: nn.Module, args: tuple, name: str) -> tuple:
-    return (input_in_format(args[0], name), *args[1:])
+    return (in_format(args[0], name), *args[1:])
 
 
 class _MaxPoolInInputDtype:

@@ -170,3 +170,58 @@ def test_a_run_folder_of_lungbench_0_1_0_reports_and_compares(tmp_path, capsys):
     assert {row[4] for row in rows} == {"1.000"}
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["step"] == {"faster": 0, "slower": 0, "same": 2}
+
+
+_DDP_LAYOUT_SCRIPT = """
+import sys, tempfile, warnings
+import torch
+from torch import nn
+from lungbench.distributed.group import DistContext, wrap_model
+from lungbench.step import NO_TIMER, TrainStep, bce_loss, distributed_model
+from lungbench.switches import Switches
+
+store = tempfile.NamedTemporaryFile(delete=False).name
+torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+model = nn.Sequential(
+    nn.Conv3d(1, 4, 3), nn.BatchNorm3d(4), nn.ReLU(), nn.Conv3d(4, 4, 3),
+    nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 1),
+)
+switches = Switches(memory_format="channels_last_3d", dtype="fp32", optimizer="default")
+dist = DistContext(world_size=2, backend="gloo")  # wrap in DDP; the group itself has 1 rank
+if sys.argv[1] == "wrapped-then-laid-out":  # the order the bug had: DDP first, TrainStep after
+    ddp = wrap_model(model, dist)
+else:
+    ddp = distributed_model(model, dist, switches)
+step = TrainStep(ddp, bce_loss, switches, torch.device("cpu"))
+inputs = step.prepare_inputs([torch.randn(2, 1, 8, 8, 8)])
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    for _ in range(2):
+        step(NO_TIMER, inputs, torch.tensor([[0.0], [1.0]]))
+print("STRIDES-WARNED" if any("Grad strides" in str(w.message) for w in seen) else "CLEAN")
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("order", "expected"),
+    [("wrapped-then-laid-out", "STRIDES-WARNED"), ("distributed_model", "CLEAN")],
+)
+def test_a_ddp_model_is_laid_out_before_ddp_builds_its_gradient_buckets(order, expected):
+    """Every DDP step (bench's ranks, training, predict's ranks side by side) is built by
+    `distributed_model`: the memory format first, so DDP's bucket views have the gradients'
+    channels-last strides. Built the other way round (the first case, which shows the check
+    can fail), each synced step copies every gradient and torch warns on the user's terminal.
+    Each case in its own interpreter: torch gives that warning once per process."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _DDP_LAYOUT_SCRIPT, order],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == expected

@@ -22,7 +22,7 @@ from lungbench.switches import (
     compiler_available,
     eager_fp32,
     fast_defaults,
-    input_in_format,
+    in_format,
     pools_in_input_dtype,
     resolve,
 )
@@ -102,17 +102,15 @@ def test_memory_format_converts_every_5d_tensor_and_inputs():
 
 def test_a_one_channel_input_is_viewed_channels_last_without_a_copy():
     x = torch.rand(2, 1, *GRID)
-    viewed = input_in_format(x, "channels_last_3d")
+    viewed = in_format(x, "channels_last_3d")
     assert viewed.data_ptr() == x.data_ptr() and torch.equal(viewed, x)  # the same bytes
     assert viewed.stride() == (7 * 9 * 10, 1, 9 * 10, 10, 1)  # channels-last strides
     conv = torch.nn.Conv3d(1, 4, 3, padding=1)
     assert conv(viewed).is_contiguous(memory_format=torch.channels_last_3d)
     assert conv(x.contiguous(memory_format=torch.channels_last_3d)).is_contiguous()  # why
-    assert input_in_format(x, "contiguous") is x
+    assert in_format(x, "contiguous") is x
     wide = torch.rand(2, 3, *GRID)  # several channels: the plain conversion
-    assert input_in_format(wide, "channels_last_3d").is_contiguous(
-        memory_format=torch.channels_last_3d
-    )
+    assert in_format(wide, "channels_last_3d").is_contiguous(memory_format=torch.channels_last_3d)
 
 
 @pytest.mark.skipif(not bf16_supported(CPU), reason="needs a CPU with bf16")

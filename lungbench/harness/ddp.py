@@ -58,7 +58,6 @@ from lungbench.distributed.group import (
     parameter_digest,
     single_process,
     threads_per_rank,
-    wrap_model,
 )
 from lungbench.harness.sweep import (
     BenchConfig,
@@ -80,10 +79,9 @@ from lungbench.measure.timing import (
     training_step_flops,
 )
 from lungbench.measure.workload import Workload
-from lungbench.step import TrainStep, bce_loss
+from lungbench.step import TrainStep, bce_loss, distributed_model
 from lungbench.switches import (
     Switches,
-    apply_memory_format,
     backend_flags,
     has_auto,
     resolve_switches,
@@ -241,9 +239,8 @@ def ddp_train_step(
     )
     # DDP's gradient hooks cannot be captured in a CUDA graph: graphs stay off.
     switches = replace(resolved.switches, cuda_graphs=False)
-    apply_memory_format(model, switches.memory_format)  # before DDP lays out its buckets
     bucket_mb = getattr(switches, "ddp_bucket_mb", None) or getattr(cfg, "ddp_bucket_mb", 25)
-    ddp = wrap_model(model, dist, bucket_cap_mb=bucket_mb)
+    ddp = distributed_model(model, dist, switches, bucket_cap_mb=bucket_mb)
     step_fn = TrainStep(ddp, bce_loss, switches, dist.device)
     return step_fn, ddp, replace(resolved, switches=switches).record()
 

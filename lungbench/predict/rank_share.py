@@ -79,8 +79,9 @@ ROUNDS = 12  # alternated alone/together/ddp rounds
 STEPS = 3  # steps per worker per phase and round
 WARM_STEPS = 2  # untimed: the optimizer state is built, the caches fill
 # Bump when the measurement changes, so entries measured before are measured again
-# (2: the workers keep freed memory as lungbench processes do, 12 rounds).
-MEASURE_VERSION = 2
+# (2: the workers keep freed memory as lungbench processes do, 12 rounds; 3: the DDP model
+# laid out in its memory format before DDP builds its buckets, as bench's ranks do).
+MEASURE_VERSION = 3
 TIMEOUT_S = 600.0  # the whole measurement; a lost worker breaks the others' barrier
 POLL_S = 1.0  # how often the parent looks for a worker that ended without answering
 
@@ -108,16 +109,16 @@ Measure = Callable[[Workload, Switches, int, int], RankTimes]
 class _Rank:
     """One worker's steps: a plain one (timed alone) and a DDP-wrapped one."""
 
-    def __init__(self, workload: Workload, switches: Switches, index: int) -> None:
-        from torch.nn.parallel import DistributedDataParallel
-
-        from lungbench.step import TrainStep, bce_loss
+    def __init__(self, workload: Workload, switches: Switches, index: int, ranks: int) -> None:
+        from lungbench.distributed.group import DistContext
+        from lungbench.step import TrainStep, bce_loss, distributed_model
 
         cpu = torch.device("cpu")
         self.inputs, self.target = workload.random_batch(cpu, workload.seed + 1000 * index)
         self.plain = TrainStep(workload.build_model(cpu), bce_loss, switches, cpu)
-        ddp = DistributedDataParallel(
-            workload.build_model(cpu), bucket_cap_mb=switches.ddp_bucket_mb
+        dist = DistContext(rank=index, world_size=ranks, backend="gloo")
+        ddp = distributed_model(  # built as bench's ranks build theirs
+            workload.build_model(cpu), dist, switches, bucket_cap_mb=switches.ddp_bucket_mb
         )
         self.ddp = TrainStep(ddp, bce_loss, switches, cpu)
         self.inputs = self.plain.prepare_inputs(self.inputs)
@@ -173,7 +174,7 @@ def _measure_rank(workload, switches, index, ranks, port, rounds, barrier) -> di
         timeout=timedelta(seconds=TIMEOUT_S),
     )
     try:
-        rank = _Rank(workload, switches, index)
+        rank = _Rank(workload, switches, index, ranks)
         times: dict[str, Any] = {"alone": [], "together": [], "ddp": [], "allocator": allocator}
         with backend_flags(switches):
             if index == 0:

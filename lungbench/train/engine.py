@@ -56,8 +56,8 @@ from lungbench.core.device import parse_device
 from lungbench.core.errors import LungbenchError, UsageError
 from lungbench.data.loader import LoaderOptions, make_loader, to_device
 from lungbench.data.transforms import sample_key
-from lungbench.distributed.group import DistContext, all_gather, single_process, wrap_model
-from lungbench.step import NO_TIMER, TrainStep, make_optimizer
+from lungbench.distributed.group import DistContext, all_gather, single_process
+from lungbench.step import NO_TIMER, TrainStep, distributed_model, make_optimizer
 from lungbench.switches import Switches, autocast
 from lungbench.train.checkpoint import (
     BEST_CHECKPOINT,
@@ -508,7 +508,7 @@ def _start_run(
     target = parse_target(config.target) if config.target is not None else None
     seed_everything(config.seed)
     core = model.to(device)
-    model = wrap_model(core, dist) if dist.is_distributed else core
+    model = distributed_model(core, dist, switches) if dist.is_distributed else core
     steps_per_epoch = math.ceil(
         len(epoch_order(n_train, 0, config, dist, True)) / config.batch_size
     )
