@@ -486,14 +486,15 @@ def in_format(tensor: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def apply_memory_format(model: nn.Module, name: str) -> nn.Module:
-    """Convert 4D/5D parameters and buffers in place (each by its own rank), and view the
-    input of every convolution fed one channel in that format (`_view_one_channel_inputs`).
+    """Convert 4D/5D parameters and buffers in place (each by its own rank; a one-channel
+    weight viewed, not copied: in_format), and view the input of every convolution fed one
+    channel in that format (`_view_one_channel_inputs`).
 
     `Module.to(memory_format=...)` would raise on a 4D weight in a 5D model (or the other
     way round), so each tensor gets the format of its own rank.
     """
     for tensor in [*model.parameters(), *model.buffers()]:
-        tensor.data = in_format(tensor.data, name)  # one-channel weights too
+        tensor.data = in_format(tensor.data, name)
     _view_one_channel_inputs(model, name)
     return model
 

@@ -109,6 +109,7 @@ def test_a_one_channel_input_is_viewed_channels_last_without_a_copy():
     assert conv(viewed).is_contiguous(memory_format=torch.channels_last_3d)
     assert conv(x.contiguous(memory_format=torch.channels_last_3d)).is_contiguous()  # why
     assert in_format(x, "contiguous") is x
+    assert in_format(viewed, "contiguous").stride() == x.stride()  # plain strides back
     wide = torch.rand(2, 3, *GRID)  # several channels: the plain conversion
     assert in_format(wide, "channels_last_3d").is_contiguous(memory_format=torch.channels_last_3d)
 
