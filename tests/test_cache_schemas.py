@@ -76,8 +76,27 @@ CASES = {
             "factor": 1.2,
             "communication": 0.3,
             "took_s": 20.0,
+            "rounds": 48,
+            "ratio_ci": 0.075,
+            "stop": "max",
         },
         [
+            {
+                "alone_s": 0.01,
+                "together_s": 0.012,
+                "ddp_s": 0.015,
+                "factor": 1.2,
+                "communication": 0.3,
+                "ratio_ci": math.nan,  # how well the ratio is known: a number or None
+            },
+            {
+                "alone_s": 0.01,
+                "together_s": 0.012,
+                "ddp_s": 0.015,
+                "factor": 1.2,
+                "communication": 0.3,
+                "stop": 3,
+            },
             {
                 "alone_s": 0.01,
                 "together_s": "0.012",

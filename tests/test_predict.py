@@ -365,7 +365,13 @@ def test_unknown_device_on_the_command_line(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # 4.5 min on the shared 2-core VM under load
 def test_validate_quick_end_to_end(tmp_path, monkeypatch, capsys):
+    from lungbench.measure.timing import StopRule
+    from lungbench.predict import rank_share
+
     monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path))
+    # A precision no noisy measurement reaches: the workers go on to the last round (the
+    # rule as it is when the parent calls them, not as they import it).
+    monkeypatch.setattr(rank_share, "RULE", StopRule(ci_target=0.0, max_repeats=13))
     assert main(["predict", "--validate", "--quick", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     kinds = {c["kind"] for c in out["cases"]}
@@ -381,6 +387,8 @@ def test_validate_quick_end_to_end(tmp_path, monkeypatch, capsys):
     # the ranks side by side ran with the allocator every lungbench process has
     ranks = json.loads((tmp_path / "rank_contention.json").read_text())["entries"]
     assert ranks and all("freed memory kept" in e["allocator"] for e in ranks.values())
+    assert all((e["rounds"], e["stop"]) == (13, "max") for e in ranks.values())
+    assert all(e["ratio_ci"] > 0 for e in ranks.values())
 
 
 def plant_profile_run(run: Path) -> None:
@@ -966,6 +974,34 @@ def test_a_second_predict_on_the_host_measures_nothing(tmp_path, monkeypatch, ca
     )
 
 
+@pytest.mark.parametrize(
+    ("precision", "warned"),
+    [((48, 0.15, "max"), True), ((20, 0.04, "ci"), False), ((60, 0.12, "budget"), True)],
+)
+def test_how_well_the_rank_ratio_is_known_is_said(tmp_path, monkeypatch, capsys, precision, warned):
+    """The ranks side by side say over how many rounds and to what precision they were
+    measured; one known less well than the shipped validation's (+-10%) is a warning."""
+    from lungbench.predict import rank_share
+
+    monkeypatch.setenv("LUNGBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    plant_measurements(monkeypatch, busy=False, ddp_s=0.016)
+    rounds, ci, stop = precision
+    times = rank_share.RankTimes(0.010, 0.012, 0.016, 1.2, 0.4, "", rounds, ci, stop)
+    monkeypatch.setattr(rank_share, "side_by_side", lambda *args: times)
+    run = tmp_path / "profile-run"
+    plant_profile_run(run)
+    assert main(["predict", "--from", str(run), "--ranks", "2", "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out.splitlines()[-1])["notes"]
+    assert any(
+        "1.20x its time alone" in n and f"over {rounds} rounds, +-{100 * ci:.1f}% at 95%" in n
+        for n in notes
+    )
+    warning = [n for n in notes if n.startswith("warning:") and "known only to" in n]
+    assert bool(warning) == warned
+    if warned:
+        assert f"+-{100 * ci:.0f}% after {rounds} rounds" in warning[0]
+
+
 def test_a_ddp_step_no_slower_than_its_compute_falls_back_to_the_model(
     tmp_path, monkeypatch, capsys
 ):
@@ -1090,6 +1126,30 @@ def test_rank_times_pair_each_round_and_wait_for_the_slowest_rank():
     assert times.factor == pytest.approx(1.2)  # each round 12/10 and 24/20
     assert times.communication == pytest.approx(0.3)  # (15 - 12) / 10 and (30 - 24) / 20
     assert times.alone_s == pytest.approx(0.015)  # the medians over rounds
+    assert (times.rounds, times.ratio_ci) == (2, None)  # too few rounds for an interval
+
+
+def test_the_rank_ratio_interval_is_the_median_interval_of_each_rounds_ratio():
+    """12 rounds whose DDP step over the step alone reads 1.1, 1.2, ... (each round's
+    slowest worker, step by step): the interval is the order-statistic one of those ratios,
+    and the stop rule the workers share ends the rounds by it."""
+    from lungbench.measure.stats import median_ci_relative
+    from lungbench.measure.timing import StopRule, stop_reason
+    from lungbench.predict.rank_share import rank_times
+
+    ratios = [1.1 + 0.1 * (r % 4) for r in range(12)]
+    alone = [[0.010] * 3 for _ in ratios]
+    together = [[[0.011] * 3 for _ in ratios]] * 2
+    slow = [[0.010 * q] * 3 for q in ratios]
+    ddp = [slow, [[0.009 * q] * 3 for q in ratios]]  # worker 0 is the slower one
+    times = rank_times(alone, together, ddp)
+    assert times.rounds == 12
+    assert times.ratio_ci == pytest.approx(median_ci_relative(ratios))
+    assert stop_reason(ratios, 12, StopRule(ci_target=1.0), 0.0) == "ci"
+    assert stop_reason(ratios, 13, StopRule(ci_target=1.0), 0.0) is None  # too few yet
+    assert stop_reason(ratios, 12, StopRule(ci_target=0.0, max_repeats=12), 0.0) == "max"
+    assert stop_reason(ratios, 12, StopRule(ci_target=0.0, budget_s=5.0), 6.0) == "budget"
+    assert stop_reason(ratios, 12, StopRule(ci_target=0.0, budget_s=5.0), 1.0) is None
 
 
 def test_a_probe_off_the_run_is_taken_again_once_and_said(tmp_path, monkeypatch):

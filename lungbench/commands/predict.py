@@ -26,7 +26,9 @@ their channels): on this machine each one is made again alone, source call again
 call, and scaled by the measured ratio; on a device profile, by its bounds. N ranks on this
 machine are N processes: N processes of the target's step in one Gloo group measure how
 much slower each rank's compute runs beside the others and what their DDP step adds beyond
-it (all-reduce, hooks, Gloo waiting for cores); on a device profile the all-reduce is a ring
+it (all-reduce, hooks, Gloo waiting for cores), round after round until that ratio is known
+within +-5% (at least 12 rounds, at most 48 or 60 s; the notes say how well it is known,
+and warn past +-10%); on a device profile the all-reduce is a ring
 over DDP's real buckets on its NVLink/PCIe. Every row says what limits it:
 compute, memory bandwidth, launch/latency, communication or data. Probes and fits are
 measured once per host and cached, so the same question gets the same answer. Intervals
@@ -49,7 +51,7 @@ examples:
   lungbench predict --from results/default-a --device v100-sxm2 a100-sxm-80gb h100-sxm
   lungbench predict --from results/default-a --thesis     seed 000's M100 rows, projected
   lungbench predict --from results/profile-a --batch 8   a profile run is a source too
-  lungbench predict --validate                           5 sources rotated (~7-10 min, 2 cores)
+  lungbench predict --validate                           5 sources rotated (~15-20 min, 2 cores)
   lungbench predict --validate --quick                   2 tiny sources (a few minutes)
   lungbench predict --validate --gpu                     the same on this node's GPU
   lungbench predict --list-devices

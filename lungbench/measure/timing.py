@@ -177,19 +177,24 @@ def run_until(
         step(timer)
         for name, seconds in timer.finish().items():
             samples.setdefault(name, []).append(seconds)
-        stop = _stop(samples[STEP], repeats, until, time.perf_counter() - started)
+        stop = stop_reason(samples[STEP], repeats, until, time.perf_counter() - started)
         if stop is not None:
             return samples, stop
 
 
-def _stop(step_s: list[float], repeats: int, until: StopRule | None, spent: float) -> str | None:
-    if len(step_s) < repeats:
+def stop_reason(
+    samples: list[float], repeats: int, until: StopRule | None, spent: float
+) -> str | None:
+    """Why timed repeats end now (a key of STOPS), or None to go on: `samples` so far (the
+    step's seconds, or any positive figure whose median is sought), at least `repeats` of
+    them, `spent` seconds of them. lungbench.predict.rank_share stops its rounds by it too."""
+    if len(samples) < repeats:
         return None
     if until is None:
         return "fixed"
-    if median_ci_relative(step_s) <= until.ci_target:  # nan (too few) compares False
+    if median_ci_relative(samples) <= until.ci_target:  # nan (too few) compares False
         return "ci"
-    if len(step_s) >= until.max_repeats:
+    if len(samples) >= until.max_repeats:
         return "max"
     return "budget" if spent >= until.budget_s else None
 

@@ -61,7 +61,7 @@ from lungbench.predict.operators import (
     count_operators,
     probe_operators,
 )
-from lungbench.predict.rank_share import RankContention
+from lungbench.predict.rank_share import NOISY_RATIO_CI, RankContention, precision_words
 from lungbench.switches import Switches, fast_defaults
 
 log = logging.getLogger(__name__)
@@ -649,7 +649,14 @@ class Predictor:
         notes = [
             f"ranks side by side: each rank's step {factor:.2f}x its time alone, measured with "
             f"{ranks} processes of {workload.threads} thread(s) each on this machine"
+            + precision_words(entry)
         ]
+        if (entry.get("ratio_ci") or 0.0) > NOISY_RATIO_CI:
+            notes.append(
+                f"warning: the {ranks} processes' DDP step over one alone is known only to "
+                f"+-{100 * entry['ratio_ci']:.0f}% after {entry['rounds']} rounds (a noisy "
+                "machine); `lungbench predict --remeasure` on a quieter machine measures it again"
+            )
         if share <= 0:
             notes.append(
                 f"communication: the {ranks} processes' DDP step came out no slower than their "

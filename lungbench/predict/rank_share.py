@@ -20,6 +20,13 @@ against 4.5 ms for the tiny model the per-host probe used), so it is measured he
 target's own model. Each ratio is the median over rounds of that round's ratio: a machine
 whose speed drifts moves both sides of it together.
 
+How many rounds: at least ROUNDS, then on until the median of the rounds' DDP-step-over-alone
+ratios (what a rank prediction scales its source by) is known within +-RULE.ci_target at 95%,
+or RULE.max_repeats rounds or RULE.budget_s seconds have passed. A fixed 12 rounds left that
+ratio +-5-6% (one standard error) on the noisy dev VM: five measurements of one workload in
+ten minutes read 1.14-1.31, and the cache keeps one of them for every later prediction. The
+workers share each round's times (a Gloo all-gather, off the clock), so all decide alike.
+
     share = RankContention().entry(workload, switches, ranks=2)   # cached per host
     share["factor"]          # together / alone
     share["communication"]   # (ddp - together) / alone
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing as mp
 import queue
 import statistics
@@ -52,6 +60,8 @@ from lungbench.core.cache import (
 )
 from lungbench.core.errors import message_of
 from lungbench.measure.contention import ContentionWatch
+from lungbench.measure.stats import median_ci_relative
+from lungbench.measure.timing import StopRule, stop_reason
 from lungbench.measure.workload import Workload
 from lungbench.switches import Switches
 
@@ -67,21 +77,31 @@ def _contention_entry(entry: dict) -> bool:
     times = (entry["alone_s"], entry["together_s"], entry["ddp_s"], entry["factor"])
     share = entry["communication"]
     busy = entry.get("busy_reason")
+    ci = entry.get("ratio_ci")
     return (
         all(measured_number(t) for t in times)
         and measured_number(abs(share), zero=True)
         and (busy is None or isinstance(busy, str))
+        and (ci is None or measured_number(ci, zero=True))
+        and isinstance(entry.get("stop", ""), str)
     )
 
 
 register_schema(CACHE_FILE, _contention_entry)
-ROUNDS = 12  # alternated alone/together/ddp rounds
+ROUNDS = 12  # alternated alone/together/ddp rounds, at least
+# ... and on until the ratio's median is known within +-5% (module doc): 48 rounds of f8 b2
+# took 28-31 s on the dev VM and reached +-4-10%; the budget caps a large workload's.
+RULE = StopRule(ci_target=0.05, max_repeats=48, budget_s=60.0)
+# A ratio known less well than this gets a warning in words: 12 rounds, what the shipped
+# validation's measurements had, left it about +-10% on the dev VM.
+NOISY_RATIO_CI = 0.10
 STEPS = 3  # steps per worker per phase and round
 WARM_STEPS = 2  # untimed: the optimizer state is built, the caches fill
 # Bump when the measurement changes, so entries measured before are measured again
 # (2: the workers keep freed memory as lungbench processes do, 12 rounds; 3: the DDP model
-# laid out in its memory format before DDP builds its buckets, as bench's ranks do).
-MEASURE_VERSION = 3
+# laid out in its memory format before DDP builds its buckets, as bench's ranks do; 4: rounds
+# until the ratio is known within RULE.ci_target).
+MEASURE_VERSION = 4
 TIMEOUT_S = 600.0  # the whole measurement; a lost worker breaks the others' barrier
 POLL_S = 1.0  # how often the parent looks for a worker that ended without answering
 
@@ -99,6 +119,10 @@ class RankTimes:
     factor: float  # together / alone
     communication: float  # (ddp - together) / alone
     allocator: str = ""  # how the workers' C allocator treated freed memory, in words
+    rounds: int = 0  # rounds measured
+    # The DDP-step-over-alone median's 95% half-width, relative (None: too few rounds).
+    ratio_ci: float | None = None
+    stop: str = ""  # why the rounds ended: a key of lungbench.measure.timing.STOPS
 
 
 # (workload, switches, ranks, rounds) -> RankTimes: what a measurement returns; tests plant
@@ -155,8 +179,33 @@ def _timed(run: Callable[[], None], steps: int, barrier) -> list[float]:
     return times
 
 
-def _measure_rank(workload, switches, index, ranks, port, rounds, barrier) -> dict:
-    """This worker's step times, per phase a list of rounds, each a list of steps."""
+def _round_ratio(alone: list[float], ddp: list[list[float]]) -> float:
+    """One round's DDP step (the slowest rank's, step by step) over worker 0's step alone."""
+    return _slowest(ddp) / statistics.median(alone)
+
+
+def _shared_round(alone: list[float], together: list[float], ddp: list[float], spent: float):
+    """Every worker's times of this round, and worker 0's seconds of rounds so far: (alone,
+    [together per worker], [ddp per worker], spent), the same on every worker."""
+    import torch.distributed as tdist
+
+    mine = torch.tensor(
+        [*(alone or [0.0] * STEPS), *together, *ddp, spent], dtype=torch.float64
+    )  # fmt: skip
+    everyone = [torch.empty_like(mine) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(everyone, mine)
+    rows = [t.tolist() for t in everyone]
+    return (
+        rows[0][:STEPS],
+        [r[STEPS : 2 * STEPS] for r in rows],
+        [r[2 * STEPS : 3 * STEPS] for r in rows],
+        rows[0][-1],
+    )
+
+
+def _measure_rank(workload, switches, index, ranks, port, rounds, rule, barrier) -> dict:
+    """This worker's step times, per phase a list of rounds, each a list of steps; at least
+    `rounds` rounds, then on by `rule` (the module doc). "stop" says why they ended."""
     from lungbench.core.allocator import keep_freed_memory
     from lungbench.measure.timing import set_threads
     from lungbench.switches import backend_flags
@@ -181,22 +230,32 @@ def _measure_rank(workload, switches, index, ranks, port, rounds, barrier) -> di
                 _timed(rank.plain_step, WARM_STEPS, None)
             _timed(rank.compute_step, WARM_STEPS, barrier)
             _timed(rank.ddp_step, WARM_STEPS, barrier)
-            for _ in range(rounds):
+            started, ratios = time.perf_counter(), []
+            while True:
                 barrier.wait()
-                if index == 0:
-                    times["alone"].append(_timed(rank.plain_step, STEPS, None))
-                times["together"].append(_timed(rank.compute_step, STEPS, barrier))
-                times["ddp"].append(_timed(rank.ddp_step, STEPS, barrier))
-        return times
+                alone = _timed(rank.plain_step, STEPS, None) if index == 0 else []
+                together = _timed(rank.compute_step, STEPS, barrier)
+                ddp = _timed(rank.ddp_step, STEPS, barrier)
+                for phase, steps in (("alone", alone), ("together", together), ("ddp", ddp)):
+                    if steps:
+                        times[phase].append(steps)
+                alone, _, every_ddp, spent = _shared_round(
+                    alone, together, ddp, time.perf_counter() - started
+                )
+                ratios.append(_round_ratio(alone, every_ddp))
+                times["stop"] = stop_reason(ratios, rounds, rule, spent)
+                if times["stop"] is not None:
+                    return times
     finally:
         torch.distributed.destroy_process_group()
 
 
-def _worker(workload, switches, index, ranks, port, rounds, barrier, results) -> None:
+def _worker(workload, switches, index, ranks, port, rounds, rule, barrier, results) -> None:
     """One rank's process: its times, or the one line that says why it failed (the barrier
     broken, so the other workers stop waiting)."""
     try:
-        results.put((index, _measure_rank(workload, switches, index, ranks, port, rounds, barrier)))
+        times = _measure_rank(workload, switches, index, ranks, port, rounds, rule, barrier)
+        results.put((index, times))
     except Exception as exc:  # noqa: BLE001 - any failure is reported, not raised, in a worker
         barrier.abort()
         results.put((index, message_of(exc)))
@@ -215,7 +274,9 @@ def rank_times(alone: list[list[float]], together: list[list[list[float]]], ddp)
         return [_slowest([worker[r] for worker in phase]) for r in range(len(alone))]
 
     alone_r = [statistics.median(steps) for steps in alone]
-    together_r, ddp_r = per_round(together), per_round(ddp)
+    together_r = per_round(together)
+    ddp_r = per_round(ddp)
+    ratios = [_round_ratio(alone[r], [worker[r] for worker in ddp]) for r in range(len(alone))]
     return RankTimes(
         alone_s=statistics.median(alone_r),
         together_s=statistics.median(together_r),
@@ -224,23 +285,28 @@ def rank_times(alone: list[list[float]], together: list[list[list[float]]], ddp)
         communication=statistics.median(
             (d - t) / a for d, t, a in zip(ddp_r, together_r, alone_r, strict=True)
         ),
+        rounds=len(alone),
+        ratio_ci=None if math.isnan(ci := median_ci_relative(ratios)) else ci,
     )
 
 
 def side_by_side(
     workload: Workload, switches: Switches, ranks: int, rounds: int = ROUNDS
 ) -> RankTimes:
-    """Steps of `ranks` processes side by side, each at the workload's threads (module doc).
-    Raises RuntimeError with the first worker's reason when a worker failed."""
+    """Steps of `ranks` processes side by side, each at the workload's threads, at least
+    `rounds` rounds and on by RULE, as it is when called (module doc). Raises RuntimeError
+    with the first worker's reason when a worker failed."""
     from lungbench.distributed.launch import free_port
 
     context = mp.get_context("spawn")  # a forked OpenMP pool can hang in the child
     barrier = context.Barrier(ranks, timeout=TIMEOUT_S)
     results = context.Queue()
     port = free_port()
-    args = (workload, switches)
     workers = [
-        context.Process(target=_worker, args=(*args, i, ranks, port, rounds, barrier, results))
+        context.Process(
+            target=_worker,
+            args=(workload, switches, i, ranks, port, rounds, RULE, barrier, results),
+        )
         for i in range(ranks)
     ]
     for w in workers:
@@ -257,7 +323,7 @@ def side_by_side(
         [done[i]["together"] for i in range(ranks)],
         [done[i]["ddp"] for i in range(ranks)],
     )
-    return replace(times, allocator=done[0]["allocator"])
+    return replace(times, allocator=done[0]["allocator"], stop=done[0]["stop"])
 
 
 def _answers(workers: list, results, timeout_s: float) -> dict[int, Any]:
@@ -311,6 +377,14 @@ def _stop(workers: list) -> None:
             w.join(timeout=5)
 
 
+def precision_words(entry: dict) -> str:
+    """ ", over N rounds, +-x% at 95%" of a cache entry: how well its ratio is known."""
+    rounds, ci = entry.get("rounds"), entry.get("ratio_ci")
+    if not rounds:
+        return ""
+    return f", over {rounds} rounds" + ("" if ci is None else f", +-{100 * ci:.1f}% at 95%")
+
+
 def _key(workload: Workload, switches: Switches, ranks: int) -> str:
     where = where_key(torch.device("cpu")).rsplit("|", 2)  # host | cpu model | torch
     items = sorted(asdict(workload).items()), sorted(asdict(switches).items())
@@ -338,7 +412,9 @@ class RankContention:
         log.info(
             f"measuring {ranks} processes of f{workload.filters} b{workload.batch_size} "
             f"t{workload.threads} side by side, alone, together and under DDP (rank "
-            "contention: each process starts torch, about 10-30 s, once per host and workload)"
+            f"contention: each process starts torch, then {ROUNDS}-{RULE.max_repeats} rounds "
+            f"until the ratio is known within +-{100 * RULE.ci_target:.0f}%, at most "
+            f"{RULE.budget_s:.0f} s of them; once per host and workload)"
         )
         started = time.perf_counter()
         try:
