@@ -38,10 +38,11 @@ across the shipped hosts, and said; a busy source, or ranks measured side by sid
 other processes used the cores, widens them too, with a warning. A target the run measured
 is returned as "measured" with its record's interval. The first predict on a host measures
 it (says what and for how long); later ones read the cache. The shipped validation (model 6:
-4 runs of `--validate` on a 2-core Zen 3, 5 rotated sources each, 192 cases) had a 5.2% median
-error (batch 3.9%, filters 2.8%, threads 8.3%, 2 ranks 9.2%, epochs 6.6%; the ranks predicted
-low there, -8%: torchrun's ranks ran slower than the side-by-side measurement says) and
-covered 94% of cases leave-one-source-out; see docs/predict.md. CPU -> GPU projections have
+5 runs of `--validate` on a 2-core Zen 3, 5 rotated sources each, 240 cases) had a 4.6% median
+error (batch 3.3%, filters 2.7%, threads 7.2%, 2 ranks 8.6%, epochs 7.6%; the ranks predicted
+low there, -7%: torchrun's ranks ran slower than the side-by-side measurement says, though
+not in the one run whose side-by-side ratio was measured to +-5%: -1%) and covered 93% of
+cases leave-one-source-out; see docs/predict.md. CPU -> GPU projections have
 not been validated on a GPU."""
 
 EPILOG = """\

@@ -23,8 +23,8 @@ whose speed drifts moves both sides of it together.
 How many rounds: at least ROUNDS, then on until the median of the rounds' DDP-step-over-alone
 ratios (what a rank prediction scales its source by) is known within +-RULE.ci_target at 95%,
 or RULE.max_repeats rounds or RULE.budget_s seconds have passed. A fixed 12 rounds left that
-ratio +-5-6% (one standard error) on the noisy dev VM: five measurements of one workload in
-ten minutes read 1.14-1.31, and the cache keeps one of them for every later prediction. The
+ratio about +-10% (95%) on the noisy dev VM: six measurements of one workload within ten
+minutes read 1.14-1.31, and the cache keeps one of them for every later prediction. The
 workers share each round's times (a Gloo all-gather, off the clock), so all decide alike.
 
     share = RankContention().entry(workload, switches, ranks=2)   # cached per host
@@ -189,9 +189,7 @@ def _shared_round(alone: list[float], together: list[float], ddp: list[float], s
     [together per worker], [ddp per worker], spent), the same on every worker."""
     import torch.distributed as tdist
 
-    mine = torch.tensor(
-        [*(alone or [0.0] * STEPS), *together, *ddp, spent], dtype=torch.float64
-    )  # fmt: skip
+    mine = torch.tensor([*(alone or [0.0] * STEPS), *together, *ddp, spent], dtype=torch.float64)
     everyone = [torch.empty_like(mine) for _ in range(tdist.get_world_size())]
     tdist.all_gather(everyone, mine)
     rows = [t.tolist() for t in everyone]
