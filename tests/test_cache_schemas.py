@@ -95,6 +95,14 @@ CASES = {
                 "ddp_s": 0.015,
                 "factor": 1.2,
                 "communication": 0.3,
+                "ratio_ci": 0.2,  # ... over a number of rounds
+            },
+            {
+                "alone_s": 0.01,
+                "together_s": 0.012,
+                "ddp_s": 0.015,
+                "factor": 1.2,
+                "communication": 0.3,
                 "stop": 3,
             },
             {

@@ -28,9 +28,9 @@ machine are N processes: N processes of the target's step in one Gloo group meas
 much slower each rank's compute runs beside the others and what their DDP step adds beyond
 it (all-reduce, hooks, Gloo waiting for cores), round after round until that ratio is known
 within +-5% (at least 12 rounds, at most 48 or 60 s; the notes say how well it is known,
-and warn past +-10%); on a device profile the all-reduce is a ring
-over DDP's real buckets on its NVLink/PCIe. Every row says what limits it:
-compute, memory bandwidth, launch/latency, communication or data. Probes and fits are
+and warn past +-10%); on a device profile the all-reduce is a ring over DDP's real buckets
+on its NVLink/PCIe. Every row says what limits it: compute, memory bandwidth,
+launch/latency, communication or data. Probes and fits are
 measured once per host and cached, so the same question gets the same answer. Intervals
 (90%) are the range of measured/predicted this host's last `predict --validate` runs showed
 for that kind of prediction; on a host with none, the shipped ones, widened by the spread
@@ -38,11 +38,11 @@ across the shipped hosts, and said; a busy source, or ranks measured side by sid
 other processes used the cores, widens them too, with a warning. A target the run measured
 is returned as "measured" with its record's interval. The first predict on a host measures
 it (says what and for how long); later ones read the cache. The shipped validation (model 6:
-5 runs of `--validate` on a 2-core Zen 3, 5 rotated sources each, 240 cases) had a 4.6% median
-error (batch 3.3%, filters 2.7%, threads 7.2%, 2 ranks 8.6%, epochs 7.6%; the ranks predicted
-low there, -7%: torchrun's ranks ran slower than the side-by-side measurement says, though
-not in the one run whose side-by-side ratio was measured to +-5%: -1%) and covered 93% of
-cases leave-one-source-out; see docs/predict.md. CPU -> GPU projections have
+6 runs of `--validate` on a 2-core Zen 3, 5 rotated sources each, 288 cases) had a 4.6% median
+error (batch 3.3%, filters 3.2%, threads 6.7%, 2 ranks 8.3%, epochs 7.5%; the ranks predicted
+low there, -6%: -8% in the four runs whose side-by-side ratio took 12 rounds, -2.4% (5.0%
+median error) in the two that measured it to +-5%) and covered 91% of cases
+leave-one-source-out; see docs/predict.md. CPU -> GPU projections have
 not been validated on a GPU."""
 
 EPILOG = """\

@@ -73,7 +73,8 @@ CACHE_FILE = "rank_contention.json"
 def _contention_entry(entry: dict) -> bool:
     """Times alone, together and under DDP and the contention factor (above 0), and the
     communication share (of either sign: 0 or less is a measurement problem forecast says
-    in words). An entry from before the DDP step was measured lacks "ddp_s": measured again."""
+    in words); where it says how well its ratio is known ("ratio_ci"), over how many rounds.
+    An entry from before the DDP step was measured lacks "ddp_s": measured again."""
     times = (entry["alone_s"], entry["together_s"], entry["ddp_s"], entry["factor"])
     share = entry["communication"]
     busy = entry.get("busy_reason")
@@ -82,7 +83,9 @@ def _contention_entry(entry: dict) -> bool:
         all(measured_number(t) for t in times)
         and measured_number(abs(share), zero=True)
         and (busy is None or isinstance(busy, str))
-        and (ci is None or measured_number(ci, zero=True))
+        and (
+            ci is None or (measured_number(ci, zero=True) and measured_number(entry.get("rounds")))
+        )
         and isinstance(entry.get("stop", ""), str)
     )
 
