@@ -92,8 +92,9 @@ def _contention_entry(entry: dict) -> bool:
 
 register_schema(CACHE_FILE, _contention_entry)
 ROUNDS = 12  # alternated alone/together/ddp rounds, at least
-# ... and on until the ratio's median is known within +-5% (module doc): 48 rounds of f8 b2
-# took 28-31 s on the dev VM and reached +-4-10%; the budget caps a large workload's.
+# ... and on until the ratio's median is known within +-5% (module doc). On the dev VM two
+# validation runs' 14 measurements took 12-48 rounds (16-64 s with start-up); 10 reached
+# +-5%, 4 stopped at 48 rounds with +-6-7%. The budget caps a large workload's.
 RULE = StopRule(ci_target=0.05, max_repeats=48, budget_s=60.0)
 # A ratio known less well than this gets a warning in words: 12 rounds, what the shipped
 # validation's measurements had, left it about +-10% on the dev VM.
