@@ -63,18 +63,16 @@ def make_optimizer(
     return torch.optim.Adam(params, **kwargs)
 
 
-def distributed_model(
-    model: nn.Module, dist: DistContext, switches: Switches, bucket_cap_mb: float | None = None
-) -> nn.Module:
+def distributed_model(model: nn.Module, dist: DistContext, switches: Switches) -> nn.Module:
     """`model` on this rank's device in the switches' memory format, then in DDP under a
-    launcher: the one way every DDP step (bench's ranks, training, predict's ranks side by
-    side) is built. The layout comes first because DDP lays out its gradient buckets from the
-    parameters' strides when it is built: a model converted after (TrainStep converts too,
-    a no-op here) keeps contiguous bucket views, so every synced step copies each
-    channels-last gradient into them, and torch warns "Grad strides do not match bucket view
-    strides" on the user's terminal."""
+    launcher with the switches' gradient bucket size: the one way every DDP step (bench's
+    ranks, training, predict's ranks side by side) is built. The layout comes first because
+    DDP lays out its gradient buckets from the parameters' strides when it is built: a model
+    converted after (TrainStep converts too, a no-op here) keeps contiguous bucket views, so
+    every synced step copies each channels-last gradient into them, and torch warns "Grad
+    strides do not match bucket view strides" on the user's terminal."""
     apply_memory_format(model.to(dist.device), switches.memory_format)
-    return wrap_model(model, dist, bucket_cap_mb=bucket_cap_mb)
+    return wrap_model(model, dist, bucket_cap_mb=switches.ddp_bucket_mb)
 
 
 class _NoTimer:

@@ -186,7 +186,9 @@ model = nn.Sequential(
     nn.Conv3d(1, 4, 3), nn.BatchNorm3d(4), nn.ReLU(), nn.Conv3d(4, 4, 3),
     nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 1),
 )
-switches = Switches(memory_format="channels_last_3d", dtype="fp32", optimizer="default")
+switches = Switches(
+    memory_format="channels_last_3d", dtype="fp32", optimizer="default", ddp_bucket_mb=1
+)
 dist = DistContext(world_size=2, backend="gloo")  # wrap in DDP; the group itself has 1 rank
 if sys.argv[1] == "wrapped-then-laid-out":  # the order the bug had: DDP first, TrainStep after
     ddp = wrap_model(model, dist)
@@ -198,6 +200,7 @@ with warnings.catch_warnings(record=True) as seen:
     warnings.simplefilter("always")
     for _ in range(2):
         step(NO_TIMER, inputs, torch.tensor([[0.0], [1.0]]))
+print("BUCKET", ddp.bucket_bytes_cap)
 print("STRIDES-WARNED" if any("Grad strides" in str(w.message) for w in seen) else "CLEAN")
 torch.distributed.destroy_process_group()
 """
@@ -225,3 +228,5 @@ def test_a_ddp_model_is_laid_out_before_ddp_builds_its_gradient_buckets(order, e
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == expected
+    if order == "distributed_model":  # the switches' bucket size, whoever builds the step
+        assert f"BUCKET {1024 * 1024}" in done.stdout

@@ -239,8 +239,7 @@ def ddp_train_step(
     )
     # DDP's gradient hooks cannot be captured in a CUDA graph: graphs stay off.
     switches = replace(resolved.switches, cuda_graphs=False)
-    bucket_mb = getattr(switches, "ddp_bucket_mb", None) or getattr(cfg, "ddp_bucket_mb", 25)
-    ddp = distributed_model(model, dist, switches, bucket_cap_mb=bucket_mb)
+    ddp = distributed_model(model, dist, switches)
     step_fn = TrainStep(ddp, bce_loss, switches, dist.device)
     return step_fn, ddp, replace(resolved, switches=switches).record()
 

@@ -145,9 +145,8 @@ class _Rank:
         self.inputs, self.target = workload.random_batch(cpu, workload.seed + 1000 * index)
         self.plain = TrainStep(workload.build_model(cpu), bce_loss, switches, cpu)
         dist = DistContext(rank=index, world_size=ranks, backend="gloo")
-        ddp = distributed_model(  # built as bench's ranks build theirs
-            workload.build_model(cpu), dist, switches, bucket_cap_mb=switches.ddp_bucket_mb
-        )
+        # built as bench's ranks build theirs
+        ddp = distributed_model(workload.build_model(cpu), dist, switches)
         self.ddp = TrainStep(ddp, bce_loss, switches, cpu)
         self.inputs = self.plain.prepare_inputs(self.inputs)
 
@@ -188,21 +187,16 @@ def _round_ratio(alone: list[float], ddp: list[list[float]]) -> float:
     return _slowest(ddp) / statistics.median(alone)
 
 
-def _shared_round(alone: list[float], together: list[float], ddp: list[float], spent: float):
-    """Every worker's times of this round, and worker 0's seconds of rounds so far: (alone,
-    [together per worker], [ddp per worker], spent), the same on every worker."""
+def _shared_round(alone: list[float], ddp: list[float], spent: float):
+    """What the stop rule needs of this round, the same on every worker: worker 0's steps
+    alone, every worker's DDP steps, and worker 0's seconds of rounds so far."""
     import torch.distributed as tdist
 
-    mine = torch.tensor([*(alone or [0.0] * STEPS), *together, *ddp, spent], dtype=torch.float64)
+    mine = torch.tensor([*(alone or [0.0] * STEPS), *ddp, spent], dtype=torch.float64)
     everyone = [torch.empty_like(mine) for _ in range(tdist.get_world_size())]
     tdist.all_gather(everyone, mine)
     rows = [t.tolist() for t in everyone]
-    return (
-        rows[0][:STEPS],
-        [r[STEPS : 2 * STEPS] for r in rows],
-        [r[2 * STEPS : 3 * STEPS] for r in rows],
-        rows[0][-1],
-    )
+    return rows[0][:STEPS], [r[STEPS : 2 * STEPS] for r in rows], rows[0][-1]
 
 
 def _measure_rank(workload, switches, index, ranks, port, rounds, rule, barrier) -> dict:
@@ -241,9 +235,7 @@ def _measure_rank(workload, switches, index, ranks, port, rounds, rule, barrier)
                 for phase, steps in (("alone", alone), ("together", together), ("ddp", ddp)):
                     if steps:
                         times[phase].append(steps)
-                alone, _, every_ddp, spent = _shared_round(
-                    alone, together, ddp, time.perf_counter() - started
-                )
+                alone, every_ddp, spent = _shared_round(alone, ddp, time.perf_counter() - started)
                 ratios.append(_round_ratio(alone, every_ddp))
                 times["stop"] = stop_reason(ratios, rounds, rule, spent)
                 if times["stop"] is not None:
